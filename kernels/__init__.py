@@ -1,0 +1,1 @@
+"""Pallas kernels, importable as ``sciscale_jax.kernels``. Kernels import only jax."""

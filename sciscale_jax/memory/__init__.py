@@ -1,0 +1,1 @@
+"""sciscale_jax.memory"""

@@ -1,0 +1,5 @@
+"""Meshes, logical-axis rules and parallel strategies."""
+
+from sciscale_jax.parallel.axes import LOGICAL_AXES
+
+__all__ = ["LOGICAL_AXES"]
