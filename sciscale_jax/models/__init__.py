@@ -1,1 +1,5 @@
-"""sciscale_jax.models"""
+"""Flax NNX models."""
+
+from sciscale_jax.models.transformer import Transformer, TransformerConfig
+
+__all__ = ["Transformer", "TransformerConfig"]

@@ -1,0 +1,85 @@
+"""Small NNX building blocks shared by the models: dense layers, RMSNorm, rotary positions.
+
+Every parameter carries logical axis names from ``sciscale_jax.parallel.axes`` in its
+``sharding_names`` metadata (no eager sharding: a rule table maps them to mesh axes later).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+    """A parameter drawn from ``init`` and annotated with logical ``axes``."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y[..., out_shape] = x[..., in_shape] . W[in_shape, out_shape] (+ b), computed as one 2-D matmul.
+
+    Multi-dimensional ``in_shape`` / ``out_shape`` keep per-head structure visible to the
+    sharding rules (e.g. a query kernel [embed, heads, kv]). ``matmul`` is the hook through
+    which precision and quantisation schemes replace the plain dot.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], *,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False,
+                 matmul=None):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        fan_in = math.prod(self.in_shape)
+        init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
+        self.kernel = param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
+        self.bias = (param(rngs, jax.nn.initializers.zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
+                     if use_bias else None)
+        self.dtype = dtype
+        self.matmul = matmul
+
+    def __call__(self, x):
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
+        w2 = self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
+        y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
+        y = y.reshape(*lead, *self.out_shape)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary(x_bshd, positions_bs, base: float = 10000.0):
+    """Rotary position embedding (Su et al. 2021) on the last dimension, rotating half-pairs."""
+    half = x_bshd.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_bs1f = (positions_bs.astype(jnp.float32)[..., None] * freqs)[:, :, None, :]
+    sin, cos = jnp.sin(angles_bs1f), jnp.cos(angles_bs1f)
+    x1, x2 = jnp.split(x_bshd.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bshd.dtype)
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout; identity when ``key`` is None or ``rate`` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

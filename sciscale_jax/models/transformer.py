@@ -1,0 +1,184 @@
+"""A pre-norm Transformer in Flax NNX: bidirectional encoder (protein MLM) or causal decoder.
+
+Rotary positions (Su et al. 2021), RMSNorm, SwiGLU (Shazeer 2020) or GELU MLP, untied
+output head. Every technique is picked by a string in ``TransformerConfig``: the attention
+implementation (through ``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``)
+and, with ``scan_layers=True``, layers stacked by ``nnx.vmap`` and run by ``nnx.scan`` so
+compile time does not grow with depth. Activations carry checkpoint names from
+``sciscale_jax.remat``; parameters carry logical axes from ``sciscale_jax.parallel.axes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sciscale_jax import attention, remat
+from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
+from sciscale_jax.parallel import axes as ax
+
+MLP_KINDS = ("swiglu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    num_layers: int = 4
+    num_heads: int = 4
+    embed_dim: int = 128
+    mlp_dim: int = 512
+    max_len: int = 512
+    causal: bool = False           # False: bidirectional encoder (MLM); True: decoder LM
+    dropout: float = 0.0
+    dtype: Any = "float32"         # compute dtype
+    param_dtype: Any = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+    attention: str = "xla"
+    mlp: str = "swiglu"
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(f"head_dim={self.embed_dim // self.num_heads} must be even for rotary positions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"unknown mlp {self.mlp!r}; known: {', '.join(MLP_KINDS)}")
+        remat.validate_remat(self.remat)
+        attention.validate_impl(self.attention)
+        # Normalise dtypes so configs compare and serialise by name.
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.query = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
+        self.key = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
+        self.value = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
+        self.out = Dense((h, d), (e,), (ax.HEADS, ax.KV, ax.EMBED), **kw)
+        self.cfg = cfg
+
+    def __call__(self, x_bse, positions_bs, mask_b11k):
+        cfg = self.cfg
+        q_bshd = rotary(self.query(x_bse), positions_bs, cfg.rope_base)
+        k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base)
+        v_bshd = self.value(x_bse)
+        q_bshd, k_bshd, v_bshd = (checkpoint_name(t, remat.QKV) for t in (q_bshd, k_bshd, v_bshd))
+        ctx_bshd = attention.dot_product_attention(q_bshd, k_bshd, v_bshd, mask=mask_b11k,
+                                                   causal=cfg.causal, impl=cfg.attention)
+        ctx_bshd = checkpoint_name(ctx_bshd, remat.ATTN_CONTEXT)
+        return self.out(ctx_bshd)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        e, m = cfg.embed_dim, cfg.mlp_dim
+        self.wi = Dense((e,), (m,), (ax.EMBED, ax.MLP), **kw)
+        self.wg = Dense((e,), (m,), (ax.EMBED, ax.MLP), **kw) if cfg.mlp == "swiglu" else None
+        self.wo = Dense((m,), (e,), (ax.MLP, ax.EMBED), **kw)
+
+    def __call__(self, x_bse):
+        if self.wg is not None:
+            h_bsm = jax.nn.silu(self.wg(x_bse)) * self.wi(x_bse)
+        else:
+            h_bsm = jax.nn.gelu(self.wi(x_bse))
+        return self.wo(checkpoint_name(h_bsm, remat.MLP_HIDDEN))
+
+
+class Block(nnx.Module):
+    """x + Attn(Norm(x)), then x + Mlp(Norm(x)), each sublayer output dropped out."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.embed_dim, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, **kw)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        self.rate = cfg.dropout
+
+    def __call__(self, x_bse, positions_bs, mask_b11k, key=None):
+        k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
+        x_bse = checkpoint_name(x_bse, remat.LAYER_INPUT)
+        h_bse = checkpoint_name(self.attn_norm(x_bse), remat.ATTN_NORM)
+        a_bse = checkpoint_name(self.attn(h_bse, positions_bs, mask_b11k), remat.ATTN_OUT)
+        x_bse = x_bse + dropout(a_bse, self.rate, k_attn)
+        h_bse = checkpoint_name(self.mlp_norm(x_bse), remat.MLP_NORM)
+        m_bse = checkpoint_name(self.mlp(h_bse), remat.MLP_OUT)
+        return x_bse + dropout(m_bse, self.rate, k_mlp)
+
+
+class Transformer(nnx.Module):
+    """tokens [batch, seq] -> float32 logits [batch, seq, vocab]."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        self.embed = param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.embed_dim),
+                           (ax.VOCAB, ax.EMBED), cfg.param_dtype)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+            def make_layers(rngs):
+                return Block(cfg, rngs=rngs)
+
+            self.layers = make_layers(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.final_norm = RMSNorm(cfg.embed_dim, **kw)
+        self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
+
+    def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
+        """``mask_bs``: True for real tokens (padding keys are never attended)."""
+        cfg = self.config
+        if tokens_bs.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tokens_bs.shape}")
+        batch, seq = tokens_bs.shape
+        if seq > cfg.max_len:
+            raise ValueError(f"sequence length {seq} exceeds max_len={cfg.max_len}")
+        positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        mask_b11k = None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
+        x_bse = jnp.take(self.embed[...], tokens_bs, axis=0).astype(cfg.dtype)
+        keys = (None if dropout_key is None or cfg.dropout == 0.0
+                else jax.random.split(dropout_key, cfg.num_layers))
+
+        def apply_block(block, x, key):
+            return block(x, positions_bs, mask_b11k, key)
+
+        if cfg.remat != "none":
+            apply_block = remat.remat_block(apply_block, cfg.remat)
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+            def run(x, block, key):
+                return apply_block(block, x, key)
+
+            x_bse = run(x_bse, self.layers, keys)
+        else:
+            for i, block in enumerate(self.layers):
+                x_bse = apply_block(block, x_bse, None if keys is None else keys[i])
+        logits_bsv = self.lm_head(self.final_norm(x_bse)).astype(jnp.float32)
+        return checkpoint_name(logits_bsv, remat.LOGITS)
