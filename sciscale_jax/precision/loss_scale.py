@@ -153,12 +153,14 @@ def dynamic_loss_scaling(inner: optax.GradientTransformation, *,
 
 def loss_scale_of(opt_state) -> jax.Array:
     """The current loss scale inside ``opt_state`` (1.0 when there is none). Finds the
-    first ``LossScaleState`` in the state tree, so it works under optax.chain too."""
+    first ``LossScaleState`` in the state tree, so it works under optax.chain and inside
+    ``nnx.Optimizer`` (whose state leaves are variables; they are unwrapped here)."""
     found = []
 
     def visit(x):
         if isinstance(x, LossScaleState):
-            found.append(x.loss_scale.loss_scale)
+            value = x.loss_scale.loss_scale
+            found.append(value.get_value() if hasattr(value, "get_value") else value)
         return x
 
     jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, LossScaleState))
