@@ -1,0 +1,472 @@
+"""Flash attention in Pallas: forward and backward, with an additive bias and its gradient.
+
+FlashAttention (Dao et al., 2022, arXiv:2205.14135) tiles softmax(q k^T * scale + bias) v
+so the [Q, K] logits never reach main memory; FlashAttention-2 (Dao, 2023,
+arXiv:2307.08691) partitions the work as done here:
+
+- forward: one program per (batch, head, query block) walks the key blocks with an online
+  softmax and saves the row logsumexp (lse);
+- backward: a dK/dV kernel (one program per key block, walking query blocks) and a dQ
+  kernel (one program per query block, walking key blocks) recompute the probabilities
+  from the lse. The dQ kernel also emits the bias gradient block by block; it is then
+  summed over the dimensions the user's bias was broadcast over.
+
+Causal blocks above the diagonal are skipped. Sequences are padded inside to the block
+sizes (padded keys masked), head_dim to a power of two. Rows whose every key is masked
+give zeros (their lse is stored as +inf so the backward sees zero probabilities).
+Accumulation is float32 for float32, bfloat16 and float16 inputs. GQA: k/v heads are
+shared by ``heads // kv_heads`` query heads; dK/dV are summed over each group.
+
+Backends: Triton lowering on GPU, Mosaic on TPU (whole-row K/V blocks, so long sequences
+may exceed VMEM), ``interpret=True`` elsewhere. Memory note: a bias that varies along
+both q_len and kv_len gets a per-(batch, head) float32 gradient buffer before the sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_MAX_HEAD_DIM = 256
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static description of one call, shared by the kernels (hashable for custom_vjp)."""
+    scale: float
+    causal: bool
+    q_len: int            # unpadded lengths: the causal offset and key padding use them
+    kv_len: int
+    block_q: int
+    block_k: int
+    groups: int           # query heads per kv head
+    bias_shape: tuple | None  # padded 4-D bias shape, size-1 dims kept
+    mask_shape: tuple | None
+    bhsd: bool            # kernel layout [B,H,S,D] (TPU) instead of the user's [B,S,H,D]
+    interpret: bool
+    backend: str
+
+
+# ----------------------------------------------------------------------------- specs
+
+def _seq_spec(cfg, rows, d, idx):
+    """Block of `rows` positions of one head; idx(*grid) -> (b, h, row_block)."""
+    if cfg.bhsd:
+        return pl.BlockSpec((None, None, rows, d), lambda *g: (*idx(*g), 0))
+    return pl.BlockSpec((None, rows, None, d), lambda *g: (lambda b, h, i: (b, i, h, 0))(*idx(*g)))
+
+
+def _stat_spec(rows, idx):
+    """Per-row statistic stored as [B, H, Q, 1] (lse, delta)."""
+    return pl.BlockSpec((None, None, rows, 1), lambda *g: (*idx(*g), 0))
+
+
+def _pair_spec(shape, rows, cols, idx):
+    """Block of a bias/mask of `shape` broadcastable to [B,H,Q,K]; size-1 dims stay 1."""
+    block = (None, None, rows if shape[2] > 1 else 1, cols if shape[3] > 1 else 1)
+
+    def index(*g):
+        return tuple(i if n > 1 else 0 for i, n in zip(idx(*g), shape))
+    return pl.BlockSpec(block, index)
+
+
+def _tile(ref, r0, rows, c0, cols):
+    """A [rows|1, cols|1] tile of a bias/mask block, at local offsets where the dim is > 1."""
+    return ref[pl.ds(r0, rows) if ref.shape[0] > 1 else slice(None),
+               pl.ds(c0, cols) if ref.shape[1] > 1 else slice(None)]
+
+
+def _params(cfg, dims, d):
+    if cfg.interpret:
+        return None
+    if cfg.backend == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
+    if cfg.backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * dims)
+    return None
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk):
+    """Masked float32 logits of one [bq, bk] tile; q0/k0 global offsets, rq/rk in the refs."""
+    bq, bk = q_qd.shape[0], k_kd.shape[0]
+    s_qk = lax.dot_general(q_qd, k_kd, _NT, preferred_element_type=jnp.float32) * cfg.scale
+    if bias_ref is not None:
+        s_qk = s_qk + _tile(bias_ref, rq, bq, rk, bk).astype(jnp.float32)
+    valid = None
+    if mask_ref is not None:
+        valid = _tile(mask_ref, rq, bq, rk, bk) != 0
+    padded_k = pl.cdiv(cfg.kv_len, bk) * bk != cfg.kv_len
+    if cfg.causal or padded_k:
+        col = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        ok = col < cfg.kv_len
+        if cfg.causal:  # query i sees keys j <= i + (kv_len - q_len), aligned at the end
+            row = q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            ok = ok & (col <= row + (cfg.kv_len - cfg.q_len))
+        valid = ok if valid is None else valid & ok
+    if valid is not None:
+        s_qk = jnp.where(valid, s_qk, -jnp.inf)
+    return s_qk
+
+
+def _causal_k_blocks(cfg, i, nk):
+    """Number of key blocks query block i can see (all of them unless causal)."""
+    if not cfg.causal:
+        return nk
+    last = jnp.maximum((i + 1) * cfg.block_q + cfg.kv_len - cfg.q_len, 0)
+    return jnp.minimum(lax.div(last + cfg.block_k - 1, cfg.block_k), nk)
+
+
+def _split(refs, cfg, n_in):
+    """(base input refs, bias ref, mask ref, output refs); bias and mask follow the base."""
+    n_base = n_in - bool(cfg.bias_shape) - bool(cfg.mask_shape)
+    extra = list(refs[n_base:n_in])
+    bias_ref = extra.pop(0) if cfg.bias_shape else None
+    mask_ref = extra.pop(0) if cfg.mask_shape else None
+    return refs[:n_base], bias_ref, mask_ref, refs[n_in:]
+
+
+def _fwd_kernel(*refs, cfg, nk, n_in):
+    (q_ref, k_ref, v_ref), bias_ref, mask_ref, (o_ref, lse_ref) = _split(refs, cfg, n_in)
+    bq, bk = cfg.block_q, cfg.block_k
+    i = pl.program_id(2)
+    q_qd = q_ref[...]
+
+    def body(j, carry):
+        acc_qd, m_q, l_q = carry
+        k_kd = k_ref[pl.ds(j * bk, bk), :]
+        v_kd = v_ref[pl.ds(j * bk, bk), :]
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk)
+        m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing seen yet: keep exp finite
+        p_qk = jnp.exp(s_qk - m_use[:, None])
+        alpha = jnp.exp(m_q - m_use)
+        l_q = alpha * l_q + jnp.sum(p_qk, axis=1)
+        pv_qd = lax.dot_general(p_qk.astype(v_kd.dtype), v_kd, _NN, preferred_element_type=jnp.float32)
+        return alpha[:, None] * acc_qd + pv_qd, m_new, l_q
+
+    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    acc_qd, m_q, l_q = lax.fori_loop(0, _causal_k_blocks(cfg, i, nk), body, init)
+    empty = l_q == 0.0
+    o_ref[...] = (acc_qd / jnp.where(empty, 1.0, l_q)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_q + jnp.log(jnp.where(empty, 1.0, l_q)))[:, None]
+
+
+def _dkdv_kernel(*refs, cfg, nq, n_in):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, mask_ref, (dk_ref, dv_ref) = \
+        _split(refs, cfg, n_in)
+    bq, bk = cfg.block_q, cfg.block_k
+    j = pl.program_id(2)
+    k_kd, v_kd = k_ref[...], v_ref[...]
+
+    def body(i, carry):
+        dk_kd, dv_kd = carry
+        rows = pl.ds(i * bq, bq)
+        q_qd, do_qd = q_ref[rows, :], do_ref[rows, :]
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, i * bq, 0)
+        p_qk = jnp.exp(s_qk - lse_ref[rows, :])
+        dv_kd = dv_kd + lax.dot_general(p_qk.astype(do_qd.dtype), do_qd, _TN,
+                                        preferred_element_type=jnp.float32)
+        dp_qk = lax.dot_general(do_qd, v_kd, _NT, preferred_element_type=jnp.float32)
+        ds_qk = p_qk * (dp_qk - delta_ref[rows, :])
+        dk_kd = dk_kd + lax.dot_general(ds_qk.astype(q_qd.dtype), q_qd, _TN,
+                                        preferred_element_type=jnp.float32)
+        return dk_kd, dv_kd
+
+    lo = 0
+    if cfg.causal:  # first query row that sees key j*bk is j*bk - (kv_len - q_len)
+        lo = jnp.minimum(lax.div(jnp.maximum(j * bk - (cfg.kv_len - cfg.q_len), 0), bq), nq)
+    zeros = jnp.zeros(k_kd.shape, jnp.float32)
+    dk_kd, dv_kd = lax.fori_loop(lo, nq, body, (zeros, zeros))
+    dk_ref[...] = (dk_kd * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_kd.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, cfg, nk, n_in):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), bias_ref, mask_ref, outs = \
+        _split(refs, cfg, n_in)
+    dq_ref, db_ref = (outs[0], outs[1]) if len(outs) == 2 else (outs[0], None)
+    bq, bk = cfg.block_q, cfg.block_k
+    i = pl.program_id(2)
+    q_qd, do_qd, lse_q1, delta_q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    full_k = db_ref is not None and db_ref.shape[1] > 1
+
+    def body(j, carry):
+        dq_qd, db_q = carry
+        k_kd = k_ref[pl.ds(j * bk, bk), :]
+        v_kd = v_ref[pl.ds(j * bk, bk), :]
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk)
+        p_qk = jnp.exp(s_qk - lse_q1)
+        dp_qk = lax.dot_general(do_qd, v_kd, _NT, preferred_element_type=jnp.float32)
+        ds_qk = p_qk * (dp_qk - delta_q1)
+        dq_qd = dq_qd + lax.dot_general(ds_qk.astype(k_kd.dtype), k_kd, _NN,
+                                        preferred_element_type=jnp.float32)
+        if db_ref is not None:
+            if db_ref.shape[0] == 1:  # bias broadcast over queries: this block's column sums
+                ds_qk = jnp.sum(ds_qk, axis=0, keepdims=True)
+            if full_k:
+                db_ref[:, pl.ds(j * bk, bk)] = ds_qk.astype(db_ref.dtype)
+            else:  # bias broadcast over keys: row sums
+                db_q = db_q + jnp.sum(ds_qk, axis=1)
+        return dq_qd, db_q
+
+    hi = _causal_k_blocks(cfg, i, nk)
+    rows = 1 if db_ref is None else db_ref.shape[0]
+    dq_qd, db_q = lax.fori_loop(0, hi, body, (jnp.zeros(q_qd.shape, jnp.float32),
+                                               jnp.zeros((rows,), jnp.float32)))
+    dq_ref[...] = (dq_qd * cfg.scale).astype(dq_ref.dtype)
+    if db_ref is not None and full_k:
+        def zero(j, c):  # causal-skipped blocks have zero gradient
+            db_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((rows, bk), db_ref.dtype)
+            return c
+        lax.fori_loop(hi, nk, zero, 0)
+    elif db_ref is not None:
+        db_ref[...] = db_q[:, None].astype(db_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- calls
+
+def _extras(cfg, bias, mask, rows, cols, idx):
+    args, specs = [], []
+    for x, shape in ((bias, cfg.bias_shape), (mask, cfg.mask_shape)):
+        if shape:
+            args.append(x)
+            specs.append(_pair_spec(shape, rows, cols, idx))
+    return args, specs
+
+
+def _dims(cfg, x):
+    """(batch, heads, seq, head_dim) of an array in the kernel layout."""
+    b, s, h, d = x.shape
+    return (b, s, h, d) if cfg.bhsd else (b, h, s, d)
+
+
+def _forward(cfg, q, k, v, bias, mask):
+    b, h, sq, d = _dims(cfg, q)
+    sk, g = _dims(cfg, k)[2], cfg.groups
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = sq // bq, sk // bk
+    kv = _seq_spec(cfg, sk, d, lambda b_, h_, i: (b_, h_ // g, 0))
+    in_specs = [_seq_spec(cfg, bq, d, lambda b_, h_, i: (b_, h_, i)), kv, kv]
+    extra, extra_specs = _extras(cfg, bias, mask, bq, sk, lambda b_, h_, i: (b_, h_, i, 0))
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, nk=nk, n_in=3 + len(extra)),
+        grid=(b, h, nq),
+        in_specs=in_specs + extra_specs,
+        out_specs=[_seq_spec(cfg, bq, d, lambda b_, h_, i: (b_, h_, i)),
+                   _stat_spec(bq, lambda b_, h_, i: (b_, h_, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
+        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_fwd",
+    )(q, k, v, *extra)
+    return o, lse
+
+
+def _backward(cfg, q, k, v, bias, mask, o, lse, do):
+    b, h, sq, d = _dims(cfg, q)
+    sk, g = _dims(cfg, k)[2], cfg.groups
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = sq // bq, sk // bk
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    delta = (delta if cfg.bhsd else delta.transpose(0, 2, 1))[..., None]  # [B,H,Q,1]
+
+    # dK/dV: one program per key block, per *query* head; groups summed afterwards.
+    full_q = lambda b_, h_, j: (b_, h_, 0)  # noqa: E731
+    kvj = lambda b_, h_, j: (b_, h_ // g, j)  # noqa: E731
+    extra, extra_specs = _extras(cfg, bias, mask, sq, bk, lambda b_, h_, j: (b_, h_, 0, j))
+    acc_dtype = k.dtype if g == 1 else jnp.float32
+    kv_shape = (b, sk, h, d) if not cfg.bhsd else (b, h, sk, d)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, n_in=6 + len(extra)),
+        grid=(b, h, nk),
+        in_specs=[_seq_spec(cfg, sq, d, full_q), _seq_spec(cfg, bk, d, kvj),
+                  _seq_spec(cfg, bk, d, kvj), _seq_spec(cfg, sq, d, full_q),
+                  _stat_spec(sq, full_q), _stat_spec(sq, full_q)] + extra_specs,
+        out_specs=[_seq_spec(cfg, bk, d, lambda b_, h_, j: (b_, h_, j))] * 2,
+        out_shape=[jax.ShapeDtypeStruct(kv_shape, acc_dtype)] * 2,
+        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_dkdv",
+    )(q, k, v, do, lse, delta, *extra)
+    if g > 1:
+        axis = 2 if cfg.bhsd else 3
+        split = lambda x: x.reshape(*x.shape[:axis - 1], h // g, g, *x.shape[axis:])  # noqa: E731
+        dk = split(dk).sum(axis).astype(k.dtype)
+        dv = split(dv).sum(axis).astype(v.dtype)
+
+    # dQ (and the bias gradient): one program per query block.
+    qi = lambda b_, h_, i: (b_, h_, i)  # noqa: E731
+    kv_full = _seq_spec(cfg, sk, d, lambda b_, h_, i: (b_, h_ // g, 0))
+    extra, extra_specs = _extras(cfg, bias, mask, bq, sk, lambda b_, h_, i: (b_, h_, i, 0))
+    out_specs = [_seq_spec(cfg, bq, d, qi)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if bias is not None:
+        _, _, bias_q, bias_k = cfg.bias_shape
+        rows = bq if bias_q > 1 else 1
+        cols = sk if bias_k > 1 else 1
+        out_specs.append(pl.BlockSpec((None, None, rows, cols), lambda b_, h_, i: (b_, h_, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nq * rows, cols), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, nk=nk, n_in=6 + len(extra)),
+        grid=(b, h, nq),
+        in_specs=[_seq_spec(cfg, bq, d, qi), kv_full, kv_full, _seq_spec(cfg, bq, d, qi),
+                  _stat_spec(bq, qi), _stat_spec(bq, qi)] + extra_specs,
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_dq",
+    )(q, k, v, do, lse, delta, *extra)
+    dbias = None
+    if bias is not None:
+        db = outs[1]
+        sum_axes = tuple(a for a in range(4) if cfg.bias_shape[a] == 1)  # includes q blocks
+        dbias = db.sum(axis=sum_axes, keepdims=True).astype(bias.dtype)
+    return outs[0], dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, bias, mask, cfg):
+    return _forward(cfg, q, k, v, bias, mask)[0]
+
+
+def _flash_fwd(q, k, v, bias, mask, cfg):
+    o, lse = _forward(cfg, q, k, v, bias, mask)
+    return o, (q, k, v, bias, mask, o, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    q, k, v, bias, mask, o, lse = res
+    dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, o, lse, do)
+    return dq, dk, dv, dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check(q, k, v, bias, mask):
+    """Raise a ValueError naming the values when the inputs do not fit the kernel."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape} "
+                         "(need equal batch and head_dim, k and v alike)")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv_heads={k.shape[2]} does not divide heads={q.shape[2]}")
+    if q.shape[3] > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={q.shape[3]} exceeds the flash kernel's limit of {_MAX_HEAD_DIM}")
+    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in _DTYPES]:
+        raise ValueError(f"flash attention takes q, k, v of one dtype among float32, bfloat16, "
+                         f"float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    target = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    for label, x in (("bias", bias), ("mask", mask)):
+        if x is None:
+            continue
+        shape = (1,) * (4 - x.ndim) + tuple(x.shape)
+        if x.ndim > 4 or any(n not in (1, t) for n, t in zip(shape, target)):
+            raise ValueError(f"{label} of shape {tuple(x.shape)} does not broadcast to "
+                             f"[batch, heads, q_len, kv_len] = {target}")
+    if bias is not None and jnp.dtype(bias.dtype) not in [jnp.dtype(t) for t in _DTYPES]:
+        raise ValueError(f"bias dtype {bias.dtype} is not one of float32, bfloat16, float16")
+
+
+def flash_supported(q, k, v, bias=None, mask=None) -> bool:
+    """True when the compiled (GPU/TPU) kernel takes these inputs: layout, GQA, head_dim <= 256,
+    one float32/bfloat16/float16 dtype, bias/mask broadcastable to [B,H,Q,K]."""
+    try:
+        _check(q, k, v, bias, mask)
+    except ValueError:
+        return False
+    return True
+
+
+def _next_pow2(n):
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
+                    block_q=None, block_k=None, interpret=None, backend=None):
+    """softmax(q k^T * scale + bias) v with the Pallas flash kernels.
+
+    q [B,Q,H,D]; k, v [B,K,Hkv,D] with Hkv dividing H; bias (additive, differentiable) and
+    mask (bool, True = attend) broadcastable to [B,H,Q,K]; ``causal`` aligns the last
+    query with the last key. Block sizes must be powers of two (>= 16 compiled, >= 8
+    interpreted); the defaults are 64 (32 for head_dim > 128), clipped to the lengths.
+    ``interpret=None`` interprets on CPU and compiles on GPU (Triton) or TPU (Mosaic);
+    ``backend`` ("gpu" or "tpu") overrides ``jax.default_backend()``, e.g. to lower for
+    another platform with ``jit(...).trace(...).lower(lowering_platforms=...)``.
+    """
+    _check(q, k, v, bias, mask)
+    backend = jax.default_backend() if backend is None else backend
+    if backend not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"backend={backend!r} is not one of 'cpu', 'gpu', 'tpu'")
+    interpret = backend not in ("gpu", "tpu") if interpret is None else bool(interpret)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    min_block = 8 if interpret else 16
+    default = 64 if head_dim <= 128 else 32
+    blocks = []
+    for name, blk, n in (("block_q", block_q, q_len), ("block_k", block_k, kv_len)):
+        blk = default if blk is None else blk
+        if blk < min_block or blk & (blk - 1):
+            raise ValueError(f"{name}={blk} must be a power of two >= {min_block}")
+        blocks.append(min(blk, max(min_block, _next_pow2(n))))
+    bq, bk = blocks
+    qp, kp = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
+    dp = max(16, _next_pow2(head_dim))
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    bhsd = backend == "tpu" and not interpret
+
+    def seq(x, n):  # pad sequence and head_dim; to the kernel layout
+        x = jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - head_dim)))
+        return x.transpose(0, 2, 1, 3) if bhsd else x
+
+    def pair(x, fill):  # to 4-D; pad the q/k dims that are not broadcast
+        x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+        pad_q = qp - q_len if x.shape[2] > 1 else 0
+        pad_k = kp - kv_len if x.shape[3] > 1 else 0
+        return jnp.pad(x, ((0, 0), (0, 0), (0, pad_q), (0, pad_k)), constant_values=fill)
+
+    bias4 = None if bias is None else pair(bias, 0)
+    mask4 = None if mask is None else pair(mask.astype(jnp.int8), 0)
+    cfg = _Cfg(scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, block_q=bq,
+               block_k=bk, groups=heads // kv_heads,
+               bias_shape=None if bias4 is None else tuple(bias4.shape),
+               mask_shape=None if mask4 is None else tuple(mask4.shape),
+               bhsd=bhsd, interpret=interpret, backend=backend)
+    out = _flash(seq(q, qp), seq(k, kp), seq(v, kp), bias4, mask4, cfg)
+    out = out.transpose(0, 2, 1, 3) if bhsd else out
+    return out[:, :q_len, :, :head_dim]
+
+
+def reference_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None):
+    """Plain jnp attention in float32 (float64 under x64), same semantics as the kernel."""
+    q_len, heads, head_dim = q.shape[1:]
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    scale = head_dim ** -0.5 if scale is None else scale
+    k = jnp.repeat(k, heads // kv_heads, axis=2).astype(acc)
+    v = jnp.repeat(v, heads // kv_heads, axis=2).astype(acc)
+    s_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q.astype(acc), k) * scale
+    if bias is not None:
+        s_bhqk = s_bhqk + bias.astype(acc)
+    valid = jnp.ones(s_bhqk.shape[-2:], bool) if mask is None else mask.astype(bool)
+    if causal:
+        valid = valid & jnp.tril(jnp.ones((q_len, kv_len), bool), k=kv_len - q_len)
+    s_bhqk = jnp.where(valid, s_bhqk, -jnp.inf)
+    m = jnp.max(s_bhqk, axis=-1, keepdims=True)
+    p = jnp.exp(s_bhqk - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l == 0, 1.0, l)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v).astype(q.dtype)
