@@ -1,6 +1,14 @@
 """Attention: one front door, implementations behind it."""
 
-from sciscale_jax.attention.core import available, check_shapes, dot_product_attention, register, validate_impl
+from sciscale_jax.attention.chunked import chunked_attention
+from sciscale_jax.attention.core import (AUTO_CHUNKED_MIN_LEN, MODULE_IMPLS, available, check_dtypes,
+                                         check_shapes, dot_product_attention, register, resolve_impl,
+                                         validate_impl)
+from sciscale_jax.attention.cudnn import check_cudnn, cudnn_attention
 from sciscale_jax.attention.xla import xla_attention
 
-__all__ = ["available", "check_shapes", "dot_product_attention", "register", "validate_impl", "xla_attention"]
+__all__ = [
+    "AUTO_CHUNKED_MIN_LEN", "MODULE_IMPLS", "available", "check_cudnn", "check_dtypes", "check_shapes",
+    "chunked_attention", "cudnn_attention", "dot_product_attention", "register", "resolve_impl",
+    "validate_impl", "xla_attention",
+]

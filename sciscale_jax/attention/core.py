@@ -1,36 +1,82 @@
 """The attention front door: one signature, implementations chosen by name.
 
-``dot_product_attention(q, k, v, *, bias, mask, causal, scale, impl)`` validates shapes
-before anything compiles, then dispatches to a registered implementation. Layout:
+``dot_product_attention(q, k, v, *, bias, mask, causal, scale, impl)`` validates shapes and
+dtypes before anything compiles, then dispatches to a registered implementation. Layout:
 q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] with kv_heads
-dividing heads; bias and mask broadcastable to [batch, heads, q_len, kv_len].
+dividing heads; a float ``bias`` and a boolean ``mask`` (True = attend) broadcastable to
+[batch, heads, q_len, kv_len].
+
+Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory), "cudnn"
+(``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
+``sciscale_jax.kernels.flash_attention``, loaded on first use) and "auto": flash on GPU or
+TPU where the kernel supports the case, else chunked once either sequence reaches
+``AUTO_CHUNKED_MIN_LEN``, else xla. "linformer" and "performer" are approximate attention
+modules with parameters (``LinformerAttention``, ``PerformerAttention``): model configs may
+name them, the parameter-free front door cannot run them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sciscale_jax.attention.chunked import chunked_attention
+from sciscale_jax.attention.cudnn import check_cudnn, cudnn_attention
 from sciscale_jax.attention.xla import xla_attention
 
-# name -> fn(q, k, v, *, bias, mask, causal, scale). Other modules register themselves.
-_IMPLS: dict[str, Callable] = {"xla": xla_attention}
+AUTO_CHUNKED_MIN_LEN = 2048     # "auto" picks chunked once q_len or kv_len reaches this
+MODULE_IMPLS = ("linformer", "performer")  # approximate attention: NNX modules, not functions
 
 
-def register(name: str, fn: Callable) -> None:
-    """Register an attention implementation under ``name``."""
-    _IMPLS[name] = fn
+class _Impl(NamedTuple):
+    fn: Callable             # fn(q, k, v, *, bias, mask, causal, scale)
+    check: Callable | None   # check(q, k, v, bias, mask): raise ValueError if unsupported
+
+
+_IMPLS: dict[str, _Impl] = {
+    "xla": _Impl(xla_attention, None),
+    "chunked": _Impl(chunked_attention, None),
+    "cudnn": _Impl(cudnn_attention, check_cudnn),
+}
+_flash_loaded = False
+
+
+def register(name: str, fn: Callable, check: Callable | None = None) -> None:
+    """Register an attention implementation; ``check`` raises ValueError for inputs it cannot take."""
+    _IMPLS[name] = _Impl(fn, check)
+
+
+def _load_flash() -> None:
+    """Import the Pallas flash kernel once, registering it as "flash" if it did not itself."""
+    global _flash_loaded
+    if _flash_loaded:
+        return
+    _flash_loaded = True
+    try:
+        from sciscale_jax.kernels import flash_attention as flash_module
+    except ImportError:
+        return
+    if "flash" not in _IMPLS and hasattr(flash_module, "flash_attention"):
+        register("flash", flash_module.flash_attention)
 
 
 def available() -> tuple[str, ...]:
     """Names accepted by ``impl``."""
-    return tuple(sorted(_IMPLS))
+    _load_flash()
+    return tuple(sorted(_IMPLS)) + ("auto",)
 
 
 def validate_impl(name: str) -> str:
+    """Return ``name`` if a config may name it (a front-door impl, "auto" or an attention module)."""
+    if name in MODULE_IMPLS or name == "auto":
+        return name
+    _load_flash()
     if name not in _IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; known: {', '.join(available())}")
+        raise ValueError(f"unknown attention implementation {name!r}; known: "
+                         f"{', '.join(available() + MODULE_IMPLS)}")
     return name
 
 
@@ -57,8 +103,47 @@ def check_shapes(q, k, v, bias=None, mask=None) -> None:
                              f"[batch, heads, q_len, kv_len] = {target}") from None
 
 
-def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, impl="xla"):
+def check_dtypes(q, k, v, bias=None, mask=None) -> None:
+    """Raise a ValueError naming the dtypes unless q, k, v share a float dtype, bias is float, mask bool."""
+    dtypes = (jnp.dtype(q.dtype), jnp.dtype(k.dtype), jnp.dtype(v.dtype))
+    if not jnp.issubdtype(dtypes[0], jnp.floating) or len(set(dtypes)) != 1:
+        raise ValueError(f"q, k, v must share one floating dtype; got {', '.join(d.name for d in dtypes)}")
+    if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise ValueError(f"bias must be floating (it is added to the logits); got {jnp.dtype(bias.dtype).name}")
+    if mask is not None and jnp.dtype(mask.dtype) != jnp.dtype(bool):
+        raise ValueError(f"mask must be boolean (True = attend); got {jnp.dtype(mask.dtype).name}")
+
+
+def _accelerator() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto") -> str:
+    """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged)."""
+    if impl != "auto":
+        return impl
+    if _accelerator():
+        try:
+            from sciscale_jax.kernels.flash_attention import flash_supported
+        except ImportError:
+            flash_supported = None
+        _load_flash()
+        if flash_supported is not None and "flash" in _IMPLS and flash_supported(q, k, v, bias, mask):
+            return "flash"
+    if max(q.shape[1], k.shape[1]) >= AUTO_CHUNKED_MIN_LEN:
+        return "chunked"
+    return "xla"
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, impl="auto"):
     """Scaled dot-product attention softmax(q k^T * scale + bias) v, masked and optionally causal."""
-    fn = _IMPLS[validate_impl(impl)]
+    if impl in MODULE_IMPLS:
+        raise ValueError(f"impl={impl!r} is an attention module with parameters; build "
+                         f"sciscale_jax.attention.{impl.capitalize()}Attention and call it instead")
+    validate_impl(impl)
     check_shapes(q, k, v, bias, mask)
-    return fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)
+    check_dtypes(q, k, v, bias, mask)
+    entry = _IMPLS[resolve_impl(q, k, v, bias, mask, impl)]
+    if entry.check is not None:
+        entry.check(q, k, v, bias, mask)
+    return entry.fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)
