@@ -125,6 +125,9 @@ def reduce_scatter_value_and_grad(loss_fn: Callable, mesh, grad_shardings, data_
         return jax.lax.pmean(g, axes) if axes else g
 
     def local(params, batch):
+        # Mark the replicated params device-varying, so autodiff returns each device's own
+        # gradient rather than inserting an all-reduce for us; psum_scatter does the sum.
+        params = jax.lax.pcast(params, axes, to="varying") if axes else params
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         loss = jax.lax.pmean(loss, axes) if axes else loss
         return loss, jax.tree.map(scatter, grads, grad_specs)
