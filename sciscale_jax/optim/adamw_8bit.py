@@ -1,0 +1,126 @@
+"""8-bit AdamW with block-wise dynamic quantisation (Dettmers et al., ICLR 2022).
+
+Both Adam moments are stored as uint8 codes: each array is flattened and cut into blocks of
+``block_size`` elements, each block keeps one float32 absmax, and an element is stored as
+the index of the nearest entry of a 256-entry *dynamic* quantisation map applied to
+x / absmax. The dynamic map (Dettmers 2016) spends the leading bits on a decimal exponent
+and the rest on a linear fraction, so it resolves values from ~1e-7 up to 1: decade
+10^(k−6) (k = 0..6) holds 2^k (signed map, both signs) or 2^(k+1) (unsigned map) evenly
+spaced fractions of [0.1, 1] (bin midpoints), plus exact 0 and 1. The first moment uses
+the signed map, the second moment (never negative) the unsigned one.
+
+Each step dequantises, runs the AdamW update in float32 (bias correction, eps outside the
+square root, decoupled weight decay) from the new float32 moments, and requantises those
+moments for storage. Arrays with fewer than ``min_8bit_size`` elements keep float32
+moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sciscale_jax.optim import _checks
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 sorted float32 values of the dynamic quantisation map on [-1, 1] or [0, 1]."""
+    values = [0.0, 1.0]
+    for k in range(7):
+        n = 2 ** k if signed else 2 ** (k + 1)
+        edges = np.linspace(0.1, 1.0, n + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)
+        values += list(mids) + (list(-mids) if signed else [])
+    out = np.sort(np.asarray(values, np.float64)).astype(np.float32)
+    assert out.size == 256, out.size
+    return out
+
+
+_SIGNED, _UNSIGNED = dynamic_map(True), dynamic_map(False)
+
+
+class Quantized(NamedTuple):
+    codes: jax.Array    # uint8 [num_blocks, block_size]
+    absmax: jax.Array   # float32 [num_blocks]
+
+
+class AdamW8bitState(NamedTuple):
+    count: jax.Array
+    mu: Any   # per leaf: Quantized (signed map) or a float32 array
+    nu: Any   # per leaf: Quantized (unsigned map) or a float32 array
+
+
+def quantize(x: jax.Array, qmap: np.ndarray, block_size: int) -> Quantized:
+    """Block-wise nearest-code quantisation of ``x`` (any shape) under ``qmap``."""
+    flat = x.astype(jnp.float32).reshape(-1)
+    pad = (-flat.size) % block_size
+    blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    table = jnp.asarray(qmap)
+    hi = jnp.clip(jnp.searchsorted(table, scaled), 1, table.size - 1)
+    lo = hi - 1
+    nearer_lo = (scaled - table[lo]) <= (table[hi] - scaled)
+    return Quantized(jnp.where(nearer_lo, lo, hi).astype(jnp.uint8), absmax)
+
+
+def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple) -> jax.Array:
+    """float32 values of shape ``shape`` from a :class:`Quantized` block set."""
+    vals = jnp.asarray(qmap)[q.codes.astype(jnp.int32)] * q.absmax[:, None]
+    size = int(np.prod(shape))
+    return vals.reshape(-1)[:size].reshape(shape)
+
+
+def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 0.0, block_size: int = 256,
+               min_8bit_size: int = 4096) -> optax.GradientTransformation:
+    """AdamW with uint8 block-wise quantised moments; ``learning_rate`` may be a schedule."""
+    learning_rate = _checks.learning_rate(learning_rate)
+    b1, b2 = _checks.beta(b1, "b1"), _checks.beta(b2, "b2")
+    eps = _checks.non_negative(eps, "eps")
+    weight_decay = _checks.non_negative(weight_decay, "weight_decay")
+    block_size = _checks.positive_int(block_size, "block_size")
+    min_8bit_size = _checks.non_negative_int(min_8bit_size, "min_8bit_size")
+
+    def small(p) -> bool:
+        return p.size < min_8bit_size
+
+    def init(params):
+        def zeros(p, qmap):
+            if small(p):
+                return jnp.zeros(p.shape, jnp.float32)
+            return quantize(jnp.zeros(p.shape, jnp.float32), qmap, block_size)
+        return AdamW8bitState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: zeros(p, _SIGNED), params),
+                              jax.tree.map(lambda p: zeros(p, _UNSIGNED), params))
+
+    def update(updates, state, params=None):
+        if weight_decay:
+            _checks.need_params(params, "adamw_8bit(weight_decay > 0)")
+        count = optax.safe_int32_increment(state.count)
+        lr = _checks.lr_at(learning_rate, state.count)
+        t = count.astype(jnp.float32)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        treedef = jax.tree.structure(updates)
+        grads = treedef.flatten_up_to(updates)
+        plist = treedef.flatten_up_to(params) if weight_decay else [None] * len(grads)
+        steps, mus, nus = [], [], []
+        for g, m, v, p in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist):
+            g32 = g.astype(jnp.float32)
+            q = isinstance(m, Quantized)
+            m32 = dequantize(m, _SIGNED, g.shape) if q else m
+            v32 = dequantize(v, _UNSIGNED, g.shape) if q else v
+            m32 = b1 * m32 + (1 - b1) * g32
+            v32 = b2 * v32 + (1 - b2) * g32 * g32
+            step = (m32 / c1) / (jnp.sqrt(v32 / c2) + eps)
+            if weight_decay:
+                step = step + weight_decay * p.astype(jnp.float32)
+            steps.append((-lr * step).astype(g.dtype))
+            mus.append(quantize(m32, _SIGNED, block_size) if q else m32)
+            nus.append(quantize(v32, _UNSIGNED, block_size) if q else v32)
+        return treedef.unflatten(steps), AdamW8bitState(count, treedef.unflatten(mus), treedef.unflatten(nus))
+
+    return optax.GradientTransformation(init, update)
