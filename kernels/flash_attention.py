@@ -355,7 +355,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ----------------------------------------------------------------------------- public API
 
-def _check(q, k, v, bias, mask):
+def check_flash(q, k, v, bias=None, mask=None):
     """Raise a ValueError naming the values when the inputs do not fit the kernel."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
@@ -385,7 +385,7 @@ def flash_supported(q, k, v, bias=None, mask=None) -> bool:
     """True when the compiled (GPU/TPU) kernel takes these inputs: layout, GQA, head_dim <= 256,
     one float32/bfloat16/float16 dtype, bias/mask broadcastable to [B,H,Q,K]."""
     try:
-        _check(q, k, v, bias, mask)
+        check_flash(q, k, v, bias, mask)
     except ValueError:
         return False
     return True
@@ -407,7 +407,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     ``backend`` ("gpu" or "tpu") overrides ``jax.default_backend()``, e.g. to lower for
     another platform with ``jit(...).trace(...).lower(lowering_platforms=...)``.
     """
-    _check(q, k, v, bias, mask)
+    check_flash(q, k, v, bias, mask)
     backend = jax.default_backend() if backend is None else backend
     if backend not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"backend={backend!r} is not one of 'cpu', 'gpu', 'tpu'")

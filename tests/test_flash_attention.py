@@ -215,3 +215,21 @@ def test_gpu_float32_and_fully_masked_rows():
     mask = np.random.default_rng(10).random((1, 1, 130, 70)) > 0.3
     mask[..., :5, :] = False
     _compare(q, k, v, bias, jnp.asarray(mask), do, True, 2e-3, interpret=False)
+
+
+def test_front_door_flash_matches_xla():
+    import sciscale_jax.attention.flash  # noqa: F401  (registers "flash")
+    from sciscale_jax.attention.core import available, dot_product_attention
+
+    assert "flash" in available()
+    q, k, v, bias, do = _inputs(11, 1, 9, 9, 2, 1, 8, bias_shape=(1, 2, 9, 9))
+
+    def loss(impl, q, k, v, bias):
+        return jnp.sum(dot_product_attention(q, k, v, bias=bias, causal=True, impl=impl) * do)
+    flash = jax.jit(jax.value_and_grad(lambda *a: loss("flash", *a), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    xla = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for got, want in zip(jax.tree.leaves(flash), jax.tree.leaves(xla)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    big = jnp.ones((1, 8, 2, 320))
+    with pytest.raises(ValueError, match="head_dim=320"):
+        dot_product_attention(big, big, big, impl="flash")
