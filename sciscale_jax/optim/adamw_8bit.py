@@ -13,6 +13,13 @@ Each step dequantises, runs the AdamW update in float32 (bias correction, eps ou
 square root, decoupled weight decay) from the new float32 moments, and requantises those
 moments for storage. Arrays with fewer than ``min_8bit_size`` elements keep float32
 moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
+
+One deliberate change to nearest rounding: a *non-zero* second moment never rounds to the
+code for 0; it takes the smallest positive code instead. Otherwise an element whose v is
+below ~1.6e-7 of its block's absmax would dequantise to v = 0 while its first moment (own
+block, signed map) stays non-zero, and m / (sqrt(0) + eps) explodes: the "zero-point
+problem" of quantised second moments (Li et al., NeurIPS 2023, 4-bit optimizer states).
+With the floor, m̂ / sqrt(v̂) stays bounded, including under long runs of zero gradients.
 """
 
 from __future__ import annotations
@@ -54,8 +61,12 @@ class AdamW8bitState(NamedTuple):
     nu: Any   # per leaf: Quantized (unsigned map) or a float32 array
 
 
-def quantize(x: jax.Array, qmap: np.ndarray, block_size: int) -> Quantized:
-    """Block-wise nearest-code quantisation of ``x`` (any shape) under ``qmap``."""
+def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: bool = False) -> Quantized:
+    """Block-wise nearest-code quantisation of ``x`` (any shape) under the sorted map ``qmap``.
+
+    ``nonzero_floor``: non-zero elements of a non-negative ``x`` never take the code of 0
+    (they take the next code up); see the module docstring.
+    """
     flat = x.astype(jnp.float32).reshape(-1)
     pad = (-flat.size) % block_size
     blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
@@ -65,7 +76,11 @@ def quantize(x: jax.Array, qmap: np.ndarray, block_size: int) -> Quantized:
     hi = jnp.clip(jnp.searchsorted(table, scaled), 1, table.size - 1)
     lo = hi - 1
     nearer_lo = (scaled - table[lo]) <= (table[hi] - scaled)
-    return Quantized(jnp.where(nearer_lo, lo, hi).astype(jnp.uint8), absmax)
+    codes = jnp.where(nearer_lo, lo, hi)
+    if nonzero_floor:
+        zero = int(np.argmin(np.abs(qmap)))
+        codes = jnp.where((blocks != 0) & (codes == zero), zero + 1, codes)
+    return Quantized(codes.astype(jnp.uint8), absmax)
 
 
 def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple) -> jax.Array:
@@ -120,7 +135,7 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
                 step = step + weight_decay * p.astype(jnp.float32)
             steps.append((-lr * step).astype(g.dtype))
             mus.append(quantize(m32, _SIGNED, block_size) if q else m32)
-            nus.append(quantize(v32, _UNSIGNED, block_size) if q else v32)
+            nus.append(quantize(v32, _UNSIGNED, block_size, nonzero_floor=True) if q else v32)
         return treedef.unflatten(steps), AdamW8bitState(count, treedef.unflatten(mus), treedef.unflatten(nus))
 
     return optax.GradientTransformation(init, update)
