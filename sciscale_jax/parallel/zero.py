@@ -68,6 +68,15 @@ def stage_sharding(sharding: NamedSharding, shape, stage: int, kind: str) -> Nam
     return NamedSharding(sharding.mesh, zero_spec(sharding.spec, shape, sharding.mesh))
 
 
+def model_state_bytes(num_params: int, stage: int, n: int) -> float:
+    """Per-device bytes of mixed-precision Adam model state (ZeRO paper, section 3): 2 bytes of
+    fp16/bf16 params, 2 of grads, 12 of fp32 master copy, momentum and variance per parameter."""
+    stage = validate_zero_stage(stage)
+    params, grads, opt = 2.0, 2.0, 12.0
+    return num_params * (params / (n if stage >= 3 else 1) + grads / (n if stage >= 2 else 1)
+                         + opt / (n if stage >= 1 else 1))
+
+
 class TrainShardings(NamedTuple):
     """NamedShardings a train step jits with: in/out for params and opt_state, grads inside."""
     params: Any
