@@ -18,7 +18,6 @@ from sciscale_jax.quant.llm_qat import (QATMatmul, distillation_loss, quantize_k
 from sciscale_jax.quant.registry import (QUANT_SCHEMES, kv_quantizer, make_linear, make_matmul,
                                          packed_weight_bytes)
 
-RNG = np.random.default_rng(0)
 
 
 def _np_absmax_tokens(x, bits=8):
@@ -33,13 +32,14 @@ def _np_sym(x, bits, axis):  # symmetric MinMax, statistics reduced over `axis`
 
 
 def _grad_identity(f, x):
-    g = RNG.normal(size=x.shape).astype(np.float32)
+    g = np.random.default_rng(99).normal(size=x.shape).astype(np.float32)
     _, vjp = jax.vjp(f, jnp.asarray(x, jnp.float32))
     np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], g)
 
 
 def test_binary_and_ternary_weights_on_their_grids_with_identity_ste():
-    w = RNG.normal(size=(9, 7)) * 0.3 + 0.05
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(9, 7)) * 0.3 + 0.05
     w32 = w.astype(np.float32).astype(np.float64)
     wb = np.asarray(binarize_weight(jnp.asarray(w, jnp.float32)), np.float64)
     beta = np.abs(w32).mean()
@@ -55,7 +55,8 @@ def test_binary_and_ternary_weights_on_their_grids_with_identity_ste():
 
 
 def test_absmax_activation_8bit_per_token():
-    x = RNG.normal(size=(6, 11)) * RNG.uniform(0.1, 5, size=(6, 1))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 11)) * rng.uniform(0.1, 5, size=(6, 1))
     y = np.asarray(absmax_quant_tokens(jnp.asarray(x, jnp.float32)), np.float64)
     ref, s = _np_absmax_tokens(x.astype(np.float32).astype(np.float64))
     k = y * s
@@ -67,8 +68,9 @@ def test_absmax_activation_8bit_per_token():
 
 @pytest.mark.parametrize("weight", ["binary", "ternary"])
 def test_bitlinear_forward_and_grad_match_equations(weight):
+    rng = np.random.default_rng(3)
     layer = BitLinear(10, 3, rngs=nnx.Rngs(0), weight=weight)
-    x = RNG.normal(size=(2, 5, 10)) + 0.7
+    x = rng.normal(size=(2, 5, 10)) + 0.7
     w = np.asarray(layer.kernel[...], np.float64)
     xr = x.reshape(-1, 10).astype(np.float32).astype(np.float64)
     if weight == "binary":
@@ -81,14 +83,15 @@ def test_bitlinear_forward_and_grad_match_equations(weight):
     xq, _ = _np_absmax_tokens(xn)
     y = layer(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), xq @ wq, rtol=1e-4, atol=1e-4)
-    c = RNG.normal(size=(2, 5, 3))
+    c = rng.normal(size=(2, 5, 3))
     gk = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x, jnp.float32)) * c))(layer)["kernel"][...]
     np.testing.assert_allclose(gk, xq.T @ c.reshape(-1, 3), rtol=1e-4, atol=1e-4)  # STE: dL/dW = xq^T g
 
 
 def test_llm_qat_matmul_w_per_channel_a_per_token():
-    x = RNG.normal(size=(7, 12)) * RNG.uniform(0.2, 3, size=(7, 1))
-    w = RNG.normal(size=(12, 5)) * RNG.uniform(0.1, 1, size=(1, 5))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 12)) * rng.uniform(0.2, 3, size=(7, 1))
+    w = rng.normal(size=(12, 5)) * rng.uniform(0.1, 1, size=(1, 5))
     mm = QATMatmul(w_bits=4, a_bits=8)
     x32, w32 = (t.astype(np.float32).astype(np.float64) for t in (x, w))
     xq, _ = _np_sym(x32, 8, axis=1)
@@ -97,15 +100,16 @@ def test_llm_qat_matmul_w_per_channel_a_per_token():
     np.testing.assert_allclose(y, xq @ wq, rtol=1e-5, atol=1e-5)
     k = wq / ws
     assert np.abs(k).max() <= 7 + 1e-6 and np.allclose(k, np.round(k), atol=1e-6)
-    g = RNG.normal(size=(7, 5))
+    g = rng.normal(size=(7, 5))
     dx, dw = vjp(jnp.asarray(g, jnp.float32))
     np.testing.assert_allclose(dx, g @ wq.T, rtol=1e-5, atol=1e-5)  # all inside: pure STE
     np.testing.assert_allclose(dw, xq.T @ g, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_quantisation_per_token_and_head():
-    k = RNG.normal(size=(2, 5, 3, 8))
-    v = RNG.normal(size=(2, 5, 3, 8)) * 2
+    rng = np.random.default_rng(5)
+    k = rng.normal(size=(2, 5, 3, 8))
+    v = rng.normal(size=(2, 5, 3, 8)) * 2
     kq, vq = quantize_kv(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), bits=4)
     for t, tq in ((k, kq), (v, vq)):
         ref, s = _np_sym(t.astype(np.float32).astype(np.float64), 4, axis=-1)
@@ -116,7 +120,8 @@ def test_kv_quantisation_per_token_and_head():
 
 
 def test_sampling_follows_a_peaked_bigram_teacher():
-    vocab, perm = 11, RNG.permutation(11)
+    rng = np.random.default_rng(6)
+    vocab, perm = 11, rng.permutation(11)
     table = jnp.asarray(60.0 * np.eye(vocab)[perm], jnp.float32)  # next token = perm[prev]
     apply = lambda tokens: table[tokens]
     toks = np.asarray(sample_from_teacher(apply, jax.random.key(0), num_sequences=16, length=9,
@@ -130,10 +135,11 @@ def test_sampling_follows_a_peaked_bigram_teacher():
 
 
 def test_distillation_loss_and_training_on_teacher_samples():
+    rng = np.random.default_rng(7)
     vocab = 7
-    t_logits = RNG.normal(size=(3, 4, vocab)) * 2
-    s_logits = RNG.normal(size=(3, 4, vocab))
-    mask = RNG.random(size=(3, 4)) > 0.3
+    t_logits = rng.normal(size=(3, 4, vocab)) * 2
+    s_logits = rng.normal(size=(3, 4, vocab))
+    mask = rng.random(size=(3, 4)) > 0.3
     tp = np.exp(t_logits) / np.exp(t_logits).sum(-1, keepdims=True)
     sp = np.exp(s_logits) / np.exp(s_logits).sum(-1, keepdims=True)
     kl = (tp * (np.log(tp) - np.log(sp))).sum(-1)
@@ -143,7 +149,7 @@ def test_distillation_loss_and_training_on_teacher_samples():
     np.testing.assert_allclose(g[0], 0, atol=1e-7)
     np.testing.assert_array_equal(g[1], 0)  # nothing flows into the teacher
     # Train a bigram student on sequences sampled from a bigram teacher.
-    teacher = jnp.asarray(RNG.normal(size=(vocab, vocab)) * 2, jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(vocab, vocab)) * 2, jnp.float32)
     data = sample_from_teacher(lambda t: teacher[t], jax.random.key(2), num_sequences=32, length=8,
                                vocab_size=vocab)
     student, tx = jnp.zeros((vocab, vocab)), optax.adam(0.1)
@@ -161,7 +167,8 @@ def test_distillation_loss_and_training_on_teacher_samples():
 
 
 def test_registry_builds_each_scheme():
-    x = jnp.asarray(RNG.normal(size=(2, 3, 8)), jnp.float32)
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
     assert set(QUANT_SCHEMES) == {"none", "llm_qat_w4a8kv4", "bitnet", "bitnet158"}
     assert make_matmul("none", "bf16") is None
     assert isinstance(make_matmul("none", "fp8", history_len=4), Fp8Matmul)
