@@ -1,0 +1,122 @@
+"""Performer FAVOR+: Choromanski et al. 2021, "Rethinking Attention with Performers".
+
+The softmax kernel exp(x . y) with x = q sqrt(scale), y = k sqrt(scale) is estimated by
+positive random features phi(x) = exp(W x - |x|^2 / 2) / sqrt(m), whose m rows of W are
+drawn as blocks of orthogonal Gaussian directions with chi-distributed lengths (positive
+orthogonal random features). Attention becomes phi(Q) (phi(K)^T V) normalised by
+phi(Q) (phi(K)^T 1): time and memory linear in sequence length. Causal attention uses
+prefix sums of phi(k_j) v_j^T over keys (end-aligned, as in ``xla.py``).
+
+Redraws are explicit: the features come from ``key`` when given, else from the module's
+stored seed folded with ``step // redraw_interval`` when ``step`` is given, else from the
+seed alone. Nothing is mutated by a call; the seed is a non-trainable ``FeatureSeed``
+variable. Row and key maxima are subtracted inside the exponentials for stability; they
+cancel between numerator and denominator.
+
+What it cannot honour, refused with a ValueError: an additive bias and any mask that
+depends on the query or the head (the kernel factorises over queries and keys); key
+padding masks [batch, 1, 1, kv_len] are honoured by zeroing the padded keys' features.
+A query with no key to attend gives zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sciscale_jax.attention.core import check_dtypes, check_shapes
+from sciscale_jax.attention.linformer import key_padding_mask
+
+
+class FeatureSeed(nnx.Variable):
+    """The raw key data the random features are drawn from (not a trainable parameter)."""
+
+
+def orthogonal_features(key, num_features: int, head_dim: int):
+    """W [num_features, head_dim]: stacked orthogonal blocks, each row's norm drawn as a Gaussian vector's."""
+    num_blocks = -(-num_features // head_dim)
+    block_key, norm_key = jax.random.split(key)
+    gauss_ndd = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
+    q_ndd, r_ndd = jnp.linalg.qr(gauss_ndd)  # one batched QR: cheap to compile for many blocks
+    q_ndd = q_ndd * jnp.sign(jnp.diagonal(r_ndd, axis1=-2, axis2=-1))[:, None, :]  # Haar-distributed
+    directions_md = q_ndd.transpose(0, 2, 1).reshape(num_blocks * head_dim, head_dim)[:num_features]
+    norms_m = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
+    return directions_md * norms_m[:, None]
+
+
+def positive_features(x_bshd, w_md, *, is_query: bool, valid_bs=None):
+    """phi(x) = exp(W x - |x|^2/2 - c) / sqrt(m), [B,S,H,m]; c is a row max (queries) or a per-head max (keys)."""
+    proj_bshm = jnp.einsum("bshd,md->bshm", x_bshd, w_md)
+    sq_norm_bsh1 = 0.5 * jnp.sum(x_bshd * x_bshd, axis=-1, keepdims=True)
+    if is_query:
+        shift = jnp.max(proj_bshm, axis=-1, keepdims=True)
+    else:  # one constant per (batch, head) over valid keys, so it cancels in the ratio
+        masked = proj_bshm if valid_bs is None else jnp.where(valid_bs[:, :, None, None], proj_bshm, -jnp.inf)
+        shift = jnp.max(masked, axis=(1, 3), keepdims=True)
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    phi_bshm = jnp.exp(proj_bshm - sq_norm_bsh1 - jax.lax.stop_gradient(shift)) * w_md.shape[0] ** -0.5
+    if valid_bs is not None:
+        phi_bshm = jnp.where(valid_bs[:, :, None, None], phi_bshm, 0.0)
+    return phi_bshm
+
+
+class PerformerAttention(nnx.Module):
+    """FAVOR+ attention with the front-door layout: q [B,Q,H,D], k/v [B,K,Hkv,D] -> [B,Q,H,D]."""
+
+    def __init__(self, head_dim: int, num_features: int = 256, *, redraw_interval: int = 1000,
+                 rngs: nnx.Rngs):
+        for name, value in (("head_dim", head_dim), ("num_features", num_features),
+                            ("redraw_interval", redraw_interval)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self.head_dim, self.num_features, self.redraw_interval = head_dim, num_features, redraw_interval
+        self.seed = FeatureSeed(jax.random.key_data(rngs.params()))
+
+    def feature_key(self, *, key=None, step=None):
+        """The key the features are drawn from: ``key``, else seed folded with step // redraw_interval."""
+        if key is not None:
+            return key
+        seed = jax.random.wrap_key_data(self.seed[...])
+        return seed if step is None else jax.random.fold_in(seed, step // self.redraw_interval)
+
+    def draw_features(self, *, key=None, step=None):
+        """The random feature matrix W [num_features, head_dim] used by a call with these arguments."""
+        return orthogonal_features(self.feature_key(key=key, step=step), self.num_features, self.head_dim)
+
+    def __call__(self, q_bqhd, k_bkhd, v_bkhd, *, mask=None, bias=None, causal=False, scale=None,
+                 key=None, step=None):
+        check_shapes(q_bqhd, k_bkhd, v_bkhd, bias, mask)
+        check_dtypes(q_bqhd, k_bkhd, v_bkhd, bias, mask)
+        if bias is not None:
+            raise ValueError(f"Performer cannot honour an additive bias (got shape {tuple(bias.shape)}): "
+                             f"the softmax kernel factorises over queries and keys")
+        batch, q_len, num_heads, head_dim = q_bqhd.shape
+        kv_len, kv_heads = k_bkhd.shape[1], k_bkhd.shape[2]
+        if head_dim != self.head_dim:
+            raise ValueError(f"head_dim={head_dim} of q differs from the module's head_dim={self.head_dim}")
+        scale = head_dim ** -0.5 if scale is None else scale
+        keep_bk = key_padding_mask(mask, batch, kv_len, "Performer")
+        if kv_heads != num_heads:
+            k_bkhd = jnp.repeat(k_bkhd, num_heads // kv_heads, axis=2)
+            v_bkhd = jnp.repeat(v_bkhd, num_heads // kv_heads, axis=2)
+        w_md = self.draw_features(key=key, step=step)
+        root = jnp.sqrt(jnp.float32(scale))
+        phi_q = positive_features(q_bqhd.astype(jnp.float32) * root, w_md, is_query=True)
+        phi_k = positive_features(k_bkhd.astype(jnp.float32) * root, w_md, is_query=False, valid_bs=keep_bk)
+        v_bkhd = v_bkhd.astype(jnp.float32)
+        if not causal:
+            kv_bhmd = jnp.einsum("bkhm,bkhd->bhmd", phi_k, v_bkhd)
+            num_bqhd = jnp.einsum("bqhm,bhmd->bqhd", phi_q, kv_bhmd)
+            den_bqh = jnp.einsum("bqhm,bhm->bqh", phi_q, phi_k.sum(axis=1))
+        else:  # query i sees keys j <= i + kv_len - q_len: prefix sums gathered at that key
+            kv_bkhmd = jnp.cumsum(phi_k[..., :, None] * v_bkhd[..., None, :], axis=1)
+            ksum_bkhm = jnp.cumsum(phi_k, axis=1)
+            last_q = jnp.arange(q_len) + (kv_len - q_len)
+            sees_any = (last_q >= 0)[None, :, None]
+            idx = jnp.clip(last_q, 0, kv_len - 1)
+            num_bqhd = jnp.einsum("bqhm,bqhmd->bqhd", phi_q, kv_bkhmd[:, idx])
+            den_bqh = jnp.where(sees_any, jnp.einsum("bqhm,bqhm->bqh", phi_q, ksum_bkhm[:, idx]), 0.0)
+        attended = den_bqh > 0
+        out_bqhd = jnp.where(attended[..., None], num_bqhd / jnp.where(attended, den_bqh, 1.0)[..., None], 0.0)
+        return out_bqhd.astype(q_bqhd.dtype)
