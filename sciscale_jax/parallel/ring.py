@@ -14,7 +14,8 @@ Bias and mask are split along the key axis and travel with their keys; each devi
 the rows of its queries. Zigzag (causal only): the sequence is cut into 2P chunks and device
 i holds chunks i and 2P-1-i, so every device has the same amount of unmasked work; a step
 whose keys come from an earlier device needs only the first key chunk, one from a later
-device only the second query chunk, and the step skips the masked half.
+device only the second query chunk, and the step skips the masked half. The reordering
+into and out of zigzag is two ``ppermute`` hops inside the shard_map, never a gather.
 
 Registered with the attention front door as ``"ring"`` (zigzag on for causal attention).
 """
@@ -38,6 +39,29 @@ def zigzag_permutation(seq_len: int, degree: int) -> np.ndarray:
     """Index array putting chunks (i, 2P-1-i) next to each other for device i."""
     chunks = np.arange(seq_len).reshape(2 * degree, -1)
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * degree - 1 - i]]) for i in range(degree)])
+
+
+def _owner(chunk, degree):
+    return chunk if chunk < degree else 2 * degree - 1 - chunk
+
+
+def _zigzag_local(x, axis, degree, dim, inverse=False):
+    """Inside shard_map: swap a contiguous block (chunks 2i, 2i+1) for the zigzag one
+    (chunks i, 2P-1-i) with two ppermutes, or back; no device ever holds the whole sequence.
+
+    Each device owns one even and one odd chunk; an even device keeps its even chunk first."""
+    even_perm = [(i, _owner(2 * i, degree)) for i in range(degree)]
+    odd_perm = [(i, _owner(2 * i + 1, degree)) for i in range(degree)]
+    first, second = jnp.split(x, 2, axis=dim)
+    is_even = jax.lax.axis_index(axis) % 2 == 0
+    if not inverse:
+        even = jax.lax.ppermute(first, axis, even_perm)
+        odd = jax.lax.ppermute(second, axis, odd_perm)
+        return jnp.where(is_even, jnp.concatenate([even, odd], dim), jnp.concatenate([odd, even], dim))
+    even, odd = jnp.where(is_even, first, second), jnp.where(is_even, second, first)
+    flip = lambda perm: [(b, a) for a, b in perm]
+    return jnp.concatenate([jax.lax.ppermute(even, axis, flip(even_perm)),
+                            jax.lax.ppermute(odd, axis, flip(odd_perm))], dim)
 
 
 def _positions(device, block, degree, zigzag):
@@ -224,17 +248,14 @@ def ring_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=False
     qkv_spec = P(batch_axes, axis, head_axis, None)
 
     perm = zigzag_permutation(q_len, degree) if zigzag else None
-    if perm is not None:
-        q_bshd, k_bshd, v_bshd = (x[:, perm] for x in (q_bshd, k_bshd, v_bshd))
 
     def prepare(x):  # [B, H, Q, K] broadcastable; keys split over the ring, rows kept whole
         if x is None:
             return None, None
         x = x.reshape((1,) * (4 - x.ndim) + x.shape)
         x = jnp.broadcast_to(x, x.shape[:3] + (kv_len,))  # key blocks travel, so keys are explicit
-        if perm is not None:
-            x = x[:, :, perm] if x.shape[2] > 1 else x
-            x = x[:, :, :, perm] if x.shape[3] > 1 else x
+        if perm is not None and x.shape[2] > 1:  # rows are not split: reorder them in place
+            x = x[:, :, perm]
         return x, P(batch_axes if x.shape[0] > 1 else None, head_axis if x.shape[1] > 1 else None,
                      None, axis if x.shape[3] > 1 else None)
 
@@ -242,10 +263,19 @@ def ring_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=False
     shared = [a for a, s in ((batch_axes, bias_spec and bias_spec[0]), (head_axis, bias_spec and bias_spec[1]))
               if a and bias is not None and s is None]
     bias_axes = tuple(n for a in shared for n in ((a,) if isinstance(a, str) else a))
-    fn = functools.partial(_ring, axis, degree, causal, zigzag, scale, bias_axes)
+    ring = functools.partial(_ring, axis, degree, causal, zigzag, scale, bias_axes)
+
+    def fn(q, k, v, b, mk):
+        if not zigzag:
+            return ring(q, k, v, b, mk)
+        zz = functools.partial(_zigzag_local, axis=axis, degree=degree)
+        q, k, v = (zz(x, dim=1) for x in (q, k, v))
+        b, mk = (None if x is None else zz(x, dim=3) for x in (b, mk))
+        return zz(ring(q, k, v, b, mk), dim=1, inverse=True)
+
     out = jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, mask_spec),
                         out_specs=qkv_spec)(q_bshd, k_bshd, v_bshd, bias, mask)
-    return out if perm is None else out[:, np.argsort(perm)]
+    return out
 
 
 register("ring", ring_attention)
