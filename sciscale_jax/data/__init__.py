@@ -1,1 +1,7 @@
-"""sciscale_jax.data"""
+"""Tokenizers and loaders of real scientific data."""
+
+from sciscale_jax.data.mlm import MLMBatches, crop_and_pad, mask_tokens, unigram_perplexity
+from sciscale_jax.data.protein import ProteinTokenizer, load_proteins, pyhmmer_protein_file, read_fasta, split_by_sequence
+
+__all__ = ["MLMBatches", "ProteinTokenizer", "crop_and_pad", "load_proteins", "mask_tokens",
+           "pyhmmer_protein_file", "read_fasta", "split_by_sequence", "unigram_perplexity"]

@@ -1,7 +1,7 @@
 """Small NNX building blocks shared by the models: dense layers, RMSNorm, rotary positions.
 
 Every parameter carries logical axis names from ``sciscale_jax.parallel.axes`` in its
-``sharding_names`` metadata (no eager sharding: a rule table maps them to mesh axes later).
+``out_sharding`` metadata (no eager sharding: a rule table maps them to mesh axes later).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     """A parameter drawn from ``init`` and annotated with logical ``axes``."""
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Dense(nnx.Module):

@@ -1,1 +1,15 @@
-"""sciscale_jax.recipes"""
+"""One file per `sciscale train` recipe."""
+
+from sciscale_jax.recipes.base import Data, Recipe
+from sciscale_jax.recipes.protein_mlm import RECIPE as PROTEIN_MLM
+
+RECIPES = {r.name: r for r in (PROTEIN_MLM,)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+__all__ = ["Data", "RECIPES", "Recipe", "get_recipe"]

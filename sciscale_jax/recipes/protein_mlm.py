@@ -1,0 +1,36 @@
+"""protein-mlm: an ESM-style masked language model on real bacterial proteins.
+
+Data: the 2,100 proteins of one genome shipped in pyhmmer (``sciscale_jax.data.protein``),
+split by sequence hash into train and validation. The baseline is the perplexity of the
+training split's amino-acid frequencies on the validation targets: a model below it has
+learned context, not only composition. Defaults finish on 2 CPU cores in a few minutes.
+"""
+
+from __future__ import annotations
+
+from sciscale_jax.data import MLMBatches, ProteinTokenizer, load_proteins, split_by_sequence, unigram_perplexity
+from sciscale_jax.recipes.base import Data, Recipe
+from sciscale_jax.train.step import mlm_loss
+
+
+def build_data(train_cfg) -> Data:
+    tok = ProteinTokenizer(unknown="x")
+    train_seqs, val_seqs = split_by_sequence(load_proteins(), val_fraction=0.1)
+    train_ids = [tok.encode(s, add_special=True) for s in train_seqs]
+    val_ids = [tok.encode(s, add_special=True) for s in val_seqs]
+    kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
+    train = MLMBatches(train_ids, tok, **kw)
+    evals = MLMBatches(val_ids, tok, **kw).eval_batches()
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size,
+                baselines={"unigram_ppl": unigram_perplexity(train_ids, evals, tok)})
+
+
+RECIPE = Recipe(
+    name="protein-mlm",
+    description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer",
+    model_defaults=dict(vocab_size=ProteinTokenizer().vocab_size, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=1024, causal=False),
+    train_defaults=dict(steps=300, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=30,
+                        eval_every=100, save_every=100),
+    build_data=build_data,
+    loss_fn=mlm_loss,
+)

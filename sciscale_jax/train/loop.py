@@ -1,0 +1,146 @@
+"""The training loop: jitted step, progress bar, periodic evaluation, JSONL metrics, Orbax checkpoints.
+
+``train(recipe, model_config, train_config, out_dir)`` runs a recipe end to end and returns
+a summary (final losses, perplexities, the memory report of the compiled step, where the
+checkpoint went). Batches are a pure function of (seed, step) and dropout keys of the step,
+so ``resume=True`` continues exactly where a killed run left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sciscale_jax.memory import report_from_analysis, tree_bytes
+from sciscale_jax.models import Transformer
+from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    seed: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be positive")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay} and "
+                             f"grad_clip={self.grad_clip} must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Warm-up + cosine learning-rate schedule, global-norm clipping, then the named optimizer."""
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: adamw")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps - 1),
+                                                  cfg.steps, end_value=cfg.learning_rate * 0.1)
+    inner = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner) if cfg.grad_clip else inner
+
+
+def evaluate(eval_fn, params, rest, batches) -> tuple[float, float]:
+    """(token-mean loss, perplexity) over ``batches``."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n = jax.device_get(eval_fn(params, rest, batch))
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return loss, math.exp(loss)
+
+
+class MetricsLog:
+    """Append-only JSONL log of metrics, one object per line."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    def write(self, record: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: bool = False,
+          force: bool = False, progress: bool = True, log=print) -> dict:
+    """Train ``recipe`` and return a summary dict; see the module docstring."""
+    cfg = train_config
+    if cfg.seq_len > model_config.max_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_config.max_len}")
+    data = recipe.build_data(cfg)
+    if data.vocab_size != model_config.vocab_size:
+        raise ValueError(f"model vocab_size={model_config.vocab_size} differs from the data's {data.vocab_size}")
+    out_dir = pathlib.Path(out_dir)
+    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
+    check_run_dir(out_dir, run_config, resume=resume, force=force)
+
+    model = Transformer(model_config, rngs=nnx.Rngs(cfg.seed))
+    tx = build_optimizer(cfg)
+    graphdef, state = init_train_state(model, tx)
+    del model
+    ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
+    if resume and ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+
+    step_fn = jax.jit(make_train_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(graphdef, recipe.loss_fn))
+    example = data.train.batch(0)
+    compiled = step_fn.lower(state, example).compile()
+    memory = report_from_analysis(compiled.memory_analysis())
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+
+    start = int(state.step)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc=recipe.name, dynamic_ncols=True)
+    train_loss, t0 = float("nan"), time.perf_counter()
+    for step in bar:
+        state, metrics = compiled(state, data.train.batch(step))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            train_loss = m["loss"]
+            bar.set_postfix(loss=f"{train_loss:.3f}")
+            metrics_log.write({"step": done, **m, "time": time.perf_counter() - t0})
+        if done % cfg.eval_every == 0 and done != cfg.steps:
+            val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
+            metrics_log.write({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
+            bar.write(f"step {done}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val ppl {val_ppl:.3f}")
+        ckpt.save(state)
+    bar.close()
+    if ckpt.latest_step() != int(state.step):
+        ckpt.save(state, force=True)
+    ckpt.close()
+    val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
+    metrics_log.write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
+    return {
+        "steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl,
+        "baselines": dict(data.baselines), "memory": memory, "param_bytes": tree_bytes(state.params),
+        "opt_state_bytes": tree_bytes(state.opt_state), "checkpoint_dir": str(ckpt.directory),
+        "seconds": time.perf_counter() - t0, "state": state,
+    }

@@ -1,0 +1,107 @@
+"""The train step: loss, gradients, optax update and metrics as one pure, jittable function.
+
+State is a plain pytree (``TrainState``: step, parameters, other model variables and the
+optimizer state, all pure dicts) so it jits, shards and checkpoints without special cases.
+The step is built from small parts that the techniques replace:
+
+- ``loss_fn(model, batch, key) -> (sum of per-token losses, token count)``: token sums, so
+  gradient accumulation can weight microbatches by their real token counts;
+- ``grad_fn(params, rest, batch, key) -> (loss, (count, new_rest), grads)``: how gradients
+  are computed (plain backprop here; accumulation and loss scaling wrap it);
+- ``tx``: any optax ``GradientTransformation``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class TrainState(NamedTuple):
+    step: jax.Array        # int32 scalar
+    params: Any            # pure dict of nnx.Param values
+    rest: Any              # pure dict of every other model variable (may be empty)
+    opt_state: Any
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, params, rest) with params and rest as pure dicts."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
+    """(graphdef, TrainState) for a freshly built model."""
+    graphdef, params, rest = split_model(model)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def token_cross_entropy(logits_bsv, targets_bs, weights_bs):
+    """(sum of weighted token cross-entropies, sum of weights), in float32."""
+    nll_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv.astype(jnp.float32), targets_bs)
+    weights_bs = weights_bs.astype(jnp.float32)
+    return jnp.sum(nll_bs * weights_bs), jnp.sum(weights_bs)
+
+
+def mlm_loss(model, batch, key):
+    """Masked-LM loss over the positions ``batch['weights']`` marks."""
+    logits = model(batch["inputs"], mask_bs=batch["mask"], dropout_key=key)
+    return token_cross_entropy(logits, batch["targets"], batch["weights"])
+
+
+def causal_lm_loss(model, batch, key):
+    """Next-token loss: position t predicts token t+1 wherever both are real."""
+    tokens, real = batch["inputs"], batch["mask"]
+    logits = model(tokens, mask_bs=real, dropout_key=key)
+    weights = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
+    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)
+
+
+def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
+    """Plain reverse-mode gradients of the token-mean loss."""
+
+    def objective(params, rest, batch, key):
+        model = nnx.merge(graphdef, params, rest)
+        total, count = loss_fn(model, batch, key)
+        new_rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        return total / jnp.maximum(count, 1.0), (count, new_rest)
+
+    def grad_fn(params, rest, batch, key):
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, rest, batch, key)
+        return loss, aux, grads
+
+    return grad_fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable = mlm_loss,
+                    grad_fn: Callable | None = None, seed: int = 0) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
+
+    The dropout key of step ``s`` is ``fold_in(key(seed), s)``: a pure function of the step,
+    so a resumed run draws the same dropout masks as an uninterrupted one.
+    """
+    grad_fn = grad_fn or backprop_grad_fn(graphdef, loss_fn)
+    base_key = jax.random.key(seed)
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(base_key, state.step)
+        loss, (count, rest), grads = grad_fn(state.params, state.rest, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, rest, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(graphdef, loss_fn: Callable = mlm_loss) -> Callable:
+    """``eval_step(params, rest, batch) -> (sum of token losses, token count)``; no dropout."""
+
+    def eval_step(params, rest, batch):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch, None)
+
+    return eval_step
