@@ -56,7 +56,7 @@ class TransformerConfig:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"unknown mlp {self.mlp!r}; known: {', '.join(MLP_KINDS)}")
-        remat.validate_remat(self.remat)
+        remat.validate_remat(self.remat, self.num_layers)
         attention.validate_impl(self.attention)
         # Normalise dtypes so configs compare and serialise by name.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
@@ -71,6 +71,9 @@ class TransformerConfig:
 
 
 class Attention(nnx.Module):
+    LINFORMER_PROJ_LEN = 256   # Linformer's k (capped at max_len)
+    PERFORMER_FEATURES = 256   # Performer's random feature count
+
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -79,6 +82,16 @@ class Attention(nnx.Module):
         self.value = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
         self.out = Dense((h, d), (e,), (ax.HEADS, ax.KV, ax.EMBED), **kw)
         self.cfg = cfg
+        approx = None  # approximate attention modules carry parameters or feature seeds
+        if cfg.attention == "linformer":
+            if cfg.causal:
+                raise ValueError("attention='linformer' cannot be causal (causal=True): Linformer mixes "
+                                 "future positions into every projected key")
+            approx = attention.LinformerAttention(cfg.max_len, min(self.LINFORMER_PROJ_LEN, cfg.max_len),
+                                                  rngs=rngs, param_dtype=cfg.param_dtype)
+        elif cfg.attention == "performer":
+            approx = attention.PerformerAttention(d, self.PERFORMER_FEATURES, rngs=rngs)
+        self.approx = approx
 
     def __call__(self, x_bse, positions_bs, mask_b11k):
         cfg = self.cfg
@@ -86,8 +99,11 @@ class Attention(nnx.Module):
         k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base)
         v_bshd = self.value(x_bse)
         q_bshd, k_bshd, v_bshd = (checkpoint_name(t, remat.QKV) for t in (q_bshd, k_bshd, v_bshd))
-        ctx_bshd = attention.dot_product_attention(q_bshd, k_bshd, v_bshd, mask=mask_b11k,
-                                                   causal=cfg.causal, impl=cfg.attention)
+        if self.approx is not None:
+            ctx_bshd = self.approx(q_bshd, k_bshd, v_bshd, mask=mask_b11k, causal=cfg.causal)
+        else:
+            ctx_bshd = attention.dot_product_attention(q_bshd, k_bshd, v_bshd, mask=mask_b11k,
+                                                       causal=cfg.causal, impl=cfg.attention)
         ctx_bshd = checkpoint_name(ctx_bshd, remat.ATTN_CONTEXT)
         return self.out(ctx_bshd)
 
@@ -170,7 +186,12 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             apply_block = remat.remat_block(apply_block, cfg.remat)
 
-        if cfg.scan_layers:
+        if remat.parse_remat(cfg.remat).kind == "every_k":  # checkpoint groups of k blocks
+            layers = ((self.layers, keys) if cfg.scan_layers else
+                      [(b, None if keys is None else keys[i]) for i, b in enumerate(self.layers)])
+            x_bse = remat.apply_layers(lambda bk, x: apply_block(bk[0], x, bk[1]), x_bse, layers,
+                                       cfg.remat, scan=cfg.scan_layers)
+        elif cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
             def run(x, block, key):
