@@ -49,6 +49,7 @@ class _Cfg:
     kv_len: int
     block_q: int
     block_k: int
+    bwd_blocks: tuple     # (block_q, block_k) of the backward kernels
     groups: int           # query heads per kv head
     bias_shape: tuple | None  # padded 4-D bias shape, size-1 dims kept
     mask_shape: tuple | None
@@ -100,8 +101,10 @@ def _params(cfg, dims, d):
 
 # ----------------------------------------------------------------------------- kernels
 
-def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk):
-    """Masked float32 logits of one [bq, bk] tile; q0/k0 global offsets, rq/rk in the refs."""
+def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk, edge):
+    """Masked float32 logits of one [bq, bk] tile; q0/k0 global offsets, rq/rk in the refs.
+
+    ``edge`` (static): the tile may hold causal or padded positions, so build that mask."""
     bq, bk = q_qd.shape[0], k_kd.shape[0]
     s_qk = lax.dot_general(q_qd, k_kd, _NT, preferred_element_type=jnp.float32) * cfg.scale
     if bias_ref is not None:
@@ -109,8 +112,7 @@ def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk):
     valid = None
     if mask_ref is not None:
         valid = _tile(mask_ref, rq, bq, rk, bk) != 0
-    padded_k = pl.cdiv(cfg.kv_len, bk) * bk != cfg.kv_len
-    if cfg.causal or padded_k:
+    if edge:
         col = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
         ok = col < cfg.kv_len
         if cfg.causal:  # query i sees keys j <= i + (kv_len - q_len), aligned at the end
@@ -122,12 +124,41 @@ def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk):
     return s_qk
 
 
-def _causal_k_blocks(cfg, i, nk):
-    """Number of key blocks query block i can see (all of them unless causal)."""
+def _div_up(a, b):
+    """ceil(max(a, 0) / b) for a traced int a and a static int b."""
+    return lax.div(jnp.maximum(a, 0) + b - 1, b)
+
+
+def _k_ranges(cfg, i, nk):
+    """Key blocks for query block i: [0, free) need no causal/padding mask, [free, hi) do.
+
+    Under causal masking a real query never sees a padded key (key j <= i + kv_len - q_len
+    < kv_len), and padded queries are discarded, so the causal mask covers the padding."""
     if not cfg.causal:
-        return nk
-    last = jnp.maximum((i + 1) * cfg.block_q + cfg.kv_len - cfg.q_len, 0)
-    return jnp.minimum(lax.div(last + cfg.block_k - 1, cfg.block_k), nk)
+        return (nk - 1, nk) if nk * cfg.block_k != cfg.kv_len else (nk, nk)
+    off = cfg.kv_len - cfg.q_len
+    hi = jnp.minimum(_div_up((i + 1) * cfg.block_q + off, cfg.block_k), nk)  # beyond: all hidden
+    free = jnp.minimum(lax.div(jnp.maximum(i * cfg.block_q + off + 1, 0), cfg.block_k), hi)
+    return free, hi
+
+
+def _q_ranges(cfg, j, nq):
+    """Query blocks for key block j: [lo, free) need the causal mask, [free, nq) do not.
+
+    Padded keys need no mask here: they only change their own dK/dV rows, which are dropped."""
+    if not cfg.causal:
+        return 0, 0
+    off = cfg.kv_len - cfg.q_len
+    lo = jnp.minimum(lax.div(jnp.maximum(j * cfg.block_k - off, 0), cfg.block_q), nq)
+    return lo, jnp.clip(_div_up((j + 1) * cfg.block_k - 1 - off, cfg.block_q), lo, nq)
+
+
+def _loop(lo, mid, hi, body, carry):
+    """body(edge, idx, carry) over [lo, mid) with edge=False, then [mid, hi) with edge=True."""
+    for edge, start, stop in ((False, lo, mid), (True, mid, hi)):
+        if not (isinstance(start, int) and isinstance(stop, int) and start >= stop):
+            carry = lax.fori_loop(start, stop, functools.partial(body, edge), carry)
+    return carry
 
 
 def _split(refs, cfg, n_in):
@@ -145,11 +176,11 @@ def _fwd_kernel(*refs, cfg, nk, n_in):
     i = pl.program_id(2)
     q_qd = q_ref[...]
 
-    def body(j, carry):
+    def body(edge, j, carry):
         acc_qd, m_q, l_q = carry
         k_kd = k_ref[pl.ds(j * bk, bk), :]
         v_kd = v_ref[pl.ds(j * bk, bk), :]
-        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk)
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk, edge)
         m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing seen yet: keep exp finite
         p_qk = jnp.exp(s_qk - m_use[:, None])
@@ -160,7 +191,7 @@ def _fwd_kernel(*refs, cfg, nk, n_in):
 
     init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc_qd, m_q, l_q = lax.fori_loop(0, _causal_k_blocks(cfg, i, nk), body, init)
+    acc_qd, m_q, l_q = _loop(0, *_k_ranges(cfg, i, nk), body, init)
     empty = l_q == 0.0
     o_ref[...] = (acc_qd / jnp.where(empty, 1.0, l_q)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m_q + jnp.log(jnp.where(empty, 1.0, l_q)))[:, None]
@@ -173,11 +204,11 @@ def _dkdv_kernel(*refs, cfg, nq, n_in):
     j = pl.program_id(2)
     k_kd, v_kd = k_ref[...], v_ref[...]
 
-    def body(i, carry):
+    def body(edge, i, carry):
         dk_kd, dv_kd = carry
         rows = pl.ds(i * bq, bq)
         q_qd, do_qd = q_ref[rows, :], do_ref[rows, :]
-        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, i * bq, 0)
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, i * bq, 0, edge)
         p_qk = jnp.exp(s_qk - lse_ref[rows, :])
         dv_kd = dv_kd + lax.dot_general(p_qk.astype(do_qd.dtype), do_qd, _TN,
                                         preferred_element_type=jnp.float32)
@@ -187,11 +218,12 @@ def _dkdv_kernel(*refs, cfg, nq, n_in):
                                         preferred_element_type=jnp.float32)
         return dk_kd, dv_kd
 
-    lo = 0
-    if cfg.causal:  # first query row that sees key j*bk is j*bk - (kv_len - q_len)
-        lo = jnp.minimum(lax.div(jnp.maximum(j * bk - (cfg.kv_len - cfg.q_len), 0), bq), nq)
+    lo, free = _q_ranges(cfg, j, nq)
     zeros = jnp.zeros(k_kd.shape, jnp.float32)
-    dk_kd, dv_kd = lax.fori_loop(lo, nq, body, (zeros, zeros))
+    carry = (zeros, zeros)
+    if cfg.causal:
+        carry = lax.fori_loop(lo, free, functools.partial(body, True), carry)
+    dk_kd, dv_kd = lax.fori_loop(free, nq, functools.partial(body, False), carry)
     dk_ref[...] = (dk_kd * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_kd.astype(dv_ref.dtype)
 
@@ -205,11 +237,11 @@ def _dq_kernel(*refs, cfg, nk, n_in):
     q_qd, do_qd, lse_q1, delta_q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     full_k = db_ref is not None and db_ref.shape[1] > 1
 
-    def body(j, carry):
+    def body(edge, j, carry):
         dq_qd, db_q = carry
         k_kd = k_ref[pl.ds(j * bk, bk), :]
         v_kd = v_ref[pl.ds(j * bk, bk), :]
-        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk)
+        s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk, edge)
         p_qk = jnp.exp(s_qk - lse_q1)
         dp_qk = lax.dot_general(do_qd, v_kd, _NT, preferred_element_type=jnp.float32)
         ds_qk = p_qk * (dp_qk - delta_q1)
@@ -224,10 +256,10 @@ def _dq_kernel(*refs, cfg, nk, n_in):
                 db_q = db_q + jnp.sum(ds_qk, axis=1)
         return dq_qd, db_q
 
-    hi = _causal_k_blocks(cfg, i, nk)
+    free, hi = _k_ranges(cfg, i, nk)
     rows = 1 if db_ref is None else db_ref.shape[0]
-    dq_qd, db_q = lax.fori_loop(0, hi, body, (jnp.zeros(q_qd.shape, jnp.float32),
-                                               jnp.zeros((rows,), jnp.float32)))
+    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    dq_qd, db_q = _loop(0, free, hi, body, init)
     dq_ref[...] = (dq_qd * cfg.scale).astype(dq_ref.dtype)
     if db_ref is not None and full_k:
         def zero(j, c):  # causal-skipped blocks have zero gradient
@@ -277,6 +309,7 @@ def _forward(cfg, q, k, v, bias, mask):
 
 
 def _backward(cfg, q, k, v, bias, mask, o, lse, do):
+    cfg = dataclasses.replace(cfg, block_q=cfg.bwd_blocks[0], block_k=cfg.bwd_blocks[1])
     b, h, sq, d = _dims(cfg, q)
     sk, g = _dims(cfg, k)[2], cfg.groups
     bq, bk = cfg.block_q, cfg.block_k
@@ -402,7 +435,8 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     q [B,Q,H,D]; k, v [B,K,Hkv,D] with Hkv dividing H; bias (additive, differentiable) and
     mask (bool, True = attend) broadcastable to [B,H,Q,K]; ``causal`` aligns the last
     query with the last key. Block sizes must be powers of two (>= 16 compiled, >= 8
-    interpreted); the defaults are 64 (32 for head_dim > 128), clipped to the lengths.
+    interpreted); by default forward 128x64 and backward 64x64 (halved for head_dim > 128),
+    clipped to the lengths.
     ``interpret=None`` interprets on CPU and compiles on GPU (Triton) or TPU (Mosaic);
     ``backend`` ("gpu" or "tpu") overrides ``jax.default_backend()``, e.g. to lower for
     another platform with ``jit(...).trace(...).lower(lowering_platforms=...)``.
@@ -415,15 +449,20 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     min_block = 8 if interpret else 16
-    default = 64 if head_dim <= 128 else 32
-    blocks = []
-    for name, blk, n in (("block_q", block_q, q_len), ("block_k", block_k, kv_len)):
-        blk = default if blk is None else blk
-        if blk < min_block or blk & (blk - 1):
-            raise ValueError(f"{name}={blk} must be a power of two >= {min_block}")
-        blocks.append(min(blk, max(min_block, _next_pow2(n))))
-    bq, bk = blocks
-    qp, kp = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
+    # Defaults (forward, backward) per head_dim; explicit block sizes apply to both passes.
+    defaults = ((128, 64), (64, 64)) if head_dim <= 128 else ((64, 32), (32, 32))
+    passes = []
+    for default in defaults:
+        pair = []
+        for name, blk, dflt, n in (("block_q", block_q, default[0], q_len), ("block_k", block_k, default[1], kv_len)):
+            blk = dflt if blk is None else blk
+            if blk < min_block or blk & (blk - 1):
+                raise ValueError(f"{name}={blk} must be a power of two >= {min_block}")
+            pair.append(min(blk, max(min_block, _next_pow2(n))))
+        passes.append(tuple(pair))
+    (bq, bk), bwd_blocks = passes
+    qp = -(-q_len // max(bq, bwd_blocks[0])) * max(bq, bwd_blocks[0])
+    kp = -(-kv_len // max(bk, bwd_blocks[1])) * max(bk, bwd_blocks[1])
     dp = max(16, _next_pow2(head_dim))
     scale = head_dim ** -0.5 if scale is None else float(scale)
     bhsd = backend == "tpu" and not interpret
@@ -441,7 +480,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     bias4 = None if bias is None else pair(bias, 0)
     mask4 = None if mask is None else pair(mask.astype(jnp.int8), 0)
     cfg = _Cfg(scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, block_q=bq,
-               block_k=bk, groups=heads // kv_heads,
+               block_k=bk, bwd_blocks=bwd_blocks, groups=heads // kv_heads,
                bias_shape=None if bias4 is None else tuple(bias4.shape),
                mask_shape=None if mask4 is None else tuple(mask4.shape),
                bhsd=bhsd, interpret=interpret, backend=backend)

@@ -113,10 +113,11 @@ def test_causal_pair_bias_shared_across_batch():
 
 
 def test_key_padding_mask_with_fully_masked_rows():
-    q, k, v, bias, do = _inputs(3, 2, 11, 17, 2, 2, 8, bias_shape=(2, 1, 1, 17))
-    mask = np.random.default_rng(3).random((2, 1, 1, 17)) > 0.4
+    # Default blocks: forward 128x64 and backward 64x64 over Q=70, K=90 (both padded to 128).
+    q, k, v, bias, do = _inputs(3, 2, 70, 90, 2, 2, 8, bias_shape=(2, 1, 1, 90))
+    mask = np.random.default_rng(3).random((2, 1, 1, 90)) > 0.4
     mask[1] = False  # batch element 1 attends to nothing: zeros, zero grads, no NaN
-    out, grads = _compare(q, k, v, bias, jnp.asarray(mask), do, False, 2e-5, block_q=8, block_k=8)
+    out, grads = _compare(q, k, v, bias, jnp.asarray(mask), do, False, 2e-5)
     assert np.all(np.asarray(out[1]) == 0.0)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
@@ -224,12 +225,10 @@ def test_front_door_flash_matches_xla():
     assert "flash" in available()
     q, k, v, bias, do = _inputs(11, 1, 9, 9, 2, 1, 8, bias_shape=(1, 2, 9, 9))
 
-    def loss(impl, q, k, v, bias):
-        return jnp.sum(dot_product_attention(q, k, v, bias=bias, causal=True, impl=impl) * do)
-    flash = jax.jit(jax.value_and_grad(lambda *a: loss("flash", *a), argnums=(0, 1, 2, 3)))(q, k, v, bias)
-    xla = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    for got, want in zip(jax.tree.leaves(flash), jax.tree.leaves(xla)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    # The adapter passes straight through; gradients are covered by the kernel tests above.
+    run = lambda impl: dot_product_attention(q, k, v, bias=bias, causal=True, impl=impl)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda: run("flash"))()), np.asarray(run("xla")),
+                               atol=2e-5, rtol=2e-5)
     big = jnp.ones((1, 8, 2, 320))
     with pytest.raises(ValueError, match="head_dim=320"):
         dot_product_attention(big, big, big, impl="flash")
