@@ -31,43 +31,46 @@ def state_bytes(opt_state: Any) -> int:
     return sum(_leaf_bytes(x) for x in jax.tree.leaves(opt_state))
 
 
-def _param_paths(params) -> dict:
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {_checks.path_names(path): p for path, p in flat}
-
-
 def state_report(opt_state: Any, params: Any) -> list[dict]:
     """Per-parameter state bytes: one row per parameter leaf, plus one row for shared state.
 
-    A state leaf is charged to the parameter whose path appears inside the state leaf's path
-    (e.g. ``("nu", "w", "row")`` -> ``("w",)``): the longest such match, the latest one on a
-    tie, so a chain index or a state field never shadows the parameter path. This fits states
-    laid out like ``params``, as optax and this package lay them out. Leaves that match no
-    parameter (step counts, keys) go to the row ``"(shared)"``. Each row:
-    ``{"param": "a/b", "shape": (...), "param_bytes": int, "state_bytes": int, "ratio": float}``.
+    The state is walked from the top; every subtree laid out like ``params`` (``params``'
+    tree structure is a prefix of it, as for optax's ``mu`` / ``nu`` and this package's
+    per-leaf moments, factored or quantised) charges each per-parameter part to its
+    parameter. Everything else (step counts, PRNG keys) goes to the row ``"(shared)"``.
+    Each row: ``{"param": "a/b", "shape": (...), "param_bytes": int, "state_bytes": int,
+    "ratio": float}``.
     """
-    params_by_path = _param_paths(params)
-    rows = {path: 0 for path in params_by_path}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    per_param = [0] * len(flat)
     shared = 0
-    for spath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        names = _checks.path_names(spath)
-        matches = [(stop - start, start) for start in range(len(names))
-                   for stop in range(start + 1, len(names) + 1) if names[start:stop] in params_by_path]
-        owner = None
-        if matches:
-            length, start = max(matches)
-            owner = names[start:start + length]
-        if owner is None:
-            shared += _leaf_bytes(leaf)
+
+    def walk(node):
+        nonlocal shared
+        if treedef.num_leaves > 0 and treedef.num_nodes > 1:
+            try:
+                parts = treedef.flatten_up_to(node)
+            except (ValueError, TypeError):
+                parts = None
+            if parts is not None:
+                for i, part in enumerate(parts):
+                    per_param[i] += state_bytes(part)
+                return
+        children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0] is node:   # an array leaf
+            shared += _leaf_bytes(node)
         else:
-            rows[owner] += _leaf_bytes(leaf)
-    out = []
-    for path, p in params_by_path.items():
+            for child in children:
+                walk(child)
+
+    walk(opt_state)
+    rows = []
+    for (path, p), sb in zip(flat, per_param):
         pb = _leaf_bytes(p)
-        out.append({"param": "/".join(map(str, path)), "shape": tuple(p.shape), "param_bytes": pb,
-                    "state_bytes": rows[path], "ratio": rows[path] / pb if pb else 0.0})
-    out.append({"param": "(shared)", "shape": (), "param_bytes": 0, "state_bytes": shared, "ratio": 0.0})
-    return out
+        rows.append({"param": "/".join(map(str, _checks.path_names(path))), "shape": tuple(p.shape),
+                     "param_bytes": pb, "state_bytes": sb, "ratio": sb / pb if pb else 0.0})
+    rows.append({"param": "(shared)", "shape": (), "param_bytes": 0, "state_bytes": shared, "ratio": 0.0})
+    return rows
 
 
 def format_report(rows: list[dict]) -> str:
