@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 E4M3 = np.dtype(jnp.float8_e4m3fn)
 E5M2 = np.dtype(jnp.float8_e5m2)
@@ -145,7 +145,7 @@ fp8_matmul.defvjp(_fwd, _bwd)
 
 
 class Fp8Matmul(nnx.Module):
-    """The ``matmul(x[n,k], w[k,m])`` hook of a dense layer, in fp8, with its scales."""
+    """The ``matmul(x[..., k], w[k, m])`` hook of a dense layer, in fp8, with its scales."""
 
     def __init__(self, *, scaling: str = "delayed", history_len: int = 1024, margin: float = 0.0,
                  fwd_dtype=E4M3, bwd_dtype=E5M2):
@@ -154,15 +154,16 @@ class Fp8Matmul(nnx.Module):
             setattr(self, f"{role}_scale", Fp8Meta(jnp.ones((), jnp.float32)))
             setattr(self, f"{role}_amax_history", Fp8Meta(jnp.zeros((history_len,), jnp.float32)))
 
-    def __call__(self, x_nk, w_km):
-        for name, t, nd in (("x", x_nk, 2), ("w", w_km, 2)):
-            if t.ndim != nd or np.dtype(t.dtype) not in _OPERAND:
-                raise ValueError(f"fp8 matmul needs a 2-D float32/bfloat16/float16 {name}; got "
-                                 f"shape {t.shape} dtype {np.dtype(t.dtype).name}")
-        if x_nk.shape[1] != w_km.shape[0]:
-            raise ValueError(f"fp8 matmul: x {x_nk.shape} and w {w_km.shape} do not contract")
+    def __call__(self, x, w_km):
+        for name, t, ok in (("x", x, x.ndim >= 1), ("w", w_km, w_km.ndim == 2)):
+            if not ok or np.dtype(t.dtype) not in _OPERAND:
+                raise ValueError(f"fp8 matmul needs a float32/bfloat16/float16 x[..., k] and "
+                                 f"w[k, m]; got {name} of shape {t.shape} dtype {np.dtype(t.dtype).name}")
+        if x.shape[-1] != w_km.shape[0]:
+            raise ValueError(f"fp8 matmul: x {x.shape} and w {w_km.shape} do not contract")
         meta = tuple(getattr(self, f"{r}_{k}")[...] for r in "xwg" for k in ("scale", "amax_history"))
-        return fp8_matmul(self.cfg, x_nk, w_km, meta)
+        y_nm = fp8_matmul(self.cfg, x.reshape(-1, x.shape[-1]), w_km, meta)
+        return y_nm.reshape(*x.shape[:-1], w_km.shape[1])
 
 
 class Fp8Linear(nnx.Module):
@@ -177,9 +178,7 @@ class Fp8Linear(nnx.Module):
         self.matmul = Fp8Matmul(**fp8_kwargs)
 
     def __call__(self, x):
-        lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
-        y = y.reshape(*lead, y.shape[-1])
+        y = self.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -193,3 +192,47 @@ def apply_fp8_meta(model: nnx.Module, grads: nnx.State) -> nnx.State:
     meta, rest = nnx.split_state(grads, Fp8Meta, ...)
     nnx.update(model, meta)
     return rest
+
+
+# --- For train steps that keep model state as pure dicts (params, rest) -------------------
+
+def fp8_paths(model: nnx.Module) -> frozenset[tuple]:
+    """Paths of the ``Fp8Meta`` variables of ``model`` (as in ``nnx.to_pure_dict``)."""
+    return frozenset(traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, Fp8Meta))))
+
+
+def split_pure(rest: dict, paths: frozenset[tuple]) -> tuple[dict, dict]:
+    """``rest`` (a nested pure dict) cut into (entries at ``paths``, the others)."""
+    flat = traverse_util.flatten_dict(rest)
+    inside = {p: v for p, v in flat.items() if p in paths}
+    outside = {p: v for p, v in flat.items() if p not in paths}
+    return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
+
+
+def merge_pure(a: dict, b: dict) -> dict:
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)})
+
+
+def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple], *, loss_scale_fn=None):
+    """``grad_fn(params, rest, batch, key) -> (loss, (count, new_rest), grads)`` that also
+    differentiates the fp8 metadata in ``rest`` (at ``paths``) and puts its "gradients" --
+    the new scales and histories -- into ``new_rest``; ``grads`` holds parameters only.
+    ``loss_fn(model, batch, key) -> (token sum, token count)``. ``loss_scale_fn()`` (optional)
+    gives a loss scale to multiply the loss by before differentiating; the returned loss is
+    unscaled, the gradients are not (the loss-scaling optimizer wrapper unscales them)."""
+
+    def objective(params, fp8, other, batch, key, scale):
+        model = nnx.merge(graphdef, params, merge_pure(other, fp8))
+        total, count = loss_fn(model, batch, key)
+        new_rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        loss = total / jnp.maximum(count, 1.0)
+        return loss * scale, (loss, count, new_rest)
+
+    def grad_fn(params, rest, batch, key):
+        fp8, other = split_pure(rest, paths)
+        scale = jnp.float32(1.0) if loss_scale_fn is None else loss_scale_fn()
+        (_, (loss, count, new_rest)), (grads, new_fp8) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(params, fp8, other, batch, key, scale)
+        return loss, (count, merge_pure(new_rest, new_fp8)), grads
+
+    return grad_fn

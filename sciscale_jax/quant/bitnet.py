@@ -61,7 +61,7 @@ def _normalise(x, kind: str, eps: float = 1e-6):
 
 
 class BitMatmul(nnx.Module):
-    """The ``matmul(x[n,k], w[k,m])`` hook of a dense layer, BitNet style: normalise and
+    """The ``matmul(x[..., k], w[k, m])`` hook of a dense layer, BitNet style: normalise and
     quantise ``x`` per token, binarise or ternarise ``w``."""
 
     def __init__(self, *, weight: str = "binary", a_bits: int = 8, normalize: bool = True):

@@ -27,7 +27,7 @@ from sciscale_jax.quant.fake_quant import check_bits, fake_quant
 
 
 class QATMatmul(nnx.Module):
-    """The ``matmul(x[n,k], w[k,m])`` hook: W per output channel, A per token."""
+    """The ``matmul(x[..., k], w[k, m])`` hook: W per output channel, A per token."""
 
     def __init__(self, *, w_bits: int = 4, a_bits: int = 8):
         self.w_bits, self.a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")

@@ -3,7 +3,7 @@
 ``QUANT_SCHEMES`` names what ``TransformerConfig.quant`` may say: ``"none"``,
 ``"llm_qat_w4a8kv4"`` (LLM-QAT, Liu et al. 2023), ``"bitnet"`` (Wang et al. 2023) and
 ``"bitnet158"`` (Ma et al. 2024). ``make_matmul(quant, precision)`` returns the
-``matmul(x[n,k], w[k,m])`` hook for a dense layer (``None`` for a plain matmul): the
+``matmul(x[..., k], w[k, m])`` hook for a dense layer (``None`` for a plain matmul): the
 quantised matmul of the scheme, or the fp8 matmul when the precision policy asks for fp8.
 ``make_linear`` wraps it into a standalone NNX linear layer. ``kv_quantizer(quant)`` is what
 attention applies to keys and values (``None`` when the scheme leaves them alone).

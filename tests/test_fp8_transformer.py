@@ -1,0 +1,86 @@
+"""fp8 through the real Transformer and train step: every Dense gets an Fp8Matmul hook,
+the train step's grad_fn returns the new scales in `rest`, the optimizer never sees them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, traverse_util
+
+from sciscale_jax.models.layers import Dense
+from sciscale_jax.models.transformer import Transformer, TransformerConfig
+from sciscale_jax.precision.fp8 import E4M3, Fp8Matmul, fp8_grad_fn, fp8_paths, split_pure
+from sciscale_jax.train.step import init_train_state, make_train_step, mlm_loss
+
+CFG = TransformerConfig(vocab_size=11, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=24, max_len=16)
+
+
+def _batch(rng):
+    tokens = rng.integers(0, 11, size=(2, 7))
+    return {"inputs": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(rng.integers(0, 11, size=(2, 7)), jnp.int32),
+            "mask": jnp.ones((2, 7), bool), "weights": jnp.asarray(rng.random((2, 7)) < 0.5, jnp.float32)}
+
+
+def _fp8_model():
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    dense = [m for _, m in nnx.iter_graph(model) if isinstance(m, Dense)]
+    for m in dense:
+        if m is not model.lm_head:  # the head stays in full precision
+            m.matmul = nnx.data(Fp8Matmul(scaling="delayed", history_len=4))
+    return model, dense
+
+
+def test_train_step_updates_fp8_meta_and_not_the_optimizer():
+    rng = np.random.default_rng(0)
+    model, dense = _fp8_model()
+    paths = fp8_paths(model)
+    assert len(paths) == 6 * (len(dense) - 1)  # 3 scales + 3 histories per fp8 layer
+    kernels = {tuple(p[:-1]): np.asarray(v, np.float64)  # every Dense kernel, by module path
+               for p, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+               if p[-1] == "kernel"}
+    tx = optax.adam(1e-2)
+    graphdef, state = init_train_state(model, tx)
+    step = jax.jit(make_train_step(graphdef, tx, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
+    batch = _batch(rng)
+    new_state, metrics = step(state, batch)
+    # Optimizer saw parameters only.
+    assert not any(p in paths for p in traverse_util.flatten_dict(new_state.params))
+    fp8_new, _ = split_pure(new_state.rest, paths)
+    flat = traverse_util.flatten_dict(fp8_new)
+    for p, v in flat.items():
+        mod = p[:-2]
+        if p[-1] == "w_amax_history":  # the weight amax: that of the kernel it quantised
+            np.testing.assert_allclose(v[0], np.abs(kernels[mod]).max(), rtol=1e-6)
+            np.testing.assert_allclose(flat[mod + ("matmul", "w_scale")], np.abs(kernels[mod]).max() / 448, rtol=1e-6)
+        if p[-1].endswith("amax_history"):
+            assert v[0] > 0 and np.all(np.asarray(v[1:]) == 0)  # one step recorded
+    # The fp8 loss is the fp32 loss up to fp8 rounding; training proceeds.
+    ref_model = Transformer(CFG, rngs=nnx.Rngs(0))
+    ref_total, ref_count = mlm_loss(ref_model, batch, None)
+    assert abs(float(metrics["loss"]) - float(ref_total / ref_count)) < 0.05 * float(ref_total / ref_count)
+    s = new_state
+    for _ in range(5):
+        s, m = step(s, batch)
+    assert float(m["loss"]) < float(metrics["loss"])
+    hist = traverse_util.flatten_dict(split_pure(s.rest, paths)[0])
+    assert all(np.all(np.asarray(v) > 0) for p, v in hist.items() if p[-1].endswith("amax_history"))
+    assert np.dtype(E4M3).itemsize == 1
+
+
+def test_quant_hooks_train_inside_the_transformer():
+    from sciscale_jax.quant.registry import make_matmul
+
+    rng = np.random.default_rng(1)
+    batch = _batch(rng)
+    cfg = TransformerConfig(vocab_size=11, num_layers=1, num_heads=2, embed_dim=16, mlp_dim=24, max_len=16)
+    for scheme in ("llm_qat_w4a8kv4", "bitnet", "bitnet158"):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        for _, m in nnx.iter_graph(model):
+            if isinstance(m, Dense) and m is not model.lm_head:
+                m.matmul = nnx.data(make_matmul(scheme))
+        total, grads = nnx.jit(nnx.value_and_grad(lambda mdl: mlm_loss(mdl, batch, None)[0]))(model)
+        flat = traverse_util.flatten_dict(nnx.to_pure_dict(grads))
+        kernel_grads = [v for p, v in flat.items() if p[-1] == "kernel"]
+        assert np.isfinite(float(total)) and len(kernel_grads) == 7 + 1
+        # Straight-through: every quantised kernel receives a non-zero gradient.
+        assert all(float(jnp.abs(g).max()) > 0 for g in kernel_grads), scheme
