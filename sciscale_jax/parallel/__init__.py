@@ -3,7 +3,7 @@
 from sciscale_jax.parallel.axes import LOGICAL_AXES
 from sciscale_jax.parallel.mesh import DATA_AXES, MESH_AXES, ParallelConfig, axis_size, make_mesh
 from sciscale_jax.parallel.ring import ring_attention, zigzag_permutation
-from sciscale_jax.parallel.rules import (RULES, logical_sharding, logical_to_mesh, rules_for, shard_params,
+from sciscale_jax.parallel.rules import (RULES, logical_sharding, logical_to_mesh, param_axes, rules_for, shard_params,
                                          tree_axes, tree_shardings, with_logical_constraint)
 from sciscale_jax.parallel.ulysses import ulysses_attention
 from sciscale_jax.parallel.zero import (ZERO_STAGES, TrainShardings, batch_sharding, model_state_bytes,
@@ -12,7 +12,7 @@ from sciscale_jax.parallel.zero import (ZERO_STAGES, TrainShardings, batch_shard
 
 __all__ = [
     "DATA_AXES", "LOGICAL_AXES", "MESH_AXES", "RULES", "ZERO_STAGES", "ParallelConfig", "TrainShardings",
-    "axis_size", "batch_sharding", "logical_sharding", "logical_to_mesh", "make_mesh", "model_state_bytes",
+    "axis_size", "batch_sharding", "logical_sharding", "logical_to_mesh", "make_mesh", "model_state_bytes", "param_axes",
     "reduce_scatter_value_and_grad", "ring_attention", "rules_for", "shard_params", "stage_sharding",
     "train_shardings", "tree_axes", "tree_shardings", "ulysses_attention", "validate_zero_stage",
     "with_logical_constraint", "zero_spec", "zigzag_permutation",

@@ -99,10 +99,13 @@ def logical_sharding(axes, shape, rules, mesh, what="array") -> NamedSharding:
 def with_logical_constraint(x, axes, rules, mesh=None):
     """``with_sharding_constraint`` by logical names; a no-op when there is no mesh to shard over.
 
-    ``mesh`` defaults to the one set with ``jax.set_mesh``.
+    ``rules`` is a table or a strategy name (``"tp_sp"``), so a model can take it from a config
+    string; ``mesh`` defaults to the one set with ``jax.set_mesh``.
     """
     if rules is None:
         return x
+    if isinstance(rules, str):
+        rules = rules_for(rules)
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
@@ -130,6 +133,14 @@ def tree_axes(state):
     its axes (None per dimension where unannotated), so the tree keeps the state's structure."""
     return jax.tree.map(lambda v: v.replace(variable_axes(v) or (None,) * v.get_value().ndim),
                         state, is_leaf=_is_variable)
+
+
+def param_axes(model):
+    """Pure dict of logical-axes tuples for ``nnx.Param``s, shaped like
+    ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the train state's params)."""
+    from flax import nnx  # only this helper needs flax
+
+    return nnx.to_pure_dict(tree_axes(nnx.state(model, nnx.Param)))
 
 
 def tree_shardings(shapes, axes, rules, mesh):
