@@ -84,3 +84,29 @@ def test_quant_hooks_train_inside_the_transformer():
         assert np.isfinite(float(total)) and len(kernel_grads) == 7 + 1
         # Straight-through: every quantised kernel receives a non-zero gradient.
         assert all(float(jnp.abs(g).max()) > 0 for g in kernel_grads), scheme
+
+
+def test_fp8_under_scan_layers_and_remat(monkeypatch):
+    """What the Transformer will do once it builds Dense(..., matmul=make_matmul(quant,
+    precision)): stacked Fp8Meta per layer under nnx.vmap/nnx.scan, remat on."""
+    import sciscale_jax.models.transformer as transformer
+
+    monkeypatch.setattr(transformer, "Dense",
+                        lambda *a, **k: Dense(*a, matmul=Fp8Matmul(history_len=3), **k))
+    cfg = TransformerConfig(vocab_size=11, num_layers=3, num_heads=2, embed_dim=16, mlp_dim=24,
+                            max_len=16, scan_layers=True, remat="full")
+    model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+    paths = fp8_paths(model)
+    tx = optax.adam(1e-2)
+    graphdef, state = init_train_state(model, tx)
+    step = jax.jit(make_train_step(graphdef, tx, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
+    new_state, _ = step(state, _batch(np.random.default_rng(2)))
+    meta = traverse_util.flatten_dict(split_pure(new_state.rest, paths)[0])
+    params = traverse_util.flatten_dict(state.params)
+    for name in ("wi", "wo", "query"):
+        mod = next(p[:-1] for p in params if p[-1] == "kernel" and name in p)
+        per_layer = np.abs(np.asarray(params[mod + ("kernel",)])).reshape(3, -1).max(axis=1)
+        hist = np.asarray(meta[mod + ("matmul", "w_amax_history")])
+        assert hist.shape == (3, 3)
+        np.testing.assert_allclose(hist[:, 0], per_layer, rtol=1e-6)  # each layer its own amax
+        np.testing.assert_allclose(meta[mod + ("matmul", "w_scale")], per_layer / 448, rtol=1e-6)
