@@ -142,3 +142,25 @@ def test_bad_fp8_input():
         Fp8Matmul(history_len=2)(jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)))
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(5, 2\)"):
         Fp8Matmul(history_len=2)(jnp.ones((3, 4)), jnp.ones((5, 2)))
+
+
+def test_fp8_grad_fn_loss_scale_scales_grads_not_meta():
+    from sciscale_jax.precision.fp8 import fp8_grad_fn, fp8_paths, split_pure
+
+    rng = np.random.default_rng(5)
+    model = Fp8Linear(13, 5, rngs=nnx.Rngs(0), dtype=jnp.float32, scaling="current", history_len=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    batch = {"x": jnp.asarray(rng.normal(size=(7, 13)), jnp.float32),
+             "c": jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)}
+    loss_fn = lambda m, b, key: (jnp.sum(m(b["x"]) * b["c"]), jnp.float32(7.0))
+    grad_fn = jax.jit(fp8_grad_fn(graphdef, loss_fn, fp8_paths(model)))
+    loss1, (_, rest1), g1 = grad_fn(params, rest, batch, None)
+    loss2, (_, rest2), g2 = grad_fn(params, rest, batch, None, 2.0**10)
+    assert float(loss1) == float(loss2)
+    # Current scaling is invariant to a power-of-two loss scale: exactly 2**10 times the grad.
+    np.testing.assert_array_equal(g2["kernel"], g1["kernel"] * 2.0**10)
+    m1, m2 = split_pure(rest1, fp8_paths(model))[0], split_pure(rest2, fp8_paths(model))[0]
+    np.testing.assert_array_equal(m1["matmul"]["x_scale"], m2["matmul"]["x_scale"])
+    np.testing.assert_allclose(m2["matmul"]["g_scale"], m1["matmul"]["g_scale"] * 2.0**10, rtol=1e-6)
+    assert set(g1) == {"kernel"}

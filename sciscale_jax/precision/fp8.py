@@ -213,13 +213,13 @@ def merge_pure(a: dict, b: dict) -> dict:
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)})
 
 
-def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple], *, loss_scale_fn=None):
-    """``grad_fn(params, rest, batch, key) -> (loss, (count, new_rest), grads)`` that also
-    differentiates the fp8 metadata in ``rest`` (at ``paths``) and puts its "gradients" --
-    the new scales and histories -- into ``new_rest``; ``grads`` holds parameters only.
-    ``loss_fn(model, batch, key) -> (token sum, token count)``. ``loss_scale_fn()`` (optional)
-    gives a loss scale to multiply the loss by before differentiating; the returned loss is
-    unscaled, the gradients are not (the loss-scaling optimizer wrapper unscales them)."""
+def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple]):
+    """``grad_fn(params, rest, batch, key, loss_scale=1.0) -> (loss, (count, new_rest), grads)``
+    that also differentiates the fp8 metadata in ``rest`` (at ``paths``) and puts its
+    "gradients" -- the new scales and histories -- into ``new_rest``; ``grads`` holds
+    parameters only. ``loss_fn(model, batch, key) -> (token sum, token count)``. The loss is
+    multiplied by ``loss_scale`` before differentiating (pass ``loss_scale_of(opt_state)``);
+    the returned loss is unscaled, the gradients are not (``dynamic_loss_scaling`` unscales)."""
 
     def objective(params, fp8, other, batch, key, scale):
         model = nnx.merge(graphdef, params, merge_pure(other, fp8))
@@ -228,9 +228,9 @@ def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple], *, loss_scale_fn=Non
         loss = total / jnp.maximum(count, 1.0)
         return loss * scale, (loss, count, new_rest)
 
-    def grad_fn(params, rest, batch, key):
+    def grad_fn(params, rest, batch, key, loss_scale=1.0):
         fp8, other = split_pure(rest, paths)
-        scale = jnp.float32(1.0) if loss_scale_fn is None else loss_scale_fn()
+        scale = jnp.asarray(loss_scale, jnp.float32)
         (_, (loss, count, new_rest)), (grads, new_fp8) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(params, fp8, other, batch, key, scale)
         return loss, (count, merge_pure(new_rest, new_fp8)), grads
