@@ -43,10 +43,14 @@ def ternarize_weight(w, eps: float = 1e-5):
     return ste(w, (q * gamma).astype(w.dtype))
 
 
-def absmax_quant_tokens(x, bits: int = 8, eps: float = 1e-5):
-    """Per-token (last axis) absmax quantisation to ``bits``, dequantised, identity STE."""
+def _check_a_bits(bits):
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"activation bits={bits!r} is outside the supported range [2, 8]")
+
+
+def absmax_quant_tokens(x, bits: int = 8, eps: float = 1e-5):
+    """Per-token (last axis) absmax quantisation to ``bits``, dequantised, identity STE."""
+    _check_a_bits(bits)
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
     s = (2 ** (bits - 1) - 1) / jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), eps)
     q = jnp.clip(jnp.round(x32 * s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -67,7 +71,7 @@ class BitMatmul(nnx.Module):
     def __init__(self, *, weight: str = "binary", a_bits: int = 8, normalize: bool = True):
         if weight not in WEIGHT_KINDS:
             raise ValueError(f"unknown BitNet weight kind {weight!r}; known: {list(WEIGHT_KINDS)}")
-        absmax_quant_tokens(jnp.ones((1, 1)), a_bits)  # validates a_bits early
+        _check_a_bits(a_bits)
         self.weight, self.a_bits, self.normalize = weight, a_bits, normalize
 
     def __call__(self, x_nk, w_km):
