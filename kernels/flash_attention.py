@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
 _MAX_HEAD_DIM = 256
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -308,7 +308,7 @@ def _forward(cfg, q, k, v, bias, mask):
     return o, lse
 
 
-def _backward(cfg, q, k, v, bias, mask, o, lse, do):
+def _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias):
     cfg = dataclasses.replace(cfg, block_q=cfg.bwd_blocks[0], block_k=cfg.bwd_blocks[1])
     b, h, sq, d = _dims(cfg, q)
     sk, g = _dims(cfg, k)[2], cfg.groups
@@ -345,7 +345,7 @@ def _backward(cfg, q, k, v, bias, mask, o, lse, do):
     extra, extra_specs = _extras(cfg, bias, mask, bq, sk, lambda b_, h_, i: (b_, h_, i, 0))
     out_specs = [_seq_spec(cfg, bq, d, qi)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if bias is not None:
+    if want_dbias:
         _, _, bias_q, bias_k = cfg.bias_shape
         rows = bq if bias_q > 1 else 1
         cols = sk if bias_k > 1 else 1
@@ -360,7 +360,7 @@ def _backward(cfg, q, k, v, bias, mask, o, lse, do):
         compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_dq",
     )(q, k, v, do, lse, delta, *extra)
     dbias = None
-    if bias is not None:
+    if want_dbias:
         db = outs[1]
         sum_axes = tuple(a for a in range(4) if cfg.bias_shape[a] == 1)  # includes q blocks
         dbias = db.sum(axis=sum_axes, keepdims=True).astype(bias.dtype)
@@ -373,17 +373,23 @@ def _flash(q, k, v, bias, mask, cfg):
 
 
 def _flash_fwd(q, k, v, bias, mask, cfg):
+    # symbolic_zeros: each array comes wrapped with .perturbed, so a bias nobody
+    # differentiates (ALiBi, say) costs no gradient buffer; the marker () asks for dbias.
+    want_dbias = () if bias is not None and bias.perturbed else None
+    q, k, v, bias, mask = (None if x is None else x.value for x in (q, k, v, bias, mask))
     o, lse = _forward(cfg, q, k, v, bias, mask)
-    return o, (q, k, v, bias, mask, o, lse)
+    return o, (q, k, v, bias, mask, o, lse, want_dbias)
 
 
 def _flash_bwd(cfg, res, do):
-    q, k, v, bias, mask, o, lse = res
-    dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, o, lse, do)
+    q, k, v, bias, mask, o, lse, want_dbias = res
+    if isinstance(do, jax.custom_derivatives.SymbolicZero):
+        do = jnp.zeros(o.shape, o.dtype)
+    dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias is not None)
     return dq, dk, dv, dbias, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -399,7 +405,7 @@ def check_flash(q, k, v, bias=None, mask=None):
         raise ValueError(f"kv_heads={k.shape[2]} does not divide heads={q.shape[2]}")
     if q.shape[3] > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim={q.shape[3]} exceeds the flash kernel's limit of {_MAX_HEAD_DIM}")
-    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in _DTYPES]:
+    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in _DTYPES:
         raise ValueError(f"flash attention takes q, k, v of one dtype among float32, bfloat16, "
                          f"float16; got {q.dtype}, {k.dtype}, {v.dtype}")
     target = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
@@ -410,8 +416,10 @@ def check_flash(q, k, v, bias=None, mask=None):
         if x.ndim > 4 or any(n not in (1, t) for n, t in zip(shape, target)):
             raise ValueError(f"{label} of shape {tuple(x.shape)} does not broadcast to "
                              f"[batch, heads, q_len, kv_len] = {target}")
-    if bias is not None and jnp.dtype(bias.dtype) not in [jnp.dtype(t) for t in _DTYPES]:
+    if bias is not None and jnp.dtype(bias.dtype) not in _DTYPES:
         raise ValueError(f"bias dtype {bias.dtype} is not one of float32, bfloat16, float16")
+    if mask is not None and jnp.dtype(mask.dtype) != jnp.dtype(bool):
+        raise ValueError(f"mask must be boolean (True = attend); got {mask.dtype}")
 
 
 def flash_supported(q, k, v, bias=None, mask=None) -> bool:

@@ -7,6 +7,7 @@ Kernels run with interpret=True on CPU; the GPU tests compile them with Triton.
 """
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,6 +159,8 @@ def test_bad_input_raises_value_error_naming_values():
         flash_attention(big, big, big)
     with pytest.raises(ValueError, match="int32"):
         flash_attention(q.astype(jnp.int32), k, v)
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        flash_attention(q, k, v, mask=jnp.ones((8, 8), jnp.float32))
     with pytest.raises(ValueError, match="block_q=12 must be a power of two"):
         flash_attention(q, k, v, block_q=12)
 
@@ -175,12 +178,12 @@ def test_lowers_to_triton_for_gpu():
     """Cross-platform lowering runs the Pallas->Triton lowering of all three kernels on CPU."""
     q = jax.ShapeDtypeStruct((2, 200, 4, 80), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 300, 2, 80), jnp.bfloat16)
-    for bias_shape in [(2, 4, 200, 300), (1, 1, 1, 300), (2, 4, 200, 1)]:
+    for bias_shape, causal in [((2, 4, 200, 300), True), ((1, 1, 1, 300), True), ((2, 4, 200, 1), False)]:
         bias = jax.ShapeDtypeStruct(bias_shape, jnp.float32)
         mask = jax.ShapeDtypeStruct((2, 1, 200, 300), bool)
 
         def loss(q, k, v, bias, mask):
-            out = flash_attention(q, k, v, bias=bias, mask=mask, causal=True, interpret=False, backend="gpu")
+            out = flash_attention(q, k, v, bias=bias, mask=mask, causal=causal, interpret=False, backend="gpu")
             return out.astype(jnp.float32).sum()
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, bias, mask).lower(
             lowering_platforms=("cuda",)).as_text()
@@ -232,3 +235,33 @@ def test_front_door_flash_matches_xla():
     big = jnp.ones((1, 8, 2, 320))
     with pytest.raises(ValueError, match="head_dim=320"):
         dot_product_attention(big, big, big, impl="flash")
+
+
+def _dq_kernel_outputs(closed_jaxpr):
+    """Number of outputs of the flash_dq pallas_call, searching nested jaxprs."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            info = eqn.params["jaxpr"].debug_info if eqn.primitive.name == "pallas_call" else None
+            if info is not None and info.func_name == "flash_dq":
+                found.append(len(eqn.outvars))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    if isinstance(sub, jex.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex.Jaxpr):
+                        walk(sub)
+    walk(closed_jaxpr.jaxpr)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_constant_bias_gets_no_gradient_buffer():
+    """A bias nobody differentiates: same dq, and the dQ kernel writes no dbias output."""
+    q, k, v, bias, do = _inputs(12, 1, 16, 16, 2, 2, 8, bias_shape=(1, 2, 16, 16))
+    fn = lambda q, bias: jnp.sum(flash_attention(q, k, v, bias=bias, block_q=8, block_k=8) * do)  # noqa: E731
+    assert _dq_kernel_outputs(jax.make_jaxpr(jax.grad(fn))(q, bias)) == 1
+    assert _dq_kernel_outputs(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(q, bias)) == 2
+    _, (dq, *_) = _np_attention(q, k, v, bias, None, False, 8 ** -0.5, do)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(fn))(q, bias)), dq, atol=2e-5, rtol=2e-5)
