@@ -473,7 +473,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     kp = -(-kv_len // max(bk, bwd_blocks[1])) * max(bk, bwd_blocks[1])
     dp = max(16, _next_pow2(head_dim))
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    bhsd = backend == "tpu" and not interpret
+    bhsd = backend == "tpu"  # Mosaic tiles the last two dims: keep [seq, head_dim] there
 
     def seq(x, n):  # pad sequence and head_dim; to the kernel layout
         x = jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - head_dim)))

@@ -103,8 +103,9 @@ def test_reference_backward_matches_finite_differences():
 
 def test_odd_lengths_gqa_full_bias():
     # Q=13, K=21 pad to blocks of 8; head_dim 12 pads to 16; 4 query heads share 2 kv heads.
+    # backend="tpu" interpreted: the TPU layout ([B,H,S,D] inside) on CPU.
     q, k, v, bias, do = _inputs(1, 2, 13, 21, 4, 2, 12, bias_shape=(2, 4, 13, 21))
-    _compare(q, k, v, bias, None, do, False, 2e-5, block_q=8, block_k=8)
+    _compare(q, k, v, bias, None, do, False, 2e-5, block_q=8, block_k=8, backend="tpu", interpret=True)
 
 
 def test_causal_pair_bias_shared_across_batch():
