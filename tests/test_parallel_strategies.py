@@ -58,8 +58,9 @@ CASES = {
 
 
 # Covered in the fast selection by a neighbour (zero1-3 all-reduce / reduce-scatter like data8;
-# tensor8 and fsdp4_tensor2 cover data2_tensor4; test_parallel.py checks non-causal ring).
-SLOW = {"data8", "data2_tensor4", "ring8"}
+# tensor8 and fsdp4_tensor2 cover data2_tensor4; test_parallel.py checks Ulysses, ring and
+# causal zigzag ring, with bias and mask, against float64 and finite differences).
+SLOW = {"data8", "data2_tensor4", "ring8", "ulysses8", "ring8_causal_zigzag"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
