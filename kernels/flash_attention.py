@@ -273,97 +273,81 @@ def _dq_kernel(*refs, cfg, nk, n_in):
 # ----------------------------------------------------------------------------- calls
 
 def _extras(cfg, bias, mask, rows, cols, idx):
-    args, specs = [], []
-    for x, shape in ((bias, cfg.bias_shape), (mask, cfg.mask_shape)):
-        if shape:
-            args.append(x)
-            specs.append(_pair_spec(shape, rows, cols, idx))
-    return args, specs
+    """Bias and mask operands (where given) with their block specs."""
+    pairs = [(x, _pair_spec(shape, rows, cols, idx))
+             for x, shape in ((bias, cfg.bias_shape), (mask, cfg.mask_shape)) if shape]
+    return [x for x, _ in pairs], [spec for _, spec in pairs]
 
 
-def _dims(cfg, x):
-    """(batch, heads, seq, head_dim) of an array in the kernel layout."""
-    b, s, h, d = x.shape
-    return (b, s, h, d) if cfg.bhsd else (b, h, s, d)
+def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape, args, d, **static):
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, n_in=len(args), **static), grid=grid, in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, compiler_params=_params(cfg, len(grid), d),
+        interpret=cfg.interpret, name=name)(*args)
 
 
 def _forward(cfg, q, k, v, bias, mask):
-    b, h, sq, d = _dims(cfg, q)
-    sk, g = _dims(cfg, k)[2], cfg.groups
-    bq, bk = cfg.block_q, cfg.block_k
-    nq, nk = sq // bq, sk // bk
+    b, sq, h, d = q.shape
+    sk, g = k.shape[1], cfg.groups
+    if cfg.bhsd:
+        h, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    nq, nk = sq // cfg.block_q, sk // cfg.block_k
+    qi = lambda b_, h_, i: (b_, h_, i)  # noqa: E731
     kv = _seq_spec(cfg, sk, d, lambda b_, h_, i: (b_, h_ // g, 0))
-    in_specs = [_seq_spec(cfg, bq, d, lambda b_, h_, i: (b_, h_, i)), kv, kv]
-    extra, extra_specs = _extras(cfg, bias, mask, bq, sk, lambda b_, h_, i: (b_, h_, i, 0))
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, nk=nk, n_in=3 + len(extra)),
-        grid=(b, h, nq),
-        in_specs=in_specs + extra_specs,
-        out_specs=[_seq_spec(cfg, bq, d, lambda b_, h_, i: (b_, h_, i)),
-                   _stat_spec(bq, lambda b_, h_, i: (b_, h_, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
-        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_fwd",
-    )(q, k, v, *extra)
-    return o, lse
+    extra, extra_specs = _extras(cfg, bias, mask, cfg.block_q, sk, lambda b_, h_, i: (b_, h_, i, 0))
+    return _call(cfg, _fwd_kernel, "flash_fwd", (b, h, nq),
+                 [_seq_spec(cfg, cfg.block_q, d, qi), kv, kv] + extra_specs,
+                 [_seq_spec(cfg, cfg.block_q, d, qi), _stat_spec(cfg.block_q, qi)],
+                 [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
+                 [q, k, v, *extra], d, nk=nk)
 
 
 def _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias):
     cfg = dataclasses.replace(cfg, block_q=cfg.bwd_blocks[0], block_k=cfg.bwd_blocks[1])
-    b, h, sq, d = _dims(cfg, q)
-    sk, g = _dims(cfg, k)[2], cfg.groups
-    bq, bk = cfg.block_q, cfg.block_k
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if cfg.bhsd:
+        h, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     nq, nk = sq // bq, sk // bk
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     delta = (delta if cfg.bhsd else delta.transpose(0, 2, 1))[..., None]  # [B,H,Q,1]
+    base = [q, k, v, do, lse, delta]
 
     # dK/dV: one program per key block, per *query* head; groups summed afterwards.
-    full_q = lambda b_, h_, j: (b_, h_, 0)  # noqa: E731
-    kvj = lambda b_, h_, j: (b_, h_ // g, j)  # noqa: E731
+    all_q = lambda b_, h_, j: (b_, h_, 0)  # noqa: E731
+    kv_j = _seq_spec(cfg, bk, d, lambda b_, h_, j: (b_, h_ // g, j))
     extra, extra_specs = _extras(cfg, bias, mask, sq, bk, lambda b_, h_, j: (b_, h_, 0, j))
-    acc_dtype = k.dtype if g == 1 else jnp.float32
-    kv_shape = (b, sk, h, d) if not cfg.bhsd else (b, h, sk, d)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, n_in=6 + len(extra)),
-        grid=(b, h, nk),
-        in_specs=[_seq_spec(cfg, sq, d, full_q), _seq_spec(cfg, bk, d, kvj),
-                  _seq_spec(cfg, bk, d, kvj), _seq_spec(cfg, sq, d, full_q),
-                  _stat_spec(sq, full_q), _stat_spec(sq, full_q)] + extra_specs,
-        out_specs=[_seq_spec(cfg, bk, d, lambda b_, h_, j: (b_, h_, j))] * 2,
-        out_shape=[jax.ShapeDtypeStruct(kv_shape, acc_dtype)] * 2,
-        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_dkdv",
-    )(q, k, v, do, lse, delta, *extra)
+    dkv_shape = (b, h, sk, d) if cfg.bhsd else (b, sk, h, d)
+    dk, dv = _call(cfg, _dkdv_kernel, "flash_dkdv", (b, h, nk),
+                   [_seq_spec(cfg, sq, d, all_q), kv_j, kv_j, _seq_spec(cfg, sq, d, all_q),
+                    _stat_spec(sq, all_q), _stat_spec(sq, all_q)] + extra_specs,
+                   [_seq_spec(cfg, bk, d, lambda b_, h_, j: (b_, h_, j))] * 2,
+                   [jax.ShapeDtypeStruct(dkv_shape, k.dtype if g == 1 else jnp.float32)] * 2,
+                   base + extra, d, nq=nq)
     if g > 1:
         axis = 2 if cfg.bhsd else 3
         split = lambda x: x.reshape(*x.shape[:axis - 1], h // g, g, *x.shape[axis:])  # noqa: E731
-        dk = split(dk).sum(axis).astype(k.dtype)
-        dv = split(dv).sum(axis).astype(v.dtype)
+        dk, dv = split(dk).sum(axis).astype(k.dtype), split(dv).sum(axis).astype(v.dtype)
 
-    # dQ (and the bias gradient): one program per query block.
+    # dQ and the bias gradient: one program per query block.
     qi = lambda b_, h_, i: (b_, h_, i)  # noqa: E731
-    kv_full = _seq_spec(cfg, sk, d, lambda b_, h_, i: (b_, h_ // g, 0))
+    kv_all = _seq_spec(cfg, sk, d, lambda b_, h_, i: (b_, h_ // g, 0))
     extra, extra_specs = _extras(cfg, bias, mask, bq, sk, lambda b_, h_, i: (b_, h_, i, 0))
     out_specs = [_seq_spec(cfg, bq, d, qi)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if want_dbias:
-        _, _, bias_q, bias_k = cfg.bias_shape
-        rows = bq if bias_q > 1 else 1
-        cols = sk if bias_k > 1 else 1
+    if want_dbias:  # rows: bq, or 1 partial sum per query block; cols: all keys, or 1
+        rows, cols = (bq if cfg.bias_shape[2] > 1 else 1), (sk if cfg.bias_shape[3] > 1 else 1)
         out_specs.append(pl.BlockSpec((None, None, rows, cols), lambda b_, h_, i: (b_, h_, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((b, h, nq * rows, cols), jnp.float32))
-    outs = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, nk=nk, n_in=6 + len(extra)),
-        grid=(b, h, nq),
-        in_specs=[_seq_spec(cfg, bq, d, qi), kv_full, kv_full, _seq_spec(cfg, bq, d, qi),
+    outs = _call(cfg, _dq_kernel, "flash_dq", (b, h, nq),
+                 [_seq_spec(cfg, bq, d, qi), kv_all, kv_all, _seq_spec(cfg, bq, d, qi),
                   _stat_spec(bq, qi), _stat_spec(bq, qi)] + extra_specs,
-        out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(cfg, 3, d), interpret=cfg.interpret, name="flash_dq",
-    )(q, k, v, do, lse, delta, *extra)
+                 out_specs, out_shape, base + extra, d, nk=nk)
     dbias = None
-    if want_dbias:
-        db = outs[1]
-        sum_axes = tuple(a for a in range(4) if cfg.bias_shape[a] == 1)  # includes q blocks
-        dbias = db.sum(axis=sum_axes, keepdims=True).astype(bias.dtype)
+    if want_dbias:  # sum over the dims the bias was broadcast over (and the query blocks)
+        axes = tuple(a for a in range(4) if cfg.bias_shape[a] == 1)
+        dbias = outs[1].sum(axis=axes, keepdims=True).astype(bias.dtype)
     return outs[0], dk, dv, dbias
 
 
