@@ -52,3 +52,8 @@ def get_optimizer(name: str, learning_rate, **kwargs):
     factory = _FACTORIES[_known(name)]
     _checks.learning_rate(learning_rate)
     return factory(learning_rate, **kwargs)
+
+
+def factory(name: str) -> Callable:
+    """The factory behind ``name`` (e.g. to inspect which keyword arguments it takes)."""
+    return _FACTORIES[_known(name)]

@@ -13,6 +13,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sciscale_jax.train.step import TrainState
@@ -25,6 +26,17 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep")
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) matching ``tree``: a restore target."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _drop_empty(tree):
+    """Zero-size arrays (optimizer placeholders) become None: Orbax cannot write them."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def _refill_empty(restored, target):
+    """Put back the zero-size arrays ``_drop_empty`` removed, shaped and placed as in ``target``."""
+    return jax.tree.map(lambda r, t: jnp.zeros(t.shape, t.dtype, device=t.sharding) if r is None else r,
+                        restored, target, is_leaf=lambda x: x is None)
 
 
 class Checkpointer:
@@ -44,7 +56,7 @@ class Checkpointer:
     def save(self, state: TrainState, *, force: bool = False) -> bool:
         """Save at ``state.step`` if the interval says so (or ``force``); returns whether it saved."""
         step = int(jax.device_get(state.step))
-        saved = self.manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=force)
+        saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(state._asdict())), force=force)
         self.manager.wait_until_finished()
         return saved
 
@@ -54,11 +66,13 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
         try:
-            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target._asdict())))
+            target_tree = target._asdict()
+            restored = self.manager.restore(
+                step, args=ocp.args.StandardRestore(_drop_empty(abstract_like(target_tree))))
         except Exception as err:  # Orbax raises many types for unreadable or mismatched data
             raise ValueError(f"checkpoint {self.directory / str(step)} cannot be restored into this run "
                              f"(corrupt, or saved by a different model or optimizer): {err}") from err
-        return TrainState(**restored)
+        return TrainState(**_refill_empty(restored, target_tree))
 
     def close(self):
         self.manager.close()

@@ -9,6 +9,7 @@ so ``resume=True`` continues exactly where a killed run left off.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import pathlib
@@ -19,10 +20,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sciscale_jax import optim
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
-from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step
+from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +57,27 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Warm-up + cosine learning-rate schedule, global-norm clipping, then the named optimizer."""
-    if cfg.optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: adamw")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps - 1),
-                                                  cfg.steps, end_value=cfg.learning_rate * 0.1)
-    inner = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner) if cfg.grad_clip else inner
+def build_optimizer(cfg: TrainConfig):
+    """Warm-up + cosine learning-rate schedule, global-norm clipping, then the named optimizer.
+
+    Names come from ``sciscale_jax.optim.OPTIMIZERS``; weight decay is passed to optimizers that
+    take it. Zeroth-order optimizers see no gradient, so they get no clipping.
+    """
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps,
+                                                  end_value=cfg.learning_rate * 0.1)
+    inner = optim.get_optimizer(cfg.optimizer, schedule, **_decay_kwargs(cfg.optimizer, cfg.weight_decay))
+    if optim.is_zeroth_order(cfg.optimizer) or not cfg.grad_clip:
+        return inner
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+
+
+def _decay_kwargs(name: str, weight_decay: float) -> dict:
+    params = inspect.signature(optim.registry.factory(name)).parameters
+    for key in ("weight_decay", "weight_decay_rate"):
+        if key in params:
+            return {key: weight_decay}
+    return {}
 
 
 def evaluate(eval_fn, params, rest, batches) -> tuple[float, float]:
@@ -108,7 +123,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         state = ckpt.restore(state)
         log(f"resumed from step {int(state.step)} in {ckpt.directory}")
 
-    step_fn = jax.jit(make_train_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed), donate_argnums=0)
+    make_step = make_zeroth_order_step if optim.is_zeroth_order(cfg.optimizer) else make_train_step
+    step_fn = jax.jit(make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(graphdef, recipe.loss_fn))
     example = data.train.batch(0)
     compiled = step_fn.lower(state, example).compile()

@@ -98,6 +98,33 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     return step
 
 
+def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable = mlm_loss, seed: int = 0) -> Callable:
+    """The step for zeroth-order optimizers (MeZO, ZO-AdaMU, DeepZero): only forward passes.
+
+    ``tx.update(None, opt_state, params, value_fn=loss)`` evaluates the loss at perturbed
+    parameters; no gradient and no activation for a backward pass is ever stored, so with the
+    state donated the step's peak memory stays near a forward evaluation. The reported loss is
+    one more forward pass at the parameters before the update.
+    """
+    base_key = jax.random.key(seed)
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(base_key, state.step)
+
+        def value_fn(params):
+            total, count = loss_fn(nnx.merge(graphdef, params, state.rest), batch, key)
+            return total / jnp.maximum(count, 1.0)
+
+        loss = value_fn(state.params)
+        updates, opt_state = tx.update(None, state.opt_state, state.params, value_fn=value_fn)
+        params = optax.apply_updates(state.params, updates)
+        count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.float32(0)
+        metrics = {"loss": loss, "tokens": count, "update_norm": optax.tree.norm(updates)}
+        return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+
+    return step
+
+
 def make_eval_step(graphdef, loss_fn: Callable = mlm_loss) -> Callable:
     """``eval_step(params, rest, batch) -> (sum of token losses, token count)``; no dropout."""
 
