@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx, traverse_util
 
 from sciscale_jax.models.layers import Dense
@@ -67,6 +68,7 @@ def test_train_step_updates_fp8_meta_and_not_the_optimizer():
     assert np.dtype(E4M3).itemsize == 1
 
 
+@pytest.mark.slow
 def test_quant_hooks_train_inside_the_transformer():
     from sciscale_jax.quant.registry import make_matmul
 
@@ -86,6 +88,7 @@ def test_quant_hooks_train_inside_the_transformer():
         assert all(float(jnp.abs(g).max()) > 0 for g in kernel_grads), scheme
 
 
+@pytest.mark.slow
 def test_fp8_under_scan_layers_and_remat(monkeypatch):
     """What the Transformer will do once it builds Dense(..., matmul=make_matmul(quant,
     precision)): stacked Fp8Meta per layer under nnx.vmap/nnx.scan, remat on."""
