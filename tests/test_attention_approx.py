@@ -239,3 +239,27 @@ def test_linformer_refuses_what_it_cannot_honour():
         module(long, long, long)
     with pytest.raises(ValueError, match="shared projection has max_len=8, proj_len=4"):
         LinformerAttention(16, 4, projection=module.projection, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- in the Transformer
+
+@pytest.mark.parametrize("name", ["linformer", "performer"])
+def test_transformer_selects_approximate_attention(name):
+    from sciscale_jax.models.transformer import Transformer, TransformerConfig
+    cfg = TransformerConfig(vocab_size=11, num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32, max_len=24,
+                            attention=name)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    module = model.layers[0].attn.approx
+    assert isinstance(module, LinformerAttention if name == "linformer" else PerformerAttention)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, 11, (2, 13)))
+    mask = jnp.arange(13)[None, :] < jnp.array([[13], [9]])
+    forward = nnx.jit(lambda m, t: m(t, mask_bs=mask))
+    out = forward(model, tokens)
+    # padding honoured: changing padded tokens leaves the real tokens' logits unchanged
+    changed = forward(model, tokens.at[1, 9:].set((tokens[1, 9:] + 1) % 11))
+    np.testing.assert_allclose(np.asarray(changed[1, :9]), np.asarray(out[1, :9]), atol=1e-5)
+    grads = nnx.jit(nnx.grad(lambda m: m(tokens, mask_bs=mask).mean()))(model)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+    if name == "linformer":
+        with pytest.raises(ValueError, match="cannot be causal"):
+            Transformer(TransformerConfig(vocab_size=11, num_layers=1, attention=name, causal=True), rngs=nnx.Rngs(0))

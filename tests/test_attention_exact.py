@@ -88,7 +88,6 @@ IMPLS = {
     "chunked": functools.partial(dot_product_attention, impl="chunked"),
     "chunked_4x3": functools.partial(chunked_attention, q_chunk=4, kv_chunk=3),
     "chunked_5x8": functools.partial(chunked_attention, q_chunk=5, kv_chunk=8),
-    "auto": dot_product_attention,
 }
 TILED = ["xla", "chunked_4x3"]  # cases that need several blocks to mean anything
 

@@ -23,14 +23,15 @@ CUDNN_DTYPES = ("float16", "bfloat16")
 
 
 def _gpu_compute_capability() -> float | None:
-    """Compute capability of the first CUDA device, or None without one."""
+    """Compute capability of the first CUDA device ("9.0" -> 9.0), or None without one."""
     try:
         devices = jax.devices("gpu")
     except RuntimeError:
         return None
-    if not devices or "cuda" not in getattr(devices[0].client, "platform_version", "cuda").lower():
+    try:  # ROCm devices report no numeric CUDA capability
+        return float(getattr(devices[0], "compute_capability", None)) if devices else None
+    except (TypeError, ValueError):
         return None
-    return float(getattr(devices[0], "compute_capability", "0") or 0)
 
 
 def check_cudnn(q, k, v, bias=None, mask=None, causal=False) -> None:
