@@ -132,20 +132,22 @@ def _div_up(a, b):
 def _k_ranges(cfg, i, nk):
     """Key blocks for query block i: [0, free) need no causal/padding mask, [free, hi) do.
 
-    Under causal masking a real query never sees a padded key (key j <= i + kv_len - q_len
-    < kv_len), and padded queries are discarded, so the causal mask covers the padding."""
+    The last block is masked whenever keys are padded, also under causal masking where only
+    padded queries could reach padded keys: forward and dQ then agree on every row's lse."""
+    padded_k = nk * cfg.block_k != cfg.kv_len
     if not cfg.causal:
-        return (nk - 1, nk) if nk * cfg.block_k != cfg.kv_len else (nk, nk)
+        return (nk - 1, nk) if padded_k else (nk, nk)
     off = cfg.kv_len - cfg.q_len
     hi = jnp.minimum(_div_up((i + 1) * cfg.block_q + off, cfg.block_k), nk)  # beyond: all hidden
     free = jnp.minimum(lax.div(jnp.maximum(i * cfg.block_q + off + 1, 0), cfg.block_k), hi)
-    return free, hi
+    return (jnp.minimum(free, nk - 1) if padded_k else free), hi
 
 
 def _q_ranges(cfg, j, nq):
     """Query blocks for key block j: [lo, free) need the causal mask, [free, nq) do not.
 
-    Padded keys need no mask here: they only change their own dK/dV rows, which are dropped."""
+    Padded keys need no mask here: they only change their own dK/dV rows, which are dropped;
+    padded queries carry dO = 0 and so add nothing to real keys."""
     if not cfg.causal:
         return 0, 0
     off = cfg.kv_len - cfg.q_len
