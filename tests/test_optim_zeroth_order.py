@@ -8,7 +8,9 @@ import pytest
 
 from sciscale_jax.optim import deepzero, mezo, state_bytes, zo_adamu, zo_grasp_densities
 from sciscale_jax.optim.deepzero import kept_counts, mask_indices, zo_grasp_scores
-from sciscale_jax.optim.mezo import gaussian_like
+from sciscale_jax.optim.mezo import gaussian_like as _gaussian_like
+
+gaussian_like = jax.jit(_gaussian_like)   # the same draws; jitted so the references run fast
 
 SHAPES = {"mat": (4, 5), "t3": (2, 3, 4), "vec": (5,), "scalar": ()}
 STEPS = 10
@@ -139,8 +141,9 @@ def test_deepzero_matches_numpy_forward_differences_over_sparse_masks():
     p = _np(p0)
     buf = {k: np.zeros_like(v) for k, v in p.items()}
     names = sorted(SHAPES)
+    masks = jax.jit(lambda t: mask_indices(jax.random.PRNGKey(5), t, p0, kept, K))
     for t in range(STEPS):
-        idx = [np.asarray(i) for i in mask_indices(jax.random.PRNGKey(5), t, p0, kept, K)]
+        idx = [np.asarray(i) for i in masks(t)]
         base = loss(p, np)
         g = {}
         for k, ii in zip(names, idx):
@@ -228,13 +231,13 @@ def _unflat(x):
                          ids=["mezo", "zo_adamu", "deepzero"])
 def test_zeroth_order_inside_chain_with_schedule(make):
     p0, loss = _problem(7)
-    sched = optax.linear_schedule(1e-2, 1e-3, 4)
-    chained, _ = _run_zo(optax.chain(make(sched), optax.identity()), p0, loss, steps=5)
+    sched = optax.linear_schedule(1e-2, 1e-3, 2)
+    chained, _ = _run_zo(optax.chain(make(sched), optax.identity()), p0, loss, steps=3)
     p = jax.tree.map(jnp.asarray, p0)
     opt = make(1.0)
     state = opt.init(p)
     upd = jax.jit(lambda s, q: opt.update(None, s, q, value_fn=loss))
-    for t in range(5):
+    for t in range(3):
         u, state = upd(state, p)
         p = optax.apply_updates(p, jax.tree.map(lambda x: x * sched(t), u))
     for k in SHAPES:

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from sciscale_jax.optim import _checks
+from sciscale_jax.optim.mezo import axpy, gaussian_like
 
 
 class DeepZeroState(NamedTuple):
@@ -124,10 +125,15 @@ def zo_grasp_scores(value_fn, params, key, num_samples: int = 64, mu: float = 5e
     """Zeroth-order GraSP scores −θ ⊙ Hg, with g and Hg from forward-difference random estimates.
 
     ĝ(x) = (1/q) Σ_s (L(x + μ u_s) − L(x)) / μ · u_s with shared Gaussian u_s;
-    Hg ≈ (ĝ(θ + δ ĝ(θ)) − ĝ(θ)) / δ.
+    Hg ≈ (ĝ(θ + δ ĝ(θ)) − ĝ(θ)) / δ. Compiled once per ``value_fn`` and params layout.
     """
-    from sciscale_jax.optim.mezo import axpy, gaussian_like
+    num_samples = _checks.positive_int(num_samples, "num_samples")
+    mu, delta = _checks.positive(mu, "mu"), _checks.positive(delta, "delta")
+    return _grasp_scores(value_fn, params, key, num_samples, mu, delta)
 
+
+@jax.jit(static_argnums=0)
+def _grasp_scores(value_fn, params, key, num_samples, mu, delta):
     def rge(x):
         base = jnp.asarray(value_fn(x), jnp.float32)
 
