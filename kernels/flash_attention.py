@@ -179,24 +179,25 @@ def _fwd_kernel(*refs, cfg, nk, n_in):
     q_qd = q_ref[...]
 
     def body(edge, j, carry):
-        acc_qd, m_q, l_q = carry
+        acc_qd, m_q1, l_q1 = carry
         k_kd = k_ref[pl.ds(j * bk, bk), :]
         v_kd = v_ref[pl.ds(j * bk, bk), :]
         s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk, edge)
-        m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
+        m_new = jnp.maximum(m_q1, jnp.max(s_qk, axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing seen yet: keep exp finite
-        p_qk = jnp.exp(s_qk - m_use[:, None])
-        alpha = jnp.exp(m_q - m_use)
-        l_q = alpha * l_q + jnp.sum(p_qk, axis=1)
+        p_qk = jnp.exp(s_qk - m_use)
+        alpha = jnp.exp(m_q1 - m_use)
+        l_q1 = alpha * l_q1 + jnp.sum(p_qk, axis=1, keepdims=True)
         pv_qd = lax.dot_general(p_qk.astype(v_kd.dtype), v_kd, _NN, preferred_element_type=jnp.float32)
-        return alpha[:, None] * acc_qd + pv_qd, m_new, l_q
+        return alpha * acc_qd + pv_qd, m_new, l_q1
 
-    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
-    acc_qd, m_q, l_q = _loop(0, *_k_ranges(cfg, i, nk), body, init)
-    empty = l_q == 0.0
-    o_ref[...] = (acc_qd / jnp.where(empty, 1.0, l_q)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m_q + jnp.log(jnp.where(empty, 1.0, l_q)))[:, None]
+    # Row statistics are [bq, 1] columns (2-D keeps Mosaic happy; Triton takes either).
+    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32))
+    acc_qd, m_q1, l_q1 = _loop(0, *_k_ranges(cfg, i, nk), body, init)
+    empty = l_q1 == 0.0
+    o_ref[...] = (acc_qd / jnp.where(empty, 1.0, l_q1)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_q1 + jnp.log(jnp.where(empty, 1.0, l_q1)))
 
 
 def _dkdv_kernel(*refs, cfg, nq, n_in):
@@ -240,7 +241,7 @@ def _dq_kernel(*refs, cfg, nk, n_in):
     full_k = db_ref is not None and db_ref.shape[1] > 1
 
     def body(edge, j, carry):
-        dq_qd, db_q = carry
+        dq_qd, db_q1 = carry
         k_kd = k_ref[pl.ds(j * bk, bk), :]
         v_kd = v_ref[pl.ds(j * bk, bk), :]
         s_qk = _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, i * bq, j * bk, 0, j * bk, edge)
@@ -255,13 +256,13 @@ def _dq_kernel(*refs, cfg, nk, n_in):
             if full_k:
                 db_ref[:, pl.ds(j * bk, bk)] = ds_qk.astype(db_ref.dtype)
             else:  # bias broadcast over keys: row sums
-                db_q = db_q + jnp.sum(ds_qk, axis=1)
-        return dq_qd, db_q
+                db_q1 = db_q1 + jnp.sum(ds_qk, axis=1, keepdims=True)
+        return dq_qd, db_q1
 
     free, hi = _k_ranges(cfg, i, nk)
     rows = 1 if db_ref is None else db_ref.shape[0]
-    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    dq_qd, db_q = _loop(0, free, hi, body, init)
+    init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
+    dq_qd, db_q1 = _loop(0, free, hi, body, init)
     dq_ref[...] = (dq_qd * cfg.scale).astype(dq_ref.dtype)
     if db_ref is not None and full_k:
         def zero(j, c):  # causal-skipped blocks have zero gradient
@@ -269,7 +270,7 @@ def _dq_kernel(*refs, cfg, nk, n_in):
             return c
         lax.fori_loop(hi, nk, zero, 0)
     elif db_ref is not None:
-        db_ref[...] = db_q[:, None].astype(db_ref.dtype)
+        db_ref[...] = db_q1.astype(db_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- calls
