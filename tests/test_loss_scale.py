@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from sciscale_jax.precision.loss_scale import (DynamicLossScale, dynamic_loss_scaling,
-                                               loss_scale_of, skip_nonfinite)
+                                               loss_scale_metrics, loss_scale_of, skip_nonfinite)
 
 
 def _reference_scales(flags, s, period, factor, min_scale):
@@ -101,6 +101,9 @@ def test_overflow_storm_skips_and_training_continues(wrapper):
             jax.tree.map(np.testing.assert_array_equal, state.inner_state, before_s.inner_state)
         scales.append(float(loss_scale_of(state)))
     assert int(state.skipped_steps) == storm and int(state.consecutive_skips) == 0
+    chained = (optax.EmptyState(), state)  # found inside a chain too
+    assert int(loss_scale_metrics(chained)["skipped_steps"]) == storm
+    assert float(loss_scale_metrics(chained)["loss_scale"]) == scales[-1]
     if wrapper == "loss_scale":
         assert scales == _reference_scales(flags, init_scale, period, factor, min_scale)
         assert min(scales) == min_scale and scales[-1] > min_scale  # backed off, regrew

@@ -165,3 +165,20 @@ def loss_scale_of(opt_state) -> jax.Array:
 
     jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, LossScaleState))
     return found[0] if found else jnp.asarray(1.0, jnp.float32)
+
+
+def loss_scale_metrics(opt_state) -> dict[str, jax.Array]:
+    """``{"loss_scale", "skipped_steps"}`` for the train step's metrics: from the first
+    ``LossScaleState`` or ``SkipNonFiniteState`` in ``opt_state`` (1.0 and 0 without one)."""
+    kinds = (LossScaleState, SkipNonFiniteState)
+    found = []
+
+    def visit(x):
+        if isinstance(x, kinds):
+            found.append(x)
+        return x
+
+    jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, kinds))
+    unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v
+    skipped = unwrap(found[0].skipped_steps) if found else jnp.asarray(0, jnp.int32)
+    return {"loss_scale": loss_scale_of(opt_state), "skipped_steps": skipped}
