@@ -266,3 +266,17 @@ def test_constant_bias_gets_no_gradient_buffer():
     assert _dq_kernel_outputs(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(q, bias)) == 2
     _, (dq, *_) = _np_attention(q, k, v, bias, None, False, 8 ** -0.5, do)
     np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(fn))(q, bias)), dq, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_forward_backward_memory_grows_linearly():
+    """Compiled temp memory of forward+backward at 4x the length: ~4x for flash, ~16x for xla."""
+    def temp_bytes(fn, n):
+        q = jax.ShapeDtypeStruct((1, n, 2, 64), jnp.float32)
+        bias = jax.ShapeDtypeStruct((1, 2, 1, n), jnp.float32)
+        grad = jax.grad(lambda q, k, v, b: fn(q, k, v, bias=b, causal=True).sum(), argnums=(0, 1, 2, 3))
+        return jax.jit(grad).lower(q, q, q, bias).compile().memory_analysis().temp_size_in_bytes
+
+    flash_ratio = temp_bytes(flash_attention, 4096) / temp_bytes(flash_attention, 1024)
+    xla_ratio = temp_bytes(reference_attention, 4096) / temp_bytes(reference_attention, 1024)
+    assert flash_ratio < 4.6 and xla_ratio > 12, (flash_ratio, xla_ratio)
