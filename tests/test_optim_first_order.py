@@ -270,3 +270,33 @@ def test_inside_chain_with_schedule(make):
         p = optax.apply_updates(p, jax.tree.map(lambda x: x * sched(t), u))
     for k in params:
         np.testing.assert_allclose(chained[k], np.asarray(p[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_adam_mini_default_partition_on_the_sciscale_transformer(scan):
+    try:
+        from flax import nnx
+        from sciscale_jax.models.transformer import Transformer, TransformerConfig
+    except ImportError as err:   # the model is another module's work; its absence is not ours to fail
+        pytest.skip(f"Transformer not importable: {err}")
+    from sciscale_jax.optim._checks import path_names
+    cfg = TransformerConfig(vocab_size=33, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, scan_layers=scan)
+    state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    lead = 1 if scan else 0
+    expected = {"embed": (1,), "scale": "all", "query": (0, 2), "key": (0, 2), "value": (0,), "out": (0, 1),
+                "wi": (0,), "wg": (0,), "wo": (0,), "lm_head": (0,)}
+    seen = set()
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = path_names(path)
+        role = next(n for n in reversed(names[:-1]) if n in expected)   # names[-1]: the Variable's "value"
+        stacked = scan and "layers" in names
+        want = expected[role]
+        if want == "all":
+            want = tuple(range(x.ndim - (1 if stacked else 0)))
+        want = tuple(a + (lead if stacked else 0) for a in want)
+        assert transformer_partition(names, x) == want, (names, x.shape)
+        seen.add(role)
+    assert seen == set(expected)
+    opt = adam_mini(1e-3)
+    ratio = state_bytes(jax.eval_shape(opt.init, state)) / state_bytes(jax.eval_shape(optax.adamw(1e-3).init, state))
+    assert ratio <= 0.55, ratio
