@@ -14,7 +14,8 @@ MODEL_FLAGS = {"layers": "num_layers", "heads": "num_heads", "embed_dim": "embed
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "learning_rate",
                "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
-               "keep": "keep", "log_every": "log_every"}
+               "keep": "keep", "log_every": "log_every",
+               "mesh": "mesh", "zero": "zero", "sharding": "sharding"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                       ("weight-decay", float), ("grad-clip", float), ("optimizer", str), ("seed", int),
                       ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int)):
         g.add_argument(f"--{flag}", type=typ)
+    d = t.add_argument_group("distribution")
+    d.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence tensor2 "
+                                  "tensor pipeline; one may be -1)")
+    d.add_argument("--zero", type=int, help="ZeRO stage 0-3 over the data axes")
+    d.add_argument("--sharding", help="rule table (dp fsdp tp tp_sp tp2d fsdp_tp); default picked from the mesh")
     m = t.add_argument_group("model")
     for flag, typ in (("layers", int), ("heads", int), ("embed-dim", int), ("mlp-dim", int), ("max-len", int),
                       ("dropout", float), ("remat", str), ("attention", str), ("mlp", str)):

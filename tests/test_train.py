@@ -19,7 +19,7 @@ from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.train import (Checkpointer, TrainConfig, build_optimizer, check_run_dir, init_train_state, make_train_step,
                                 mlm_loss, token_cross_entropy)
 
-CFG = TransformerConfig(vocab_size=29, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, max_len=32)
+CFG = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, max_len=32)
 
 
 def _batch(seed=0, b=3, s=10):

@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
+import sciscale_jax.parallel as parallel  # also registers the 'ring' and 'ulysses' attention
 from sciscale_jax.parallel import axes as ax
 
 MLP_KINDS = ("swiglu", "gelu")
@@ -42,6 +43,7 @@ class TransformerConfig:
     attention: str = "xla"
     mlp: str = "swiglu"
     rope_base: float = 10000.0
+    sharding: str | None = None    # rule table for activation constraints (e.g. "tp_sp"); None: none
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"):
@@ -57,6 +59,8 @@ class TransformerConfig:
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"unknown mlp {self.mlp!r}; known: {', '.join(MLP_KINDS)}")
         remat.validate_remat(self.remat, self.num_layers)
+        if self.sharding is not None:
+            parallel.rules_for(self.sharding)
         attention.validate_impl(self.attention)
         # Normalise dtypes so configs compare and serialise by name.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
@@ -133,17 +137,22 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, **kw)
         self.mlp = Mlp(cfg, rngs=rngs)
-        self.rate = cfg.dropout
+        self.rate, self.sharding = cfg.dropout, cfg.sharding
+
+    def _residual(self, x_bse):
+        """Constrain the residual stream by the rule table: under "tp_sp" it is split along the
+        sequence over the tensor axis (Megatron sequence parallelism); without a mesh, a no-op."""
+        return parallel.with_logical_constraint(x_bse, (ax.BATCH, ax.SEQ, ax.EMBED), self.sharding)
 
     def __call__(self, x_bse, positions_bs, mask_b11k, key=None):
         k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
-        x_bse = checkpoint_name(x_bse, remat.LAYER_INPUT)
+        x_bse = checkpoint_name(self._residual(x_bse), remat.LAYER_INPUT)
         h_bse = checkpoint_name(self.attn_norm(x_bse), remat.ATTN_NORM)
         a_bse = checkpoint_name(self.attn(h_bse, positions_bs, mask_b11k), remat.ATTN_OUT)
-        x_bse = x_bse + dropout(a_bse, self.rate, k_attn)
+        x_bse = self._residual(x_bse + dropout(a_bse, self.rate, k_attn))
         h_bse = checkpoint_name(self.mlp_norm(x_bse), remat.MLP_NORM)
         m_bse = checkpoint_name(self.mlp(h_bse), remat.MLP_OUT)
-        return x_bse + dropout(m_bse, self.rate, k_mlp)
+        return self._residual(x_bse + dropout(m_bse, self.rate, k_mlp))
 
 
 class Transformer(nnx.Module):

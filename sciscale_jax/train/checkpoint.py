@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 from sciscale_jax.train.step import TrainState
 
 CONFIG_FILE = "run_config.json"
-# Fields a resumed run may change without being a different run.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep")
+# Fields a resumed run may change without being a different run (the mesh only changes placement).
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding")
 
 
 def abstract_like(tree):

@@ -8,6 +8,7 @@ so ``resume=True`` continues exactly where a killed run left off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -20,10 +21,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sciscale_jax import optim
+from sciscale_jax import optim, parallel
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.sharding import plan_placement, resolve_strategy
 from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
 
@@ -42,6 +44,9 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 3
     log_every: int = 10
+    mesh: str = ""          # e.g. "data=2,fsdp=2,tensor=2"; empty: one device
+    zero: int = 0           # ZeRO stage 0-3 over the data axes of the mesh
+    sharding: str = "auto"  # rule table (sciscale_jax.parallel.RULES), or picked from the mesh
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
@@ -52,6 +57,11 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay} and "
                              f"grad_clip={self.grad_clip} must be >= 0")
+        parallel.validate_zero_stage(self.zero)
+        if self.zero and not self.mesh:
+            raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
+        if self.sharding != "auto":
+            parallel.rules_for(self.sharding)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,35 +118,57 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if cfg.seq_len > model_config.max_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_config.max_len}")
     data = recipe.build_data(cfg)
-    if data.vocab_size != model_config.vocab_size:
-        raise ValueError(f"model vocab_size={model_config.vocab_size} differs from the data's {data.vocab_size}")
+    if model_config.vocab_size < data.vocab_size:
+        raise ValueError(f"model vocab_size={model_config.vocab_size} is smaller than the data's {data.vocab_size}")
     out_dir = pathlib.Path(out_dir)
-    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
-    check_run_dir(out_dir, run_config, resume=resume, force=force)
-
+    if cfg.mesh and model_config.sharding is None:  # activations follow the parameters' rule table
+        model_config = dataclasses.replace(model_config, sharding=resolve_strategy(cfg.mesh, cfg.sharding))
     model = Transformer(model_config, rngs=nnx.Rngs(cfg.seed))
     tx = build_optimizer(cfg)
+    param_axes = parallel.param_axes(model)
     graphdef, state = init_train_state(model, tx)
     del model
+    example = data.train.batch(0)
+    make_step = make_zeroth_order_step if optim.is_zeroth_order(cfg.optimizer) else make_train_step
+    step = make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed)
+    mesh = None
+    put_batch = lambda b: b  # noqa: E731
+    jit_kw = dict(donate_argnums=0)
+    if cfg.mesh:
+        place = plan_placement(cfg.mesh, cfg.sharding, cfg.zero, state, param_axes, tx, example)
+        mesh, state = place.mesh, jax.device_put(state, place.state)
+        put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
+        jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
+    # Every check above runs before anything in out_dir is written.
+    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
+    check_run_dir(out_dir, run_config, resume=resume, force=force)
     ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
     if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
+        state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
         log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile()
+        eval_fn = jax.jit(make_eval_step(graphdef, recipe.loss_fn))
+        state, train_loss, t0 = _loop(cfg, recipe.name, compiled, eval_fn, state, data, put_batch, ckpt,
+                                      MetricsLog(out_dir / "metrics.jsonl"), progress)
+        val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
+    MetricsLog(out_dir / "metrics.jsonl").write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
+    return {
+        "steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl,
+        "baselines": dict(data.baselines), "memory": report_from_analysis(compiled.memory_analysis()),
+        "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
+        "checkpoint_dir": str(ckpt.directory), "seconds": time.perf_counter() - t0, "state": state,
+    }
 
-    make_step = make_zeroth_order_step if optim.is_zeroth_order(cfg.optimizer) else make_train_step
-    step_fn = jax.jit(make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef, recipe.loss_fn))
-    example = data.train.batch(0)
-    compiled = step_fn.lower(state, example).compile()
-    memory = report_from_analysis(compiled.memory_analysis())
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
 
+def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):
+    """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc=recipe.name, dynamic_ncols=True)
+               desc=name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
     for step in bar:
-        state, metrics = compiled(state, data.train.batch(step))
+        state, metrics = compiled(state, put_batch(data.train.batch(step)))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -152,11 +184,4 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if ckpt.latest_step() != int(state.step):
         ckpt.save(state, force=True)
     ckpt.close()
-    val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
-    metrics_log.write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
-    return {
-        "steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl,
-        "baselines": dict(data.baselines), "memory": memory, "param_bytes": tree_bytes(state.params),
-        "opt_state_bytes": tree_bytes(state.opt_state), "checkpoint_dir": str(ckpt.directory),
-        "seconds": time.perf_counter() - t0, "state": state,
-    }
+    return state, train_loss, t0

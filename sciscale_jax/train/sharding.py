@@ -1,0 +1,56 @@
+"""Placing a training run on a device mesh: parameters, optimizer state and batches.
+
+The mesh comes from ``--mesh data=2,fsdp=2,tensor=2``; the rule table from the mesh's shape
+(or ``--sharding``); the ZeRO stage decides what else is split over the data axes. The step
+is then jitted with these shardings, and GSPMD inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sciscale_jax import parallel
+from sciscale_jax.parallel import axes as ax
+from sciscale_jax.train.step import TrainState
+
+
+def pick_strategy(config: parallel.ParallelConfig) -> str:
+    """The rule table that fits a mesh: 2-D TP, FSDP x TP, TP, FSDP, else data parallel."""
+    if config.tensor2 > 1:
+        return "tp2d"
+    if config.tensor > 1:
+        return "fsdp_tp" if config.fsdp > 1 else "tp"
+    return "fsdp" if config.fsdp > 1 else "dp"
+
+
+def resolve_strategy(mesh_spec: str, strategy: str = "auto") -> str:
+    """``strategy``, or for "auto" the one :func:`pick_strategy` gives the mesh ``mesh_spec``."""
+    if strategy != "auto":
+        parallel.rules_for(strategy)
+        return strategy
+    return pick_strategy(parallel.ParallelConfig.parse(mesh_spec).resolve(jax.device_count()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    state: TrainState      # shardings of the train state
+    batch: dict            # shardings of one batch
+    grads: object          # shardings gradients are constrained to (ZeRO-2/3 split them)
+
+
+def plan_placement(mesh_spec: str, strategy: str, zero: int, state: TrainState, param_axes, tx,
+                   batch_example: dict) -> Placement:
+    """Shardings for a run on the mesh ``mesh_spec``; ValueErrors name sizes that do not divide."""
+    mesh = parallel.make_mesh(parallel.ParallelConfig.parse(mesh_spec).resolve(jax.device_count()))
+    rules = parallel.rules_for(resolve_strategy(mesh_spec, strategy))
+    shard = parallel.train_shardings(state.params, param_axes, rules, mesh, zero, tx)
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(replicated, shard.params, jax.tree.map(lambda _: replicated, state.rest), shard.opt_state)
+    batch_sh = {k: parallel.batch_sharding(v.shape, (ax.BATCH, ax.SEQ)[:v.ndim], rules, mesh)
+                for k, v in batch_example.items()}
+    return Placement(mesh, rules, state_sh, batch_sh, shard.grads)
