@@ -44,9 +44,23 @@ def _params(key, d, f, layers=None):
     return {n: jax.random.normal(k, lead + s) / np.sqrt(s[0]) for (n, s), k in zip(shapes.items(), ks)}
 
 
-ALL_POLICIES = ["none", "full", "selective", "dots", "dots_no_batch", "every_k:1",
-                "offload:qkv,mlp_hidden", "custom:qkv=save,attn_probs=offload,mlp_hidden=recompute",
-                {"attn_context": "save", "mlp_hidden": "offload", "attn_logits": "recompute"}]
+_SLOW = pytest.mark.slow
+ALL_POLICIES = ["full", "selective", "offload:qkv,mlp_hidden",
+                {"attn_context": "save", "mlp_hidden": "offload", "attn_logits": "recompute"},
+                pytest.param("dots", marks=_SLOW), pytest.param("dots_no_batch", marks=_SLOW),
+                pytest.param("every_k:1", marks=_SLOW),
+                pytest.param("custom:qkv=save,attn_probs=offload,mlp_hidden=recompute", marks=_SLOW)]
+_KEY_PARAMS, _KEY_X, _KEY_DROP = jax.random.split(jax.random.key(0), 3)
+
+
+def _block_loss(block):
+    return lambda p, x: jnp.sum(jnp.sin(block(p, x, key=_KEY_DROP, drop=0.25)))
+
+
+@pytest.fixture(scope="module")
+def block_problem():
+    params, x = _params(_KEY_PARAMS, 12, 20), jax.random.normal(_KEY_X, (3, 7, 12))
+    return params, x, jax.grad(_block_loss(_block), argnums=(0, 1))(params, x)
 
 
 def _rel_err(a, b):
@@ -55,21 +69,16 @@ def _rel_err(a, b):
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES, ids=str)
-def test_block_gradients_equal_across_policies(policy):
+def test_block_gradients_equal_across_policies(block_problem, policy):
     """Gradients w.r.t. params and input (dropout included) match the un-rematted block."""
-    kp, kx, kd = jax.random.split(jax.random.key(0), 3)
-    params, x = _params(kp, 12, 20), jax.random.normal(kx, (3, 7, 12))
-
-    def loss(block):
-        return lambda p, x: jnp.sum(jnp.sin(block(p, x, key=kd, drop=0.25)))
-
+    params, x, ref = block_problem
     # eager (un-jitted) autodiff: the primitive compile cache is shared across the cases
-    ref = jax.grad(loss(_block), argnums=(0, 1))(params, x)
-    got = jax.grad(loss(remat.remat_block(_block, policy)), argnums=(0, 1))(params, x)
+    got = jax.grad(_block_loss(remat.remat_block(_block, policy)), argnums=(0, 1))(params, x)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         assert _rel_err(g, r) < 1e-6
 
 
+@pytest.mark.slow
 def test_block_gradient_matches_finite_differences():
     """The reference gradient itself (under "full") agrees with central differences in float64."""
     with jax.enable_x64():
@@ -122,8 +131,8 @@ def test_every_k_keeps_one_input_per_group():
     assert per_layer == pytest.approx(seq * d * 4 / 2, rel=0.05), (t4, t8, per_layer)
 
 
-_SLOW = pytest.mark.slow
-_STACK_CASES = [("none", True), ("every_k:2", True), ("every_k:3", False), ("selective", False),
+_STACK_CASES = [("every_k:2", True), ("every_k:3", False),
+                pytest.param("none", True, marks=_SLOW), pytest.param("selective", False, marks=_SLOW),
                 pytest.param("full", True, marks=_SLOW), pytest.param("selective", True, marks=_SLOW),
                 pytest.param("every_k:3", True, marks=_SLOW), pytest.param("none", False, marks=_SLOW),
                 pytest.param("full", False, marks=_SLOW), pytest.param("every_k:2", False, marks=_SLOW)]
