@@ -300,3 +300,22 @@ def test_adam_mini_default_partition_on_the_sciscale_transformer(scan):
     opt = adam_mini(1e-3)
     ratio = state_bytes(jax.eval_shape(opt.init, state)) / state_bytes(jax.eval_shape(optax.adamw(1e-3).init, state))
     assert ratio <= 0.55, ratio
+
+
+@pytest.mark.parametrize("make", [came, adam_mini, sm3], ids=["came", "adam_mini", "sm3"])
+def test_bf16_params_keep_float32_state(make):
+    rng = np.random.default_rng(7)
+    shapes = {"mat": (5, 7), "vec": (6,)}
+    grads = [{k: jnp.asarray(rng.normal(size=s), jnp.bfloat16) for k, s in shapes.items()} for _ in range(3)]
+    p16 = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16) for k, s in shapes.items()}
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)
+    opt = make(1e-2)
+    s16, s32 = opt.init(p16), opt.init(p32)
+    assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(s16))
+    upd = jax.jit(opt.update)
+    for g in grads:
+        u16, s16 = upd(g, s16, p16)
+        u32, s32 = upd(jax.tree.map(lambda x: x.astype(jnp.float32), g), s32, p32)
+    for k in shapes:
+        assert u16[k].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(u16[k], np.float32), np.asarray(u32[k]), rtol=1e-2, atol=1e-5)

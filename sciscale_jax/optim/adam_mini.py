@@ -7,6 +7,8 @@ per-element; the update is bias-corrected Adam with decoupled weight decay:
     m ← b1·m + (1−b1)·g,   v_B ← b2·v_B + (1−b2)·mean_{i∈B} g_i²
     θ ← θ − lr·( m̂ / (sqrt(v̂_B) + eps) + wd·θ ),  m̂ = m/(1−b1^t), v̂ = v/(1−b2^t)
 
+Moments are computed and kept in float32 whatever the parameter dtype.
+
 Partition contract. ``partition(path, array) -> tuple[int, ...]`` names the axes of
 ``array`` that g² is averaged over; the second moment keeps the other axes (with size 1 on
 the reduced ones). ``()`` means one value per element (plain Adam), all axes one value per
@@ -109,9 +111,10 @@ def adam_mini(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e
 
     def init(params):
         axes = block_axes(params)
-        nu = jax.tree.map(lambda p, a: jnp.zeros([1 if i in a else s for i, s in enumerate(p.shape)], p.dtype),
+        nu = jax.tree.map(lambda p, a: jnp.zeros([1 if i in a else s for i, s in enumerate(p.shape)], jnp.float32),
                           params, axes, is_leaf=lambda x: isinstance(x, tuple))
-        return AdamMiniState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), nu)
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        return AdamMiniState(jnp.zeros([], jnp.int32), mu, nu)
 
     def update(updates, state, params=None):
         if weight_decay:
@@ -121,12 +124,13 @@ def adam_mini(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e
         lr = _checks.lr_at(learning_rate, state.count)
         t = count.astype(jnp.float32)
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g32, state.mu)
         nu = jax.tree.map(lambda g, v, a: b2 * v + (1 - b2) * jnp.mean(g * g, axis=a, keepdims=True),
-                          updates, state.nu, axes, is_leaf=lambda x: isinstance(x, tuple))
+                          g32, state.nu, axes, is_leaf=lambda x: isinstance(x, tuple))
         step = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
         if weight_decay:
-            step = jax.tree.map(lambda s, p: s + weight_decay * p, step, params)
+            step = jax.tree.map(lambda s, p: s + weight_decay * p.astype(jnp.float32), step, params)
         new = jax.tree.map(lambda s, g: (-lr * s).astype(g.dtype), step, updates)
         return new, AdamMiniState(count, mu, nu)
 

@@ -7,7 +7,8 @@ u = g / sqrt(v̂) is divided by max(1, RMS(u) / clip_threshold); the first momen
 of the clipped u; the "instability" (u − m)² + eps2 gets its own factored EMA with b3, and
 the step is m scaled by the inverse square root of that confidence estimate. Arrays with
 ndim < 2 keep an unfactored second moment and step along m directly (no confidence term).
-No bias correction. Weight decay is decoupled: θ ← θ − lr·(step + wd·θ).
+No bias correction. Weight decay is decoupled: θ ← θ − lr·(step + wd·θ). Statistics are
+computed and kept in float32 whatever the parameter dtype (b3 = 0.9999 is invisible in bf16).
 
 Optax has no CAME, so this file writes it; state is O(m + n) per matrix besides the
 first moment, about half of AdamW's.
@@ -39,7 +40,11 @@ class CameState(NamedTuple):
 
 
 def _factored_init(p):
-    return Factored(jnp.zeros(p.shape[:-1], p.dtype), jnp.zeros(p.shape[:-2] + p.shape[-1:], p.dtype))
+    return Factored(jnp.zeros(p.shape[:-1], jnp.float32), jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32))
+
+
+def _zeros32(p):
+    return jnp.zeros(p.shape, jnp.float32)
 
 
 def _ema_factored(f: Factored, x, decay):
@@ -65,12 +70,13 @@ def came(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
 
     def init(params):
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else jnp.zeros_like(p), params)
-        conf = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else jnp.zeros((0,), p.dtype), params)
+        mu = jax.tree.map(_zeros32, params)
+        nu = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else _zeros32(p), params)
+        conf = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else jnp.zeros((0,), jnp.float32), params)
         return CameState(jnp.zeros([], jnp.int32), mu, nu, conf)
 
     def leaf(g, m, v, c):
+        g = g.astype(jnp.float32)
         sq = g * g + eps1
         if g.ndim >= 2:
             v = _ema_factored(v, sq, b2)
@@ -98,8 +104,8 @@ def came(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
             treedef.flatten_up_to(state.nu), treedef.flatten_up_to(state.conf))]
         steps, mu, nu, conf = (treedef.unflatten(x) for x in zip(*out)) if out else (updates,) * 4
         if weight_decay:
-            steps = jax.tree.map(lambda s, p: s + weight_decay * p, steps, params)
-        new = jax.tree.map(lambda s: (-lr * s).astype(s.dtype), steps)
+            steps = jax.tree.map(lambda s, p: s + weight_decay * p.astype(jnp.float32), steps, params)
+        new = jax.tree.map(lambda s, g: (-lr * s).astype(g.dtype), steps, updates)
         return new, CameState(optax.safe_int32_increment(state.count), mu, nu, conf)
 
     return optax.GradientTransformation(init, update)

@@ -9,7 +9,7 @@ ndim >= 2 the state keeps one vector per axis; each step
     m ← b1·m + (1−b1)·u,   θ ← θ − lr·m
 
 (SM3-II of the paper; b2 = 1 is the paper's accumulate-forever form). Vectors and scalars
-have a single cover per element, i.e. plain Adagrad there.
+have a single cover per element, i.e. plain Adagrad there. State is kept in float32.
 
 What differs from ``optax.sm3``: this factory takes a schedule for ``learning_rate``,
 exposes ``b2`` and ``eps``, and handles scalar parameters (``optax.sm3`` indexes an empty
@@ -42,11 +42,12 @@ def sm3(learning_rate, b1: float = 0.9, b2: float = 1.0, eps: float = 1e-30) -> 
     new_coeff = 1.0 if b2 == 1.0 else 1.0 - b2
 
     def init(params):
-        accum = jax.tree.map(lambda p: tuple(jnp.zeros([s], p.dtype) for s in p.shape) if p.ndim >= 2
-                             else jnp.zeros_like(p), params)
-        return Sm3State(jnp.zeros([], jnp.int32), accum, jax.tree.map(jnp.zeros_like, params))
+        accum = jax.tree.map(lambda p: tuple(jnp.zeros([s], jnp.float32) for s in p.shape) if p.ndim >= 2
+                             else jnp.zeros(p.shape, jnp.float32), params)
+        return Sm3State(jnp.zeros([], jnp.int32), accum, jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
 
     def leaf(g, acc):
+        g = g.astype(jnp.float32)
         if g.ndim >= 2:
             covers = [a.reshape([1] * i + [-1] + [1] * (g.ndim - i - 1)) for i, a in enumerate(acc)]
             prev = covers[0]
