@@ -15,7 +15,7 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
                "keep": "keep", "log_every": "log_every",
-               "mesh": "mesh", "zero": "zero", "sharding": "sharding"}
+               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("run")
     for flag, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("warmup-steps", int),
                       ("weight-decay", float), ("grad-clip", float), ("optimizer", str), ("seed", int),
-                      ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int)):
+                      ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int), ("grad-accum", int)):
         g.add_argument(f"--{flag}", type=typ)
     d = t.add_argument_group("distribution")
     d.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence tensor2 "

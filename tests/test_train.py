@@ -159,3 +159,20 @@ def test_cli_help_and_errors(capsys):
     assert "seq_len=2000 exceeds the model's max_len=1024" in capsys.readouterr().err
     assert cli.main(["train", "protein-mlm", "--embed-dim", "30"]) == 2
     assert "embed_dim=30 is not divisible by num_heads=4" in capsys.readouterr().err
+
+
+def test_grad_accumulation_equals_full_batch_with_uneven_tokens():
+    tx = optax.sgd(0.1)
+    graphdef, state = init_train_state(Transformer(CFG, rngs=nnx.Rngs(2)), tx)
+    batch = _batch(seed=4, b=8, s=12)
+    batch["weights"][0::4] = 0.0                 # microbatch 0 of 4 has no predicted token at all
+    batch["weights"][1::4, :3] = 0.0             # the others hold different numbers of real tokens
+    grad_full = make_train_step(graphdef, tx)
+    from sciscale_jax.train import accumulating_grad_fn
+    grad_accum = make_train_step(graphdef, tx, grad_fn=accumulating_grad_fn(graphdef, mlm_loss, 4))
+    (a, ma), (b, mb) = jax.jit(grad_full)(state, batch), jax.jit(grad_accum)(state, batch)
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    assert float(mb["tokens"]) == float(ma["tokens"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), b.params, a.params)
+    with pytest.raises(ValueError, match="grad_accum=3 must be >= 1 and divide batch_size=16"):
+        TrainConfig(batch_size=16, grad_accum=3)

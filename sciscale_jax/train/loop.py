@@ -26,7 +26,7 @@ from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
 from sciscale_jax.train.sharding import plan_placement, resolve_strategy
-from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
+from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,7 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 3
     log_every: int = 10
+    grad_accum: int = 1     # microbatches per step (lax.scan inside the step)
     mesh: str = ""          # e.g. "data=2,fsdp=2,tensor=2"; empty: one device
     zero: int = 0           # ZeRO stage 0-3 over the data axes of the mesh
     sharding: str = "auto"  # rule table (sciscale_jax.parallel.RULES), or picked from the mesh
@@ -57,6 +58,8 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay} and "
                              f"grad_clip={self.grad_clip} must be >= 0")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must be >= 1 and divide batch_size={self.batch_size}")
         parallel.validate_zero_stage(self.zero)
         if self.zero and not self.mesh:
             raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
@@ -130,7 +133,13 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     del model
     example = data.train.batch(0)
     make_step = make_zeroth_order_step if optim.is_zeroth_order(cfg.optimizer) else make_train_step
-    step = make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed)
+    if cfg.grad_accum > 1:
+        if make_step is make_zeroth_order_step:
+            raise ValueError(f"grad_accum={cfg.grad_accum} has no meaning for the zeroth-order {cfg.optimizer!r}")
+        grad_fn = accumulating_grad_fn(graphdef, recipe.loss_fn, cfg.grad_accum)
+        step = make_train_step(graphdef, tx, loss_fn=recipe.loss_fn, grad_fn=grad_fn, seed=cfg.seed)
+    else:
+        step = make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed)
     mesh = None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)

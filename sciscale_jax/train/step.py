@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sciscale_jax.accumulate import accumulate_gradients
+
 
 class TrainState(NamedTuple):
     step: jax.Array        # int32 scalar
@@ -73,6 +75,32 @@ def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
     def grad_fn(params, rest, batch, key):
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, rest, batch, key)
         return loss, aux, grads
+
+    return grad_fn
+
+
+def accumulating_grad_fn(graphdef, loss_fn: Callable, num_microbatches: int, accum_dtype=jnp.float32) -> Callable:
+    """Gradients accumulated over ``num_microbatches`` by ``sciscale_jax.accumulate`` (one lax.scan).
+
+    Each microbatch contributes its sum of token losses, and the total is divided by the total
+    token count at the end: exactly the full-batch token mean, however unevenly the real
+    tokens fall. Microbatch ``i`` draws dropout from ``fold_in(key, i)``.
+    """
+
+    def grad_fn(params, rest, batch, key):
+        size = jax.tree.leaves(batch)[0].shape[0]
+        tagged = {"batch": batch, "micro_id": jnp.arange(size) % num_microbatches}
+
+        def summed(p, mb):
+            model = nnx.merge(graphdef, p, rest)
+            return loss_fn(model, mb["batch"], jax.random.fold_in(key, mb["micro_id"][0]))
+
+        (mean_total, counts), grads = accumulate_gradients(summed, params, tagged, num_microbatches,
+                                                           has_aux=True, accum_dtype=accum_dtype)
+        count = jnp.sum(counts)
+        scale = num_microbatches / jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+        return mean_total * scale, (count, rest), grads
 
     return grad_fn
 
