@@ -108,10 +108,23 @@ def test_odd_lengths_gqa_full_bias():
     _compare(q, k, v, bias, None, do, False, 2e-5, block_q=8, block_k=8, backend="tpu", interpret=True)
 
 
-def test_causal_pair_bias_shared_across_batch():
-    # Evoformer pattern: a [H,Q,K] pair bias shared by every MSA row (the batch dim).
-    q, k, v, bias, do = _inputs(2, 3, 19, 19, 2, 1, 8, bias_shape=(2, 19, 19))
-    _compare(q, k, v, bias, None, do, True, 2e-5, block_q=8, block_k=16)
+def test_evoformer_pair_bias_shared_across_msa_rows():
+    # Evoformer row attention: q [B, S, R, H, D] over S MSA rows, pair bias [B, H, R, R]
+    # shared by the S rows; vmap over B, the kernel broadcasts over S (its batch dim).
+    b, s, r = 2, 3, 19
+    parts = [_inputs(20 + i, s, r, r, 2, 1, 8, bias_shape=(2, r, r)) for i in range(b)]
+    q, k, v, bias, do = (jnp.stack([p[j] for p in parts]) for j in range(5))
+
+    def fwd_vjp(q, k, v, bias, do):
+        fn = lambda q, k, v, bias: flash_attention(q, k, v, bias=bias, causal=True, block_q=8, block_k=16)  # noqa: E731
+        out, vjp = jax.vjp(jax.vmap(fn), q, k, v, bias)
+        return out, vjp(do)
+    out, grads = jax.jit(fwd_vjp)(q, k, v, bias, do)
+    for i in range(b):
+        ref_out, ref_grads = _np_attention(q[i], k[i], v[i], bias[i], None, True, 8 ** -0.5, do[i])
+        np.testing.assert_allclose(np.asarray(out[i]), ref_out, atol=2e-5, rtol=2e-5)
+        for got, want in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(got[i]), want, atol=2e-5 * max(1, np.abs(want).max()), rtol=2e-5)
 
 
 def test_key_padding_mask_with_fully_masked_rows():
