@@ -110,7 +110,8 @@ def test_odd_lengths_gqa_full_bias():
 
 def test_evoformer_pair_bias_shared_across_msa_rows():
     # Evoformer row attention: q [B, S, R, H, D] over S MSA rows, pair bias [B, H, R, R]
-    # shared by the S rows; vmap over B, the kernel broadcasts over S (its batch dim).
+    # shared by the S rows; vmap over B, the kernel broadcasts over S (its batch dim). Causal
+    # only to cover that path with a bias too.
     b, s, r = 2, 3, 19
     parts = [_inputs(20 + i, s, r, r, 2, 1, 8, bias_shape=(2, r, r)) for i in range(b)]
     q, k, v, bias, do = (jnp.stack([p[j] for p in parts]) for j in range(5))
