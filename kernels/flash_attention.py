@@ -441,6 +441,8 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
     if backend not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"backend={backend!r} is not one of 'cpu', 'gpu', 'tpu'")
     interpret = backend not in ("gpu", "tpu") if interpret is None else bool(interpret)
+    if not interpret and backend == "cpu":
+        raise ValueError("interpret=False compiles the kernel for a GPU or TPU; the backend is 'cpu'")
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     min_block = 8 if interpret else 16

@@ -176,6 +176,8 @@ def test_bad_input_raises_value_error_naming_values():
         flash_attention(q.astype(jnp.int32), k, v)
     with pytest.raises(ValueError, match="mask must be boolean"):
         flash_attention(q, k, v, mask=jnp.ones((8, 8), jnp.float32))
+    with pytest.raises(ValueError, match="backend is 'cpu'"):
+        flash_attention(q, k, v, interpret=False, backend="cpu")
     with pytest.raises(ValueError, match="block_q=12 must be a power of two"):
         flash_attention(q, k, v, block_q=12)
 
