@@ -61,22 +61,42 @@ class AdamW8bitState(NamedTuple):
     nu: Any   # per leaf: Quantized (unsigned map) or a float32 array
 
 
-def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: bool = False) -> Quantized:
-    """Block-wise nearest-code quantisation of ``x`` (any shape) under the sorted map ``qmap``.
+def _guess_code(scaled: jax.Array, signed: bool) -> jax.Array:
+    """The code whose bin holds ``scaled`` in the dynamic map, from its decade and fraction."""
+    a = jnp.abs(scaled)
+    k = jnp.clip(jnp.floor(jnp.log10(jnp.maximum(a, 1e-12))) + 7, 0, 6)   # decade [10^(k-7), 10^(k-6)]
+    n = jnp.exp2(k) if signed else jnp.exp2(k + 1)                         # codes in that decade
+    offset = n - 1 if signed else n - 2                                    # codes in the decades below
+    j = jnp.clip(jnp.floor((a / 10.0 ** (k - 6) - 0.1) / (0.9 / n)), 0, n - 1)
+    pos = offset + j
+    if signed:   # sorted map: 127 negatives, 0 at 127, 127 positives, 1.0 at 255
+        return jnp.where(scaled >= 0, 128 + pos, 126 - pos).astype(jnp.int32)
+    return (1 + pos).astype(jnp.int32)   # 0 at 0, 254 positives, 1.0 at 255
 
+
+def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: bool = False) -> Quantized:
+    """Block-wise nearest-code quantisation of ``x`` (any shape) under ``qmap = dynamic_map(signed)``.
+
+    The code is found elementwise: a guess from the map's exponent/fraction structure, then the
+    exact nearest among the five codes around it (ties go to the lower code). Being
+    elementwise, XLA fuses it: no searchsorted or table-sized temporaries.
     ``nonzero_floor``: non-zero elements of a non-negative ``x`` never take the code of 0
     (they take the next code up); see the module docstring.
     """
+    signed = bool(qmap[0] < 0)
     flat = x.astype(jnp.float32).reshape(-1)
     pad = (-flat.size) % block_size
     blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
     table = jnp.asarray(qmap)
-    hi = jnp.clip(jnp.searchsorted(table, scaled), 1, table.size - 1)
-    lo = hi - 1
-    nearer_lo = (scaled - table[lo]) <= (table[hi] - scaled)
-    codes = jnp.where(nearer_lo, lo, hi)
+    guess = _guess_code(scaled, signed)
+    codes = jnp.clip(guess - 2, 0, table.size - 1)
+    err = jnp.abs(table[codes] - scaled)
+    for d in (-1, 0, 1, 2):
+        c = jnp.clip(guess + d, 0, table.size - 1)
+        e = jnp.abs(table[c] - scaled)
+        codes, err = jnp.where(e < err, c, codes), jnp.minimum(e, err)
     if nonzero_floor:
         zero = int(np.argmin(np.abs(qmap)))
         codes = jnp.where((blocks != 0) & (codes == zero), zero + 1, codes)
