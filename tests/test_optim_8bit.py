@@ -46,17 +46,20 @@ def test_dynamic_map_matches_definition():
         assert np.all(np.diff(got) > 0)
 
 
-def test_quantize_is_nearest_code_blockwise():
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_is_nearest_code_blockwise(signed):
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(37, 11)) * np.exp(rng.normal(size=(37, 11)) * 3)).astype(np.float32)
-    q = quantize(jnp.asarray(x), dynamic_map(True), 64)
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (7, 64) and q.absmax.shape == (7,)
-    got = np.asarray(dequantize(q, dynamic_map(True), x.shape))
-    want = _np_quant(x.astype(np.float64), _np_map(True), 64)
+    # magnitudes spread over ~10 decades so every decade of the map is hit
+    x = (rng.normal(size=(97, 61)) * np.exp(rng.normal(size=(97, 61)) * 5)).astype(np.float32)
+    x = x if signed else np.abs(x)
+    q = quantize(jnp.asarray(x), dynamic_map(signed), 64)
+    nb = -(-x.size // 64)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (nb, 64) and q.absmax.shape == (nb,)
+    got = np.asarray(dequantize(q, dynamic_map(signed), x.shape))
+    want = _np_quant(x.astype(np.float64), _np_map(signed), 64)
     # float32 vs float64 scaling may flip an exact tie; everything else must agree exactly
-    assert np.mean(np.isclose(got, want, rtol=1e-5, atol=0)) > 0.995
-    table, scale = _np_map(True), np.abs(x).max()
-    assert np.max(np.abs(got - x)) <= np.max(np.diff(table)) / 2 * scale * 1.0001
+    assert np.mean(np.isclose(got, want, rtol=1e-5, atol=0)) > 0.999
+    assert len(np.unique(np.asarray(q.codes))) > 150          # most of the map is exercised
 
 
 def _ref_adamw8(params, grads, lr, b1, b2, eps, wd):
