@@ -12,8 +12,10 @@ ndim >= 2 the state keeps one vector per axis; each step
 have a single cover per element, i.e. plain Adagrad there. State is kept in float32.
 
 What differs from ``optax.sm3``: this factory takes a schedule for ``learning_rate``,
-exposes ``b2`` and ``eps``, and handles scalar parameters (``optax.sm3`` indexes an empty
-per-axis list and raises IndexError on them). The arithmetic is otherwise the same.
+exposes ``b2`` and ``eps`` (optax fixes eps = 1e-8 inside ``scale_by_sm3``; the default here
+is 1e-30), handles scalar parameters (``optax.sm3`` indexes an empty per-axis list and raises
+IndexError on them) and keeps its state in float32. The arithmetic is otherwise the same
+(checked against ``optax.sm3`` in the tests).
 """
 
 from __future__ import annotations
