@@ -10,7 +10,7 @@ import sys
 # Model flags: CLI name -> TransformerConfig field. Train flags: CLI name -> TrainConfig field.
 MODEL_FLAGS = {"layers": "num_layers", "heads": "num_heads", "embed_dim": "embed_dim", "mlp_dim": "mlp_dim",
                "max_len": "max_len", "dropout": "dropout", "scan_layers": "scan_layers", "remat": "remat",
-               "attention": "attention", "mlp": "mlp"}
+               "attention": "attention", "mlp": "mlp", "precision": "precision", "quant": "quant"}
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "learning_rate",
                "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--sharding", help="rule table (dp fsdp tp tp_sp tp2d fsdp_tp); default picked from the mesh")
     m = t.add_argument_group("model")
     for flag, typ in (("layers", int), ("heads", int), ("embed-dim", int), ("mlp-dim", int), ("max-len", int),
-                      ("dropout", float), ("remat", str), ("attention", str), ("mlp", str)):
+                      ("dropout", float), ("remat", str), ("attention", str), ("mlp", str),
+                      ("precision", str), ("quant", str)):
         m.add_argument(f"--{flag}", type=typ)
     m.add_argument("--scan-layers", action="store_true", default=None, help="stack layers and run them with scan")
     return p

@@ -22,6 +22,8 @@ from sciscale_jax import attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
 import sciscale_jax.parallel as parallel  # also registers the 'ring' and 'ulysses' attention
 from sciscale_jax.parallel import axes as ax
+from sciscale_jax.precision.policy import get_policy
+from sciscale_jax.quant.registry import kv_quantizer, make_matmul
 
 MLP_KINDS = ("swiglu", "gelu")
 
@@ -43,6 +45,8 @@ class TransformerConfig:
     attention: str = "xla"
     mlp: str = "swiglu"
     rope_base: float = 10000.0
+    precision: str = "fp32"        # sciscale_jax.precision policy: fp32 | bf16 | fp16 | fp8
+    quant: str = "none"            # sciscale_jax.quant scheme: none | llm_qat_w4a8kv4 | bitnet | bitnet158
     sharding: str | None = None    # rule table for activation constraints (e.g. "tp_sp"); None: none
 
     def __post_init__(self):
@@ -62,6 +66,11 @@ class TransformerConfig:
         if self.sharding is not None:
             parallel.rules_for(self.sharding)
         attention.validate_impl(self.attention)
+        make_matmul(self.quant, self.precision)  # ValueError: unknown names, quant with fp8
+        if self.precision != "fp32":  # a non-default policy decides the dtypes
+            policy = get_policy(self.precision)
+            object.__setattr__(self, "dtype", policy.compute_dtype)
+            object.__setattr__(self, "param_dtype", policy.param_dtype)
         # Normalise dtypes so configs compare and serialise by name.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
@@ -81,10 +90,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.query = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
-        self.key = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
-        self.value = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), **kw)
-        self.out = Dense((h, d), (e,), (ax.HEADS, ax.KV, ax.EMBED), **kw)
+        hook = lambda: make_matmul(cfg.quant, cfg.precision)  # one per layer: fp8 keeps state
+        self.query = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
+        self.key = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
+        self.value = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
+        self.out = Dense((h, d), (e,), (ax.HEADS, ax.KV, ax.EMBED), matmul=hook(), **kw)
         self.cfg = cfg
         approx = None  # approximate attention modules carry parameters or feature seeds
         if cfg.attention == "linformer":
@@ -102,6 +112,9 @@ class Attention(nnx.Module):
         q_bshd = rotary(self.query(x_bse), positions_bs, cfg.rope_base)
         k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base)
         v_bshd = self.value(x_bse)
+        kv_quant = kv_quantizer(cfg.quant)
+        if kv_quant is not None:  # LLM-QAT: fake-quantised KV cache
+            k_bshd, v_bshd = kv_quant(k_bshd, v_bshd)
         q_bshd, k_bshd, v_bshd = (checkpoint_name(t, remat.QKV) for t in (q_bshd, k_bshd, v_bshd))
         if self.approx is not None:
             ctx_bshd = self.approx(q_bshd, k_bshd, v_bshd, mask=mask_b11k, causal=cfg.causal)
@@ -116,9 +129,10 @@ class Mlp(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         e, m = cfg.embed_dim, cfg.mlp_dim
-        self.wi = Dense((e,), (m,), (ax.EMBED, ax.MLP), **kw)
-        self.wg = Dense((e,), (m,), (ax.EMBED, ax.MLP), **kw) if cfg.mlp == "swiglu" else None
-        self.wo = Dense((m,), (e,), (ax.MLP, ax.EMBED), **kw)
+        hook = lambda: make_matmul(cfg.quant, cfg.precision)
+        self.wi = Dense((e,), (m,), (ax.EMBED, ax.MLP), matmul=hook(), **kw)
+        self.wg = Dense((e,), (m,), (ax.EMBED, ax.MLP), matmul=hook(), **kw) if cfg.mlp == "swiglu" else None
+        self.wo = Dense((m,), (e,), (ax.MLP, ax.EMBED), matmul=hook(), **kw)
 
     def __call__(self, x_bse):
         if self.wg is not None:

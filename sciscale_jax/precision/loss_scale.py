@@ -137,8 +137,8 @@ def dynamic_loss_scaling(inner: optax.GradientTransformation, *,
     inner = optax.with_extra_args_support(inner)
 
     def init(params):
-        zero = jnp.asarray(0, jnp.int32)
-        return LossScaleState(first, inner.init(params), zero, zero)
+        # Distinct arrays per field: a donated state must not hold one buffer twice.
+        return LossScaleState(first, inner.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def update(grads, state, params=None, **extra_args):
         grads = state.loss_scale.unscale(grads)

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sciscale_jax import optim, parallel
+from sciscale_jax import optim, parallel, precision
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
@@ -127,19 +127,15 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if cfg.mesh and model_config.sharding is None:  # activations follow the parameters' rule table
         model_config = dataclasses.replace(model_config, sharding=resolve_strategy(cfg.mesh, cfg.sharding))
     model = Transformer(model_config, rngs=nnx.Rngs(cfg.seed))
+    policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
-    param_axes = parallel.param_axes(model)
+    if policy.loss_scaling:
+        tx = precision.dynamic_loss_scaling(tx)
+    param_axes, fp8 = parallel.param_axes(model), precision.fp8_paths(model)
     graphdef, state = init_train_state(model, tx)
     del model
     example = data.train.batch(0)
-    make_step = make_zeroth_order_step if optim.is_zeroth_order(cfg.optimizer) else make_train_step
-    if cfg.grad_accum > 1:
-        if make_step is make_zeroth_order_step:
-            raise ValueError(f"grad_accum={cfg.grad_accum} has no meaning for the zeroth-order {cfg.optimizer!r}")
-        grad_fn = accumulating_grad_fn(graphdef, recipe.loss_fn, cfg.grad_accum)
-        step = make_train_step(graphdef, tx, loss_fn=recipe.loss_fn, grad_fn=grad_fn, seed=cfg.seed)
-    else:
-        step = make_step(graphdef, tx, loss_fn=recipe.loss_fn, seed=cfg.seed)
+    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling)
     mesh = None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)
@@ -168,6 +164,24 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         "checkpoint_dir": str(ckpt.directory), "seconds": time.perf_counter() - t0, "state": state,
     }
+
+
+def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool):
+    """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
+    if optim.is_zeroth_order(cfg.optimizer):
+        if cfg.grad_accum > 1 or loss_scaling or fp8_paths:
+            raise ValueError(f"the zeroth-order optimizer {cfg.optimizer!r} takes no gradient: it cannot be "
+                             f"combined with grad_accum={cfg.grad_accum}, loss scaling or fp8")
+        return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed)
+    if fp8_paths and cfg.grad_accum > 1:
+        raise ValueError(f"fp8 scales update once per step; grad_accum={cfg.grad_accum} is not supported with fp8")
+    if fp8_paths:
+        grad_fn = precision.fp8_grad_fn(graphdef, loss_fn, fp8_paths)
+    elif cfg.grad_accum > 1:
+        grad_fn = accumulating_grad_fn(graphdef, loss_fn, cfg.grad_accum)
+    else:
+        grad_fn = None
+    return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling)
 
 
 def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from sciscale_jax.accumulate import accumulate_gradients
+from sciscale_jax.precision import loss_scale_metrics, loss_scale_of
 
 
 class TrainState(NamedTuple):
@@ -39,7 +40,19 @@ def split_model(model: nnx.Module):
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     """(graphdef, TrainState) for a freshly built model."""
     graphdef, params, rest = split_model(model)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+    opt_state = tx.init(params)
+    # The step donates the state, and XLA refuses a buffer donated twice: give any leaves an
+    # optimizer's init shares (one zeros array in two fields, say) buffers of their own.
+    seen = set()
+
+    def own(x):
+        if isinstance(x, jax.Array) and id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    opt_state = jax.tree.map(own, opt_state)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
 
 def token_cross_entropy(logits_bsv, targets_bs, weights_bs):
@@ -64,17 +77,20 @@ def causal_lm_loss(model, batch, key):
 
 
 def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
-    """Plain reverse-mode gradients of the token-mean loss."""
+    """Plain reverse-mode gradients of the token-mean loss, times ``loss_scale`` (fp16)."""
 
-    def objective(params, rest, batch, key):
+    def objective(params, rest, batch, key, scale):
         model = nnx.merge(graphdef, params, rest)
         total, count = loss_fn(model, batch, key)
         new_rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
-        return total / jnp.maximum(count, 1.0), (count, new_rest)
+        loss = total / jnp.maximum(count, 1.0)
+        return loss * scale, (loss, count, new_rest)
 
-    def grad_fn(params, rest, batch, key):
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, rest, batch, key)
-        return loss, aux, grads
+    def grad_fn(params, rest, batch, key, loss_scale=1.0):
+        scale = jnp.asarray(loss_scale, jnp.float32)
+        (_, (loss, count, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(
+            params, rest, batch, key, scale)
+        return loss, (count, new_rest), grads
 
     return grad_fn
 
@@ -87,27 +103,32 @@ def accumulating_grad_fn(graphdef, loss_fn: Callable, num_microbatches: int, acc
     tokens fall. Microbatch ``i`` draws dropout from ``fold_in(key, i)``.
     """
 
-    def grad_fn(params, rest, batch, key):
+    def grad_fn(params, rest, batch, key, loss_scale=1.0):
         size = jax.tree.leaves(batch)[0].shape[0]
         tagged = {"batch": batch, "micro_id": jnp.arange(size) % num_microbatches}
 
         def summed(p, mb):
             model = nnx.merge(graphdef, p, rest)
-            return loss_fn(model, mb["batch"], jax.random.fold_in(key, mb["micro_id"][0]))
+            total, count = loss_fn(model, mb["batch"], jax.random.fold_in(key, mb["micro_id"][0]))
+            return total * loss_scale, count
 
         (mean_total, counts), grads = accumulate_gradients(summed, params, tagged, num_microbatches,
                                                            has_aux=True, accum_dtype=accum_dtype)
         count = jnp.sum(counts)
         scale = num_microbatches / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-        return mean_total * scale, (count, rest), grads
+        return mean_total * scale / loss_scale, (count, rest), grads
 
     return grad_fn
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable = mlm_loss,
-                    grad_fn: Callable | None = None, seed: int = 0) -> Callable:
+                    grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
+
+    With ``loss_scaling`` the optimizer is a ``precision.dynamic_loss_scaling`` wrapper: the
+    loss is multiplied by its current scale before differentiating, the wrapper unscales the
+    gradients and skips non-finite steps, and the metrics report the scale and skipped steps.
 
     The dropout key of step ``s`` is ``fold_in(key(seed), s)``: a pure function of the step,
     so a resumed run draws the same dropout masks as an uninterrupted one.
@@ -117,10 +138,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(base_key, state.step)
-        loss, (count, rest), grads = grad_fn(state.params, state.rest, batch, key)
+        scale = loss_scale_of(state.opt_state) if loss_scaling else jnp.float32(1.0)
+        loss, (count, rest), grads = grad_fn(state.params, state.rest, batch, key, loss_scale=scale)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads) / scale}
+        if loss_scaling:
+            metrics.update(loss_scale_metrics(opt_state))
         return TrainState(state.step + 1, params, rest, opt_state), metrics
 
     return step
