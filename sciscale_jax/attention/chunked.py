@@ -10,7 +10,8 @@ quadratic is stored for autodiff. Memory is linear in sequence length on any bac
 
 Supports any lengths (padded to whole blocks inside, padded keys masked), grouped-query
 attention (kv heads repeated outside the custom VJP, whose transpose sums the groups),
-boolean masks, causal attention aligned at the end as in ``xla.py``, and an additive bias
+boolean masks, causal attention aligned at the end as in ``xla.py`` (tiles that causality
+hides entirely are skipped with ``lax.cond``, forward and backward), and an additive bias
 broadcastable to [batch, heads, q_len, kv_len] whose gradient comes back in the bias's own
 shape (summed over its broadcast dimensions). A row with no key to attend gives zeros.
 """
@@ -96,6 +97,14 @@ def _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki):
     return jnp.where(valid, s_bhqk, -jnp.inf)
 
 
+def _unless_hidden(spec, qi, ki, update, carry):
+    """update(carry) for tile (qi, ki), skipped when causality hides every key of the tile."""
+    if not spec.causal:
+        return update(carry)
+    last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
+    return lax.cond(ki * spec.kv_block <= last_visible_key, update, lambda c: c, carry)
+
+
 def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
     batch, q_padded, num_heads, head_dim = q_bqhd.shape
     num_q, num_kv = q_padded // spec.q_block, k_bkhd.shape[1] // spec.kv_block
@@ -104,6 +113,9 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
         q_blk = lax.dynamic_slice_in_dim(q_bqhd, qi * spec.q_block, spec.q_block, axis=1)
 
         def kv_step(carry, ki):
+            return _unless_hidden(spec, qi, ki, functools.partial(kv_update, ki=ki), carry), None
+
+        def kv_update(carry, ki):
             max_bhq, norm_bhq, acc_bhqd = carry
             k_blk = lax.dynamic_slice_in_dim(k_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
             v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
@@ -115,7 +127,7 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
             norm_bhq = norm_bhq * correction + p_bhqk.sum(axis=-1)
             pv_bhqd = jnp.einsum("bhqk,bkhd->bhqd", p_bhqk.astype(v_blk.dtype), v_blk,
                                  preferred_element_type=jnp.float32)
-            return (new_max, norm_bhq, acc_bhqd * correction[..., None] + pv_bhqd), None
+            return new_max, norm_bhq, acc_bhqd * correction[..., None] + pv_bhqd
 
         stats_shape = (batch, num_heads, spec.q_block)
         init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
@@ -153,6 +165,9 @@ def _attention_bwd(spec, residuals, dout_bqhd):
         v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
 
         def q_step(inner, qi):
+            return _unless_hidden(spec, qi, ki, functools.partial(q_update, qi=qi), inner), None
+
+        def q_update(inner, qi):
             dk_bkhd, dv_bkhd, dq_bqhd, dbias = inner
             start = qi * spec.q_block
             q_blk = lax.dynamic_slice_in_dim(q_bqhd, start, spec.q_block, axis=1)
@@ -173,7 +188,7 @@ def _attention_bwd(spec, residuals, dout_bqhd):
                                            preferred_element_type=jnp.float32) * spec.scale
             if dbias is not None:
                 dbias = _accumulate_bias_grad(spec, dbias, ds_bhqk, qi, ki)
-            return (dk_bkhd, dv_bkhd, dq_bqhd, dbias), None
+            return dk_bkhd, dv_bkhd, dq_bqhd, dbias
 
         dq_bqhd, dbias = carry
         zeros_kv = jnp.zeros(k_blk.shape, jnp.float32)

@@ -50,16 +50,23 @@ def register(name: str, fn: Callable, check: Callable | None = None) -> None:
 
 
 def _load_flash() -> None:
-    """Import the Pallas flash kernel once, registering it as "flash" if it did not itself."""
+    """Import the Pallas flash kernel once: ``attention/flash.py`` registers "flash" with its check;
+    without that adapter, the kernel's ``flash_attention`` is registered directly."""
     global _flash_loaded
     if _flash_loaded:
         return
     _flash_loaded = True
     try:
+        import sciscale_jax.attention.flash  # noqa: F401  (registers "flash")
+    except ImportError:
+        pass
+    if "flash" in _IMPLS:
+        return
+    try:
         from sciscale_jax.kernels import flash_attention as flash_module
     except ImportError:
         return
-    if "flash" not in _IMPLS and hasattr(flash_module, "flash_attention"):
+    if hasattr(flash_module, "flash_attention"):
         register("flash", flash_module.flash_attention)
 
 

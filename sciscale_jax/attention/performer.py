@@ -5,7 +5,8 @@ positive random features phi(x) = exp(W x - |x|^2 / 2) / sqrt(m), whose m rows o
 drawn as blocks of orthogonal Gaussian directions with chi-distributed lengths (positive
 orthogonal random features). Attention becomes phi(Q) (phi(K)^T V) normalised by
 phi(Q) (phi(K)^T 1): time and memory linear in sequence length. Causal attention uses
-prefix sums of phi(k_j) v_j^T over keys (end-aligned, as in ``xla.py``).
+prefix sums of phi(k_j) v_j^T over keys (end-aligned, as in ``xla.py``), walked in chunks
+of ``causal_chunk`` queries so only an [m, head_dim] running state is carried.
 
 Redraws are explicit: the features come from ``key`` when given, else from the module's
 stored seed folded with ``step // redraw_interval`` when ``step`` is given, else from the
@@ -61,16 +62,58 @@ def positive_features(x_bshd, w_md, *, is_query: bool, valid_bs=None):
     return phi_bshm
 
 
+def causal_prefix_sums(phi_q, phi_k, v_bkhd, chunk: int):
+    """Numerator [B,Q,H,D] and denominator [B,Q,H] of causal FAVOR+, query i seeing keys j <= i + K - Q.
+
+    Keys beyond the aligned span seed the running state; the aligned span is walked in
+    chunks: the state sum_j phi(k_j) v_j^T from earlier chunks plus a masked quadratic
+    term inside the chunk, so memory stays O(chunk^2 + m D) per step instead of O(N m D).
+    """
+    q_len, kv_len = phi_q.shape[1], phi_k.shape[1]
+    span = min(q_len, kv_len)
+    lead_k, lead_q = kv_len - span, q_len - span  # keys every query sees; queries that see none
+    state_bhmd = jnp.einsum("bkhm,bkhd->bhmd", phi_k[:, :lead_k], v_bkhd[:, :lead_k])
+    zsum_bhm = phi_k[:, :lead_k].sum(axis=1)
+    chunk = min(chunk, span)
+    pad = -span % chunk
+    num_chunks = (span + pad) // chunk
+
+    def blocks(x):  # [B, span, ...] -> [num_chunks, B, chunk, ...], zero-padded
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(x.shape[0], num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    tril_cc = jnp.tril(jnp.ones((chunk, chunk), bool))
+
+    @jax.checkpoint
+    def step(carry, blk):
+        state_bhmd, zsum_bhm = carry
+        phi_q_c, phi_k_c, v_c = blk
+        a_bhqk = jnp.where(tril_cc, jnp.einsum("bqhm,bkhm->bhqk", phi_q_c, phi_k_c), 0.0)
+        num = jnp.einsum("bqhm,bhmd->bqhd", phi_q_c, state_bhmd) + jnp.einsum("bhqk,bkhd->bqhd", a_bhqk, v_c)
+        den = jnp.einsum("bqhm,bhm->bqh", phi_q_c, zsum_bhm) + a_bhqk.sum(-1).transpose(0, 2, 1)
+        state_bhmd = state_bhmd + jnp.einsum("bkhm,bkhd->bhmd", phi_k_c, v_c)
+        return (state_bhmd, zsum_bhm + phi_k_c.sum(axis=1)), (num, den)
+
+    xs = (blocks(phi_q[:, lead_q:]), blocks(phi_k[:, lead_k:]), blocks(v_bkhd[:, lead_k:]))
+    _, (num_n, den_n) = jax.lax.scan(step, (state_bhmd, zsum_bhm), xs)
+    num_bqhd = num_n.swapaxes(0, 1).reshape(phi_q.shape[0], -1, *num_n.shape[3:])[:, :span]
+    den_bqh = den_n.swapaxes(0, 1).reshape(phi_q.shape[0], -1, den_n.shape[-1])[:, :span]
+    num_bqhd = jnp.pad(num_bqhd, ((0, 0), (lead_q, 0), (0, 0), (0, 0)))
+    den_bqh = jnp.pad(den_bqh, ((0, 0), (lead_q, 0), (0, 0)))
+    return num_bqhd, den_bqh
+
+
 class PerformerAttention(nnx.Module):
     """FAVOR+ attention with the front-door layout: q [B,Q,H,D], k/v [B,K,Hkv,D] -> [B,Q,H,D]."""
 
     def __init__(self, head_dim: int, num_features: int = 256, *, redraw_interval: int = 1000,
-                 rngs: nnx.Rngs):
+                 causal_chunk: int = 128, rngs: nnx.Rngs):
         for name, value in (("head_dim", head_dim), ("num_features", num_features),
-                            ("redraw_interval", redraw_interval)):
+                            ("redraw_interval", redraw_interval), ("causal_chunk", causal_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.head_dim, self.num_features, self.redraw_interval = head_dim, num_features, redraw_interval
+        self.causal_chunk = causal_chunk
         self.seed = FeatureSeed(jax.random.key_data(rngs.params()))
 
     def feature_key(self, *, key=None, step=None):
@@ -109,14 +152,8 @@ class PerformerAttention(nnx.Module):
             kv_bhmd = jnp.einsum("bkhm,bkhd->bhmd", phi_k, v_bkhd)
             num_bqhd = jnp.einsum("bqhm,bhmd->bqhd", phi_q, kv_bhmd)
             den_bqh = jnp.einsum("bqhm,bhm->bqh", phi_q, phi_k.sum(axis=1))
-        else:  # query i sees keys j <= i + kv_len - q_len: prefix sums gathered at that key
-            kv_bkhmd = jnp.cumsum(phi_k[..., :, None] * v_bkhd[..., None, :], axis=1)
-            ksum_bkhm = jnp.cumsum(phi_k, axis=1)
-            last_q = jnp.arange(q_len) + (kv_len - q_len)
-            sees_any = (last_q >= 0)[None, :, None]
-            idx = jnp.clip(last_q, 0, kv_len - 1)
-            num_bqhd = jnp.einsum("bqhm,bqhmd->bqhd", phi_q, kv_bkhmd[:, idx])
-            den_bqh = jnp.where(sees_any, jnp.einsum("bqhm,bqhm->bqh", phi_q, ksum_bkhm[:, idx]), 0.0)
+        else:
+            num_bqhd, den_bqh = causal_prefix_sums(phi_q, phi_k, v_bkhd, self.causal_chunk)
         attended = den_bqh > 0
         out_bqhd = jnp.where(attended[..., None], num_bqhd / jnp.where(attended, den_bqh, 1.0)[..., None], 0.0)
         return out_bqhd.astype(q_bqhd.dtype)
