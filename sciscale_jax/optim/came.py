@@ -36,7 +36,7 @@ class CameState(NamedTuple):
     count: jax.Array
     mu: Any        # first moment, like params
     nu: Any        # per leaf: Factored for ndim >= 2, else a full array
-    conf: Any      # per leaf: Factored for ndim >= 2, else an empty placeholder
+    conf: Any      # per leaf: Factored for ndim >= 2, else None (no confidence term)
 
 
 def _factored_init(p):
@@ -72,7 +72,7 @@ def came(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
     def init(params):
         mu = jax.tree.map(_zeros32, params)
         nu = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else _zeros32(p), params)
-        conf = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else jnp.zeros((0,), jnp.float32), params)
+        conf = jax.tree.map(lambda p: _factored_init(p) if p.ndim >= 2 else None, params)
         return CameState(jnp.zeros([], jnp.int32), mu, nu, conf)
 
     def leaf(g, m, v, c):
