@@ -272,7 +272,7 @@ def test_inside_chain_with_schedule(make):
         np.testing.assert_allclose(chained[k], np.asarray(p[k]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_adam_mini_default_partition_on_the_sciscale_transformer(scan):
     try:
         from flax import nnx

@@ -225,10 +225,10 @@ def _unflat(x):
 
 # ------------------------------------------------------------- chains, schedules, errors
 
-@pytest.mark.parametrize("make", [lambda lr: mezo(lr, eps=1e-2, seed=2),
-                                  lambda lr: zo_adamu(lr, eps=1e-2, anneal_steps=(1, 3)),
-                                  lambda lr: deepzero(lr, density=0.3, chunk_size=4)],
-                         ids=["mezo", "zo_adamu", "deepzero"])
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda lr: mezo(lr, eps=1e-2, seed=2), id="mezo"),
+    pytest.param(lambda lr: zo_adamu(lr, eps=1e-2, anneal_steps=(1, 3)), id="zo_adamu", marks=pytest.mark.slow),
+    pytest.param(lambda lr: deepzero(lr, density=0.3, chunk_size=4), id="deepzero", marks=pytest.mark.slow)])
 def test_zeroth_order_inside_chain_with_schedule(make):
     p0, loss = _problem(7)
     sched = optax.linear_schedule(1e-2, 1e-3, 2)
