@@ -53,7 +53,7 @@ def problem():
     return params, batch, ref
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 4, 8])
 def test_token_weighted_accumulation_equals_full_batch(problem, n):
     """Weighting by real-token counts recovers the full-batch loss and gradient exactly."""
     params, batch, (loss_ref, g_ref) = problem
