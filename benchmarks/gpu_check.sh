@@ -37,5 +37,8 @@ step flash_gpu_tests 150 "$PY" -m pytest tests/test_flash_attention.py -m gpu -q
 step attention_gpu_bench 300 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
   --seqs 1024,4096,16384 --head-dims 64,128 --budget-s 230
 
+# fp8 vs bf16 [8192, 8192] matmul (median of 10) and the fp8 GEMM found in the compiled HLO.
+step precision_fp8_bench 90 "$PY" benchmarks/precision.py --gpu --out "$OUT"
+
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"

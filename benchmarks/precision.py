@@ -47,12 +47,8 @@ from flax import nnx, traverse_util
 
 from sciscale_jax import precision, quant
 from sciscale_jax.models.layers import Dense
-from sciscale_jax.recipes.protein_mlm import RECIPE
-from sciscale_jax.train import train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import efficient_qat as eqat_example  # noqa: E402  (examples/efficient_qat.py)
 
 MiB, KiB = 2.0 ** 20, 2.0 ** 10
 # (row name, precision policy, quant scheme) trained from scratch.
@@ -100,7 +96,17 @@ def scheme_bytes(model: nnx.Module, name: str, *, frozen=None, bits: int = 4, gr
 
 # --- CPU mode --------------------------------------------------------------------------------
 
+def _cpu_imports():
+    """The training stack, imported only in CPU mode (the --gpu check needs none of it)."""
+    from sciscale_jax.recipes.protein_mlm import RECIPE
+    from sciscale_jax.train import train
+    sys.path.insert(0, str(ROOT / "examples"))
+    import efficient_qat as eqat_example  # examples/efficient_qat.py
+    return RECIPE, train, eqat_example
+
+
 def run_cpu(args) -> dict:
+    RECIPE, train, eqat_example = _cpu_imports()
     base_model, base_train = eqat_example.small_configs(args.steps, args.seed)
     records, fp32_state = [], None
     data = RECIPE.build_data(base_train)
