@@ -15,7 +15,7 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
                "keep": "keep", "log_every": "log_every",
-               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum"}
+               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum", "offload": "offload"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence tensor2 "
                                   "tensor pipeline; one may be -1)")
     d.add_argument("--zero", type=int, help="ZeRO stage 0-3 over the data axes")
+    d.add_argument("--offload", help="keep opt_state, params or opt_state,params in pinned host memory")
     d.add_argument("--sharding", help="rule table (dp fsdp tp tp_sp tp2d fsdp_tp); default picked from the mesh")
     m = t.add_argument_group("model")
     for flag, typ in (("layers", int), ("heads", int), ("embed-dim", int), ("mlp-dim", int), ("max-len", int),

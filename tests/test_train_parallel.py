@@ -41,3 +41,16 @@ def test_bad_mesh_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="zero=2 needs a mesh"):
         TrainConfig(zero=2)
+
+
+def test_host_offload_keeps_state_on_host_and_trains_identically(tmp_path):
+    plain = _run(tmp_path / "plain", 3, mesh="data=8")
+    offloaded = _run(tmp_path / "offload", 3, mesh="data=8", offload="opt_state,params")
+    state = offloaded["state"]
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves((state.params, state.opt_state))}
+    assert kinds == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(plain["state"].params)} == {"device"}
+    _close(offloaded["state"].params, plain["state"].params, rtol=1e-6)
+    assert offloaded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="unknown \\['gradients'\\]"):
+        TrainConfig(offload="gradients")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sciscale_jax import optim, parallel, precision
 from sciscale_jax.memory import report_from_analysis, tree_bytes
+from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
 from sciscale_jax.train.sharding import plan_placement, resolve_strategy
@@ -45,6 +46,7 @@ class TrainConfig:
     keep: int = 3
     log_every: int = 10
     grad_accum: int = 1     # microbatches per step (lax.scan inside the step)
+    offload: str = ""       # "opt_state", "params" or both, kept in pinned host memory between steps
     mesh: str = ""          # e.g. "data=2,fsdp=2,tensor=2"; empty: one device
     zero: int = 0           # ZeRO stage 0-3 over the data axes of the mesh
     sharding: str = "auto"  # rule table (sciscale_jax.parallel.RULES), or picked from the mesh
@@ -60,6 +62,8 @@ class TrainConfig:
                              f"grad_clip={self.grad_clip} must be >= 0")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must be >= 1 and divide batch_size={self.batch_size}")
+        if self.offload:
+            host_offload.parse_offload(self.offload)
         parallel.validate_zero_stage(self.zero)
         if self.zero and not self.mesh:
             raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
@@ -147,13 +151,25 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
     check_run_dir(out_dir, run_config, resume=resume, force=force)
+    if cfg.offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
+        targets = host_offload.parse_offload(cfg.offload)
+        kind = {t: "pinned_host" if t in targets else "device" for t in ("params", "opt_state")}
+        state = state._replace(params=host_offload.place(state.params, kind["params"], mesh),
+                               opt_state=host_offload.place(state.opt_state, kind["opt_state"], mesh))
+        placed = jax.tree.map(lambda x: x.sharding, state)
+        jit_kw["out_shardings"] = (placed, None)
+        if "in_shardings" in jit_kw:
+            jit_kw["in_shardings"] = (placed, jit_kw["in_shardings"][1])
     ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
     if resume and ckpt.latest_step() is not None:
         state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
         log(f"resumed from step {int(state.step)} in {ckpt.directory}")
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile()
-        eval_fn = jax.jit(make_eval_step(graphdef, recipe.loss_fn))
+        eval_step = make_eval_step(graphdef, recipe.loss_fn)
+        if "params" in cfg.offload:  # evaluate on a device copy of host-resident parameters
+            eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
+        eval_fn = jax.jit(eval_step)
         state, train_loss, t0 = _loop(cfg, recipe.name, compiled, eval_fn, state, data, put_batch, ckpt,
                                       MetricsLog(out_dir / "metrics.jsonl"), progress)
         val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
@@ -169,9 +185,9 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
 def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool):
     """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
     if optim.is_zeroth_order(cfg.optimizer):
-        if cfg.grad_accum > 1 or loss_scaling or fp8_paths:
+        if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
             raise ValueError(f"the zeroth-order optimizer {cfg.optimizer!r} takes no gradient: it cannot be "
-                             f"combined with grad_accum={cfg.grad_accum}, loss scaling or fp8")
+                             f"combined with grad_accum={cfg.grad_accum}, loss scaling, fp8 or offload")
         return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed)
     if fp8_paths and cfg.grad_accum > 1:
         raise ValueError(f"fp8 scales update once per step; grad_accum={cfg.grad_accum} is not supported with fp8")
@@ -181,7 +197,9 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
         grad_fn = accumulating_grad_fn(graphdef, loss_fn, cfg.grad_accum)
     else:
         grad_fn = None
-    return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling)
+    offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
+    return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling,
+                           offload=offload)
 
 
 def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):

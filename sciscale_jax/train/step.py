@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from sciscale_jax.accumulate import accumulate_gradients
+from sciscale_jax.parallel import offload as host
 from sciscale_jax.precision import loss_scale_metrics, loss_scale_of
 
 
@@ -123,12 +124,18 @@ def accumulating_grad_fn(graphdef, loss_fn: Callable, num_microbatches: int, acc
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable = mlm_loss,
-                    grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False) -> Callable:
+                    grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False,
+                    offload: frozenset = frozenset()) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
 
     With ``loss_scaling`` the optimizer is a ``precision.dynamic_loss_scaling`` wrapper: the
     loss is multiplied by its current scale before differentiating, the wrapper unscales the
     gradients and skips non-finite steps, and the metrics report the scale and skipped steps.
+
+    ``offload`` names the trees ("opt_state", "params") that live in pinned host memory between
+    steps (ZeRO-Offload placement, ``sciscale_jax.parallel.offload``): the step brings them to
+    the device for its work and puts the new values back; jit it with output shardings that
+    carry the host memory kind.
 
     The dropout key of step ``s`` is ``fold_in(key(seed), s)``: a pure function of the step,
     so a resumed run draws the same dropout masks as an uninterrupted one.
@@ -138,13 +145,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(base_key, state.step)
-        scale = loss_scale_of(state.opt_state) if loss_scaling else jnp.float32(1.0)
-        loss, (count, rest), grads = grad_fn(state.params, state.rest, batch, key, loss_scale=scale)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = host.to_device(state.params) if "params" in offload else state.params
+        opt_state = host.to_device(state.opt_state) if "opt_state" in offload else state.opt_state
+        scale = loss_scale_of(opt_state) if loss_scaling else jnp.float32(1.0)
+        loss, (count, rest), grads = grad_fn(params, state.rest, batch, key, loss_scale=scale)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads) / scale}
         if loss_scaling:
             metrics.update(loss_scale_metrics(opt_state))
+        params = host.to_host(params) if "params" in offload else params
+        opt_state = host.to_host(opt_state) if "opt_state" in offload else opt_state
         return TrainState(state.step + 1, params, rest, opt_state), metrics
 
     return step
@@ -157,8 +168,13 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable = mlm_loss, seed: 
     parameters; no gradient and no activation for a backward pass is ever stored, so with the
     state donated the step's peak memory stays near a forward evaluation. The reported loss is
     one more forward pass at the parameters before the update.
+
+    A transform with an ``apply(params, opt_state, value_fn)`` (``optim.mezo``) perturbs and
+    updates the donated parameters in place instead (no update or perturbed copy is held) and
+    returns that loss itself.
     """
     base_key = jax.random.key(seed)
+    in_place = getattr(tx, "apply", None)
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(base_key, state.step)
@@ -167,10 +183,14 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable = mlm_loss, seed: 
             total, count = loss_fn(nnx.merge(graphdef, params, state.rest), batch, key)
             return total / jnp.maximum(count, 1.0)
 
+        count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.float32(0)
+        if in_place is not None:   # it also returns the loss at the parameters before the update
+            params, opt_state, loss, proj = in_place(state.params, state.opt_state, value_fn)
+            metrics = {"loss": loss, "tokens": count, "projected_grad": jnp.mean(proj)}
+            return TrainState(state.step + 1, params, state.rest, opt_state), metrics
         loss = value_fn(state.params)
         updates, opt_state = tx.update(None, state.opt_state, state.params, value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)
-        count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.float32(0)
         metrics = {"loss": loss, "tokens": count, "update_norm": optax.tree.norm(updates)}
         return TrainState(state.step + 1, params, state.rest, opt_state), metrics
 
