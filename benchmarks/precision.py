@@ -197,10 +197,14 @@ def cpu_plot(result: dict, path: pathlib.Path) -> None:
         ("deployable weights (KiB)", [r["deploy_bytes"] / KiB for r in recs]),
     ]
     for ax, (title, values) in zip(axes, panels):
-        ax.barh(y, np.nan_to_num(values), color=["#888" if math.isnan(v) else "C0" for v in values])
+        ax.barh(y, np.nan_to_num(values), color="C0")
+        for yi, v in zip(y, values):
+            if math.isnan(v):
+                ax.text(0, yi, " n/a (post-training)", va="center", fontsize=8, color="#666")
         ax.set_title(title, fontsize=10)
         ax.axvline(0, color="k", lw=0.5)
         ax.grid(axis="x", alpha=0.3)
+        ax.locator_params(axis="x", nbins=5)
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     t = result["train"]
