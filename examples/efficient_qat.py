@@ -134,8 +134,10 @@ def run(args) -> dict:
         model_cfg, train_cfg = small_configs(args.steps, args.seed)
     print(f"fp32 model: {model_cfg.num_layers} layers, embed {model_cfg.embed_dim}; "
           f"{'loading' if args.resume else 'training'} {run_dir} ({train_cfg.steps} steps)")
-    result = train(RECIPE, model_cfg, train_cfg, run_dir, resume=args.resume, progress=not args.quiet,
-                   log=print)
+    # Configs read back from the run differ from it only in fields added to the dataclasses
+    # since it was saved (their defaults): force lets such a run load.
+    result = train(RECIPE, model_cfg, train_cfg, run_dir, resume=args.resume, force=args.resume and saved.exists(),
+                   progress=not args.quiet, log=print)
     data = RECIPE.build_data(train_cfg)
     calib = concat_batches([data.train.batch(CALIB_STEP0 + i) for i in range(args.calib_batches)])
     e2e = [data.train.batch(E2E_STEP0 + i) for i in range(args.e2e_steps)]
