@@ -90,12 +90,12 @@ def test_quant_hooks_train_inside_the_transformer():
 
 @pytest.mark.slow
 def test_fp8_under_scan_layers_and_remat(monkeypatch):
-    """What the Transformer will do once it builds Dense(..., matmul=make_matmul(quant,
-    precision)): stacked Fp8Meta per layer under nnx.vmap/nnx.scan, remat on."""
+    """The Transformer builds Dense(..., matmul=make_matmul(quant, precision)): with fp8 hooks
+    (a short history, float32 compute so amaxes compare exactly) each layer keeps its own
+    stacked Fp8Meta under nnx.vmap/nnx.scan, remat on."""
     import sciscale_jax.models.transformer as transformer
 
-    monkeypatch.setattr(transformer, "Dense",
-                        lambda *a, **k: Dense(*a, matmul=Fp8Matmul(history_len=3), **k))
+    monkeypatch.setattr(transformer, "make_matmul", lambda quant, precision: Fp8Matmul(history_len=3))
     cfg = TransformerConfig(vocab_size=11, num_layers=3, num_heads=2, embed_dim=16, mlp_dim=24,
                             max_len=16, scan_layers=True, remat="full")
     model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -76,6 +76,13 @@ def test_run_dir_guard(tmp_path):
         check_run_dir(run, {**config, "train": {"steps": 50, "lr": 0.2}}, resume=True)
     saved = json.loads((run / "run_config.json").read_text())
     assert saved["train"]["lr"] == 0.1  # the refused call wrote nothing
+    # A field added after the run was saved matches when left at its default, and only then.
+    check_run_dir(run, {**config, "train": {"steps": 5, "lr": 0.1, "offload": ""}}, resume=True,
+                  defaults={"train": {"offload": ""}})
+    (run / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="train.offload: saved '', now 'params'"):
+        check_run_dir(run, {**config, "train": {"steps": 5, "lr": 0.1, "offload": "params"}}, resume=True,
+                      defaults={"train": {"offload": ""}})
     (run / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         check_run_dir(run, {**config, "train": {"steps": 50, "lr": 0.1}}, resume=False)

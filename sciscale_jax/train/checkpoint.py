@@ -78,11 +78,14 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False) -> None:
+def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,
+                  defaults: dict | None = None) -> None:
     """Refuse to start in a directory that holds another run; write ``run_config.json`` otherwise.
 
     - a directory with checkpoints and no ``resume``: refused (starting over would overwrite them);
     - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES``: refused unless ``force``.
+    ``defaults`` (same nesting as ``run_config``) gives the value a setting had before it
+    existed: a saved config that lacks a field then matches a run that leaves it at its default.
     Nothing on disk changes before these checks pass.
     """
     run_dir = pathlib.Path(run_dir)
@@ -94,7 +97,7 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); refusing to reuse {run_dir}") from err
-        diff = _config_diff(saved, run_config)
+        diff = _config_diff(_fill(saved, defaults or {}), run_config)
         if diff and not force:
             raise ValueError(f"output directory {run_dir} holds a different run; differing settings: "
                              + "; ".join(diff) + ". Choose another --out, or pass --force to reuse it.")
@@ -105,6 +108,17 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True))
     tmp.replace(config_path)
+
+
+def _fill(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys it lacks taken from ``defaults``, recursively."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _fill(out[key], value)
+        elif key not in out:
+            out[key] = value
+    return out
 
 
 def _config_diff(saved: dict, new: dict, prefix: str = "") -> list[str]:

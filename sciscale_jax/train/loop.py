@@ -74,6 +74,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _field_defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def build_optimizer(cfg: TrainConfig):
     """Warm-up + cosine learning-rate schedule, global-norm clipping, then the named optimizer.
 
@@ -150,7 +154,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
-    check_run_dir(out_dir, run_config, resume=resume, force=force)
+    defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
+    check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
     if cfg.offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
         targets = host_offload.parse_offload(cfg.offload)
         kind = {t: "pinned_host" if t in targets else "device" for t in ("params", "opt_state")}
