@@ -1,0 +1,168 @@
+"""Issue 4's acceptance on the protein MLM: every optimizer trains, 8-bit AdamW tracks AdamW,
+and MeZO's step stays at inference memory (and its in-place step follows the paper's equations)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sciscale_jax import optim
+from sciscale_jax.memory import compiled_memory
+from sciscale_jax.optim.mezo import gaussian_like
+from sciscale_jax.models import Transformer, TransformerConfig
+from sciscale_jax.recipes.protein_mlm import RECIPE
+from sciscale_jax.train.loop import TrainConfig, build_optimizer, evaluate, train
+from sciscale_jax.train.step import init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
+
+# Per optimizer: (learning rate, steps, required drop of the validation loss below its value at
+# initialisation). Zeroth-order rates are orders of magnitude smaller per coordinate moved.
+RUNS = {
+    "adamw": (3e-3, 30, 0.3), "adafactor": (3e-2, 30, 0.3), "sm3": (1e-1, 30, 0.3),
+    "came": (3e-3, 30, 0.3), "lion": (3e-3, 30, 0.3), "adam_mini": (3e-3, 30, 0.3),
+    "adamw_8bit": (3e-3, 30, 0.3), "mezo": (3e-3, 150, 0.02), "zo_adamu": (3e-3, 150, 0.02),
+    "deepzero": (1.0, 6, 0.02),
+}
+TINY = dict(num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32)   # ~5k parameters
+SMALL = dict(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256)  # benchmarks/optimizers.py "small"
+MEDIUM = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)  # its "medium": the recipe default
+
+
+def _model_config(layout):
+    return TransformerConfig(vocab_size=32, max_len=1024, **layout)
+
+
+def _train_config(optimizer, lr, steps, batch=4, seq=32):
+    return TrainConfig(steps=steps, batch_size=batch, seq_len=seq, learning_rate=lr, optimizer=optimizer,
+                       warmup_steps=max(1, steps // 10), eval_every=10 ** 6, save_every=10 ** 6, log_every=10 ** 6)
+
+
+def _initial_val_loss(layout, cfg):
+    """The validation loss of the model ``train`` starts from (seed 0), evaluated separately."""
+    graphdef, state = init_train_state(Transformer(_model_config(layout), rngs=nnx.Rngs(cfg.seed)), optim.adamw(0.1))
+    data = RECIPE.build_data(cfg)
+    return evaluate(jax.jit(make_eval_step(graphdef, RECIPE.loss_fn)), state.params, state.rest, data.eval)[0]
+
+
+def _train(tmp_path, layout, cfg):
+    return train(RECIPE, _model_config(layout), cfg, tmp_path / cfg.optimizer, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_lowers_protein_mlm_validation_loss(tmp_path, name):
+    lr, steps, drop = RUNS[name]
+    cfg = _train_config(name, lr, steps)
+    before = _initial_val_loss(TINY, cfg)
+    out = _train(tmp_path, TINY, cfg)
+    assert out["steps"] == steps
+    assert np.isfinite(out["val_loss"])
+    assert out["val_loss"] < before - drop, (name, before, out["val_loss"])
+
+
+def test_adamw_8bit_tracks_float32_adamw_on_protein_mlm(tmp_path):
+    """Same model, data and schedule; at this size every matrix has 8-bit moments."""
+    tol = 0.03   # absolute difference of the validation losses (nats per masked token)
+    losses = {}
+    for name in ("adamw", "adamw_8bit"):
+        cfg = _train_config(name, 3e-3, 40, batch=8, seq=64)
+        out = _train(tmp_path, SMALL, cfg)
+        losses[name] = out["val_loss"]
+        if name == "adamw_8bit":   # the check is not vacuous: most of the state is uint8 codes
+            leaves = jax.tree.leaves(out["state"].opt_state)
+            coded = sum(x.size for x in leaves if x.dtype == jnp.uint8)
+            assert coded > 0.8 * sum(x.size for x in jax.tree.leaves(out["state"].params)) * 2
+    before = _initial_val_loss(SMALL, _train_config("adamw", 3e-3, 40, batch=8, seq=64))
+    assert losses["adamw"] < before - 0.5
+    assert abs(losses["adamw_8bit"] - losses["adamw"]) < tol, losses
+
+
+def _step_peaks(layout, batch, seq):
+    """Compiled peaks (bytes) of the forward-only evaluation, the MeZO step and the AdamW step."""
+    data = RECIPE.build_data(_train_config("adamw", 1e-3, 1, batch, seq))
+    example = data.train.batch(0)
+    peaks = {}
+    for name in ("mezo", "adamw"):
+        tx = build_optimizer(_train_config(name, 1e-4, 10, batch, seq))
+        graphdef, state = init_train_state(Transformer(_model_config(layout), rngs=nnx.Rngs(0)), tx)
+        make = make_zeroth_order_step if name == "mezo" else make_train_step
+        step = jax.jit(make(graphdef, tx, loss_fn=RECIPE.loss_fn), donate_argnums=0)   # as train() jits it
+        peaks[name] = compiled_memory(step, state, example).peak_bytes
+    peaks["forward"] = compiled_memory(make_eval_step(graphdef, RECIPE.loss_fn), state.params, state.rest,
+                                       example).peak_bytes
+    return peaks
+
+
+@pytest.mark.parametrize("layout, batch, seq", [
+    (SMALL, 8, 64),
+    pytest.param(MEDIUM, 16, 128, marks=pytest.mark.slow),
+])
+def test_mezo_step_memory_is_inference_level(layout, batch, seq):
+    peaks = _step_peaks(layout, batch, seq)
+    assert peaks["mezo"] <= 1.2 * peaks["forward"], peaks
+    assert peaks["adamw"] >= 3.0 * peaks["mezo"], peaks
+
+
+# ----------------------------------------------- the in-place step against the equations
+
+SHAPES = {"mat": (4, 5), "t3": (2, 3, 4), "vec": (5,), "scalar": ()}
+
+
+def _problem():
+    rng = np.random.default_rng(3)
+    a = {k: rng.uniform(0.5, 2.0, s) for k, s in SHAPES.items()}
+    c = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    p0 = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+    def loss(p, xp=jnp):
+        return sum(xp.sum(0.5 * a[k] * (p[k] - c[k]) ** 2 + 0.1 * xp.sin(p[k])) for k in SHAPES)
+    return p0, loss
+
+
+@pytest.mark.parametrize("n, wd", [(1, 0.0), (3, 0.1)])
+def test_mezo_in_place_step_matches_numpy_equations(n, wd, steps=10):
+    """θ perturbed by +εz, −2εz, +εz in place, then θ ← θ − lr(mean_s p_s z_s + wd θ), in float64."""
+    p0, loss = _problem()
+    lr, eps, seed = 1e-2, 1e-2, 5
+    tx = optim.mezo(lr, eps=eps, num_samples=n, weight_decay=wd, seed=seed)
+    apply = jax.jit(lambda p, s: tx.apply(p, s, loss))
+    p, state = jax.tree.map(jnp.asarray, p0), tx.init(p0)
+    want = {k: v.astype(np.float64) for k, v in p0.items()}
+    draw = jax.jit(gaussian_like)
+    for t in range(steps):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), t)
+        zs = [{k: np.asarray(v, np.float64) for k, v in draw(jax.random.fold_in(key, s), p0).items()}
+              for s in range(n)]
+        proj = [(loss({k: want[k] + eps * z[k] for k in want}, np) - loss({k: want[k] - eps * z[k] for k in want}, np))
+                / (2 * eps) for z in zs]
+        before = loss(want, np)
+        want = {k: want[k] - lr * (sum(pr * z[k] for pr, z in zip(proj, zs)) / n + wd * want[k]) for k in want}
+        p, state, got_loss, got_proj = apply(p, state)
+        np.testing.assert_allclose(float(got_loss), before, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got_proj), proj, rtol=2e-2, atol=2e-3)
+    for k in SHAPES:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-3, atol=1e-4, err_msg=k)
+    assert int(state.count) == steps
+
+
+@pytest.mark.slow
+def test_mezo_train_step_in_place_equals_optax_form_on_protein_mlm():
+    """The train step's in-place path and the plain optax update move the model alike."""
+    cfg = _train_config("mezo", 1e-3, 10)
+    data = RECIPE.build_data(cfg)
+    tx = build_optimizer(cfg)
+    graphdef, state = init_train_state(Transformer(_model_config(TINY), rngs=nnx.Rngs(0)), tx)
+    assert callable(tx.apply)
+    generic = optax.GradientTransformationExtraArgs(tx.init, tx.update)   # the same MeZO, no ``apply``
+    fast = jax.jit(make_zeroth_order_step(graphdef, tx, loss_fn=RECIPE.loss_fn))
+    slow = jax.jit(make_zeroth_order_step(graphdef, generic, loss_fn=RECIPE.loss_fn))
+    a = b = state
+    for step in range(3):
+        batch = data.train.batch(step)
+        a, ma = fast(a, batch)
+        b, mb = slow(b, batch)
+        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a.params, state.params)
+    diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a.params, b.params)
+    assert max(jax.tree.leaves(moved)) > 1e-5        # the parameters did move
+    assert max(jax.tree.leaves(diff)) < 0.05 * max(jax.tree.leaves(moved)), (diff, moved)
