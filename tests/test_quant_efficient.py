@@ -82,7 +82,7 @@ def test_block_ap_beats_rtn_then_e2e_trains_only_scales():
     model = _Model(rngs=nnx.Rngs(0))
     x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
     y_fp = model(x)
-    fp_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    fp_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     # Round-to-nearest baseline: min/max init, no training.
     rtn = _Model(rngs=nnx.Rngs(0))
     for b in rtn.blocks:
@@ -103,12 +103,12 @@ def test_block_ap_beats_rtn_then_e2e_trains_only_scales():
             np.testing.assert_array_equal(mod.kernel[...], dequantize(fw, mod.kernel[...].shape))
     # E2E-QP on the whole model's loss: only the step sizes move.
     full = {f"blocks/{i}/{k}": fw for i, fz in enumerate(frozen) for k, fw in fz.items()}
-    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     loss = lambda m, batch: jnp.mean((m(batch) - y_fp) ** 2)
     first = float(loss(model, x))
     trained = e2e_qp(model, full, loss, [x] * 40, learning_rate=1e-3)
     assert float(loss(model, x)) < first
-    after = nnx.state(model, nnx.Param).to_pure_dict()
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np.testing.assert_array_equal(after["head"]["kernel"], before["head"]["kernel"])
     np.testing.assert_array_equal(after["blocks"][0]["norm"]["scale"], before["blocks"][0]["norm"]["scale"])
     for k, fw in trained.items():

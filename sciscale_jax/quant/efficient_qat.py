@@ -102,13 +102,13 @@ def _key(path) -> str:
 
 def _flat_params(params: nnx.State) -> tuple[dict[str, Any], dict[str, tuple]]:
     """{"a/0/kernel": array}, and the key -> path map to rebuild the nested dict."""
-    nested = traverse_util.flatten_dict(params.to_pure_dict())
+    nested = traverse_util.flatten_dict(nnx.to_pure_dict(params))
     return {_key(p): v for p, v in nested.items()}, {_key(p): p for p in nested}
 
 
 def _set_params(params: nnx.State, flat: dict[str, Any], paths: dict[str, tuple]) -> nnx.State:
     state = jax.tree.map(lambda x: x, params)
-    state.replace_by_pure_dict(traverse_util.unflatten_dict({paths[k]: v for k, v in flat.items()}))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({paths[k]: v for k, v in flat.items()}))
     return state
 
 
