@@ -39,11 +39,28 @@ def orthogonal_features(key, num_features: int, head_dim: int):
     num_blocks = -(-num_features // head_dim)
     block_key, norm_key = jax.random.split(key)
     gauss_ndd = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
-    q_ndd, r_ndd = jnp.linalg.qr(gauss_ndd)  # one batched QR: cheap to compile for many blocks
-    q_ndd = q_ndd * jnp.sign(jnp.diagonal(r_ndd, axis1=-2, axis2=-1))[:, None, :]  # Haar-distributed
+    q_ndd = _gram_schmidt(gauss_ndd)  # Q of the QR with R's diagonal positive: Haar-distributed
     directions_md = q_ndd.transpose(0, 2, 1).reshape(num_blocks * head_dim, head_dim)[:num_features]
     norms_m = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
     return directions_md * norms_m[:, None]
+
+
+def _gram_schmidt(a_ndd):
+    """Orthonormalise the columns of each matrix (classical Gram-Schmidt, applied twice for accuracy).
+
+    Pure XLA ops on purpose: the LAPACK QR custom call hung on CPU when several layers drew
+    features concurrently inside one compiled train step (4 layers, embed 128, seq 128).
+    """
+    dim = a_ndd.shape[-1]
+
+    def column(j, q_ndd):
+        v_nd = a_ndd[:, :, j]
+        for _ in range(2):
+            v_nd = v_nd - jnp.einsum("ndk,nk->nd", q_ndd, jnp.einsum("ndk,nd->nk", q_ndd, v_nd))
+        v_nd = v_nd / jnp.linalg.norm(v_nd, axis=-1, keepdims=True)
+        return q_ndd.at[:, :, j].set(v_nd)
+
+    return jax.lax.fori_loop(0, dim, column, jnp.zeros_like(a_ndd))
 
 
 def positive_features(x_bshd, w_md, *, is_query: bool, valid_bs=None):
