@@ -152,10 +152,6 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
-    # Every check above runs before anything in out_dir is written.
-    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
-    defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
-    check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
     if cfg.offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
         targets = host_offload.parse_offload(cfg.offload)
         kind = {t: "pinned_host" if t in targets else "device" for t in ("params", "opt_state")}
@@ -165,6 +161,10 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         jit_kw["out_shardings"] = (placed, None)
         if "in_shardings" in jit_kw:
             jit_kw["in_shardings"] = (placed, jit_kw["in_shardings"][1])
+    # Every check above runs before anything in out_dir is written.
+    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
+    defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
+    check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
     ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
     if resume and ckpt.latest_step() is not None:
         state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
