@@ -30,13 +30,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--impls", nargs="+", default=["xla", "linformer", "performer"])
+    p.add_argument("--linformer-k", type=int, default=32, help="projected length (below seq-len: compression)")
+    p.add_argument("--performer-features", type=int, default=128)
     args = p.parse_args(argv)
     recipe = get_recipe("protein-mlm")
     train_cfg = TrainConfig(**{**recipe.train_defaults, "steps": args.steps, "seq_len": args.seq_len,
                                "eval_every": args.steps, "save_every": args.steps})
     rows = []
     for impl in args.impls:
-        model_cfg = TransformerConfig(**{**recipe.model_defaults, "attention": impl, "max_len": args.seq_len})
+        model_cfg = TransformerConfig(**{**recipe.model_defaults, "attention": impl, "max_len": args.seq_len,
+                                         "linformer_k": args.linformer_k,
+                                         "performer_features": args.performer_features})
         with tempfile.TemporaryDirectory() as out:
             r = train(recipe, model_cfg, train_cfg, out, progress=False, log=lambda *_: None)
         rows.append({"attention": impl, "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
@@ -44,7 +48,8 @@ def main(argv=None):
         print(f"{impl}: val loss {r['val_loss']:.4f}", flush=True)
     exact = next(r["val_loss"] for r in rows if r["attention"] == "xla")
     device = jax.devices()[0].device_kind
-    print(f"\nprotein MLM, {args.steps} steps, seq {args.seq_len}, device: {device}\n")
+    print(f"\nprotein MLM, {args.steps} steps, seq {args.seq_len}, Linformer k={args.linformer_k}, "
+          f"Performer {args.performer_features} features, device: {device}\n")
     print("| attention | val loss | / exact | val ppl | step temp MiB |\n|---|---:|---:|---:|---:|")
     for r in rows:
         r["ratio_to_exact"] = r["val_loss"] / exact
@@ -52,7 +57,8 @@ def main(argv=None):
               f"| {r['temp_mib']:.1f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "attention_mlm.json").write_text(json.dumps(
-        {"device": device, "steps": args.steps, "seq_len": args.seq_len, "rows": rows}, indent=2))
+        {"device": device, "steps": args.steps, "seq_len": args.seq_len, "linformer_k": args.linformer_k,
+         "performer_features": args.performer_features, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

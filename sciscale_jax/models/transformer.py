@@ -44,13 +44,16 @@ class TransformerConfig:
     remat: str = "none"
     attention: str = "xla"
     mlp: str = "swiglu"
+    linformer_k: int = 256         # Linformer: keys/values projected to this many rows (capped at max_len)
+    performer_features: int = 256  # Performer: random features per head
     rope_base: float = 10000.0
     precision: str = "fp32"        # sciscale_jax.precision policy: fp32 | bf16 | fp16 | fp8
     quant: str = "none"            # sciscale_jax.quant scheme: none | llm_qat_w4a8kv4 | bitnet | bitnet158
     sharding: str | None = None    # rule table for activation constraints (e.g. "tp_sp"); None: none
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"):
+        for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len", "linformer_k",
+                     "performer_features"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -84,9 +87,6 @@ class TransformerConfig:
 
 
 class Attention(nnx.Module):
-    LINFORMER_PROJ_LEN = 256   # Linformer's k (capped at max_len)
-    PERFORMER_FEATURES = 256   # Performer's random feature count
-
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -101,10 +101,10 @@ class Attention(nnx.Module):
             if cfg.causal:
                 raise ValueError("attention='linformer' cannot be causal (causal=True): Linformer mixes "
                                  "future positions into every projected key")
-            approx = attention.LinformerAttention(cfg.max_len, min(self.LINFORMER_PROJ_LEN, cfg.max_len),
+            approx = attention.LinformerAttention(cfg.max_len, min(cfg.linformer_k, cfg.max_len),
                                                   rngs=rngs, param_dtype=cfg.param_dtype)
         elif cfg.attention == "performer":
-            approx = attention.PerformerAttention(d, self.PERFORMER_FEATURES, rngs=rngs)
+            approx = attention.PerformerAttention(d, cfg.performer_features, rngs=rngs)
         self.approx = approx
 
     def __call__(self, x_bse, positions_bs, mask_b11k):
