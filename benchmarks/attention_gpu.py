@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sciscale_jax.kernels.flash_attention import flash_attention, reference_attention
+from timing import median_seconds  # benchmarks/timing.py (scripts run as python benchmarks/NAME.py)
 
 
 def _impls(flash_blocks):
@@ -46,17 +46,6 @@ def _impls(flash_blocks):
     except Exception as err:  # noqa: BLE001 - optional comparison
         print(f"pallas_gpu unavailable: {err}", file=sys.stderr)
     return impls
-
-
-def _time(fn, args, runs):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 _ref_chunk = jax.jit(lambda q, k, v, mask: reference_attention(q, k, v, mask=mask))
@@ -112,7 +101,7 @@ def run(args):
                 rec = dict(impl=name, device=device_name, head_dim=head_dim, seq=seq, batch=batch,
                            heads=heads, causal=causal, dtype="bfloat16", pass_=pass_name)
                 try:
-                    seconds = _time(fn, fn_args, args.runs)
+                    seconds = median_seconds(fn, fn_args, args.runs)
                     out = fn(*fn_args)
                     if pass_name == "fwd":
                         err = _max_err(out, ref_out)

@@ -35,7 +35,6 @@ import math
 import os
 import pathlib
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from flax import nnx, traverse_util
 
 from sciscale_jax import precision, quant
 from sciscale_jax.models.layers import Dense
+from timing import median_seconds  # benchmarks/timing.py (scripts run as python benchmarks/NAME.py)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -217,17 +217,6 @@ def cpu_plot(result: dict, path: pathlib.Path) -> None:
 
 # --- GPU mode --------------------------------------------------------------------------------
 
-def _median_seconds(fn, args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[")
 _CALL = re.compile(r"\b(?:dot|custom-call)\((.*?)\)")
 
@@ -284,7 +273,7 @@ def run_gpu(args) -> dict:
     ref = jnp.dot(x_nk.astype(jnp.float32), w_km.astype(jnp.float32), precision="highest")
     records = []
     for name, (fn, fn_args) in impls.items():
-        seconds = _median_seconds(fn, fn_args, args.runs)
+        seconds = median_seconds(fn, fn_args, args.runs)
         hlo = fn.lower(*fn_args).compile().as_text()
         gemm = fp8_gemm_lines(hlo)
         out = fn(*fn_args).astype(jnp.float32)
