@@ -175,10 +175,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         if "params" in cfg.offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
+        metrics_log = MetricsLog(out_dir / "metrics.jsonl")
         state, train_loss, t0 = _loop(cfg, recipe.name, compiled, eval_fn, state, data, put_batch, ckpt,
-                                      MetricsLog(out_dir / "metrics.jsonl"), progress)
+                                      metrics_log, progress)
         val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
-    MetricsLog(out_dir / "metrics.jsonl").write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
+    metrics_log.write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
     return {
         "steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl,
         "baselines": dict(data.baselines), "memory": report_from_analysis(compiled.memory_analysis()),
