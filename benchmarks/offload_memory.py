@@ -7,7 +7,7 @@ everything on the device, then reports:
 
 - the compiled step's memory analysis: device argument bytes, host argument bytes, device
   temporary bytes and device peak (arguments + outputs + temporaries - aliased);
-- the bytes the device holds between steps (``device.memory_stats()["bytes_in_use"]`` after
+- the bytes the device holds between steps for this run's state (``device.memory_stats()["bytes_in_use"]`` after
   placing the state; accelerators only, CPU reports none);
 - the memory kind of every state leaf after a step (must stay where it was asked);
 - the median step time as a ratio to the on-device step measured in the same run;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 
 import jax
@@ -41,7 +42,8 @@ from activation_memory import VOCAB, make_batch, mlm_loss
 from timing import median_seconds
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-VARIANTS = (("device", frozenset(), False), ("opt_state", {"opt_state"}, False),
+VARIANTS = (("device", frozenset(), False), ("device, again", frozenset(), False),
+            ("opt_state", {"opt_state"}, False),
             ("params", {"params"}, False), ("opt_state,params", {"opt_state", "params"}, False),
             ("opt_state on host", {"opt_state"}, True))
 
@@ -82,10 +84,10 @@ def run(args) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(init_state))
     rows, reference = [], None
     for name, targets, on_host in VARIANTS:
-        if name != "device" and not args.host_ok:
+        if not name.startswith("device") and not args.host_ok:
             continue
+        before = device_bytes_in_use()  # nothing of an earlier variant is alive here
         fresh = jax.tree.map(jnp.copy, init_state)
-        before = device_bytes_in_use()
         try:
             if targets:
                 params, opt_state, step = offload.make_offloaded_step(
@@ -93,6 +95,7 @@ def run(args) -> dict:
             else:
                 params, opt_state, step = on_device_step(loss_fn, tx, fresh, compute_dtype)
             del fresh
+            jax.block_until_ready((params, opt_state))
             resident = device_bytes_in_use()
             mem = step.lower(params, opt_state, batches[0]).compile().memory_analysis()
             for b in batches:
@@ -113,7 +116,8 @@ def run(args) -> dict:
                     holder["p"], holder["s"], out = step(holder["p"], holder["s"], batches[0])
                     return out
                 row["step_s"] = median_seconds(one, (), args.repeats)
-                params, opt_state = holder["p"], holder["s"]
+                params, opt_state = holder.pop("p"), holder.pop("s")
+                del one
             final = jax.device_get(params)
             if reference is None:
                 reference = final
@@ -131,7 +135,9 @@ def run(args) -> dict:
             r["time_vs_device"] = r["step_s"] / base["step_s"]
     return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
             "params": int(n_params), "args": vars(args), "rows": rows,
-            "note": "timed steps after --steps training steps; params diff measured before timing"}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "note": "timed steps after --steps training steps; params diff measured before timing; "
+                    "'device, again' repeats the on-device run: its diff is the run-to-run noise floor"}
 
 
 def markdown(result) -> str:

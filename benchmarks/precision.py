@@ -273,9 +273,10 @@ def run_gpu(args) -> dict:
     ref = jnp.dot(x_nk.astype(jnp.float32), w_km.astype(jnp.float32), precision="highest")
     records = []
     for name, (fn, fn_args) in impls.items():
-        seconds = median_seconds(fn, fn_args, args.runs)
         hlo = fn.lower(*fn_args).compile().as_text()
         gemm = fp8_gemm_lines(hlo)
+        print(f"{name}: compiled; fp8 GEMM lines: {[g[:160] for g in gemm[:2]]}", file=sys.stderr, flush=True)
+        seconds = median_seconds(fn, fn_args, args.runs)
         out = fn(*fn_args).astype(jnp.float32)
         if name.startswith("fp8 dot"):
             out = out * (sx * sw)

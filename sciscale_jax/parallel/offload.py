@@ -16,6 +16,7 @@ test can check, while the bytes saved show in ``device.memory_stats()`` on GPU/T
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -91,6 +92,19 @@ def to_host(tree):
     return jax.device_put(tree, jax.memory.Space.Host)
 
 
+def run_on_host(fn: Callable, *args):
+    """Inside jit: ``fn(*args)`` computed on the host CPU, its outputs left in host memory.
+
+    jax <= 0.10 spells this ``compute_on("device_host")`` as a context or decorator; later
+    versions take the function and the outputs' memory spaces (``compute_on(fn,
+    compute_type=..., out_memory_spaces=...)``). Both are accepted here.
+    """
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        spaces = jax.tree.map(lambda _: jax.memory.Space.Host, jax.eval_shape(fn, *args))
+        return compute_on(fn, compute_type="device_host", out_memory_spaces=spaces)(*args)
+    return compute_on("device_host")(jax.jit(fn))(*args)
+
+
 def make_offloaded_step(loss_fn: Callable, tx: optax.GradientTransformation, params, *,
                         offload: str | Iterable[str] = "opt_state", on_host: bool = False,
                         compute_dtype: Any = None, donate: bool = True):
@@ -131,7 +145,7 @@ def make_offloaded_step(loss_fn: Callable, tx: optax.GradientTransformation, par
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         if on_host:
             host_args = to_host((grads, opt_state, params))
-            new_params, opt_state = compute_on("device_host")(jax.jit(update))(*host_args)
+            new_params, opt_state = run_on_host(update, *host_args)
         else:
             s_dev = to_device(opt_state) if "opt_state" in targets else opt_state
             new_params, opt_state = update(grads, s_dev, p_dev)
