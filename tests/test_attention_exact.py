@@ -171,6 +171,26 @@ def test_auto_resolves_by_backend_and_length():
     assert attention.resolve_impl(short, short, short, impl="xla") == "xla"
 
 
+def test_auto_on_cuda_prefers_cudnn_without_bias_or_mask(monkeypatch):
+    """The rule the H200 timings chose: cuDNN when it applies and nothing must be materialised
+    at [B, H, Q, K]; the flash kernel with a bias or mask or where cuDNN refuses the inputs."""
+    from sciscale_jax.attention import core, cudnn
+    monkeypatch.setattr(core, "_cuda", lambda: True)
+    monkeypatch.setattr(core, "_accelerator", lambda: True)
+    monkeypatch.setattr(cudnn, "_gpu_compute_capability", lambda: 9.0)
+    bf16 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+    f32 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
+    odd = jax.ShapeDtypeStruct((1, 63, 2, 64), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((1, 2, 64, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bool_)
+    assert attention.resolve_impl(bf16, bf16, bf16) == "cudnn"
+    assert attention.resolve_impl(bf16, bf16, bf16, causal=True) == "cudnn"
+    assert attention.resolve_impl(odd, bf16, bf16, causal=True) == "flash"  # cuDNN: odd non-square causal
+    assert attention.resolve_impl(f32, f32, f32) == "flash"                 # cuDNN: no float32
+    assert attention.resolve_impl(bf16, bf16, bf16, bias=bias) == "flash"
+    assert attention.resolve_impl(bf16, bf16, bf16, mask=mask) == "flash"
+
+
 def _arr(*shape, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(5).normal(size=shape), dtype)
 

@@ -8,8 +8,11 @@ dividing heads; a float ``bias`` and a boolean ``mask`` (True = attend) broadcas
 
 Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory), "cudnn"
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
-``sciscale_jax.kernels.flash_attention``, loaded on first use) and "auto": flash on GPU or
-TPU where the kernel supports the case, else chunked once either sequence reaches
+``sciscale_jax.kernels.flash_attention``, loaded on first use) and "auto". On a CUDA GPU
+"auto" picks cuDNN when cuDNN takes the inputs and there is no bias or mask (cuDNN needs
+them at full [B, H, Q, K] size, which would undo the O(N) memory): on an H200 it ran 1.5-3.5x
+faster than the flash kernel (``benchmarks/attention_gpu.py``, README). Otherwise, on GPU or
+TPU, flash where the kernel supports the case; else chunked once either sequence reaches
 ``AUTO_CHUNKED_MIN_LEN``, else xla. "linformer" and "performer" are approximate attention
 modules with parameters (``LinformerAttention``, ``PerformerAttention``): model configs may
 name them, the parameter-free front door cannot run them.
@@ -125,10 +128,20 @@ def _accelerator() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
 
 
-def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto") -> str:
+def _cuda() -> bool:
+    return jax.default_backend() in ("gpu", "cuda")
+
+
+def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool = False) -> str:
     """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged)."""
     if impl != "auto":
         return impl
+    if _cuda() and bias is None and mask is None:
+        try:
+            check_cudnn(q, k, v, causal=causal)
+            return "cudnn"
+        except ValueError:
+            pass
     if _accelerator():
         try:
             from sciscale_jax.kernels.flash_attention import flash_supported
@@ -150,7 +163,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=
     validate_impl(impl)
     check_shapes(q, k, v, bias, mask)
     check_dtypes(q, k, v, bias, mask)
-    entry = _IMPLS[resolve_impl(q, k, v, bias, mask, impl)]
+    entry = _IMPLS[resolve_impl(q, k, v, bias, mask, impl, causal=causal)]
     if entry.check is not None:
         entry.check(q, k, v, bias, mask)
     return entry.fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)
