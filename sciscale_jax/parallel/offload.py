@@ -92,6 +92,14 @@ def to_host(tree):
     return jax.device_put(tree, jax.memory.Space.Host)
 
 
+def after_backward(grads, *host_trees):
+    """Tie host-resident trees to the gradients so their transfers to the device wait for the
+    backward pass. Without the tie XLA may prefetch them at the start of the step, and then
+    the optimizer state is live on the device through forward and backward and offload
+    saves nothing at the step's peak (seen on an H200: ``benchmarks/offload_memory.py``)."""
+    return jax.lax.optimization_barrier((grads, *host_trees))
+
+
 def run_on_host(fn: Callable, *args):
     """Inside jit: ``fn(*args)`` computed on the host CPU, its outputs left in host memory.
 
@@ -147,7 +155,10 @@ def make_offloaded_step(loss_fn: Callable, tx: optax.GradientTransformation, par
             host_args = to_host((grads, opt_state, params))
             new_params, opt_state = run_on_host(update, *host_args)
         else:
+            grads, opt_state, params = after_backward(grads, opt_state, params)
             s_dev = to_device(opt_state) if "opt_state" in targets else opt_state
+            if "params" in targets and compute_dtype is not None:
+                p_dev = to_device(params)  # the master copy again; its first transfer died at the cast
             new_params, opt_state = update(grads, s_dev, p_dev)
         new_params = (to_host if "params" in targets else to_device)(new_params)
         opt_state = (to_host if "opt_state" in targets else to_device)(opt_state)

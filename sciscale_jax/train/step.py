@@ -146,9 +146,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     def step(state: TrainState, batch):
         key = jax.random.fold_in(base_key, state.step)
         params = host.to_device(state.params) if "params" in offload else state.params
-        opt_state = host.to_device(state.opt_state) if "opt_state" in offload else state.opt_state
-        scale = loss_scale_of(opt_state) if loss_scaling else jnp.float32(1.0)
+        opt_state, scale = state.opt_state, jnp.float32(1.0)
+        if loss_scaling:
+            scale = loss_scale_of(opt_state)
+            scale = host.to_device(scale) if "opt_state" in offload else scale
         loss, (count, rest), grads = grad_fn(params, state.rest, batch, key, loss_scale=scale)
+        if "opt_state" in offload:  # brought in after the backward pass, not prefetched before it
+            grads, opt_state = host.after_backward(grads, opt_state)
+            opt_state = host.to_device(opt_state)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads) / scale}
