@@ -10,7 +10,7 @@ Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory),
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
 ``sciscale_jax.kernels.flash_attention``, loaded on first use) and "auto". On a CUDA GPU
 "auto" picks cuDNN when cuDNN takes the inputs and there is no bias or mask (cuDNN needs
-them at full [B, H, Q, K] size, which would undo the O(N) memory): on an H200 it ran 1.5-3.5x
+them at full [B, H, Q, K] size, which would undo the O(N) memory): on an H200 it ran 1.5-3.6x
 faster than the flash kernel (``benchmarks/attention_gpu.py``, README). Otherwise, on GPU or
 TPU, flash where the kernel supports the case; else chunked once either sequence reaches
 ``AUTO_CHUNKED_MIN_LEN``, else xla. "linformer" and "performer" are approximate attention
