@@ -42,7 +42,10 @@ step activation_memory_bench 150 "$PY" benchmarks/activation_memory.py --out "$O
   --policies none selective full offload:qkv,mlp_hidden
 
 # ZeRO-Offload placement of AdamW state / master params: device bytes freed, same training.
-step offload_memory_bench 90 "$PY" benchmarks/offload_memory.py --out "$OUT/offload_memory" --bf16
+# Deterministic GPU ops so "identical to the on-device run" can be checked bit for bit.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
+  step offload_memory_bench 90 "$PY" benchmarks/offload_memory.py --out "$OUT/offload_memory" \
+  --bf16 --remat none --batch 16 --repeats 5
 
 # Flash vs cuDNN vs jax's Pallas op: head_dim 128 and long sequences first; a budget cuts the rest.
 step attention_gpu_bench 100 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
