@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from sciscale_jax.attention.core import register
 from sciscale_jax.attention.xla import xla_attention
 from sciscale_jax.parallel.mesh import axis_size
-from sciscale_jax.parallel.ulysses import context_mesh, qkv_spec_axes
+from sciscale_jax.parallel.ulysses import check_lengths_divide, qkv_spec_axes, sequence_degree
 
 
 def zigzag_permutation(seq_len: int, degree: int) -> np.ndarray:
@@ -223,8 +223,7 @@ def ring_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=False
 
     ``zigzag`` (default: on when causal) balances causal work; it needs seq % (2 x degree) == 0.
     """
-    mesh = context_mesh(mesh)
-    degree = mesh.shape.get(axis, 1) if mesh is not None else 1
+    mesh, degree = sequence_degree(mesh, axis)
     if degree == 1:
         return xla_attention(q_bshd, k_bshd, v_bshd, bias=bias, mask=mask, causal=causal, scale=scale)
     batch, q_len, heads, head_dim = q_bshd.shape
@@ -235,9 +234,7 @@ def ring_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=False
     if zigzag and q_len % (2 * degree):
         raise ValueError(f"seq_len={q_len} is not divisible by 2 x ring degree = 2 x {degree} = "
                          f"{2 * degree} (zigzag)")
-    for name, length in (("q_len", q_len), ("kv_len", kv_len)):
-        if length % degree:
-            raise ValueError(f"{name}={length} is not divisible by the ring degree {axis}={degree}")
+    check_lengths_divide(q_len, kv_len, degree, "ring", axis)
     batch_axes, head_axis = qkv_spec_axes(mesh, batch, axis)
     if heads % axis_size(mesh, head_axis):
         head_axis = None

@@ -31,6 +31,18 @@ def context_mesh(mesh=None):
     return None if mesh.empty else mesh
 
 
+def sequence_degree(mesh, axis: str):
+    """(the mesh in use, its size along the sequence ``axis``); degree 1 without a mesh."""
+    mesh = context_mesh(mesh)
+    return mesh, (mesh.shape.get(axis, 1) if mesh is not None else 1)
+
+
+def check_lengths_divide(q_len: int, kv_len: int, degree: int, what: str, axis: str) -> None:
+    for name, length in (("q_len", q_len), ("kv_len", kv_len)):
+        if length % degree:
+            raise ValueError(f"{name}={length} is not divisible by the {what} degree {axis}={degree}")
+
+
 def qkv_spec_axes(mesh, batch, seq_axis):
     """(batch mesh axes, tensor axis) for [B, S, H, D] blocks inside a sequence shard_map."""
     batch_axes = tuple(a for a in DATA_AXES if mesh.shape.get(a, 1) > 1)
@@ -43,8 +55,7 @@ def qkv_spec_axes(mesh, batch, seq_axis):
 def ulysses_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=False, scale=None,
                       mesh=None, axis="sequence"):
     """Exact attention with the sequence split over mesh ``axis``; layout as the front door."""
-    mesh = context_mesh(mesh)
-    degree = mesh.shape.get(axis, 1) if mesh is not None else 1
+    mesh, degree = sequence_degree(mesh, axis)
     if degree == 1:
         return xla_attention(q_bshd, k_bshd, v_bshd, bias=bias, mask=mask, causal=causal, scale=scale)
     batch, q_len, heads, head_dim = q_bshd.shape
@@ -54,9 +65,7 @@ def ulysses_attention(q_bshd, k_bshd, v_bshd, *, bias=None, mask=None, causal=Fa
     if heads % (tensor * degree):
         raise ValueError(f"num_heads={heads} is not divisible by tensor x ulysses degree = "
                          f"{tensor} x {degree} = {tensor * degree}")
-    for name, length in (("q_len", q_len), ("kv_len", kv_len)):
-        if length % degree:
-            raise ValueError(f"{name}={length} is not divisible by the ulysses degree {axis}={degree}")
+    check_lengths_divide(q_len, kv_len, degree, "ulysses", axis)
     if kv_heads % (tensor * degree):  # grouped kv heads that cannot be split: repeat them
         k_bshd = jnp.repeat(k_bshd, heads // kv_heads, axis=2)
         v_bshd = jnp.repeat(v_bshd, heads // kv_heads, axis=2)
