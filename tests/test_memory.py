@@ -24,6 +24,21 @@ def test_report_equals_compiled_memory_analysis():
     assert report.peak_bytes == (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
     assert "peak" in report.format() and "MiB" in report.format()
+    assert report.host_argument_bytes == analysis.host_argument_size_in_bytes
+    assert report.host_output_bytes == analysis.host_output_size_in_bytes
+    assert "host arguments" not in report.format()  # shown only when something lives on the host
+
+
+def test_host_bytes_are_reported_but_not_in_the_device_peak():
+    """Offloaded state (pinned host arguments, as a GPU compile reports them) shows in the
+    report's text and leaves the device peak alone."""
+    from sciscale_jax.memory import MemoryReport
+    device = MemoryReport(argument_bytes=100, output_bytes=40, temp_bytes=60, alias_bytes=30)
+    offloaded = MemoryReport(argument_bytes=100, output_bytes=40, temp_bytes=60, alias_bytes=30,
+                             host_argument_bytes=2 * 2**20, host_output_bytes=2**20)
+    assert offloaded.peak_bytes == device.peak_bytes == 170
+    text = offloaded.format()
+    assert "host arguments" in text and "2.00 MiB" in text and "host outputs" in text and "1.00 MiB" in text
 
 
 def test_donation_shows_as_alias_and_lowers_peak():

@@ -25,6 +25,8 @@ class MemoryReport:
     alias_bytes: int
     generated_code_bytes: int = 0
     host_temp_bytes: int = 0
+    host_argument_bytes: int = 0   # e.g. optimizer state offloaded to pinned host memory
+    host_output_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -37,6 +39,8 @@ class MemoryReport:
         rows = [("arguments", self.argument_bytes), ("outputs", self.output_bytes),
                 ("temporaries", self.temp_bytes), ("aliased (donated)", -self.alias_bytes),
                 ("peak", self.peak_bytes)]
+        if self.host_argument_bytes or self.host_output_bytes:  # not part of the device peak
+            rows += [("host arguments", self.host_argument_bytes), ("host outputs", self.host_output_bytes)]
         width = max(len(name) for name, _ in rows)
         lines = [f"{title} (XLA compiled memory analysis)"]
         lines += [f"  {name:<{width}}  {value / MiB:10.2f} MiB" for name, value in rows]
@@ -55,6 +59,8 @@ def report_from_analysis(analysis) -> MemoryReport:
         alias_bytes=get("alias_size_in_bytes"),
         generated_code_bytes=get("generated_code_size_in_bytes"),
         host_temp_bytes=get("host_temp_size_in_bytes"),
+        host_argument_bytes=get("host_argument_size_in_bytes"),
+        host_output_bytes=get("host_output_size_in_bytes"),
     )
 
 
