@@ -159,3 +159,45 @@ def test_gpu_offloaded_state_leaves_device_memory():
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s)} == {"pinned_host"}
     for a, r in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_train_step_offload_moves_state_off_the_device():
+    """The train loop's step (``make_train_step``) with the optimizer state in pinned host
+    memory: the state shows as host arguments and leaves the device arguments, and training
+    matches the on-device step. (The device *peak* is not asserted: on an H200 this small
+    step's peak rose by 25 MB with offload, its temporaries growing by 92 MB (2.7x the
+    state), while the 134M-parameter benchmark's peak fell by the state's size.)"""
+    from flax import nnx
+
+    from sciscale_jax.memory import report_from_analysis
+    from sciscale_jax.models import Transformer, TransformerConfig
+    from sciscale_jax.train.step import init_train_state, make_train_step
+
+    cfg = TransformerConfig(vocab_size=32, num_layers=2, num_heads=4, embed_dim=512, mlp_dim=2048, max_len=128)
+    tx = optax.sgd(1e-2, momentum=0.9)  # linear in the gradients: GPU rounding is not amplified
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(4, 32, (32, 128)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(4, 32, (32, 128)), jnp.int32),
+             "mask": jnp.ones((32, 128), bool), "weights": jnp.asarray(rng.random((32, 128)) < 0.15)}
+    results = {}
+    for where in ("", "opt_state"):
+        graphdef, state = init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx)
+        targets = offload.parse_offload(where) if where else frozenset()
+        kw = {}
+        if where:
+            state = state._replace(opt_state=offload.place(state.opt_state, "pinned_host"))
+            kw["out_shardings"] = (jax.tree.map(lambda x: x.sharding, state), None)
+        step = jax.jit(make_train_step(graphdef, tx, offload=targets), **kw)
+        report = report_from_analysis(step.lower(state, batch).compile().memory_analysis())
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results[where] = (report, jax.device_get(state.params), float(metrics["loss"]))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+    dev, off = results[""][0], results["opt_state"][0]
+    assert off.host_argument_bytes >= opt_bytes and dev.host_argument_bytes == 0
+    assert off.argument_bytes <= dev.argument_bytes - opt_bytes, (dev, off, opt_bytes)
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
+    np.testing.assert_allclose(results["opt_state"][2], results[""][2], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results["opt_state"][1]), jax.tree.leaves(results[""][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
