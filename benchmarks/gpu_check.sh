@@ -48,11 +48,11 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
   --bf16 --remat none --batch 16 --repeats 5
 
 # Flash vs cuDNN vs jax's Pallas op: head_dim 128 and long sequences first; a budget cuts the rest.
-step attention_gpu_bench 100 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
+step attention_gpu_bench 90 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
   --seqs 4096,16384,1024 --head-dims 128,64 --budget-s 70
 
 # fp8 vs bf16 [8192, 8192] matmul (median of 10) and the fp8 GEMM found in the compiled HLO.
-step precision_fp8_bench 80 "$PY" benchmarks/precision.py --gpu --out "$OUT"
+step precision_fp8_bench 90 "$PY" benchmarks/precision.py --gpu --out "$OUT"
 
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"
