@@ -130,8 +130,8 @@ def zero_model_state(stage, n=8):
 def main():
     kib = lambda b: f"{b / 1024:,.0f}"
     psi = sum(int(np.prod(s)) for s in SHAPES.values())
-    rows, results = [], {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind} (CPU, simulated)",
-                         "model": dict(B=B, S=S, E=E, H=H, D=D, F=F, params=psi), "strategies": {}}
+    results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind} (CPU, simulated)",
+               "model": dict(B=B, S=S, E=E, H=H, D=D, F=F, params=psi), "strategies": {}}
     print(f"\nModel-state bytes per device, mixed-precision Adam, Ψ = {psi:,} params, N = 8\n")
     print("| ZeRO stage | formula | formula KiB | measured KiB | ratio |\n|---|---|---:|---:|---:|")
     formulas = ("16Ψ", "4Ψ + 12Ψ/N", "2Ψ + 14Ψ/N", "16Ψ/N")

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 import sys

@@ -181,7 +181,7 @@ def main(argv=None):
     out = run(args)
     losses = out["losses"]
     name = f"{args.bits}-bit, group {args.group_size}"
-    print(f"\n| model | val loss | vs fp32 |\n|---|---|---|")
+    print("\n| model | val loss | vs fp32 |\n|---|---|---|")
     for key, label in (("fp32", "fp32"), ("rtn", f"round-to-nearest {name}"),
                        ("block_ap", f"Block-AP only {name}"), ("efficient_qat", f"EfficientQAT {name}")):
         rel = losses[key] / losses["fp32"] - 1.0

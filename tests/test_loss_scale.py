@@ -87,7 +87,7 @@ def test_overflow_storm_skips_and_training_continues(wrapper):
     storm = 9  # longer than the back-off to the floor (4 halvings) and than period
     flags = [True] * 4 + [False] * storm + [True] * 7
     scales = []
-    for i, finite in enumerate(flags):
+    for finite in flags:
         before_p, before_s = params, state
         params, state = step(params, state, jnp.array(not finite))
         if finite:  # equals the plain optimizer on the true gradient

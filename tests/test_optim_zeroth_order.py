@@ -168,7 +168,7 @@ def test_deepzero_masks_reshuffle_every_k_steps_and_jit_agrees():
     state = opt.init(p)
     supports = []
     upd = jax.jit(lambda s, q: opt.update(None, s, q, value_fn=loss))
-    for t in range(4):
+    for _ in range(4):
         u, state2 = upd(state, p)
         supports.append(np.concatenate([np.asarray(u[k]).reshape(-1) != 0 for k in sorted(SHAPES)]))
         state = state2                     # params held fixed: only the mask moves

@@ -1,7 +1,6 @@
 """Train step, run-directory guard, checkpoints (including a SIGKILL + resume), and the CLI."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
