@@ -109,6 +109,12 @@ def run(args) -> dict:
                    "resident_device_bytes": None if resident is None or before is None else resident - before,
                    "params_kinds": kinds(params), "opt_state_kinds": kinds(opt_state),
                    "final_loss": float(loss)}
+            final = jax.device_get(params)  # after --steps steps, before the timed ones
+            if reference is None:
+                reference = final
+            row["max_param_diff_vs_device"] = float(max(
+                np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(reference))))
             if args.time:
                 holder = {"p": params, "s": opt_state}
 
@@ -118,12 +124,6 @@ def run(args) -> dict:
                 row["step_s"] = median_seconds(one, (), args.repeats)
                 params, opt_state = holder.pop("p"), holder.pop("s")
                 del one
-            final = jax.device_get(params)
-            if reference is None:
-                reference = final
-            row["max_param_diff_vs_device"] = float(max(
-                np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
-                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(reference))))
         except Exception as e:  # noqa: BLE001 -- record what the backend refused and go on
             row = {"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         rows.append(row)

@@ -13,7 +13,7 @@ On CPU the host and device memories are the same RAM, so offload is compiled to 
 saves nothing; the placement (memory kinds of the compiled step's shardings) is what a CPU
 test can check, while the bytes saved show in ``device.memory_stats()`` on GPU/TPU. On an
 H200 (``benchmarks/offload_memory.py``, README) offloading AdamW state and fp32 master
-parameters lowered a 134M-parameter step's peak by their size and trained bit-identically
+parameters lowered a 134M-parameter step's peak by about their size and trained bit-identically
 under deterministic GPU ops; ``on_host=True`` did not compile there (jax 0.11.2: XLA fails in
 layout assignment of the host call), so on GPU the update runs on the device.
 """
