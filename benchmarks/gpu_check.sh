@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (step limits add up to under 10 minutes on one H100/H200,
-# a normal run about 4 (245 s on an H200); call it with timeout_s=480 and keep the rest of the 15-minute budget,
-# machine start included, for one rerun of what failed):
+# The one script a GPU session runs. Step limits add up to 595 s; a normal run takes about 4
+# minutes (245 s on an H200). Call it with timeout_s=480, which cuts the last steps only if the
+# earlier ones all run to their limits, and keep the rest of the 15-minute budget, machine start
+# included, for one rerun of what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Installs the project, runs the GPU-marked tests with JAX_PLATFORMS=cuda, runs the GPU
 # benchmarks, and leaves everything under $OUT (default benchmarks/results): one log,
