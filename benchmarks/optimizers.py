@@ -88,7 +88,7 @@ def forward_memory(size: str, example) -> int:
 def initial_val_loss(size: str, data) -> float:
     model = Transformer(model_config(size), rngs=nnx.Rngs(0))   # train() builds the same model from seed 0
     graphdef, state = init_train_state(model, optim.adamw(1e-3))
-    return evaluate(jax.jit(make_eval_step(graphdef, RECIPE.loss_fn)), state.params, state.rest, data.eval)[0]
+    return evaluate(jax.jit(make_eval_step(graphdef, RECIPE.loss_fn)), state.params, state.rest, data.eval)["loss"]
 
 
 def run(size: str, optimizer: str, lr: float, steps: int) -> float:

@@ -34,7 +34,8 @@ from flax import nnx, traverse_util
 from sciscale_jax import quant
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.recipes.protein_mlm import RECIPE
-from sciscale_jax.train import TrainConfig, evaluate, make_eval_step, mlm_loss, split_model, train
+from sciscale_jax.losses import mlm_loss
+from sciscale_jax.train import TrainConfig, evaluate, make_eval_step, split_model, train
 
 # Seeds of the batches drawn from the training split for calibration and E2E-QP: far from
 # the training steps' seeds, so they are fresh draws (MLMBatches.batch is a function of step).
@@ -59,7 +60,7 @@ def model_from_state(model_config: TransformerConfig, state) -> nnx.Module:
 
 def val_loss(model: nnx.Module, eval_batches) -> float:
     graphdef, params, rest = split_model(model)
-    return evaluate(jax.jit(make_eval_step(graphdef, mlm_loss)), params, rest, eval_batches)[0]
+    return evaluate(jax.jit(make_eval_step(graphdef, mlm_loss)), params, rest, eval_batches)["loss"]
 
 
 def block_stream(model: Transformer, batch: dict):

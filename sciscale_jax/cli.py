@@ -1,4 +1,10 @@
-"""The ``sciscale`` command: ``sciscale train <recipe> [flags]`` and ``sciscale recipes``."""
+"""The ``sciscale`` command: ``sciscale train <recipe> [flags]`` and ``sciscale recipes``.
+
+Flags are generated from the dataclasses: the recipe's model config (its own fields and the
+technique switches it inherits) and ``TrainConfig``. A field's metadata may rename its flag
+(``"flag"``), restrict its values (``"choices"``, a tuple or a function giving one), place it
+in a group (``"group"``), describe it (``"help"``) or hide it (``"cli": False``).
+"""
 
 from __future__ import annotations
 
@@ -6,73 +12,106 @@ import argparse
 import dataclasses
 import datetime
 import sys
-
-# Model flags: CLI name -> TransformerConfig field. Train flags: CLI name -> TrainConfig field.
-MODEL_FLAGS = {"layers": "num_layers", "heads": "num_heads", "embed_dim": "embed_dim", "mlp_dim": "mlp_dim",
-               "max_len": "max_len", "dropout": "dropout", "scan_layers": "scan_layers", "remat": "remat",
-               "attention": "attention", "mlp": "mlp", "precision": "precision", "quant": "quant"}
-TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "learning_rate",
-               "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
-               "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
-               "keep": "keep", "log_every": "log_every",
-               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum", "offload": "offload"}
+import typing
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sciscale", description="Memory-efficient training of transformers for science.")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.metadata.get("flag", field.name).replace("_", "-")
+
+
+def _add_config_flags(parser, cls, defaults: dict, prefix: str, default_group: str, groups: dict):
+    """One flag per CLI-visible field of dataclass ``cls``; values land in ``<prefix>.<field>``."""
+    from sciscale_jax.models.stack import technique_fields
+
+    hints, technique_names = typing.get_type_hints(cls), technique_fields()
+    for field in dataclasses.fields(cls):
+        if not field.metadata.get("cli", True):
+            continue
+        group_name = field.metadata.get("group", "techniques" if field.name in technique_names else default_group)
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        group = groups[group_name]
+        default = defaults.get(field.name, field.default)
+        shown = "required" if default is dataclasses.MISSING else repr(default)
+        text = field.metadata.get("help", "")
+        help_text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        kind = hints[field.name]
+        kw = dict(dest=f"{prefix}.{field.name}", default=None, help=help_text,
+                  metavar=getattr(kind, "__name__", "str").upper())
+        choices = field.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
+        if choices is not None:
+            kw["choices"] = tuple(choices)
+            kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        if kind is bool:
+            group.add_argument(_flag(field), action=argparse.BooleanOptionalAction, **kw)
+        elif kind in (int, float, str):
+            group.add_argument(_flag(field), type=kind, **kw)
+        elif kind in (str | None, typing.Optional[str]):
+            group.add_argument(_flag(field), type=str, **kw)
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name}: no CLI flag for type {kind}; mark it cli=False")
+
+
+def _picked(args, prefix: str) -> dict:
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items()
+            if k.startswith(prefix + ".") and v is not None}
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sciscale", description="Memory-efficient training of transformers for science.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("recipes", help="list the training recipes")
-    t = sub.add_parser("train", help="train a recipe", description="Train a recipe; unset flags take the recipe's defaults.")
-    t.add_argument("recipe", help="recipe name (see `sciscale recipes`)")
-    t.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = t.add_argument_group("run")
-    for flag, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("warmup-steps", int),
-                      ("weight-decay", float), ("grad-clip", float), ("optimizer", str), ("seed", int),
-                      ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int), ("grad-accum", int)):
-        g.add_argument(f"--{flag}", type=typ)
-    d = t.add_argument_group("distribution")
-    d.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence tensor2 "
-                                  "tensor pipeline; one may be -1)")
-    d.add_argument("--zero", type=int, help="ZeRO stage 0-3 over the data axes")
-    d.add_argument("--offload", help="keep opt_state, params or opt_state,params in pinned host memory")
-    d.add_argument("--sharding", help="rule table (dp fsdp tp tp_sp tp2d fsdp_tp); default picked from the mesh")
-    m = t.add_argument_group("model")
-    for flag, typ in (("layers", int), ("heads", int), ("embed-dim", int), ("mlp-dim", int), ("max-len", int),
-                      ("dropout", float), ("remat", str), ("attention", str), ("mlp", str),
-                      ("precision", str), ("quant", str)):
-        m.add_argument(f"--{flag}", type=typ)
-    m.add_argument("--scan-layers", action="store_true", default=None, help="stack layers and run them with scan")
+    t = sub.add_parser("train", help="train a recipe", add_help=False,
+                       description="Train a recipe; unset flags take the recipe's defaults. "
+                                   "`sciscale train <recipe> --help` lists that recipe's flags.")
+    t.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
+    t.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
     return p
 
 
-def _pick(args, flags: dict, defaults: dict) -> dict:
-    out = dict(defaults)
-    for flag, field in flags.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            out[field] = value
-    return out
+def train_parser(recipe) -> argparse.ArgumentParser:
+    """The full parser of ``sciscale train <recipe>``: run flags, then the recipe's model flags."""
+    from sciscale_jax.train import TrainConfig
+
+    p = _Parser(prog=f"sciscale train {recipe.name}", description=f"{recipe.name}: {recipe.description}")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups = {}
+    _add_config_flags(p, TrainConfig, recipe.train_defaults, "train", "run", groups)
+    _add_config_flags(p, recipe.config_class, recipe.model_defaults, "model", "model", groups)
+    return p
 
 
-def build_configs(args):
-    """(recipe, TransformerConfig, TrainConfig) from parsed flags over the recipe's defaults."""
-    from sciscale_jax.models import TransformerConfig
+def build_configs(argv_or_args, recipe=None):
+    """(recipe, model config, TrainConfig) from ``sciscale train`` arguments over the recipe's defaults."""
     from sciscale_jax.recipes import get_recipe
     from sciscale_jax.train import TrainConfig
 
-    recipe = get_recipe(args.recipe)
-    train_cfg = TrainConfig(**_pick(args, TRAIN_FLAGS, recipe.train_defaults))
-    model_cfg = TransformerConfig(**_pick(args, MODEL_FLAGS, recipe.model_defaults))
+    if isinstance(argv_or_args, argparse.Namespace):
+        args = argv_or_args
+    else:
+        recipe = get_recipe(argv_or_args[0])
+        args = train_parser(recipe).parse_args(argv_or_args[1:])
+    train_cfg = TrainConfig(**{**recipe.train_defaults, **_picked(args, "train")})
+    model_cfg = recipe.make_config(**_picked(args, "model"))
     return recipe, model_cfg, train_cfg
 
 
-def _train(args) -> int:
+def _train(recipe, args) -> int:
     from sciscale_jax.train import train
 
-    recipe, model_cfg, train_cfg = build_configs(args)
+    recipe, model_cfg, train_cfg = build_configs(args, recipe)
     out = args.out or f"runs/{recipe.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     print(f"recipe {recipe.name}: {recipe.description}")
     print("model  " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_cfg).items()))
@@ -83,22 +122,38 @@ def _train(args) -> int:
     print(result["memory"].format("train step memory per device"))
     print(f"parameters {result['param_bytes'] / mib:.2f} MiB, optimizer state {result['opt_state_bytes'] / mib:.2f} MiB")
     print(f"final train loss {result['train_loss']:.4f}")
-    print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.3f}")
+    print("validation " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in result["validation"].items()))
     for name, value in result["baselines"].items():
-        print(f"baseline {name}: {value:.3f}")
+        print(f"baseline {name}: {value:.4f}")
     print(f"checkpoints in {result['checkpoint_dir']} (step {result['steps']}); metrics in {out}/metrics.jsonl")
     return 0
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    base = _base_parser()
+    args, rest = base.parse_known_args(argv)
     try:
+        from sciscale_jax.recipes import RECIPES, get_recipe
+
         if args.command == "recipes":
-            from sciscale_jax.recipes import RECIPES
+            if rest:
+                base.error(f"unrecognized arguments: {' '.join(rest)}")
             for r in RECIPES.values():
                 print(f"{r.name:16s} {r.description}")
             return 0
-        return _train(args)
+        if args.recipe is None:
+            if args.help:
+                print("usage: sciscale train <recipe> [flags]   (`sciscale train <recipe> --help` lists them)")
+                print("recipes: " + ", ".join(RECIPES))
+                return 0
+            base.error("train: the recipe name is missing (see `sciscale recipes`)")
+        recipe = get_recipe(args.recipe)
+        parser = train_parser(recipe)
+        if args.help:
+            parser.print_help()
+            return 0
+        return _train(recipe, parser.parse_args(rest))
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"sciscale: error: {err}", file=sys.stderr)
         return 2

@@ -148,6 +148,21 @@ def checkpoint_policy(policy: str | Mapping[str, str]) -> Callable[..., Any] | N
         offload_src="device", offload_dst=HOST_MEMORY)
 
 
+def compiler_options(backend: str | None = None) -> dict:
+    """XLA options under which rematerialisation holds on ``backend`` (default: JAX's).
+
+    ``jax.checkpoint`` keeps the recomputation apart from the forward pass with optimization
+    barriers. XLA's CPU pipeline expands those barriers before scheduling and common
+    subexpression elimination, which then merge the recomputation back into the forward pass:
+    on an unscanned layer stack every policy compiles to the same buffers as "none". Keeping
+    the barriers (the ``cse_barrier_expander`` pass off) restores the policy; GPU and TPU
+    pipelines expand them only after scheduling, so they need nothing. Pass the result to
+    ``jax.jit(f).lower(...).compile(compiler_options)``.
+    """
+    backend = backend or jax.default_backend()
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"} if backend == "cpu" else {}
+
+
 def remat_block(fn: Callable, policy: str | Mapping[str, str], *, prevent_cse: bool = True,
                 static_argnums: int | tuple[int, ...] = (), checkpoint: Callable = jax.checkpoint
                 ) -> Callable:

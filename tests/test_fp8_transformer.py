@@ -11,7 +11,8 @@ from flax import nnx, traverse_util
 from sciscale_jax.models.layers import Dense
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.precision.fp8 import E4M3, Fp8Matmul, fp8_grad_fn, fp8_paths, split_pure
-from sciscale_jax.train.step import init_train_state, make_train_step, mlm_loss
+from sciscale_jax.losses import mlm_loss
+from sciscale_jax.train.step import init_train_state, make_train_step
 
 CFG = TransformerConfig(vocab_size=11, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=24, max_len=16)
 
@@ -41,7 +42,7 @@ def test_train_step_updates_fp8_meta_and_not_the_optimizer():
                if p[-1] == "kernel"}
     tx = optax.adam(1e-2)
     graphdef, state = init_train_state(model, tx)
-    step = jax.jit(make_train_step(graphdef, tx, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
+    step = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
     batch = _batch(rng)
     new_state, metrics = step(state, batch)
     # Optimizer saw parameters only.
@@ -102,7 +103,7 @@ def test_fp8_under_scan_layers_and_remat(monkeypatch):
     paths = fp8_paths(model)
     tx = optax.adam(1e-2)
     graphdef, state = init_train_state(model, tx)
-    step = jax.jit(make_train_step(graphdef, tx, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
+    step = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
     new_state, _ = step(state, _batch(np.random.default_rng(2)))
     meta = traverse_util.flatten_dict(split_pure(new_state.rest, paths)[0])
     params = traverse_util.flatten_dict(state.params)

@@ -172,6 +172,7 @@ def test_gpu_train_step_offload_moves_state_off_the_device():
 
     from sciscale_jax.memory import report_from_analysis
     from sciscale_jax.models import Transformer, TransformerConfig
+    from sciscale_jax.losses import mlm_loss
     from sciscale_jax.train.step import init_train_state, make_train_step
 
     cfg = TransformerConfig(vocab_size=32, num_layers=2, num_heads=4, embed_dim=512, mlp_dim=2048, max_len=128)
@@ -188,7 +189,7 @@ def test_gpu_train_step_offload_moves_state_off_the_device():
         if where:
             state = state._replace(opt_state=offload.place(state.opt_state, "pinned_host"))
             kw["out_shardings"] = (jax.tree.map(lambda x: x.sharding, state), None)
-        step = jax.jit(make_train_step(graphdef, tx, offload=targets), **kw)
+        step = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss, offload=targets), **kw)
         report = report_from_analysis(step.lower(state, batch).compile().memory_analysis())
         for _ in range(2):
             state, metrics = step(state, batch)

@@ -42,7 +42,7 @@ def _initial_val_loss(layout, cfg):
     """The validation loss of the model ``train`` starts from (seed 0), evaluated separately."""
     graphdef, state = init_train_state(Transformer(_model_config(layout), rngs=nnx.Rngs(cfg.seed)), optim.adamw(0.1))
     data = RECIPE.build_data(cfg)
-    return evaluate(jax.jit(make_eval_step(graphdef, RECIPE.loss_fn)), state.params, state.rest, data.eval)[0]
+    return evaluate(jax.jit(make_eval_step(graphdef, RECIPE.loss_fn)), state.params, state.rest, data.eval)["loss"]
 
 
 def _train(tmp_path, layout, cfg):

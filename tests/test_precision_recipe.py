@@ -20,7 +20,8 @@ from flax import nnx
 from sciscale_jax import precision, quant
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.recipes.protein_mlm import RECIPE
-from sciscale_jax.train import TrainConfig, evaluate, make_eval_step, mlm_loss, split_model, train
+from sciscale_jax.losses import mlm_loss
+from sciscale_jax.train import TrainConfig, evaluate, make_eval_step, split_model, train
 
 MODEL = TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=64, mlp_dim=128, max_len=64)
 RUN = TrainConfig(steps=100, batch_size=16, seq_len=64, learning_rate=3e-3, warmup_steps=10,
@@ -107,5 +108,5 @@ def test_efficient_qat_4bit_within_5_percent_of_fp32(runs):
         np.testing.assert_allclose(v, np.round(v), atol=1e-3, err_msg=key)
         assert np.round(v).min() >= 0 and np.round(v).max() <= 15, key
     _, params, rest = split_model(model)
-    loss = evaluate(jax.jit(make_eval_step(graphdef, mlm_loss)), params, rest, data.eval)[0]
+    loss = evaluate(jax.jit(make_eval_step(graphdef, mlm_loss)), params, rest, data.eval)["loss"]
     assert _rel(loss, fp32["val_loss"]) <= 0.05, f"EfficientQAT val loss {loss:.5f} vs fp32 {fp32['val_loss']:.5f}"

@@ -15,8 +15,8 @@ from flax import nnx
 
 from sciscale_jax import cli
 from sciscale_jax.models import Transformer, TransformerConfig
-from sciscale_jax.train import (Checkpointer, TrainConfig, build_optimizer, check_run_dir, init_train_state, make_train_step,
-                                mlm_loss, token_cross_entropy)
+from sciscale_jax.losses import mlm_loss, token_cross_entropy
+from sciscale_jax.train import Checkpointer, TrainConfig, build_optimizer, check_run_dir, init_train_state, make_train_step
 
 CFG = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, max_len=32)
 
@@ -90,7 +90,7 @@ def test_run_dir_guard(tmp_path):
 def test_checkpoint_round_trip_and_corrupt_checkpoint(tmp_path):
     tx = build_optimizer(TrainConfig(steps=10))
     graphdef, state = init_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), tx)
-    state = jax.jit(make_train_step(graphdef, tx))(state, _batch())[0]
+    state = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss))(state, _batch())[0]
     ckpt = Checkpointer(tmp_path, save_every=1)
     assert ckpt.save(state)
     restored = ckpt.restore(init_train_state(Transformer(CFG, rngs=nnx.Rngs(5)), tx)[1])
@@ -115,7 +115,7 @@ def _sciscale(*args, **kw):
 
 
 def _final_params(run_dir, args):
-    recipe, model_cfg, train_cfg = cli.build_configs(cli._parser().parse_args(["train", "protein-mlm", *args]))
+    recipe, model_cfg, train_cfg = cli.build_configs(["protein-mlm", *args])
     tx = build_optimizer(train_cfg)
     _, target = init_train_state(Transformer(model_cfg, rngs=nnx.Rngs(123)), tx)
     ckpt = Checkpointer(run_dir)
@@ -173,9 +173,9 @@ def test_grad_accumulation_equals_full_batch_with_uneven_tokens():
     batch = _batch(seed=4, b=8, s=12)
     batch["weights"][0::4] = 0.0                 # microbatch 0 of 4 has no predicted token at all
     batch["weights"][1::4, :3] = 0.0             # the others hold different numbers of real tokens
-    grad_full = make_train_step(graphdef, tx)
+    grad_full = make_train_step(graphdef, tx, loss_fn=mlm_loss)
     from sciscale_jax.train import accumulating_grad_fn
-    grad_accum = make_train_step(graphdef, tx, grad_fn=accumulating_grad_fn(graphdef, mlm_loss, 4))
+    grad_accum = make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=accumulating_grad_fn(graphdef, mlm_loss, 4))
     (a, ma), (b, mb) = jax.jit(grad_full)(state, batch), jax.jit(grad_accum)(state, batch)
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     assert float(mb["tokens"]) == float(ma["tokens"])

@@ -8,7 +8,8 @@ dividing heads; a float ``bias`` and a boolean ``mask`` (True = attend) broadcas
 
 Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory), "cudnn"
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
-``sciscale_jax.kernels.flash_attention``, loaded on first use) and "auto". On a CUDA GPU
+``sciscale_jax.kernels.flash_attention``), "ring" and "ulysses" (sequence parallel, in
+``sciscale_jax.parallel``; listed by path in ``IMPLS`` and imported on first use) and "auto". On a CUDA GPU
 "auto" picks cuDNN when cuDNN takes the inputs and there is no bias or mask (cuDNN needs
 them at full [B, H, Q, K] size, which would undo the O(N) memory): on an H200 it ran 1.5-3.6x
 faster than the flash kernel (``benchmarks/attention_gpu.py``, README). Otherwise, on GPU or
@@ -29,64 +30,53 @@ import numpy as np
 from sciscale_jax.attention.chunked import chunked_attention
 from sciscale_jax.attention.cudnn import check_cudnn, cudnn_attention
 from sciscale_jax.attention.xla import xla_attention
+from sciscale_jax.registry import Registry
 
 AUTO_CHUNKED_MIN_LEN = 2048     # "auto" picks chunked once q_len or kv_len reaches this
 MODULE_IMPLS = ("linformer", "performer")  # approximate attention: NNX modules, not functions
 
 
-class _Impl(NamedTuple):
+class Impl(NamedTuple):
     fn: Callable             # fn(q, k, v, *, bias, mask, causal, scale)
     check: Callable | None   # check(q, k, v, bias, mask): raise ValueError if unsupported
 
 
-_IMPLS: dict[str, _Impl] = {
-    "xla": _Impl(xla_attention, None),
-    "chunked": _Impl(chunked_attention, None),
-    "cudnn": _Impl(cudnn_attention, check_cudnn),
-}
-_flash_loaded = False
+def _as_impl(entry) -> Impl:
+    return entry if isinstance(entry, Impl) else Impl(*entry) if isinstance(entry, tuple) else Impl(entry, None)
+
+
+# Implementations in other modules are listed by path and imported on first use.
+IMPLS = Registry("attention implementation", {
+    "xla": Impl(xla_attention, None),
+    "chunked": Impl(chunked_attention, None),
+    "cudnn": Impl(cudnn_attention, check_cudnn),
+    "flash": "sciscale_jax.attention.flash:IMPL",
+    "ring": "sciscale_jax.parallel.ring:IMPL",
+    "ulysses": "sciscale_jax.parallel.ulysses:IMPL",
+}, convert=_as_impl)
 
 
 def register(name: str, fn: Callable, check: Callable | None = None) -> None:
     """Register an attention implementation; ``check`` raises ValueError for inputs it cannot take."""
-    _IMPLS[name] = _Impl(fn, check)
-
-
-def _load_flash() -> None:
-    """Import the Pallas flash kernel once: ``attention/flash.py`` registers "flash" with its check;
-    without that adapter, the kernel's ``flash_attention`` is registered directly."""
-    global _flash_loaded
-    if _flash_loaded:
-        return
-    _flash_loaded = True
-    try:
-        import sciscale_jax.attention.flash  # noqa: F401  (registers "flash")
-    except ImportError:
-        pass
-    if "flash" in _IMPLS:
-        return
-    try:
-        from sciscale_jax.kernels import flash_attention as flash_module
-    except ImportError:
-        return
-    if hasattr(flash_module, "flash_attention"):
-        register("flash", flash_module.flash_attention)
+    IMPLS.register(name, Impl(fn, check))
 
 
 def available() -> tuple[str, ...]:
     """Names accepted by ``impl``."""
-    _load_flash()
-    return tuple(sorted(_IMPLS)) + ("auto",)
+    return IMPLS.names() + ("auto",)
+
+
+def config_impls() -> tuple[str, ...]:
+    """Names a model config may give: the front door's and the approximate attention modules."""
+    return available() + MODULE_IMPLS
 
 
 def validate_impl(name: str) -> str:
     """Return ``name`` if a config may name it (a front-door impl, "auto" or an attention module)."""
     if name in MODULE_IMPLS or name == "auto":
         return name
-    _load_flash()
-    if name not in _IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; known: "
-                         f"{', '.join(available() + MODULE_IMPLS)}")
+    if name not in IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; known: {', '.join(config_impls())}")
     return name
 
 
@@ -147,8 +137,7 @@ def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool
             from sciscale_jax.kernels.flash_attention import flash_supported
         except ImportError:
             flash_supported = None
-        _load_flash()
-        if flash_supported is not None and "flash" in _IMPLS and flash_supported(q, k, v, bias, mask):
+        if flash_supported is not None and flash_supported(q, k, v, bias, mask):
             return "flash"
     if max(q.shape[1], k.shape[1]) >= AUTO_CHUNKED_MIN_LEN:
         return "chunked"
@@ -163,7 +152,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=
     validate_impl(impl)
     check_shapes(q, k, v, bias, mask)
     check_dtypes(q, k, v, bias, mask)
-    entry = _IMPLS[resolve_impl(q, k, v, bias, mask, impl, causal=causal)]
+    entry = IMPLS[resolve_impl(q, k, v, bias, mask, impl, causal=causal)]
     if entry.check is not None:
         entry.check(q, k, v, bias, mask)
     return entry.fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)

@@ -1,14 +1,13 @@
 """Pallas flash attention (FlashAttention-2, Dao 2023) behind the attention front door.
 
-Importing this module registers ``impl="flash"`` with ``sciscale_jax.attention.core``:
-the kernel in ``sciscale_jax.kernels.flash_attention`` (Triton on GPU, Mosaic on TPU,
+Listed as ``impl="flash"`` in ``sciscale_jax.attention.core.IMPLS`` (``IMPL`` below): the kernel in ``sciscale_jax.kernels.flash_attention`` (Triton on GPU, Mosaic on TPU,
 interpreted on CPU), with ``check_flash`` refusing what it cannot take (head_dim > 256,
 dtypes other than float32/bfloat16/float16) with a ValueError before compilation.
 """
 
 from __future__ import annotations
 
-from sciscale_jax.attention.core import register
+from sciscale_jax.attention.core import Impl
 from sciscale_jax.kernels.flash_attention import check_flash, flash_attention, flash_supported
 
 
@@ -17,6 +16,6 @@ def flash(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=N
     return flash_attention(q_bqhd, k_bkhd, v_bkhd, bias=bias, mask=mask, causal=causal, scale=scale)
 
 
-register("flash", flash, check_flash)
+IMPL = Impl(flash, check_flash)
 
-__all__ = ["check_flash", "flash", "flash_attention", "flash_supported"]
+__all__ = ["IMPL", "check_flash", "flash", "flash_attention", "flash_supported"]

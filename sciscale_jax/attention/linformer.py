@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sciscale_jax.attention.core import check_dtypes, check_shapes
-from sciscale_jax.parallel import axes as ax
+from sciscale_jax import axes as ax
 
 
 def key_padding_mask(mask, batch: int, kv_len: int, method: str):

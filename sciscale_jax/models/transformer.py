@@ -1,17 +1,18 @@
 """A pre-norm Transformer in Flax NNX: bidirectional encoder (protein MLM) or causal decoder.
 
 Rotary positions (Su et al. 2021), RMSNorm, SwiGLU (Shazeer 2020) or GELU MLP, untied
-output head. Every technique is picked by a string in ``TransformerConfig``: the attention
-implementation (through ``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``)
-and, with ``scan_layers=True``, layers stacked by ``nnx.vmap`` and run by ``nnx.scan`` so
-compile time does not grow with depth. Activations carry checkpoint names from
+output head. Every technique is picked by a string in ``TransformerConfig`` (the switches it
+inherits from ``sciscale_jax.models.stack.Techniques``): the attention implementation (through
+``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``), precision and QAT
+hooks and, with ``scan_layers=True``, layers stacked and run by ``lax.scan`` so compile time
+does not grow with depth; the layer stack is the shared one of ``models.stack``. Activations carry checkpoint names from
 ``sciscale_jax.remat``; parameters carry logical axes from ``sciscale_jax.parallel.axes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,42 +21,37 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
-import sciscale_jax.parallel as parallel  # also registers the 'ring' and 'ulysses' attention
+import sciscale_jax.parallel as parallel
 from sciscale_jax.parallel import axes as ax
-from sciscale_jax.precision.policy import get_policy
+from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
 from sciscale_jax.quant.registry import kv_quantizer, make_matmul
 
 MLP_KINDS = ("swiglu", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(Techniques):
+    """The Transformer's shape; the technique switches (remat, scan_layers, attention,
+    precision, quant, sharding, dtypes) are inherited keyword-only fields of ``Techniques``."""
+
     vocab_size: int
-    num_layers: int = 4
-    num_heads: int = 4
+    num_layers: int = dataclasses.field(default=4, metadata={"flag": "layers"})
+    num_heads: int = dataclasses.field(default=4, metadata={"flag": "heads"})
     embed_dim: int = 128
     mlp_dim: int = 512
     max_len: int = 512
     causal: bool = False           # False: bidirectional encoder (MLM); True: decoder LM
     dropout: float = 0.0
-    dtype: Any = "float32"         # compute dtype
-    param_dtype: Any = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
-    attention: str = "xla"
-    mlp: str = "swiglu"
+    mlp: str = dataclasses.field(default="swiglu", metadata={"choices": MLP_KINDS})
     linformer_k: int = 256         # Linformer: keys/values projected to this many rows (capped at max_len)
     performer_features: int = 256  # Performer: random features per head
     rope_base: float = 10000.0
-    precision: str = "fp32"        # sciscale_jax.precision policy: fp32 | bf16 | fp16 | fp8
-    quant: str = "none"            # sciscale_jax.quant scheme: none | llm_qat_w4a8kv4 | bitnet | bitnet158
-    sharding: str | None = None    # rule table for activation constraints (e.g. "tp_sp"); None: none
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len", "linformer_k",
                      "performer_features"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
@@ -63,27 +59,20 @@ class TransformerConfig:
             raise ValueError(f"head_dim={self.embed_dim // self.num_heads} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+        if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"rope_base={self.rope_base!r} must be a positive finite number")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal={self.causal!r} must be a bool")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"unknown mlp {self.mlp!r}; known: {', '.join(MLP_KINDS)}")
-        remat.validate_remat(self.remat, self.num_layers)
-        if self.sharding is not None:
-            parallel.rules_for(self.sharding)
-        attention.validate_impl(self.attention)
-        make_matmul(self.quant, self.precision)  # ValueError: unknown names, quant with fp8
-        if self.precision != "fp32":  # a non-default policy decides the dtypes
-            policy = get_policy(self.precision)
-            object.__setattr__(self, "dtype", policy.compute_dtype)
-            object.__setattr__(self, "param_dtype", policy.param_dtype)
-        # Normalise dtypes so configs compare and serialise by name.
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        if self.attention == "linformer" and self.causal:
+            raise ValueError("attention='linformer' cannot be causal (causal=True): Linformer mixes "
+                             "future positions into every projected key")
+        super().__post_init__()
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Attention(nnx.Module):
@@ -98,9 +87,6 @@ class Attention(nnx.Module):
         self.cfg = cfg
         approx = None  # approximate attention modules carry parameters or feature seeds
         if cfg.attention == "linformer":
-            if cfg.causal:
-                raise ValueError("attention='linformer' cannot be causal (causal=True): Linformer mixes "
-                                 "future positions into every projected key")
             approx = attention.LinformerAttention(cfg.max_len, min(cfg.linformer_k, cfg.max_len),
                                                   rngs=rngs, param_dtype=cfg.param_dtype)
         elif cfg.attention == "performer":
@@ -176,15 +162,7 @@ class Transformer(nnx.Module):
         cfg = self.config = config
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.embed_dim),
                            (ax.VOCAB, ax.EMBED), cfg.param_dtype)
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
-            def make_layers(rngs):
-                return Block(cfg, rngs=rngs)
-
-            self.layers = make_layers(rngs)
-        else:
-            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, cfg, rngs=rngs)
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.final_norm = RMSNorm(cfg.embed_dim, **kw)
         self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
@@ -200,29 +178,7 @@ class Transformer(nnx.Module):
         positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         mask_b11k = None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
         x_bse = jnp.take(self.embed[...], tokens_bs, axis=0).astype(cfg.dtype)
-        keys = (None if dropout_key is None or cfg.dropout == 0.0
-                else jax.random.split(dropout_key, cfg.num_layers))
-
-        def apply_block(block, x, key):
-            return block(x, positions_bs, mask_b11k, key)
-
-        if cfg.remat != "none":
-            apply_block = remat.remat_block(apply_block, cfg.remat)
-
-        if remat.parse_remat(cfg.remat).kind == "every_k":  # checkpoint groups of k blocks
-            layers = ((self.layers, keys) if cfg.scan_layers else
-                      [(b, None if keys is None else keys[i]) for i, b in enumerate(self.layers)])
-            x_bse = remat.apply_layers(lambda bk, x: apply_block(bk[0], x, bk[1]), x_bse, layers,
-                                       cfg.remat, scan=cfg.scan_layers)
-        elif cfg.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
-            def run(x, block, key):
-                return apply_block(block, x, key)
-
-            x_bse = run(x_bse, self.layers, keys)
-        else:
-            for i, block in enumerate(self.layers):
-                x_bse = apply_block(block, x_bse, None if keys is None else keys[i])
+        keys = layer_keys(dropout_key, cfg.num_layers, cfg.dropout > 0.0)
+        x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, policy=cfg.remat, keys=keys)
         logits_bsv = self.lm_head(self.final_norm(x_bse)).astype(jnp.float32)
         return checkpoint_name(logits_bsv, remat.LOGITS)

@@ -1,19 +1,6 @@
-"""The one vocabulary of logical axis names used by every model's variables and activations.
+"""The logical-axis vocabulary, re-exported where the rule tables use it (``sciscale_jax.axes``)."""
 
-Rule tables in ``sciscale_jax.parallel`` map these names to mesh axes; a model never names
-a mesh axis itself.
-"""
+from sciscale_jax.axes import *  # noqa: F401,F403
+from sciscale_jax.axes import LOGICAL_AXES
 
-BATCH = "batch"
-SEQ = "seq"
-EMBED = "embed"
-HEADS = "heads"
-KV = "kv"            # per-head feature dimension (head_dim)
-MLP = "mlp"
-VOCAB = "vocab"
-LAYERS = "layers"    # the stacked-layer axis under scan_layers
-MSA_SEQ = "msa_seq"  # Evoformer: sequences of the MSA
-RES = "res"          # Evoformer: residues
-PAIR = "pair"        # Evoformer: pair-representation channels
-
-LOGICAL_AXES = (BATCH, SEQ, EMBED, HEADS, KV, MLP, VOCAB, LAYERS, MSA_SEQ, RES, PAIR)
+__all__ = ["LOGICAL_AXES"]

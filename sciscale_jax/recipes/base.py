@@ -1,24 +1,74 @@
-"""What a recipe is: defaults for the model and the run, a data builder and a loss."""
+"""The recipe contract: how a model family joins ``sciscale train``.
+
+A recipe owns its model and everything that depends on what the model is; ``train/`` and
+``cli.py`` only call these fields and never name a model class or a loss:
+
+- ``config_class``: the model config, a frozen dataclass that inherits the technique switches
+  (``sciscale_jax.models.stack.Techniques``); the CLI generates the model flags from it;
+- ``build_model(config, rngs) -> nnx.Module``;
+- ``build_data(train_config, model_config) -> Data``: training batches as a pure function of
+  the step, fixed evaluation batches, the baselines to print beside the model's figures;
+- ``loss_fn(model, batch, key) -> (sum, count)`` for training (``key`` None: no dropout);
+- ``eval_fn(model, batch) -> {name: (sum, count)}``: evaluation metrics, summed over the
+  evaluation batches and reported as ``val_<name>`` = sum / count (default: the loss);
+- ``summarize(means) -> dict``: figures derived from those means (perplexity = exp(loss));
+- ``batch_axes``: the logical axes of each batch field (``{"msa": ("batch", "msa_seq", "res")}``),
+  so the run places batches of any rank on any mesh;
+- ``check(model_config, train_config, data)``: recipe-specific refusals before anything compiles.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
 
+from sciscale_jax.axes import BATCH, SEQ
+
 
 @dataclasses.dataclass(frozen=True)
 class Data:
     train: Any            # has .batch(step) -> dict of numpy arrays
     eval: list            # fixed evaluation batches
-    vocab_size: int
-    baselines: dict       # name -> value printed next to the model's figures (e.g. unigram_ppl)
+    vocab_size: int | None = None
+    baselines: dict = dataclasses.field(default_factory=dict)  # name -> value printed beside the model's
+
+
+def _identity(means: dict) -> dict:
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    model_defaults: dict  # TransformerConfig fields, vocab_size included
-    train_defaults: dict  # TrainConfig fields
-    build_data: Callable  # TrainConfig -> Data
-    loss_fn: Callable     # (model, batch, key) -> (sum of token losses, token count)
+    config_class: type
+    build_model: Callable          # (config, rngs) -> nnx.Module
+    build_data: Callable           # (train_config, model_config) -> Data
+    loss_fn: Callable              # (model, batch, key) -> (sum, count)
+    model_defaults: dict = dataclasses.field(default_factory=dict)   # config_class fields
+    train_defaults: dict = dataclasses.field(default_factory=dict)   # TrainConfig fields
+    eval_fn: Callable | None = None        # (model, batch) -> {name: (sum, count)}
+    summarize: Callable = _identity        # {name: mean} -> {name: derived value}
+    batch_axes: dict = dataclasses.field(default_factory=lambda: {"*": (BATCH, SEQ)})
+    check: Callable | None = None          # (model_config, train_config, data) -> None or ValueError
+
+    def metrics_fn(self) -> Callable:
+        """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""
+        if self.eval_fn is not None:
+            return self.eval_fn
+        loss_fn = self.loss_fn
+        return lambda model, batch: {"loss": loss_fn(model, batch, None)}
+
+    def axes_of(self, field: str, ndim: int) -> tuple:
+        """Logical axes of batch field ``field``: its own entry, else the "*" entry cut to ``ndim``."""
+        axes = self.batch_axes.get(field, self.batch_axes.get("*"))
+        if axes is None:
+            raise ValueError(f"recipe {self.name!r} gives no logical axes for batch field {field!r}")
+        axes = tuple(axes)[:ndim] if field not in self.batch_axes else tuple(axes)
+        if len(axes) != ndim:
+            raise ValueError(f"recipe {self.name!r}: batch field {field!r} has rank {ndim} but axes {axes}")
+        return axes
+
+    def make_config(self, **overrides):
+        """The model config from the recipe's defaults and ``overrides``."""
+        return self.config_class(**{**self.model_defaults, **overrides})

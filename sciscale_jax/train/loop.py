@@ -1,9 +1,12 @@
 """The training loop: jitted step, progress bar, periodic evaluation, JSONL metrics, Orbax checkpoints.
 
 ``train(recipe, model_config, train_config, out_dir)`` runs a recipe end to end and returns
-a summary (final losses, perplexities, the memory report of the compiled step, where the
-checkpoint went). Batches are a pure function of (seed, step) and dropout keys of the step,
-so ``resume=True`` continues exactly where a killed run left off.
+a summary (final loss, the recipe's validation metrics and baselines, the memory report of
+the compiled step, where the checkpoint went). The loop never names a model or a loss: the
+recipe (``sciscale_jax.recipes.base.Recipe``) builds the model, the data, the loss and the
+metrics, and says which logical axes each batch field has. Batches are a pure function of
+(seed, step) and dropout keys of the step, so ``resume=True`` continues exactly where a
+killed run left off.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import pathlib
 import time
 
@@ -21,12 +23,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sciscale_jax import optim, parallel, precision
+from sciscale_jax import optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.parallel import offload as host_offload
-from sciscale_jax.models import Transformer
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
-from sciscale_jax.train.sharding import plan_placement, resolve_strategy
+from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
 
@@ -34,22 +35,25 @@ from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16
-    seq_len: int = 128
-    learning_rate: float = 2e-3
+    seq_len: int = dataclasses.field(default=128, metadata={"help": "sequence length (or crop) the recipe's data uses"})
+    learning_rate: float = dataclasses.field(default=2e-3, metadata={"flag": "lr", "help": "peak learning rate"})
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "global-norm clip; 0: none"})
+    optimizer: str = dataclasses.field(default="adamw", metadata={
+        "help": "optimizer by name", "choices": lambda: tuple(optim.OPTIMIZERS)})
     seed: int = 0
     eval_every: int = 100
     save_every: int = 100
-    keep: int = 3
+    keep: int = dataclasses.field(default=3, metadata={"help": "checkpoints kept"})
     log_every: int = 10
-    grad_accum: int = 1     # microbatches per step (lax.scan inside the step)
-    offload: str = ""       # "opt_state", "params" or both, kept in pinned host memory between steps
-    mesh: str = ""          # e.g. "data=2,fsdp=2,tensor=2"; empty: one device
-    zero: int = 0           # ZeRO stage 0-3 over the data axes of the mesh
-    sharding: str = "auto"  # rule table (sciscale_jax.parallel.RULES), or picked from the mesh
+    grad_accum: int = dataclasses.field(default=1, metadata={"help": "microbatches per step (lax.scan inside the step)"})
+    offload: str = dataclasses.field(default="", metadata={
+        "group": "distribution", "help": "keep opt_state, params or opt_state,params in pinned host memory"})
+    mesh: str = dataclasses.field(default="", metadata={
+        "group": "distribution", "help": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence "
+                                         "tensor2 tensor pipeline; one may be -1); empty: one device"})
+    zero: int = dataclasses.field(default=0, metadata={"group": "distribution", "help": "ZeRO stage 0-3 over the data axes"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
@@ -67,8 +71,6 @@ class TrainConfig:
         parallel.validate_zero_stage(self.zero)
         if self.zero and not self.mesh:
             raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
-        if self.sharding != "auto":
-            parallel.rules_for(self.sharding)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,14 +103,24 @@ def _decay_kwargs(name: str, weight_decay: float) -> dict:
     return {}
 
 
-def evaluate(eval_fn, params, rest, batches) -> tuple[float, float]:
-    """(token-mean loss, perplexity) over ``batches``."""
-    total, count = 0.0, 0.0
+def evaluate(metrics_step, params, rest, batches) -> dict:
+    """Mean of each metric over ``batches``: ``metrics_step(params, rest, batch)`` returns
+    ``{name: (sum, count)}`` (or one ``(sum, count)``, read as the loss); sums and counts are
+    added over the batches before dividing."""
+    totals = {}
     for batch in batches:
-        s, n = jax.device_get(eval_fn(params, rest, batch))
-        total, count = total + float(s), count + float(n)
-    loss = total / max(count, 1.0)
-    return loss, math.exp(loss)
+        out = jax.device_get(metrics_step(params, rest, batch))
+        out = out if isinstance(out, dict) else {"loss": out}
+        for name, (s, n) in out.items():
+            t = totals.setdefault(name, [0.0, 0.0])
+            t[0], t[1] = t[0] + float(s), t[1] + float(n)
+    return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
+
+
+def validation_metrics(recipe, metrics_step, params, rest, batches) -> dict:
+    """``val_<name>`` for the recipe's metrics and what its ``summarize`` derives from them."""
+    means = evaluate(metrics_step, params, rest, batches)
+    return {f"val_{k}": v for k, v in {**means, **recipe.summarize(means)}.items()}
 
 
 class MetricsLog:
@@ -126,15 +138,16 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
           force: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``recipe`` and return a summary dict; see the module docstring."""
     cfg = train_config
-    if cfg.seq_len > model_config.max_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_config.max_len}")
-    data = recipe.build_data(cfg)
-    if model_config.vocab_size < data.vocab_size:
-        raise ValueError(f"model vocab_size={model_config.vocab_size} is smaller than the data's {data.vocab_size}")
+    data = recipe.build_data(cfg, model_config)
+    if recipe.check is not None:
+        recipe.check(model_config, cfg, data)
     out_dir = pathlib.Path(out_dir)
-    if cfg.mesh and model_config.sharding is None:  # activations follow the parameters' rule table
-        model_config = dataclasses.replace(model_config, sharding=resolve_strategy(cfg.mesh, cfg.sharding))
-    model = Transformer(model_config, rngs=nnx.Rngs(cfg.seed))
+    given_config = model_config  # saved as given: a resumed run may pick another mesh
+    mesh_config = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count()) if cfg.mesh else None
+    if mesh_config is not None and model_config.sharding is None:  # activations follow the parameters' rules
+        model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
+    offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
+    model = recipe.build_model(model_config, nnx.Rngs(cfg.seed))
     policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
@@ -143,18 +156,18 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     graphdef, state = init_train_state(model, tx)
     del model
     example = data.train.batch(0)
-    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling)
+    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload)
     mesh = None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)
-    if cfg.mesh:
-        place = plan_placement(cfg.mesh, cfg.sharding, cfg.zero, state, param_axes, tx, example)
+    if mesh_config is not None:
+        place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, example,
+                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
-    if cfg.offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
-        targets = host_offload.parse_offload(cfg.offload)
-        kind = {t: "pinned_host" if t in targets else "device" for t in ("params", "opt_state")}
+    if offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
+        kind = {t: "pinned_host" if t in offload else "device" for t in ("params", "opt_state")}
         state = state._replace(params=host_offload.place(state.params, kind["params"], mesh),
                                opt_state=host_offload.place(state.opt_state, kind["opt_state"], mesh))
         placed = jax.tree.map(lambda x: x.sharding, state)
@@ -162,7 +175,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         if "in_shardings" in jit_kw:
             jit_kw["in_shardings"] = (placed, jit_kw["in_shardings"][1])
     # Every check above runs before anything in out_dir is written.
-    run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
+    run_config = {"recipe": recipe.name, "model": given_config.to_dict(), "train": cfg.to_dict()}
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
     check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
     ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
@@ -170,25 +183,26 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
         log(f"resumed from step {int(state.step)} in {ckpt.directory}")
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile()
-        eval_step = make_eval_step(graphdef, recipe.loss_fn)
-        if "params" in cfg.offload:  # evaluate on a device copy of host-resident parameters
+        compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile(remat.compiler_options())
+        metrics_fn = recipe.metrics_fn()
+        eval_step = make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
+        if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
         metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-        state, train_loss, t0 = _loop(cfg, recipe.name, compiled, eval_fn, state, data, put_batch, ckpt,
+        state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt,
                                       metrics_log, progress)
-        val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
-    metrics_log.write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
+        val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
+    metrics_log.write({"step": int(state.step), **val})
     return {
-        "steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl,
+        "steps": int(state.step), "train_loss": train_loss, **val, "validation": val,
         "baselines": dict(data.baselines), "memory": report_from_analysis(compiled.memory_analysis()),
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         "checkpoint_dir": str(ckpt.directory), "seconds": time.perf_counter() - t0, "state": state,
     }
 
 
-def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool):
+def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset):
     """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
     if optim.is_zeroth_order(cfg.optimizer):
         if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
@@ -203,16 +217,15 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
         grad_fn = accumulating_grad_fn(graphdef, loss_fn, cfg.grad_accum)
     else:
         grad_fn = None
-    offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
     return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling,
                            offload=offload)
 
 
-def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):
+def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):
     """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc=name, dynamic_ncols=True)
+               desc=recipe.name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
     for step in bar:
         state, metrics = compiled(state, put_batch(data.train.batch(step)))
@@ -223,9 +236,9 @@ def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_lo
             bar.set_postfix(loss=f"{train_loss:.3f}")
             metrics_log.write({"step": done, **m, "time": time.perf_counter() - t0})
         if done % cfg.eval_every == 0 and done != cfg.steps:
-            val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
-            metrics_log.write({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
-            bar.write(f"step {done}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val ppl {val_ppl:.3f}")
+            val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
+            metrics_log.write({"step": done, **val})
+            bar.write(f"step {done}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
         ckpt.save(state)
     bar.close()
     if ckpt.latest_step() != int(state.step):

@@ -26,12 +26,19 @@ def pick_strategy(config: parallel.ParallelConfig) -> str:
     return "fsdp" if config.fsdp > 1 else "dp"
 
 
-def resolve_strategy(mesh_spec: str, strategy: str = "auto") -> str:
-    """``strategy``, or for "auto" the one :func:`pick_strategy` gives the mesh ``mesh_spec``."""
-    if strategy != "auto":
+def resolve_strategy(mesh_spec, strategy: str | None = "auto") -> str:
+    """``strategy``, or for "auto"/None the one :func:`pick_strategy` gives the mesh ``mesh_spec``."""
+    if strategy not in (None, "auto"):
         parallel.rules_for(strategy)
         return strategy
-    return pick_strategy(parallel.ParallelConfig.parse(mesh_spec).resolve(jax.device_count()))
+    return pick_strategy(_parallel_config(mesh_spec))
+
+
+def _parallel_config(mesh_spec) -> parallel.ParallelConfig:
+    """A ``ParallelConfig`` from itself or from a mesh string (parsed here, at the boundary)."""
+    if isinstance(mesh_spec, parallel.ParallelConfig):
+        return mesh_spec.resolve(jax.device_count())
+    return parallel.ParallelConfig.parse(mesh_spec).resolve(jax.device_count())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +50,28 @@ class Placement:
     grads: object          # shardings gradients are constrained to (ZeRO-2/3 split them)
 
 
-def plan_placement(mesh_spec: str, strategy: str, zero: int, state: TrainState, param_axes, tx,
-                   batch_example: dict) -> Placement:
-    """Shardings for a run on the mesh ``mesh_spec``; ValueErrors name sizes that do not divide."""
-    mesh = parallel.make_mesh(parallel.ParallelConfig.parse(mesh_spec).resolve(jax.device_count()))
-    rules = parallel.rules_for(resolve_strategy(mesh_spec, strategy))
+def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState, param_axes, tx,
+                   batch_example: dict, *, model_sharding: str | None, batch_axes=None) -> Placement:
+    """Shardings for a run on the mesh ``mesh_spec`` (a string or a ``ParallelConfig``).
+
+    ``strategy`` names the rule table (None or "auto": picked from the mesh). The model's
+    activation constraints must follow the same table: pass the model config's ``sharding`` as
+    ``model_sharding`` and a model built without it (or with another table) is refused, since
+    its activations would then be left to GSPMD (under FSDP, several times the temporaries).
+    ``batch_axes(field, ndim)`` gives each batch field's logical axes (default: batch, seq).
+    ValueErrors name sizes that do not divide.
+    """
+    config = _parallel_config(mesh_spec)
+    name = resolve_strategy(config, strategy)
+    if model_sharding != name:
+        raise ValueError(f"the model constrains its activations with sharding={model_sharding!r} but the "
+                         f"parameters are placed with {name!r}: build the model config with sharding={name!r}")
+    mesh = parallel.make_mesh(config)
+    rules = parallel.rules_for(name)
     shard = parallel.train_shardings(state.params, param_axes, rules, mesh, zero, tx)
     replicated = NamedSharding(mesh, P())
     state_sh = TrainState(replicated, shard.params, jax.tree.map(lambda _: replicated, state.rest), shard.opt_state)
-    batch_sh = {k: parallel.batch_sharding(v.shape, (ax.BATCH, ax.SEQ)[:v.ndim], rules, mesh)
+    axes_of = batch_axes or (lambda field, ndim: (ax.BATCH, ax.SEQ)[:ndim])
+    batch_sh = {k: parallel.batch_sharding(v.shape, axes_of(k, v.ndim), rules, mesh)
                 for k, v in batch_example.items()}
     return Placement(mesh, rules, state_sh, batch_sh, shard.grads)

@@ -56,27 +56,6 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
 
-def token_cross_entropy(logits_bsv, targets_bs, weights_bs):
-    """(sum of weighted token cross-entropies, sum of weights), in float32."""
-    nll_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv.astype(jnp.float32), targets_bs)
-    weights_bs = weights_bs.astype(jnp.float32)
-    return jnp.sum(nll_bs * weights_bs), jnp.sum(weights_bs)
-
-
-def mlm_loss(model, batch, key):
-    """Masked-LM loss over the positions ``batch['weights']`` marks."""
-    logits = model(batch["inputs"], mask_bs=batch["mask"], dropout_key=key)
-    return token_cross_entropy(logits, batch["targets"], batch["weights"])
-
-
-def causal_lm_loss(model, batch, key):
-    """Next-token loss: position t predicts token t+1 wherever both are real."""
-    tokens, real = batch["inputs"], batch["mask"]
-    logits = model(tokens, mask_bs=real, dropout_key=key)
-    weights = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
-    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)
-
-
 def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
     """Plain reverse-mode gradients of the token-mean loss, times ``loss_scale`` (fp16)."""
 
@@ -123,7 +102,7 @@ def accumulating_grad_fn(graphdef, loss_fn: Callable, num_microbatches: int, acc
     return grad_fn
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable = mlm_loss,
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable,
                     grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False,
                     offload: frozenset = frozenset()) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
@@ -166,7 +145,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     return step
 
 
-def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable = mlm_loss, seed: int = 0) -> Callable:
+def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0) -> Callable:
     """The step for zeroth-order optimizers (MeZO, ZO-AdaMU, DeepZero): only forward passes.
 
     ``tx.update(None, opt_state, params, value_fn=loss)`` evaluates the loss at perturbed
@@ -202,8 +181,9 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable = mlm_loss, seed: 
     return step
 
 
-def make_eval_step(graphdef, loss_fn: Callable = mlm_loss) -> Callable:
-    """``eval_step(params, rest, batch) -> (sum of token losses, token count)``; no dropout."""
+def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
+    """``eval_step(params, rest, batch) -> loss_fn(model, batch, None)`` (no dropout key): a
+    ``(sum, count)`` pair, or a recipe's ``{name: (sum, count)}`` metrics."""
 
     def eval_step(params, rest, batch):
         return loss_fn(nnx.merge(graphdef, params, rest), batch, None)

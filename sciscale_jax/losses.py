@@ -1,0 +1,32 @@
+"""Token losses shared by the language-model recipes, as ``(model, batch, key) -> (sum, count)``.
+
+Losses return the sum of per-token losses and the token count (not a mean), so gradient
+accumulation weights microbatches by their real token counts and evaluation sums exactly.
+They live here, beside the recipes that own them; the train step never names a loss.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def token_cross_entropy(logits_bsv, targets_bs, weights_bs):
+    """(sum of weighted token cross-entropies, sum of weights), in float32."""
+    nll_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv.astype(jnp.float32), targets_bs)
+    weights_bs = weights_bs.astype(jnp.float32)
+    return jnp.sum(nll_bs * weights_bs), jnp.sum(weights_bs)
+
+
+def mlm_loss(model, batch, key):
+    """Masked-LM loss over the positions ``batch['weights']`` marks."""
+    logits = model(batch["inputs"], mask_bs=batch["mask"], dropout_key=key)
+    return token_cross_entropy(logits, batch["targets"], batch["weights"])
+
+
+def causal_lm_loss(model, batch, key):
+    """Next-token loss: position t predicts token t+1 wherever both are real."""
+    tokens, real = batch["inputs"], batch["mask"]
+    logits = model(tokens, mask_bs=real, dropout_key=key)
+    weights = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
+    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)

@@ -1,0 +1,139 @@
+"""The technique switches every model shares, and the one layer stack that applies them.
+
+``Techniques`` is a frozen dataclass of the switches that apply to any model family: the
+remat policy (``sciscale_jax.remat``), layer scan, attention implementation
+(``sciscale_jax.attention``), precision policy (``sciscale_jax.precision``), QAT scheme
+(``sciscale_jax.quant``) and the rule table for activation sharding constraints
+(``sciscale_jax.parallel``). A model config embeds it by inheriting from it, so its fields
+are keyword-only fields of the model config (``TransformerConfig(vocab_size=32,
+remat="full")``) and the CLI lists them with the model's own flags.
+
+``stack_layers`` builds ``num_layers`` blocks and ``run_layers`` runs them under those
+switches: stacked (``nnx.vmap``) and run by ``lax.scan`` when ``scan_layers``, else an
+``nnx.List`` run by a Python loop; every
+remat policy, ``every_k:<k>`` grouping included, is applied by ``remat.apply_layers`` to
+the block's pure function (the block's state is split out of NNX and merged back inside
+the checkpointed function), so the policy has the same meaning on both paths. A block is
+any NNX module called as ``block(carry, *args, key) -> carry``; the carry may be a tuple
+(the Evoformer carries the MSA and pair representations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sciscale_jax import attention, parallel, remat
+from sciscale_jax.parallel import axes as ax
+from sciscale_jax.precision.policy import POLICIES, get_policy
+from sciscale_jax.quant.registry import QUANT_SCHEMES, make_matmul
+
+
+def _choices(names):
+    return {"choices": tuple(names)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Techniques:
+    """Technique switches shared by every model family (all keyword-only)."""
+
+    remat: str = dataclasses.field(default="none", metadata={
+        "help": f"remat policy: {', '.join(remat.REMAT_FORMS)}"})
+    scan_layers: bool = dataclasses.field(default=False, metadata={
+        "help": "stack the blocks and run them with lax.scan (compile time flat in depth)"})
+    attention: str = dataclasses.field(default="xla", metadata={
+        "help": "attention implementation (sciscale_jax.attention)", "choices": lambda: attention.config_impls()})
+    precision: str = dataclasses.field(default="fp32", metadata=_choices(POLICIES))
+    quant: str = dataclasses.field(default="none", metadata=_choices(QUANT_SCHEMES))
+    sharding: str | None = dataclasses.field(default=None, metadata={
+        "group": "distribution", "help": "rule table for parameters and activations (dp fsdp tp tp_sp tp2d "
+                                         "fsdp_tp); None: picked from the mesh"})
+    dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})        # compute dtype
+    param_dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})
+
+    def __post_init__(self):
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool")
+        remat.validate_remat(self.remat, getattr(self, "num_layers", None))
+        attention.validate_impl(self.attention)
+        if self.sharding is not None:
+            parallel.rules_for(self.sharding)
+        make_matmul(self.quant, self.precision)  # ValueError: unknown names, quant with fp8
+        if self.precision != "fp32":  # a non-default policy decides the dtypes
+            policy = get_policy(self.precision)
+            object.__setattr__(self, "dtype", policy.compute_dtype)
+            object.__setattr__(self, "param_dtype", policy.param_dtype)
+        for name in ("dtype", "param_dtype"):  # by name, so configs compare and serialise
+            value = getattr(self, name)
+            try:
+                dtype = jnp.dtype(value)
+            except TypeError:
+                raise ValueError(f"{name}={value!r} is not a dtype") from None
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{name}={value!r} must be a floating dtype")
+            object.__setattr__(self, name, dtype.name)
+
+    @property
+    def techniques(self) -> Techniques:
+        """The technique switches alone (for a config that embeds them)."""
+        return Techniques(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Techniques)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def technique_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Techniques))
+
+
+def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, techniques: Techniques, *,
+                 rngs: nnx.Rngs):
+    """``num_layers`` blocks from ``make_block(rngs)``: one module whose variables carry a leading
+    ``layers`` axis (``techniques.scan_layers``), else an ``nnx.List`` of blocks."""
+    remat.validate_remat(techniques.remat, num_layers)
+    if techniques.scan_layers:
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+        def make_stacked(rngs):
+            return make_block(rngs)
+
+        return make_stacked(rngs)
+    return nnx.List([make_block(rngs) for _ in range(num_layers)])
+
+
+def run_layers(layers, carry, *args, policy="none", keys=None):
+    """``carry`` through every block of ``layers`` (from ``stack_layers``) under remat ``policy``.
+
+    Each block is called as ``block(carry, *args, key)``; ``keys`` is None or an array of one
+    key per layer. Stacked layers run under ``lax.scan``; a list runs as a Python loop.
+    """
+    scan = not isinstance(layers, nnx.List)
+    if scan:
+        graphdef, state = nnx.split(layers)
+        num_layers = jax.tree.leaves(state)[0].shape[0]
+        layer_params = (state, keys)
+    else:
+        graphdefs, states = zip(*(nnx.split(b) for b in layers))
+        graphdef, num_layers = graphdefs[0], len(states)
+        if any(g != graphdef for g in graphdefs[1:]):
+            raise ValueError("the blocks of a layer stack must share one structure")
+        layer_params = [(s, None if keys is None else keys[i]) for i, s in enumerate(states)]
+    if keys is not None and len(keys) != num_layers:
+        raise ValueError(f"got {len(keys)} layer keys for {num_layers} layers")
+
+    def block_fn(state_key, x):
+        state, key = state_key
+        return nnx.merge(graphdef, state)(x, *args, key)
+
+    return remat.apply_layers(block_fn, carry, layer_params, policy, scan=scan)
+
+
+def layer_keys(key, num_layers: int, active: bool = True):
+    """One dropout key per layer, or None when there is no key or dropout is off."""
+    if key is None or not active:
+        return None
+    return jax.random.split(key, num_layers)
