@@ -115,11 +115,15 @@ def _max_err(a, b):
     return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
-def run(args, notes):
+def run(args, notes, flush=lambda records: None):
+    """Benchmark records; ``flush(records)`` runs after each measurement, so a run cut short
+    (a time limit, a hung kernel) still leaves the finished configurations on disk."""
     device = jax.devices()[0]
     device_name = f"{device.device_kind}"
     print(f"device: {device_name} ({jax.default_backend()}), jax {jax.__version__}", file=sys.stderr)
     impls = _impls(args.flash_blocks, notes)
+    if args.impls:
+        impls = {name: impl for name, impl in impls.items() if name in args.impls}
     for note in notes:
         print(note, file=sys.stderr)
     records, start = [], time.perf_counter()
@@ -172,6 +176,13 @@ def run(args, notes):
                         traceback.print_exc()
                 records.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
+                flush(records)
+    return records
+
+
+def with_ratios(records):
+    """Copies of the records with x cudnn and x flash ratios (same head_dim, seq, bias, causal, pass)."""
+    records = [dict(r) for r in records]
     for base_impl in ("cudnn", "flash"):
         base = {(r["head_dim"], r["seq"], r["bias"], r["causal"], r["pass_"]): r.get("tflops")
                 for r in records if r["impl"] == base_impl}
@@ -234,6 +245,9 @@ def main(argv=None):
                    default=[False, True], help="comma list of 0 (non-causal) and 1 (causal)")
     p.add_argument("--grad-ref-max-seq", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new config after this many seconds")
+    p.add_argument("--impls", type=lambda s: s.split(","), default=None,
+                   help="comma list of implementations to run (default: every one available)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.runs < 5:
@@ -243,16 +257,23 @@ def main(argv=None):
     if set(args.biases) - {"none", "pair"}:
         p.error(f"--biases={','.join(args.biases)}: each must be 'none' or 'pair'")
     notes = []
-    records = run(args, notes)
-    md = table(records)
-    if notes:
-        md += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    print(md)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, notes=notes, records=records), f, indent=1)
-    with open(os.path.join(args.out, "attention_gpu.md"), "w") as f:
-        f.write(f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}\n\n{md}\n")
+    device = jax.devices()[0].device_kind
+
+    def write(records, final=False):
+        records = with_ratios(records)
+        md = table(records)
+        if notes:
+            md += "\n\n" + "\n".join(f"- {n}" for n in notes)
+        with open(os.path.join(args.out, f"attention_gpu{args.tag}.json"), "w") as f:
+            json.dump(dict(device=device, jax=jax.__version__, complete=final, notes=notes, records=records), f,
+                      indent=1)
+        with open(os.path.join(args.out, f"attention_gpu{args.tag}.md"), "w") as f:
+            f.write(f"Device: {device}; jax {jax.__version__}\n\n{md}\n")
+        return md
+
+    records = run(args, notes, flush=write)
+    print(write(records, final=True))
 
 
 if __name__ == "__main__":
