@@ -4,7 +4,8 @@ Times forward+backward (gradients of all parameters and of both inputs) of one
 ``sciscale_jax.models.evoformer.EvoformerBlock`` at AlphaFold's crop (N_seq 128 MSA rows,
 N_res 256 residues, c_m 256, c_z 128) in bfloat16 compute with float32 parameters, for each
 attention implementation named. FLOPs are XLA's own count of the compiled step
-(``cost_analysis``), so TFLOP/s is what XLA scheduled, not a model formula. Peak memory is
+(``cost_analysis``): custom calls (a Pallas or cuDNN attention kernel) are not in it, so
+compare TFLOP/s only between rows of the same attention implementation; the time is the measure. Peak memory is
 the device's ``memory_stats()`` peak over the process (GPU only), next to the bytes held
 before the first block ran. Skips with a message when the Evoformer module is absent.
 
