@@ -131,6 +131,8 @@ def main(argv=None):
     if evoformer is None:
         print(f"evoformer_gpu skipped: sciscale_jax.models.evoformer is not available ({why})")
         return
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "evoformer_gpu.json")
     records = []
     for attention in args.attentions:
         try:
@@ -139,11 +141,9 @@ def main(argv=None):
             records.append(dict(device=jax.devices()[0].device_kind, attention=attention,
                                 error=f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"))
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+        with open(path, "w") as f:  # after every row, so a run cut short keeps what finished
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, records=records), f, indent=1)
     print(table(records))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "evoformer_gpu.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, records=records), f, indent=1)
     print(f"wrote {path}")
 
 
