@@ -25,7 +25,6 @@ dense bf16 figure for H100/H200 SXM (``--peak-tflops`` overrides it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
