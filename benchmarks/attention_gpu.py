@@ -1,17 +1,24 @@
-"""Attention speed on one GPU: the sciscale Pallas flash kernel against cuDNN and JAX's Pallas op.
+"""Attention speed on one GPU: the sciscale Pallas flash kernel against cuDNN, JAX's Pallas op and tokamax.
 
 Forward and forward+backward TFLOP/s, bfloat16, head_dim 64 and 128, sequence 1k..16k,
-causal and not, for
+causal and not, without a bias and with an Evoformer-style pair bias (one [1, heads, seq,
+seq] bias broadcast over the batch, as MSA row attention broadcasts the pair
+representation over the rows; its gradient is part of fwd+bwd), for
   flash       sciscale_jax.kernels.flash_attention (FlashAttention-2 partitioning, Triton)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn")  (the baseline)
-  pallas_gpu  jax.experimental.pallas.ops.gpu.attention.mha, where importable
+  pallas_gpu  jax.experimental.pallas.ops.gpu.attention.mha, where importable (no bias)
+  tokamax     tokamax.dot_product_attention(implementation="mosaic"), its Pallas Mosaic GPU
+              kernel, where tokamax imports (skipped with a note otherwise)
+  sm90        sciscale_jax.kernels.flash_attention_sm90 (Pallas Mosaic GPU, forward only;
+              where it imports and the GPU is sm90+)
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
 the FlashAttention-2 paper's benchmarks. FLOPs: forward 4*B*H*Q*K*D (halved when causal),
-backward 2.5x forward. Time: median of --runs timed calls after a warm-up call. Error:
-max |out - ref| (and max over dq, dk, dv for fwd+bwd) against float32 attention on the
-same bf16 inputs; the gradient check runs up to --grad-ref-max-seq.
+backward 2.5x forward; the bias add is not counted. Time: median of --runs timed calls
+after a warm-up call. Error: max |out - ref| (and max over dq, dk, dv, dbias for fwd+bwd)
+against float32 attention on the same bf16 inputs; the gradient check runs up to
+--grad-ref-max-seq.
 
-    python benchmarks/attention_gpu.py --out benchmarks/results
+    python benchmarks/attention_gpu.py --out benchmarks/results --biases none,pair
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import os
 import sys
 import time
 import traceback
+import types
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,27 +40,62 @@ from sciscale_jax.kernels.flash_attention import flash_attention, reference_atte
 from timing import median_seconds  # benchmarks/timing.py (scripts run as python benchmarks/NAME.py)
 
 
-def _impls(flash_blocks):
+class _Impl(NamedTuple):
+    fn: Callable          # fn(q, k, v, causal, bias)
+    bias: bool = True     # takes an additive bias (and returns its gradient)
+    backward: bool = True  # differentiable
+
+
+def _import_tokamax():
+    """tokamax, or raise ImportError. Its top-level import loads its benchmarking helpers, which
+    import xprof (a profiler with large native dependencies) that attention never calls; where
+    xprof is absent, an empty placeholder module stands in for that one import."""
+    try:
+        import xprof.cli.tools  # noqa: F401
+    except ImportError:
+        for name in ("xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["xprof.cli.tools"].get_kernel_stats_tool = sys.modules["xprof.cli.tools.get_kernel_stats_tool"]
+    import tokamax
+    return tokamax
+
+
+def _impls(flash_blocks, notes):
     impls = {}
     for bq, bk in flash_blocks:
         name = "flash" if (bq, bk) == (None, None) else f"flash[{bq}x{bk}]"
-        impls[name] = lambda q, k, v, c, bq=bq, bk=bk: flash_attention(
-            q, k, v, causal=c, block_q=bq, block_k=bk, interpret=False)
-    impls["cudnn"] = lambda q, k, v, c: jax.nn.dot_product_attention(
-        q, k, v, is_causal=c, implementation="cudnn")
+        impls[name] = _Impl(lambda q, k, v, c, b, bq=bq, bk=bk: flash_attention(
+            q, k, v, bias=b, causal=c, block_q=bq, block_k=bk, interpret=False))
+    impls["cudnn"] = _Impl(lambda q, k, v, c, b: jax.nn.dot_product_attention(
+        q, k, v, bias=b, is_causal=c, implementation="cudnn"))
     try:
         from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
-        impls["pallas_gpu"] = lambda q, k, v, c: pallas_gpu.mha(
-            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=c)
+        impls["pallas_gpu"] = _Impl(lambda q, k, v, c, b: pallas_gpu.mha(
+            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=c), bias=False)
     except Exception as err:  # noqa: BLE001 - optional comparison
-        print(f"pallas_gpu unavailable: {err}", file=sys.stderr)
+        notes.append(f"pallas_gpu skipped: {type(err).__name__}: {err}")
+    try:
+        tokamax = _import_tokamax()
+        impls["tokamax"] = _Impl(lambda q, k, v, c, b: tokamax.dot_product_attention(
+            q, k, v, bias=b, is_causal=c, implementation="mosaic"))
+        notes.append(f"tokamax {getattr(tokamax, '__version__', '?')}: implementation='mosaic' (Pallas Mosaic GPU)")
+    except Exception as err:  # noqa: BLE001 - optional peer
+        notes.append(f"tokamax skipped (not importable): {type(err).__name__}: {str(err)[:200]}")
+    try:
+        from sciscale_jax.kernels.flash_attention_sm90 import flash_attention_sm90, sm90_supported
+        if not sm90_supported():
+            raise ImportError("needs an sm90+ GPU and Pallas Mosaic GPU")
+        impls["sm90"] = _Impl(lambda q, k, v, c, b: flash_attention_sm90(q, k, v, bias=b, causal=c),
+                              backward=False)
+    except Exception as err:  # noqa: BLE001 - optional kernel
+        notes.append(f"sm90 skipped: {type(err).__name__}: {str(err)[:200]}")
     return impls
 
 
-_ref_chunk = jax.jit(lambda q, k, v, mask: reference_attention(q, k, v, mask=mask))
+_ref_chunk = jax.jit(lambda q, k, v, bias, mask: reference_attention(q, k, v, bias=bias, mask=mask))
 
 
-def _ref_forward(q, k, v, causal, chunk=1024):
+def _ref_forward(q, k, v, causal, bias=None, chunk=1024):
     """Float32 attention, query-chunked so 16k sequences fit."""
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
     seq = q.shape[1]
@@ -62,7 +106,8 @@ def _ref_forward(q, k, v, causal, chunk=1024):
         if causal:
             rows = q0 + jnp.arange(qc.shape[1])[:, None]
             mask = jnp.arange(k.shape[1])[None, :] <= rows
-        outs.append(_ref_chunk(qc, k32, v32, mask))
+        bias_c = None if bias is None else bias[:, :, q0:q0 + chunk].astype(jnp.float32)
+        outs.append(_ref_chunk(qc, k32, v32, bias_c, mask))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -70,57 +115,90 @@ def _max_err(a, b):
     return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
-def run(args):
+def run(args, notes, flush=lambda records: None):
+    """Benchmark records; ``flush(records)`` runs after each measurement, so a run cut short
+    (a time limit, a hung kernel) still leaves the finished configurations on disk."""
     device = jax.devices()[0]
     device_name = f"{device.device_kind}"
     print(f"device: {device_name} ({jax.default_backend()}), jax {jax.__version__}", file=sys.stderr)
-    impls = _impls(args.flash_blocks)
+    impls = _impls(args.flash_blocks, notes)
+    if args.impls:
+        impls = {name: impl for name, impl in impls.items() if name in args.impls}
+    for note in notes:
+        print(note, file=sys.stderr)
     records, start = [], time.perf_counter()
     # Most informative first (head_dim 128, long sequences), so a time budget cuts the least useful.
-    configs = [(d, s, c) for d in sorted(args.head_dims, reverse=True) for s in sorted(args.seqs, reverse=True)
-               for c in (False, True)]
-    for head_dim, seq, causal in configs:
+    configs = [(d, s, b, c) for d in sorted(args.head_dims, reverse=True) for s in sorted(args.seqs, reverse=True)
+               for b in args.biases for c in args.causal]
+    for head_dim, seq, bias_kind, causal in configs:
         if time.perf_counter() - start > args.budget_s:
-            print(f"time budget {args.budget_s}s reached; skipping the rest", file=sys.stderr)
+            notes.append(f"time budget {args.budget_s}s reached before head_dim {head_dim}, seq {seq}, "
+                         f"bias {bias_kind}, causal {causal}; the rest skipped")
+            print(notes[-1], file=sys.stderr)
             break
         batch, heads = max(1, args.tokens // seq), args.model_dim // head_dim
         r = np.random.default_rng(seq + head_dim)
         q, k, v, do = (jnp.asarray(r.normal(size=(batch, seq, heads, head_dim)), jnp.bfloat16) for _ in range(4))
+        bias = None
+        if bias_kind == "pair":  # one pair bias per head, broadcast over the batch (MSA rows)
+            bias = jnp.asarray(r.normal(size=(1, heads, seq, seq)), jnp.bfloat16)
         fwd_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
-        ref_out = _ref_forward(q, k, v, causal)
+        ref_out = _ref_forward(q, k, v, causal, bias)
         ref_grads = None
         if seq <= args.grad_ref_max_seq:
-            ref_fn = lambda q, k, v: reference_attention(q, k, v, causal=causal)  # noqa: E731
-            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-            ref_grads = jax.jit(lambda q, k, v, do: jax.vjp(ref_fn, q, k, v)[1](do))(*f32)
-        for name, attn in impls.items():
-            fwd = jax.jit(lambda q, k, v, attn=attn: attn(q, k, v, causal))
-            fwd_bwd = jax.jit(lambda q, k, v, do, attn=attn: jax.vjp(lambda *a: attn(*a, causal), q, k, v)[1](do))
-            for pass_name, fn, fn_args, flops in (("fwd", fwd, (q, k, v), fwd_flops),
-                                                  ("fwd+bwd", fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
+            f32 = [None if x is None else x.astype(jnp.float32) for x in (q, k, v, do, bias)]
+            ref_grads = jax.jit(lambda q, k, v, do, b: _vjp(
+                lambda q, k, v, b: reference_attention(q, k, v, bias=b, causal=causal), q, k, v, b, do))(*f32)
+        for name, impl in impls.items():
+            if bias is not None and not impl.bias:
+                continue
+            fwd = jax.jit(lambda q, k, v, b, impl=impl: impl.fn(q, k, v, causal, b))
+            fwd_bwd = jax.jit(lambda q, k, v, b, do, impl=impl: _vjp(
+                lambda q, k, v, b: impl.fn(q, k, v, causal, b), q, k, v, b, do))
+            passes = [("fwd", fwd, (q, k, v, bias), fwd_flops)]
+            if impl.backward:
+                passes.append(("fwd+bwd", fwd_bwd, (q, k, v, bias, do), 3.5 * fwd_flops))
+            for pass_name, fn, fn_args, flops in passes:
                 rec = dict(impl=name, device=device_name, head_dim=head_dim, seq=seq, batch=batch,
-                           heads=heads, causal=causal, dtype="bfloat16", pass_=pass_name)
+                           heads=heads, causal=causal, bias=bias_kind, dtype="bfloat16", pass_=pass_name)
                 try:
                     seconds = median_seconds(fn, fn_args, args.runs)
                     out = fn(*fn_args)
                     if pass_name == "fwd":
                         err = _max_err(out, ref_out)
                     else:
-                        err = None if ref_grads is None else max(map(_max_err, out, ref_grads))
+                        err = None if ref_grads is None else max(
+                            _max_err(a, b) for a, b in zip(out, ref_grads) if b is not None)
                     rec.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12, max_err=err)
                 except Exception as e:  # noqa: BLE001 - record and go on
-                    rec.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    rec.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                     if args.verbose:
                         traceback.print_exc()
                 records.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
-    base = {(r["head_dim"], r["seq"], r["causal"], r["pass_"]): r.get("tflops")
-            for r in records if r["impl"] == "cudnn"}
+                flush(records)
+    return records
+
+
+def with_ratios(records):
+    """Copies of the records with x cudnn and x flash ratios (same head_dim, seq, bias, causal, pass)."""
+    records = [dict(r) for r in records]
+    for base_impl in ("cudnn", "flash"):
+        base = {(r["head_dim"], r["seq"], r["bias"], r["causal"], r["pass_"]): r.get("tflops")
+                for r in records if r["impl"] == base_impl}
+        for rec in records:
+            b = base.get((rec["head_dim"], rec["seq"], rec["bias"], rec["causal"], rec["pass_"]))
+            rec[f"vs_{base_impl}"] = rec["tflops"] / b if b and rec.get("tflops") else None
     for rec in records:
-        b = base.get((rec["head_dim"], rec["seq"], rec["causal"], rec["pass_"]))
-        rec["vs_cudnn"] = rec["tflops"] / b if b and rec.get("tflops") else None
         rec["pass"] = rec.pop("pass_")
     return records
+
+
+def _vjp(f, q, k, v, bias, do):
+    """Gradients of f(q, k, v, bias) along do: (dq, dk, dv) or (dq, dk, dv, dbias)."""
+    if bias is None:
+        return jax.vjp(lambda q, k, v: f(q, k, v, None), q, k, v)[1](do)
+    return jax.vjp(f, q, k, v, bias)[1](do)
 
 
 def _fmt(x, spec):
@@ -128,16 +206,17 @@ def _fmt(x, spec):
 
 
 def table(records):
-    lines = ["| device | impl | head_dim | seq | batch x heads | causal | pass | ms | TFLOP/s | x cudnn | max err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["head_dim"], r["causal"], r["pass"], r["seq"], r["impl"])):
+    lines = ["| device | impl | head_dim | seq | batch x heads | bias | causal | pass | ms | TFLOP/s | x cudnn "
+             "| x flash | max err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["head_dim"], r["bias"], r["causal"], r["pass"], r["seq"], r["impl"])):
+        head = (f"| {r['device']} | {r['impl']} | {r['head_dim']} | {r['seq']} | {r['batch']}x{r['heads']} "
+                f"| {r['bias']} | {r['causal']} | {r['pass']} ")
         if "error" in r:
-            lines.append(f"| {r['device']} | {r['impl']} | {r['head_dim']} | {r['seq']} | {r['batch']}x{r['heads']} "
-                         f"| {r['causal']} | {r['pass']} | error: {r['error'][:80]} | | | |")
+            lines.append(head + f"| error: {r['error'][:100]} | | | | |")
             continue
-        lines.append(f"| {r['device']} | {r['impl']} | {r['head_dim']} | {r['seq']} | {r['batch']}x{r['heads']} "
-                     f"| {r['causal']} | {r['pass']} | {r['ms']:.3f} | {r['tflops']:.1f} "
-                     f"| {_fmt(r['vs_cudnn'], '.2f')} | {_fmt(r['max_err'], '.2e')} |")
+        lines.append(head + f"| {r['ms']:.3f} | {r['tflops']:.1f} | {_fmt(r['vs_cudnn'], '.2f')} "
+                     f"| {_fmt(r['vs_flash'], '.2f')} | {_fmt(r['max_err'], '.2e')} |")
     return "\n".join(lines)
 
 
@@ -160,22 +239,41 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5, help="timed runs (median) after warm-up; >= 5")
     p.add_argument("--flash-blocks", type=_blocks, default=[(None, None)],
                    help="comma list of BQxBK for the flash kernel, 'default' for its defaults")
+    p.add_argument("--biases", type=lambda s: s.split(","), default=["none"],
+                   help="comma list of 'none' and 'pair' ([1, heads, seq, seq] bias broadcast over the batch)")
+    p.add_argument("--causal", type=lambda s: [{"0": False, "1": True}[x] for x in s.split(",")],
+                   default=[False, True], help="comma list of 0 (non-causal) and 1 (causal)")
     p.add_argument("--grad-ref-max-seq", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new config after this many seconds")
+    p.add_argument("--impls", type=lambda s: s.split(","), default=None,
+                   help="comma list of implementations to run (default: every one available)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.runs < 5:
         p.error(f"--runs={args.runs} must be >= 5")
     if jax.default_backend() != "gpu":
         p.error(f"needs a GPU; jax's default backend is {jax.default_backend()!r}")
-    records = run(args)
-    md = table(records)
-    print(md)
+    if set(args.biases) - {"none", "pair"}:
+        p.error(f"--biases={','.join(args.biases)}: each must be 'none' or 'pair'")
+    notes = []
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, records=records), f, indent=1)
-    with open(os.path.join(args.out, "attention_gpu.md"), "w") as f:
-        f.write(f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}\n\n{md}\n")
+    device = jax.devices()[0].device_kind
+
+    def write(records, final=False):
+        records = with_ratios(records)
+        md = table(records)
+        if notes:
+            md += "\n\n" + "\n".join(f"- {n}" for n in notes)
+        with open(os.path.join(args.out, f"attention_gpu{args.tag}.json"), "w") as f:
+            json.dump(dict(device=device, jax=jax.__version__, complete=final, notes=notes, records=records), f,
+                      indent=1)
+        with open(os.path.join(args.out, f"attention_gpu{args.tag}.md"), "w") as f:
+            f.write(f"Device: {device}; jax {jax.__version__}\n\n{md}\n")
+        return md
+
+    records = run(args, notes, flush=write)
+    print(write(records, final=True))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Hopper (sm90) flash attention behind the attention front door: ``impl="sm90"``.
+
+The forward pass is the Pallas Mosaic GPU kernel in ``sciscale_jax.kernels.flash_attention_sm90``
+(FlashAttention-3 layout: TMA ring, warp-specialised producer, two ping-ponging wgmma
+consumers). The kernel has no backward pass yet, so the gradient recomputes attention with
+the chunked implementation (``chunked.py``, O(N) memory, bias gradient reduced to the bias's
+shape): training works, at the chunked kernel's backward speed.
+
+Adaptations to the front-door contract: a boolean mask becomes a large negative bias, and
+rows with no key to attend are zeroed afterwards, as every implementation returns them.
+``check_sm90`` refuses, before compilation, what the kernel cannot take: no sm90 GPU, dtypes
+other than bfloat16/float16, head_dim other than 64/128, causal with q_len != kv_len.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sciscale_jax.attention.chunked import chunked_attention
+from sciscale_jax.kernels.flash_attention_sm90 import check_sm90_inputs, flash_attention_sm90, sm90_supported
+
+_MASKED = -30000.0  # added to masked logits; finite in float16 too, so fully masked rows stay NaN-free
+
+
+def check_sm90(q, k, v, bias=None, mask=None, causal=False) -> None:
+    """Raise a ValueError naming the value when the sm90 kernel cannot take these inputs."""
+    if not sm90_supported():
+        raise ValueError(f"impl='sm90' needs a CUDA GPU of compute capability 9.x (H100/H200) and Pallas "
+                         f"Mosaic GPU; jax's default backend is {jax.default_backend()!r}")
+    check_sm90_inputs(q, k, v, bias, causal)
+    if mask is not None:
+        check_sm90_inputs(q, k, v, mask, causal)
+
+
+def _combined_bias(bias, mask, dtype):
+    if mask is None:
+        return bias
+    masked = jnp.where(jnp.asarray(mask, bool), jnp.zeros((), dtype), jnp.asarray(_MASKED, dtype))
+    return masked if bias is None else bias.astype(dtype) + masked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sm90(q, k, v, bias, mask, causal, scale):
+    return flash_attention_sm90(q, k, v, bias=_combined_bias(bias, mask, jnp.float32), causal=causal, scale=scale)
+
+
+def _sm90_fwd(q, k, v, bias, mask, causal, scale):
+    return _sm90(q, k, v, bias, mask, causal, scale), (q, k, v, bias, mask)
+
+
+def _sm90_bwd(causal, scale, residuals, dout_bqhd):
+    """Gradients by recomputation through the chunked implementation (no sm90 backward kernel yet)."""
+    q, k, v, bias, mask = residuals
+    dq, dk, dv, dbias = jax.vjp(
+        lambda q, k, v, b: chunked_attention(q, k, v, bias=b, mask=mask, causal=causal, scale=scale),
+        q, k, v, bias)[1](dout_bqhd)
+    return dq, dk, dv, dbias, None
+
+
+_sm90.defvjp(_sm90_fwd, _sm90_bwd)
+
+
+def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None):
+    """Front-door attention on the sm90 kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K]."""
+    check_sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, causal)
+    scale = q_bqhd.shape[-1] ** -0.5 if scale is None else float(scale)
+    out_bqhd = _sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, bool(causal), scale)
+    if mask is not None:  # rows with no key to attend: zeros, as in every implementation
+        target = (q_bqhd.shape[0], q_bqhd.shape[2], q_bqhd.shape[1], k_bkhd.shape[1])
+        attended_bhq = jnp.any(jnp.broadcast_to(jnp.asarray(mask, bool), target), axis=-1)
+        out_bqhd = jnp.where(attended_bhq.transpose(0, 2, 1)[..., None], out_bqhd, 0)
+    return out_bqhd

@@ -1,0 +1,170 @@
+"""The sm90 (Hopper) flash attention forward kernel and its front-door adapter.
+
+On CPU: input checks raise before compilation, the kernel lowers to Mosaic GPU for CUDA, and
+the adapter's gradient plumbing (mask as bias, recomputed backward, bias gradient in the
+bias's shape) is checked with the kernel replaced by plain attention. On an sm90 GPU (marked
+``gpu``): the compiled kernel against float32 attention on the same bf16/fp16 inputs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sciscale_jax.attention import sm90 as adapter
+from sciscale_jax.kernels import flash_attention_sm90 as kernel
+
+
+def _qkv(shape_q, kv_len, kv_heads, dtype=jnp.bfloat16, seed=0):
+    r = np.random.default_rng(seed)
+    b, q_len, heads, d = shape_q
+    q = jnp.asarray(r.normal(size=shape_q), dtype)
+    k = jnp.asarray(r.normal(size=(b, kv_len, kv_heads, d)), dtype)
+    v = jnp.asarray(r.normal(size=(b, kv_len, kv_heads, d)), dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, bias=None, mask=None, causal=False, scale=None):
+    """Plain softmax attention in float32 (float64 under x64)."""
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    heads, kv_heads, d = q.shape[2], k.shape[2], q.shape[3]
+    k = jnp.repeat(k, heads // kv_heads, axis=2).astype(acc)
+    v = jnp.repeat(v, heads // kv_heads, axis=2).astype(acc)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(acc), k) * (d ** -0.5 if scale is None else scale)
+    if bias is not None:
+        s = s + bias.astype(acc)
+    valid = jnp.ones(s.shape[-2:], bool)
+    if causal:
+        valid = jnp.tril(valid)
+    if mask is not None:
+        valid = valid & mask
+    s = jnp.where(valid, s, -jnp.inf)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(valid, p, 0)
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=jnp.float32), "bfloat16 or float16"),
+    (dict(d=96), "head_dim"),
+    (dict(heads=3), "does not divide"),
+    (dict(causal=True, kv_len=40), "q_len == kv_len"),
+    (dict(bias_shape=(1, 2, 5, 48)), "does not broadcast"),
+])
+def test_bad_input_raises_before_compiling(kwargs, match):
+    d, heads, dtype = kwargs.get("d", 64), kwargs.get("heads", 2), kwargs.get("dtype", jnp.bfloat16)
+    q = jnp.ones((1, 48, heads, d), dtype)
+    k = v = jnp.ones((1, kwargs.get("kv_len", 48), 2, d), dtype)
+    bias = jnp.ones(kwargs["bias_shape"], jnp.float32) if "bias_shape" in kwargs else None
+    with pytest.raises(ValueError, match=match):
+        kernel.flash_attention_sm90(q, k, v, bias=bias, causal=kwargs.get("causal", False))
+
+
+def test_front_door_check_refuses_without_an_sm90_gpu():
+    if kernel.sm90_supported():
+        pytest.skip("an sm90 GPU is present")
+    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="compute capability 9"):
+        adapter.sm90_attention(q, q, q)
+
+
+@pytest.mark.parametrize("causal, bias_shape, head_dim, q_len, kv_len, kv_heads", [
+    (False, None, 128, 256, 256, 2),
+    (True, None, 64, 300, 300, 1),
+    (False, (1, 2, 1, 200), 64, 130, 200, 2),
+    (True, (2, 1, 300, 300), 128, 300, 300, 2),
+])
+def test_kernel_lowers_to_mosaic_gpu_for_cuda(causal, bias_shape, head_dim, q_len, kv_len, kv_heads):
+    """Traces the kernel body and runs Pallas's Mosaic GPU lowering (layouts, transforms, barriers)
+    for a CUDA target, on any host: catches mistakes a GPU run would otherwise find first."""
+    q = jax.ShapeDtypeStruct((2, q_len, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.float32)
+    fn = jax.jit(lambda q, k, v, b: kernel.flash_attention_sm90(q, k, v, bias=b, causal=causal))
+    text = fn.trace(q, kv, kv, bias).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_adapter_gradients_with_the_kernel_replaced(monkeypatch):
+    """The custom VJP around the kernel: values from the forward, gradients (q, k, v and a
+    broadcast bias, reduced to its shape) from the recomputed chunked backward; the mask enters
+    as a large negative bias. The kernel is replaced by plain attention so this runs on CPU."""
+    monkeypatch.setattr(adapter, "flash_attention_sm90",
+                        lambda q, k, v, *, bias, causal, scale: _reference(q, k, v, bias, None, causal, scale)
+                        .astype(q.dtype))
+    q, k, v = _qkv((2, 37, 4, 16), 37, 2, jnp.float32, seed=1)
+    r = np.random.default_rng(2)
+    bias = jnp.asarray(r.normal(size=(1, 4, 37, 37)), jnp.float32)
+    mask = jnp.asarray(r.random((2, 1, 1, 37)) < 0.8).at[:, :, :, 0].set(True)
+    do = jnp.asarray(r.normal(size=q.shape), jnp.float32)
+    for causal in (False, True):
+        def ours(q, k, v, b):
+            return adapter._sm90(q, k, v, b, mask, causal, 0.25)
+
+        def ref(q, k, v, b):
+            return _reference(q, k, v, b, mask, causal, 0.25)
+
+        with jax.enable_x64(True):
+            args64 = [x.astype(jnp.float64) for x in (q, k, v, bias)]
+            out_ref, vjp_ref = jax.vjp(ref, *args64)
+            grads_ref = vjp_ref(do.astype(jnp.float64))
+        out, vjp = jax.vjp(ours, q, k, v, bias)
+        grads = vjp(do)
+        np.testing.assert_allclose(out, out_ref, rtol=2e-4, atol=2e-4)
+        assert grads[3].shape == bias.shape
+        for g, g_ref in zip(grads, grads_ref):
+            np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-4)
+
+
+# ---- compiled kernel on an sm90 GPU ---------------------------------------------------------------
+
+needs_sm90 = pytest.mark.skipif(not kernel.sm90_supported(), reason="needs an sm90 (H100/H200) GPU")
+
+
+def _rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype, causal, bias_shape, head_dim, q_len, kv_len, heads, kv_heads", [
+    (jnp.bfloat16, False, None, 128, 512, 512, 4, 4),
+    (jnp.bfloat16, True, None, 128, 512, 512, 4, 4),
+    (jnp.float16, False, None, 64, 300, 700, 4, 2),
+    (jnp.bfloat16, True, None, 64, 333, 333, 4, 1),
+    (jnp.bfloat16, False, (1, 4, 384, 384), 128, 384, 384, 4, 4),  # Evoformer pair bias, broadcast over batch
+    (jnp.float16, True, (2, 1, 256, 256), 128, 256, 256, 4, 2),
+    (jnp.bfloat16, False, (1, 4, 1, 200), 64, 130, 200, 4, 4),     # per-key bias
+])
+def test_kernel_matches_float32_reference(dtype, causal, bias_shape, head_dim, q_len, kv_len, heads, kv_heads):
+    q, k, v = _qkv((2, q_len, heads, head_dim), kv_len, kv_heads, dtype, seed=q_len + head_dim)
+    bias = None
+    if bias_shape is not None:
+        bias = jnp.asarray(np.random.default_rng(3).normal(size=bias_shape), dtype)
+    out = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out)))
+    ref = _reference(q, k, v, bias, None, causal)
+    assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_front_door_mask_and_gradients_on_gpu():
+    q, k, v = _qkv((2, 256, 4, 64), 256, 4, jnp.bfloat16, seed=7)
+    r = np.random.default_rng(8)
+    bias = jnp.asarray(r.normal(size=(1, 4, 256, 256)), jnp.bfloat16)
+    mask = jnp.asarray(r.random((2, 1, 1, 256)) < 0.9).at[1, :, :, :].set(False)  # batch 1: nothing to attend
+    do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
+    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask), q, k, v, bias)
+    grads = vjp(do)
+    ref_out, ref_vjp = jax.vjp(lambda q, k, v, b: _reference(q, k, v, b, mask), *(x.astype(jnp.float32)
+                                                                                 for x in (q, k, v, bias)))
+    ref_grads = ref_vjp(do.astype(jnp.float32))
+    assert bool(jnp.all(out[1] == 0))
+    assert _rel_err(out[0], ref_out[0]) < 1e-2
+    for g, g_ref in zip(grads, ref_grads):
+        assert g.shape == g_ref.shape
+        assert _rel_err(g[0] if g.shape[0] == 2 else g, g_ref[0] if g_ref.shape[0] == 2 else g_ref) < 3e-2
