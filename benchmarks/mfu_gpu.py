@@ -38,7 +38,7 @@ from flax import nnx
 
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.train import init_train_state, make_train_step
-from sciscale_jax.train.step import token_cross_entropy
+from sciscale_jax.losses import token_cross_entropy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)

@@ -51,6 +51,7 @@ IMPLS = Registry("attention implementation", {
     "chunked": Impl(chunked_attention, None),
     "cudnn": Impl(cudnn_attention, check_cudnn),
     "flash": "sciscale_jax.attention.flash:IMPL",
+    "sm90": "sciscale_jax.attention.sm90:IMPL",
     "ring": "sciscale_jax.parallel.ring:IMPL",
     "ulysses": "sciscale_jax.parallel.ulysses:IMPL",
 }, convert=_as_impl)

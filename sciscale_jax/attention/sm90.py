@@ -73,3 +73,6 @@ def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False
         attended_bhq = jnp.any(jnp.broadcast_to(jnp.asarray(mask, bool), target), axis=-1)
         out_bqhd = jnp.where(attended_bhq.transpose(0, 2, 1)[..., None], out_bqhd, 0)
     return out_bqhd
+
+
+IMPL = (sm90_attention, check_sm90)  # listed as impl="sm90" in sciscale_jax.attention.core.IMPLS
