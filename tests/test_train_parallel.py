@@ -54,3 +54,28 @@ def test_host_offload_keeps_state_on_host_and_trains_identically(tmp_path):
     assert offloaded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="unknown \\['gradients'\\]"):
         TrainConfig(offload="gradients")
+
+
+def test_python_placement_refuses_a_model_built_without_its_rules():
+    """plan_placement from Python: the model's activation rules must be the placement's (the
+    CLI path sets them from the mesh); a mismatch is refused, a match gives the CLI's shardings."""
+    import dataclasses
+
+    import optax
+    from flax import nnx
+
+    from sciscale_jax import parallel
+    from sciscale_jax.models import Transformer
+    from sciscale_jax.train import init_train_state, plan_placement
+
+    tx = optax.adamw(1e-3)
+    batch = {"inputs": np.zeros((8, 32), np.int32)}
+    model = Transformer(MODEL, rngs=nnx.Rngs(0))
+    _, state = init_train_state(model, tx)
+    with pytest.raises(ValueError, match=r"sharding=None but the parameters are placed with 'fsdp'"):
+        plan_placement("data=4,fsdp=2", "fsdp", 0, state, parallel.param_axes(model), tx, batch,
+                       model_sharding=MODEL.sharding)
+    cfg = dataclasses.replace(MODEL, sharding="fsdp")
+    place = plan_placement("data=4,fsdp=2", None, 0, state, parallel.param_axes(model), tx, batch,
+                           model_sharding=cfg.sharding)  # None: the table the mesh picks, as the CLI does
+    assert place.state.params["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")
