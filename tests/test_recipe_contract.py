@@ -196,4 +196,4 @@ def test_layer_stack_full_remat_keeps_less_than_none():
         fn = jax.jit(jax.grad(lambda st: jnp.sum(nnx.merge(graphdef, st)(x) ** 2)))
         return fn.lower(state).compile(remat.compiler_options()).memory_analysis().temp_size_in_bytes
 
-    assert temp("full") < 0.6 * temp("none")
+    assert temp("full") < 0.75 * temp("none")  # 0.63 here; 1.00 when XLA expands the barriers

@@ -56,3 +56,31 @@ def test_transformer_rejects_every_k_not_dividing_depth():
         TransformerConfig(vocab_size=13, num_layers=4, remat="every_k:3")
     with pytest.raises(ValueError, match=r"unknown checkpoint name\(s\) \['attn_scores'\]"):
         TransformerConfig(vocab_size=13, remat="offload:attn_scores")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_cut_the_compiled_train_step_on_both_paths(scan):
+    """Compiled temporaries of the train step under the loop's XLA options (remat.compiler_options):
+    full and selective keep less than none whether or not the layers are scanned."""
+    import optax
+
+    from sciscale_jax import remat
+    from sciscale_jax.losses import mlm_loss
+    from sciscale_jax.train import init_train_state, make_train_step
+
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(4, 29, (2, 256)).astype(np.int32),
+             "targets": rng.integers(4, 29, (2, 256)).astype(np.int32),
+             "weights": (rng.random((2, 256)) < 0.15).astype(np.float32), "mask": np.ones((2, 256), bool)}
+
+    def temp(policy):
+        cfg = TransformerConfig(vocab_size=32, num_layers=4, num_heads=4, embed_dim=64, mlp_dim=256, max_len=256,
+                                remat=policy, scan_layers=scan)
+        tx = optax.sgd(1e-3)
+        graphdef, state = init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx)
+        lowered = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss)).lower(state, batch)
+        return lowered.compile(remat.compiler_options()).memory_analysis().temp_size_in_bytes
+
+    none, full, selective = temp("none"), temp("full"), temp("selective")
+    assert full <= 0.6 * none, (full, none)
+    assert full < selective < none, (full, selective, none)
