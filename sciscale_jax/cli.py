@@ -15,7 +15,8 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "optimizer": "optimizer", "seed": "seed", "eval_every": "eval_every", "save_every": "save_every",
                "keep": "keep", "log_every": "log_every",
-               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum", "offload": "offload"}
+               "mesh": "mesh", "zero": "zero", "sharding": "sharding", "grad_accum": "grad_accum", "offload": "offload",
+               "schedule_steps": "schedule_steps"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     g = t.add_argument_group("run")
     for flag, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("warmup-steps", int),
                       ("weight-decay", float), ("grad-clip", float), ("optimizer", str), ("seed", int),
-                      ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int), ("grad-accum", int)):
+                      ("eval-every", int), ("save-every", int), ("keep", int), ("log-every", int), ("grad-accum", int),
+                      ("schedule-steps", int)):
         g.add_argument(f"--{flag}", type=typ)
     d = t.add_argument_group("distribution")
     d.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence tensor2 "
@@ -99,9 +102,18 @@ def main(argv=None) -> int:
                 print(f"{r.name:16s} {r.description}")
             return 0
         return _train(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"sciscale: error: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # [h3] one line on stderr for every failure; the traceback only with --debug
+        if getattr(args, "debug", False) or isinstance(err, SystemExit):
+            raise
+        code, line = error_line(err)
+        print(f"sciscale: {line}", file=sys.stderr)
+        return code
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for an exception that ends a command."""
+    from sciscale_jax.errors import describe
+    return describe(err)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sciscale_jax import optim, parallel, precision
+from sciscale_jax import _validate, optim, parallel, precision
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.models import Transformer
+from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import plan_placement, resolve_strategy
 from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
@@ -50,8 +52,10 @@ class TrainConfig:
     mesh: str = ""          # e.g. "data=2,fsdp=2,tensor=2"; empty: one device
     zero: int = 0           # ZeRO stage 0-3 over the data axes of the mesh
     sharding: str = "auto"  # rule table (sciscale_jax.parallel.RULES), or picked from the mesh
+    schedule_steps: int = 0  # length of the warm-up + cosine schedule; 0: steps (kept when a resume adds steps)
 
     def __post_init__(self):
+        _validate.train_config(self)  # integers, finite numbers, known optimizer, sharding needs a mesh
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -84,8 +88,9 @@ def build_optimizer(cfg: TrainConfig):
     Names come from ``sciscale_jax.optim.OPTIMIZERS``; weight decay is passed to optimizers that
     take it. Zeroth-order optimizers see no gradient, so they get no clipping.
     """
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps,
+    length = cfg.schedule_steps or cfg.steps  # past its end the schedule stays at its final value
+    warmup = min(cfg.warmup_steps, length - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, length,
                                                   end_value=cfg.learning_rate * 0.1)
     inner = optim.get_optimizer(cfg.optimizer, schedule, **_decay_kwargs(cfg.optimizer, cfg.weight_decay))
     if optim.is_zeroth_order(cfg.optimizer) or not cfg.grad_clip:
@@ -125,13 +130,13 @@ class MetricsLog:
 def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: bool = False,
           force: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``recipe`` and return a summary dict; see the module docstring."""
-    cfg = train_config
-    if cfg.seq_len > model_config.max_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_config.max_len}")
+    out_dir = pathlib.Path(out_dir)
+    rundir.preflight(out_dir, resume=resume)  # [h3] --out usable; --resume needs a checkpoint; writes nothing
+    cfg = rundir.keep_schedule(out_dir, train_config, resume=resume)  # [h3] extending keeps the schedule
+    validate.check_run(model_config, cfg)  # [h3] seq_len vs max_len, ring/ulysses need a mesh
     data = recipe.build_data(cfg)
     if model_config.vocab_size < data.vocab_size:
         raise ValueError(f"model vocab_size={model_config.vocab_size} is smaller than the data's {data.vocab_size}")
-    out_dir = pathlib.Path(out_dir)
     if cfg.mesh and model_config.sharding is None:  # activations follow the parameters' rule table
         model_config = dataclasses.replace(model_config, sharding=resolve_strategy(cfg.mesh, cfg.sharding))
     model = Transformer(model_config, rngs=nnx.Rngs(cfg.seed))
@@ -140,9 +145,12 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if policy.loss_scaling:
         tx = precision.dynamic_loss_scaling(tx)
     param_axes, fp8 = parallel.param_axes(model), precision.fp8_paths(model)
+    example = data.train.batch(0)
+    validate.check_data(data, model_config.vocab_size, example)  # [h3] fields, dtypes, id ranges on the host
+    validate.check_loss_fields(recipe.loss_fn, model, example)  # [h3] a field the loss reads is present
     graphdef, state = init_train_state(model, tx)
     del model
-    example = data.train.batch(0)
+    zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # [h3] ZO cost per step
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling)
     mesh = None
     put_batch = lambda b: b  # noqa: E731
@@ -164,11 +172,21 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": model_config.to_dict(), "train": cfg.to_dict()}
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
-    check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
-    ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
-        log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+    with rundir.RunLock(out_dir) as lock, StopSignals() as stop:  # [h3] one run per --out; stop on SIGINT/TERM
+        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
+        lock.write_pid()
+        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log)
+        ckpt.remove_partial()  # [h3] a save killed mid-write leaves a tmp folder
+        if resume:
+            state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
+            log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+        return _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt,
+                             out_dir, progress, stop)
+
+
+def _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt, out_dir,
+                  progress, stop):
+    """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile()
         eval_step = make_eval_step(graphdef, recipe.loss_fn)
@@ -177,7 +195,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         eval_fn = jax.jit(eval_step)
         metrics_log = MetricsLog(out_dir / "metrics.jsonl")
         state, train_loss, t0 = _loop(cfg, recipe.name, compiled, eval_fn, state, data, put_batch, ckpt,
-                                      metrics_log, progress)
+                                      metrics_log, progress, stop)
+        if stop.requested:  # [h3] saved at a step boundary: say where to resume from
+            raise RunInterrupted(stop.signum, f"stopped by {stop.name} after step {int(state.step)}; checkpoint "
+                                              f"{int(state.step)} saved in {ckpt.directory}; continue with --resume "
+                                              f"--out {out_dir}")
         val_loss, val_ppl = evaluate(eval_fn, state.params, state.rest, data.eval)
     metrics_log.write({"step": int(state.step), "val_loss": val_loss, "val_ppl": val_ppl})
     return {
@@ -208,13 +230,15 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
                            offload=offload)
 
 
-def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):
+def _loop(cfg, name, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress, stop=None):
     """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
     for step in bar:
+        if stop is not None and stop.requested:  # [h3] a signal came: stop at this step boundary
+            break
         state, metrics = compiled(state, put_batch(data.train.batch(step)))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
