@@ -16,6 +16,7 @@ import json
 import logging
 import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,31 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+_TEARDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
+
+
+def _mute_teardown_noise() -> None:
+    """Drop the tracebacks of Orbax/TensorStore callbacks that fire after a failed write closed its event loop.
+
+    Only exceptions whose message is one of ``_TEARDOWN_NOISE`` are dropped; every other
+    exception reaches the hooks that were installed before. Idempotent.
+    """
+    if getattr(sys.excepthook, "_sciscale_quiet", False):
+        return
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb):
+        if not any(text in str(value) for text in _TEARDOWN_NOISE):
+            previous(kind, value, tb)
+
+    def unraisablehook(info):
+        if not any(text in str(info.exc_value) for text in _TEARDOWN_NOISE):
+            previous_unraisable(info)
+
+    excepthook._sciscale_quiet = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def _signature(tree) -> dict:
     """{"a/b/0": (shape, dtype)} of the array leaves of ``tree`` (None leaves skipped)."""
     def name(entry):  # dict keys, list indices and NamedTuple fields read back alike ('0', 'mu')
@@ -88,8 +114,7 @@ class Checkpointer:
         self.directory = pathlib.Path(run_dir).absolute() / "checkpoints"
         self.log = log
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                                     enable_async_checkpointing=False, create=True,
-                                                     cleanup_tmp_directories=True)
+                                                     enable_async_checkpointing=False, create=True)
         with _quiet_orbax():
             self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
@@ -112,6 +137,7 @@ class Checkpointer:
                                           force=force)
                 self.manager.wait_until_finished()
         except BaseException as err:
+            _mute_teardown_noise()  # the failed write's callbacks keep firing into a closed event loop
             removed = self.remove_partial()
             if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: partial write removed, re-raise
                 raise
