@@ -11,6 +11,7 @@ over ``MAX_EVALUATIONS``, naming the density that would fit.
 from __future__ import annotations
 
 import inspect
+import math
 
 import jax
 
@@ -41,7 +42,7 @@ def evaluations_per_step(name: str, params, settings: dict | None = None) -> int
 
 
 def feasible_density(params, limit: int = MAX_EVALUATIONS) -> float:
-    """The largest uniform DeepZero density (to 2 significant digits) whose step stays within ``limit``."""
+    """The largest uniform DeepZero density (2 significant digits, rounded down) whose step stays within ``limit``."""
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -49,7 +50,10 @@ def feasible_density(params, limit: int = MAX_EVALUATIONS) -> float:
             lo = mid
         else:
             hi = mid
-    return float(f"{lo:.2g}") if lo > 0 else 0.0
+    if lo <= 0:
+        return 0.0
+    scale = 10.0 ** (1 - math.floor(math.log10(lo)))  # keep two significant digits, rounding down
+    return math.floor(lo * scale) / scale
 
 
 def check_budget(name: str, params, *, force: bool = False, log=print, limit: int = MAX_EVALUATIONS,
