@@ -217,6 +217,7 @@ def test_cli_sigint_from_outside_exits_130_with_one_line(tmp_path):
     assert not (out / ".sciscale.lock").exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax callbacks after the failure
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
 def test_full_disk_keeps_earlier_checkpoints_and_resumes_bit_identical(reference, tmp_path, capfd):
     mnt = tmp_path / "small"

@@ -258,7 +258,7 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); refusing to reuse {run_dir}") from err
-        diff = _config_diff(_fill(saved, defaults or {}), run_config)
+        diff = _config_diff(_effective_schedule(_fill(saved, defaults or {})), _effective_schedule(run_config))
         if diff and not force:
             raise ValueError(f"output directory {run_dir} holds a different run; differing settings: "
                              + "; ".join(diff) + ". Choose another --out, or pass --force to reuse it.")
@@ -269,6 +269,14 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True))
     tmp.replace(config_path)
+
+
+def _effective_schedule(config: dict) -> dict:
+    """``config`` with ``train.schedule_steps`` 0 (follow steps) replaced by the steps it stands for."""
+    train = config.get("train")
+    if not isinstance(train, dict) or "steps" not in train or "schedule_steps" not in train:
+        return config
+    return {**config, "train": {**train, "schedule_steps": train["schedule_steps"] or train["steps"]}}
 
 
 def _fill(saved: dict, defaults: dict) -> dict:
