@@ -210,8 +210,8 @@ class Checkpointer:
                 meta = ocp.StandardCheckpointer().metadata(item)
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
             saved = _signature(tree)
-        except Exception as err:
-            return f"its metadata cannot be read: {type(err).__name__}"
+        except Exception:
+            return "its metadata is missing or unreadable"
         expected = _signature(abstract)
         if saved != expected:
             diff = [f"{k}: saved {saved.get(k, 'absent')}, run {expected.get(k, 'absent')}"
