@@ -152,6 +152,7 @@ def test_checkpoint_of_a_different_model_is_one_error_and_moves_nothing(referenc
 
 # ------------------------------------------------------------------ kills
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(reference, tmp_path):
     """A real SIGKILL after checkpoint 4's files are written, before Orbax renames its tmp folder."""
     out = tmp_path / "run"
@@ -217,6 +218,7 @@ def test_cli_sigint_from_outside_exits_130_with_one_line(tmp_path):
     assert not (out / ".sciscale.lock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax callbacks after the failure
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
 def test_full_disk_keeps_earlier_checkpoints_and_resumes_bit_identical(reference, tmp_path, capfd):
