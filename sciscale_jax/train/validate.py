@@ -77,8 +77,11 @@ def check_data(data, vocab_size: int, example=None) -> None:
 
 def check_loss_fields(loss_fn, model, batch) -> None:
     """Trace ``loss_fn(model, batch, key)`` abstractly; a KeyError names the missing batch field."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)  # the trace works on a merged copy: the model is never touched
     try:
-        jax.eval_shape(lambda b: loss_fn(model, b, jax.random.key(0)), batch)
+        jax.eval_shape(lambda s, b: loss_fn(nnx.merge(graphdef, s), b, jax.random.key(0)), state, batch)
     except KeyError as err:
         raise ValueError(f"the loss reads the batch field {err.args[0]!r}, which the recipe's batches lack "
                          f"(they have {sorted(batch)})") from None
