@@ -11,6 +11,7 @@ import errno
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 
 import jax
@@ -25,6 +26,7 @@ from sciscale_jax.recipes import get_recipe
 from sciscale_jax.train import TrainConfig, build_optimizer, init_train_state, train
 from sciscale_jax.train import loop
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.signals import RunInterrupted
 from sciscale_jax.train.validate import validate_batch
 from sciscale_jax.train.zo_budget import check_budget, evaluations_per_step
 
@@ -106,7 +108,8 @@ CLI_CASES = {
     "precision_unknown": (["--precision", "fp3"], r"fp3"),
     "quant_unknown": (["--quant", "int3"], r"int3"),
     "mlp_unknown": (["--mlp", "relu"], r"unknown mlp 'relu'"),
-    "zeroth_order_with_grad_accum": (["--optimizer", "mezo", "--grad-accum", "2"], r"cannot be combined with grad_accum=2"),
+    "zeroth_order_with_grad_accum": (["--optimizer", "mezo", "--grad-accum", "2"],
+                                     r"cannot be combined with grad_accum=2"),
 }
 
 
@@ -202,7 +205,7 @@ def test_resume_force_with_another_model_size_is_one_line(tmp_path, capfd):
     rc = cli.main(["train", "protein-mlm", "--out", str(out), "--resume", "--force", *TINY, "--embed-dim", "64"])
     err = capfd.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"sciscale: error: checkpoint {out}/checkpoints/0 was saved by a different model or optimizer")
+    assert err.startswith(f"sciscale: error: checkpoint {out}/checkpoints/0 was saved by a different model")
     assert _tree(out / "checkpoints") == before
 
 
@@ -226,6 +229,9 @@ def test_debug_shows_the_traceback(tmp_path):
      "error: a path component is a file, not a directory: /f/x"),
     (FileExistsError(errno.EEXIST, "File exists", "/e"), 1, "error: already exists: /e"),
     (KeyboardInterrupt(), 130, "interrupted; checkpoints written before"),
+    (RunInterrupted(signal.SIGTERM, "stopped by SIGTERM after step 4; checkpoint 4 saved"), 143,
+     "stopped by SIGTERM after step 4"),
+    (RunInterrupted(signal.SIGINT, "stopped by SIGINT after step 2"), 130, "stopped by SIGINT after step 2"),
     (MemoryError(), 1, "error: out of host memory"),
     (TypeError("bad\nsecond line"), 1, "error: TypeError: bad (rerun with --debug for the traceback)"),
 ])
