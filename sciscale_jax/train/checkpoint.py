@@ -66,25 +66,30 @@ _TEARDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
 
 
 def _mute_teardown_noise() -> None:
-    """Drop the tracebacks of Orbax/TensorStore callbacks that fire after a failed write closed its event loop.
+    """Drop the tracebacks of Orbax/TensorStore callbacks that fire after a failed read or write closed its event loop.
 
     Only exceptions whose message is one of ``_TEARDOWN_NOISE`` are dropped; every other
     exception reaches the hooks that were installed before. Idempotent.
     """
-    if getattr(sys.excepthook, "_sciscale_quiet", False):
-        return
-    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+    def noise(value) -> bool:
+        return any(text in str(value) for text in _TEARDOWN_NOISE)
 
-    def excepthook(kind, value, tb):
-        if not any(text in str(value) for text in _TEARDOWN_NOISE):
-            previous(kind, value, tb)
+    if not getattr(sys.excepthook, "_sciscale_quiet", False):
+        previous = sys.excepthook
 
-    def unraisablehook(info):
-        if not any(text in str(info.exc_value) for text in _TEARDOWN_NOISE):
-            previous_unraisable(info)
+        def excepthook(kind, value, tb):
+            if not noise(value):
+                previous(kind, value, tb)
+        excepthook._sciscale_quiet = True
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "_sciscale_quiet", False):
+        previous_unraisable = sys.unraisablehook
 
-    excepthook._sciscale_quiet = True
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+        def unraisablehook(info):
+            if not noise(info.exc_value):
+                previous_unraisable(info)
+        unraisablehook._sciscale_quiet = True
+        sys.unraisablehook = unraisablehook
 
 
 def _signature(tree) -> dict:
@@ -187,6 +192,7 @@ class Checkpointer:
                         restored = self.manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
                     return TrainState(**_refill_empty(restored, target_tree))
                 except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
+                    _mute_teardown_noise()
                     detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
                     problem = f"its array data cannot be read back: {detail}"
             if step is not None:
