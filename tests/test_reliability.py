@@ -267,6 +267,21 @@ def test_checkpoint_write_failure_removes_the_partial_folder(reference, tmp_path
     assert _steps(out) == ["2", "4"]
 
 
+def test_interrupt_inside_a_checkpoint_write_removes_the_partial_folder(reference, tmp_path, monkeypatch):
+    """A second Ctrl-C while Orbax writes: KeyboardInterrupt goes on, the tmp folder does not stay."""
+    from orbax.checkpoint._src.path import atomicity
+    out = _copy(reference, tmp_path)
+    state = _load(out, 4)
+
+    async def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", interrupted)
+    ckpt = Checkpointer(out, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(state._replace(step=jax.numpy.asarray(7, state.step.dtype)), force=True)
+    assert _steps(out) == ["2", "4", "6"]
+
+
 # ------------------------------------------------------------------ runs and directories
 
 def test_second_run_on_a_locked_directory_is_refused_and_stale_locks_are_not(reference, tmp_path, capsys):
