@@ -90,6 +90,12 @@ def _mute_teardown_noise() -> None:
                 previous_unraisable(info)
         unraisablehook._sciscale_quiet = True
         sys.unraisablehook = unraisablehook
+    asyncio_log = logging.getLogger("asyncio")  # the failed write's futures are collected unread
+    if not any(getattr(f, "_sciscale_quiet", False) for f in asyncio_log.filters):
+        def unread_future(record) -> bool:
+            return not str(record.msg).startswith("Future exception was never retrieved")
+        unread_future._sciscale_quiet = True
+        asyncio_log.addFilter(unread_future)
 
 
 def _signature(tree) -> dict:
