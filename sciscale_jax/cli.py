@@ -87,6 +87,7 @@ def train_parser(recipe) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     groups = {}
     _add_config_flags(p, TrainConfig, recipe.train_defaults, "train", "run", groups)
     _add_config_flags(p, recipe.config_class, recipe.model_defaults, "model", "model", groups)
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     base = _base_parser()
     args, rest = base.parse_known_args(argv)
+    debug = "--debug" in argv
     try:
         from sciscale_jax.recipes import RECIPES, get_recipe
 
@@ -154,9 +156,18 @@ def main(argv=None) -> int:
             parser.print_help()
             return 0
         return _train(recipe, parser.parse_args(rest))
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"sciscale: error: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # one line on stderr for every failure; the traceback only with --debug
+        if debug or isinstance(err, SystemExit):
+            raise
+        code, line = error_line(err)
+        print(f"sciscale: {line}", file=sys.stderr)
+        return code
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for an exception that ends a command."""
+    from sciscale_jax.errors import describe
+    return describe(err)
 
 
 if __name__ == "__main__":

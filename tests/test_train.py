@@ -17,6 +17,7 @@ from sciscale_jax import cli
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.losses import mlm_loss, token_cross_entropy
 from sciscale_jax.train import Checkpointer, TrainConfig, build_optimizer, check_run_dir, init_train_state, make_train_step
+from sciscale_jax.train.checkpoint import CheckpointError
 
 CFG = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, max_len=32)
 
@@ -95,14 +96,15 @@ def test_checkpoint_round_trip_and_corrupt_checkpoint(tmp_path):
     assert ckpt.save(state)
     restored = ckpt.restore(init_train_state(Transformer(CFG, rngs=nnx.Rngs(5)), tx)[1])
     jax.tree.map(np.testing.assert_array_equal, restored, state)
-    # Corrupt every data file of the saved step: restoring must fail clearly, and leave the files alone.
+    # Corrupt every data file of the saved step: restoring must fail clearly, and move the files aside, intact.
     step_dir = tmp_path / "checkpoints" / "1"
     files = [p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
     for p in files:
         p.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="cannot be restored"):
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint .* moved aside: 1\.damaged-"):
         ckpt.restore(state)
-    assert all(p.exists() for p in files)
+    aside = next((tmp_path / "checkpoints").glob("1.damaged-*"))
+    assert all((aside / p.relative_to(step_dir)).read_bytes() == b"\x00garbage" for p in files)
 
 
 TINY = ["--layers", "1", "--heads", "2", "--embed-dim", "16", "--mlp-dim", "32", "--seq-len", "24",

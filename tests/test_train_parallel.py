@@ -13,7 +13,7 @@ MODEL = TransformerConfig(vocab_size=32, num_layers=2, num_heads=4, embed_dim=32
 
 def _run(out, steps, **kw):
     cfg = TrainConfig(steps=steps, batch_size=8, seq_len=32, eval_every=1000, save_every=3, log_every=1,
-                      warmup_steps=2, seed=1, **kw)
+                      warmup_steps=2, seed=1, schedule_steps=6, **kw)  # one schedule for the 3- and 6-step runs
     return train(get_recipe("protein-mlm"), MODEL, cfg, out, progress=False, log=lambda *_: None,
                  resume=(out / "checkpoints").exists())
 

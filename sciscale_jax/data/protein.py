@@ -62,10 +62,25 @@ class ProteinTokenizer:
 
 
 def read_fasta(path) -> list[tuple[str, str]]:
-    """(name, sequence) pairs from a FASTA file, with a trailing stop '*' removed."""
+    """(name, sequence) pairs from a FASTA file, with a trailing stop '*' removed.
+
+    ValueError naming the path for a file that is not text, or whose first non-empty line
+    is not a ``>`` header.
+    """
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a FASTA text file (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start} is not UTF-8 text)") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} is not a FASTA text file (it holds NUL bytes)")
     records, name, chunks = [], None, []
-    for line in pathlib.Path(path).read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
+        if line and name is None and not line.startswith(">"):
+            raise ValueError(f"{path} is not a FASTA file: line {number} comes before any '>' header "
+                             f"({line[:40]!r})")
         if line.startswith(">"):
             if name is not None:
                 records.append((name, "".join(chunks).rstrip("*")))
@@ -90,8 +105,15 @@ def pyhmmer_protein_file() -> pathlib.Path:
 
 
 def load_proteins(path=None) -> list[str]:
-    """Protein sequences (upper case, stop removed) from ``path`` or the pyhmmer corpus."""
-    return [seq.upper() for _, seq in read_fasta(path or pyhmmer_protein_file()) if seq]
+    """Protein sequences (upper case, stop removed) from ``path`` or the pyhmmer corpus.
+
+    ValueError naming the path for an empty, binary or non-FASTA file, or one without sequences.
+    """
+    path = path or pyhmmer_protein_file()
+    sequences = [seq.upper() for _, seq in read_fasta(path) if seq]
+    if not sequences:
+        raise ValueError(f"{path} holds no protein sequences (empty, or FASTA headers without sequences)")
+    return sequences
 
 
 def split_by_sequence(sequences, val_fraction: float = 0.1):

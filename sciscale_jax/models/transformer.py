@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from sciscale_jax import attention, remat
+from sciscale_jax import _validate, attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
 import sciscale_jax.parallel as parallel
 from sciscale_jax.parallel import axes as ax
@@ -48,6 +48,7 @@ class TransformerConfig(Techniques):
     rope_base: float = 10000.0
 
     def __post_init__(self):
+        _validate.transformer_config(self)  # integral sizes (no bools), finite rope_base > 0, float dtypes
         for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len", "linformer_k",
                      "performer_features"):
             value = getattr(self, name)

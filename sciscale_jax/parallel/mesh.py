@@ -3,7 +3,8 @@
 ``ParallelConfig`` names how many devices each kind of parallelism uses; ``make_mesh`` turns
 it into a ``jax.sharding.Mesh`` with the axes ``MESH_AXES`` (tensor innermost, so the most
 talkative collectives stay between neighbouring devices), after checking that the product
-of the axis sizes equals the device count.
+of the axis sizes equals the device count or divides it (then the first devices are used:
+``data=4`` on a host with 8 devices runs on devices 0-3).
 
 Axis types: every axis is ``AxisType.Auto``. jax 0.10 defaults to Explicit, where the
 sharding of every intermediate is part of its type and an ambiguous op (an einsum that
@@ -57,10 +58,17 @@ class ParallelConfig:
                 raise ValueError(f"cannot fill {fill[0]}=-1: the other axes multiply to {known}, "
                                  f"which does not divide the {num_devices} devices")
             sizes[fill[0]] = num_devices // known
-        elif known != num_devices:
+        elif known > num_devices or num_devices % known:
             desc = "x".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "all axes 1"
-            raise ValueError(f"mesh {desc} has {known} devices but {num_devices} devices are available")
+            raise ValueError(f"mesh {desc} has {known} devices but {num_devices} devices are available; a mesh "
+                             f"runs on all of them, or on the first M where M divides {num_devices} (choose "
+                             "others with CUDA_VISIBLE_DEVICES), or fill one axis with -1")
         return ParallelConfig(**sizes)
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the mesh uses (a -1 axis counts as 1 until :meth:`resolve` fills it)."""
+        return math.prod(abs(v) for v in self.sizes().values())
 
     @classmethod
     def parse(cls, text: str) -> "ParallelConfig":
@@ -70,6 +78,8 @@ class ParallelConfig:
             name, _, value = item.partition("=")
             if name not in MESH_AXES or not value.lstrip("-").isdigit():
                 raise ValueError(f"bad mesh item {item!r}; expected NAME=INT with NAME in {MESH_AXES}")
+            if name in sizes:
+                raise ValueError(f"mesh axis {name!r} is given twice in {text!r}")
             sizes[name] = int(value)
         return cls(**sizes)
 
@@ -78,6 +88,7 @@ def make_mesh(config: ParallelConfig, devices=None) -> Mesh:
     """A Mesh with axes ``MESH_AXES`` (all Auto) sized by ``config`` over ``devices``."""
     devices = list(jax.devices() if devices is None else devices)
     config = config.resolve(len(devices))
+    devices = devices[:config.num_devices]  # a mesh smaller than the devices given uses the first ones
     shape = tuple(config.sizes()[name] for name in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

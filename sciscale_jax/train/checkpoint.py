@@ -9,8 +9,14 @@ another.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import json
+import logging
 import pathlib
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +25,7 @@ import orbax.checkpoint as ocp
 from sciscale_jax.train.step import TrainState
 
 CONFIG_FILE = "run_config.json"
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes a step here first and renames it when complete
 # Fields a resumed run may change without being a different run (the mesh only changes placement).
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding")
 
@@ -39,43 +46,209 @@ def _refill_empty(restored, target):
                         restored, target, is_leaf=lambda x: x is None)
 
 
-class Checkpointer:
-    """Save and restore ``TrainState`` under ``<run_dir>/checkpoints``."""
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or none could be read; the message is one line."""
 
-    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100):
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Hold back Orbax's absl warnings and thread tracebacks: the caller reports failures in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_TEARDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
+
+
+def _mute_teardown_noise() -> None:
+    """Drop the tracebacks of Orbax/TensorStore callbacks that fire after a failed read or write closed its event loop.
+
+    Only exceptions whose message is one of ``_TEARDOWN_NOISE`` are dropped; every other
+    exception reaches the hooks that were installed before. Idempotent.
+    """
+    def noise(value) -> bool:
+        return any(text in str(value) for text in _TEARDOWN_NOISE)
+
+    if not getattr(sys.excepthook, "_sciscale_quiet", False):
+        previous = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            if not noise(value):
+                previous(kind, value, tb)
+        excepthook._sciscale_quiet = True
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "_sciscale_quiet", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(info):
+            if not noise(info.exc_value):
+                previous_unraisable(info)
+        unraisablehook._sciscale_quiet = True
+        sys.unraisablehook = unraisablehook
+    asyncio_log = logging.getLogger("asyncio")  # the failed write's futures are collected unread
+    if not any(getattr(f, "_sciscale_quiet", False) for f in asyncio_log.filters):
+        def unread_future(record) -> bool:
+            return not str(record.msg).startswith("Future exception was never retrieved")
+        unread_future._sciscale_quiet = True
+        asyncio_log.addFilter(unread_future)
+
+
+def _signature(tree) -> dict:
+    """{"a/b/0": (shape, dtype)} of the array leaves of ``tree`` (None leaves skipped)."""
+    def name(entry):  # dict keys, list indices and NamedTuple fields read back alike ('0', 'mu')
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(name(e) for e in path): (tuple(v.shape), str(jnp.dtype(v.dtype))) for path, v in leaves}
+
+
+class Checkpointer:
+    """Save and restore ``TrainState`` under ``<run_dir>/checkpoints``.
+
+    :meth:`restore` checks the newest checkpoint before trusting it: a step folder whose
+    metadata cannot be read or whose arrays cannot be read back is damaged; it is renamed to
+    ``<step>.damaged-<time>`` (never deleted) and the next older one is tried. A checkpoint
+    whose arrays have other shapes or dtypes than the run's state belongs to a different
+    model or optimizer: that is an error, not damage, and nothing is moved.
+    """
+
+    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100, log=print):
         if keep < 1 or save_every < 1:
             raise ValueError(f"keep={keep} and save_every={save_every} must be >= 1")
         self.directory = pathlib.Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                               enable_async_checkpointing=False, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.log = log
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                                     enable_async_checkpointing=False, create=True)
+        with _quiet_orbax():
+            self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, state: TrainState, *, force: bool = False) -> bool:
-        """Save at ``state.step`` if the interval says so (or ``force``); returns whether it saved."""
+        """Save at ``state.step`` if the interval says so (or ``force``); returns whether it saved.
+
+        A failed write (disk full, permissions) removes its temporary folder, keeps the earlier
+        checkpoints and raises :class:`CheckpointError` with one line.
+        """
         step = int(jax.device_get(state.step))
-        saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(state._asdict())), force=force)
-        self.manager.wait_until_finished()
+        try:
+            with _quiet_orbax():
+                saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(state._asdict())),
+                                          force=force)
+                self.manager.wait_until_finished()
+        except BaseException as err:
+            _mute_teardown_noise()  # the failed write's callbacks keep firing into a closed event loop
+            removed = self.remove_partial()
+            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: partial write removed, re-raise
+                raise
+            reason = f"{type(err).__name__}: {err}".splitlines()[0] if not isinstance(err, OSError) else str(err)
+            if "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+                reason = "no space left on device"
+            kept = self._steps_on_disk()
+            raise CheckpointError(f"could not write checkpoint {step} under {self.directory} ({reason}); "
+                                  f"removed the partial write{' ' + ', '.join(removed) if removed else ''}; "
+                                  f"earlier checkpoints kept: {kept or 'none'}") from None
         return saved
 
+    def remove_partial(self) -> list[str]:
+        """Delete unfinished ``*.orbax-checkpoint-tmp*`` folders (only this run writes here); their names."""
+        removed = []
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if TMP_MARKER in path.name:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+        return removed
+
+    def _steps_on_disk(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
-        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restore ``step``, or the newest intact checkpoint, into the structure, dtypes and shardings of ``target``.
+
+        Without ``step``, damaged checkpoints are moved aside (one line each through ``log``)
+        and older ones tried. ``CheckpointError`` if none is readable; ``ValueError`` if the
+        checkpoint holds a different model or optimizer.
+        """
+        target_tree = target._asdict()
+        abstract = _drop_empty(abstract_like(target_tree))
+        candidates = [step] if step is not None else self._steps_on_disk()[::-1]
+        if not candidates:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        moved = []
+        for candidate in candidates:
+            path = self.directory / str(candidate)
+            problem = self._check(candidate, abstract)
+            if problem is None:
+                try:
+                    with _quiet_orbax():
+                        restored = self.manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
+                    return TrainState(**_refill_empty(restored, target_tree))
+                except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
+                    _mute_teardown_noise()
+                    detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
+                    problem = f"its array data cannot be read back: {detail}"
+            if step is not None:
+                raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+            aside = self.move_aside(candidate)
+            moved.append(aside.name)
+            self.log(f"checkpoint {candidate} is damaged ({problem}); moved it to {aside}")
+        raise CheckpointError(f"no readable checkpoint under {self.directory}; damaged ones moved aside: "
+                              + ", ".join(moved))
+
+    def _check(self, step: int, abstract) -> str | None:
+        """None if step ``step`` looks complete and matches ``abstract``; else what is wrong with it.
+
+        Raises ValueError (not damage) when its arrays have other shapes or dtypes than the run.
+        """
+        item = self.directory / str(step) / "default"
+        if not item.is_dir():
+            return f"it has no {item.name}/ folder"
         try:
-            target_tree = target._asdict()
-            restored = self.manager.restore(
-                step, args=ocp.args.StandardRestore(_drop_empty(abstract_like(target_tree))))
-        except Exception as err:  # Orbax raises many types for unreadable or mismatched data
-            raise ValueError(f"checkpoint {self.directory / str(step)} cannot be restored into this run "
-                             f"(corrupt, or saved by a different model or optimizer): {err}") from err
-        return TrainState(**_refill_empty(restored, target_tree))
+            with _quiet_orbax():
+                meta = ocp.StandardCheckpointer().metadata(item)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            saved = _signature(tree)
+        except Exception:
+            return "its metadata is missing or unreadable"
+        expected = _signature(abstract)
+        if saved != expected:
+            diff = [f"{k}: saved {saved.get(k, 'absent')}, run {expected.get(k, 'absent')}"
+                    for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+            raise ValueError(f"checkpoint {self.directory / str(step)} was saved by a different model or optimizer "
+                             f"({len(diff)} arrays differ, e.g. {diff[0]}); choose another --out or the matching "
+                             "settings")
+        return None
+
+    def move_aside(self, step: int) -> pathlib.Path:
+        """Rename step folder ``step`` to ``<step>.damaged-<UTC time>`` (Orbax then ignores it); its new path."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = self.directory / f"{step}.damaged-{stamp}"
+        n = 1
+        while aside.exists():
+            aside, n = self.directory / f"{step}.damaged-{stamp}-{n}", n + 1
+        (self.directory / str(step)).rename(aside)
+        with _quiet_orbax():
+            self.manager.close()
+            self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return aside
 
     def close(self):
-        self.manager.close()
+        with _quiet_orbax():
+            self.manager.close()
 
 
 def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,
@@ -97,7 +270,7 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); refusing to reuse {run_dir}") from err
-        diff = _config_diff(_fill(saved, defaults or {}), run_config)
+        diff = _config_diff(_effective_schedule(_fill(saved, defaults or {})), _effective_schedule(run_config))
         if diff and not force:
             raise ValueError(f"output directory {run_dir} holds a different run; differing settings: "
                              + "; ".join(diff) + ". Choose another --out, or pass --force to reuse it.")
@@ -108,6 +281,14 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True))
     tmp.replace(config_path)
+
+
+def _effective_schedule(config: dict) -> dict:
+    """``config`` with ``train.schedule_steps`` 0 (follow steps) replaced by the steps it stands for."""
+    train = config.get("train")
+    if not isinstance(train, dict) or "steps" not in train or "schedule_steps" not in train:
+        return config
+    return {**config, "train": {**train, "schedule_steps": train["schedule_steps"] or train["steps"]}}
 
 
 def _fill(saved: dict, defaults: dict) -> dict:

@@ -23,10 +23,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sciscale_jax import optim, parallel, precision, remat
+from sciscale_jax import _validate, optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.parallel import offload as host_offload
+from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
 
@@ -54,8 +56,11 @@ class TrainConfig:
         "group": "distribution", "help": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence "
                                          "tensor2 tensor pipeline; one may be -1); empty: one device"})
     zero: int = dataclasses.field(default=0, metadata={"group": "distribution", "help": "ZeRO stage 0-3 over the data axes"})
+    schedule_steps: int = dataclasses.field(default=0, metadata={
+        "help": "length of the warm-up + cosine schedule; 0: steps (kept when a resumed run adds steps)"})
 
     def __post_init__(self):
+        _validate.train_config(self)  # integers, finite numbers, known optimizer, sharding needs a mesh
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -86,8 +91,9 @@ def build_optimizer(cfg: TrainConfig):
     Names come from ``sciscale_jax.optim.OPTIMIZERS``; weight decay is passed to optimizers that
     take it. Zeroth-order optimizers see no gradient, so they get no clipping.
     """
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps,
+    length = cfg.schedule_steps or cfg.steps  # past its end the schedule stays at its final value
+    warmup = min(cfg.warmup_steps, length - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, length,
                                                   end_value=cfg.learning_rate * 0.1)
     inner = optim.get_optimizer(cfg.optimizer, schedule, **_decay_kwargs(cfg.optimizer, cfg.weight_decay))
     if optim.is_zeroth_order(cfg.optimizer) or not cfg.grad_clip:
@@ -137,11 +143,13 @@ class MetricsLog:
 def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: bool = False,
           force: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``recipe`` and return a summary dict; see the module docstring."""
-    cfg = train_config
+    out_dir = pathlib.Path(out_dir)
+    rundir.preflight(out_dir, resume=resume)  # --out usable; --resume needs a checkpoint; writes nothing
+    cfg = rundir.keep_schedule(out_dir, train_config, resume=resume)  # extending keeps the schedule
+    validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
     data = recipe.build_data(cfg, model_config)
     if recipe.check is not None:
         recipe.check(model_config, cfg, data)
-    out_dir = pathlib.Path(out_dir)
     given_config = model_config  # saved as given: a resumed run may pick another mesh
     mesh_config = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count()) if cfg.mesh else None
     if mesh_config is not None and model_config.sharding is None:  # activations follow the parameters' rules
@@ -153,9 +161,12 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if policy.loss_scaling:
         tx = precision.dynamic_loss_scaling(tx)
     param_axes, fp8 = parallel.param_axes(model), precision.fp8_paths(model)
+    example = data.train.batch(0)
+    validate.check_data(data, getattr(model_config, "vocab_size", None), example)  # fields, dtypes, id ranges
+    validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
     graphdef, state = init_train_state(model, tx)
     del model
-    example = data.train.batch(0)
+    zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # loss evaluations per ZO step
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload)
     mesh = None
     put_batch = lambda b: b  # noqa: E731
@@ -177,11 +188,21 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": given_config.to_dict(), "train": cfg.to_dict()}
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
-    check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
-    ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every)
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)  # onto this run's shardings, whatever mesh saved it
-        log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+    with rundir.RunLock(out_dir) as lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
+        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
+        lock.write_pid()
+        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log)
+        ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
+        if resume:
+            state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
+            log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+        return _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt,
+                             out_dir, progress, stop, offload)
+
+
+def _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt, out_dir,
+                  progress, stop, offload):
+    """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile(remat.compiler_options())
         metrics_fn = recipe.metrics_fn()
@@ -191,7 +212,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         eval_fn = jax.jit(eval_step)
         metrics_log = MetricsLog(out_dir / "metrics.jsonl")
         state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt,
-                                      metrics_log, progress)
+                                      metrics_log, progress, stop)
+        if stop.requested:  # saved at a step boundary: say where to resume from
+            raise RunInterrupted(stop.signum, f"stopped by {stop.name} after step {int(state.step)}; checkpoint "
+                                              f"{int(state.step)} saved in {ckpt.directory}; continue with --resume "
+                                              f"--out {out_dir}")
         val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
     metrics_log.write({"step": int(state.step), **val})
     return {
@@ -221,13 +246,15 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
                            offload=offload)
 
 
-def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress):
+def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress, stop=None):
     """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=recipe.name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
     for step in bar:
+        if stop is not None and stop.requested:  # a signal came: stop at this step boundary
+            break
         state, metrics = compiled(state, put_batch(data.train.batch(step)))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

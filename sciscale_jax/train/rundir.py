@@ -1,0 +1,120 @@
+"""The run directory (``--out``): checks before anything is written, and a lock against a second run.
+
+- :func:`preflight` refuses, without writing, an ``--out`` that is a file, lies under a file,
+  cannot be created or written, or (with ``resume``) holds no checkpoint to resume from.
+- :class:`RunLock` takes an exclusive ``fcntl.flock`` on the directory itself, so a second
+  run on the same ``--out`` is refused in one line naming the process that holds it. The
+  kernel drops the lock when its process exits, however it exits, so a lock is never
+  stale; the pid file ``.sciscale.lock`` beside it only serves the error message and is
+  removed on release.
+- :func:`keep_schedule` makes ``--steps N --resume`` keep the learning-rate schedule of the
+  run being extended: a config that leaves ``schedule_steps`` at 0 gets the saved run's
+  schedule length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import pathlib
+
+LOCK_FILE = ".sciscale.lock"
+CONFIG_FILE = "run_config.json"
+
+
+def has_checkpoints(run_dir) -> bool:
+    ckpts = pathlib.Path(run_dir) / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def preflight(run_dir, *, resume: bool) -> None:
+    """Refuse an ``--out`` this run cannot use, before anything is written there (ValueError, one line)."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is an existing file, not a directory; choose another --out")
+    existing = run_dir
+    while not existing.exists():  # the nearest ancestor that exists must be a writable directory
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {run_dir} lies under {existing}, which is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {run_dir}: {existing} is not writable (permission denied or read-only)")
+    if resume and not has_checkpoints(run_dir):
+        where = "does not exist" if not run_dir.exists() else "holds no checkpoint"
+        raise ValueError(f"--resume: {run_dir} {where}; check --out, or drop --resume to start a new run")
+
+
+def saved_config(run_dir) -> dict | None:
+    """The ``run_config.json`` saved in ``run_dir``, or None if absent or unreadable."""
+    try:
+        return json.loads((pathlib.Path(run_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def keep_schedule(run_dir, train_config, *, resume: bool):
+    """``train_config`` with ``schedule_steps`` set to the saved run's schedule length when resuming.
+
+    An explicit ``schedule_steps`` is kept (``check_run_dir`` then refuses a change without force).
+    """
+    if not resume or train_config.schedule_steps:
+        return train_config
+    saved = (saved_config(run_dir) or {}).get("train", {})
+    length = saved.get("schedule_steps") or saved.get("steps")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1 or length == train_config.steps:
+        return train_config
+    return dataclasses.replace(train_config, schedule_steps=length)
+
+
+class RunLock:
+    """Exclusive lock on a run directory for the life of a run (context manager)."""
+
+    def __init__(self, run_dir):
+        self.run_dir = pathlib.Path(run_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = self._holder()
+            raise RuntimeError(f"output directory {self.run_dir} is in use by another run{holder}; wait for it to "
+                               "finish or choose another --out") from None
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads((self.run_dir / LOCK_FILE).read_text())
+            return f" (pid {info['pid']} on {info['host']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+    def write_pid(self) -> None:
+        """Record this process in ``.sciscale.lock`` (for the message a second run prints)."""
+        (self.run_dir / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
