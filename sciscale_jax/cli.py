@@ -15,11 +15,15 @@ import sys
 import typing
 
 
+class UsageError(ValueError):
+    """A flag the command line cannot take (unknown, or a value outside its type or choices)."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line."""
+    """argparse whose usage errors become one line through ``main``'s error handler (exit 2)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UsageError(message)
 
 
 def _flag(field: dataclasses.Field) -> str:

@@ -104,10 +104,10 @@ CLI_CASES = {
     "dropout_nan": (["--dropout", "nan"], r"dropout=nan must be a finite number"),
     "dropout_one": (["--dropout", "1.0"], r"dropout=1.0 must lie in \[0, 1\)"),
     "remat_unknown": (["--remat", "nope"], r"nope"),
-    "attention_unknown": (["--attention", "nope"], r"unknown attention implementation 'nope'"),
+    "attention_unknown": (["--attention", "nope"], r"--attention: invalid choice: 'nope'"),
     "precision_unknown": (["--precision", "fp3"], r"fp3"),
     "quant_unknown": (["--quant", "int3"], r"int3"),
-    "mlp_unknown": (["--mlp", "relu"], r"unknown mlp 'relu'"),
+    "mlp_unknown": (["--mlp", "relu"], r"--mlp: invalid choice: 'relu'"),
     "zeroth_order_with_grad_accum": (["--optimizer", "mezo", "--grad-accum", "2"],
                                      r"cannot be combined with grad_accum=2"),
 }

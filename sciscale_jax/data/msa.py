@@ -1,0 +1,203 @@
+"""Multiple sequence alignments for the Evoformer: real alignments shipped in PyPI wheels,
+AlphaFold's masked-MSA corruption, query-centred crops and the column-profile baseline.
+
+Alignments: the Stockholm files in pyhmmer's test data (LuxC, the KR family found by
+jackhmmer) and FAMSA's test alignments shipped in ``pyfamsa`` of the adenovirus fiber (242
+sequences) and hemopexin (4,188 sequences) families. They are located with
+``importlib.util.find_spec`` (no compiled extension is imported). In HMMER's Stockholm output,
+columns holding only lower-case residues and '.' are insert states and are dropped, so every
+row runs over the same match columns; otherwise '.' and '-' are gaps.
+
+Tokens follow AlphaFold's ``HHBLITS_AA_TO_ID`` order: 20 amino acids (``ARNDCQEGHILKMFPSTWYV``),
+X (unknown), the gap '-', and a mask token: 23 classes, the output size of AlphaFold's
+masked-MSA head. ``MSABatches`` draws, for each example of a step, an alignment, a query row
+(columns where the query has a gap are dropped, as in a query-centred A3M), a window of
+``num_res`` residues and ``num_seq - 1`` other rows, then corrupts 15% of the MSA positions as
+AlphaFold's ``make_masked_msa`` does: of the selected positions 70% become the mask token, 10%
+a uniformly drawn amino acid, 10% a residue drawn from the column's profile, 10% stay. Everything
+is a pure function of (seed, step).
+
+The baseline is the per-column profile of the rows that are not selected (pseudocount 1 per
+class): a model that beats it at the positions replaced by the mask token has used more than
+conservation (e.g. which other rows a sequence resembles).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import zlib
+
+import numpy as np
+
+AMINO = "ARNDCQEGHILKMFPSTWYV"
+UNKNOWN_ID, GAP_ID, MASK_ID = 20, 21, 22
+NUM_CLASSES = 23                     # AlphaFold's masked-MSA head: 20 aa, X, gap, mask
+_LOOKUP = np.full(128, UNKNOWN_ID, np.int8)
+for _i, _c in enumerate(AMINO):
+    _LOOKUP[ord(_c)] = _LOOKUP[ord(_c.lower())] = _i
+_LOOKUP[ord("-")] = _LOOKUP[ord(".")] = GAP_ID
+
+PYHMMER_ALIGNMENTS = ("msa/LuxC.sto", "jackhmmer/KR-6.sto", "jackhmmer/p12748-3.sto")
+PYFAMSA_ALIGNMENTS = ("adeno_fiber.upgma.afa", "hemopexin.medoid-upgma.afa")
+
+
+def _package_data(package: str, extra: str) -> pathlib.Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the alignments need the {package!r} package: pip install -e \".[{extra}]\"")
+    return pathlib.Path(spec.origin).parent / "tests" / "data"
+
+
+def read_alignment(path) -> np.ndarray:
+    """int8 tokens [rows, columns] of a Stockholm (.sto) or aligned FASTA (.afa/.fasta) file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text alignment file") from None
+    rows: dict[str, list[str]] = {}
+    if text.startswith("# STOCKHOLM"):
+        blocks = [b for b in text.split("\n//") if b.strip()]
+        block = max(blocks, key=lambda b: sum(1 for ln in b.splitlines() if ln.strip() and not ln.startswith("#")))
+        for line in block.splitlines():  # a file of several alignments (jackhmmer rounds): the largest
+            if not line.strip() or line.startswith("#") or line.startswith("//"):
+                continue
+            name, _, seq = line.partition(" ")
+            rows.setdefault(name, []).append(seq.strip())
+        seqs = ["".join(parts) for parts in rows.values()]
+        lengths = {len(x) for x in seqs}
+        if len(lengths) == 1 and any(c.islower() for x in seqs for c in x):
+            # HMMER output: insert columns hold only lower-case residues and '.'; keep the match columns
+            grid = np.array([list(x) for x in seqs])
+            match = np.array([any(c.isupper() or c == "-" for c in col) for col in grid.T])
+            seqs = ["".join(row[match]) for row in grid]
+    elif text.startswith(">"):
+        name = None
+        for line in text.splitlines():
+            if line.startswith(">"):
+                name = line[1:].strip() or str(len(rows))
+                rows[name] = []
+            elif line.strip() and name is not None:
+                rows[name].append(line.strip())
+        seqs = ["".join(parts) for parts in rows.values()]
+    else:
+        raise ValueError(f"{path}: not a Stockholm or aligned FASTA file (first line {text[:40]!r})")
+    lengths = {len(s) for s in seqs}
+    if not seqs or len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"{path}: rows of an alignment must be non-empty and of one length; got {sorted(lengths)[:5]}")
+    codes = np.frombuffer("".join(seqs).encode("ascii", "replace"), np.uint8) & 127
+    return _LOOKUP[codes].reshape(len(seqs), -1)
+
+
+def load_alignments(include_pyfamsa: bool = True) -> dict[str, np.ndarray]:
+    """name -> int8 tokens [rows, columns] of every shipped alignment."""
+    base = _package_data("pyhmmer", "science")
+    out = {pathlib.Path(rel).stem: read_alignment(base / rel) for rel in PYHMMER_ALIGNMENTS}
+    if include_pyfamsa:
+        fam = _package_data("pyfamsa", "science")
+        out.update({rel.split(".")[0]: read_alignment(fam / rel) for rel in PYFAMSA_ALIGNMENTS})
+    return out
+
+
+def column_profile(msa_nr: np.ndarray, weights_nr: np.ndarray | None = None, pseudocount: float = 1.0) -> np.ndarray:
+    """[N_res, 22] frequencies of amino acids, X and gap per column (rows weighted, plus pseudocounts)."""
+    n, r = msa_nr.shape
+    w = np.ones((n, r)) if weights_nr is None else weights_nr.astype(np.float64)
+    counts = np.zeros((r, GAP_ID + 1))
+    np.add.at(counts, (np.broadcast_to(np.arange(r), (n, r)), msa_nr.astype(np.int64)), w)
+    counts += pseudocount
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+class MSABatches:
+    """Query-centred, cropped, masked MSA examples; ``batch(step)`` is a pure function of (seed, step).
+
+    Fields: ``msa`` int32 [B, S, R] corrupted tokens (row 0: the query), ``target`` int32 [B, S, R]
+    true tokens, ``bert_mask`` float32 [B, S, R] selected positions, ``mask_token`` float32
+    [B, S, R] selected and replaced by the mask token, ``msa_mask`` / ``seq_mask`` float32 real
+    rows x residues / residues, ``residue_index`` int32 [B, R], ``profile_logp`` float32
+    [B, S, R] the baseline's log-probability of the target (for scoring it beside the model).
+    """
+
+    def __init__(self, alignments: dict[str, np.ndarray], *, batch_size: int, num_seq: int, num_res: int,
+                 seed: int = 0, mask_rate: float = 0.15, min_coverage: float = 0.5):
+        if not alignments:
+            raise ValueError("no alignments to draw from")
+        for name, a in alignments.items():
+            if a.ndim != 2 or a.shape[0] < 2:
+                raise ValueError(f"alignment {name!r} needs at least 2 rows; shape {a.shape}")
+        if num_seq < 2 or num_res < 1 or batch_size < 1:
+            raise ValueError(f"num_seq={num_seq} (>= 2), num_res={num_res} and batch_size={batch_size} (>= 1)")
+        if not 0.0 < mask_rate < 1.0:
+            raise ValueError(f"mask_rate={mask_rate} must lie in (0, 1)")
+        self.names = sorted(alignments)
+        self.alignments = [alignments[n] for n in self.names]
+        sizes = np.array([a.shape[0] for a in self.alignments], np.float64)
+        self.family_p = np.sqrt(sizes) / np.sqrt(sizes).sum()   # large families more often, not overwhelmingly
+        self.batch_size, self.num_seq, self.num_res, self.seed = batch_size, num_seq, num_res, seed
+        self.mask_rate, self.min_coverage = mask_rate, min_coverage
+
+    def example(self, rng: np.random.Generator) -> dict:
+        a = self.alignments[rng.choice(len(self.alignments), p=self.family_p)]
+        coverage = (a != GAP_ID).mean(axis=1)
+        query = rng.choice(np.flatnonzero(coverage >= np.quantile(coverage, 0.5)))
+        cols = np.flatnonzero(a[query] != GAP_ID)
+        start = rng.integers(0, max(len(cols) - self.num_res, 0) + 1)
+        cols = cols[start:start + self.num_res]
+        window = a[:, cols]
+        others = np.setdiff1d(np.arange(a.shape[0]), [query])
+        cov = (window[others] != GAP_ID).mean(axis=1)
+        good = others[cov >= self.min_coverage]
+        pool = good if len(good) >= min(self.num_seq - 1, len(others)) else others
+        picked = rng.choice(pool, size=min(self.num_seq - 1, len(pool)), replace=False)
+        true = window[np.concatenate([[query], picked])].astype(np.int32)
+        s, r = true.shape
+        selected = rng.random((s, r)) < self.mask_rate
+        profile = column_profile(true, (~selected).astype(np.float64))   # from the visible rows only
+        kind = rng.random((s, r))
+        uniform = rng.integers(0, 20, (s, r))
+        cum = np.cumsum(profile, axis=1)
+        from_profile = (rng.random((s, r, 1)) > cum[None, :, :]).sum(-1).clip(max=GAP_ID)
+        corrupted = np.where(kind < 0.7, MASK_ID, np.where(kind < 0.8, uniform, np.where(kind < 0.9, from_profile, true)))
+        msa = np.where(selected, corrupted, true)
+        logp = np.log(profile[np.arange(r)[None, :], true])
+        out = {"msa": msa, "target": true, "bert_mask": selected, "mask_token": selected & (msa == MASK_ID),
+               "profile_logp": logp}
+        return self._pad(out, s, r)
+
+    def _pad(self, ex: dict, s: int, r: int) -> dict:
+        S, R = self.num_seq, self.num_res
+        out = {}
+        for k, v in ex.items():
+            dtype = np.int32 if k in ("msa", "target") else np.float32
+            full = np.full((S, R), GAP_ID if k in ("msa", "target") else 0, dtype)
+            full[:s, :r] = v
+            out[k] = full
+        out["msa_mask"] = np.zeros((S, R), np.float32)
+        out["msa_mask"][:s, :r] = 1.0
+        out["seq_mask"] = np.zeros((R,), np.float32)
+        out["seq_mask"][:r] = 1.0
+        out["residue_index"] = np.arange(R, dtype=np.int32)
+        return out
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        examples = [self.example(rng) for _ in range(self.batch_size)]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def eval_batches(self, count: int) -> list[dict]:
+        return [MSABatches.batch(self, 10_000_000 + i) for i in range(count)]
+
+
+def split_families(alignments: dict[str, np.ndarray], held_out: tuple[str, ...]) -> tuple[dict, dict]:
+    """(train, held-out) alignments: whole families are held out, so no family is in both."""
+    missing = [n for n in held_out if n not in alignments]
+    if missing:
+        raise ValueError(f"held-out alignment(s) {missing} not among {sorted(alignments)}")
+    return ({k: v for k, v in alignments.items() if k not in held_out},
+            {k: v for k, v in alignments.items() if k in held_out})
+
+
+def alignment_hash(a: np.ndarray) -> int:
+    return zlib.crc32(a.tobytes())
