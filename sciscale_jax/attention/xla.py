@@ -32,6 +32,7 @@ class _Spec(NamedTuple):
     group: int          # query heads per kv head
     bias_shape: tuple | None   # None when there is no bias
     bias_dtype: str
+    varying: tuple      # per input (q, k, v, bias): the shard_map axes it varies over
 
 
 def xla_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None):
@@ -41,7 +42,8 @@ def xla_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False,
     scale = head_dim ** -0.5 if scale is None else float(scale)
     valid = _combined_mask(mask, causal, q_len, kv_len)
     spec = _Spec(scale, num_heads // kv_heads, None if bias is None else tuple(bias.shape),
-                 "" if bias is None else jnp.dtype(bias.dtype).name)
+                 "" if bias is None else jnp.dtype(bias.dtype).name,
+                 tuple(_varying(x) for x in (q_bqhd, k_bkhd, v_bkhd, bias)))
     return _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias, valid)
 
 
@@ -126,7 +128,8 @@ def _attention_bwd(spec: _Spec, res, g_bqhd):
     dbias = None
     if spec.bias_shape is not None:
         dbias = _sum_to_shape(ds_bhgqk.reshape(b, h, q_len, kv_len), spec.bias_shape).astype(spec.bias_dtype)
-    return dq_bqhd, dk_bkhd, dv_bkhd, dbias, None
+    grads = (dq_bqhd, dk_bkhd, dv_bkhd, dbias)
+    return tuple(_match_varying(g, axes) for g, axes in zip(grads, spec.varying)) + (None,)
 
 
 def _sum_to_shape(x, shape):
@@ -134,6 +137,26 @@ def _sum_to_shape(x, shape):
     lead = x.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
     return jnp.sum(x, axis=axes).reshape(shape)
+
+
+def _varying(x) -> frozenset:
+    """The ``jax.shard_map`` mesh axes ``x`` varies over (empty outside shard_map or for None)."""
+    if x is None:
+        return frozenset()
+    return frozenset(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()))
+
+
+def _match_varying(ct, axes: frozenset):
+    """A cotangent with its primal's shard_map type: summed over the axes the primal is
+    replicated on (each device holds part of its gradient), marked varying where the primal is."""
+    if ct is None:
+        return None
+    have = _varying(ct)
+    if have - axes:
+        ct = jax.lax.psum(ct, tuple(sorted(have - axes)))
+    if axes - have:
+        ct = jax.lax.pcast(ct, tuple(sorted(axes - have)), to="varying")
+    return ct
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

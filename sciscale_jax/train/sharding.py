@@ -41,6 +41,11 @@ class Placement:
     state: TrainState      # shardings of the train state
     batch: dict            # shardings of one batch
     grads: object          # shardings gradients are constrained to (ZeRO-2/3 split them)
+    reduce_scatter: bool = False  # ZeRO-2 on a data-parallel mesh: gradients by psum_scatter
+
+
+def _data_parallel_only(mesh) -> bool:
+    return all(n == 1 for a, n in mesh.shape.items() if a not in parallel.DATA_AXES)
 
 
 def plan_placement(mesh_spec: str, strategy: str, zero: int, state: TrainState, param_axes, tx,
@@ -53,4 +58,17 @@ def plan_placement(mesh_spec: str, strategy: str, zero: int, state: TrainState, 
     state_sh = TrainState(replicated, shard.params, jax.tree.map(lambda _: replicated, state.rest), shard.opt_state)
     batch_sh = {k: parallel.batch_sharding(v.shape, (ax.BATCH, ax.SEQ)[:v.ndim], rules, mesh)
                 for k, v in batch_example.items()}
-    return Placement(mesh, rules, state_sh, batch_sh, shard.grads)
+    # ZeRO-2 with replicated parameters on a data-parallel mesh: reduce-scatter by hand (XLA on
+    # CPU never turns GSPMD's all-reduce + slice into a reduce-scatter).
+    reduce_scatter = (zero == 2 and _data_parallel_only(mesh)
+                      and all(s.is_fully_replicated for s in jax.tree.leaves(shard.params))
+                      and not all(s.is_fully_replicated for s in jax.tree.leaves(shard.grads)))
+    return Placement(mesh, rules, state_sh, batch_sh, shard.grads, reduce_scatter)
+
+
+def compile_train_step(step, place: Placement, state: TrainState, batch_example: dict, *, donate: bool = True):
+    """``step`` jitted with ``place``'s shardings (as the train loop jits it), lowered and compiled."""
+    with jax.set_mesh(place.mesh):
+        jitted = jax.jit(step, in_shardings=(place.state, place.batch), out_shardings=(place.state, None),
+                         donate_argnums=0 if donate else ())
+        return jitted.lower(state, batch_example).compile()
