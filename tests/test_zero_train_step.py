@@ -43,9 +43,9 @@ def _batch(seed=0, size=16):
             "mask": jnp.asarray(mask)}
 
 
-def _setup(mesh_spec, zero):
+def _setup(mesh_spec, zero, tx=None):
     model = Transformer(CFG, rngs=nnx.Rngs(0))
-    tx = optax.adamw(1e-2)
+    tx = tx or optax.adamw(1e-2)
     axes = parallel.param_axes(model)
     graphdef, state = init_train_state(model, tx)
     place = plan_placement(mesh_spec, "auto", zero, state, axes, tx, _batch())
@@ -115,9 +115,11 @@ def test_zero2_temporaries_not_above_zero1(data8):
 
 @pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_gradient_steps_match_one_device(zero):
-    """Two steps of the compiled ZeRO step (psum_scatter path at stage 2) give the parameters and
-    losses of the same steps on one device, with uneven token counts across devices."""
-    graphdef, tx, state, place, step = _setup("data=8", zero)
+    """Two SGD steps of the compiled ZeRO step (psum_scatter path at stage 2) give the parameters
+    and losses of the same steps on one device, with uneven token counts across devices. (SGD:
+    parameter differences are lr times gradient differences; Adam would amplify float32
+    summation-order noise in near-zero gradients to a full step.)"""
+    graphdef, tx, state, place, step = _setup("data=8", zero, optax.sgd(0.5))
     single = jax.jit(make_train_step(graphdef, tx, loss_fn=causal_loss))
     compiled = compile_train_step(step, place, state, _batch(), donate=False)
     sharded_state = jax.device_put(state, place.state)
@@ -129,7 +131,7 @@ def test_sharded_gradient_steps_match_one_device(zero):
         np.testing.assert_allclose(float(m["tokens"]), float(m_ref["tokens"]))
         np.testing.assert_allclose(float(m["grad_norm"]), float(m_ref["grad_norm"]), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.slow
