@@ -136,7 +136,7 @@ def zero_model_state(stage, n=8):
 
 
 LOOP_MESHES = ("data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2")
-LOOP_MODEL = dict(vocab_size=33, num_layers=2, num_heads=8, embed_dim=256, mlp_dim=1024, max_len=128)
+LOOP_MODEL = dict(vocab_size=40, num_layers=2, num_heads=8, embed_dim=256, mlp_dim=1024, max_len=128)
 LOOP_BATCH = 16
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
 
