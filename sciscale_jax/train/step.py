@@ -131,8 +131,9 @@ def reduce_scatter_grad_fn(graphdef, loss_fn: Callable, grad_shardings) -> Calla
     batch array) with a full copy of the parameters; each gradient is then summed and split in
     one reduce-scatter along the dim its sharding names (a ``psum`` for the few leaves that
     stay replicated). The loss is the token mean over the whole batch: local
-    token sums over the global token count. The model's non-parameter variables are passed
-    through unchanged (the path is for models whose forward pass does not update them).
+    token sums over the global token count. Device ``i`` draws dropout from ``fold_in(key, i)``
+    (its own masks, not the slice of one batch-wide draw). The model's non-parameter variables
+    are passed through unchanged (the path is for models whose forward pass does not update them).
     """
     from sciscale_jax.parallel.mesh import DATA_AXES
 
@@ -156,8 +157,9 @@ def reduce_scatter_grad_fn(graphdef, loss_fn: Callable, grad_shardings) -> Calla
         return jax.lax.psum(g, left) if left else g
 
     def grad_fn(params, rest, batch, key, loss_scale=1.0):
-        def local(params, batch, key, scale):
+        def local(params, rest, batch, key, scale):
             params = jax.lax.pcast(params, axes, to="varying")
+            key = jax.random.fold_in(key, jax.lax.axis_index(axes))  # own dropout masks per device
 
             def summed(p):
                 total, count = loss_fn(nnx.merge(graphdef, p, rest), batch, key)
@@ -170,9 +172,10 @@ def reduce_scatter_grad_fn(graphdef, loss_fn: Callable, grad_shardings) -> Calla
             return jax.lax.psum(total, axes) * norm, count, grads
 
         batch_specs = jax.tree.map(lambda _: P(axes), batch)
+        replicated = lambda tree: jax.tree.map(lambda _: P(), tree)  # noqa: E731
         loss, count, grads = jax.shard_map(
-            local, mesh=mesh, in_specs=(jax.tree.map(lambda _: P(), params), batch_specs, P(), P()),
-            out_specs=(P(), P(), grad_specs))(params, batch, key, jnp.asarray(loss_scale, jnp.float32))
+            local, mesh=mesh, in_specs=(replicated(params), replicated(rest), batch_specs, P(), P()),
+            out_specs=(P(), P(), grad_specs))(params, rest, batch, key, jnp.asarray(loss_scale, jnp.float32))
         return loss, (count, rest), grads
 
     return grad_fn
