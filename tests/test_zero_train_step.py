@@ -49,8 +49,7 @@ def _setup(mesh_spec, zero, tx=None):
     axes = parallel.param_axes(model)
     graphdef, state = init_train_state(model, tx)
     place = plan_placement(mesh_spec, "auto", zero, state, axes, tx, _batch())
-    step = make_train_step(graphdef, tx, loss_fn=causal_loss, grad_shardings=place.grads,
-                           reduce_scatter=place.reduce_scatter)
+    step = make_train_step(graphdef, tx, loss_fn=causal_loss, **place.step_kwargs())
     return graphdef, tx, state, place, step
 
 

@@ -2,7 +2,9 @@
 
 The mesh comes from ``--mesh data=2,fsdp=2,tensor=2``; the rule table from the mesh's shape
 (or ``--sharding``); the ZeRO stage decides what else is split over the data axes. The step
-is then jitted with these shardings, and GSPMD inserts the collectives.
+is then jitted with these shardings, and GSPMD inserts the collectives. The step constrains
+its gradients to ``Placement.grads`` (``make_train_step(..., **place.step_kwargs())``); for
+ZeRO-2 on a data-parallel mesh it reduce-scatters them itself (``psum_scatter``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class Placement:
     batch: dict            # shardings of one batch
     grads: object          # shardings gradients are constrained to (ZeRO-2/3 split them)
     reduce_scatter: bool = False  # ZeRO-2 on a data-parallel mesh: gradients by psum_scatter
+
+    def step_kwargs(self) -> dict:
+        """The ``make_train_step`` arguments that apply this placement's gradient sharding."""
+        return {"grad_shardings": self.grads, "reduce_scatter": self.reduce_scatter}
 
 
 def _data_parallel_only(mesh) -> bool:
