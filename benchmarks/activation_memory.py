@@ -7,8 +7,11 @@ then times the step (median of ``--repeats`` runs after warm-up) as a ratio to `
 measured in the same run. It checks the ordering none > selective > full at seq >= 512 and
 fits, under ``"full"``, the growth of temporary memory with depth against the analytic
 size of one block input (batch * seq * embed * bytes). A second table runs gradient
-accumulation 1/2/4/8 at a fixed global batch. It prints markdown tables and writes JSON
-and a PNG under ``benchmarks/results/``.
+accumulation 1/2/4/8 at a fixed global batch. A third table compiles the whole no-remat
+train step (AdamW, unscanned layers) of a causal Transformer (4 layers, width 256, MLP 1024,
+4 heads, seq 512, batch 2) once with ``attention="xla"`` and once with a plain
+einsum-softmax-einsum attention written here, and compares their temporaries. It prints
+markdown tables and writes JSON and a PNG under ``benchmarks/results/``.
 
 Host offload ("offload:..." policies) is compiled to plain copies on CPU, so its CPU
 numbers show no saving; on a GPU run of the same script (the device is printed next to
@@ -16,6 +19,7 @@ every table) they do.
 
     python benchmarks/activation_memory.py                        # CPU, ~10-20 minutes
     python benchmarks/activation_memory.py --seq 256 512 --no-time  # memory only, quicker
+    python benchmarks/activation_memory.py --attention-only         # the xla vs plain table only
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
+from sciscale_jax import attention
 from sciscale_jax.accumulate import accumulate_gradients
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
+from sciscale_jax.train.step import init_train_state, make_train_step
 
 VOCAB = 33  # ESM-2 alphabet size
 POLICIES = ("none", "selective", "full", "dots", "dots_no_batch", "every_k:2", "offload:qkv,mlp_hidden")
@@ -126,6 +133,66 @@ def run_accumulation(args) -> list[dict]:
     return rows
 
 
+def plain_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None):
+    """The textbook baseline: einsum, softmax, einsum, left to autodiff (equal q and kv heads)."""
+    q_len, kv_len = q_bqhd.shape[1], k_bkhd.shape[1]
+    scale = q_bqhd.shape[-1] ** -0.5 if scale is None else scale
+    logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd) * scale
+    if bias is not None:
+        logits_bhqk = logits_bhqk + bias
+    valid = jnp.ones((q_len, kv_len), bool) if mask is None else mask
+    if causal:
+        valid = valid & jnp.tril(jnp.ones((q_len, kv_len), bool), k=kv_len - q_len)
+    probs_bhqk = jax.nn.softmax(jnp.where(valid, logits_bhqk, jnp.finfo(logits_bhqk.dtype).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs_bhqk, v_bkhd)
+
+
+def causal_lm_loss(model, batch, key):
+    """(sum, count) of next-token cross entropies over real tokens."""
+    tokens, real = batch["inputs"], batch["mask"]
+    logp = jax.nn.log_softmax(model(tokens, mask_bs=real, dropout_key=key)[:, :-1].astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    w = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def train_step_memory(impl: str, *, layers=4, embed=256, mlp=1024, heads=4, seq=512, batch=2) -> dict:
+    """Compiled memory of the no-remat AdamW train step (as the train loop builds it) for ``impl``."""
+    cfg = TransformerConfig(vocab_size=VOCAB, num_layers=layers, num_heads=heads, embed_dim=embed, mlp_dim=mlp,
+                            max_len=seq, causal=True, remat="none", scan_layers=False, attention=impl)
+    tx = optax.adamw(1e-3)
+    graphdef, state = init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, tx, loss_fn=causal_lm_loss)
+    tokens = np.random.default_rng(0).integers(4, VOCAB, (batch, seq)).astype(np.int32)
+    example = {"inputs": jnp.asarray(tokens), "mask": jnp.ones((batch, seq), bool)}
+    mem = jax.jit(step, donate_argnums=0).lower(state, example).compile().memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return {"impl": impl, "temp_bytes": int(mem.temp_size_in_bytes), "peak_bytes": int(peak),
+            "layers": layers, "embed": embed, "mlp": mlp, "heads": heads, "seq": seq, "batch": batch}
+
+
+def run_attention_rows() -> list[dict]:
+    """Train-step temporaries of attention="xla" against the plain baseline (issue: within 1.1x)."""
+    attention.register("plain", plain_attention)
+    rows = [train_step_memory(impl) for impl in ("plain", "xla")]
+    for row in rows:
+        row["temp_vs_plain"] = row["temp_bytes"] / rows[0]["temp_bytes"]
+        print(f"  train step, attention={row['impl']:<6} temp={row['temp_bytes'] / 2**20:8.1f} MiB "
+              f"({row['temp_vs_plain']:.3f}x plain)", flush=True)
+    return rows
+
+
+def attention_markdown(rows, device) -> str:
+    r = rows[0]
+    lines = [f"No-remat AdamW train step, causal Transformer {r['layers']} layers, embed {r['embed']}, "
+             f"mlp {r['mlp']}, {r['heads']} heads, seq {r['seq']}, batch {r['batch']}, device: {device}", "",
+             "| attention | temp MiB | peak MiB | temp / plain |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['temp_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | "
+                     f"{r['temp_vs_plain']:.3f} |")
+    return "\n".join(lines)
+
+
 def checks(rows, args) -> dict:
     """Ordering none > selective > full at seq >= 512; per-layer temp slope under "full"."""
     out = {"ordering_none_gt_selective_gt_full": {}, "full_slope": {}}
@@ -196,17 +263,30 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-time", action="store_true", help="memory only")
     p.add_argument("--no-accum", action="store_true")
+    p.add_argument("--no-attention", action="store_true", help="skip the xla vs plain attention table")
+    p.add_argument("--attention-only", action="store_true", help="only the xla vs plain attention table")
     p.add_argument("--out", default=str(RESULTS / "activation_memory"))
     args = p.parse_args()
     if "none" not in args.policies:
         args.policies.insert(0, "none")
     device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+    attn = [] if args.no_attention else run_attention_rows()
+    if args.attention_only:
+        print(attention_markdown(attn, device))
+        out = pathlib.Path(args.out + "_attention.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": device, "train_step_attention": attn}, indent=1))
+        print(f"wrote {out}")
+        return
     rows = run_policies(args)
     accum = [] if args.no_accum else run_accumulation(args)
     result = {"device": device, "args": vars(args), "policies": rows, "accumulation": accum,
+              "train_step_attention": attn,
               "checks": checks(rows, args),
               "note": "CPU compiles host offload to copies: offload rows save nothing on CPU."}
     print(markdown(rows, accum, device))
+    if attn:
+        print(attention_markdown(attn, device))
     print(json.dumps(result["checks"], indent=1))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,20 @@
 
 For every strategy this compiles one Adam train step of a small attention + MLP block
 (nothing runs) and reads XLA's compiled memory analysis: arguments, temporaries and peak
-per device, plus the collective operations in the compiled HLO. For ZeRO stages 0-3 it also
-compiles a mixed-precision Adam update (bf16 params and grads, fp32 master weights and
-moments) and puts its per-device argument bytes next to the paper's 16Ψ, 4Ψ+12Ψ/N,
-2Ψ+14Ψ/N and 16Ψ/N. Memory on CPU comes from the compiled analysis, so it is deterministic.
+per device, plus the collective operations in the compiled HLO.
 
-    python benchmarks/parallel_memory.py            # table + benchmarks/results/parallel_memory.json
+For ZeRO stages 0-3 it compiles the train loop's own step (``init_train_state``,
+``plan_placement``, ``make_train_step`` with the placement's gradient shardings, jit with
+in/out shardings, as ``sciscale_jax.train`` builds it) for a Transformer with AdamW on the
+meshes data=8, data=4,fsdp=2 and data=2,fsdp=2,tensor=2, and reports per device: arguments,
+temporaries, peak, and the gradient bytes that leave reduce-scatters and all-reduces in the
+compiled HLO (ZeRO-2 must reduce-scatter 1/N of the gradients). Separately, as a check of
+the stage rule against the paper's 16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N and 16Ψ/N, it lists the argument
+bytes of a mixed-precision Adam update jitted with the stage's shardings (these equal the
+formula by construction: they show the rule, not a measured step). Memory on CPU comes from
+the compiled analysis, so it is deterministic.
+
+    python benchmarks/parallel_memory.py            # tables + benchmarks/results/parallel_memory.json
 """
 
 from __future__ import annotations
@@ -127,18 +135,86 @@ def zero_model_state(stage, n=8):
     return compiled.memory_analysis().argument_size_in_bytes, model_state_bytes(psi, stage, n)
 
 
+LOOP_MESHES = ("data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2")
+LOOP_MODEL = dict(vocab_size=40, num_layers=2, num_heads=8, embed_dim=256, mlp_dim=1024, max_len=128)
+LOOP_BATCH = 16
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
+
+
+def hlo_result_bytes(hlo: str, op: str) -> int:
+    """Per-device bytes of the results of every ``op`` in compiled HLO (tuple results summed)."""
+    total = 0
+    for line in hlo.splitlines():
+        m = re.match(rf"\s*(?:ROOT )?%\S+ = (.*?) {op}(?:-start)?\(", line)
+        if m:
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+                total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def loop_step_memory(mesh_spec: str, zero: int) -> dict:
+    """Compiled memory of the train loop's step at ZeRO ``zero`` on ``mesh_spec`` (8 devices)."""
+    from flax import nnx
+
+    from sciscale_jax import parallel
+    from sciscale_jax.models.transformer import Transformer, TransformerConfig
+    from sciscale_jax.train.sharding import compile_train_step, plan_placement
+    from sciscale_jax.train.step import init_train_state, make_train_step
+
+    cfg = TransformerConfig(**LOOP_MODEL)
+
+    def loss(model, batch, key):
+        logits = model(batch["inputs"], mask_bs=batch["mask"], dropout_key=key).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(nll), jnp.float32(nll.size)
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tx = optax.adamw(1e-3)
+    axes = parallel.param_axes(model)
+    graphdef, state = init_train_state(model, tx)
+    tokens = jnp.zeros((LOOP_BATCH, cfg.max_len), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens, "mask": jnp.ones(tokens.shape, bool)}
+    place = plan_placement(mesh_spec, "auto", zero, state, axes, tx, batch)
+    step = make_train_step(graphdef, tx, loss_fn=loss, grad_shardings=place.grads,
+                           reduce_scatter=place.reduce_scatter)
+    compiled = compile_train_step(step, place, state, batch)
+    mem, hlo = compiled.memory_analysis(), compiled.as_text()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    return {"mesh": mesh_spec, "zero": zero, "psum_scatter": place.reduce_scatter, "param_bytes": params,
+            "argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes, "peak_bytes": peak,
+            "reduce_scatter_bytes": hlo_result_bytes(hlo, "reduce-scatter"),
+            "all_reduce_bytes": hlo_result_bytes(hlo, "all-reduce"), "collectives": count_collectives(hlo)}
+
+
 def main():
     kib = lambda b: f"{b / 1024:,.0f}"
     psi = sum(int(np.prod(s)) for s in SHAPES.values())
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind} (CPU, simulated)",
                "model": dict(B=B, S=S, E=E, H=H, D=D, F=F, params=psi), "strategies": {}}
-    print(f"\nModel-state bytes per device, mixed-precision Adam, Ψ = {psi:,} params, N = 8\n")
-    print("| ZeRO stage | formula | formula KiB | measured KiB | ratio |\n|---|---|---:|---:|---:|")
+    cfg = LOOP_MODEL
+    print(f"\nThe train loop's compiled step per ZeRO stage: Transformer {cfg['num_layers']} layers, embed "
+          f"{cfg['embed_dim']}, mlp {cfg['mlp_dim']}, {cfg['num_heads']} heads, seq {cfg['max_len']}, batch "
+          f"{LOOP_BATCH}, AdamW, per device\n")
+    print("| mesh | stage | grads by | args KiB | temp KiB | peak KiB | reduce-scatter KiB | all-reduce KiB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    results["zero_train_step"] = []
+    for mesh_spec in LOOP_MESHES:
+        for stage in range(4):
+            r = loop_step_memory(mesh_spec, stage)
+            results["zero_train_step"].append(r)
+            print(f"| {mesh_spec} | {stage} | {'psum_scatter' if r['psum_scatter'] else 'GSPMD'} | "
+                  f"{kib(r['argument_bytes'])} | {kib(r['temp_bytes'])} | {kib(r['peak_bytes'])} | "
+                  f"{kib(r['reduce_scatter_bytes'])} | {kib(r['all_reduce_bytes'])} |", flush=True)
+    print(f"(parameters: {kib(results['zero_train_step'][0]['param_bytes'])} KiB in float32)")
+    print(f"\nThe stage rule against the paper: argument bytes of a mixed-precision Adam update jitted with the "
+          f"stage's shardings (equal to the formula by construction), Ψ = {psi:,} params, N = 8\n")
+    print("| ZeRO stage | formula | formula KiB | update-jit args KiB | ratio |\n|---|---|---:|---:|---:|")
     formulas = ("16Ψ", "4Ψ + 12Ψ/N", "2Ψ + 14Ψ/N", "16Ψ/N")
     results["zero_model_state"] = {}
     for stage in range(4):
         measured, formula = zero_model_state(stage)
-        results["zero_model_state"][stage] = {"measured_bytes": measured, "formula_bytes": formula}
+        results["zero_model_state"][stage] = {"update_jit_argument_bytes": measured, "formula_bytes": formula}
         print(f"| {stage} | {formulas[stage]} | {kib(formula)} | {kib(measured)} | {measured / formula:.3f} |")
     print(f"\nAdam (fp32) train step of one attention + MLP block, B={B} S={S} E={E} H={H} F={F}, "
           f"per device, from the compiled memory analysis\n")

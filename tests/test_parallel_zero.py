@@ -1,6 +1,6 @@
-"""ZeRO stages: placement rule, per-device memory against the paper's formulas (compiled memory
-analysis), the reduce-scatter of the ZeRO-2 path in compiled HLO, and sharded checkpoints
-restored onto smaller meshes."""
+"""ZeRO stages: placement rule, the rule's per-device model state against the paper's formulas,
+the reduce-scatter of the ZeRO-2 path in compiled HLO, and sharded checkpoints restored onto
+smaller meshes. The loop's compiled train step per stage is measured in test_zero_train_step.py."""
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ def _mixed_adam_step(p16, g16, master, mu, nu):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_per_device_model_state_matches_the_zero_formula(stage):
+    """The stage rule against the paper's table: the argument bytes of an update jitted with the
+    rule's shardings are the formula. This checks the rule, not a train step (the shardings are
+    the rule's own); tests/test_zero_train_step.py measures the loop's compiled step."""
     n = 8
     mesh = make_mesh(ParallelConfig(data=n))
     axes = {k: (None,) * len(s) for k, s in SHAPES.items()}

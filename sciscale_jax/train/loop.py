@@ -167,13 +167,16 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     graphdef, state = init_train_state(model, tx)
     del model
     zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # loss evaluations per ZO step
-    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload)
-    mesh = None
+    mesh, place = None, None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)
     if mesh_config is not None:
         place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, example,
                                model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
+    # ZeRO-2: gradients constrained to (or reduce-scattered into) their data-parallel shards
+    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload,
+                      place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {})
+    if place is not None:
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
@@ -224,10 +227,12 @@ def _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, gr
         "baselines": dict(data.baselines), "memory": report_from_analysis(compiled.memory_analysis()),
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         "checkpoint_dir": str(ckpt.directory), "seconds": time.perf_counter() - t0, "state": state,
+        "compiled": compiled,
     }
 
 
-def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset):
+def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset,
+               placement_kwargs: dict):
     """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
     if optim.is_zeroth_order(cfg.optimizer):
         if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
@@ -243,7 +248,7 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
     else:
         grad_fn = None
     return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling,
-                           offload=offload)
+                           offload=offload, **placement_kwargs)
 
 
 def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress, stop=None):

@@ -2,7 +2,9 @@
 
 The mesh comes from ``--mesh data=2,fsdp=2,tensor=2``; the rule table from the mesh's shape
 (or ``--sharding``); the ZeRO stage decides what else is split over the data axes. The step
-is then jitted with these shardings, and GSPMD inserts the collectives.
+is then jitted with these shardings, and GSPMD inserts the collectives. The step constrains
+its gradients to ``Placement.grads`` (``make_train_step(..., **place.step_kwargs())``); for
+ZeRO-2 on a data-parallel mesh it reduce-scatters them itself (``psum_scatter``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ class Placement:
     state: TrainState      # shardings of the train state
     batch: dict            # shardings of one batch
     grads: object          # shardings gradients are constrained to (ZeRO-2/3 split them)
+    reduce_scatter: bool = False  # ZeRO-2 on a data-parallel mesh: gradients by psum_scatter
+
+    def step_kwargs(self) -> dict:
+        """The ``make_train_step`` arguments that apply this placement's gradient sharding."""
+        return {"grad_shardings": self.grads, "reduce_scatter": self.reduce_scatter}
+
+
+def _data_parallel_only(mesh) -> bool:
+    return all(n == 1 for a, n in mesh.shape.items() if a not in parallel.DATA_AXES)
 
 
 def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState, param_axes, tx,
@@ -74,4 +85,17 @@ def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState
     axes_of = batch_axes or (lambda field, ndim: (ax.BATCH, ax.SEQ)[:ndim])
     batch_sh = {k: parallel.batch_sharding(v.shape, axes_of(k, v.ndim), rules, mesh)
                 for k, v in batch_example.items()}
-    return Placement(mesh, rules, state_sh, batch_sh, shard.grads)
+    # ZeRO-2 with replicated parameters on a data-parallel mesh: reduce-scatter by hand (XLA on
+    # CPU never turns GSPMD's all-reduce + slice into a reduce-scatter).
+    reduce_scatter = (zero == 2 and _data_parallel_only(mesh)
+                      and all(s.is_fully_replicated for s in jax.tree.leaves(shard.params))
+                      and not all(s.is_fully_replicated for s in jax.tree.leaves(shard.grads)))
+    return Placement(mesh, rules, state_sh, batch_sh, shard.grads, reduce_scatter)
+
+
+def compile_train_step(step, place: Placement, state: TrainState, batch_example: dict, *, donate: bool = True):
+    """``step`` jitted with ``place``'s shardings (as the train loop jits it), lowered and compiled."""
+    with jax.set_mesh(place.mesh):
+        jitted = jax.jit(step, in_shardings=(place.state, place.batch), out_shardings=(place.state, None),
+                         donate_argnums=0 if donate else ())
+        return jitted.lower(state, batch_example).compile()

@@ -102,9 +102,68 @@ def accumulating_grad_fn(graphdef, loss_fn: Callable, num_microbatches: int, acc
     return grad_fn
 
 
+def reduce_scatter_grad_fn(graphdef, loss_fn: Callable, grad_shardings) -> Callable:
+    """ZeRO-2 gradients by hand: a ``grad_fn`` whose gradients leave ``jax.lax.psum_scatter``.
+
+    Each device of the data-parallel mesh of ``grad_shardings`` (mesh axes other than
+    ``data``/``fsdp`` must have size 1) runs the loss on its slice of the batch (dim 0 of every
+    batch array) with a full copy of the parameters; each gradient is then summed and split in
+    one reduce-scatter along the dim its sharding names (a ``psum`` for the few leaves that
+    stay replicated). The loss is the token mean over the whole batch: local
+    token sums over the global token count. Device ``i`` draws dropout from ``fold_in(key, i)``
+    (its own masks, not the slice of one batch-wide draw). The model's non-parameter variables
+    are passed through unchanged (the path is for models whose forward pass does not update them).
+    """
+    from sciscale_jax.parallel.mesh import DATA_AXES
+
+    shardings = jax.tree.leaves(grad_shardings)
+    mesh = shardings[0].mesh
+    others = {a: n for a, n in mesh.shape.items() if a not in DATA_AXES and n > 1}
+    if others:
+        raise ValueError(f"the psum_scatter ZeRO-2 path shards over {DATA_AXES} only; mesh also has {others}")
+    axes = tuple(a for a in DATA_AXES if mesh.shape.get(a, 1) > 1)
+    grad_specs = jax.tree.map(lambda sh: sh.spec, grad_shardings)
+    P = jax.sharding.PartitionSpec
+
+    def scatter(g, spec):
+        done = ()
+        for dim, entry in enumerate(tuple(spec)):
+            names = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a in axes)
+            if names:
+                g = jax.lax.psum_scatter(g, names, scatter_dimension=dim, tiled=True)
+                done += names
+        left = tuple(a for a in axes if a not in done)
+        return jax.lax.psum(g, left) if left else g
+
+    def grad_fn(params, rest, batch, key, loss_scale=1.0):
+        def local(params, rest, batch, key, scale):
+            params = jax.lax.pcast(params, axes, to="varying")
+            key = jax.random.fold_in(key, jax.lax.axis_index(axes))  # own dropout masks per device
+
+            def summed(p):
+                total, count = loss_fn(nnx.merge(graphdef, p, rest), batch, key)
+                return total * scale, (total, count)
+
+            (_, (total, count)), grads = jax.value_and_grad(summed, has_aux=True)(params)
+            count = jax.lax.psum(count, axes)
+            norm = 1.0 / jnp.maximum(count, 1.0)
+            grads = jax.tree.map(lambda g, spec: (scatter(g, spec) * norm).astype(g.dtype), grads, grad_specs)
+            return jax.lax.psum(total, axes) * norm, count, grads
+
+        batch_specs = jax.tree.map(lambda _: P(axes), batch)
+        replicated = lambda tree: jax.tree.map(lambda _: P(), tree)  # noqa: E731
+        loss, count, grads = jax.shard_map(
+            local, mesh=mesh, in_specs=(replicated(params), replicated(rest), batch_specs, P(), P()),
+            out_specs=(P(), P(), grad_specs))(params, rest, batch, key, jnp.asarray(loss_scale, jnp.float32))
+        return loss, (count, rest), grads
+
+    return grad_fn
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable,
                     grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False,
-                    offload: frozenset = frozenset()) -> Callable:
+                    offload: frozenset = frozenset(), grad_shardings=None,
+                    reduce_scatter: bool = False) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
 
     With ``loss_scaling`` the optimizer is a ``precision.dynamic_loss_scaling`` wrapper: the
@@ -116,9 +175,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     the device for its work and puts the new values back; jit it with output shardings that
     carry the host memory kind.
 
+    ``grad_shardings`` (``Placement.grads``): the gradients are constrained to these shardings
+    before the optimizer sees them (ZeRO-2/3 keep 1/N of each gradient per device). With
+    ``reduce_scatter`` (``Placement.reduce_scatter``: ZeRO-2 on a data-parallel mesh) and no
+    custom ``grad_fn``, they are computed by :func:`reduce_scatter_grad_fn`, so the compiled
+    step reduce-scatters them on every backend.
+
     The dropout key of step ``s`` is ``fold_in(key(seed), s)``: a pure function of the step,
     so a resumed run draws the same dropout masks as an uninterrupted one.
     """
+    if reduce_scatter and grad_fn is None:
+        if grad_shardings is None:
+            raise ValueError("reduce_scatter=True needs grad_shardings (Placement.grads)")
+        grad_fn = reduce_scatter_grad_fn(graphdef, loss_fn, grad_shardings)
     grad_fn = grad_fn or backprop_grad_fn(graphdef, loss_fn)
     base_key = jax.random.key(seed)
 
@@ -130,6 +199,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
             scale = loss_scale_of(opt_state)
             scale = host.to_device(scale) if "opt_state" in offload else scale
         loss, (count, rest), grads = grad_fn(params, state.rest, batch, key, loss_scale=scale)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         if "opt_state" in offload:  # brought in after the backward pass, not prefetched before it
             grads, opt_state = host.after_backward(grads, opt_state)
             opt_state = host.to_device(opt_state)
