@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sciscale_jax import attention
+from sciscale_jax import attention, remat
 from sciscale_jax.accumulate import accumulate_gradients
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.train.step import init_train_state, make_train_step
@@ -75,7 +75,7 @@ def make_step(cfg: TransformerConfig, num_microbatches: int = 1):
 
 
 def measure(step, state, batch, repeats: int, time_it: bool) -> dict:
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(remat.compiler_options())  # as the train loop compiles
     mem = compiled.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes)
@@ -156,19 +156,55 @@ def causal_lm_loss(model, batch, key):
     return jnp.sum(nll * w), jnp.sum(w)
 
 
-def train_step_memory(impl: str, *, layers=4, embed=256, mlp=1024, heads=4, seq=512, batch=2) -> dict:
-    """Compiled memory of the no-remat AdamW train step (as the train loop builds it) for ``impl``."""
+def train_step_memory(impl: str, *, layers=4, embed=256, mlp=1024, heads=4, seq=512, batch=2, policy="none",
+                      scan=False, keep_barriers=True) -> dict:
+    """Compiled memory of the AdamW train step (as the train loop builds and compiles it) for ``impl``.
+
+    ``keep_barriers=False`` compiles with XLA's default CPU options, which drop the remat barriers."""
     cfg = TransformerConfig(vocab_size=VOCAB, num_layers=layers, num_heads=heads, embed_dim=embed, mlp_dim=mlp,
-                            max_len=seq, causal=True, remat="none", scan_layers=False, attention=impl)
+                            max_len=seq, causal=True, remat=policy, scan_layers=scan, attention=impl)
     tx = optax.adamw(1e-3)
     graphdef, state = init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx)
     step = make_train_step(graphdef, tx, loss_fn=causal_lm_loss)
     tokens = np.random.default_rng(0).integers(4, VOCAB, (batch, seq)).astype(np.int32)
     example = {"inputs": jnp.asarray(tokens), "mask": jnp.ones((batch, seq), bool)}
-    mem = jax.jit(step, donate_argnums=0).lower(state, example).compile().memory_analysis()
+    options = remat.compiler_options() if keep_barriers else {}
+    mem = jax.jit(step, donate_argnums=0).lower(state, example).compile(options).memory_analysis()
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     return {"impl": impl, "temp_bytes": int(mem.temp_size_in_bytes), "peak_bytes": int(peak),
-            "layers": layers, "embed": embed, "mlp": mlp, "heads": heads, "seq": seq, "batch": batch}
+            "layers": layers, "embed": embed, "mlp": mlp, "heads": heads, "seq": seq, "batch": batch,
+            "policy": policy, "scan": scan, "keep_barriers": keep_barriers}
+
+
+def run_path_rows() -> list[dict]:
+    """Remat on both layer paths (scanned and unscanned) at the size of issue 11's item 11, with the
+    train loop's XLA options and, on CPU, with XLA's defaults (which expand the remat barriers)."""
+    variants = (True, False) if jax.default_backend() == "cpu" else (True,)
+    rows = []
+    for keep in variants:
+        for scan in (False, True):
+            for policy in ("none", "selective", "full"):
+                row = train_step_memory("xla", policy=policy, scan=scan, keep_barriers=keep)
+                rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if (r["scan"], r["keep_barriers"], r["policy"]) ==
+                    (row["scan"], row["keep_barriers"], "none"))
+        row["temp_vs_none"] = row["temp_bytes"] / base["temp_bytes"]
+        print(f"  scan={row['scan']!s:<5} barriers kept={row['keep_barriers']!s:<5} {row['policy']:<9} "
+              f"temp={row['temp_bytes'] / 2**20:8.1f} MiB ({row['temp_vs_none']:.2f}x none)", flush=True)
+    return rows
+
+
+def paths_markdown(rows, device) -> str:
+    r = rows[0]
+    lines = [f"AdamW train step, causal Transformer {r['layers']} layers, embed {r['embed']}, mlp {r['mlp']}, "
+             f"{r['heads']} heads, seq {r['seq']}, batch {r['batch']}, xla attention, device: {device}", "",
+             "| layers | XLA options | policy | temp MiB | temp / none |", "|---|---|---|---|---|"]
+    for r in rows:
+        opts = "train loop's (barriers kept)" if r["keep_barriers"] else "XLA defaults"
+        lines.append(f"| {'scanned' if r['scan'] else 'unscanned'} | {opts} | {r['policy']} | "
+                     f"{r['temp_bytes'] / 2**20:.1f} | {r['temp_vs_none']:.2f} |")
+    return "\n".join(lines)
 
 
 def run_attention_rows() -> list[dict]:
@@ -265,11 +301,20 @@ def main():
     p.add_argument("--no-accum", action="store_true")
     p.add_argument("--no-attention", action="store_true", help="skip the xla vs plain attention table")
     p.add_argument("--attention-only", action="store_true", help="only the xla vs plain attention table")
+    p.add_argument("--paths-only", action="store_true", help="only remat on scanned and unscanned layers")
     p.add_argument("--out", default=str(RESULTS / "activation_memory"))
     args = p.parse_args()
     if "none" not in args.policies:
         args.policies.insert(0, "none")
     device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+    if args.paths_only:
+        rows = run_path_rows()
+        print(paths_markdown(rows, device))
+        out = pathlib.Path(args.out + "_paths.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": device, "remat_paths": rows}, indent=1))
+        print(f"wrote {out}")
+        return
     attn = [] if args.no_attention else run_attention_rows()
     if args.attention_only:
         print(attention_markdown(attn, device))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 20). Step limits add up to 400 s; call it with
-# timeout_s=420 and keep the rest of the 15-minute budget, machine start included, for one
+# The one script a GPU session runs (issue 20). Step limits add up to 440 s; call it with
+# timeout_s=460 and keep the rest of the 15-minute budget, machine start included, for one
 # rerun of what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
@@ -11,7 +11,7 @@
 # and our sm90 forward if its tests passed) with and without a pair bias, and one Evoformer block
 # where that model exists.
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
-# attention_gpu.md, mfu_gpu_350m.json, mfu_gpu_1b.json, evoformer_gpu.json (6 files; the device
+# attention_gpu.md, mfu_gpu_350m.json, mfu_gpu_1b.json, activation_memory_paths.json, evoformer_gpu.json (7 files; the device
 # tool returns at most 8, so new steps append to the same log). The earlier remat, offload and
 # fp8 steps were dropped to fit; their H200 results are in benchmarks/results/*h200*.log.
 # A failing step is recorded and the script goes on; the exit status is 1 if any failed.
@@ -67,6 +67,10 @@ impls=flash,cudnn,tokamax  # JAX's Pallas op was measured last session (README)
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" \
   step attention_gpu_bench 85 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
   --seqs 16384,4096 --head-dims 128 --biases none,pair --causal 0,1 --budget-s 60
+
+# Remat on scanned and unscanned layers, compiled for the GPU (memory only): whether the GPU
+# pipeline keeps jax.checkpoint's barriers without the CPU-only XLA option.
+step remat_paths 40 "$PY" benchmarks/activation_memory.py --paths-only --out "$OUT/activation_memory"
 
 # One Evoformer block at crop 256 (N_seq 128, c_m 256, c_z 128), bf16: time, TFLOP/s, peak memory.
 if "$PY" -c "import sciscale_jax.models.evoformer" >/dev/null 2>&1; then
