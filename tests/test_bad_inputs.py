@@ -78,7 +78,7 @@ CLI_CASES = {
     "weight_decay_negative": (["--weight-decay", "-1"], r"weight_decay=-1.0 must be >= 0"),
     "seed_negative": (["--seed", "-1"], r"seed=-1 must be >= 0"),
     "seed_too_big": (["--seed", str(2 ** 40)], r"seed=1099511627776 must be <= 4294967295"),
-    "optimizer_unknown": (["--optimizer", "nope"], r"unknown optimizer 'nope'; known: adamw"),
+    "optimizer_unknown": (["--optimizer", "nope"], r"--optimizer: invalid choice: 'nope'"),
     "steps_zero": (["--steps", "0"], r"steps=0 must be >= 1"),
     "keep_zero": (["--keep", "0"], r"keep=0 must be >= 1"),
     "warmup_negative": (["--warmup-steps", "-3"], r"warmup_steps=-3 must be >= 0"),
