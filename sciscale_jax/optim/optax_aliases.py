@@ -68,8 +68,10 @@ def adafactor(learning_rate, decay_rate: float = 0.8, eps: float = 1e-30, clippi
       eps: offset added to g² (default 1e-30).
       clipping_threshold: bound on the update's RMS, ``None`` for none (default 1).
       momentum: first-moment decay in [0, 1), ``None`` for none (the default).
-      weight_decay: decoupled decay coefficient, optax's ``weight_decay_rate``; default 0 (no
-        decay step, and then ``update`` does not need ``params``).
+      weight_decay: decoupled decay coefficient; default 0 (no decay step, and then ``update``
+        does not need ``params``). As for every optimizer here the decay is scaled by the
+        learning rate, θ ← θ − lr·(step + wd·θ); optax's ``weight_decay_rate`` is not
+        (θ ← θ − lr·step − rate·θ), so this factory passes rate = lr·wd (a schedule if lr is).
       mask: which parameters decay, as for :func:`adamw` (optax's ``weight_decay_mask``).
       min_dim_size_to_factor, multiply_by_parameter_scale, factored: as in optax (128, True, True).
     """
@@ -83,8 +85,14 @@ def adafactor(learning_rate, decay_rate: float = 0.8, eps: float = 1e-30, clippi
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     mask = _checks.decay_mask(mask)
     min_dim_size_to_factor = _checks.positive_int(min_dim_size_to_factor, "min_dim_size_to_factor")
+    if not weight_decay:
+        rate = None
+    elif callable(learning_rate):
+        rate = lambda count: weight_decay * learning_rate(count)  # noqa: E731
+    else:
+        rate = weight_decay * learning_rate
     return optax.adafactor(learning_rate, min_dim_size_to_factor, decay_rate,
                            multiply_by_parameter_scale=bool(multiply_by_parameter_scale),
                            clipping_threshold=clipping_threshold, momentum=momentum,
-                           weight_decay_rate=weight_decay or None, eps=eps, factored=bool(factored),
+                           weight_decay_rate=rate, eps=eps, factored=bool(factored),
                            weight_decay_mask=mask)
