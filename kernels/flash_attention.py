@@ -124,9 +124,18 @@ def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk, edge):
     return s_qk
 
 
+def _div(a, b):
+    """a // b for a traced non-negative int a (program ids are int32) and a static int b.
+
+    ``lax.div`` does not promote: b is made a constant of a's dtype, so the index arithmetic
+    stays int32 also under ``jax_enable_x64`` (where a bare Python int would be int64)."""
+    a = jnp.asarray(a)
+    return lax.div(a, jnp.asarray(b, a.dtype))
+
+
 def _div_up(a, b):
     """ceil(max(a, 0) / b) for a traced int a and a static int b."""
-    return lax.div(jnp.maximum(a, 0) + b - 1, b)
+    return _div(jnp.maximum(a, 0) + b - 1, b)
 
 
 def _k_ranges(cfg, i, nk):
@@ -139,7 +148,7 @@ def _k_ranges(cfg, i, nk):
         return (nk - 1, nk) if padded_k else (nk, nk)
     off = cfg.kv_len - cfg.q_len
     hi = jnp.minimum(_div_up((i + 1) * cfg.block_q + off, cfg.block_k), nk)  # beyond: all hidden
-    free = jnp.minimum(lax.div(jnp.maximum(i * cfg.block_q + off + 1, 0), cfg.block_k), hi)
+    free = jnp.minimum(_div(jnp.maximum(i * cfg.block_q + off + 1, 0), cfg.block_k), hi)
     return (jnp.minimum(free, nk - 1) if padded_k else free), hi
 
 
@@ -151,7 +160,7 @@ def _q_ranges(cfg, j, nq):
     if not cfg.causal:
         return 0, 0
     off = cfg.kv_len - cfg.q_len
-    lo = jnp.minimum(lax.div(jnp.maximum(j * cfg.block_k - off, 0), cfg.block_q), nq)
+    lo = jnp.minimum(_div(jnp.maximum(j * cfg.block_k - off, 0), cfg.block_q), nq)
     return lo, jnp.clip(_div_up((j + 1) * cfg.block_k - 1 - off, cfg.block_q), lo, nq)
 
 

@@ -61,9 +61,9 @@ def test_token_weighted_accumulation_equals_full_batch(problem, n):
     loss, g = jax.jit(lambda p, b: accumulate_gradients(_token_mean_loss, p, b, n, weight_fn=weight))(
         params, batch)
     assert loss.dtype == jnp.float32
-    assert abs(float(loss) - loss_ref) / abs(loss_ref) < 1e-6
+    assert abs(float(loss) - loss_ref) / abs(loss_ref) < 1e-5   # float32 sums vs float64: ~1e-7 each, margin
     for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        assert _relerr(a, r) < 1e-6
+        assert _relerr(a, r) < 1e-5   # reordered float32 sums
 
 
 def test_unweighted_mean_of_means_differs_with_uneven_tokens(problem):
@@ -78,9 +78,9 @@ def test_equal_weights_match_per_example_mean():
     params, batch = _init(jax.random.key(2)), _batch(jax.random.key(3), np.ones((B, T)))
     loss_ref, g_ref = jax.value_and_grad(_token_mean_loss)(params, batch)
     loss, g = accumulate_gradients(_token_mean_loss, params, batch, 4)
-    assert abs(float(loss - loss_ref)) / abs(float(loss_ref)) < 1e-6
+    assert abs(float(loss - loss_ref)) / abs(float(loss_ref)) < 1e-5
     for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        assert _relerr(a, r) < 1e-6
+        assert _relerr(a, r) < 1e-5   # reordered float32 sums
 
 
 def test_bf16_params_float32_accumulator_and_aux():
@@ -104,9 +104,9 @@ def test_all_padding_microbatch_adds_nothing():
     loss, g = accumulate_gradients(_token_mean_loss, params, batch, 2, weight_fn=lambda mb: jnp.sum(mb["mask"]))
     sub = jax.tree.map(lambda x: x[0::2], batch)
     loss_ref, g_ref = jax.value_and_grad(_token_mean_loss)(params, sub)
-    assert np.isfinite(float(loss)) and abs(float(loss - loss_ref)) / abs(float(loss_ref)) < 1e-6
+    assert np.isfinite(float(loss)) and abs(float(loss - loss_ref)) / abs(float(loss_ref)) < 1e-5
     for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        assert _relerr(a, r) < 1e-6
+        assert _relerr(a, r) < 1e-5   # reordered float32 sums
 
 
 def test_microbatches_cut_activation_memory():

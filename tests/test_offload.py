@@ -68,9 +68,9 @@ def test_offloaded_training_matches_and_lives_on_host(where, on_host):
         losses.append(loss)
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s)} == {want["opt_state"]}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(p)} == {want["params"]}
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, r in zip(jax.tree.leaves((p, s)), jax.tree.leaves((ref_p, ref_s))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
 
 
 def test_float32_master_params_on_host_with_bf16_compute():
@@ -84,7 +84,7 @@ def test_float32_master_params_on_host_with_bf16_compute():
         p, s, _ = step(p, s, b)
     assert all(x.dtype == jnp.float32 and x.sharding.memory_kind == "pinned_host" for x in jax.tree.leaves(p))
     for a, r in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
     # and the bf16 compute really differs from float32 compute (so the cast is exercised)
     f32_p, _, _ = _reference(tx, params, batches)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(f32_p), jax.tree.leaves(ref_p))) > 1e-5
@@ -158,7 +158,7 @@ def test_gpu_offloaded_state_leaves_device_memory():
         p, s, _ = step(p, s, b)
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s)} == {"pinned_host"}
     for a, r in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -86,7 +86,7 @@ def test_came_jit_equals_eager_and_state_half_of_adamw():
     params, grads = _params(rng, shapes), _grads(rng, shapes, steps=2)
     a, b = _run(came(1e-2), params, grads, jit=True), _run(came(1e-2), params, grads, jit=False)
     for k in params:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)   # jit fuses, eager does not
     mats = {f"w{i}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate([(64, 96), (96, 64), (4, 32, 48)])}
     ratio = state_bytes(jax.eval_shape(came(1e-3).init, mats)) / state_bytes(jax.eval_shape(optax.adamw(1e-3).init, mats))
     assert ratio <= 0.55, ratio
@@ -180,7 +180,7 @@ def test_adam_mini_generic_shapes_custom_partition_and_jit():
             v = 0.999 * v + 0.001 * np.mean(g ** 2)
             p = p - 1e-2 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
         np.testing.assert_allclose(got[k], p, rtol=2e-5, atol=2e-6, err_msg=k)
-        np.testing.assert_allclose(got_jit[k], got[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got_jit[k], got[k], rtol=1e-5, atol=1e-6)
 
 
 def test_adam_mini_state_ratio_and_partition_paths():

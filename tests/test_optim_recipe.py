@@ -161,7 +161,7 @@ def test_mezo_train_step_in_place_equals_optax_form_on_protein_mlm():
         batch = data.train.batch(step)
         a, ma = fast(a, batch)
         b, mb = slow(b, batch)
-        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)   # in-place restore rounds
     moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a.params, state.params)
     diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a.params, b.params)
     assert max(jax.tree.leaves(moved)) > 1e-5        # the parameters did move

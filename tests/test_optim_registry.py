@@ -1,5 +1,7 @@
 """Optimizer registry, state accounting, bad-input errors, and the no-flax rule for sciscale_jax.optim."""
 
+import inspect
+import re
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import optax
 import pytest
 
 from sciscale_jax.optim import (OPTIMIZERS, adam_mini, adamw_8bit, came, format_report, get_optimizer,
-                                is_zeroth_order, mezo, sm3, state_bytes, state_report)
+                                is_zeroth_order, mezo, registry, sm3, state_bytes, state_report)
 
 
 def test_registry_names_and_kinds():
@@ -98,3 +100,60 @@ def test_weight_decay_without_params_is_a_clear_error():
 def test_optim_never_imports_flax():
     code = "import sys, sciscale_jax.optim; assert 'flax' not in sys.modules, 'flax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+
+
+_BAD_LRS = [float("nan"), float("inf"), -float("inf"), 0.0, -1e-3, np.float32("nan"), "fast", None, True]
+
+
+@pytest.mark.parametrize("bad", _BAD_LRS, ids=repr)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bad_learning_rate_is_refused(name, bad):
+    """Non-finite, non-positive and non-numeric learning rates fail in one line naming the value."""
+    for build in (lambda: get_optimizer(name, bad), lambda: registry.factory(name)(bad)):
+        with pytest.raises(ValueError, match=re.escape(f"learning_rate={bad!r}")) as err:
+            build()
+        assert "\n" not in str(err.value)
+    assert get_optimizer(name, optax.constant_schedule(1e-3)) is not None   # a schedule is fine
+
+
+def _float_args(name):
+    """The factory's float-valued keyword arguments (betas, eps, decay, ...) with their defaults."""
+    return [n for n, p in inspect.signature(registry.factory(name)).parameters.items()
+            if isinstance(p.default, float) and not isinstance(p.default, bool)]
+
+
+_FLOAT_CASES = [(name, arg) for name in OPTIMIZERS for arg in _float_args(name)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=repr)
+@pytest.mark.parametrize("name, arg", _FLOAT_CASES, ids=[f"{n}-{a}" for n, a in _FLOAT_CASES])
+def test_non_finite_hyperparameter_is_refused(name, arg, bad):
+    with pytest.raises(ValueError, match=re.escape(f"{arg}={bad!r}")) as err:
+        get_optimizer(name, 1e-3, **{arg: bad})
+    assert "\n" not in str(err.value)
+
+
+def test_every_optimizer_checks_its_float_arguments():
+    """The sweep above covers betas, eps and decay of every optimizer that has them."""
+    assert len(_FLOAT_CASES) >= 30
+    for name in OPTIMIZERS:
+        assert name == "sm3" or "weight_decay" in _float_args(name)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: came(float("inf")), "learning_rate=inf"),
+    (lambda: adamw_8bit(1e-3, block_size=2.5), "block_size=2.5"),
+    (lambda: mezo(1e-3, num_samples=0), "num_samples=0"),
+    (lambda: get_optimizer("deepzero", 1e-3, density=0.0), "density=0.0"),
+    (lambda: get_optimizer("deepzero", 1e-3, chunk_size=True), "chunk_size=True"),
+    (lambda: get_optimizer("adafactor", 1e-3, momentum=1.0), "momentum=1.0"),
+    (lambda: get_optimizer("adafactor", 1e-3, clipping_threshold=0.0), "clipping_threshold=0.0"),
+    (lambda: get_optimizer("lion", 1e-3, b2=1.5), "b2=1.5"),
+    (lambda: get_optimizer("adamw", 1e-3, weight_decay=-0.1), "weight_decay=-0.1"),
+    (lambda: get_optimizer("zo_adamu", 1e-3, anneal_steps=(5, 2)), "anneal_steps=(5, 2)"),
+    (lambda: get_optimizer("came", jnp.float32(jnp.inf)), "learning_rate="),
+])
+def test_more_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        make()
+    assert get_optimizer("came", jnp.float32(1e-3)) is not None and get_optimizer("came", np.float64(1e-3)) is not None

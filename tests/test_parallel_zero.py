@@ -80,10 +80,10 @@ def test_zero2_path_reduce_scatters_and_matches_plain_gradients():
     assert "reduce-scatter" in compiled.as_text()
     value, grads = compiled(params, batch)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(params, batch)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)   # sharded sums reorder
     for k in grads:
         assert grads[k].sharding.is_equivalent_to(sh.grads[k], grads[k].ndim)
-        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_zero2_path_rejects_model_parallel_meshes():

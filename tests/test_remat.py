@@ -1,10 +1,14 @@
 """Remat policies: same gradients under every policy, memory ordering, grouping, offload, errors."""
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import checkpoint_name
+from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
 from sciscale_jax import remat
 
@@ -57,10 +61,17 @@ def _block_loss(block):
     return lambda p, x: jnp.sum(jnp.sin(block(p, x, key=_KEY_DROP, drop=0.25)))
 
 
+def _f64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
 @pytest.fixture(scope="module")
 def block_problem():
-    params, x = _params(_KEY_PARAMS, 12, 20), jax.random.normal(_KEY_X, (3, 7, 12))
-    return params, x, jax.grad(_block_loss(_block), argnums=(0, 1))(params, x)
+    # Remat recomputes the same operations, so the gradients are equal up to the order XLA
+    # sums in; float64 makes that a bound (1e-12) no CPU's vector width can break.
+    with jax.enable_x64():
+        params, x = _f64(_params(_KEY_PARAMS, 12, 20)), _f64(jax.random.normal(_KEY_X, (3, 7, 12)))
+        return params, x, jax.grad(_block_loss(_block), argnums=(0, 1))(params, x)
 
 
 def _rel_err(a, b):
@@ -73,9 +84,10 @@ def test_block_gradients_equal_across_policies(block_problem, policy):
     """Gradients w.r.t. params and input (dropout included) match the un-rematted block."""
     params, x, ref = block_problem
     # eager (un-jitted) autodiff: the primitive compile cache is shared across the cases
-    got = jax.grad(_block_loss(remat.remat_block(_block, policy)), argnums=(0, 1))(params, x)
+    with jax.enable_x64():
+        got = jax.grad(_block_loss(remat.remat_block(_block, policy)), argnums=(0, 1))(params, x)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        assert _rel_err(g, r) < 1e-6
+        assert g.dtype == jnp.float64 and _rel_err(g, r) < 1e-12
 
 
 @pytest.mark.slow
@@ -140,9 +152,18 @@ _STACK_CASES = [("every_k:2", True), ("every_k:3", False),
 
 @pytest.mark.parametrize("policy, scan", _STACK_CASES)
 def test_apply_layers_gradients(policy, scan):
-    """A 6-layer stack under every policy, scanned or looped, matches a plain Python loop."""
+    """A 6-layer stack under every policy, scanned or looped, matches a plain Python loop.
+
+    Scan versus loop reorders float sums (by about 1e-6 relative in float32, more or less
+    with the CPU's vector width), so the comparison runs in float64 with a 1e-12 bound.
+    """
+    with jax.enable_x64():
+        _apply_layers_gradients(policy, scan)
+
+
+def _apply_layers_gradients(policy, scan):
     kp, kx = jax.random.split(jax.random.key(2))
-    stacked, x = _params(kp, 8, 12, layers=6), jax.random.normal(kx, (2, 5, 8))
+    stacked, x = _f64(_params(kp, 8, 12, layers=6)), _f64(jax.random.normal(kx, (2, 5, 8)))
     per_layer = [jax.tree.map(lambda a: a[i], stacked) for i in range(6)]
 
     def ref_loss(ps, x):
@@ -157,7 +178,7 @@ def test_apply_layers_gradients(policy, scan):
     if scan:
         got = ([jax.tree.map(lambda a: a[i], got[0]) for i in range(6)], got[1])
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        assert _rel_err(g, r) < 1e-6
+        assert g.dtype == jnp.float64 and _rel_err(g, r) < 1e-12
 
 
 def test_offload_policy_moves_named_residuals_to_host():
@@ -210,3 +231,83 @@ def test_every_k_must_divide_depth():
     stacked = _params(jax.random.key(0), 4, 4, layers=6)
     with pytest.raises(ValueError, match=r"every_k=4 does not divide num_layers=6"):
         remat.apply_layers(_block, jnp.ones((1, 3, 4)), stacked, "every_k:4")
+
+
+# What each named policy must keep, read from jax's own account of the residuals that the
+# backward pass of one block closes over (``print_saved_residuals``): (kind, shape, on host),
+# with kind "argument", a checkpoint name, or the primitive that produced the value.
+_B, _T, _D, _F = 3, 7, 12, 20
+_HD = _D // HEADS
+_WEIGHTS = [("argument", s, False) for s in ((_D, 3 * _D), (_D, _D), (_D, _F), (_F, _D))]
+_ARGS = _WEIGHTS + [("argument", (_B, _T, _D), False)]
+_WEIGHT_DOTS = [("dot_general", s, False) for s in ((_B, _T, 3 * _D), (_B, _T, _D), (_B, _T, _F))]
+# The two attention dots carry batch dims (batch, heads): q.k^T and probs @ v.
+_BATCHED_DOTS = [("dot_general", (_B, HEADS, _T, _T), False), ("dot_general", (_B, HEADS, _HD, _T), False)]
+_EXPECTED_RESIDUALS = {
+    "full": _ARGS,
+    "dots": _ARGS + _WEIGHT_DOTS + _BATCHED_DOTS,
+    "dots_no_batch": _ARGS + _WEIGHT_DOTS,
+    # every tagged activation but logits and probabilities, plus weight-matmul outputs not
+    # already kept under a name (the MLP's pre-activation h @ w1)
+    "selective": _WEIGHTS + [(n, (_B, _T, _D), False) for n in ("layer_input", "attn_norm", "attn_out", "mlp_norm")]
+    + [("qkv", (_B, _T, 3 * _D), False), ("attn_context", (_B, _T, HEADS, _HD), False),
+       ("mlp_hidden", (_B, _T, _F), False), ("dot_general", (_B, _T, _F), False)],
+    "offload:qkv,mlp_hidden": _ARGS + [("device_put", (_B, _T, 3 * _D), True), ("device_put", (_B, _T, _F), True)],
+    "custom:qkv=save,attn_probs=offload,mlp_hidden=recompute":
+        _ARGS + [("qkv", (_B, _T, 3 * _D), False), ("device_put", (_B, HEADS, _T, _T), True)],
+}
+
+
+def _saved_residuals(fn, *args) -> list[tuple]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(fn, *args)
+    out = []
+    for line in buf.getvalue().splitlines():
+        m = re.match(r"(\w+)(<host>)?\[([\d,]*)\] (.*)", line)
+        assert m, line
+        shape = tuple(int(s) for s in m[3].split(",") if s)
+        desc = m[4]
+        named, made = re.match(r"named '(\w+)'", desc), re.match(r"output of (\w+)", desc)
+        kind = ("argument" if desc.startswith("from the argument") else named[1] if named
+                else made[1] if made else desc)
+        out.append((kind, shape, m[2] is not None))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def residual_problem():
+    return _params(jax.random.key(5), _D, _F), jax.random.normal(jax.random.key(6), (_B, _T, _D))
+
+
+@pytest.mark.parametrize("policy", list(_EXPECTED_RESIDUALS))
+def test_policy_keeps_exactly_its_residuals(residual_problem, policy):
+    """Each named policy keeps exactly what it promises: swapping any two policies fails here."""
+    params, x = residual_problem
+    got = _saved_residuals(remat.remat_block(_block, policy), params, x)
+    assert got == sorted(_EXPECTED_RESIDUALS[policy])
+
+
+def test_none_keeps_the_attention_core(residual_problem):
+    """Without remat the backward pass keeps softmax's exp and the probabilities, [B, H, T, T] each."""
+    params, x = residual_problem
+    got = _saved_residuals(remat.remat_block(_block, "none"), params, x)
+    square = [k for k, s, _ in got if s == (_B, HEADS, _T, _T)]
+    assert sorted(square) == ["attn_probs", "exp"]
+    assert len(got) > len(_EXPECTED_RESIDUALS["selective"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_k_residuals_are_group_inputs(residual_problem, k, scan):
+    """every_k:k over 4 layers keeps the input of each group of k blocks and no other activation."""
+    layers = 4
+    stacked = _params(jax.random.key(7), _D, _F, layers=layers)
+    params = stacked if scan else [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(layers)]
+    x = residual_problem[1]
+    got = _saved_residuals(lambda p, x: remat.apply_layers(_block, x, p, f"every_k:{k}", scan=scan), params, x)
+    acts = [(kind, s) for kind, s, _ in got if s[-3:] == (_B, _T, _D)]
+    if scan:    # the group inputs, stacked by the scan over groups (x among them)
+        assert acts == [("scan", (layers // k, _B, _T, _D))]
+    else:       # x, then the output of every group but the last
+        assert sorted(acts) == [("add", (_B, _T, _D))] * (layers // k - 1) + [("argument", (_B, _T, _D))]

@@ -48,7 +48,7 @@ def test_transformer_gradients_equal_across_policies(reference, policy, scan):
     got, ref = _grads(policy, scan), reference[scan]
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
-        assert np.abs(g - r).max() <= 1e-6 * np.abs(r).max()
+        assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()   # remat/scan reorder float32 sums (~1e-6 seen)
 
 
 def test_transformer_rejects_every_k_not_dividing_depth():

@@ -179,7 +179,7 @@ def test_grad_accumulation_equals_full_batch_with_uneven_tokens():
     from sciscale_jax.train import accumulating_grad_fn
     grad_accum = make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=accumulating_grad_fn(graphdef, mlm_loss, 4))
     (a, ma), (b, mb) = jax.jit(grad_full)(state, batch), jax.jit(grad_accum)(state, batch)
-    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-5)   # accumulation reorders sums
     assert float(mb["tokens"]) == float(ma["tokens"])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), b.params, a.params)
     with pytest.raises(ValueError, match="grad_accum=3 must be >= 1 and divide batch_size=16"):

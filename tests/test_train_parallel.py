@@ -50,8 +50,8 @@ def test_host_offload_keeps_state_on_host_and_trains_identically(tmp_path):
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves((state.params, state.opt_state))}
     assert kinds == {"pinned_host"}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(plain["state"].params)} == {"device"}
-    _close(offloaded["state"].params, plain["state"].params, rtol=1e-6)
-    assert offloaded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    _close(offloaded["state"].params, plain["state"].params, rtol=1e-5)
+    assert offloaded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="unknown \\['gradients'\\]"):
         TrainConfig(offload="gradients")
 

@@ -95,43 +95,64 @@ def _validated_axes(partition: Partition, path, p) -> tuple[int, ...]:
 
 
 def adam_mini(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              weight_decay: float = 0.0, *, partition: Partition | None = None) -> optax.GradientTransformation:
-    """Adam-mini as an optax transform; ``partition`` defaults to :func:`transformer_partition`."""
+              weight_decay: float = 0.0, *, partition: Partition | None = None,
+              mask=None) -> optax.GradientTransformation:
+    """Adam-mini as an optax transform.
+
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      b1, b2, eps: Adam's moment decays and denominator offset (defaults 0.9, 0.999, 1e-8).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      partition: the block rule, ``(path, array) -> axes``; default :func:`transformer_partition`.
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter. See
+        :func:`sciscale_jax.optim.default_decay_mask`.
+    """
     learning_rate = _checks.learning_rate(learning_rate)
     b1, b2 = _checks.beta(b1, "b1"), _checks.beta(b2, "b2")
     eps = _checks.non_negative(eps, "eps")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
+    mask = _checks.decay_mask(mask)
     if partition is None:
         partition = transformer_partition
     elif not callable(partition):
         raise ValueError(f"partition={partition!r} must be a function (path, array) -> axes")
 
-    def block_axes(params):
-        return jax.tree_util.tree_map_with_path(lambda path, p: _validated_axes(partition, path, p), params)
+    def block_axes(tree) -> list[tuple[int, ...]]:
+        # One axes tuple per array leaf. Leaves are found by flattening, so tuples, lists,
+        # NamedTuples, None and optax.MaskedNode in the tree are containers like any other.
+        return [_validated_axes(partition, path, p) for path, p in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     def init(params):
-        axes = block_axes(params)
-        nu = jax.tree.map(lambda p, a: jnp.zeros([1 if i in a else s for i, s in enumerate(p.shape)], jnp.float32),
-                          params, axes, is_leaf=lambda x: isinstance(x, tuple))
-        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        return AdamMiniState(jnp.zeros([], jnp.int32), mu, nu)
+        leaves, treedef = jax.tree.flatten(params)
+        nu = [jnp.zeros([1 if i in a else s for i, s in enumerate(p.shape)], jnp.float32)
+              for p, a in zip(leaves, block_axes(params))]
+        mu = [jnp.zeros(p.shape, jnp.float32) for p in leaves]
+        return AdamMiniState(jnp.zeros([], jnp.int32), treedef.unflatten(mu), treedef.unflatten(nu))
 
     def update(updates, state, params=None):
         if weight_decay:
             _checks.need_params(params, "adam_mini(weight_decay > 0)")
+        grads, treedef = jax.tree.flatten(updates)
         axes = block_axes(updates)
+        decay = _checks.decay_flags(mask, params) if weight_decay else [False] * len(grads)
+        plist = treedef.flatten_up_to(params) if weight_decay else [None] * len(grads)
         count = optax.safe_int32_increment(state.count)
         lr = _checks.lr_at(learning_rate, state.count)
         t = count.astype(jnp.float32)
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
-        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g32, state.mu)
-        nu = jax.tree.map(lambda g, v, a: b2 * v + (1 - b2) * jnp.mean(g * g, axis=a, keepdims=True),
-                          g32, state.nu, axes, is_leaf=lambda x: isinstance(x, tuple))
-        step = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
-        if weight_decay:
-            step = jax.tree.map(lambda s, p: s + weight_decay * p.astype(jnp.float32), step, params)
-        new = jax.tree.map(lambda s, g: (-lr * s).astype(g.dtype), step, updates)
-        return new, AdamMiniState(count, mu, nu)
+        new, mus, nus = [], [], []
+        for g, m, v, a, p, d in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu),
+                                    axes, plist, decay):
+            g32 = g.astype(jnp.float32)
+            m = b1 * m + (1 - b1) * g32
+            v = b2 * v + (1 - b2) * jnp.mean(g32 * g32, axis=a, keepdims=True)
+            step = (m / c1) / (jnp.sqrt(v / c2) + eps)
+            if d:
+                step = step + weight_decay * p.astype(jnp.float32)
+            new.append((-lr * step).astype(g.dtype))
+            mus.append(m)
+            nus.append(v)
+        return treedef.unflatten(new), AdamMiniState(count, treedef.unflatten(mus), treedef.unflatten(nus))
 
     return optax.GradientTransformation(init, update)

@@ -112,14 +112,25 @@ def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple) -> jax.Array:
 
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                weight_decay: float = 0.0, block_size: int = 256,
-               min_8bit_size: int = 4096) -> optax.GradientTransformation:
-    """AdamW with uint8 block-wise quantised moments; ``learning_rate`` may be a schedule."""
+               min_8bit_size: int = 4096, *, mask=None) -> optax.GradientTransformation:
+    """AdamW with uint8 block-wise quantised moments.
+
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      b1, b2, eps: Adam's moment decays and denominator offset (defaults 0.9, 0.999, 1e-8).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      block_size: elements per quantisation block (one float32 absmax each); default 256.
+      min_8bit_size: arrays with fewer elements keep float32 moments; default 4096.
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter.
+    """
     learning_rate = _checks.learning_rate(learning_rate)
     b1, b2 = _checks.beta(b1, "b1"), _checks.beta(b2, "b2")
     eps = _checks.non_negative(eps, "eps")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     block_size = _checks.positive_int(block_size, "block_size")
     min_8bit_size = _checks.non_negative_int(min_8bit_size, "min_8bit_size")
+    mask = _checks.decay_mask(mask)
 
     def small(p) -> bool:
         return p.size < min_8bit_size
@@ -142,8 +153,10 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
         treedef = jax.tree.structure(updates)
         grads = treedef.flatten_up_to(updates)
         plist = treedef.flatten_up_to(params) if weight_decay else [None] * len(grads)
+        decay = _checks.decay_flags(mask, params) if weight_decay else [False] * len(grads)
         steps, mus, nus = [], [], []
-        for g, m, v, p in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist):
+        for g, m, v, p, d in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist,
+                                 decay):
             g32 = g.astype(jnp.float32)
             q = isinstance(m, Quantized)
             m32 = dequantize(m, _SIGNED, g.shape) if q else m
@@ -151,7 +164,7 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
             m32 = b1 * m32 + (1 - b1) * g32
             v32 = b2 * v32 + (1 - b2) * g32 * g32
             step = (m32 / c1) / (jnp.sqrt(v32 / c2) + eps)
-            if weight_decay:
+            if d:
                 step = step + weight_decay * p.astype(jnp.float32)
             steps.append((-lr * step).astype(g.dtype))
             mus.append(quantize(m32, _SIGNED, block_size) if q else m32)

@@ -61,13 +61,25 @@ def _inv_sqrt_approx(f: Factored):
 
 def came(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
          eps1: float = 1e-30, eps2: float = 1e-16, clip_threshold: float = 1.0,
-         weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """CAME as an optax transform; ``learning_rate`` may be a schedule of the step count."""
+         weight_decay: float = 0.0, *, mask=None) -> optax.GradientTransformation:
+    """CAME as an optax transform.
+
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      b1, b2, b3: decays of the first moment, the second moment and the confidence term
+        (defaults 0.9, 0.999, 0.9999, the authors').
+      eps1, eps2: offsets added to g² and to the instability (defaults 1e-30, 1e-16).
+      clip_threshold: bound on RMS(u) (default 1).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter.
+    """
     learning_rate = _checks.learning_rate(learning_rate)
     b1, b2, b3 = (_checks.beta(v, n) for v, n in ((b1, "b1"), (b2, "b2"), (b3, "b3")))
     eps1, eps2 = _checks.non_negative(eps1, "eps1"), _checks.non_negative(eps2, "eps2")
     clip_threshold = _checks.positive(clip_threshold, "clip_threshold")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
+    mask = _checks.decay_mask(mask)
 
     def init(params):
         mu = jax.tree.map(_zeros32, params)
@@ -104,7 +116,9 @@ def came(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
             treedef.flatten_up_to(state.nu), treedef.flatten_up_to(state.conf))]
         steps, mu, nu, conf = (treedef.unflatten(x) for x in zip(*out)) if out else (updates,) * 4
         if weight_decay:
-            steps = jax.tree.map(lambda s, p: s + weight_decay * p.astype(jnp.float32), steps, params)
+            flat = [s + weight_decay * p.astype(jnp.float32) if d else s for s, p, d in zip(
+                treedef.flatten_up_to(steps), treedef.flatten_up_to(params), _checks.decay_flags(mask, params))]
+            steps = treedef.unflatten(flat)
         new = jax.tree.map(lambda s, g: (-lr * s).astype(g.dtype), steps, updates)
         return new, CameState(optax.safe_int32_increment(state.count), mu, nu, conf)
 

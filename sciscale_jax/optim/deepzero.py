@@ -84,21 +84,32 @@ def coordinate_estimate(value_fn, params, indices: list[jax.Array], mu: float, c
 
 def deepzero(learning_rate, density: float = 0.05, mu: float = 5e-3, reshuffle_every: int = 100,
              chunk_size: int = 64, momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
-             layer_density=None) -> optax.GradientTransformationExtraArgs:
+             layer_density=None, *, mask=None) -> optax.GradientTransformationExtraArgs:
     """DeepZero sparse CGE as an optax transform taking the loss as ``value_fn``.
 
-    ``layer_density``: a pytree of floats in (0, 1] laid out like params (e.g. from
-    :func:`zo_grasp_densities`); ``None`` keeps ``density`` of every leaf.
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      density: kept fraction of every leaf's coordinates, in (0, 1] (default 0.05).
+      mu: forward-difference step (default 5e-3).
+      reshuffle_every: steps between redraws of the kept coordinates (default 100).
+      chunk_size: perturbed losses evaluated per vmapped batch (default 64).
+      momentum: heavy-ball momentum in [0, 1) (default 0: plain ZO-SGD).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      seed: seeds the coordinate draws (default 0).
+      layer_density: a pytree of floats in (0, 1] laid out like params (e.g. from
+        :func:`zo_grasp_densities`); ``None`` keeps ``density`` of every leaf.
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter.
     """
     learning_rate = _checks.learning_rate(learning_rate)
-    if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density!r} must lie in (0, 1]")
+    density = _checks.fraction(density, "density")
     mu = _checks.positive(mu, "mu")
     reshuffle_every = _checks.positive_int(reshuffle_every, "reshuffle_every")
     chunk_size = _checks.positive_int(chunk_size, "chunk_size")
     momentum = _checks.beta(momentum, "momentum")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     seed = _checks.non_negative_int(seed, "seed")
+    mask = _checks.decay_mask(mask)
 
     def init(params):
         kept_counts(params, density, layer_density)   # validates layer_density early
@@ -115,7 +126,10 @@ def deepzero(learning_rate, density: float = 0.05, mu: float = 5e-3, reshuffle_e
         buf = jax.tree.map(lambda b, x: momentum * b + x, state.buf, g) if momentum else ()
         direction = buf if momentum else g
         lr = _checks.lr_at(learning_rate, state.count)
-        new = jax.tree.map(lambda d, p: (-lr * (d + weight_decay * p)).astype(p.dtype), direction, params)
+        leaves, treedef = jax.tree.flatten(params)
+        flags = _checks.decay_flags(mask, params) if weight_decay else [False] * len(leaves)
+        new = treedef.unflatten([(-lr * (d + weight_decay * p if f else d)).astype(p.dtype) for d, p, f in zip(
+            treedef.flatten_up_to(direction), leaves, flags)])
         return new, DeepZeroState(state.key, optax.safe_int32_increment(state.count), buf)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -155,8 +169,7 @@ def zo_grasp_densities(value_fn, params, density: float, *, key, num_samples: in
     The ``density`` fraction of all coordinates with the lowest scores is kept; each leaf's
     density is its kept share (at least one coordinate per leaf). Runs eagerly, once.
     """
-    if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density!r} must lie in (0, 1]")
+    density = _checks.fraction(density, "density")
     scores = zo_grasp_scores(value_fn, params, key, num_samples, mu, delta)
     leaves, treedef = jax.tree.flatten(scores)
     flat = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in leaves])

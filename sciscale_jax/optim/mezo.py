@@ -101,13 +101,30 @@ def _sequenced(*xs):
 
 
 def mezo(learning_rate, eps: float = 1e-3, num_samples: int = 1, weight_decay: float = 0.0,
-         seed: int = 0) -> MezoTransformation:
-    """MeZO / n-SPSA as an optax transform taking the loss as ``value_fn``."""
+         seed: int = 0, *, mask=None) -> MezoTransformation:
+    """MeZO / n-SPSA as an optax transform taking the loss as ``value_fn``.
+
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      eps: perturbation scale ε (default 1e-3, the paper's).
+      num_samples: directions per step n (default 1).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      seed: seeds the directions' PRNG key (default 0).
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter.
+    """
     learning_rate = _checks.learning_rate(learning_rate)
     eps = _checks.positive(eps, "eps")
     num_samples = _checks.positive_int(num_samples, "num_samples")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     seed = _checks.non_negative_int(seed, "seed")
+    mask = _checks.decay_mask(mask)
+
+    def decayed(params, fn, other):
+        """``fn(p)`` on the leaves that decay, ``other(p)`` on the rest."""
+        leaves, treedef = jax.tree.flatten(params)
+        flags = _checks.decay_flags(mask, params) if weight_decay else [False] * len(leaves)
+        return treedef.unflatten([fn(p) if d else other(p) for p, d in zip(leaves, flags)])
 
     def init(params):
         del params
@@ -124,7 +141,7 @@ def mezo(learning_rate, eps: float = 1e-3, num_samples: int = 1, weight_decay: f
         proj = spsa_projections(value_fn, params, key, eps, num_samples)
         lr = _checks.lr_at(learning_rate, state.count)
         # The update is formed leaf by leaf from the regenerated z: no separate accumulator.
-        new = jax.tree.map(lambda p: (-lr * weight_decay * p).astype(p.dtype), params)
+        new = decayed(params, lambda p: (-lr * weight_decay * p).astype(p.dtype), jnp.zeros_like)
 
         def add(s, acc):
             return perturb(acc, jax.random.fold_in(key, s), -lr * proj[s] / num_samples)
@@ -152,7 +169,7 @@ def mezo(learning_rate, eps: float = 1e-3, num_samples: int = 1, weight_decay: f
                                           (params, jnp.zeros([2 * num_samples + 1], jnp.float32)))
         theta = perturb(theta, jax.random.fold_in(key, num_samples - 1), eps)   # θ restored
         proj = _difference(losses[1::2], losses[2::2], eps)
-        theta = jax.tree.map(lambda p: (p * (1 - lr * weight_decay)).astype(p.dtype), theta)
+        theta = decayed(theta, lambda p: (p * (1 - lr * weight_decay)).astype(p.dtype), lambda p: p)
 
         def descend(s, th):
             return perturb(th, jax.random.fold_in(key, s), -lr * proj[s] / num_samples)

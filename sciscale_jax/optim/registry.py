@@ -2,14 +2,15 @@
 
 First-order names return ``optax.GradientTransformation``; zeroth-order names (see
 :func:`is_zeroth_order`) return ``optax.GradientTransformationExtraArgs`` whose ``update``
-takes the loss as ``value_fn``. ``adamw``, ``adafactor`` and ``lion`` are optax's own.
+takes the loss as ``value_fn``. ``adamw``, ``adafactor`` and ``lion`` are optax's algorithms
+called through :mod:`sciscale_jax.optim.optax_aliases`. Every optimizer's weight decay is 0
+unless the caller passes ``weight_decay``; every optimizer with a decay takes ``mask``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
-
-import optax
 
 from sciscale_jax.optim import _checks
 from sciscale_jax.optim.adam_mini import adam_mini
@@ -17,15 +18,16 @@ from sciscale_jax.optim.adamw_8bit import adamw_8bit
 from sciscale_jax.optim.came import came
 from sciscale_jax.optim.deepzero import deepzero
 from sciscale_jax.optim.mezo import mezo
+from sciscale_jax.optim.optax_aliases import adafactor, adamw, lion
 from sciscale_jax.optim.sm3 import sm3
 from sciscale_jax.optim.zo_adamu import zo_adamu
 
 _FACTORIES: dict[str, Callable] = {
-    "adamw": optax.adamw,
-    "adafactor": optax.adafactor,
+    "adamw": adamw,
+    "adafactor": adafactor,
     "sm3": sm3,
     "came": came,
-    "lion": optax.lion,
+    "lion": lion,
     "adam_mini": adam_mini,
     "adamw_8bit": adamw_8bit,
     "mezo": mezo,
@@ -47,10 +49,18 @@ def is_zeroth_order(name: str) -> bool:
     return _known(name) in _ZEROTH_ORDER
 
 
-def get_optimizer(name: str, learning_rate, **kwargs):
-    """The optimizer ``name`` built with ``learning_rate`` (number or schedule) and its keyword args."""
+def get_optimizer(name: str, learning_rate, *, mask=None, **kwargs):
+    """The optimizer ``name`` built with ``learning_rate`` (number or schedule) and its keyword args.
+
+    ``mask`` (a bool pytree or a function params -> bool pytree, e.g.
+    :func:`sciscale_jax.optim.default_decay_mask`) chooses the parameters that weight decay
+    applies to; it goes to every optimizer that has a decay and is dropped for the one that
+    has none (``sm3``). Weight decay itself is 0 unless ``weight_decay=`` is passed.
+    """
     factory = _FACTORIES[_known(name)]
     _checks.learning_rate(learning_rate)
+    if mask is not None and "mask" in inspect.signature(factory).parameters:
+        kwargs["mask"] = mask
     return factory(learning_rate, **kwargs)
 
 

@@ -58,8 +58,20 @@ def anneal_progress(count, t1: int, t2: int) -> jax.Array:
 
 def zo_adamu(learning_rate, eps: float = 1e-3, alpha: float = 0.5, b1: float = 0.9, b2: float = 0.9,
              anneal_steps: tuple[int, int] = (100, 1000), sigma: float = 1e-8, weight_decay: float = 0.0,
-             seed: int = 0) -> optax.GradientTransformationExtraArgs:
-    """ZO-AdaMU as an optax transform taking the loss as ``value_fn`` (``updates`` is ignored)."""
+             seed: int = 0, *, mask=None) -> optax.GradientTransformationExtraArgs:
+    """ZO-AdaMU as an optax transform taking the loss as ``value_fn`` (``updates`` is ignored).
+
+    Args:
+      learning_rate: a finite positive number or a schedule of the step count.
+      eps: perturbation scale ε (default 1e-3).
+      alpha, b1, b2: the annealed weights' end values (defaults 0.5, 0.9, 0.9).
+      anneal_steps: (T1, T2) of the annealing ramp (default (100, 1000)).
+      sigma: offset under the square root (default 1e-8).
+      weight_decay: decoupled decay coefficient; default 0 (no decay).
+      seed: seeds the draws' PRNG key (default 0).
+      mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
+        or a function params -> bool pytree; ``None`` decays every parameter.
+    """
     learning_rate = _checks.learning_rate(learning_rate)
     eps = _checks.positive(eps, "eps")
     alpha = _checks.beta(alpha, "alpha", allow_one=True)
@@ -67,6 +79,7 @@ def zo_adamu(learning_rate, eps: float = 1e-3, alpha: float = 0.5, b1: float = 0
     sigma = _checks.non_negative(sigma, "sigma")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     seed = _checks.non_negative_int(seed, "seed")
+    mask = _checks.decay_mask(mask)
     if (not isinstance(anneal_steps, (tuple, list)) or len(anneal_steps) != 2
             or any(not isinstance(a, int) or a < 0 for a in anneal_steps) or anneal_steps[0] > anneal_steps[1]):
         raise ValueError(f"anneal_steps={anneal_steps!r} must be two integers 0 <= T1 <= T2")
@@ -93,10 +106,14 @@ def zo_adamu(learning_rate, eps: float = 1e-3, alpha: float = 0.5, b1: float = 0
         proj = (jnp.asarray(plus, jnp.float32) - jnp.asarray(minus, jnp.float32)) / (2 * eps)
         lr = _checks.lr_at(learning_rate, state.count)
 
-        def step(p, d, a, b):
+        def step(p, d, a, b, decays):
             v = b2_t * a * a + (1 - b2_t) * b * b
-            return (-lr * (proj * d / jnp.sqrt(v + sigma) + weight_decay * p)).astype(p.dtype)
-        new = jax.tree.map(step, params, m, z0, z1)
+            u = proj * d / jnp.sqrt(v + sigma)
+            return (-lr * (u + weight_decay * p if decays else u)).astype(p.dtype)
+        leaves, treedef = jax.tree.flatten(params)
+        flags = _checks.decay_flags(mask, params) if weight_decay else [False] * len(leaves)
+        new = treedef.unflatten([step(*args) for args in zip(
+            leaves, treedef.flatten_up_to(m), treedef.flatten_up_to(z0), treedef.flatten_up_to(z1), flags)])
         return new, ZoAdamuState(state.key, optax.safe_int32_increment(state.count), m)
 
     return optax.GradientTransformationExtraArgs(init, update)
