@@ -184,3 +184,22 @@ def test_grad_accumulation_equals_full_batch_with_uneven_tokens():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), b.params, a.params)
     with pytest.raises(ValueError, match="grad_accum=3 must be >= 1 and divide batch_size=16"):
         TrainConfig(batch_size=16, grad_accum=3)
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_train_loop_decays_weight_matrices_only(decay_embeddings):
+    """With zero gradients one AdamW step only decays: weight matrices shrink by lr * wd, norm scales
+    and biases never move, embeddings only with decay_embeddings."""
+    cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=0.1, weight_decay=0.5, grad_clip=0.0,
+                      decay_embeddings=decay_embeddings)
+    tx = build_optimizer(cfg)
+    params = nnx.to_pure_dict(nnx.state(Transformer(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    shrink = 1.0 - 0.1 * 0.5  # the schedule's first value is the peak lr (no warm-up)
+    np.testing.assert_allclose(new["layers"][0]["mlp"]["wi"]["kernel"], params["layers"][0]["mlp"]["wi"]["kernel"] * shrink,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(new["layers"][0]["attn_norm"]["scale"], params["layers"][0]["attn_norm"]["scale"])
+    np.testing.assert_array_equal(new["final_norm"]["scale"], params["final_norm"]["scale"])
+    embed_expected = params["embed"] * shrink if decay_embeddings else params["embed"]
+    np.testing.assert_allclose(new["embed"], embed_expected, rtol=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import pathlib
@@ -40,7 +41,10 @@ class TrainConfig:
     seq_len: int = dataclasses.field(default=128, metadata={"help": "sequence length (or crop) the recipe's data uses"})
     learning_rate: float = dataclasses.field(default=2e-3, metadata={"flag": "lr", "help": "peak learning rate"})
     warmup_steps: int = 30
-    weight_decay: float = 0.01
+    weight_decay: float = dataclasses.field(default=0.01, metadata={
+        "help": "decoupled weight decay on weight matrices (never on norms and biases)"})
+    decay_embeddings: bool = dataclasses.field(default=False, metadata={
+        "help": "also decay embedding tables (default: they are skipped, as most LLM training code does)"})
     grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "global-norm clip; 0: none"})
     optimizer: str = dataclasses.field(default="adamw", metadata={
         "help": "optimizer by name", "choices": lambda: tuple(optim.OPTIMIZERS)})
@@ -60,7 +64,9 @@ class TrainConfig:
         "help": "length of the warm-up + cosine schedule; 0: steps (kept when a resumed run adds steps)"})
 
     def __post_init__(self):
-        _validate.train_config(self)  # integers, finite numbers, known optimizer, sharding needs a mesh
+        _validate.train_config(self)  # integers, finite numbers, known optimizer
+        if not isinstance(self.decay_embeddings, bool):
+            raise ValueError(f"decay_embeddings={self.decay_embeddings!r} must be a bool")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -89,13 +95,15 @@ def build_optimizer(cfg: TrainConfig):
     """Warm-up + cosine learning-rate schedule, global-norm clipping, then the named optimizer.
 
     Names come from ``sciscale_jax.optim.OPTIMIZERS``; weight decay is passed to optimizers that
-    take it. Zeroth-order optimizers see no gradient, so they get no clipping.
+    take it, masked by ``optim.default_decay_mask`` (weight matrices only; embeddings only with
+    ``decay_embeddings``). Zeroth-order optimizers see no gradient, so they get no clipping.
     """
     length = cfg.schedule_steps or cfg.steps  # past its end the schedule stays at its final value
     warmup = min(cfg.warmup_steps, length - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, length,
                                                   end_value=cfg.learning_rate * 0.1)
-    inner = optim.get_optimizer(cfg.optimizer, schedule, **_decay_kwargs(cfg.optimizer, cfg.weight_decay))
+    mask = functools.partial(optim.default_decay_mask, decay_embeddings=cfg.decay_embeddings)
+    inner = optim.get_optimizer(cfg.optimizer, schedule, mask=mask, **_decay_kwargs(cfg.optimizer, cfg.weight_decay))
     if optim.is_zeroth_order(cfg.optimizer) or not cfg.grad_clip:
         return inner
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
