@@ -174,3 +174,25 @@ def test_missing_pyhmmer_names_the_extra(monkeypatch):
                         lambda name, *a: None if name == "pyhmmer" else real(name, *a))
     with pytest.raises(ImportError, match=r"sciscale_jax\[science\]"):
         load_proteins()
+
+
+def test_repeated_symbol_task_floor_is_the_context_free_optimum():
+    """Counted over many batches, P(target | mask token) is uniform over the symbols: the
+    context-free table scores log(num_symbols), and every masked target is visible elsewhere."""
+    from sciscale_jax.data.mlm import RepeatedSymbolTask
+
+    tok = ProteinTokenizer()   # its specials and 25 non-special ids cover the task's ids
+    task = RepeatedSymbolTask(num_symbols=5, batch_size=16, seq_len=11, seed=2, mask_id=tok.mask_id,
+                              first_symbol=int(tok.residue_ids[0]))
+    train = [task.batch(i) for i in range(300)]
+    table = context_free_log_probs(train, tok)
+    total, count = table_nll(table, task.eval_batches(60), "masked")
+    assert count > 1000
+    assert abs(total / count - task.floor) < 0.02 and task.floor == pytest.approx(np.log(5))
+    for b in train[:20]:
+        assert (b["corruption"][b["weights"] > 0] == MASKED).all()
+        for row in range(16):   # the sequence's symbol is visible at an unmasked position (or all are masked)
+            visible = b["inputs"][row][b["weights"][row] == 0]
+            assert visible.size == 0 or (visible == b["targets"][row, 0]).all()
+    with pytest.raises(ValueError, match="mask_id=5 lies among the symbols"):
+        RepeatedSymbolTask(num_symbols=5, batch_size=2, seq_len=4, mask_id=5, first_symbol=4)
