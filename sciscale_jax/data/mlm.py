@@ -186,15 +186,19 @@ class RepeatedSymbolTask:
     """A synthetic MLM whose context signal is known exactly, for tests and negative controls.
 
     Each sequence repeats one symbol drawn uniformly from ``num_symbols`` token ids
-    (``first_symbol`` ...); positions are chosen with ``mask_prob`` and all replaced by the
-    mask token. Without context a masked position is uniform over the symbols, so every
-    context-free predictor scores at best ``floor = log(num_symbols)`` nats; any visible
-    position of the same sequence gives the answer away. Batches have the keys of
-    ``MLMBatches`` and are a pure function of (seed, step).
+    (``first_symbol`` ...); with ``noise`` > 0 each position instead holds a uniformly drawn
+    symbol with that probability. Positions are chosen with ``mask_prob`` and all replaced by
+    the mask token. Every position's symbol is uniform on its own, so every context-free
+    predictor scores at best ``floor = log(num_symbols)`` nats on masked positions; the
+    visible positions of the same sequence reveal its symbol, and a model that reads them
+    can reach ``optimum`` (the entropy of a position given its sequence's symbol: 0 without
+    noise). Batches have the keys of ``MLMBatches`` and are a pure function of (seed, step).
     """
 
     def __init__(self, *, num_symbols: int, batch_size: int, seq_len: int, seed: int = 0, mask_id: int = 1,
-                 first_symbol: int = 4, mask_prob: float = 0.15):
+                 first_symbol: int = 4, mask_prob: float = 0.15, noise: float = 0.0):
+        if not 0 <= noise < 1:
+            raise ValueError(f"noise={noise} must be in [0, 1)")
         if num_symbols < 2 or batch_size <= 0 or seq_len < 2 or not 0 < mask_prob < 1:
             raise ValueError(f"num_symbols={num_symbols} must be >= 2, batch_size={batch_size} > 0, "
                              f"seq_len={seq_len} >= 2 and mask_prob={mask_prob} in (0, 1)")
@@ -203,12 +207,21 @@ class RepeatedSymbolTask:
         self.num_symbols, self.batch_size, self.seq_len, self.seed = num_symbols, batch_size, seq_len, seed
         self.mask_id, self.first_symbol, self.mask_prob = mask_id, first_symbol, mask_prob
         self.vocab_size = max(mask_id, first_symbol + num_symbols - 1) + 1
+        self.noise = noise
         self.floor = math.log(num_symbols)
+        p_own = 1 - noise + noise / num_symbols
+        p_other = noise / num_symbols
+        self.optimum = 0.0 - p_own * math.log(p_own) - (num_symbols - 1) * (p_other * math.log(p_other) if noise else 0.0)
+        self.optimum = max(0.0, self.optimum)
 
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step, 7])
         symbols = self.first_symbol + rng.integers(0, self.num_symbols, (self.batch_size, 1))
         tokens = np.broadcast_to(symbols, (self.batch_size, self.seq_len)).astype(np.int32)
+        if self.noise:
+            noisy = rng.random(tokens.shape) < self.noise
+            tokens = np.where(noisy, self.first_symbol + rng.integers(0, self.num_symbols, tokens.shape),
+                              tokens).astype(np.int32)
         inputs, targets, weights, corruption = mask_tokens(
             tokens, np.ones(tokens.shape, bool), rng, mask_id=self.mask_id, residue_ids=[self.first_symbol],
             mask_prob=self.mask_prob, mask_frac=1.0, random_frac=0.0)
