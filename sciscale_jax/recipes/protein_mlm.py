@@ -29,6 +29,7 @@ from sciscale_jax.recipes.base import Data, Recipe
 
 EVAL_MIN_MASKED = 20_000     # mask-replaced validation targets, over as many corruption passes as needed
 TABLE_MIN_CHOSEN = 100_000   # chosen training positions counted into the context-free table
+TABLE_MAX_BATCHES = 2_000    # ... unless that takes more training batches (tiny test runs)
 EVAL_MIN_TOKENS = 2048       # tokens per evaluation batch (rows are a multiple of batch_size)
 
 
@@ -89,7 +90,7 @@ def evaluate_metrics(graphdef, params, rest, batches, eval_fn=mlm_eval_metrics) 
 def baselines(train: MLMBatches, evals: list, train_ids, tok) -> dict:
     """Unigram and context-free figures on the metrics' position sets, named as the metrics are."""
     per_batch = max(1.0, train.mask_prob * train.batch_size * (train.seq_len - 2))
-    n_batches = math.ceil(TABLE_MIN_CHOSEN / per_batch)
+    n_batches = min(math.ceil(TABLE_MIN_CHOSEN / per_batch), TABLE_MAX_BATCHES)
     # Steps far past any run's end: counted on training proteins, never on a batch the model trains on.
     table = context_free_log_probs((train.batch(10**9 + i) for i in range(n_batches)), tok)
     unigram = unigram_log_probs(train_ids, tok)
