@@ -10,7 +10,8 @@ the block's outputs. Variants, each a switch of ``EvoformerConfig``:
 - +chunking: every sub-module in chunks of ``--chunk`` along its non-reduced axis, each chunk
   recomputed in the backward pass (``chunk_remat``)
 - +attention: the attention front door's chunked implementation (O(N) memory), with chunking
-- +remat: the block (or stack) checkpointed per block ("full"), with the above
+- +block remat: the stack checkpointed per block ("full"), with the above
+- +module remat: each sub-module update checkpointed inside the block (``remat_modules``)
 - +bf16: bfloat16 compute (float32 parameters), with the above = all
 - bf16 only, remat only: each technique alone
 
@@ -47,7 +48,9 @@ def variants(chunk: int) -> dict[str, dict]:
         "+chunking": dict(chunk_size=chunk),
         "+attention (chunked)": dict(chunk_size=chunk, attention="chunked"),
         "+block remat": dict(chunk_size=chunk, attention="chunked", remat="full"),
-        "+bf16 (all)": dict(chunk_size=chunk, attention="chunked", remat="full", dtype="bfloat16"),
+        "+module remat": dict(chunk_size=chunk, attention="chunked", remat="full", remat_modules=True),
+        "+bf16 (all)": dict(chunk_size=chunk, attention="chunked", remat="full", remat_modules=True,
+                            dtype="bfloat16"),
     }
 
 

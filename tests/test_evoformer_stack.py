@@ -1,5 +1,6 @@
 """The whole Evoformer model (embedder, extra-MSA stack, Evoformer stack, heads): remat policies
-leave values and gradients unchanged, dropout keys behave, bf16 compute and jax_enable_x64 work."""
+(per block, per group of blocks, per sub-module) leave values and gradients unchanged, dropout
+keys behave, bf16 compute and jax_enable_x64 work."""
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,16 @@ def _base():
 
 
 @pytest.mark.parametrize("policy", [
-    "every_k:2",
+    "every_k:2+modules",      # groups of 2 blocks, and every sub-module update checkpointed
     pytest.param("full", marks=pytest.mark.slow),
     pytest.param("selective", marks=pytest.mark.slow),
     pytest.param("custom:pair_bias=save,tri_proj=save,opm_proj=save", marks=pytest.mark.slow),
 ])
 def test_remat_policies_keep_values_and_gradients(policy):
     base = _base()
-    model = Evoformer(small_config(num_blocks=2, num_extra_blocks=1, remat=policy), rngs=nnx.Rngs(9))
+    policy, plus, modules = policy.partition("+")
+    model = Evoformer(small_config(num_blocks=2, num_extra_blocks=1, remat=policy, remat_modules=bool(modules)),
+                      rngs=nnx.Rngs(9))
     nnx.update(model, nnx.state(base["model"], nnx.Param))
     loss, grads = _loss_and_grads(model, base["args"], base["kwargs"])
     loss0, grads0 = base["result"]

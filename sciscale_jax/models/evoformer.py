@@ -64,6 +64,7 @@ class EvoformerConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: str = "none"           # per-block policy (sciscale_jax.remat)
+    remat_modules: bool = False   # also checkpoint each sub-module update inside the block
 
     def __post_init__(self):
         for name in ("c_m", "c_z", "c_e", "msa_heads", "msa_head_dim", "pair_heads", "pair_head_dim",
@@ -129,25 +130,33 @@ class EvoformerBlock(nnx.Module):
                                                                 False, **tri)
         self.pair_transition = Transition(cfg.c_z, cfg.transition_factor, ax.PAIR, 1, cfg, rngs=rngs)
 
+    def _update(self, module, *args):
+        """module(*args); with ``remat_modules`` its backward recomputes it from its inputs."""
+        if not self.config.remat_modules:
+            return module(*args)
+        return jax.checkpoint(lambda *a: module(*a), policy=jax.checkpoint_policies.nothing_saveable)(*args)
+
     def __call__(self, m_bsrc, z_brrc, msa_mask_bsr, pair_mask_brr, key=None):
         """(m, z) -> (m, z) after one block; ``key`` turns dropout on."""
-        cfg = self.config
+        cfg, up = self.config, self._update
         keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
         m = checkpoint_name(m_bsrc, remat.LAYER_INPUT)
         z = checkpoint_name(z_brrc, remat.LAYER_INPUT)
-        row = checkpoint_name(self.msa_row_attention_with_pair_bias(m, z, msa_mask_bsr), remat.ATTN_OUT)
+        row = checkpoint_name(up(self.msa_row_attention_with_pair_bias, m, z, msa_mask_bsr), remat.ATTN_OUT)
         m = m + shared_dropout(row, cfg.msa_dropout, keys[0], 1)
         column = self.msa_column_global_attention if self.extra else self.msa_column_attention
-        m = m + checkpoint_name(column(m, msa_mask_bsr), remat.ATTN_OUT)
-        m = m + checkpoint_name(self.msa_transition(m), remat.MLP_OUT)
-        z = z + self.outer_product_mean(m, msa_mask_bsr)
-        z = z + shared_dropout(self.triangle_multiplication_outgoing(z, pair_mask_brr), cfg.pair_dropout, keys[1], 1)
-        z = z + shared_dropout(self.triangle_multiplication_incoming(z, pair_mask_brr), cfg.pair_dropout, keys[2], 1)
-        start = checkpoint_name(self.triangle_attention_starting_node(z, pair_mask_brr), remat.ATTN_OUT)
+        m = m + checkpoint_name(up(column, m, msa_mask_bsr), remat.ATTN_OUT)
+        m = m + checkpoint_name(up(self.msa_transition, m), remat.MLP_OUT)
+        z = z + up(self.outer_product_mean, m, msa_mask_bsr)
+        z = z + shared_dropout(up(self.triangle_multiplication_outgoing, z, pair_mask_brr), cfg.pair_dropout,
+                               keys[1], 1)
+        z = z + shared_dropout(up(self.triangle_multiplication_incoming, z, pair_mask_brr), cfg.pair_dropout,
+                               keys[2], 1)
+        start = checkpoint_name(up(self.triangle_attention_starting_node, z, pair_mask_brr), remat.ATTN_OUT)
         z = z + shared_dropout(start, cfg.pair_dropout, keys[3], 1)
-        end = checkpoint_name(self.triangle_attention_ending_node(z, pair_mask_brr), remat.ATTN_OUT)
+        end = checkpoint_name(up(self.triangle_attention_ending_node, z, pair_mask_brr), remat.ATTN_OUT)
         z = z + shared_dropout(end, cfg.pair_dropout, keys[4], 2)
-        z = z + checkpoint_name(self.pair_transition(z), remat.MLP_OUT)
+        z = z + checkpoint_name(up(self.pair_transition, z), remat.MLP_OUT)
         return m, z
 
 
