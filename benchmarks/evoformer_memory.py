@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--scaling", nargs="*", type=int, default=[64, 128, 192, 256],
                         help="N_res values (N_seq 128, one block) for the growth fit; empty to skip")
+    parser.add_argument("--variants", nargs="*", default=None, help="a subset of the variant names")
     parser.add_argument("--out", default="evoformer_memory")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -95,6 +96,8 @@ def main():
         n_seq, n_res = (int(x) for x in crop.split("x"))
         for blocks in args.blocks:
             for name, overrides in variants(args.chunk).items():
+                if args.variants and name not in args.variants and name not in ("naive", "+bf16 (all)"):
+                    continue
                 cfg = EvoformerConfig(num_blocks=blocks, **overrides)
                 peak = step_memory(cfg, n_seq, n_res)
                 rows.append(dict(crop=crop, n_seq=n_seq, n_res=n_res, blocks=blocks, variant=name, peak_bytes=peak))
@@ -106,7 +109,7 @@ def main():
     for crop in args.crops:
         for blocks in args.blocks:
             sel = {r["variant"]: r["peak_bytes"] for r in rows if r["crop"] == crop and r["blocks"] == blocks}
-            cells = " | ".join(f"{sel[v] / MiB:.0f} MiB" for v in variants(args.chunk))
+            cells = " | ".join(f"{sel[v] / MiB:.0f} MiB" if v in sel else "-" for v in variants(args.chunk))
             lines.append(f"| {crop} | {blocks} | {cells} | {sel['naive'] / sel['+bf16 (all)']:.1f}x |")
     scaling = []
     for n_res in args.scaling:
