@@ -42,10 +42,13 @@ MLP_NORM = "mlp_norm"          # pre-MLP normalisation output
 MLP_HIDDEN = "mlp_hidden"      # MLP hidden activation (after the gate / nonlinearity)
 MLP_OUT = "mlp_out"            # MLP block output
 LOGITS = "logits"              # final vocabulary logits
+PAIR_BIAS = "pair_bias"        # Evoformer: per-head attention bias projected from the pair
+TRI_PROJ = "tri_proj"          # Evoformer: gated triangle-multiplication projections
+OPM_PROJ = "opm_proj"          # Evoformer: outer-product-mean projections
 
 CHECKPOINT_NAMES = (
     LAYER_INPUT, ATTN_NORM, QKV, ATTN_LOGITS, ATTN_PROBS, ATTN_CONTEXT,
-    ATTN_OUT, MLP_NORM, MLP_HIDDEN, MLP_OUT, LOGITS,
+    ATTN_OUT, MLP_NORM, MLP_HIDDEN, MLP_OUT, LOGITS, PAIR_BIAS, TRI_PROJ, OPM_PROJ,
 )
 
 # Fixed names; "every_k:<k>", "offload:<names>" and "custom:<name>=<action>,..." take arguments.

@@ -1,5 +1,10 @@
 """Flax NNX models."""
 
+from sciscale_jax.models.evoformer import (DistogramHead, Evoformer, EvoformerBlock, EvoformerConfig, EvoformerStack,
+                                           InputEmbedder, MaskedMsaHead)
+from sciscale_jax.models.evoformer_params import export_alphafold_evoformer, load_alphafold_evoformer
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["Transformer", "TransformerConfig"]
+__all__ = ["DistogramHead", "Evoformer", "EvoformerBlock", "EvoformerConfig", "EvoformerStack", "InputEmbedder",
+           "MaskedMsaHead", "Transformer", "TransformerConfig", "export_alphafold_evoformer",
+           "load_alphafold_evoformer"]
