@@ -127,7 +127,9 @@ def _train(recipe, args) -> int:
     print(result["memory"].format("train step memory per device"))
     print(f"parameters {result['param_bytes'] / mib:.2f} MiB, optimizer state {result['opt_state_bytes'] / mib:.2f} MiB")
     print(f"final train loss {result['train_loss']:.4f}")
-    print("validation " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in result["validation"].items()))
+    val = {k[4:]: v for k, v in result["validation"].items()}
+    first = [k for k in ("loss", "ppl", "accuracy") if k in val]
+    print("validation " + ", ".join(f"{k} {val[k]:.4f}" for k in first + sorted(set(val) - set(first))))
     for name, value in result["baselines"].items():
         print(f"baseline {name}: {value:.4f}")
     print(f"checkpoints in {result['checkpoint_dir']} (step {result['steps']}); metrics in {out}/metrics.jsonl")
