@@ -17,7 +17,7 @@ def first_fn(w, b):
     return jnp.tanh(b["x"] @ w)
 
 
-def stage_fn(w, h):
+def stage_fn(w, h, b=None):
     for i in range(w["w"].shape[0]):
         h = h + jnp.tanh(h @ w["w"][i] + w["b"][i])
     return h
@@ -31,7 +31,7 @@ def reference(params, batch):
     """The whole model on one device, one batch, plain Python loop over stages."""
     h = first_fn(params["first"], batch)
     for s in range(params["stages"]["w"].shape[0]):
-        h = stage_fn(jax.tree.map(lambda x: x[s], params["stages"]), h)
+        h = stage_fn(jax.tree.map(lambda x: x[s], params["stages"]), h, batch)
     return last_fn(params["last"], h, batch)
 
 

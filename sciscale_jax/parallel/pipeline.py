@@ -2,8 +2,8 @@
 1F1B, interleaved 1F1B, ZB-H1) run inside ``jax.shard_map`` over the ``pipeline`` mesh axis.
 
 The model is ``first -> stage_0 -> ... -> stage_{S-1} -> last``: ``first_fn(first_params,
-batch_mb) -> h`` (an embedding) runs on global stage 0, ``stage_fn(stage_params, h) -> h`` on
-every stage (stage parameters stacked with a leading axis of S = p x v stages, device d holding
+batch_mb) -> h`` (an embedding) runs on global stage 0, ``stage_fn(stage_params, h, batch_mb)
+-> h`` on every stage (stage parameters stacked with a leading axis of S = p x v stages, device d holding
 stages d, d + p, ...), ``last_fn(last_params, h, batch_mb) -> scalar`` (head and loss) on stage
 S - 1; the loss is the sum of ``last_fn`` over microbatches (and data shards).
 
@@ -154,7 +154,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
         """One stage with the embedding on the first and head + loss on the last."""
         if first:
             h = first_fn(fparams, batch)
-        h = stage_fn(params, h)
+        h = stage_fn(params, h, batch)
         return last_fn(lparams, h, batch) if last else h
 
     def make_branch(combo):
