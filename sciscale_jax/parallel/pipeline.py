@@ -71,6 +71,16 @@ def _table_array(schedule: Schedule, branches) -> np.ndarray:
     return out
 
 
+def to_device_layout(stages, p: int, v: int):
+    """Leading axis from stage order (stage c * p + d) to device order (entry d * v + c)."""
+    return jax.tree.map(lambda x: x.reshape((v, p) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape), stages)
+
+
+def from_device_layout(stages, p: int, v: int):
+    """The inverse of ``to_device_layout``."""
+    return jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape), stages)
+
+
 def check_pipeline_args(schedule: str, *, num_layers: int | None = None, stages: int, microbatches: int,
                         virtual_stages: int = 1, batch_size: int | None = None, data_size: int = 1) -> None:
     """ValueError (one line, naming the values) before anything compiles."""
@@ -90,15 +100,20 @@ def check_pipeline_args(schedule: str, *, num_layers: int | None = None, stages:
 
 def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Callable, *, mesh,
                             schedule: str = "1f1b", microbatches: int, virtual_stages: int = 1,
-                            axis: str = "pipeline", data_axes=("data", "fsdp")):
+                            axis: str = "pipeline", data_axes=("data", "fsdp"), stage_layout: str = "stage"):
     """``fn(params, batch) -> (loss, grads)`` computed by pipeline schedule ``schedule``.
 
     ``params = {"first": ..., "stages": ..., "last": ...}``, every leaf of ``"stages"`` with a
-    leading axis of p x v stages (global stage order). ``batch`` is a pytree of arrays with a
+    leading axis of p x v stages: in global stage order (``stage_layout="stage"``), or in device
+    order (``"device"``: entry d * v + c is chunk c of device d, i.e. stage c * p + d; see
+    ``to_device_layout``), which is already laid out for a ``P(axis)`` sharding, so stage
+    parameters stored that way are never gathered or moved. ``batch`` is a pytree of arrays with a
     leading batch axis, split into ``microbatches`` equal microbatches (rows
     ``[i * b, (i + 1) * b)``), each split over the ``data_axes`` of the mesh. Returns the summed
     loss and its gradients with the structure and layout of ``params``.
     """
+    if stage_layout not in ("stage", "device"):
+        raise ValueError(f"stage_layout={stage_layout!r} must be 'stage' or 'device'")
     p = mesh.shape[axis]
     data = tuple(a for a in data_axes if mesh.shape.get(a, 1) > 1)
     n_data = int(np.prod([mesh.shape[a] for a in data])) if data else 1
@@ -121,15 +136,17 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
         for leaf in jax.tree.leaves(batch):
             check_pipeline_args(schedule, stages=p, microbatches=m, virtual_stages=v,
                                 batch_size=leaf.shape[0], data_size=n_data)
-        # [S, ...] (stage c * p + d) -> [p, v, ...] so device d holds its v chunks
-        local = jax.tree.map(lambda x: x.reshape((v, p) + x.shape[1:]).swapaxes(0, 1), stages)
+        # -> [p, v, ...]: device d holds its v chunks
+        local = stages if stage_layout == "device" else to_device_layout(stages, p, v)
+        local = jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]), local)
         mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
         specs = (P(), jax.tree.map(lambda _: P(axis), local), P(), jax.tree.map(lambda _: P(None, data or None), mbs))
         out_specs = (P(), P(), jax.tree.map(lambda _: P(axis), local), P())
         loss, g_first, g_local, g_last = jax.shard_map(
             body, mesh=mesh, in_specs=specs, out_specs=out_specs, axis_names=set(manual),
         )(params["first"], local, params["last"], mbs)
-        g_stages = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((p * v,) + x.shape[2:]), g_local)
+        g_stages = jax.tree.map(lambda x: x.reshape((p * v,) + x.shape[2:]), g_local)
+        g_stages = g_stages if stage_layout == "device" else from_device_layout(g_stages, p, v)
         return loss, {"first": g_first, "stages": g_stages, "last": g_last}
 
     return fn
