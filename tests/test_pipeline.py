@@ -166,3 +166,18 @@ def test_device_layout_sharded_stages():
     for g, r in zip(jax.tree.leaves({**grads, "stages": from_device_layout(grads["stages"], p, v)}),
                     jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_float64_under_x64():
+    """With x64 on and float64 inputs the pipeline is exact to float64 rounding."""
+    with jax.enable_x64(True):
+        mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
+        params, batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), problem(2, 6))
+        fn = jax.jit(pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule="zbh1", microbatches=3))
+        loss, grads = fn(params, batch)
+        ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference))(params, batch)
+        assert loss.dtype == jnp.float64
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(g, r, rtol=1e-11, atol=1e-12)

@@ -98,3 +98,11 @@ def test_transformer_bad_input():
     with pytest.raises(ValueError, match="unknown pipeline schedule 'pipedream'"):
         pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn, head_fn=head_fn,
                          count_fn=count_fn, schedule="pipedream", microbatches=4)
+
+
+def test_split_and_merge_stages_even():
+    layers = {"w": jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2)}
+    st = split_stages(layers, 3)
+    np.testing.assert_array_equal(st["layers"]["w"][2], layers["w"][4:6])
+    np.testing.assert_array_equal(st["valid"], np.ones((3, 2)))
+    np.testing.assert_array_equal(merge_stages(st, 6)["w"], layers["w"])

@@ -163,6 +163,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
     mb0 = jax.tree.map(lambda x: x[0], mbs)
     h_shape = jax.eval_shape(lambda: first_fn(first_p, mb0))
     loss_dtype = jax.eval_shape(lambda: last_fn(last_p, first_fn(first_p, mb0), mb0)).dtype
+    acc_dtype = jnp.promote_types(loss_dtype, jnp.float32)  # the loss sum, at least float32
     zeros_h = lambda: vary(jnp.zeros(h_shape.shape, h_shape.dtype), manual)  # noqa: E731
     zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
     zeros_chunk = jax.tree.map(lambda x: jnp.zeros_like(x[0]), chunks)
@@ -176,7 +177,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
 
     def make_branch(combo):
         def idle(params, x_in, cot, batch):
-            return zeros_h(), zeros_h(), zeros_chunk, zeros_like(first_p), zeros_like(last_p), jnp.zeros((), jnp.float32)
+            return zeros_h(), zeros_h(), zeros_chunk, zeros_like(first_p), zeros_like(last_p), jnp.zeros((), acc_dtype)
 
         if combo is None:
             return idle
@@ -185,10 +186,10 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
 
         def run(params, x_in, cot, batch):
             none_h, none_c, none_f, none_l = zeros_h(), zeros_chunk, zeros_like(first_p), zeros_like(last_p)
-            zero = jnp.zeros((), jnp.float32)
+            zero = jnp.zeros((), acc_dtype)
             if kind == "F":
                 y = f(params, first_p, last_p, x_in, batch)
-                return (none_h, none_h, none_c, none_f, none_l, y.astype(jnp.float32)) if last else \
+                return (none_h, none_h, none_c, none_f, none_l, y.astype(acc_dtype)) if last else \
                     (y, none_h, none_c, none_f, none_l, zero)
             seed = vary(jnp.ones((), loss_dtype), manual) if last else cot
             wrt_w = kind == "W" or not split
@@ -231,7 +232,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
 
     stash = lambda n: vary(jnp.zeros((n + 1,) + h_shape.shape, h_shape.dtype), manual)  # noqa: E731
     carry = (stash(n_act), stash(n_cot), zeros_like(chunks), zeros_like(first_p), zeros_like(last_p),
-             vary(jnp.zeros((), jnp.float32), manual), zeros_h(), zeros_h())
+             vary(jnp.zeros((), acc_dtype), manual), zeros_h(), zeros_h())
     carry, _ = jax.lax.scan(tick, carry, jnp.asarray(plan))
     _, _, g_chunks, g_first, g_last, loss, _, _ = carry
     # the one reduction of the step: replicated parameters and the loss over pipeline and data

@@ -37,6 +37,9 @@ def split_stages(layers, num_stages: int):
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     counts = stage_layer_counts(num_layers, num_stages)
     width, starts = max(counts), np.cumsum([0] + counts[:-1])
+    if num_layers % num_stages == 0:  # a reshape: layers split over the pipeline axis stay in place
+        return {"layers": jax.tree.map(lambda x: x.reshape((num_stages, width) + x.shape[1:]), layers),
+                "valid": jnp.ones((num_stages, width), jnp.float32)}
     index = np.array([[min(start + j, start + n - 1) for j in range(width)] for start, n in zip(starts, counts)])
     valid = np.array([[float(j < n) for j in range(width)] for n in counts], np.float32)
     return {"layers": jax.tree.map(lambda x: x[index], layers), "valid": jnp.asarray(valid)}
@@ -45,6 +48,8 @@ def split_stages(layers, num_stages: int):
 def merge_stages(stages, num_layers: int):
     """The inverse of ``split_stages`` (for gradients): the real layers back as ``[L, ...]``."""
     counts = stage_layer_counts(num_layers, stages["valid"].shape[0])
+    if len(set(counts)) == 1:
+        return jax.tree.map(lambda x: x.reshape((num_layers,) + x.shape[2:]), stages["layers"])
     rows = np.array([s for s, n in enumerate(counts) for _ in range(n)])
     cols = np.array([j for n in counts for j in range(n)])
     return jax.tree.map(lambda x: x[rows, cols], stages["layers"])
