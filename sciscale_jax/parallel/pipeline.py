@@ -19,6 +19,9 @@ back. The stash holds stage inputs, not vjp residuals: a backward recomputes its
 forward, so per-device memory is the table's stash slots of activations (flat in m for
 1F1B and ZB-H1) plus one stage's residuals.
 
+The shard_map is manual over the pipeline axis and the data axes (``data``, ``fsdp``: the
+microbatch rows are split over them, parameters replicated); any other mesh axis (``tensor``)
+stays automatic, so parameters sharded over it are partitioned by GSPMD inside each stage.
 Replicated parameters (``first``, ``last``, and stage parameters along data axes) are cast
 device-varying at entry, so differentiating them per microbatch adds no collective; the
 gradient sums over the pipeline and data axes are one ``psum`` each after the loop.
