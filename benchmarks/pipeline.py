@@ -65,8 +65,9 @@ def reference(params, batch):
 
 def problem(stages, batch_size):
     rng = np.random.default_rng(0)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1),  # noqa: E731
-                                        jnp.float32)
+    def normal(*shape):  # fan-in scaled
+        return jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1), jnp.float32)
+
     params = {"first": normal(D_IN, D), "stages": {"w": normal(stages, D, D), "b": normal(stages, D) * 0.1},
               "last": normal(D, D_OUT)}
     return params, {"x": normal(batch_size, D_IN), "y": normal(batch_size, D_OUT)}
@@ -114,7 +115,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(2, len(ps), figsize=(4 * len(ps), 7), squeeze=False)
     for j, p in enumerate(ps):
         for name, v in SCHEDULES:
-            sel = sorted((r for r in rows if r["schedule"] == name and r["stages"] == p), key=lambda r: r["microbatches"])
+            sel = sorted((r for r in rows if r["schedule"] == name and r["stages"] == p),
+                         key=lambda r: r["microbatches"])
             if not sel:
                 continue
             ms = [r["microbatches"] for r in sel]

@@ -209,8 +209,8 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
 
     def varying(fn):  # every branch returns values varying over all manual axes, as switch needs
         def wrapped(*args):
-            return jax.tree.map(lambda x: vary(x, tuple(a for a in manual if a not in jax.typeof(x).manual_axis_type.varying)),
-                                fn(*args))
+            missing = lambda x: tuple(a for a in manual if a not in jax.typeof(x).manual_axis_type.varying)  # noqa: E731
+            return jax.tree.map(lambda x: vary(x, missing(x)), fn(*args))
         return wrapped
 
     fns = [varying(make_branch(c)) for c in branches]

@@ -6,8 +6,8 @@ microbatches in flight on stage d at p - d, so the stash stays flat in the micro
 Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM) gives each device v model chunks
 (device d holds global stages d, d + p, ...), cutting the bubble by about v. ZB-H1 (Qi et al.
 2024, "Zero Bubble Pipeline Parallelism") splits the backward into B (input gradient, on the
-critical path) and W (weight gradient, deferred into the bubble) while keeping 1F1B's
-in-flight limit, so its bubble is about a third of 1F1B's when F, B and W cost the same.
+critical path) and W (weight gradient, deferred into the bubble) while keeping at most p
+microbatches in flight per device (1F1B's peak), so its bubble is about a third of 1F1B's when F, B and W cost the same.
 
 A schedule is a table: ``table[tick][device]`` is an ``Action`` (kind ``F``, ``B`` or ``W``,
 microbatch, chunk) or None (idle). Every action takes one tick; an output sent with
@@ -17,9 +17,13 @@ its input. GPipe: all forwards, then all backwards; 1F1B: p - d - 1 warm-up forw
 one forward one backward; interleaved: Megatron's 2(p - d - 1) + (v - 1)p warm-up forwards
 over groups of p microbatches; ZB-H1: p - d warm-up forwards, then B, the W of the
 microbatch d places back, F, so W fills what would be 1F1B's bubble and at most p
-microbatches (1F1B's peak, on stage 0) await their W on any device. ``validate`` re-checks the table from the dependencies alone. Stage inputs and received
-cotangents live in per-device stash slots assigned here, so the executor
-(``sciscale_jax.parallel.pipeline``) allocates exactly ``stash_slots`` of each.
+microbatches (1F1B's peak, on stage 0) await their W on any device. ``validate`` re-checks
+the table from the dependencies alone. Stage inputs and received cotangents live in
+per-device stash slots assigned here (``Schedule.stash``), so the executor
+(``sciscale_jax.parallel.pipeline``) allocates exactly that many of each.
+
+Bubble fractions count idle device-ticks with every action one tick, so for GPipe, 1F1B and
+interleaved they are the textbook values with F = B; for ZB-H1 a tick is one of F, B or W.
 """
 
 from __future__ import annotations
