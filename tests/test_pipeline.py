@@ -199,3 +199,13 @@ def test_tensor_data_pipeline_mesh():
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert "tensor" in tuple(g.sharding.spec)
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_data_sharded_batch_moves_no_rows():
+    """A batch split over data in blocks feeds the strided microbatches without an all-to-all."""
+    mesh = make_mesh(ParallelConfig(pipeline=2, data=4))
+    params, batch = problem(2, 32)
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.P("data")))
+    fn = jax.jit(pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule="gpipe", microbatches=4))
+    hlo = fn.lower(params, batch).compile().as_text()
+    assert "all-to-all" not in hlo and "all-gather" not in hlo
