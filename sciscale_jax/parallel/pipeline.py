@@ -111,9 +111,10 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
     order (``"device"``: entry d * v + c is chunk c of device d, i.e. stage c * p + d; see
     ``to_device_layout``), which is already laid out for a ``P(axis)`` sharding, so stage
     parameters stored that way are never gathered or moved. ``batch`` is a pytree of arrays with a
-    leading batch axis, split into ``microbatches`` equal microbatches (microbatch i: rows i,
-    i + m, i + 2m, ..., so a batch split in blocks over the ``data_axes`` splits each microbatch
-    the same way without moving a row). Returns the summed
+    leading batch axis, split into ``microbatches`` equal microbatches: with data axes in the
+    mesh microbatch i is rows i, i + m, i + 2m, ... (a batch split in blocks over the data axes
+    then splits every microbatch the same way without moving a row), else rows
+    ``[i * b, (i + 1) * b)``. Returns the summed
     loss and its gradients with the structure and layout of ``params``.
     """
     if stage_layout not in ("stage", "device"):
@@ -143,7 +144,10 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
         # -> [p, v, ...]: device d holds its v chunks
         local = stages if stage_layout == "device" else to_device_layout(stages, p, v)
         local = jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]), local)
-        mbs = jax.tree.map(lambda x: x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1), batch)
+        if data:  # strided: each data shard's block of rows holds its share of every microbatch
+            mbs = jax.tree.map(lambda x: x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1), batch)
+        else:     # contiguous: a reshape, no copy
+            mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
         specs = (P(), jax.tree.map(lambda _: P(axis), local), P(), jax.tree.map(lambda _: P(None, data or None), mbs))
         out_specs = (P(), P(), jax.tree.map(lambda _: P(axis), local), P())
         loss, g_first, g_local, g_last = jax.shard_map(
