@@ -1,0 +1,250 @@
+"""Pipeline parallelism in one SPMD program: any schedule table of ``pipeline_schedule`` (GPipe,
+1F1B, interleaved 1F1B, ZB-H1) run inside ``jax.shard_map`` over the ``pipeline`` mesh axis.
+
+The model is ``first -> stage_0 -> ... -> stage_{S-1} -> last``: ``first_fn(first_params,
+batch_mb) -> h`` (an embedding) runs on global stage 0, ``stage_fn(stage_params, h, batch_mb)
+-> h`` on every stage (stage parameters stacked with a leading axis of S = p x v stages, device d holding
+stages d, d + p, ...), ``last_fn(last_params, h, batch_mb) -> scalar`` (head and loss) on stage
+S - 1; the loss is the sum of ``last_fn`` over microbatches (and data shards).
+
+Executor: ``lax.scan`` over the table's ticks with the table as a constant array, so the stage
+is traced once per action kind whatever p and m. Each tick a device (1) files the activation
+and cotangent that arrived from its neighbours into the stash slots the table assigned, (2)
+runs its entry through ``lax.switch`` (branches: idle and F/B/W for first, middle and last
+stages): F applies the stage; B takes ``jax.vjp`` of the stage at its stashed input and applies
+it to the received cotangent (input and weight gradients, or only the input gradient when the
+backward is split); W applies the vjp for the weight gradient; (3) ``ppermute``s its output one
+device forward (device p - 1 to 0 between interleaved chunks) and its input gradient one
+back. The stash holds stage inputs, not vjp residuals: a backward recomputes its stage's
+forward, so per-device memory is the table's stash slots of activations (flat in m for
+1F1B and ZB-H1) plus one stage's residuals.
+
+The shard_map is manual over the pipeline axis and the data axes (``data``, ``fsdp``: the
+microbatch rows are split over them, parameters replicated); any other mesh axis (``tensor``)
+stays automatic, so parameters sharded over it are partitioned by GSPMD inside each stage.
+Replicated parameters (``first``, ``last``, and stage parameters along data axes) are cast
+device-varying at entry, so differentiating them per microbatch adds no collective; the
+gradient sums over the pipeline and data axes are one ``psum`` each after the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sciscale_jax.parallel.pipeline_schedule import SCHEDULES, Schedule, make_schedule
+
+# columns of the constant table the executor scans over
+_BRANCH, _MB, _CHUNK, _IN, _COT, _RECV_ACT, _RECV_COT = range(7)
+
+
+def _branches(schedule: Schedule):
+    """(kind, first, last) of every branch the table uses; branch 0 is idle."""
+    S, p = schedule.total_stages, schedule.num_stages
+    combos = sorted({(a.kind, a.chunk * p + d == 0, a.chunk * p + d == S - 1)
+                     for row in schedule.table for d, a in enumerate(row) if a is not None})
+    return [None] + combos
+
+
+def _table_array(schedule: Schedule, branches) -> np.ndarray:
+    """[ticks, p, 7] int32: branch, microbatch, chunk, input slot, cotangent slot, and the slots
+    the arriving activation and cotangent are filed into (the last slot is scratch)."""
+    p, S = schedule.num_stages, schedule.total_stages
+    act_slot, cot_slot, n_act, n_cot = schedule.stash()
+    out = np.zeros((schedule.num_ticks, p, 7), np.int32)
+    out[:, :, _IN], out[:, :, _COT], out[:, :, _RECV_ACT], out[:, :, _RECV_COT] = n_act, n_cot, n_act, n_cot
+    index = {combo: i for i, combo in enumerate(branches)}
+    for t, row in enumerate(schedule.table):
+        for d, a in enumerate(row):
+            if a is None:
+                continue
+            s = a.chunk * p + d
+            out[t, d, :_IN] = index[(a.kind, s == 0, s == S - 1)], a.mb, a.chunk
+            out[t, d, _IN] = act_slot.get((a.mb, s), n_act)
+            out[t, d, _COT] = cot_slot.get((a.mb, s), n_cot)
+            if t + 1 < schedule.num_ticks and a.kind == "F" and s < S - 1:
+                out[t + 1, (d + 1) % p, _RECV_ACT] = act_slot[(a.mb, s + 1)]
+            if t + 1 < schedule.num_ticks and a.kind == "B" and s > 0:
+                out[t + 1, (d - 1) % p, _RECV_COT] = cot_slot[(a.mb, s - 1)]
+    return out
+
+
+def to_device_layout(stages, p: int, v: int):
+    """Leading axis from stage order (stage c * p + d) to device order (entry d * v + c)."""
+    return jax.tree.map(lambda x: x.reshape((v, p) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape), stages)
+
+
+def from_device_layout(stages, p: int, v: int):
+    """The inverse of ``to_device_layout``."""
+    return jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape), stages)
+
+
+def check_pipeline_args(schedule: str, *, num_layers: int | None = None, stages: int, microbatches: int,
+                        virtual_stages: int = 1, batch_size: int | None = None, data_size: int = 1) -> None:
+    """ValueError (one line, naming the values) before anything compiles."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if num_layers is not None and num_layers < stages * virtual_stages:
+        raise ValueError(f"num_layers={num_layers} is fewer than pipeline stages x virtual stages = "
+                         f"{stages} x {virtual_stages} = {stages * virtual_stages}")
+    if batch_size is not None:
+        if batch_size % microbatches:
+            raise ValueError(f"microbatches={microbatches} does not divide the batch size {batch_size}")
+        if (batch_size // microbatches) % data_size:
+            raise ValueError(f"microbatch size {batch_size // microbatches} (batch {batch_size} / microbatches "
+                             f"{microbatches}) is not divisible by the data-parallel size {data_size}")
+    make_schedule(schedule, stages, microbatches, virtual_stages)  # schedule-specific checks
+
+
+def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Callable, *, mesh,
+                            schedule: str = "1f1b", microbatches: int, virtual_stages: int = 1,
+                            axis: str = "pipeline", data_axes=("data", "fsdp"), stage_layout: str = "stage"):
+    """``fn(params, batch) -> (loss, grads)`` computed by pipeline schedule ``schedule``.
+
+    ``params = {"first": ..., "stages": ..., "last": ...}``, every leaf of ``"stages"`` with a
+    leading axis of p x v stages: in global stage order (``stage_layout="stage"``), or in device
+    order (``"device"``: entry d * v + c is chunk c of device d, i.e. stage c * p + d; see
+    ``to_device_layout``), which is already laid out for a ``P(axis)`` sharding, so stage
+    parameters stored that way are never gathered or moved. ``batch`` is a pytree of arrays with a
+    leading batch axis, split into ``microbatches`` equal microbatches: with data axes in the
+    mesh microbatch i is rows i, i + m, i + 2m, ... (a batch split in blocks over the data axes
+    then splits every microbatch the same way without moving a row), else rows
+    ``[i * b, (i + 1) * b)``. Returns the summed
+    loss and its gradients with the structure and layout of ``params``.
+    """
+    if stage_layout not in ("stage", "device"):
+        raise ValueError(f"stage_layout={stage_layout!r} must be 'stage' or 'device'")
+    p = mesh.shape[axis]
+    data = tuple(a for a in data_axes if mesh.shape.get(a, 1) > 1)
+    n_data = int(np.prod([mesh.shape[a] for a in data])) if data else 1
+    check_pipeline_args(schedule, stages=p, microbatches=microbatches, virtual_stages=virtual_stages)
+    table = make_schedule(schedule, p, microbatches, virtual_stages)
+    branches = _branches(table)
+    plan = _table_array(table, branches)
+    _, _, n_act, n_cot = table.stash()
+    v, m, split = virtual_stages, microbatches, table.split_backward
+    manual = (axis,) + data
+    body = functools.partial(_run, first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
+                             axis, data)
+
+    def fn(params, batch):
+        stages = params["stages"]
+        for leaf in jax.tree.leaves(stages):
+            if leaf.shape[:1] != (p * v,):
+                raise ValueError(f"stage parameters need a leading axis of stages x virtual stages = {p * v}; "
+                                 f"got shape {leaf.shape}")
+        for leaf in jax.tree.leaves(batch):
+            check_pipeline_args(schedule, stages=p, microbatches=m, virtual_stages=v,
+                                batch_size=leaf.shape[0], data_size=n_data)
+        # -> [p, v, ...]: device d holds its v chunks
+        local = stages if stage_layout == "device" else to_device_layout(stages, p, v)
+        local = jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]), local)
+        if data:  # strided: each data shard's block of rows holds its share of every microbatch
+            mbs = jax.tree.map(lambda x: x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1), batch)
+        else:     # contiguous: a reshape, no copy
+            mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+        specs = (P(), jax.tree.map(lambda _: P(axis), local), P(), jax.tree.map(lambda _: P(None, data or None), mbs))
+        out_specs = (P(), P(), jax.tree.map(lambda _: P(axis), local), P())
+        loss, g_first, g_local, g_last = jax.shard_map(
+            body, mesh=mesh, in_specs=specs, out_specs=out_specs, axis_names=set(manual),
+        )(params["first"], local, params["last"], mbs)
+        g_stages = jax.tree.map(lambda x: x.reshape((p * v,) + x.shape[2:]), g_local)
+        g_stages = g_stages if stage_layout == "device" else from_device_layout(g_stages, p, v)
+        return loss, {"first": g_first, "stages": g_stages, "last": g_last}
+
+    return fn
+
+
+def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split, axis, data,
+         first_p, local, last_p, mbs):
+    manual = (axis,) + data
+    vary = lambda tree, axes: jax.lax.pcast(tree, axes, to="varying") if axes else tree  # noqa: E731
+    first_p, last_p = vary(first_p, manual), vary(last_p, manual)  # differentiated per microbatch
+    chunks = vary(jax.tree.map(lambda x: x[0], local), data)       # [v, ...] this device's stages
+    mbs = vary(mbs, (axis,))
+    me = jax.lax.axis_index(axis)
+    mb0 = jax.tree.map(lambda x: x[0], mbs)
+    h_shape = jax.eval_shape(lambda: first_fn(first_p, mb0))
+    loss_dtype = jax.eval_shape(lambda: last_fn(last_p, first_fn(first_p, mb0), mb0)).dtype
+    acc_dtype = jnp.promote_types(loss_dtype, jnp.float32)  # the loss sum, at least float32
+    zeros_h = lambda: vary(jnp.zeros(h_shape.shape, h_shape.dtype), manual)  # noqa: E731
+    zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    zeros_chunk = jax.tree.map(lambda x: jnp.zeros_like(x[0]), chunks)
+
+    def full(first, last, params, fparams, lparams, h, batch):
+        """One stage with the embedding on the first and head + loss on the last."""
+        if first:
+            h = first_fn(fparams, batch)
+        h = stage_fn(params, h, batch)
+        return last_fn(lparams, h, batch) if last else h
+
+    def make_branch(combo):
+        def idle(params, x_in, cot, batch):
+            return zeros_h(), zeros_h(), zeros_chunk, zeros_like(first_p), zeros_like(last_p), jnp.zeros((), acc_dtype)
+
+        if combo is None:
+            return idle
+        kind, first, last = combo
+        f = functools.partial(full, first, last)
+
+        def run(params, x_in, cot, batch):
+            none_h, none_c, none_f, none_l = zeros_h(), zeros_chunk, zeros_like(first_p), zeros_like(last_p)
+            zero = jnp.zeros((), acc_dtype)
+            if kind == "F":
+                y = f(params, first_p, last_p, x_in, batch)
+                return (none_h, none_h, none_c, none_f, none_l, y.astype(acc_dtype)) if last else \
+                    (y, none_h, none_c, none_f, none_l, zero)
+            seed = vary(jnp.ones((), loss_dtype), manual) if last else cot
+            wrt_w = kind == "W" or not split
+            wrt_x = kind == "B" and not first
+            if not (wrt_w or wrt_x):
+                return idle(params, x_in, cot, batch)
+            _, vjp = jax.vjp(lambda w, fw, lw, x: f(w, fw, lw, x, batch), params, first_p, last_p, x_in)
+            dw, dfw, dlw, dx = vjp(seed)
+            if not wrt_w:
+                dw, dfw, dlw = none_c, none_f, none_l
+            return (none_h, dx if wrt_x else none_h, dw, dfw, dlw, zero)
+
+        return run
+
+    def varying(fn):  # every branch returns values varying over all manual axes, as switch needs
+        def wrapped(*args):
+            missing = lambda x: tuple(a for a in manual if a not in jax.typeof(x).manual_axis_type.varying)  # noqa: E731
+            return jax.tree.map(lambda x: vary(x, missing(x)), fn(*args))
+        return wrapped
+
+    fns = [varying(make_branch(c)) for c in branches]
+    fwd_perm = [(j, (j + 1) % p) for j in range(p)]
+    bwd_perm = [(j, (j - 1) % p) for j in range(p)]
+
+    def tick(carry, plan_t):
+        act, cot, g_chunks, g_first, g_last, loss, recv_act, recv_cot = carry
+        row = plan_t[me]
+        act = act.at[row[_RECV_ACT]].set(recv_act)
+        cot = cot.at[row[_RECV_COT]].set(recv_cot)
+        params = jax.tree.map(lambda x: x[row[_CHUNK]], chunks)
+        batch = jax.tree.map(lambda x: x[row[_MB]], mbs)
+        send_act, send_cot, dw, dfw, dlw, dloss = jax.lax.switch(
+            row[_BRANCH], fns, params, act[row[_IN]], cot[row[_COT]], batch)
+        g_chunks = jax.tree.map(lambda g, d: g.at[row[_CHUNK]].add(d), g_chunks, dw)
+        g_first = jax.tree.map(jnp.add, g_first, dfw)
+        g_last = jax.tree.map(jnp.add, g_last, dlw)
+        recv_act = jax.lax.ppermute(send_act, axis, fwd_perm)
+        recv_cot = jax.lax.ppermute(send_cot, axis, bwd_perm)
+        return (act, cot, g_chunks, g_first, g_last, loss + dloss, recv_act, recv_cot), None
+
+    stash = lambda n: vary(jnp.zeros((n + 1,) + h_shape.shape, h_shape.dtype), manual)  # noqa: E731
+    carry = (stash(n_act), stash(n_cot), zeros_like(chunks), zeros_like(first_p), zeros_like(last_p),
+             vary(jnp.zeros((), acc_dtype), manual), zeros_h(), zeros_h())
+    carry, _ = jax.lax.scan(tick, carry, jnp.asarray(plan))
+    _, _, g_chunks, g_first, g_last, loss, _, _ = carry
+    # the one reduction of the step: replicated parameters and the loss over pipeline and data
+    loss = jax.lax.psum(loss, manual)
+    g_first, g_last = jax.lax.psum((g_first, g_last), manual)
+    g_chunks = jax.lax.psum(g_chunks, data) if data else g_chunks
+    return loss, g_first, jax.tree.map(lambda x: x[None], g_chunks), g_last

@@ -1,0 +1,108 @@
+"""The protein Transformer's layer stack as a pipeline: token-mean loss and gradients equal the
+single-device train step's (uneven layers per stage, embedding first, head last)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sciscale_jax.losses import mlm_loss, token_cross_entropy
+from sciscale_jax.models.transformer import Transformer, TransformerConfig
+from sciscale_jax.parallel import ParallelConfig, make_mesh
+from sciscale_jax.parallel.pipeline_model import merge_stages, pipeline_grad_fn, split_stages, stage_layer_counts
+from sciscale_jax.train.step import backprop_grad_fn, split_model
+
+VOCAB, SEQ = 23, 8
+
+
+# The four adapters a recipe supplies for its model (here: the Transformer under mlm_loss).
+def embed_fn(model, b):
+    return jnp.take(model.embed[...], b["inputs"], axis=0).astype(model.config.dtype)
+
+
+def block_args_fn(b):
+    batch, seq = b["inputs"].shape
+    return jnp.broadcast_to(jnp.arange(seq), (batch, seq)), b["mask"][:, None, None, :].astype(bool)
+
+
+def head_fn(model, h, b):
+    logits = model.lm_head(model.final_norm(h)).astype(jnp.float32)
+    return token_cross_entropy(logits, b["targets"], b["weights"])[0]
+
+
+def count_fn(b):
+    return jnp.sum(b["weights"].astype(jnp.float32))
+
+
+def make(num_layers, batch_size, remat="none"):
+    cfg = TransformerConfig(vocab_size=VOCAB, num_layers=num_layers, num_heads=2, embed_dim=16, mlp_dim=24,
+                            max_len=SEQ, scan_layers=True, remat=remat)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    mask = rng.random((batch_size, SEQ)) < 0.9
+    mask[:, 0] = True
+    batch = {"inputs": jnp.asarray(rng.integers(0, VOCAB, (batch_size, SEQ)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(0, VOCAB, (batch_size, SEQ)), jnp.int32),
+             "mask": jnp.asarray(mask),
+             "weights": jnp.asarray((rng.random((batch_size, SEQ)) < 0.5) & mask, jnp.float32)}
+    return split_model(model), batch
+
+
+def test_split_and_merge_stages_uneven():
+    assert stage_layer_counts(7, 3) == [3, 2, 2]
+    layers = {"w": jnp.arange(7 * 2, dtype=jnp.float32).reshape(7, 2)}
+    st = split_stages(layers, 3)
+    assert st["layers"]["w"].shape == (3, 3, 2)
+    np.testing.assert_array_equal(st["valid"], [[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(st["layers"]["w"][1, :2], layers["w"][3:5])
+    np.testing.assert_array_equal(merge_stages(st, 7)["w"], layers["w"])
+    with pytest.raises(ValueError, match="num_layers=3 is fewer than pipeline stages x virtual stages = 4"):
+        split_stages({"w": jnp.zeros((3, 2))}, 4)
+
+
+def check(schedule, p, m, v=1, data=1, num_layers=5, remat="none"):
+    (graphdef, params, rest), batch = make(num_layers, m * data * 2, remat)
+    mesh = make_mesh(ParallelConfig(pipeline=p, data=data), jax.devices()[:p * data])
+    grad_fn = pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn, head_fn=head_fn,
+                               count_fn=count_fn, schedule=schedule, microbatches=m, virtual_stages=v)
+    loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
+    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, mlm_loss))(params, rest, batch, None)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(count, ref_count)
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+@pytest.mark.parametrize("schedule,p,m,v,data", [("1f1b", 2, 3, 1, 2), ("interleaved", 2, 2, 2, 1)])
+def test_transformer_matches_single_device(schedule, p, m, v, data):
+    check(schedule, p, m, v, data)  # 5 layers over 2 (3 + 2) and 4 (2 + 1 + 1 + 1) stages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,p,m,v,data,remat", [
+    ("gpipe", 4, 4, 1, 2, "none"), ("zbh1", 4, 5, 1, 1, "full"), ("zbh1", 2, 4, 1, 4, "none"),
+    ("interleaved", 4, 4, 2, 1, "full")])
+def test_transformer_matches_single_device_more(schedule, p, m, v, data, remat):
+    check(schedule, p, m, v, data, num_layers=9, remat=remat)
+
+
+def test_transformer_bad_input():
+    (graphdef, params, rest), batch = make(3, 8)
+    mesh = make_mesh(ParallelConfig(pipeline=4), jax.devices()[:4])
+    grad_fn = pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn, head_fn=head_fn,
+                               count_fn=count_fn, schedule="1f1b", microbatches=4)
+    with pytest.raises(ValueError, match="num_layers=3 is fewer than pipeline stages x virtual stages = 4 x 1"):
+        grad_fn(params, rest, batch)
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'pipedream'"):
+        pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn, head_fn=head_fn,
+                         count_fn=count_fn, schedule="pipedream", microbatches=4)
+
+
+def test_split_and_merge_stages_even():
+    layers = {"w": jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2)}
+    st = split_stages(layers, 3)
+    np.testing.assert_array_equal(st["layers"]["w"][2], layers["w"][4:6])
+    np.testing.assert_array_equal(st["valid"], np.ones((3, 2)))
+    np.testing.assert_array_equal(merge_stages(st, 6)["w"], layers["w"])
