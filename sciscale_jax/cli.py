@@ -61,8 +61,20 @@ def _add_config_flags(parser, cls, defaults: dict, prefix: str, default_group: s
             group.add_argument(_flag(field), type=kind, **kw)
         elif kind in (str | None, typing.Optional[str]):
             group.add_argument(_flag(field), type=str, **kw)
+        elif kind in (int | None, typing.Optional[int], float | None, typing.Optional[float]):
+            base = int if int in typing.get_args(kind) else float
+            kw["metavar"] = f"{base.__name__.upper()}|none"
+            group.add_argument(_flag(field), type=_optional(base), **kw)
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: no CLI flag for type {kind}; mark it cli=False")
+
+
+def _optional(base):
+    """argparse type: ``none`` (any case) for None, else ``base(text)``."""
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+    parse.__name__ = base.__name__
+    return parse
 
 
 def _picked(args, prefix: str) -> dict:

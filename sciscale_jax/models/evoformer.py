@@ -20,7 +20,6 @@ batch axis: m [B, S, R, c_m], z [B, R, R, c_z], masks [B, S, R] and [B, R, R].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
+from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
 from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
                                                    TriangleAttention, TriangleMultiplication)
@@ -35,7 +35,10 @@ from sciscale_jax.parallel import axes as ax
 
 
 @dataclasses.dataclass(frozen=True)
-class EvoformerConfig:
+class EvoformerConfig(Techniques):
+    """Evoformer sizes and switches; remat, scan_layers, attention, precision, sharding and dtypes
+    are the shared technique fields it inherits (``models.stack.Techniques``)."""
+
     c_m: int = 256                # MSA channels
     c_z: int = 128                # pair channels
     c_e: int = 64                 # extra-MSA channels
@@ -60,10 +63,6 @@ class EvoformerConfig:
     distogram_bins: int = 64
     chunk_size: int | None = None  # None: no chunking
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
-    attention: str = "xla"        # attention front-door implementation
-    dtype: Any = "float32"
-    param_dtype: Any = "float32"
-    remat: str = "none"           # per-block policy (sciscale_jax.remat)
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
 
     def __post_init__(self):
@@ -86,11 +85,11 @@ class EvoformerConfig:
             raise ValueError(f"attention={self.attention!r} is approximate; the Evoformer needs an exact "
                              f"front-door implementation")
         remat.validate_remat(self.remat, self.num_blocks)
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        if self.quant != "none" or self.precision == "fp8":
+            raise ValueError(f"quant={self.quant!r}, precision={self.precision!r}: the Evoformer has no QAT or fp8 "
+                             "matmul hooks; use precision fp32, bf16 or fp16")
+        super().__post_init__()
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def shared_dropout(x, rate: float, key, shared_axis: int):
@@ -161,30 +160,19 @@ class EvoformerBlock(nnx.Module):
 
 
 class EvoformerStack(nnx.Module):
-    """N Evoformer blocks (``num_blocks``, or ``num_extra_blocks`` with ``extra=True``) in a loop,
-    each block (or group of k blocks for "every_k:<k>") checkpointed by ``config.remat``."""
+    """N Evoformer blocks (``num_blocks``, or ``num_extra_blocks`` with ``extra=True``) on the shared
+    layer stack (``models.stack``): scanned with ``scan_layers``, each block (or group of k blocks
+    for "every_k:<k>") checkpointed by ``config.remat``."""
 
     def __init__(self, config: EvoformerConfig, *, extra: bool = False, rngs: nnx.Rngs):
-        self.config = config
-        n = config.num_extra_blocks if extra else config.num_blocks
-        self.blocks = nnx.List([EvoformerBlock(config, extra=extra, rngs=rngs) for _ in range(n)])
+        self.config, self.num = config, config.num_extra_blocks if extra else config.num_blocks
+        self.blocks = stack_layers(lambda r: EvoformerBlock(config, extra=extra, rngs=r), self.num, config,
+                                   rngs=rngs)
 
     def __call__(self, m, z, msa_mask, pair_mask, key=None):
-        n = len(self.blocks)
-        keys = [None] * n if key is None else list(jax.random.split(key, n))
-
-        def run(blocks, m, z, keys):
-            for block, k in zip(blocks, keys):
-                m, z = block(m, z, msa_mask, pair_mask, k)
-            return m, z
-
-        spec = remat.parse_remat(self.config.remat)
-        group = spec.every_k if spec.kind == "every_k" else 1
-        policy = remat.checkpoint_policy(self.config.remat)
-        step = run if policy is None else jax.checkpoint(run, policy=policy)
-        for start in range(0, n, group):
-            m, z = step(list(self.blocks[start:start + group]), m, z, keys[start:start + group])
-        return m, z
+        keys = layer_keys(key, self.num, self.num > 0)
+        return run_layers(self.blocks, (m, z), msa_mask, pair_mask, policy=self.config.remat, keys=keys,
+                          apply=lambda block, mz, *args: block(*mz, *args))
 
 
 class InputEmbedder(nnx.Module):

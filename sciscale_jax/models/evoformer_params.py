@@ -86,6 +86,12 @@ def _read(params) -> dict[str, np.ndarray]:
     return dict(params)
 
 
+def _check_unscanned(model) -> None:
+    if model.config.scan_layers:
+        raise ValueError("AlphaFold parameters map onto per-block modules: build the Evoformer with "
+                         "scan_layers=False to load or export them (then train with either)")
+
+
 def load_alphafold_evoformer(params, config: EvoformerConfig | None = None, *, model: Evoformer | None = None,
                              rngs: nnx.Rngs | None = None) -> Evoformer:
     """Fill an ``Evoformer`` (``model``, or a new one built from ``config``) from AlphaFold's
@@ -98,6 +104,7 @@ def load_alphafold_evoformer(params, config: EvoformerConfig | None = None, *, m
         if config is None:
             raise ValueError("load_alphafold_evoformer needs a config or a model")
         model = Evoformer(config, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    _check_unscanned(model)
     flat = _read(params)
     mapping = alphafold_param_map(model)
     for name in sorted(mapping):
@@ -125,6 +132,7 @@ def load_alphafold_evoformer(params, config: EvoformerConfig | None = None, *, m
 
 def export_alphafold_evoformer(model: Evoformer) -> dict[str, np.ndarray]:
     """The model's parameters under AlphaFold's names and shapes (layer stacks stacked on axis 0)."""
+    _check_unscanned(model)
     out = {}
     for name, entries in alphafold_param_map(model).items():
         values = [np.asarray(variable[...]) for _, variable in entries]

@@ -105,12 +105,16 @@ def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return nnx.List([make_block(rngs) for _ in range(num_layers)])
 
 
-def run_layers(layers, carry, *args, policy="none", keys=None):
+def run_layers(layers, carry, *args, policy="none", keys=None, apply=None):
     """``carry`` through every block of ``layers`` (from ``stack_layers``) under remat ``policy``.
 
-    Each block is called as ``block(carry, *args, key)``; ``keys`` is None or an array of one
-    key per layer. Stacked layers run under ``lax.scan``; a list runs as a Python loop.
+    Each block is called as ``apply(block, carry, *args, key)`` (default: ``block(carry, *args,
+    key)``); ``keys`` is None or an array of one key per layer. Stacked layers run under
+    ``lax.scan``; a list runs as a Python loop.
     """
+    if isinstance(layers, nnx.List) and len(layers) == 0:
+        return carry
+    apply = apply or (lambda block, c, *a: block(c, *a))
     scan = not isinstance(layers, nnx.List)
     if scan:
         graphdef, state = nnx.split(layers)
@@ -127,7 +131,7 @@ def run_layers(layers, carry, *args, policy="none", keys=None):
 
     def block_fn(state_key, x):
         state, key = state_key
-        return nnx.merge(graphdef, state)(x, *args, key)
+        return apply(nnx.merge(graphdef, state), x, *args, key)
 
     return remat.apply_layers(block_fn, carry, layer_params, policy, scan=scan)
 

@@ -1,9 +1,10 @@
 """One file per `sciscale train` recipe."""
 
 from sciscale_jax.recipes.base import Data, Recipe
+from sciscale_jax.recipes.msa_evoformer import RECIPE as MSA_EVOFORMER
 from sciscale_jax.recipes.protein_mlm import RECIPE as PROTEIN_MLM
 
-RECIPES = {r.name: r for r in (PROTEIN_MLM,)}
+RECIPES = {r.name: r for r in (PROTEIN_MLM, MSA_EVOFORMER)}
 
 
 def get_recipe(name: str) -> Recipe:
