@@ -43,14 +43,14 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 def variants(chunk: int) -> dict[str, dict]:
     return {
         "naive": dict(),
-        "bf16 only": dict(dtype="bfloat16"),
+        "bf16 only": dict(precision="bf16"),
         "remat only": dict(remat="full"),
         "+chunking": dict(chunk_size=chunk),
         "+attention (chunked)": dict(chunk_size=chunk, attention="chunked"),
         "+block remat": dict(chunk_size=chunk, attention="chunked", remat="full"),
         "+module remat": dict(chunk_size=chunk, attention="chunked", remat="full", remat_modules=True),
         "+bf16 (all)": dict(chunk_size=chunk, attention="chunked", remat="full", remat_modules=True,
-                            dtype="bfloat16"),
+                            precision="bf16"),
     }
 
 

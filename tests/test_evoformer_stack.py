@@ -29,7 +29,7 @@ _BASE = {}
 
 def _base():
     if not _BASE:
-        model = perturb(Evoformer(small_config(num_blocks=2, num_extra_blocks=1), rngs=nnx.Rngs(0)), 1)
+        model = perturb(Evoformer(small_config(num_blocks=2, num_extra_blocks=2), rngs=nnx.Rngs(0)), 1)
         args, kwargs = _inputs()
         _BASE.update(model=model, args=args, kwargs=kwargs, result=_loss_and_grads(model, args, kwargs))
     return _BASE
@@ -44,8 +44,8 @@ def _base():
 def test_remat_policies_keep_values_and_gradients(policy):
     base = _base()
     policy, plus, modules = policy.partition("+")
-    model = Evoformer(small_config(num_blocks=2, num_extra_blocks=1, remat=policy, remat_modules=bool(modules)),
-                      rngs=nnx.Rngs(9))
+    model = Evoformer(small_config(num_blocks=2, num_extra_blocks=2, remat=policy,
+                                   remat_modules=bool(modules)), rngs=nnx.Rngs(9))
     nnx.update(model, nnx.state(base["model"], nnx.Param))
     loss, grads = _loss_and_grads(model, base["args"], base["kwargs"])
     loss0, grads0 = base["result"]

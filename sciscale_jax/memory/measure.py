@@ -68,10 +68,14 @@ def compiled_memory(fn, *args, **kwargs) -> MemoryReport:
     """Compile ``fn`` for these arguments (arrays or ShapeDtypeStructs) and report its memory.
 
     ``fn`` may already be jitted (its shardings and donations are then kept); otherwise it
-    is wrapped in ``jax.jit`` with default settings.
+    is wrapped in ``jax.jit`` with default settings. It compiles with the XLA options the train
+    loop uses (``remat.compiler_options``: on CPU, remat barriers kept), so the report is the
+    memory of the program that would run.
     """
+    from sciscale_jax.remat import compiler_options
+
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    return report_from_analysis(jitted.lower(*args, **kwargs).compile().memory_analysis())
+    return report_from_analysis(jitted.lower(*args, **kwargs).compile(compiler_options()).memory_analysis())
 
 
 def tree_bytes(tree) -> int:

@@ -85,6 +85,8 @@ class EvoformerConfig(Techniques):
             raise ValueError(f"attention={self.attention!r} is approximate; the Evoformer needs an exact "
                              f"front-door implementation")
         remat.validate_remat(self.remat, self.num_blocks)
+        if self.num_extra_blocks:  # the extra-MSA stack runs under the same policy
+            remat.validate_remat(self.remat, self.num_extra_blocks)
         if self.quant != "none" or self.precision == "fp8":
             raise ValueError(f"quant={self.quant!r}, precision={self.precision!r}: the Evoformer has no QAT or fp8 "
                              "matmul hooks; use precision fp32, bf16 or fp16")
