@@ -203,3 +203,19 @@ def test_train_loop_decays_weight_matrices_only(decay_embeddings):
     np.testing.assert_array_equal(new["final_norm"]["scale"], params["final_norm"]["scale"])
     embed_expected = params["embed"] * shrink if decay_embeddings else params["embed"]
     np.testing.assert_allclose(new["embed"], embed_expected, rtol=1e-6)
+
+
+def test_zeroth_order_step_reports_every_loss_evaluation():
+    """The progress hook of a zeroth-order step fires once per loss evaluation: DeepZero's count
+    (1 + the kept coordinates, zo_budget) plus the loss the step reports."""
+    from sciscale_jax import optim
+    from sciscale_jax.train import make_zeroth_order_step
+    from sciscale_jax.train.zo_budget import evaluations_per_step
+
+    tiny = TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16, max_len=16)
+    tx = optim.get_optimizer("deepzero", 1e-3, density=0.05, chunk_size=16)
+    graphdef, state = init_train_state(Transformer(tiny, rngs=nnx.Rngs(0)), tx)
+    calls = []
+    step = jax.jit(make_zeroth_order_step(graphdef, tx, loss_fn=mlm_loss, on_evaluation=lambda: calls.append(1)))
+    jax.block_until_ready(step(state, _batch(s=8)))
+    assert len(calls) == evaluations_per_step("deepzero", state.params, {"density": 0.05}) + 1

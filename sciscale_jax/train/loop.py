@@ -174,7 +174,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
     graphdef, state = init_train_state(model, tx)
     del model
-    zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # loss evaluations per ZO step
+    evaluations = zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # per ZO step
     mesh, place = None, None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)
@@ -183,7 +183,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                                model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
     # ZeRO-2: gradients constrained to (or reduce-scattered into) their data-parallel shards
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload,
-                      place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {})
+                      place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
+                      _evaluation_bar(evaluations, progress, tx))
     if place is not None:
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
@@ -239,14 +240,30 @@ def _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, gr
     }
 
 
+def _evaluation_bar(evaluations: int | None, progress: bool, tx, min_evaluations: int = 256):
+    """For zeroth-order steps of many loss evaluations: a callback advancing a progress bar of
+    the evaluations inside the current step (None when steps are short or progress is off)."""
+    if not progress or evaluations is None or evaluations < min_evaluations:
+        return None
+    total = evaluations + (0 if hasattr(tx, "apply") else 1)  # plus the reported loss, unless in place
+    bar = tqdm(total=total, desc="loss evaluations in this step", leave=False, dynamic_ncols=True)
+
+    def tick():
+        if bar.n >= total:
+            bar.reset()
+        bar.update(1)
+
+    return tick
+
+
 def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset,
-               placement_kwargs: dict):
+               placement_kwargs: dict, on_evaluation=None):
     """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
     if optim.is_zeroth_order(cfg.optimizer):
         if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
             raise ValueError(f"the zeroth-order optimizer {cfg.optimizer!r} takes no gradient: it cannot be "
                              f"combined with grad_accum={cfg.grad_accum}, loss scaling, fp8 or offload")
-        return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed)
+        return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed, on_evaluation=on_evaluation)
     if fp8_paths and cfg.grad_accum > 1:
         raise ValueError(f"fp8 scales update once per step; grad_accum={cfg.grad_accum} is not supported with fp8")
     if fp8_paths:

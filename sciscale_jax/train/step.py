@@ -216,7 +216,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     return step
 
 
-def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0) -> Callable:
+def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
+                           on_evaluation: Callable[[], None] | None = None) -> Callable:
     """The step for zeroth-order optimizers (MeZO, ZO-AdaMU, DeepZero): only forward passes.
 
     ``tx.update(None, opt_state, params, value_fn=loss)`` evaluates the loss at perturbed
@@ -227,6 +228,9 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0) ->
     A transform with an ``apply(params, opt_state, value_fn)`` (``optim.mezo``) perturbs and
     updates the donated parameters in place instead (no update or perturbed copy is held) and
     returns that loss itself.
+
+    ``on_evaluation()``, if given, is called on the host after every loss evaluation (through
+    ``jax.debug.callback``), so a caller can show progress inside a long step.
     """
     base_key = jax.random.key(seed)
     in_place = getattr(tx, "apply", None)
@@ -236,7 +240,10 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0) ->
 
         def value_fn(params):
             total, count = loss_fn(nnx.merge(graphdef, params, state.rest), batch, key)
-            return total / jnp.maximum(count, 1.0)
+            loss = total / jnp.maximum(count, 1.0)
+            if on_evaluation is not None:
+                jax.debug.callback(lambda _: on_evaluation(), loss)
+            return loss
 
         count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.float32(0)
         if in_place is not None:   # it also returns the loss at the parameters before the update
