@@ -2,8 +2,9 @@
 
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.protein_mlm import RECIPE as PROTEIN_MLM
+from sciscale_jax.recipes.smiles_lm import RECIPE as SMILES_LM
 
-RECIPES = {r.name: r for r in (PROTEIN_MLM,)}
+RECIPES = {r.name: r for r in (PROTEIN_MLM, SMILES_LM)}
 
 
 def get_recipe(name: str) -> Recipe:
