@@ -217,3 +217,22 @@ def test_bf16_trains_close_to_fp32(tmp_path):
     plain = _train(tmp_path, "plain", steps=8)
     bf16 = _train(tmp_path, "bf16", steps=8, model=["--precision", "bf16"])
     assert math.isfinite(bf16["val_loss"]) and bf16["val_loss"] == pytest.approx(plain["val_loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "smiles_lm.py"
+    spec = importlib.util.spec_from_file_location("smiles_lm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
+                         "--json", str(tmp_path / "figures.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| model |" in out and "| ngram |" in out
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for who in ("model", "ngram"):
+        assert all(0.0 <= figures[who][k] <= 1.0 for k in ("validity", "uniqueness", "novelty"))
