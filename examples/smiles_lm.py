@@ -13,7 +13,6 @@ model and for the n-gram model fitted on the same split.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
