@@ -3,8 +3,9 @@
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.msa_evoformer import RECIPE as MSA_EVOFORMER
 from sciscale_jax.recipes.protein_mlm import RECIPE as PROTEIN_MLM
+from sciscale_jax.recipes.smiles_lm import RECIPE as SMILES_LM
 
-RECIPES = {r.name: r for r in (PROTEIN_MLM, MSA_EVOFORMER)}
+RECIPES = {r.name: r for r in (PROTEIN_MLM, MSA_EVOFORMER, SMILES_LM)}
 
 
 def get_recipe(name: str) -> Recipe:

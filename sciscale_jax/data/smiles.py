@@ -1,0 +1,322 @@
+"""SMILES data: an atom-level regex tokenizer, the molecules shipped in the rdkit wheel, causal-LM
+batches and an n-gram baseline.
+
+Tokenizer: the atom-level regular expression of Schwaller et al. 2019 ("Molecular Transformer"),
+written out here: a bracket atom (``[nH+]``, ``[C@@H]``, ``[13CH3]``) is one token, as are the
+two-letter organic-subset elements ``Cl`` and ``Br``, a two-digit ring closure ``%10``, and every
+other single character (atoms, aromatic atoms, ring digits, bonds ``- = # $ : / \\``, branches,
+the fragment dot). Joining a SMILES' tokens gives back the string.
+
+Corpus (``load_molecules``): three SMILES files inside the rdkit wheel, located with
+``importlib.util.find_spec`` so nothing is imported from rdkit to find them:
+``Data/NCI/first_5K.smi`` (5,000 NCI compounds), ``Data/Pains/test_data/wehi_mols.csv`` (10,000
+WEHI screening compounds) and ``Contrib/FreeWilson/data/CHEMBL2321810.smi`` (1,017 ChEMBL
+compounds). Each is parsed by RDKit, reduced to its largest fragment (salts and solvents
+dropped), written as canonical SMILES and deduplicated. The split is keyed on a CRC32 of the
+canonical SMILES, so it never depends on file order and a molecule never sits on both sides.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib.util
+import math
+import pathlib
+import re
+import zlib
+
+import numpy as np
+
+SMILES_REGEX = re.compile(r"(\[[^\]]+\]|Br|Cl|%\d{2}|[BCNOPSFI]|[bcnops]|[0-9]|[-=#$:/\\().+*~@?>]|.)")
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+RDKIT_FILES = ("Data/NCI/first_5K.smi", "Data/Pains/test_data/wehi_mols.csv",
+               "Contrib/FreeWilson/data/CHEMBL2321810.smi")
+CHEM_EXTRA = 'SMILES data needs rdkit: pip install -e ".[chem]"'
+
+
+def tokenize(smiles: str) -> list[str]:
+    """Atom-level tokens of ``smiles``; ``"".join(tokenize(s)) == s`` for every string."""
+    return SMILES_REGEX.findall(smiles)
+
+
+class SmilesTokenizer:
+    """Ids 0-3 are pad, bos, eos, unk; then the training split's tokens, most frequent first."""
+
+    def __init__(self, tokens):
+        tokens = list(tokens)
+        if len(set(tokens)) != len(tokens) or set(tokens) & set(SPECIALS):
+            raise ValueError("tokenizer tokens must be distinct and exclude the special tokens")
+        self.tokens = SPECIALS + tuple(tokens)
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def from_smiles(cls, smiles_list, min_count: int = 1) -> "SmilesTokenizer":
+        """The vocabulary of ``smiles_list``: tokens seen at least ``min_count`` times, by count then name."""
+        counts = collections.Counter(t for s in smiles_list for t in tokenize(s))
+        kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        return cls(kept)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, smiles: str, *, add_special: bool = True) -> np.ndarray:
+        """SMILES -> int32 ids, wrapped as bos ... eos by default; unseen tokens become unk."""
+        ids = [self._index.get(t, self.unk_id) for t in tokenize(smiles)]
+        if add_special:
+            ids = [self.bos_id] + ids + [self.eos_id]
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids) -> str:
+        """Ids -> SMILES: stops at the first eos or pad, drops bos; unk decodes as '?'."""
+        out = []
+        for i in np.asarray(ids).tolist():
+            if i in (self.eos_id, self.pad_id):
+                break
+            if i == self.bos_id:
+                continue
+            out.append("?" if i == self.unk_id else self.tokens[i])
+        return "".join(out)
+
+
+# --- the corpus ---------------------------------------------------------------------------------------------
+
+def _rdkit_root() -> pathlib.Path:
+    spec = importlib.util.find_spec("rdkit")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(CHEM_EXTRA)
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def rdkit_smiles_files() -> list[pathlib.Path]:
+    """Paths of the SMILES files shipped in the rdkit wheel that make up the corpus."""
+    root = _rdkit_root()
+    paths = [root / rel for rel in RDKIT_FILES]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"rdkit is installed but {missing} are missing; reinstall rdkit")
+    return paths
+
+
+def read_smiles_file(path) -> list[str]:
+    """The first column of a .smi (whitespace) or .csv (comma, quoted) file; '#' lines skipped."""
+    out = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        first = line.split(",")[0] if str(path).endswith(".csv") else line.split()[0]
+        out.append(first.strip().strip('"'))
+    return out
+
+
+def canonical(smiles: str, largest_fragment: bool = True) -> str | None:
+    """RDKit canonical SMILES of ``smiles`` (its largest fragment by heavy atoms), or None if it does not parse."""
+    try:
+        from rdkit import Chem, RDLogger
+    except ImportError as err:
+        raise ImportError(CHEM_EXTRA) from err
+    RDLogger.DisableLog("rdApp.*")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None or mol.GetNumAtoms() == 0:
+        return None
+    if largest_fragment:
+        frags = Chem.GetMolFrags(mol, asMols=True)
+        mol = max(frags, key=lambda m: (m.GetNumHeavyAtoms(), Chem.MolToSmiles(m)))
+    return Chem.MolToSmiles(mol)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(paths: tuple) -> tuple:
+    seen, out = set(), []
+    for path in paths:
+        for smi in read_smiles_file(path):
+            can = canonical(smi)
+            if can and can not in seen:
+                seen.add(can)
+                out.append(can)
+    return tuple(out)
+
+
+def load_molecules(paths=None) -> list[str]:
+    """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order."""
+    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files()))))
+
+
+def load_moses(split: str = "train") -> list[str]:
+    """MOSES SMILES (Polykovskiy et al. 2020) from the optional ``molsets`` package's data files.
+
+    ``pip install molsets --no-deps`` ships ``moses/dataset/data/{train,test}.csv.gz``; not needed
+    by the recipe's defaults.
+    """
+    spec = importlib.util.find_spec("moses")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError('MOSES data needs molsets: pip install molsets --no-deps')
+    import gzip
+
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "dataset" / "data" / f"{split}.csv.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"molsets is installed but {path} is missing")
+    lines = gzip.open(path, "rt").read().splitlines()
+    return [line.split(",")[0] for line in lines[1:] if line]
+
+
+def split_by_hash(smiles_list, val_fraction: float = 0.1):
+    """(train, validation): a molecule goes to validation when CRC32(canonical SMILES) falls in the bottom fraction."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")
+    train, val = [], []
+    for smi in smiles_list:
+        (val if zlib.crc32(smi.encode()) % 10_000 < val_fraction * 10_000 else train).append(smi)
+    return train, val
+
+
+# --- batches ------------------------------------------------------------------------------------------------
+
+def pad_rows(ids_list, seq_len: int, pad_id: int):
+    """Each id array cut to its first ``seq_len`` ids and right-padded; returns (tokens, real)."""
+    tokens = np.full((len(ids_list), seq_len), pad_id, np.int32)
+    for row, ids in enumerate(ids_list):
+        tokens[row, :min(len(ids), seq_len)] = ids[:seq_len]
+    return tokens, tokens != pad_id
+
+
+class CausalLMBatches:
+    """Seeded next-token batches ``{"inputs", "mask"}`` over encoded molecules (bos ... eos).
+
+    ``batch(step)`` is a pure function of (seed, step): a resumed run sees the batches an
+    uninterrupted run would have seen. The loss predicts token t+1 from tokens up to t.
+    """
+
+    def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0):
+        if batch_size <= 0 or seq_len < 2:
+            raise ValueError(f"batch_size={batch_size} must be > 0 and seq_len={seq_len} >= 2")
+        if not encoded:
+            raise ValueError("no molecules to batch")
+        self.encoded, self.pad_id = list(encoded), pad_id
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+
+    def _make(self, ids_list):
+        tokens, real = pad_rows(ids_list, self.seq_len, self.pad_id)
+        return {"inputs": tokens, "mask": real}
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        picks = rng.integers(0, len(self.encoded), self.batch_size)
+        return self._make([self.encoded[i] for i in picks])
+
+    def eval_batches(self) -> list[dict]:
+        """Every molecule once, in order; the last batch is filled with empty (all-pad) rows."""
+        out = []
+        for start in range(0, len(self.encoded), self.batch_size):
+            chunk = self.encoded[start:start + self.batch_size]
+            out.append(self._make(chunk + [np.zeros(0, np.int32)] * (self.batch_size - len(chunk))))
+        return out
+
+
+# --- baselines ----------------------------------------------------------------------------------------------
+
+class NGramModel:
+    """Token n-gram LM with add-k smoothing over the tokenizer's predictable ids (all but pad and bos).
+
+    P(w | h) = (c(h, w) + k) / (c(h) + k |V|), h the previous n-1 ids with bos padding the start.
+    """
+
+    def __init__(self, encoded, vocab_size: int, *, n: int = 4, k: float = 0.1, pad_id: int = 0, bos_id: int = 1):
+        if n < 1 or k <= 0:
+            raise ValueError(f"n={n} must be >= 1 and k={k} > 0")
+        self.n, self.k, self.vocab_size, self.bos_id = n, k, vocab_size, bos_id
+        self.support = np.array([i for i in range(vocab_size) if i not in (pad_id, bos_id)])
+        self.counts: dict = collections.defaultdict(collections.Counter)
+        for ids in encoded:
+            for ctx, w in self._events(ids):
+                self.counts[ctx][w] += 1
+
+    def _events(self, ids):
+        ids = [int(i) for i in ids]
+        body = ids[1:] if ids and ids[0] == self.bos_id else ids
+        padded = [self.bos_id] * (self.n - 1) + body
+        for t in range(len(body)):
+            yield tuple(padded[t:t + self.n - 1]), body[t]
+
+    def probs(self, context) -> np.ndarray:
+        """Next-id distribution over the whole vocabulary (zero on pad and bos) after ``context``."""
+        context = [self.bos_id] * (self.n - 1) + [int(i) for i in context]
+        ctx = tuple(context[len(context) - (self.n - 1):]) if self.n > 1 else ()
+        counts = self.counts.get(ctx, {})
+        p = np.zeros(self.vocab_size)
+        p[self.support] = self.k
+        for w, c in counts.items():
+            p[w] += c
+        return p / p.sum()
+
+    def log_prob(self, ctx, w) -> float:
+        counts = self.counts.get(ctx, {})
+        return math.log((counts.get(w, 0) + self.k) / (sum(counts.values()) + self.k * len(self.support)))
+
+    def perplexity(self, encoded) -> float:
+        """exp(mean NLL per predicted token) over molecules encoded bos ... eos (every token after bos)."""
+        nll, n = 0.0, 0
+        for ids in encoded:
+            for ctx, w in self._events(ids):
+                nll -= self.log_prob(ctx, w)
+                n += 1
+        return math.exp(nll / n)
+
+    def sample(self, num: int, tokenizer, *, max_len: int = 128, seed: int = 0) -> list[str]:
+        """``num`` SMILES drawn token by token until eos or ``max_len`` tokens."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(num):
+            ids = []
+            while len(ids) < max_len:
+                w = int(rng.choice(self.vocab_size, p=self.probs(ids)))
+                if w == tokenizer.eos_id:
+                    break
+                ids.append(w)
+            out.append(tokenizer.decode(ids))
+        return out
+
+
+def unigram_perplexity(train_encoded, val_encoded, vocab_size: int, pad_id: int = 0, bos_id: int = 1) -> float:
+    """Perplexity on the validation tokens (after bos) of the training split's add-one token frequencies."""
+    return NGramModel(train_encoded, vocab_size, n=1, k=1.0, pad_id=pad_id, bos_id=bos_id).perplexity(val_encoded)
+
+
+# --- generation metrics -------------------------------------------------------------------------------------
+
+def generation_metrics(samples, train_smiles, *, diversity: bool = False) -> dict:
+    """Validity, uniqueness and novelty of sampled SMILES (the MOSES / GuacaMol definitions).
+
+    validity: fraction of samples RDKit parses (non-empty); uniqueness: distinct canonical
+    SMILES / valid; novelty: distinct valid molecules absent from ``train_smiles`` (canonical) /
+    distinct valid. ``diversity=True`` adds the internal diversity 1 - mean pairwise Tanimoto
+    similarity of Morgan fingerprints (radius 2, 2048 bits) over the distinct valid molecules.
+    """
+    samples = list(samples)
+    if not samples:
+        raise ValueError("generation_metrics needs at least one sample")
+    valid = [c for c in (canonical(s, largest_fragment=False) if s else None for s in samples) if c]
+    unique = set(valid)
+    train = set(train_smiles)
+    out = {"validity": len(valid) / len(samples),
+           "uniqueness": len(unique) / len(valid) if valid else 0.0,
+           "novelty": len(unique - train) / len(unique) if unique else 0.0}
+    if diversity:
+        out["internal_diversity"] = internal_diversity(sorted(unique))
+    return out
+
+
+def internal_diversity(smiles_list) -> float:
+    """1 - mean Tanimoto similarity over distinct pairs of Morgan fingerprints (radius 2, 2048 bits)."""
+    from rdkit import Chem, DataStructs
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    fps = [gen.GetFingerprint(Chem.MolFromSmiles(s)) for s in smiles_list]
+    if len(fps) < 2:
+        return 0.0
+    total = sum(sum(DataStructs.BulkTanimotoSimilarity(fps[i], fps[i + 1:])) for i in range(len(fps) - 1))
+    return 1.0 - total / (len(fps) * (len(fps) - 1) / 2)

@@ -1,0 +1,238 @@
+"""smiles-lm: the atom-level tokenizer, the rdkit corpus and its batches, the n-gram baseline, the
+generation metrics against hand-made lists, greedy sampling against a plain decoding loop, and the
+recipe trained through the CLI and the train loop under the shared technique flags."""
+
+import math
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sciscale_jax import cli
+from sciscale_jax.data import smiles as sm
+from sciscale_jax.recipes import smiles_lm
+from sciscale_jax.train import TrainConfig, train
+
+rdkit = pytest.importorskip("rdkit", reason='smiles-lm needs rdkit: pip install -e ".[chem]"')
+
+TRICKY = ["C[C@@H](N)C(=O)O", "c1cc[nH+]cc1", "C%10CCCCCCCCC%10", "ClCCBr", "[13CH3]C(Cl)(Br)I",
+          "C1=CC=CC=C1.[Na+].[Cl-]", "F/C=C\\F", "N#CC#N", "[Fe+2]", "O=[N+]([O-])c1ccc2c(c1)C%11CC2%11"]
+
+
+def test_tokens_of_tricky_smiles():
+    assert sm.tokenize("C%10CC%10") == ["C", "%10", "C", "C", "%10"]
+    assert sm.tokenize("[nH+]c1") == ["[nH+]", "c", "1"]
+    assert sm.tokenize("ClC(Br)c") == ["Cl", "C", "(", "Br", ")", "c"]
+    assert sm.tokenize("C l") == ["C", " ", "l"]  # not chlorine
+    assert sm.tokenize("CCl") == ["C", "Cl"] and sm.tokenize("Cc") == ["C", "c"]
+    assert sm.tokenize("[C@@H](F)/C=C\\B") == ["[C@@H]", "(", "F", ")", "/", "C", "=", "C", "\\", "B"]
+    assert sm.tokenize("[13CH3]Sc1") == ["[13CH3]", "S", "c", "1"]
+
+
+def test_regex_covers_any_string():
+    rng = np.random.default_rng(0)
+    alphabet = list("CNOSPFIBrcnosl()[]=#$:/\\@+-.%0123456789 Hxyz") + ["Cl", "Br", "[nH]", "%12"]
+    for _ in range(300):
+        s = "".join(rng.choice(alphabet, size=rng.integers(0, 30)))
+        assert "".join(sm.tokenize(s)) == s
+    for s in TRICKY:
+        assert "".join(sm.tokenize(s)) == s
+
+
+def test_tokenizer_round_trip_and_unknown_tokens():
+    tok = sm.SmilesTokenizer.from_smiles(TRICKY)
+    assert tok.tokens[:4] == sm.SPECIALS
+    for s in TRICKY:
+        ids = tok.encode(s)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and ids.dtype == np.int32
+        assert len(ids) == len(sm.tokenize(s)) + 2
+        assert tok.decode(ids) == s
+    ids = tok.encode("C[Xe]C")  # [Xe] never seen
+    assert ids.tolist()[2] == tok.unk_id and tok.decode(ids) == "C?C"
+    # decode stops at eos; padding after it is ignored
+    assert tok.decode(np.concatenate([tok.encode("CCO"), [tok.pad_id] * 3])) == "CCO"
+    with pytest.raises(ValueError, match="distinct"):
+        sm.SmilesTokenizer(["C", "C"])
+
+
+def test_rdkit_corpus_is_canonical_deduplicated_and_split_by_hash():
+    mols = sm.load_molecules()
+    assert len(mols) > 15_000 and len(set(mols)) == len(mols)
+    from rdkit import Chem
+
+    for s in mols[::997]:  # canonical: writing them again changes nothing; single fragment
+        assert Chem.MolToSmiles(Chem.MolFromSmiles(s)) == s and "." not in s
+        assert "".join(sm.tokenize(s)) == s
+    train, val = sm.split_by_hash(mols, 0.1)
+    assert not set(train) & set(val) and len(train) + len(val) == len(mols)
+    assert 0.08 < len(val) / len(mols) < 0.12
+    assert sm.split_by_hash(mols[::-1], 0.1)[1] == val[::-1]  # order does not decide the side
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    tok = sm.SmilesTokenizer.from_smiles(TRICKY)
+    enc = [tok.encode(s) for s in TRICKY]
+    a = sm.CausalLMBatches(enc, tok.pad_id, batch_size=5, seq_len=24, seed=3)
+    b = sm.CausalLMBatches(enc, tok.pad_id, batch_size=5, seq_len=24, seed=3)
+    for step in (0, 7):
+        for k in ("inputs", "mask"):
+            np.testing.assert_array_equal(a.batch(step)[k], b.batch(step)[k])
+    assert not np.array_equal(a.batch(0)["inputs"], a.batch(1)["inputs"])
+    batch = a.batch(2)
+    assert (batch["inputs"][:, 0] == tok.bos_id).all()
+    np.testing.assert_array_equal(batch["mask"], batch["inputs"] != tok.pad_id)
+    rows = {tok.decode(r) for r in batch["inputs"]}
+    assert rows <= set(TRICKY)
+    evals = sm.CausalLMBatches(enc, tok.pad_id, batch_size=4, seq_len=24).eval_batches()
+    decoded = [tok.decode(r) for e in evals for r, m in zip(e["inputs"], e["mask"]) if m.any()]
+    assert decoded == TRICKY and sum(int(e["mask"].any(1).sum()) for e in evals) == len(TRICKY)
+
+
+def test_ngram_probabilities_sum_to_one_and_match_counts():
+    rng = np.random.default_rng(1)
+    vocab = 9
+    enc = [np.concatenate([[1], rng.integers(3, vocab, rng.integers(2, 9)), [2]]) for _ in range(40)]
+    k = 0.3
+    model = sm.NGramModel(enc, vocab, n=3, k=k)
+    for ctx in ([], [5], [4, 7], [8, 8, 8]):
+        p = model.probs(ctx)
+        assert p.sum() == pytest.approx(1.0, abs=1e-12) and p[0] == 0.0 and p[1] == 0.0
+    # plain counting: how often does id w follow the context (4, 7) in the padded sequences?
+    follows = np.zeros(vocab)
+    for ids in enc:
+        seq = [1, 1] + list(ids[1:])
+        for t in range(2, len(seq)):
+            if seq[t - 2:t] == [4, 7]:
+                follows[seq[t]] += 1
+    expected = np.where(np.isin(np.arange(vocab), [0, 1]), 0.0, follows + k) / (follows.sum() + k * (vocab - 2))
+    np.testing.assert_allclose(model.probs([3, 4, 7]), expected, rtol=1e-12)
+    # perplexity = exp(mean NLL) of every token after bos, written plainly with probs()
+    nll = [-math.log(model.probs(list(ids[1:t]))[ids[t]]) for ids in enc[:5] for t in range(1, len(ids))]
+    assert model.perplexity(enc[:5]) == pytest.approx(math.exp(np.mean(nll)), rel=1e-10)
+
+
+def test_generation_metrics_on_hand_made_lists():
+    samples = ["C1CC", "CCO", "OCC", "c1ccccc1", "CCO", "", "C(C"]
+    m = sm.generation_metrics(samples, ["CCO"], diversity=True)
+    assert m["validity"] == pytest.approx(4 / 7)          # C1CC (open ring), '' and C(C do not parse
+    assert m["uniqueness"] == pytest.approx(2 / 4)        # CCO, OCC, CCO are one molecule
+    assert m["novelty"] == pytest.approx(1 / 2)           # benzene is new, ethanol is not
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    a, b = (set(gen.GetFingerprint(Chem.MolFromSmiles(s)).GetOnBits()) for s in ("CCO", "c1ccccc1"))
+    assert m["internal_diversity"] == pytest.approx(1 - len(a & b) / len(a | b))
+    assert sm.generation_metrics(["C1CC"], [])["validity"] == 0.0
+
+
+def test_greedy_sampling_matches_a_plain_decoding_loop():
+    tok = sm.SmilesTokenizer.from_smiles(TRICKY)
+    cfg = smiles_lm.SmilesLMConfig(vocab_size=tok.vocab_size + 3, num_layers=2, num_heads=2, embed_dim=16,
+                                   mlp_dim=32, max_len=16, causal=True)
+    model = smiles_lm.Transformer(cfg, rngs=nnx.Rngs(5))
+    got = smiles_lm.sample(model, tok, 3, max_len=12, top_k=1, batch_size=2)
+    tokens = [tok.bos_id]
+    while len(tokens) < 12:  # full forward on the prefix; argmax over the real, predictable tokens
+        logits = np.asarray(model(np.asarray([tokens], np.int32)))[0, -1].astype(np.float64)
+        logits[[tok.pad_id, tok.bos_id]] = -np.inf
+        logits[tok.vocab_size:] = -np.inf
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] == tok.eos_id:
+            break
+    assert got == [tok.decode(tokens)] * 3
+    drawn = smiles_lm.sample(model, tok, 4, max_len=12, temperature=1.5, seed=1)
+    assert drawn == smiles_lm.sample(model, tok, 4, max_len=12, temperature=1.5, seed=1) and len(set(drawn)) > 1
+    with pytest.raises(ValueError, match="temperature=0"):
+        smiles_lm.sample(model, tok, 2, max_len=8, temperature=0)
+
+
+# --- the recipe through the CLI and the train loop ----------------------------------------------------------
+
+TINY = ["--molecules", "1200", "--layers", "2", "--heads", "2", "--embed-dim", "32", "--mlp-dim", "64",
+        "--seq-len", "48", "--batch-size", "16", "--warmup-steps", "5", "--no-progress"]
+
+
+def test_cli_train_beats_the_unigram_baseline(tmp_path, capsys):
+    assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "run"), "--steps", "60", "--lr", "5e-3",
+                     "--eval-every", "30", "--save-every", "30", *TINY]) == 0
+    out = capsys.readouterr().out
+    ppl = float(re.search(r"validation loss [\d.]+, ppl ([\d.]+)", out).group(1))
+    unigram = float(re.search(r"baseline unigram_ppl: ([\d.]+)", out).group(1))
+    assert re.search(r"baseline ngram[345]_ppl: ", out)
+    assert ppl < unigram, out
+
+
+def test_missing_rdkit_names_the_extra(tmp_path, monkeypatch, capsys):
+    find_spec = sm.importlib.util.find_spec
+    monkeypatch.setattr(sm.importlib.util, "find_spec", lambda name, *a: None if name == "rdkit" else find_spec(name, *a))
+    assert cli.main(["train", "smiles-lm", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.strip() == 'sciscale: error: SMILES data needs rdkit: pip install -e ".[chem]"'
+
+
+def _train(tmp_path, name, steps=4, resume=False, model=(), **over):
+    args = ["smiles-lm", *TINY, *model]
+    recipe, model_cfg, train_cfg = cli.build_configs(args)
+    cfg = TrainConfig(**{**train_cfg.to_dict(), "steps": steps, "eval_every": 1000, "save_every": 2,
+                         "log_every": 1, **over})
+    return train(recipe, model_cfg, cfg, tmp_path / name, resume=resume, progress=False, log=lambda *_: None)
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def test_recipe_resumes_bit_identically_with_full_remat(tmp_path):
+    full = _train(tmp_path, "full", model=["--remat", "full"])
+    _train(tmp_path, "split", model=["--remat", "full"])
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "4")  # as if killed after the step-2 checkpoint
+    resumed = _train(tmp_path, "split", resume=True, model=["--remat", "full"])
+    for a, b in zip(_leaves(full["state"]), _leaves(resumed["state"])):
+        np.testing.assert_array_equal(a, b)
+    plain = _train(tmp_path, "plain")  # remat changes memory, not the math
+    for a, b in zip(_leaves(full["state"]), _leaves(plain["state"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,over,rtol", [
+    (["--attention", "chunked"], {}, 2e-4),
+    ([], {"grad_accum": 2}, 2e-4),
+    ([], {"mesh": "data=2,fsdp=2,tensor=2", "zero": 3}, 2e-4),
+])
+def test_techniques_match_the_plain_run(tmp_path, flags, over, rtol):
+    plain = _train(tmp_path, "plain", steps=3)
+    other = _train(tmp_path, "other", steps=3, model=flags, **over)
+    for a, b in zip(_leaves(plain["state"]), _leaves(other["state"])):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-5)
+    assert other["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_bf16_trains_close_to_fp32(tmp_path):
+    plain = _train(tmp_path, "plain", steps=8)
+    bf16 = _train(tmp_path, "bf16", steps=8, model=["--precision", "bf16"])
+    assert math.isfinite(bf16["val_loss"]) and bf16["val_loss"] == pytest.approx(plain["val_loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "smiles_lm.py"
+    spec = importlib.util.spec_from_file_location("smiles_lm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
+                         "--json", str(tmp_path / "figures.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| model |" in out and "| ngram |" in out
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for who in ("model", "ngram"):
+        assert all(0.0 <= figures[who][k] <= 1.0 for k in ("validity", "uniqueness", "novelty"))
