@@ -138,6 +138,6 @@ RECIPE = Recipe(
     model_defaults=dict(c_m=32, c_z=16, msa_heads=4, msa_head_dim=8, pair_heads=2, pair_head_dim=8,
                         opm_channels=8, tri_mul_channels=16, num_blocks=2, target_feat_dim=msa_data.NUM_CLASSES,
                         msa_feat_dim=msa_data.NUM_CLASSES, num_seq=16),
-    train_defaults=dict(steps=300, batch_size=4, seq_len=48, learning_rate=1e-3, warmup_steps=30,
-                        eval_every=100, save_every=100),
+    train_defaults=dict(steps=500, batch_size=4, seq_len=48, learning_rate=3e-3, warmup_steps=50,
+                        eval_every=250, save_every=250),
 )
