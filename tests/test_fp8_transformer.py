@@ -79,7 +79,7 @@ def test_fp8_transformer_learns_context_beyond_the_floor():
     paths = fp8_paths(model)
     tx = optax.adam(1e-2)
     graphdef, state = init_train_state(model, tx)
-    step = jax.jit(make_train_step(graphdef, tx, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
+    step = jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=fp8_grad_fn(graphdef, mlm_loss, paths)))
     for i in range(60):
         state, _ = step(state, task.batch(i))
     held_out = RepeatedSymbolTask(num_symbols=8, batch_size=64, seq_len=12, mask_id=1, first_symbol=3, seed=1)

@@ -6,6 +6,7 @@ small Transformer with AdamW. Per-device bytes come from the compiled memory ana
 the shapes in the compiled HLO; the expected sizes come from counting the parameters here.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 
 from sciscale_jax import parallel
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
-from sciscale_jax.train.sharding import compile_train_step, plan_placement
+from sciscale_jax.train.sharding import compile_train_step, plan_placement, resolve_strategy
 from sciscale_jax.train.step import init_train_state, make_train_step
 
 N = 8
@@ -44,11 +45,12 @@ def _batch(seed=0, size=16):
 
 
 def _setup(mesh_spec, zero, tx=None):
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    cfg = dataclasses.replace(CFG, sharding=resolve_strategy(mesh_spec))  # as the loop builds the model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
     tx = tx or optax.adamw(1e-2)
     axes = parallel.param_axes(model)
     graphdef, state = init_train_state(model, tx)
-    place = plan_placement(mesh_spec, "auto", zero, state, axes, tx, _batch())
+    place = plan_placement(mesh_spec, cfg.sharding, zero, state, axes, tx, _batch(), model_sharding=cfg.sharding)
     step = make_train_step(graphdef, tx, loss_fn=causal_loss, **place.step_kwargs())
     return graphdef, tx, state, place, step
 

@@ -111,6 +111,13 @@ def with_logical_constraint(x, axes, rules, mesh=None):
         if mesh.empty:
             return x
     spec = logical_to_mesh(axes, rules, mesh)
+    manual = {a for a, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+              if t == jax.sharding.AxisType.Manual}
+    if manual:  # inside shard_map those axes are already split by hand: constrain only the others
+        keep = lambda e: tuple(n for n in ((e,) if isinstance(e, str) else (e or ())) if n not in manual)  # noqa: E731
+        spec = P(*[(k[0] if len(k) == 1 else (k or None)) for k in map(keep, spec)])
+        if all(e is None for e in spec):
+            return x
     check_divisible(x.shape, spec, mesh, f"activation {tuple(axes)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
