@@ -239,7 +239,6 @@ def test_gpu_float32_and_fully_masked_rows():
 
 
 def test_front_door_flash_matches_xla():
-    import sciscale_jax.attention.flash  # noqa: F401  (registers "flash")
     from sciscale_jax.attention.core import available, dot_product_attention
 
     assert "flash" in available()

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import sciscale_jax.parallel  # noqa: F401  (registers "ulysses" and "ring")
 from sciscale_jax.parallel import ParallelConfig, make_mesh, rules_for
 
 from test_parallel_model import run

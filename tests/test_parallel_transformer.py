@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-import sciscale_jax.parallel  # noqa: F401  (registers "ring" and "ulysses")
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_axes, rules_for, train_shardings
 
