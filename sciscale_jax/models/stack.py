@@ -24,10 +24,9 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from sciscale_jax import attention, parallel, remat
+from sciscale_jax import _validate, attention, parallel, remat
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.precision.policy import POLICIES, get_policy
 from sciscale_jax.quant.registry import QUANT_SCHEMES, make_matmul
@@ -68,14 +67,7 @@ class Techniques:
             object.__setattr__(self, "dtype", policy.compute_dtype)
             object.__setattr__(self, "param_dtype", policy.param_dtype)
         for name in ("dtype", "param_dtype"):  # by name, so configs compare and serialise
-            value = getattr(self, name)
-            try:
-                dtype = jnp.dtype(value)
-            except TypeError:
-                raise ValueError(f"{name}={value!r} is not a dtype") from None
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"{name}={value!r} must be a floating dtype")
-            object.__setattr__(self, name, dtype.name)
+            object.__setattr__(self, name, _validate.float_dtype(getattr(self, name), name))
 
     @property
     def techniques(self) -> Techniques:

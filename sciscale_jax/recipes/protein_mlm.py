@@ -113,9 +113,7 @@ def build_data(train_cfg, model_cfg=None) -> Data:
     return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines(train, evals, train_ids, tok))
 
 
-def check(model_cfg, train_cfg, data) -> None:
-    if train_cfg.seq_len > model_cfg.max_len:
-        raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_len={model_cfg.max_len}")
+def check(model_cfg, train_cfg, data) -> None:  # seq_len vs max_len: train.validate.check_run
     if model_cfg.vocab_size < data.vocab_size:
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the data's {data.vocab_size}")
 
