@@ -157,9 +157,10 @@ def compiler_options(backend: str | None = None) -> dict:
     ``jax.checkpoint`` keeps the recomputation apart from the forward pass with optimization
     barriers. XLA's CPU pipeline expands those barriers before scheduling and common
     subexpression elimination, which then merge the recomputation back into the forward pass:
-    on an unscanned layer stack every policy compiles to the same buffers as "none". Keeping
-    the barriers (the ``cse_barrier_expander`` pass off) restores the policy; GPU and TPU
-    pipelines expand them only after scheduling, so they need nothing. Pass the result to
+    on an unscanned layer stack every policy compiles to nearly the buffers of "none". Keeping
+    the barriers (the ``cse_barrier_expander`` pass off) restores the policy. On other backends
+    nothing is changed; whether their pipelines need the same is not yet measured (the
+    ``remat_paths`` step of ``benchmarks/gpu_check.sh``). Pass the result to
     ``jax.jit(f).lower(...).compile(compiler_options)``.
     """
     backend = backend or jax.default_backend()
