@@ -80,6 +80,23 @@ def step_memory(cfg: EvoformerConfig, n_seq: int, n_res: int) -> int:
     return compiled_memory(step, params, opt_state, m, z, msa_mask, pair_mask).peak_bytes
 
 
+def largest_crop(cfg: EvoformerConfig, budget: float, n_seq: int = 128, step: int = 32) -> tuple[int, int]:
+    """Largest N_res (a multiple of ``step``) whose training step peaks within ``budget`` bytes,
+    by doubling then bisection (peak memory grows monotonically with N_res)."""
+    fits = lambda n: step_memory(cfg, n_seq, n)
+    lo, lo_peak = 0, 0
+    hi = step * 4
+    while (peak := fits(hi)) <= budget:
+        lo, lo_peak, hi = hi, peak, hi * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if (peak := fits(mid)) <= budget:
+            lo, lo_peak = mid, peak
+        else:
+            hi = mid
+    return lo, lo_peak
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crops", nargs="+", default=["128x256", "128x384"], help="N_seq x N_res")
@@ -88,6 +105,9 @@ def main():
     parser.add_argument("--scaling", nargs="*", type=int, default=[64, 128, 192, 256],
                         help="N_res values (N_seq 128, one block) for the growth fit; empty to skip")
     parser.add_argument("--variants", nargs="*", default=None, help="a subset of the variant names")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="find the largest N_res (N_seq 128, one block, multiple of 32) whose step fits "
+                             "this many GiB, naive and all")
     parser.add_argument("--out", default="evoformer_memory")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -125,11 +145,21 @@ def main():
             p = float(np.polyfit(np.log([a for a, _ in pts]), np.log([b for _, b in pts]), 1)[0])
             fits[name] = p
             lines.append(f"| {name} | p = {p:.2f} |")
+    largest = {}
+    if args.budget_gib:
+        budget = args.budget_gib * 1024**3
+        for name in ("naive", "+bf16 (all)"):
+            cfg = EvoformerConfig(num_blocks=1, **variants(args.chunk)[name])
+            largest[name] = largest_crop(cfg, budget)
+            print(f"largest N_res under {args.budget_gib:g} GiB, {name}: {largest[name]}", flush=True)
+        lines += ["", f"| variant | largest N_res (multiple of 32, N_seq 128, one block) within {args.budget_gib:g} GiB |",
+                  "|---|---|"] + [f"| {k} | {v[0]} ({v[1] / MiB:,.0f} MiB) |" for k, v in largest.items()]
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(
-        dict(device=device, chunk=args.chunk, rows=rows, scaling=scaling, fits=fits), indent=1))
+        dict(device=device, chunk=args.chunk, rows=rows, scaling=scaling, fits=fits,
+             budget_gib=args.budget_gib, largest=largest), indent=1))
     (RESULTS / f"{args.out}.md").write_text(table + "\n")
     try:
         import matplotlib
