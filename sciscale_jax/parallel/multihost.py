@@ -24,13 +24,18 @@ process's devices. This module holds the three pieces a run needs on top of that
 from __future__ import annotations
 
 import math
+import os
 import re
+import socket
+import sys
+import threading
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
 DCN_AXES = ("data", "pipeline", "fsdp")  # mesh axes that may span processes, most preferred first
+JOIN_MARGIN_S = 10  # the runtime's own join deadline runs this much past ours
 
 
 class DistributedError(RuntimeError):
@@ -73,13 +78,40 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = f"coordinator {coordinator} as process {process_id} of {num_processes}" if coordinator else \
         "the job detected from the environment"
+    # The runtime aborts the process (a C++ fatal error) when joining times out; a watchdog that
+    # fires just before says why in one line and exits with status 1 instead.
+    watchdog = threading.Timer(timeout_s, _join_timed_out, (where, coordinator, num_processes, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids,
-                                   initialization_timeout=timeout_s)
+                                   initialization_timeout=timeout_s + JOIN_MARGIN_S)
+        count = jax.process_count()  # the devices of every process are known once this returns
     except Exception as err:
         detail = " ".join(str(err).split())[:300]
-        raise DistributedError(f"could not join the jax.distributed job ({where}) within {timeout_s} s: "
-                               f"{type(err).__name__}: {detail}") from None
+        raise DistributedError(f"could not join the jax.distributed job ({where}): {type(err).__name__}: "
+                               f"{detail}") from None
+    finally:
+        watchdog.cancel()
+    if num_processes is not None and count != num_processes:
+        raise DistributedError(f"--num-processes {num_processes} but the job has {count} processes: give every "
+                               "process the same --num-processes")
+
+
+def _join_timed_out(where: str, coordinator: str | None, num_processes: int | None, timeout_s: int) -> None:
+    reason = "not every process joined"
+    if coordinator is not None:
+        host, _, port = coordinator.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            reason = (f"the coordinator answers but not all {num_processes} processes joined (one is missing, "
+                      "or the processes were given different --num-processes)")
+        except OSError:
+            reason = f"nothing answers at {coordinator} (is process 0 running there, and the port open?)"
+    sys.stderr.write(f"sciscale: could not join the jax.distributed job ({where}) within {timeout_s} s: "
+                     f"{reason}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def shutdown() -> None:
