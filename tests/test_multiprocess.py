@@ -19,11 +19,8 @@ import numpy as np
 import pytest
 
 from sciscale_jax import cli
-from sciscale_jax.models import Transformer
 from sciscale_jax.parallel import multihost
-from sciscale_jax.train import Checkpointer, build_optimizer, train
-from sciscale_jax.train.step import init_train_state
-from flax import nnx
+from sciscale_jax.train import Checkpointer, train
 
 TINY = ["--layers", "1", "--heads", "2", "--embed-dim", "16", "--mlp-dim", "32", "--seq-len", "24",
         "--batch-size", "8", "--eval-every", "1000", "--log-every", "1", "--no-progress", "--keep", "3",

@@ -85,7 +85,11 @@ class ParallelConfig:
 
 
 def make_mesh(config: ParallelConfig, devices=None) -> Mesh:
-    """A Mesh with axes ``MESH_AXES`` (all Auto) sized by ``config`` over ``devices``."""
+    """A Mesh with axes ``MESH_AXES`` (all Auto) sized by ``config`` over ``devices``.
+
+    In a multi-process job it spans every device of every process, laid out by
+    ``multihost.hybrid_devices`` (data-like axes across processes).
+    """
     devices = list(jax.devices() if devices is None else devices)
     config = config.resolve(len(devices))
     shape = tuple(config.sizes()[name] for name in MESH_AXES)
