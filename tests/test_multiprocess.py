@@ -21,6 +21,7 @@ import pytest
 from sciscale_jax import cli
 from sciscale_jax.parallel import multihost
 from sciscale_jax.train import Checkpointer, train
+from sciscale_jax.train.step import TrainState
 
 TINY = ["--layers", "1", "--heads", "2", "--embed-dim", "16", "--mlp-dim", "32", "--seq-len", "24",
         "--batch-size", "8", "--eval-every", "1000", "--log-every", "1", "--no-progress", "--keep", "3",
@@ -116,14 +117,25 @@ WORKER = textwrap.dedent("""
         np.testing.assert_array_equal(np.asarray(s.data), ref["x"][s.index])
     sums = jax.jit(lambda b: (jnp.sum(b["x"].astype(jnp.float32) ** 2), jnp.sum(b["y"])))(batch)
     print("SUMS", float(sums[0]), int(sums[1]), flush=True)
+
+    # every process writes its shards of a sharded state; the test restores it in one process
+    from sciscale_jax.train.checkpoint import Checkpointer
+    from sciscale_jax.train.step import TrainState
+    w = np.random.default_rng(11).normal(size=(8, 6)).astype(np.float32)
+    put = lambda value, sharding: jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+    state = TrainState(put(np.array(3, np.int32), NamedSharding(mesh, P())), {"w": put(w, sh["x"])}, {},
+                       {"mu": put(2 * w, NamedSharding(mesh, P(("data", "tensor"), "fsdp")))})
+    ckpt = Checkpointer(sys.argv[3], keep=1, save_every=1, log=lambda *_: None)
+    assert ckpt.save(state, force=True)
+    ckpt.close()
     multihost.shutdown()
 """)
 
 
-def test_two_processes_build_a_hybrid_mesh_and_one_global_batch(tmp_path):
+def test_two_processes_build_a_hybrid_mesh_a_global_batch_and_a_checkpoint(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    procs = _launch(lambda i, port: [sys.executable, str(script), str(port), str(i)])
+    procs = _launch(lambda i, port: [sys.executable, str(script), str(port), str(i), str(tmp_path / "run")])
     outs = _wait(procs, timeout=180)
     assert [p.returncode for p in procs] == [0, 0], outs
     x = np.random.default_rng([7, 3]).normal(size=(8, 6)).astype(np.float32)
@@ -135,6 +147,17 @@ def test_two_processes_build_a_hybrid_mesh_and_one_global_batch(tmp_path):
         _, sq, total = line.split()
         assert float(sq) == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-5)
         assert int(total) == y_sum
+    # the 2-process checkpoint in this one process, onto another layout (8 devices, rows over all of them)
+    w = np.random.default_rng(11).normal(size=(8, 6)).astype(np.float32)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    like = TrainState(jax.numpy.zeros((), jax.numpy.int32), {"w": jax.device_put(np.zeros_like(w), rows)}, {},
+                      {"mu": jax.device_put(np.zeros_like(w), rows)})
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3"]
+    got = Checkpointer(tmp_path / "run", log=lambda *_: None).restore(like)
+    assert int(got.step) == 3 and got.params["w"].sharding == rows
+    np.testing.assert_array_equal(np.asarray(got.params["w"]), w)
+    np.testing.assert_array_equal(np.asarray(got.opt_state["mu"]), 2 * w)
 
 
 def test_unreachable_coordinator_and_wrong_process_count_fail_with_one_line_in_time(tmp_path):
