@@ -53,8 +53,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     Give all of ``coordinator`` ("host:port", served by process 0), ``num_processes`` and
     ``process_id``, or none of them to let JAX detect the cluster. ``timeout_s`` bounds the
-    wait for every process to connect. ValueError for bad arguments, :class:`DistributedError`
-    (one line) when the job cannot be joined.
+    wait for every process to connect: past it the process prints one line on stderr (whether
+    the coordinator answered) and exits with status 1, where the runtime would abort it.
+    ValueError for bad arguments; :class:`DistributedError` (one line) when the runtime
+    refuses the job or the process count differs from ``num_processes``.
     """
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     unset = [k for k, v in given.items() if v is None]
