@@ -104,10 +104,35 @@ def train_parser(recipe) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    _add_distributed_flags(p)
     groups = {}
     _add_config_flags(p, TrainConfig, recipe.train_defaults, "train", "run", groups)
     _add_config_flags(p, recipe.config_class, recipe.model_defaults, "model", "model", groups)
     return p
+
+
+def _add_distributed_flags(parser) -> None:
+    g = parser.add_argument_group("multi-process (jax.distributed; run one process per host or per GPU)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a jax.distributed job before training; without the three flags below the job is "
+                        "detected from the environment (Slurm, Open MPI, TPU pods, JobSet)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves the job")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
+    g.add_argument("--distributed-timeout", type=int, default=300, metavar="S",
+                   help="seconds to wait for every process to connect before failing (default: 300)")
+
+
+def start_distributed(args) -> None:
+    """``jax.distributed.initialize`` from the ``--distributed`` flags (nothing without ``--distributed``)."""
+    from sciscale_jax.parallel import multihost
+
+    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f, None) is not None]
+    if not getattr(args, "distributed", False):
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --distributed")
+        return
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
 
 
 def build_configs(argv_or_args, recipe=None):
@@ -126,10 +151,18 @@ def build_configs(argv_or_args, recipe=None):
 
 
 def _train(recipe, args) -> int:
+    start_distributed(args)  # before anything touches a device
+    import jax
+
     from sciscale_jax.train import train
 
     recipe, model_cfg, train_cfg = build_configs(args, recipe)
+    if args.distributed and not args.out:
+        raise UsageError("--distributed needs --out (a directory every process reaches)")
     out = args.out or f"runs/{recipe.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if jax.process_index() > 0:  # process 0 prints; the others train silently
+        train(recipe, model_cfg, train_cfg, out, resume=args.resume, force=args.force, progress=False)
+        return 0
     print(f"recipe {recipe.name}: {recipe.description}")
     print("model  " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_cfg).items()))
     print("train  " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(train_cfg).items()))

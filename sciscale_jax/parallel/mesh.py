@@ -85,11 +85,18 @@ class ParallelConfig:
 
 
 def make_mesh(config: ParallelConfig, devices=None) -> Mesh:
-    """A Mesh with axes ``MESH_AXES`` (all Auto) sized by ``config`` over ``devices``."""
+    """A Mesh with axes ``MESH_AXES`` (all Auto) sized by ``config`` over ``devices``.
+
+    In a multi-process job it spans every device of every process, laid out by
+    ``multihost.hybrid_devices`` (data-like axes across processes).
+    """
     devices = list(jax.devices() if devices is None else devices)
     config = config.resolve(len(devices))
-    devices = devices[:config.num_devices]  # a mesh smaller than the devices given uses the first ones
     shape = tuple(config.sizes()[name] for name in MESH_AXES)
+    if jax.process_count() > 1:  # data-like axes across processes, the others within one
+        from sciscale_jax.parallel.multihost import hybrid_devices
+        return Mesh(hybrid_devices(config.sizes(), devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    devices = devices[:config.num_devices]  # a mesh smaller than the devices given uses the first ones
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

@@ -201,8 +201,9 @@ class Checkpointer:
                     _mute_teardown_noise()
                     detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
                     problem = f"its array data cannot be read back: {detail}"
-            if step is not None:
-                raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+            if step is not None or jax.process_count() > 1:  # processes must not rename folders under each other
+                raise CheckpointError(f"checkpoint {path} is damaged: {problem}"
+                                      + ("; move it aside and resume" if step is None else ""))
             aside = self.move_aside(candidate)
             moved.append(aside.name)
             self.log(f"checkpoint {candidate} is damaged ({problem}); moved it to {aside}")
@@ -252,14 +253,15 @@ class Checkpointer:
 
 
 def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,
-                  defaults: dict | None = None) -> None:
+                  defaults: dict | None = None, write: bool = True) -> None:
     """Refuse to start in a directory that holds another run; write ``run_config.json`` otherwise.
 
     - a directory with checkpoints and no ``resume``: refused (starting over would overwrite them);
     - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES``: refused unless ``force``.
     ``defaults`` (same nesting as ``run_config``) gives the value a setting had before it
     existed: a saved config that lacks a field then matches a run that leaves it at its default.
-    Nothing on disk changes before these checks pass.
+    Nothing on disk changes before these checks pass; with ``write=False`` (every process of a
+    multi-process run but the first) nothing is written at all.
     """
     run_dir = pathlib.Path(run_dir)
     run_config = json.loads(json.dumps(run_config))  # compare as it reads back (tuples -> lists)
@@ -277,6 +279,8 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
     if has_checkpoints and not resume:
         raise ValueError(f"output directory {run_dir} already holds checkpoints; pass --resume to continue "
                          "that run, or choose another --out")
+    if not write:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True))

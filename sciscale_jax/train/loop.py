@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sciscale_jax import _validate, optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
+from sciscale_jax.parallel import multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
@@ -138,12 +139,14 @@ def validation_metrics(recipe, metrics_step, params, rest, batches) -> dict:
 
 
 class MetricsLog:
-    """Append-only JSONL log of metrics, one object per line."""
+    """Append-only JSONL log of metrics, one object per line (written by process 0 only)."""
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
 
     def write(self, record: dict):
+        if not multihost.is_primary():
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -152,6 +155,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
           force: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``recipe`` and return a summary dict; see the module docstring."""
     out_dir = pathlib.Path(out_dir)
+    primary = multihost.is_primary()  # in a multi-process run, process 0 alone logs and writes run files
+    progress, log = progress and primary, log if primary else (lambda *a, **k: None)
+    if jax.process_count() > 1 and not train_config.mesh:
+        raise ValueError(f"a multi-process run ({jax.process_count()} processes) needs --mesh over all "
+                         f"{jax.device_count()} devices, e.g. --mesh data={jax.device_count()}")
     rundir.preflight(out_dir, resume=resume)  # --out usable; --resume needs a checkpoint; writes nothing
     cfg = rundir.keep_schedule(out_dir, train_config, resume=resume)  # extending keeps the schedule
     validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
@@ -189,6 +197,10 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
+    batch_at = lambda s: put_batch(data.train.batch(s))  # noqa: E731
+    if jax.process_count() > 1:  # each process builds only the part of the global batch its devices hold
+        shapes = {k: v.shape for k, v in example.items()}
+        batch_at = lambda s: multihost.global_batch(data.train, s, place.batch, shapes)  # noqa: E731
     if offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
         kind = {t: "pinned_host" if t in offload else "device" for t in ("params", "opt_state")}
         state = state._replace(params=host_offload.place(state.params, kind["params"], mesh),
@@ -200,30 +212,35 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": given_config.to_dict(), "train": cfg.to_dict()}
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
-    with rundir.RunLock(out_dir) as lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
-        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)))
-        lock.write_pid()
+    lock = rundir.RunLock(out_dir) if primary else contextlib.nullcontext()
+    with lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
+        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)),
+                      write=primary)
+        if primary:
+            lock.write_pid()
         ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log)
-        ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
+        if primary:
+            ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
+        multihost.barrier("run directory checked")  # no process reads it after process 0 starts writing
         if resume:
             state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-        return _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt,
+        return _train_locked(cfg, recipe, mesh, step, jit_kw, state, batch_at, graphdef, data, ckpt,
                              out_dir, progress, stop, offload)
 
 
-def _train_locked(cfg, recipe, mesh, step, jit_kw, state, put_batch, example, graphdef, data, ckpt, out_dir,
+def _train_locked(cfg, recipe, mesh, step, jit_kw, state, batch_at, graphdef, data, ckpt, out_dir,
                   progress, stop, offload):
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        compiled = jax.jit(step, **jit_kw).lower(state, put_batch(example)).compile(remat.compiler_options())
+        compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
         metrics_fn = recipe.metrics_fn()
         eval_step = make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
         metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-        state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt,
+        state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, data, batch_at, ckpt,
                                       metrics_log, progress, stop)
         if stop.requested:  # saved at a step boundary: say where to resume from
             raise RunInterrupted(stop.signum, f"stopped by {stop.name} after step {int(state.step)}; checkpoint "
@@ -276,7 +293,7 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
                            offload=offload, **placement_kwargs)
 
 
-def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_log, progress, stop=None):
+def _loop(cfg, recipe, compiled, eval_fn, state, data, batch_at, ckpt, metrics_log, progress, stop=None):
     """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
@@ -285,7 +302,7 @@ def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_
     for step in bar:
         if stop is not None and stop.requested:  # a signal came: stop at this step boundary
             break
-        state, metrics = compiled(state, put_batch(data.train.batch(step)))
+        state, metrics = compiled(state, batch_at(step))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -295,7 +312,9 @@ def _loop(cfg, recipe, compiled, eval_fn, state, data, put_batch, ckpt, metrics_
         if done % cfg.eval_every == 0 and done != cfg.steps:
             val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
             metrics_log.write({"step": done, **val})
-            bar.write(f"step {done}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if multihost.is_primary():
+                bar.write(f"step {done}: train loss {train_loss:.4f}  "
+                          + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
         ckpt.save(state)
     bar.close()
     if ckpt.latest_step() != int(state.step):
