@@ -91,6 +91,51 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert decoded == TRICKY and sum(int(e["mask"].any(1).sum()) for e in evals) == len(TRICKY)
 
 
+def test_packed_batches_hold_whole_molecules_end_to_end():
+    tok = sm.SmilesTokenizer.from_smiles(TRICKY)
+    enc = [tok.encode(s) for s in TRICKY]
+    packed = sm.CausalLMBatches(enc, tok.pad_id, batch_size=4, seq_len=37, seed=5, pack=True)
+    batch = packed.batch(3)
+    assert batch["inputs"].shape == (4, 37) and batch["mask"].all()  # no padding anywhere
+    np.testing.assert_array_equal(batch["inputs"], packed.batch(3)["inputs"])
+    for row in batch["inputs"].tolist():
+        assert row[0] == tok.bos_id
+        pieces = [p for p in ",".join(map(str, row)).split(f",{tok.bos_id},")]  # molecules after the first
+        segments = [[int(x) for x in p.split(",") if x] for p in pieces]
+        segments[0] = segments[0][1:]  # the leading bos
+        for seg in segments[:-1]:  # every molecule but the last is whole: its tokens, then eos
+            assert seg[-1] == tok.eos_id and tok.decode(seg) in TRICKY
+        last = tok.decode(segments[-1])  # the last one is cut at the row's end
+        assert any(s.startswith(last) for s in TRICKY)
+
+
+def test_corpus_cache_is_used_checked_and_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "mols.smi"
+    src.write_text("OCC ethanol\nc1ccccc1 benzene\nCCO dup\n[Na+].[Cl-].CC(=O)O salt\n")
+    expected = ["CCO", "c1ccccc1", "CC(=O)O"]  # canonical, deduplicated, largest fragment
+    sm._load.cache_clear()
+    assert sm.load_molecules([src]) == expected
+    (cached,) = (tmp_path / "cache").glob("smiles-*.json")
+    sm._load.cache_clear()
+    real = sm._canonicalize_files
+    monkeypatch.setattr(sm, "_canonicalize_files", lambda paths: pytest.fail("the cache was not used"))
+    assert sm.load_molecules([src]) == expected and capsys.readouterr().err == ""
+    monkeypatch.setattr(sm, "_canonicalize_files", real)
+    good = cached.read_text()
+    for damaged, why in [(good[: len(good) // 2], "unreadable"), (good.replace("c1ccccc1", "c1ccncc1"), "checksum"),
+                         ("", "unreadable")]:
+        cached.write_text(damaged)
+        sm._load.cache_clear()
+        assert sm.load_molecules([src]) == expected
+        assert why in capsys.readouterr().err
+        assert cached.read_text() == good  # rebuilt whole
+    src.write_text("CCN\n")  # other sources: another cache file
+    sm._load.cache_clear()
+    assert sm.load_molecules([src]) == ["CCN"] and len(list((tmp_path / "cache").glob("smiles-*.json"))) == 2
+    sm._load.cache_clear()
+
+
 def test_ngram_probabilities_sum_to_one_and_match_counts():
     rng = np.random.default_rng(1)
     vocab = 9
