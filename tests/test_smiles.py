@@ -201,14 +201,32 @@ TINY = ["--molecules", "1200", "--layers", "2", "--heads", "2", "--embed-dim", "
         "--seq-len", "48", "--batch-size", "16", "--warmup-steps", "5", "--no-progress"]
 
 
-def test_cli_train_beats_the_unigram_baseline(tmp_path, capsys):
+def test_cli_train_beats_the_unigram_baseline_and_scores_samples(tmp_path, capsys):
     assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "run"), "--steps", "60", "--lr", "5e-3",
-                     "--eval-every", "30", "--save-every", "30", *TINY]) == 0
+                     "--eval-every", "30", "--save-every", "30", "--samples", "40", *TINY]) == 0
     out = capsys.readouterr().out
     ppl = float(re.search(r"validation loss [\d.]+, ppl ([\d.]+)", out).group(1))
     unigram = float(re.search(r"baseline unigram_ppl: ([\d.]+)", out).group(1))
     assert re.search(r"baseline ngram[345]_ppl: ", out)
     assert ppl < unigram, out
+    assert "40 sampled SMILES scored by RDKit" in out
+    rows = re.findall(r"\| (smiles-lm, temperature 0.8|smiles-lm, temperature 1.0|token \d-gram baseline) \| "
+                      r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out)
+    assert len(rows) == 3, out
+    assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row[1:])
+
+
+def test_combined_technique_flags_train_on_eight_devices(tmp_path, capsys):
+    """bf16, full remat, chunked attention, a 3-axis mesh with ZeRO-3 and gradient accumulation in one run
+    (flash attention, compiled in Pallas interpret mode on CPU, is the slow parametrisation below)."""
+    assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "run"), "--steps", "4", "--lr", "5e-3",
+                     "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--samples", "0", *TINY, "--precision", "bf16",
+                     "--remat", "full", "--attention", "chunked", "--mesh", "data=2,fsdp=2,tensor=2", "--zero", "3",
+                     "--grad-accum", "2"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"validation loss ([\d.]+)", out)]
+    first = float(re.search(r"step 2: train loss [\d.]+ +val_loss ([\d.]+)", out).group(1))
+    assert math.isfinite(losses[-1]) and losses[-1] < first, out  # it learns between the two evaluations
 
 
 def test_missing_rdkit_names_the_extra(tmp_path, monkeypatch, capsys):
@@ -246,6 +264,7 @@ def test_recipe_resumes_bit_identically_with_full_remat(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,over,rtol", [
     (["--attention", "chunked"], {}, 2e-4),
+    (["--attention", "flash"], {}, 2e-4),
     ([], {"grad_accum": 2}, 2e-4),
     ([], {"mesh": "data=2,fsdp=2,tensor=2", "zero": 3}, 2e-4),
 ])
@@ -264,20 +283,34 @@ def test_bf16_trains_close_to_fp32(tmp_path):
     assert math.isfinite(bf16["val_loss"]) and bf16["val_loss"] == pytest.approx(plain["val_loss"], rel=0.05)
 
 
-@pytest.mark.slow
-def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+def _example():
     import importlib.util
-    import json
     import pathlib
 
     path = pathlib.Path(__file__).parents[1] / "examples" / "smiles_lm.py"
     spec = importlib.util.spec_from_file_location("smiles_lm_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    assert example.main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
-                         "--json", str(tmp_path / "figures.json")]) == 0
+    return example
+
+
+def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+    import json
+
+    assert _example().main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
+                            "--json", str(tmp_path / "figures.json")]) == 0
     out = capsys.readouterr().out
-    assert "| model |" in out and "| ngram |" in out
+    assert "| smiles-lm, temperature 0.8 |" in out and "-gram baseline |" in out
     figures = json.loads((tmp_path / "figures.json").read_text())
-    for who in ("model", "ngram"):
+    for who in ("model", "model_t1", "ngram"):
         assert all(0.0 <= figures[who][k] <= 1.0 for k in ("validity", "uniqueness", "novelty"))
+
+
+@pytest.mark.slow
+def test_example_script_in_its_default_form(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its run directory goes under runs/
+    assert _example().main(["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    validity = float(re.search(r"\| smiles-lm, temperature 0.8 \| ([\d.]+) \|", out).group(1))
+    ngram = float(re.search(r"-gram baseline \| ([\d.]+) \|", out).group(1))
+    assert validity > ngram, out

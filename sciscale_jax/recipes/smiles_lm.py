@@ -3,13 +3,16 @@
 Data (``sciscale_jax.data.smiles``): about 15,900 distinct canonical SMILES from three files of
 the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), split by a hash of the
 canonical SMILES into train and validation, tokenized atom by atom (Schwaller et al. 2019).
-The model is the library's Transformer with ``causal=True``, trained on next-token loss.
+The model is the library's Transformer with ``causal=True``, trained on next-token loss over
+packed rows (whole molecules one after another, ``pack=True``).
 
 Evaluation: validation loss and perplexity per token, beside two baselines on the same
 split and tokens: unigram frequencies and the best add-k token n-gram (n = 3..5). After
 training, ``evaluate_generation`` samples molecules (temperature, top-k) and reports the
 generation metrics chemists use (validity, uniqueness, novelty by RDKit; Polykovskiy et al.
-2020, "MOSES") next to the same metrics of n-gram samples.
+2020, "MOSES") next to the same metrics of n-gram samples; ``report`` prints them at the end of
+``sciscale train smiles-lm`` (``--samples``, ``--temperature``, ``--top-k``; figures at
+temperature 1.0 beside them).
 
 Sampling decodes with a key/value cache (``sciscale_jax.models.decode``) inside one jitted
 ``lax.scan``; approximate-attention models (Linformer, Performer) rerun the full causal forward
@@ -41,12 +44,25 @@ class SmilesLMConfig(TransformerConfig):
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
     pack: bool = dataclasses.field(default=True, metadata={
         "help": "fill training rows with whole molecules one after another (no padding)"})
+    samples: int = dataclasses.field(default=1000, metadata={
+        "group": "generation", "help": "SMILES sampled after training and scored by RDKit (0: none)"})
+    temperature: float = dataclasses.field(default=0.8, metadata={
+        "group": "generation", "help": "sampling temperature (figures at 1.0 are printed too)"})
+    top_k: int = dataclasses.field(default=0, metadata={
+        "group": "generation", "help": "sample among the k likeliest tokens (0: all)"})
 
     def __post_init__(self):
         if not isinstance(self.molecules, int) or self.molecules < 0:
             raise ValueError(f"molecules={self.molecules!r} must be a non-negative integer")
         if not isinstance(self.pack, bool):
             raise ValueError(f"pack={self.pack!r} must be a bool")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
+            raise ValueError(f"samples={self.samples!r} must be a non-negative integer")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a positive finite number")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must lie in (0, 1)")
         super().__post_init__()
@@ -219,6 +235,44 @@ def evaluate_generation(model, data: Data, n: int = 1000, *, temperature: float 
             "samples": samples}
 
 
+def generation_figures(model_cfg, train_cfg, state, data: Data | None = None) -> dict:
+    """Generation metrics of a finished run: ``model_cfg.samples`` SMILES at ``model_cfg.temperature``
+    and ``top_k`` (key "model"), at temperature 1.0 without top-k ("model_t1", when that differs)
+    and from the n-gram baseline ("ngram"); with internal diversity."""
+    data = data or build_data(train_cfg, model_cfg)
+    model = trained_model(model_cfg, state)
+    n, seed = model_cfg.samples, train_cfg.seed
+    out = {"samples": n, "temperature": model_cfg.temperature, "top_k": model_cfg.top_k,
+           "train_molecules": len(data.train.corpus.train_smiles), "ngram_n": data.train.corpus.ngram.n}
+    gen = evaluate_generation(model, data, n, temperature=model_cfg.temperature, top_k=model_cfg.top_k, seed=seed,
+                              diversity=True)
+    out.update(model=gen["model"], ngram=gen["ngram"], examples=gen["samples"][:5])
+    if model_cfg.temperature != 1.0 or model_cfg.top_k:
+        corpus = data.train.corpus
+        plain = sample(model, corpus.tokenizer, n, max_len=data.train.seq_len, seed=seed)
+        out["model_t1"] = sm.generation_metrics(plain, corpus.train_smiles, diversity=True)
+    return out
+
+
+def report(model_cfg, train_cfg, state) -> list[str]:
+    """Lines printed after ``sciscale train smiles-lm``: the generation metrics table (none when samples=0)."""
+    return format_figures(generation_figures(model_cfg, train_cfg, state)) if model_cfg.samples else []
+
+
+def format_figures(fig: dict) -> list[str]:
+    """``generation_figures`` as a markdown table, then five sampled SMILES."""
+    k = f", top-k {fig['top_k']}" if fig["top_k"] else ""
+    rows = [(f"smiles-lm, temperature {fig['temperature']}{k}", fig["model"])]
+    if "model_t1" in fig:
+        rows.append(("smiles-lm, temperature 1.0", fig["model_t1"]))
+    rows.append((f"token {fig['ngram_n']}-gram baseline", fig["ngram"]))
+    lines = [f"{fig['samples']} sampled SMILES scored by RDKit (training set {fig['train_molecules']} molecules)",
+             "| sampler | validity | uniqueness | novelty | internal diversity |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['validity']:.3f} | {m['uniqueness']:.3f} | {m['novelty']:.3f} | "
+              f"{m['internal_diversity']:.3f} |" for name, m in rows]
+    return lines + ["examples: " + "  ".join(fig["examples"])]
+
+
 RECIPE = Recipe(
     name="smiles-lm",
     description="GPT-style SMILES language model on ~15,900 molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
@@ -234,4 +288,5 @@ RECIPE = Recipe(
     summarize=summarize,
     batch_axes={"*": ("batch", "seq")},
     check=check,
+    report=report,
 )
