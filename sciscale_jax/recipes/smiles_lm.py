@@ -279,8 +279,8 @@ RECIPE = Recipe(
     # 98 tokens padded to 104 rows, so the embedding splits over tensor-parallel meshes.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
-    train_defaults=dict(steps=1200, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
-                        eval_every=400, save_every=400),
+    train_defaults=dict(steps=600, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
+                        eval_every=300, save_every=300),
     config_class=SmilesLMConfig,
     build_model=lambda config, rngs: Transformer(config, rngs=rngs),
     build_data=build_data,
