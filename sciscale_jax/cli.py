@@ -178,6 +178,8 @@ def _train(recipe, args) -> int:
     for name, value in result["baselines"].items():
         print(f"baseline {name}: {value:.4f}")
     print(f"checkpoints in {result['checkpoint_dir']} (step {result['steps']}); metrics in {out}/metrics.jsonl")
+    for line in recipe.report(model_cfg, train_cfg, result["state"]) if recipe.report else ():
+        print(line)
     return 0
 
 

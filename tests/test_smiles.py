@@ -91,6 +91,51 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert decoded == TRICKY and sum(int(e["mask"].any(1).sum()) for e in evals) == len(TRICKY)
 
 
+def test_packed_batches_hold_whole_molecules_end_to_end():
+    tok = sm.SmilesTokenizer.from_smiles(TRICKY)
+    enc = [tok.encode(s) for s in TRICKY]
+    packed = sm.CausalLMBatches(enc, tok.pad_id, batch_size=4, seq_len=37, seed=5, pack=True)
+    batch = packed.batch(3)
+    assert batch["inputs"].shape == (4, 37) and batch["mask"].all()  # no padding anywhere
+    np.testing.assert_array_equal(batch["inputs"], packed.batch(3)["inputs"])
+    for row in batch["inputs"].tolist():
+        assert row[0] == tok.bos_id
+        pieces = [p for p in ",".join(map(str, row)).split(f",{tok.bos_id},")]  # molecules after the first
+        segments = [[int(x) for x in p.split(",") if x] for p in pieces]
+        segments[0] = segments[0][1:]  # the leading bos
+        for seg in segments[:-1]:  # every molecule but the last is whole: its tokens, then eos
+            assert seg[-1] == tok.eos_id and tok.decode(seg) in TRICKY
+        last = tok.decode(segments[-1])  # the last one is cut at the row's end
+        assert any(s.startswith(last) for s in TRICKY)
+
+
+def test_corpus_cache_is_used_checked_and_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "mols.smi"
+    src.write_text("OCC ethanol\nc1ccccc1 benzene\nCCO dup\n[Na+].[Cl-].CC(=O)O salt\n")
+    expected = ["CCO", "c1ccccc1", "CC(=O)O"]  # canonical, deduplicated, largest fragment
+    sm._load.cache_clear()
+    assert sm.load_molecules([src]) == expected
+    (cached,) = (tmp_path / "cache").glob("smiles-*.json")
+    sm._load.cache_clear()
+    real = sm._canonicalize_files
+    monkeypatch.setattr(sm, "_canonicalize_files", lambda paths: pytest.fail("the cache was not used"))
+    assert sm.load_molecules([src]) == expected and capsys.readouterr().err == ""
+    monkeypatch.setattr(sm, "_canonicalize_files", real)
+    good = cached.read_text()
+    for damaged, why in [(good[: len(good) // 2], "unreadable"), (good.replace("c1ccccc1", "c1ccncc1"), "checksum"),
+                         ("", "unreadable")]:
+        cached.write_text(damaged)
+        sm._load.cache_clear()
+        assert sm.load_molecules([src]) == expected
+        assert why in capsys.readouterr().err
+        assert cached.read_text() == good  # rebuilt whole
+    src.write_text("CCN\n")  # other sources: another cache file
+    sm._load.cache_clear()
+    assert sm.load_molecules([src]) == ["CCN"] and len(list((tmp_path / "cache").glob("smiles-*.json"))) == 2
+    sm._load.cache_clear()
+
+
 def test_ngram_probabilities_sum_to_one_and_match_counts():
     rng = np.random.default_rng(1)
     vocab = 9
@@ -156,14 +201,32 @@ TINY = ["--molecules", "1200", "--layers", "2", "--heads", "2", "--embed-dim", "
         "--seq-len", "48", "--batch-size", "16", "--warmup-steps", "5", "--no-progress"]
 
 
-def test_cli_train_beats_the_unigram_baseline(tmp_path, capsys):
+def test_cli_train_beats_the_unigram_baseline_and_scores_samples(tmp_path, capsys):
     assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "run"), "--steps", "60", "--lr", "5e-3",
-                     "--eval-every", "30", "--save-every", "30", *TINY]) == 0
+                     "--eval-every", "30", "--save-every", "30", "--samples", "40", *TINY]) == 0
     out = capsys.readouterr().out
     ppl = float(re.search(r"validation loss [\d.]+, ppl ([\d.]+)", out).group(1))
     unigram = float(re.search(r"baseline unigram_ppl: ([\d.]+)", out).group(1))
     assert re.search(r"baseline ngram[345]_ppl: ", out)
     assert ppl < unigram, out
+    assert "40 sampled SMILES scored by RDKit" in out
+    rows = re.findall(r"\| (smiles-lm, temperature 0.8|smiles-lm, temperature 1.0|token \d-gram baseline) \| "
+                      r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out)
+    assert len(rows) == 3, out
+    assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row[1:])
+
+
+def test_combined_technique_flags_train_on_eight_devices(tmp_path, capsys):
+    """bf16, full remat, chunked attention, a 3-axis mesh with ZeRO-3 and gradient accumulation in one run
+    (flash attention, compiled in Pallas interpret mode on CPU, is the slow parametrisation below)."""
+    assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "run"), "--steps", "4", "--lr", "5e-3",
+                     "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--samples", "0", *TINY, "--precision", "bf16",
+                     "--remat", "full", "--attention", "chunked", "--mesh", "data=2,fsdp=2,tensor=2", "--zero", "3",
+                     "--grad-accum", "2"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"validation loss ([\d.]+)", out)]
+    first = float(re.search(r"step 2: train loss [\d.]+ +val_loss ([\d.]+)", out).group(1))
+    assert math.isfinite(losses[-1]) and losses[-1] < first, out  # it learns between the two evaluations
 
 
 def test_missing_rdkit_names_the_extra(tmp_path, monkeypatch, capsys):
@@ -201,6 +264,7 @@ def test_recipe_resumes_bit_identically_with_full_remat(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,over,rtol", [
     (["--attention", "chunked"], {}, 2e-4),
+    (["--attention", "flash"], {}, 2e-4),
     ([], {"grad_accum": 2}, 2e-4),
     ([], {"mesh": "data=2,fsdp=2,tensor=2", "zero": 3}, 2e-4),
 ])
@@ -219,20 +283,34 @@ def test_bf16_trains_close_to_fp32(tmp_path):
     assert math.isfinite(bf16["val_loss"]) and bf16["val_loss"] == pytest.approx(plain["val_loss"], rel=0.05)
 
 
-@pytest.mark.slow
-def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+def _example():
     import importlib.util
-    import json
     import pathlib
 
     path = pathlib.Path(__file__).parents[1] / "examples" / "smiles_lm.py"
     spec = importlib.util.spec_from_file_location("smiles_lm_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    assert example.main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
-                         "--json", str(tmp_path / "figures.json")]) == 0
+    return example
+
+
+def test_example_script_trains_samples_and_scores(tmp_path, capsys):
+    import json
+
+    assert _example().main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
+                            "--json", str(tmp_path / "figures.json")]) == 0
     out = capsys.readouterr().out
-    assert "| model |" in out and "| ngram |" in out
+    assert "| smiles-lm, temperature 0.8 |" in out and "-gram baseline |" in out
     figures = json.loads((tmp_path / "figures.json").read_text())
-    for who in ("model", "ngram"):
+    for who in ("model", "model_t1", "ngram"):
         assert all(0.0 <= figures[who][k] <= 1.0 for k in ("validity", "uniqueness", "novelty"))
+
+
+@pytest.mark.slow
+def test_example_script_in_its_default_form(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its run directory goes under runs/
+    assert _example().main(["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    validity = float(re.search(r"\| smiles-lm, temperature 0.8 \| ([\d.]+) \|", out).group(1))
+    ngram = float(re.search(r"-gram baseline \| ([\d.]+) \|", out).group(1))
+    assert validity > ngram, out

@@ -12,18 +12,24 @@ Corpus (``load_molecules``): three SMILES files inside the rdkit wheel, located 
 ``Data/NCI/first_5K.smi`` (5,000 NCI compounds), ``Data/Pains/test_data/wehi_mols.csv`` (10,000
 WEHI screening compounds) and ``Contrib/FreeWilson/data/CHEMBL2321810.smi`` (1,017 ChEMBL
 compounds). Each is parsed by RDKit, reduced to its largest fragment (salts and solvents
-dropped), written as canonical SMILES and deduplicated. The split is keyed on a CRC32 of the
-canonical SMILES, so it never depends on file order and a molecule never sits on both sides.
+dropped), written as canonical SMILES and deduplicated; the result is cached on disk with a
+checksum (``load_molecules``). The split is keyed on a CRC32 of the canonical SMILES, so it
+never depends on file order and a molecule never sits on both sides.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import math
+import os
 import pathlib
 import re
+import sys
 import zlib
 
 import numpy as np
@@ -33,6 +39,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 RDKIT_FILES = ("Data/NCI/first_5K.smi", "Data/Pains/test_data/wehi_mols.csv",
                "Contrib/FreeWilson/data/CHEMBL2321810.smi")
 CHEM_EXTRA = 'SMILES data needs rdkit: pip install -e ".[chem]"'
+CACHE_FORMAT = "smiles-corpus-v1"  # change when the processing below changes what is cached
 
 
 def tokenize(smiles: str) -> list[str]:
@@ -128,8 +135,7 @@ def canonical(smiles: str, largest_fragment: bool = True) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
-@functools.lru_cache(maxsize=4)
-def _load(paths: tuple) -> tuple:
+def _canonicalize_files(paths) -> list[str]:
     seen, out = set(), []
     for path in paths:
         for smi in read_smiles_file(path):
@@ -137,12 +143,70 @@ def _load(paths: tuple) -> tuple:
             if can and can not in seen:
                 seen.add(can)
                 out.append(can)
-    return tuple(out)
+    return out
 
 
-def load_molecules(paths=None) -> list[str]:
-    """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order."""
-    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files()))))
+def cache_dir() -> pathlib.Path:
+    """Where processed data is cached: ``$SCISCALE_CACHE``, else ``~/.cache/sciscale_jax``."""
+    return pathlib.Path(os.environ.get("SCISCALE_CACHE") or pathlib.Path.home() / ".cache" / "sciscale_jax")
+
+
+def _sources_key(paths) -> str:
+    """SHA-256 over the cache format, the RDKit version (canonical SMILES depend on it) and each source's bytes."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{importlib.metadata.version('rdkit')}".encode())
+    for path in paths:
+        digest.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _checksum(smiles_list) -> str:
+    return hashlib.sha256("\n".join(smiles_list).encode()).hexdigest()
+
+
+def _read_cache(path: pathlib.Path, key: str):
+    """The cached SMILES list, or (None, why) when the file is missing, unreadable, partial or stale."""
+    if not path.exists():
+        return None, "missing"
+    try:
+        blob = json.loads(path.read_text())
+        smiles_list, stored_key, stored_sum = blob["smiles"], blob["sources"], blob["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return None, f"unreadable ({type(err).__name__})"
+    if stored_key != key:
+        return None, "built from other source files or another RDKit version"
+    if not isinstance(smiles_list, list) or _checksum(smiles_list) != stored_sum:
+        return None, "its checksum does not match its contents"
+    return smiles_list, ""
+
+
+@functools.lru_cache(maxsize=4)
+def _load(paths: tuple, use_cache: bool) -> tuple:
+    if not use_cache:
+        return tuple(_canonicalize_files(paths))
+    key = _sources_key(paths)
+    path = cache_dir() / f"smiles-{key[:16]}.json"
+    smiles_list, why = _read_cache(path, key)
+    if smiles_list is not None:
+        return tuple(smiles_list)
+    if why != "missing":
+        print(f"sciscale: SMILES cache {path} is {why}; rebuilding it", file=sys.stderr)
+    smiles_list = _canonicalize_files(paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never partial
+    tmp.write_text(json.dumps({"sources": key, "sha256": _checksum(smiles_list), "smiles": smiles_list}))
+    os.replace(tmp, path)
+    return tuple(smiles_list)
+
+
+def load_molecules(paths=None, *, cache: bool = True) -> list[str]:
+    """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order.
+
+    Canonicalising the rdkit corpus takes RDKit about 15 s; the result is cached in
+    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files and the RDKit version, with
+    a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
+    belongs to other sources is named on stderr and rebuilt, never used.
+    """
+    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache))
 
 
 def load_moses(split: str = "train") -> list[str]:
@@ -188,15 +252,19 @@ class CausalLMBatches:
 
     ``batch(step)`` is a pure function of (seed, step): a resumed run sees the batches an
     uninterrupted run would have seen. The loss predicts token t+1 from tokens up to t.
+    ``pack=True`` fills each training row with whole molecules drawn one after another
+    (bos ... eos bos ... eos ...), the last one cut at the row's end, as GPT-style
+    pretraining packs documents: no row is padding, so a step trains on about
+    seq_len / mean length more molecules. Evaluation batches are never packed.
     """
 
-    def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0, pack: bool = False):
         if batch_size <= 0 or seq_len < 2:
             raise ValueError(f"batch_size={batch_size} must be > 0 and seq_len={seq_len} >= 2")
         if not encoded:
             raise ValueError("no molecules to batch")
         self.encoded, self.pad_id = list(encoded), pad_id
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.batch_size, self.seq_len, self.seed, self.pack = batch_size, seq_len, seed, pack
 
     def _make(self, ids_list):
         tokens, real = pad_rows(ids_list, self.seq_len, self.pad_id)
@@ -204,8 +272,18 @@ class CausalLMBatches:
 
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
-        picks = rng.integers(0, len(self.encoded), self.batch_size)
-        return self._make([self.encoded[i] for i in picks])
+        if not self.pack:
+            picks = rng.integers(0, len(self.encoded), self.batch_size)
+            return self._make([self.encoded[i] for i in picks])
+        rows = []
+        for _ in range(self.batch_size):
+            row, filled = [], 0
+            while filled < self.seq_len:
+                ids = self.encoded[int(rng.integers(0, len(self.encoded)))]
+                row.append(ids)
+                filled += len(ids)
+            rows.append(np.concatenate(row))
+        return self._make(rows)
 
     def eval_batches(self) -> list[dict]:
         """Every molecule once, in order; the last batch is filled with empty (all-pad) rows."""

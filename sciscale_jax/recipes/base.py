@@ -15,6 +15,9 @@ A recipe owns its model and everything that depends on what the model is; ``trai
 - ``batch_axes``: the logical axes of each batch field (``{"msa": ("batch", "msa_seq", "res")}``),
   so the run places batches of any rank on any mesh;
 - ``check(model_config, train_config, data)``: recipe-specific refusals before anything compiles.
+- ``report(model_config, train_config, state) -> list[str]``: optional figures of the trained
+  model that the loop does not compute (smiles-lm: sampled molecules scored by RDKit), printed
+  by ``sciscale train`` after training.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Recipe:
     summarize: Callable = _identity        # {name: mean} -> {name: derived value}
     batch_axes: dict = dataclasses.field(default_factory=lambda: {"*": (BATCH, SEQ)})
     check: Callable | None = None          # (model_config, train_config, data) -> None or ValueError
+    report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
 
     def metrics_fn(self) -> Callable:
         """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""

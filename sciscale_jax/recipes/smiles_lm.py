@@ -3,17 +3,20 @@
 Data (``sciscale_jax.data.smiles``): about 15,900 distinct canonical SMILES from three files of
 the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), split by a hash of the
 canonical SMILES into train and validation, tokenized atom by atom (Schwaller et al. 2019).
-The model is the library's Transformer with ``causal=True``, trained on next-token loss.
+The model is the library's Transformer with ``causal=True``, trained on next-token loss over
+packed rows (whole molecules one after another, ``pack=True``).
 
 Evaluation: validation loss and perplexity per token, beside two baselines on the same
 split and tokens: unigram frequencies and the best add-k token n-gram (n = 3..5). After
 training, ``evaluate_generation`` samples molecules (temperature, top-k) and reports the
 generation metrics chemists use (validity, uniqueness, novelty by RDKit; Polykovskiy et al.
-2020, "MOSES") next to the same metrics of n-gram samples.
+2020, "MOSES") next to the same metrics of n-gram samples; ``report`` prints them at the end of
+``sciscale train smiles-lm`` (``--samples``, ``--temperature``, ``--top-k``; figures at
+temperature 1.0 beside them).
 
-Sampling runs the full causal forward pass once per generated position (no KV cache), on a
-prefix padded up to a multiple of 16 tokens so a handful of shapes compile, and stops once
-every sequence has ended.
+Sampling decodes with a key/value cache (``sciscale_jax.models.decode``) inside one jitted
+``lax.scan``; approximate-attention models (Linformer, Performer) rerun the full causal forward
+pass once per generated position on a prefix padded up to a multiple of 16 tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx
 
 from sciscale_jax.data import smiles as sm
 from sciscale_jax.losses import causal_lm_loss
-from sciscale_jax.models import Transformer, TransformerConfig
+from sciscale_jax.models import Transformer, TransformerConfig, decode
 from sciscale_jax.recipes.base import Data, Recipe
 
 
@@ -39,10 +42,27 @@ class SmilesLMConfig(TransformerConfig):
     molecules: int = dataclasses.field(default=0, metadata={
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
+    pack: bool = dataclasses.field(default=True, metadata={
+        "help": "fill training rows with whole molecules one after another (no padding)"})
+    samples: int = dataclasses.field(default=1000, metadata={
+        "group": "generation", "help": "SMILES sampled after training and scored by RDKit (0: none)"})
+    temperature: float = dataclasses.field(default=0.8, metadata={
+        "group": "generation", "help": "sampling temperature (figures at 1.0 are printed too)"})
+    top_k: int = dataclasses.field(default=0, metadata={
+        "group": "generation", "help": "sample among the k likeliest tokens (0: all)"})
 
     def __post_init__(self):
         if not isinstance(self.molecules, int) or self.molecules < 0:
             raise ValueError(f"molecules={self.molecules!r} must be a non-negative integer")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack={self.pack!r} must be a bool")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
+            raise ValueError(f"samples={self.samples!r} must be a non-negative integer")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a positive finite number")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must lie in (0, 1)")
         super().__post_init__()
@@ -85,7 +105,7 @@ def build_data(train_cfg, model_cfg) -> Data:
     enc_train = [tok.encode(s) for s in corpus.train_smiles]
     enc_val = [tok.encode(s) for s in corpus.val_smiles]
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
-    train = sm.CausalLMBatches(enc_train, tok.pad_id, **kw)
+    train = sm.CausalLMBatches(enc_train, tok.pad_id, pack=model_cfg.pack, **kw)
     train.corpus = corpus  # for evaluate_generation after training
     evals = sm.CausalLMBatches(enc_val, tok.pad_id, **kw).eval_batches()
     baselines = {"unigram_ppl": sm.unigram_perplexity(enc_train, enc_val, tok.vocab_size),
@@ -108,25 +128,58 @@ def check(model_cfg, train_cfg, data) -> None:
 
 # --- sampling and generation metrics ------------------------------------------------------------------------
 
+def _restrict(logits_bv, vocab_used: int, temperature: float, top_k: int):
+    """Logits over the tokenizer's real, predictable tokens (no pad, bos or padded rows), top-k cut, / T."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    logits_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < vocab_used, logits_bv, -jnp.inf)
+    logits_bv = logits_bv.at[:, sm.SPECIALS.index("<pad>")].set(-jnp.inf)
+    logits_bv = logits_bv.at[:, sm.SPECIALS.index("<bos>")].set(-jnp.inf)
+    if top_k:
+        kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv >= kth, logits_bv, -jnp.inf)
+    return logits_bv / temperature
+
+
 def _next_token_fn(graphdef, vocab_used: int, temperature: float, top_k: int):
-    """jit(params, rest, tokens_bL, t, key) -> next ids [b] drawn from position t's logits."""
+    """jit(params, rest, tokens_bL, t, key) -> next ids [b] drawn from position t's logits (full forward)."""
 
     def next_token(params, rest, tokens_bl, t, key):
-        logits_bv = nnx.merge(graphdef, params, rest)(tokens_bl)[:, t, :].astype(jnp.float32)
-        logits_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < vocab_used, logits_bv, -jnp.inf)
-        logits_bv = logits_bv.at[:, sm.SPECIALS.index("<pad>")].set(-jnp.inf)
-        logits_bv = logits_bv.at[:, sm.SPECIALS.index("<bos>")].set(-jnp.inf)
-        if top_k:
-            kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-            logits_bv = jnp.where(logits_bv >= kth, logits_bv, -jnp.inf)
-        return jax.random.categorical(key, logits_bv / temperature).astype(jnp.int32)
+        logits_bv = nnx.merge(graphdef, params, rest)(tokens_bl)[:, t, :]
+        return jax.random.categorical(key, _restrict(logits_bv, vocab_used, temperature, top_k)).astype(jnp.int32)
 
     return jax.jit(next_token)
 
 
+def _cached_sampler(graphdef, vocab_used: int, temperature: float, top_k: int, max_len: int, bos: int, eos: int,
+                    pad: int):
+    """jit(params, rest, key, batch) -> ids [batch, max_len]: bos, then tokens drawn with a KV cache."""
+
+    def run(params, rest, key, batch):
+        model = nnx.merge(graphdef, params, rest)
+        cache = decode.init_cache(model, batch, max_len)
+
+        def step(carry, t):
+            cache, token_b, done_b, key = carry
+            key, sub = jax.random.split(key)
+            logits_bv, cache = decode.decode_step(model, cache, token_b, t)
+            nxt_b = jax.random.categorical(sub, _restrict(logits_bv, vocab_used, temperature, top_k)).astype(jnp.int32)
+            nxt_b = jnp.where(done_b, pad, nxt_b)
+            return (cache, nxt_b, done_b | (nxt_b == eos), key), nxt_b
+
+        start_b = jnp.full((batch,), bos, jnp.int32)
+        _, tokens_tb = jax.lax.scan(step, (cache, start_b, jnp.zeros(batch, bool), key), jnp.arange(max_len - 1))
+        return jnp.concatenate([start_b[:, None], tokens_tb.T], axis=1)
+
+    return jax.jit(run, static_argnums=3)
+
+
 def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0, top_k: int = 0,
            seed: int = 0, batch_size: int = 500) -> list[str]:
-    """``num`` SMILES sampled from ``model``, each started at bos and ended at eos or ``max_len`` tokens."""
+    """``num`` SMILES sampled from ``model``, each started at bos and ended at eos or ``max_len`` tokens.
+
+    Exact-attention models decode with a key/value cache (``sciscale_jax.models.decode``);
+    Linformer and Performer models rerun the full forward pass for every position.
+    """
     if temperature <= 0 or top_k < 0 or num <= 0 or max_len < 2:
         raise ValueError(f"temperature={temperature} must be > 0, top_k={top_k} >= 0, num={num} > 0 "
                          f"and max_len={max_len} >= 2")
@@ -134,8 +187,16 @@ def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0
         raise ValueError(f"max_len={max_len} exceeds the model's max_len={model.config.max_len}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = jax.device_get((nnx.to_pure_dict(params), nnx.to_pure_dict(rest)))
-    step = _next_token_fn(graphdef, tokenizer.vocab_size, float(temperature), int(top_k))
     key, out = jax.random.key(seed), []
+    if model.config.attention not in decode.APPROXIMATE:
+        run = _cached_sampler(graphdef, tokenizer.vocab_size, float(temperature), int(top_k), max_len,
+                              tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        for start in range(0, num, batch_size):
+            key, sub = jax.random.split(key)
+            rows = np.asarray(run(params, rest, sub, min(batch_size, num - start)))
+            out.extend(tokenizer.decode(row) for row in rows)
+        return out
+    step = _next_token_fn(graphdef, tokenizer.vocab_size, float(temperature), int(top_k))
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
         tokens = np.full((b, max_len), tokenizer.pad_id, np.int32)
@@ -174,14 +235,52 @@ def evaluate_generation(model, data: Data, n: int = 1000, *, temperature: float 
             "samples": samples}
 
 
+def generation_figures(model_cfg, train_cfg, state, data: Data | None = None) -> dict:
+    """Generation metrics of a finished run: ``model_cfg.samples`` SMILES at ``model_cfg.temperature``
+    and ``top_k`` (key "model"), at temperature 1.0 without top-k ("model_t1", when that differs)
+    and from the n-gram baseline ("ngram"); with internal diversity."""
+    data = data or build_data(train_cfg, model_cfg)
+    model = trained_model(model_cfg, state)
+    n, seed = model_cfg.samples, train_cfg.seed
+    out = {"samples": n, "temperature": model_cfg.temperature, "top_k": model_cfg.top_k,
+           "train_molecules": len(data.train.corpus.train_smiles), "ngram_n": data.train.corpus.ngram.n}
+    gen = evaluate_generation(model, data, n, temperature=model_cfg.temperature, top_k=model_cfg.top_k, seed=seed,
+                              diversity=True)
+    out.update(model=gen["model"], ngram=gen["ngram"], examples=gen["samples"][:5])
+    if model_cfg.temperature != 1.0 or model_cfg.top_k:
+        corpus = data.train.corpus
+        plain = sample(model, corpus.tokenizer, n, max_len=data.train.seq_len, seed=seed)
+        out["model_t1"] = sm.generation_metrics(plain, corpus.train_smiles, diversity=True)
+    return out
+
+
+def report(model_cfg, train_cfg, state) -> list[str]:
+    """Lines printed after ``sciscale train smiles-lm``: the generation metrics table (none when samples=0)."""
+    return format_figures(generation_figures(model_cfg, train_cfg, state)) if model_cfg.samples else []
+
+
+def format_figures(fig: dict) -> list[str]:
+    """``generation_figures`` as a markdown table, then five sampled SMILES."""
+    k = f", top-k {fig['top_k']}" if fig["top_k"] else ""
+    rows = [(f"smiles-lm, temperature {fig['temperature']}{k}", fig["model"])]
+    if "model_t1" in fig:
+        rows.append(("smiles-lm, temperature 1.0", fig["model_t1"]))
+    rows.append((f"token {fig['ngram_n']}-gram baseline", fig["ngram"]))
+    lines = [f"{fig['samples']} sampled SMILES scored by RDKit (training set {fig['train_molecules']} molecules)",
+             "| sampler | validity | uniqueness | novelty | internal diversity |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['validity']:.3f} | {m['uniqueness']:.3f} | {m['novelty']:.3f} | "
+              f"{m['internal_diversity']:.3f} |" for name, m in rows]
+    return lines + ["examples: " + "  ".join(fig["examples"])]
+
+
 RECIPE = Recipe(
     name="smiles-lm",
     description="GPT-style SMILES language model on ~15,900 molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
     # 98 tokens padded to 104 rows, so the embedding splits over tensor-parallel meshes.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
-    train_defaults=dict(steps=1200, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
-                        eval_every=400, save_every=400),
+    train_defaults=dict(steps=600, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
+                        eval_every=300, save_every=300),
     config_class=SmilesLMConfig,
     build_model=lambda config, rngs: Transformer(config, rngs=rngs),
     build_data=build_data,
@@ -189,4 +288,5 @@ RECIPE = Recipe(
     summarize=summarize,
     batch_axes={"*": ("batch", "seq")},
     check=check,
+    report=report,
 )
