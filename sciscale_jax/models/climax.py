@@ -122,7 +122,7 @@ class VariableAggregation(nnx.Module):
 
 
 class ClimaX(nnx.Module):
-    """fields [B, V, lat, lon] and lead hours [B] -> float32 forecast [B, V, lat, lon]."""
+    """fields [B, V, lat, lon] and lead hours [B] -> forecast [B, V, lat, lon] (float32, float64 under a float64 dtype)."""
 
     def __init__(self, config: ClimaXConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
@@ -162,8 +162,9 @@ class ClimaX(nnx.Module):
         keys = layer_keys(k_layers, cfg.num_layers, cfg.dropout > 0.0)
         x_ble = run_layers(self.layers, x_ble, positions_bl, None, policy=cfg.remat, keys=keys)
         hidden_ble = jax.nn.gelu(self.head_hidden(self.final_norm(x_ble)))
-        out_blq = self.head(hidden_ble).astype(jnp.float32).reshape(b, -1, v, p * p)
+        out_dtype = jnp.promote_types(cfg.dtype, jnp.float32)  # float32 unless computing in float64
+        out_blq = self.head(hidden_ble).astype(out_dtype).reshape(b, -1, v, p * p)
         out_bvhw = unpatchify(out_blq, h, w, p)
         if cfg.residual:
-            out_bvhw = x_bvhw.astype(jnp.float32) + out_bvhw
+            out_bvhw = x_bvhw.astype(out_dtype) + out_bvhw
         return checkpoint_name(out_bvhw, remat.LOGITS)

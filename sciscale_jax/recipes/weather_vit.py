@@ -81,8 +81,9 @@ def lat_weights(lat: int) -> jnp.ndarray:
 
 def lat_weighted_mse(pred_bvhw, truth_bvhw, weight_b=None):
     """(sum, count) of w(lat) (pred - truth)^2 over batch, variables, latitudes, longitudes."""
-    err = (pred_bvhw.astype(jnp.float32) - truth_bvhw.astype(jnp.float32)) ** 2
-    err = err * lat_weights(err.shape[2])[:, None]
+    dtype = jnp.promote_types(pred_bvhw.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    err = (pred_bvhw.astype(dtype) - truth_bvhw.astype(dtype)) ** 2
+    err = err * lat_weights(err.shape[2]).astype(dtype)[:, None]
     if weight_b is None:
         return jnp.sum(err), jnp.asarray(err.size, jnp.float32)
     return jnp.sum(err * weight_b[:, None, None, None]), jnp.sum(weight_b) * math.prod(err.shape[1:])
