@@ -21,9 +21,9 @@ from sciscale_jax.train import TrainConfig, train
 
 dinosaur = pytest.importorskip("dinosaur", reason='weather data needs dinosaur: pip install -e ".[weather]"')
 
-# A tiny simulation: 4 sigma levels, half a day of spin-up, one day recorded, an 8 x 16 grid.
-TINY_DATA = dict(layers=4, lat=8, lon=16, spinup_days=0.5, days=1.0, train_trajectories=2, val_trajectories=1)
-TINY_FLAGS = ["--sim-layers", "4", "--lat", "8", "--lon", "16", "--spinup-days", "0.5", "--trajectory-days", "1",
+# A tiny simulation: 4 sigma levels, half a day of spin-up, one day recorded, an 8 x 24 grid.
+TINY_DATA = dict(layers=4, lat=8, lon=24, spinup_days=0.5, days=1.0, train_trajectories=2, val_trajectories=1)
+TINY_FLAGS = ["--sim-layers", "4", "--lat", "8", "--lon", "24", "--spinup-days", "0.5", "--trajectory-days", "1",
               "--train-trajectories", "2", "--val-trajectories", "1", "--patch-size", "4", "--layers", "2",
               "--heads", "2", "--embed-dim", "16", "--mlp-dim", "32", "--batch-size", "8", "--warmup-steps", "1",
               "--no-progress"]
@@ -125,7 +125,7 @@ def tiny_cache(tmp_path_factory):
 def test_cache_is_deterministic_and_physical(tiny_cache, tmp_path, monkeypatch):
     cfg = wx.WeatherDataConfig(**TINY_DATA)
     first = wx.load_weather(cfg, tiny_cache, log=lambda *_: None)
-    assert first.fields.shape == (3, 5, len(wx.VARIABLES), 8, 16) and first.fields.dtype == np.float32
+    assert first.fields.shape == (3, 5, len(wx.VARIABLES), 8, 24) and first.fields.dtype == np.float32
     assert first.variables == ("z375", "t375", "t875", "u125", "u875", "v125", "v875", "ps")
     again = wx.load_weather(cfg, tmp_path, log=lambda *_: None)  # simulated again into another root
     np.testing.assert_array_equal(first.fields, again.fields)
@@ -188,6 +188,8 @@ def test_missing_dinosaur_names_the_extra(tmp_path, monkeypatch, capsys, tiny_ca
 def test_bad_data_settings_are_refused():
     with pytest.raises(ValueError, match="dt_minutes=50"):
         wx.WeatherDataConfig(dt_minutes=50)
+    with pytest.raises(ValueError, match="lon=16 must be at least truncation"):
+        wx.WeatherDataConfig(lon=16)
     with pytest.raises(ValueError, match="truncation=20"):
         wx.WeatherDataConfig(truncation=20)
     with pytest.raises(ValueError, match="patch_size=5 must divide lat=32"):
@@ -242,29 +244,32 @@ def test_untrained_residual_model_is_persistence_and_shapes():
 
 
 def test_gradients_match_finite_differences():
-    with jax.enable_x64(True):
-        cfg = ClimaXConfig(**SMALL, residual=False, dtype="float64", param_dtype="float64")
-        model = ClimaX(cfg, rngs=nnx.Rngs(2))
-        x = jax.random.normal(jax.random.key(3), (2, 3, 6, 10), jnp.float64)
-        y = jax.random.normal(jax.random.key(4), (2, 3, 6, 10), jnp.float64)
-        lead = jnp.array([6.0, 18.0])
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # float32: the shared blocks normalise and rotate in float32, so a float64 model would not be
+    # float64 throughout; a unit direction, a central difference and a 2% tolerance check the gradient
+    cfg = ClimaXConfig(**SMALL, residual=False)
+    model = ClimaX(cfg, rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (2, 3, 6, 10))
+    y = jax.random.normal(jax.random.key(4), (2, 3, 6, 10))
+    lead = jnp.array([6.0, 18.0])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss(p):
-            s, n = weather_vit.lat_weighted_mse(nnx.merge(graphdef, p, rest)(x, lead), y)
-            return s / n
+    def loss(p):
+        s, n = weather_vit.lat_weighted_mse(nnx.merge(graphdef, p, rest)(x, lead), y)
+        return s / n
 
-        grads = jax.grad(loss)(params)
-        direction = jax.tree.map(lambda g: jax.random.normal(jax.random.key(g.size), g.shape, jnp.float64), grads)
-        eps = 1e-6
-        plus = loss(jax.tree.map(lambda p, d: p + eps * d, params, direction))
-        minus = loss(jax.tree.map(lambda p, d: p - eps * d, params, direction))
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
-        assert float(analytic) == pytest.approx(float((plus - minus) / (2 * eps)), rel=1e-6)
-        for name in ("patch_kernel", "pos_embed", "var_embed"):  # every stage of the model gets a gradient
-            assert float(jnp.abs(grads[name][...]).max()) > 0
-        assert float(jnp.abs(grads["aggregate"]["query"]["kernel"][...]).max()) > 0
-        assert float(jnp.abs(grads["lead_embed"]["kernel"][...]).max()) > 0
+    grads = jax.grad(loss)(params)
+    direction = jax.tree.map(lambda g: jax.random.normal(jax.random.key(g.size), g.shape), grads)
+    norm = math.sqrt(sum(float(jnp.vdot(d, d)) for d in jax.tree.leaves(direction)))
+    direction = jax.tree.map(lambda d: d / norm, direction)
+    eps = 1e-2
+    plus = loss(jax.tree.map(lambda p, d: p + eps * d, params, direction))
+    minus = loss(jax.tree.map(lambda p, d: p - eps * d, params, direction))
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    assert analytic == pytest.approx(float(plus - minus) / (2 * eps), rel=2e-2)
+    for name in ("patch_kernel", "pos_embed", "var_embed"):  # every stage of the model gets a gradient
+        assert float(jnp.abs(grads[name][...]).max()) > 0
+    assert float(jnp.abs(grads["aggregate"]["query"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(grads["lead_embed"]["kernel"][...]).max()) > 0
 
 
 # --- the recipe through the CLI and the train loop ------------------------------------------------------------
@@ -333,3 +338,23 @@ def test_rollout_scores_every_lead(tiny_cache):
     for step in (1, 3):
         se = [wx.lat_weighted_mse(val[j][None], val[j + step][None], lat)[k] for j in range(2)]
         assert out["persistence"]["t875"][step - 1] == pytest.approx(math.sqrt(np.mean(se)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_example_script_reports_baselines_and_plots(tiny_cache, tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("matplotlib")
+    path = pathlib.Path(__file__).parents[1] / "examples" / "weather_vit.py"
+    spec = importlib.util.spec_from_file_location("weather_vit_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([*TINY_FLAGS, "--cache-dir", str(tiny_cache), "--steps", "4", "--rollout-steps", "3",
+                         "--rollout-every", "1", "--out", str(tmp_path / "run"), "--plot", str(tmp_path / "r.png"),
+                         "--json", str(tmp_path / "figures.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| channel | model | persistence | climatology |" in out and "train step memory per device" in out
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["rollout"]["lead_hours"] == [6, 12, 18] and len(figures["rollout"]["model"]["ps"]) == 3

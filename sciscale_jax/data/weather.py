@@ -72,6 +72,9 @@ class WeatherDataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.lon < self.truncation + 1:
+            raise ValueError(f"lon={self.lon} must be at least truncation + 1 = {self.truncation + 1} (the output "
+                             "grid evaluates every zonal wavenumber of the simulation)")
         if self.layers < 2:
             raise ValueError(f"layers={self.layers} must be at least 2")
         if not (self.dt_minutes > 0 and (self.interval_hours * 60) % self.dt_minutes == 0):
