@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     result = train(recipe, model_cfg, train_cfg, out, resume=args.resume, force=args.force,
                    progress=not args.no_progress)
     print(result["memory"].format("train step memory per device"))
-    print(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final train loss {result['train_loss']:.4f}")
+    print(f"run at step {result['steps']} after {result['seconds']:.0f} s of training in this call; "
+          f"final train loss {result['train_loss']:.4f} (nan: no step ran)")
     val, base = result["validation"], result["baselines"]
     hours = model_cfg.lead_steps * model_cfg.interval_hours
     print(f"\nheld-out trajectories, lead {hours} h: lat-weighted RMSE (ACC)")
