@@ -253,11 +253,12 @@ def test_gradients_match_finite_differences():
     lead = jnp.array([6.0, 18.0])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    @jax.jit
     def loss(p):
         s, n = weather_vit.lat_weighted_mse(nnx.merge(graphdef, p, rest)(x, lead), y)
         return s / n
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     direction = jax.tree.map(lambda g: jax.random.normal(jax.random.key(g.size), g.shape), grads)
     norm = math.sqrt(sum(float(jnp.vdot(d, d)) for d in jax.tree.leaves(direction)))
     direction = jax.tree.map(lambda d: d / norm, direction)
