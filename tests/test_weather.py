@@ -243,6 +243,17 @@ def test_untrained_residual_model_is_persistence_and_shapes():
         model(jnp.zeros((2, 3, 6, 12)), jnp.array([6.0, 6.0]))
 
 
+def test_forward_is_the_same_with_x64_on_and_off():
+    model = ClimaX(ClimaXConfig(**SMALL, residual=False), rngs=nnx.Rngs(6))
+    x = np.random.default_rng(7).normal(size=(2, 3, 6, 10)).astype(np.float32)
+    lead = np.array([6.0, 12.0], np.float32)
+    off = np.asarray(model(jnp.asarray(x), jnp.asarray(lead)))
+    with jax.enable_x64(True):
+        on = model(jnp.asarray(x), jnp.asarray(lead))
+        assert on.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(on), off, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_match_finite_differences():
     # float32: the shared blocks normalise and rotate in float32, so a float64 model would not be
     # float64 throughout; a unit direction, a central difference and a 2% tolerance check the gradient
