@@ -236,7 +236,6 @@ def _dinosaur():
     if importlib.util.find_spec("dinosaur") is None:
         raise ImportError(WEATHER_EXTRA)
     try:
-        import dinosaur  # noqa: F401
         from dinosaur import (coordinate_systems, held_suarez, primitive_equations, primitive_equations_states,
                               scales, sigma_coordinates, spherical_harmonic, time_integration, xarray_utils)
     except ImportError as err:
