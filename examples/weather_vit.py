@@ -3,7 +3,7 @@
 Small on CPU by default (the recipe's defaults: a T21 Held-Suarez atmosphere simulated by
 dinosaur on first use and cached, a 32 x 64 grid, 4 x 4 patches); every `sciscale train
 weather-vit` flag scales it, e.g. ClimaX's 5.625-degree grid with 2 x 2 patches (512 tokens)
-and a larger model on a GPU:
+and a larger model on a GPU (a sketch: this configuration has not been run):
 
     python examples/weather_vit.py --truncation 42 --dt-minutes 20 --lat 32 --lon 64 --patch-size 2 \
         --layers 8 --embed-dim 512 --mlp-dim 2048 --heads 8 --batch-size 64 --steps 20000 \
