@@ -1,0 +1,247 @@
+"""weather-vit: a ClimaX-style vision transformer forecasting a simulated Held-Suarez atmosphere.
+
+Data (``sciscale_jax.data.weather``): trajectories of a T21 Held-Suarez atmosphere simulated
+by dinosaur on first use and cached; 8 channels (geopotential, temperature, winds on sigma
+levels, surface pressure) on a 32 x 64 equiangular grid every 6 hours. Whole trajectories are
+held out for validation. Each channel is normalized by its mean and standard deviation over
+the training trajectories.
+
+The model (``sciscale_jax.models.climax``) maps the state at t to the state at t + lead and
+trains on latitude-weighted MSE over all channels (normalized units). Evaluation, on every
+pair of the held-out trajectories: latitude-weighted RMSE per channel in physical units (the
+square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
+correlation (ACC, per state then averaged) against the zonal-mean climatology of the training
+trajectories; baselines on the same pairs: persistence (the input state) and climatology.
+``rollout`` runs the model autoregressively and scores every lead time the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sciscale_jax.axes import BATCH
+from sciscale_jax.data import weather as wx
+from sciscale_jax.models.climax import ClimaX, ClimaXConfig
+from sciscale_jax.recipes.base import Data, Recipe
+
+FIELD = (BATCH, None, None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeatherViTConfig(ClimaXConfig):
+    """The ClimaX model plus the choices of the simulated data and the forecast lead."""
+
+    lead_steps: int = dataclasses.field(default=1, metadata={"help": "forecast lead in recorded intervals"})
+    truncation: int = dataclasses.field(default=21, metadata={
+        "group": "data", "choices": tuple(wx.GAUSSIAN_NODES), "help": "spectral truncation of the simulation"})
+    sim_layers: int = dataclasses.field(default=8, metadata={"group": "data", "help": "sigma levels simulated"})
+    dt_minutes: float = dataclasses.field(default=120.0, metadata={"group": "data", "help": "simulation time step"})
+    spinup_days: float = dataclasses.field(default=25.0, metadata={"group": "data"})
+    trajectory_days: float = dataclasses.field(default=25.0, metadata={
+        "group": "data", "help": "days recorded per trajectory"})
+    interval_hours: int = dataclasses.field(default=6, metadata={"group": "data", "help": "hours between states"})
+    train_trajectories: int = dataclasses.field(default=4, metadata={"group": "data"})
+    val_trajectories: int = dataclasses.field(default=2, metadata={"group": "data"})
+    data_seed: int = dataclasses.field(default=0, metadata={"group": "data", "help": "seed of the simulation"})
+    cache_dir: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "cache root ('': $SCISCALE_CACHE or ~/.cache/sciscale_jax)"})
+
+    def __post_init__(self):
+        if not isinstance(self.lead_steps, int) or isinstance(self.lead_steps, bool) or self.lead_steps <= 0:
+            raise ValueError(f"lead_steps={self.lead_steps!r} must be a positive integer")
+        self.data_config()  # ValueError for a bad simulation setting
+        if self.num_vars != len(wx.VARIABLES):
+            raise ValueError(f"num_vars={self.num_vars} must equal the {len(wx.VARIABLES)} channels of the weather data")
+        super().__post_init__()
+
+    def data_config(self) -> wx.WeatherDataConfig:
+        return wx.WeatherDataConfig(truncation=self.truncation, layers=self.sim_layers, dt_minutes=self.dt_minutes,
+                                    lat=self.lat, lon=self.lon, spinup_days=self.spinup_days,
+                                    days=self.trajectory_days, interval_hours=self.interval_hours,
+                                    train_trajectories=self.train_trajectories,
+                                    val_trajectories=self.val_trajectories, seed=self.data_seed)
+
+    @property
+    def variables(self) -> tuple:
+        return tuple(name for _, _, name in wx.channel_levels(self.sim_layers))
+
+
+def lat_weights(lat: int) -> jnp.ndarray:
+    """cos(latitude) of the ``lat`` equiangular cell centres, normalised to mean 1 (float32)."""
+    lat_rad = jnp.deg2rad(-90.0 + (jnp.arange(lat, dtype=jnp.float32) + 0.5) * (180.0 / lat))
+    w = jnp.cos(lat_rad)
+    return w / jnp.mean(w)
+
+
+def lat_weighted_mse(pred_bvhw, truth_bvhw, weight_b=None):
+    """(sum, count) of w(lat) (pred - truth)^2 over batch, variables, latitudes, longitudes."""
+    dtype = jnp.promote_types(pred_bvhw.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    err = (pred_bvhw.astype(dtype) - truth_bvhw.astype(dtype)) ** 2
+    err = err * lat_weights(err.shape[2]).astype(dtype)[:, None]
+    if weight_b is None:
+        return jnp.sum(err), jnp.asarray(err.size, jnp.float32)
+    return jnp.sum(err * weight_b[:, None, None, None]), jnp.sum(weight_b) * math.prod(err.shape[1:])
+
+
+def _forecast(model, batch, key=None):
+    return model(batch["x"], batch["lead"], dropout_key=key)
+
+
+def loss_fn(model, batch, key):
+    """Latitude-weighted MSE of the forecast at the trained lead, in normalized units."""
+    return lat_weighted_mse(_forecast(model, batch, key), batch["y"])
+
+
+def eval_fn(model, batch) -> dict:
+    """The loss, and per channel the lat-weighted MSE in physical units and the ACC (sum, count) pairs."""
+    pred = _forecast(model, batch)
+    valid = batch["valid"]
+    out = {"loss": lat_weighted_mse(pred, batch["y"], valid)}
+    out.update(channel_metrics(pred, batch["y"], batch["clim"], batch["scale"], valid, model.config.variables))
+    return out
+
+
+def channel_metrics(pred_bvhw, truth_bvhw, clim_bvhw, scale_bv, valid_b, names) -> dict:
+    w_h1 = lat_weights(pred_bvhw.shape[2])[:, None]
+    pred, truth = pred_bvhw.astype(jnp.float32), truth_bvhw.astype(jnp.float32)
+    se_bv = jnp.mean((pred - truth) ** 2 * w_h1, axis=(2, 3)) * scale_bv ** 2
+    fa, ta = pred - clim_bvhw, truth - clim_bvhw
+    acc_bv = jnp.sum(w_h1 * fa * ta, axis=(2, 3)) / jnp.sqrt(
+        jnp.maximum(jnp.sum(w_h1 * fa * fa, axis=(2, 3)) * jnp.sum(w_h1 * ta * ta, axis=(2, 3)), 1e-30))
+    n = jnp.sum(valid_b)
+    out = {}
+    for i, name in enumerate(names):
+        out[f"mse_{name}"] = (jnp.sum(se_bv[:, i] * valid_b), n)
+        out[f"acc_{name}"] = (jnp.sum(acc_bv[:, i] * valid_b), n)
+    return out
+
+
+def summarize(means: dict) -> dict:
+    return {"rmse_" + k[4:]: math.sqrt(v) for k, v in means.items() if k.startswith("mse_") and v >= 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What evaluation and rollouts need beyond the batches."""
+
+    weather: wx.WeatherData
+    normalizer: wx.Normalizer
+    val_norm: np.ndarray     # held-out trajectories, normalized
+    clim_norm: np.ndarray    # [V, lat, lon] climatology, normalized
+
+
+def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
+    weather = wx.load_weather(model_cfg.data_config(), model_cfg.cache_dir or None, log=log)
+    norm = wx.Normalizer(weather.train)
+    clim = norm(wx.zonal_climatology(weather.train))
+    return Prepared(weather, norm, norm(weather.val), clim)
+
+
+def baselines(prep: Prepared, lead_steps: int) -> dict:
+    """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC."""
+    val, lat = prep.weather.val, prep.weather.lat
+    x, y = val[:, :-lead_steps], val[:, lead_steps:]
+    clim_phys = wx.zonal_climatology(prep.weather.train)
+    std = prep.normalizer.std.astype(np.float64)[:, None, None]
+    xn, yn = x / std, y / std  # normalized differences; the mean cancels
+    out = {"persistence_loss": float(wx.lat_weighted_mse(xn, yn, lat).mean()),
+           "climatology_loss": float(wx.lat_weighted_mse(np.broadcast_to(clim_phys, y.shape) / std, yn, lat).mean())}
+    pers = wx.lat_weighted_mse(x, y, lat)
+    clim = wx.lat_weighted_mse(np.broadcast_to(clim_phys, y.shape), y, lat)
+    acc = wx.lat_weighted_acc(x, y, clim_phys, lat)
+    for i, name in enumerate(prep.weather.variables):
+        out[f"persistence_rmse_{name}"] = math.sqrt(pers[i])
+        out[f"climatology_rmse_{name}"] = math.sqrt(clim[i])
+        out[f"persistence_acc_{name}"] = float(acc[i])
+    return out
+
+
+def build_data(train_cfg, model_cfg) -> Data:
+    prep = prepare(model_cfg)
+    kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=model_cfg.interval_hours,
+              batch_size=train_cfg.batch_size, seed=train_cfg.seed)
+    train = wx.ForecastBatches(prep.normalizer(prep.weather.train), **kw)
+    train.prepared = prep  # for rollouts after training
+    evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches(
+        {"clim": prep.clim_norm, "scale": prep.normalizer.std})
+    return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps))
+
+
+def check(model_cfg, train_cfg, data) -> None:
+    weather = data.train.prepared.weather
+    if tuple(weather.variables) != model_cfg.variables or weather.fields.shape[-2:] != (model_cfg.lat, model_cfg.lon):
+        raise ValueError(f"the weather data has channels {weather.variables} on {weather.fields.shape[-2:]} but "
+                         f"the model expects {model_cfg.variables} on ({model_cfg.lat}, {model_cfg.lon})")
+    expected = -90.0 + (np.arange(model_cfg.lat) + 0.5) * 180.0 / model_cfg.lat
+    if not np.allclose(weather.lat, expected, atol=1e-6):
+        raise ValueError("the weather data's latitudes are not the equiangular cell centres the loss weights assume")
+
+
+# --- autoregressive rollouts --------------------------------------------------------------------------------
+
+def trained_model(model_cfg, state) -> ClimaX:
+    """The model of a finished run: ``train(...)["state"]`` merged into a fresh module on one device."""
+    graphdef, _, _ = nnx.split(ClimaX(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    return nnx.merge(graphdef, *jax.device_get((state.params, state.rest)))
+
+
+def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: int = 4, batch_size: int = 32) -> dict:
+    """RMSE per channel at leads 1..``max_steps`` x the trained lead, model vs persistence vs climatology.
+
+    Forecasts start at every ``every``-th state of the held-out trajectories that leaves room
+    for ``max_steps`` applications of the model. Returns ``{"lead_hours": [...], "model" |
+    "persistence" | "climatology": {channel: [rmse per lead]}, "starts": n}``.
+    """
+    val = prep.val_norm
+    n, t = val.shape[:2]
+    span = lead_steps * max_steps
+    starts = [(i, j) for i in range(n) for j in range(0, t - span, every)]
+    if not starts:
+        raise ValueError(f"held-out trajectories of {t} states are too short for {max_steps} steps of lead "
+                         f"{lead_steps}")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    hours = lead_steps * prep.weather.config.interval_hours
+    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32)))
+    std = prep.normalizer.std.astype(np.float64)
+    lat, names = prep.weather.lat, prep.weather.variables
+    se = {k: np.zeros((max_steps, len(names))) for k in ("model", "persistence", "climatology")}
+    for s in range(0, len(starts), batch_size):
+        chunk = starts[s:s + batch_size]
+        x0 = np.stack([val[i, j] for i, j in chunk])
+        pad = batch_size - len(chunk)
+        state = np.concatenate([x0, np.repeat(x0[-1:], pad, 0)]) if pad else x0
+        for k in range(1, max_steps + 1):
+            state = np.asarray(step(params, rest, state))
+            truth = np.stack([val[i, j + k * lead_steps] for i, j in chunk])
+            preds = {"model": state[:len(chunk)], "persistence": x0,
+                     "climatology": np.broadcast_to(prep.clim_norm, truth.shape)}
+            for name, pred in preds.items():
+                se[name][k - 1] += wx.lat_weighted_mse(pred, truth, lat) * len(chunk)
+    out = {"lead_hours": [hours * k for k in range(1, max_steps + 1)], "starts": len(starts)}
+    for name, total in se.items():
+        rmse = np.sqrt(total / len(starts)) * std
+        out[name] = {ch: rmse[:, i].tolist() for i, ch in enumerate(names)}
+    return out
+
+
+RECIPE = Recipe(
+    name="weather-vit",
+    description="ClimaX-style ViT forecasting a Held-Suarez atmosphere simulated by dinosaur (T21, 8 channels)",
+    config_class=WeatherViTConfig,
+    model_defaults=dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=256, patch_size=4),
+    train_defaults=dict(steps=400, batch_size=16, learning_rate=2e-3, warmup_steps=40, eval_every=200,
+                        save_every=200),
+    build_model=lambda config, rngs: ClimaX(config, rngs=rngs),
+    build_data=build_data,
+    loss_fn=loss_fn,
+    eval_fn=eval_fn,
+    summarize=summarize,
+    batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "lead": (BATCH,), "valid": (BATCH,), "scale": (BATCH, None)},
+    check=check,
+)
