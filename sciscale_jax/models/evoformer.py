@@ -8,7 +8,8 @@ added to its stream as a residual update in that order. Dropout follows AlphaFol
 ``dropout_wrapper``: 0.15 on the MSA row update with one mask shared by all MSA rows, 0.25
 on the triangle updates with one mask shared along the first residue axis (columns for the
 ending-node attention); no dropout without a key. ``EvoformerStack`` runs N blocks with the
-configured remat policy; ``Evoformer`` adds the input embedder (Alg 3-5: target and MSA
+configured remat policy (on a mesh with a ``dap`` axis, sharded by Dynamic Axial Parallelism:
+``evoformer_dap``); ``Evoformer`` adds the input embedder (Alg 3-5: target and MSA
 features, outer sum, relative positions clipped at 32), the optional extra-MSA stack and two
 heads (masked-MSA logits, symmetric distogram logits). Parameter names mirror AlphaFold's,
 so its parameter files load with ``evoformer_params.load_alphafold_evoformer``.
@@ -31,7 +32,9 @@ from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_
 from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
                                                    TriangleAttention, TriangleMultiplication)
+from sciscale_jax.models import evoformer_dap
 from sciscale_jax.parallel import axes as ax
+from sciscale_jax.parallel import dap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,8 @@ class EvoformerStack(nnx.Module):
 
     def __call__(self, m, z, msa_mask, pair_mask, key=None):
         keys = layer_keys(key, self.num, self.num > 0)
+        if dap.dap_degree()[1] > 1:  # a mesh with a dap axis: Dynamic Axial Parallelism
+            return evoformer_dap.dap_stack(self, m, z, msa_mask, pair_mask, keys)
         return run_layers(self.blocks, (m, z), msa_mask, pair_mask, policy=self.config.remat, keys=keys,
                           apply=lambda block, mz, *args: block(*mz, *args))
 
