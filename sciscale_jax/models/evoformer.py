@@ -21,6 +21,7 @@ batch axis: m [B, S, R, c_m], z [B, R, R, c_z], masks [B, S, R] and [B, R, R].
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,7 @@ class EvoformerConfig(Techniques):
     chunk_size: int | None = None  # None: no chunking
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
+    supports_dap: ClassVar[bool] = True  # runs sharded on a mesh with a dap axis (evoformer_dap)
 
     def __post_init__(self):
         for name in ("c_m", "c_z", "c_e", "msa_heads", "msa_head_dim", "pair_heads", "pair_head_dim",
