@@ -43,7 +43,7 @@ def collectives(hlo: str) -> dict:
     """Count and result bytes of all-to-all and all-gather ops in compiled HLO text, and how many
     of them are asynchronous (``*-start`` / ``*-done`` pairs)."""
     out = {}
-    for op in ("all-to-all", "all-gather"):
+    for op in ("all-to-all", "all-gather", "reduce-scatter"):
         count, nbytes, async_starts = 0, 0, 0
         for line in hlo.splitlines():
             if "=" not in line:
@@ -54,10 +54,9 @@ def collectives(hlo: str) -> dict:
             if not re.search(rf"\s{op}(-start)?\(", rhs):
                 continue
             count += 1
-            m = _SHAPE.search(rhs)
-            if m:
-                dims = [int(d) for d in m.group(2).split(",") if d]
-                nbytes += int(np.prod(dims, dtype=np.int64)) * _BYTES[m.group(1)]
+            result = rhs[:re.search(rf"\s{op}(-start)?\(", rhs).start()]  # a tuple on CPU: one piece per device
+            for dtype, dims in _SHAPE.findall(result):
+                nbytes += int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _BYTES[dtype]
         out[op] = dict(count=count, bytes=nbytes, async_starts=async_starts)
     return out
 
