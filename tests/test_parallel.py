@@ -16,7 +16,7 @@ from sciscale_jax.parallel import (MESH_AXES, ParallelConfig, batch_sharding, lo
 
 def test_config_fills_minus_one_and_mesh_is_auto():
     mesh = make_mesh(ParallelConfig(data=-1, tensor=2))
-    assert dict(mesh.shape) == {"pipeline": 1, "data": 4, "fsdp": 1, "sequence": 1, "tensor2": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 4, "fsdp": 1, "dap": 1, "sequence": 1, "tensor2": 1, "tensor": 2}
     assert mesh.axis_names == MESH_AXES and set(mesh.axis_types) == {AxisType.Auto}
     assert ParallelConfig.parse("data=2, fsdp=2,tensor=2") == ParallelConfig(data=2, fsdp=2, tensor=2)
 

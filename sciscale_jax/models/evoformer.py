@@ -8,7 +8,8 @@ added to its stream as a residual update in that order. Dropout follows AlphaFol
 ``dropout_wrapper``: 0.15 on the MSA row update with one mask shared by all MSA rows, 0.25
 on the triangle updates with one mask shared along the first residue axis (columns for the
 ending-node attention); no dropout without a key. ``EvoformerStack`` runs N blocks with the
-configured remat policy; ``Evoformer`` adds the input embedder (Alg 3-5: target and MSA
+configured remat policy (on a mesh with a ``dap`` axis, sharded by Dynamic Axial Parallelism:
+``evoformer_dap``); ``Evoformer`` adds the input embedder (Alg 3-5: target and MSA
 features, outer sum, relative positions clipped at 32), the optional extra-MSA stack and two
 heads (masked-MSA logits, symmetric distogram logits). Parameter names mirror AlphaFold's,
 so its parameter files load with ``evoformer_params.load_alphafold_evoformer``.
@@ -20,6 +21,7 @@ batch axis: m [B, S, R, c_m], z [B, R, R, c_z], masks [B, S, R] and [B, R, R].
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,9 @@ from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_
 from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
                                                    TriangleAttention, TriangleMultiplication)
+from sciscale_jax.models import evoformer_dap
 from sciscale_jax.parallel import axes as ax
+from sciscale_jax.parallel import dap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,7 @@ class EvoformerConfig(Techniques):
     chunk_size: int | None = None  # None: no chunking
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
+    supports_dap: ClassVar[bool] = True  # runs sharded on a mesh with a dap axis (evoformer_dap)
 
     def __post_init__(self):
         for name in ("c_m", "c_z", "c_e", "msa_heads", "msa_head_dim", "pair_heads", "pair_head_dim",
@@ -173,6 +178,8 @@ class EvoformerStack(nnx.Module):
 
     def __call__(self, m, z, msa_mask, pair_mask, key=None):
         keys = layer_keys(key, self.num, self.num > 0)
+        if dap.dap_degree()[1] > 1:  # a mesh with a dap axis: Dynamic Axial Parallelism
+            return evoformer_dap.dap_stack(self, m, z, msa_mask, pair_mask, keys)
         return run_layers(self.blocks, (m, z), msa_mask, pair_mask, policy=self.config.remat, keys=keys,
                           apply=lambda block, mz, *args: block(*mz, *args))
 

@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 # Outermost to innermost. ``tensor2`` is the second tensor-parallel axis of 2D TP.
-MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "tensor2", "tensor")
+# ``dap`` is Dynamic Axial Parallelism (``dap.py``).
+MESH_AXES = ("pipeline", "data", "fsdp", "dap", "sequence", "tensor2", "tensor")
 DATA_AXES = ("data", "fsdp")  # the axes a batch (and ZeRO state) is split over
 
 
@@ -39,6 +40,7 @@ class ParallelConfig:
     sequence: int = 1
     pipeline: int = 1
     tensor2: int = 1
+    dap: int = 1
 
     def sizes(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in MESH_AXES}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sciscale_jax import _validate, optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
-from sciscale_jax.parallel import multihost
+from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
@@ -58,7 +58,7 @@ class TrainConfig:
     offload: str = dataclasses.field(default="", metadata={
         "group": "distribution", "help": "keep opt_state, params or opt_state,params in pinned host memory"})
     mesh: str = dataclasses.field(default="", metadata={
-        "group": "distribution", "help": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp sequence "
+        "group": "distribution", "help": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp dap sequence "
                                          "tensor2 tensor pipeline; one may be -1); empty: one device"})
     zero: int = dataclasses.field(default=0, metadata={"group": "distribution", "help": "ZeRO stage 0-3 over the data axes"})
     schedule_steps: int = dataclasses.field(default=0, metadata={
@@ -168,6 +168,9 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         recipe.check(model_config, cfg, data)
     given_config = model_config  # saved as given: a resumed run may pick another mesh
     mesh_config = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count()) if cfg.mesh else None
+    if mesh_config is not None:  # a dap axis needs a model and attention that support DAP
+        dap.check_dap(mesh_config.sizes(), getattr(model_config, "attention", "xla"),
+                      getattr(model_config, "supports_dap", False), f"{recipe.name} model")
     if mesh_config is not None and model_config.sharding is None:  # activations follow the parameters' rules
         model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
