@@ -201,18 +201,22 @@ def _microbatch(train_config) -> int:
 
 def _saved_bytes(recipe, model_config, train_config) -> int:
     """Bytes autodiff saves for the backward pass of the loss on one device's microbatch."""
-    from flax import nnx
-    from jax._src.ad_checkpoint import saved_residuals
-
-    from sciscale_jax.train.abstract import abstract_batch
-    from sciscale_jax.train.step import split_model
-
-    cfg = dataclasses.replace(model_config, sharding=None)
     tc = dataclasses.replace(train_config, batch_size=_microbatch(train_config), grad_accum=1, mesh="", zero=0,
                              offload="")
-    model = nnx.eval_shape(lambda: recipe.build_model(cfg, nnx.Rngs(0)))
-    graphdef, params, rest = split_model(model)
-    batch = abstract_batch(recipe, cfg, tc)
+    return _loss_program(recipe, model_config, tc)
+
+
+def _loss_program(recipe, model_config, train_config, *, flops: bool = False):
+    """Saved-residual bytes of the loss on one device at ``train_config.batch_size`` (and with
+    ``flops``, the FLOPs of its gradient program from XLA's cost analysis of the lowering)."""
+    from flax import nnx
+    from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
+
+    from sciscale_jax.train.abstract import abstract_batch, abstract_model
+
+    cfg = dataclasses.replace(model_config, sharding=None)
+    graphdef, params, rest, _, _ = abstract_model(recipe, cfg)
+    batch = abstract_batch(recipe, cfg, train_config)
     key = jax.random.key(0)
 
     def loss(p, b):
@@ -220,5 +224,10 @@ def _saved_bytes(recipe, model_config, train_config) -> int:
         return total / count
 
     residuals = saved_residuals(loss, params, batch)
-    return sum(int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize for a, why in residuals
-               if not why.startswith("from the argument"))
+    saved = sum(int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize for a, why in residuals
+                if not why.startswith("from the argument"))
+    if not flops:
+        return saved
+    cost = jax.jit(jax.grad(loss)).lower(params, batch).cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return saved, float(cost.get("flops", 0.0))

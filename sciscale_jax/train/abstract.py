@@ -79,6 +79,21 @@ class _null:
         return False
 
 
+_MODELS: dict = {}
+
+
+def abstract_model(recipe, model_config, seed: int = 0):
+    """(graphdef, params, rest, param_axes, fp8 paths) of the recipe's model from ``nnx.eval_shape``
+    (kept per recipe, config and seed in this process: the planner asks for the same model often)."""
+    key = (recipe.name, model_config, seed)
+    if key not in _MODELS:
+        if len(_MODELS) > 64:
+            _MODELS.clear()
+        model = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(seed)))
+        _MODELS[key] = (*split_model(model), parallel.param_axes(model), precision.fp8_paths(model))
+    return _MODELS[key]
+
+
 def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     """The step ``train.loop.train`` would compile for this run, with abstract state and batch."""
     from sciscale_jax.train.loop import _make_step, build_optimizer
@@ -91,13 +106,11 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     if mesh_config is not None and model_config.sharding is None:
         model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
-    model = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(cfg.seed)))
+    graphdef, params, rest, param_axes, fp8 = abstract_model(recipe, model_config, cfg.seed)
     policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
         tx = precision.dynamic_loss_scaling(tx)
-    param_axes, fp8 = parallel.param_axes(model), precision.fp8_paths(model)
-    graphdef, params, rest = split_model(model)
     state = TrainState(jax.ShapeDtypeStruct((), np.int32), params, rest, jax.eval_shape(tx.init, params))
     batch = abstract_batch(recipe, model_config, cfg)
     place = None
@@ -111,7 +124,6 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     if place is not None:
         state_sh, batch_sh = place.state, place.batch
     if offload:
-        mesh = place.mesh if place is not None else None
         dev = jax.devices()[0]
         def kind_of(tree_name, sh_tree, tree):
             kind = "pinned_host" if tree_name in offload else "device"
@@ -125,7 +137,6 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
                                   jax.tree.map(lambda _: rep, state.opt_state))
         state_sh = state_sh._replace(params=kind_of("params", state_sh.params, params),
                                      opt_state=kind_of("opt_state", state_sh.opt_state, state.opt_state))
-        del mesh
     if state_sh is not None:
         jit_kw.update(in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
