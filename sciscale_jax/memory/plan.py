@@ -89,7 +89,7 @@ class Plan:
     def flags(self) -> list[str]:
         out = []
         for name, value in self.settings().items():
-            if name in ("offload",) and not value:
+            if value == "" or (name == "zero" and not self.mesh):  # one device: no mesh, no ZeRO
                 continue
             out.append(f"--{name.replace('_', '-')} {value}")
         return out
@@ -120,7 +120,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_meshes(devices: int) -> list[tuple[str, int]]:
-    """(mesh, zero) pairs on ``devices``: data x tensor with ZeRO 0-3, fsdp x tensor."""
+    """(mesh, zero) pairs on ``devices``: data x tensor with ZeRO 0-3, fsdp x tensor ("" on one device)."""
+    if devices == 1:
+        return [("", 0)]
     out = []
     for t in _divisors(devices):
         d = devices // t
@@ -177,6 +179,8 @@ class _Profiles:
 def _mesh_sizes(mesh: str) -> dict:
     from sciscale_jax import parallel
 
+    if not mesh:
+        return {"dp": 1, "tp": 1, "fsdp": 1}
     c = parallel.ParallelConfig.parse(mesh).resolve(jax.device_count())
     return {"dp": c.data * c.fsdp, "tp": c.tensor * c.tensor2 * c.sequence, "fsdp": c.fsdp}
 
@@ -218,9 +222,9 @@ def _screen(recipe, model_config, train_config, settings: dict, profiles, states
     dp, grad = sizes["dp"], st["grads"]
     comm = 0.0
     if dp > 1:
-        if s["zero"] >= 2 or sizes["fsdp"] > 1:
-            comm += grad * (dp - 1) / dp * (dp if s["zero"] >= 2 else 1)
-        else:
+        if s["zero"] >= 2 or sizes["fsdp"] > 1:  # reduce-scatter of the whole gradient (dp shards of it)
+            comm += grad * dp * (dp - 1) / dp
+        else:  # all-reduce
             comm += 2 * grad * (dp - 1) / dp
         if s["zero"] >= 3 or sizes["fsdp"] > 1:
             comm += 2 * st["params"] * (dp - 1) * tc.grad_accum
@@ -283,7 +287,7 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
         raise ValueError(f"no valid technique mix for {recipe.name} on {devices} devices with {fixed or 'no fixed flags'}")
     fits = sorted((p for p in plans if p.screen_bytes <= budget), key=lambda p: (p.step_seconds, p.screen_bytes))
     if confirm:
-        confirmed = []
+        confirmed, rejected = [], []
         for p in fits[:max(top, 3)]:
             est = estimate(recipe, dataclasses.replace(model_config, remat=p.remat, attention=p.attention,
                                                        precision=p.precision),
@@ -293,10 +297,12 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
             if est.peak_bytes <= budget:
                 confirmed.append(p)
                 break
-        fits = confirmed + [p for p in fits if all(p.settings() != c.settings() for c in confirmed)
-                            and p.screen_bytes <= budget]
+            rejected.append(p)
+        done = [c.settings() for c in confirmed + rejected]
+        fits = confirmed + [p for p in fits if p.settings() not in done]
+        plans = [p for p in plans if p.settings() not in done] + confirmed + rejected
     if not fits:
-        small = min(plans, key=lambda p: p.screen_bytes)
+        small = min(plans, key=lambda p: p.peak_bytes)
         name, value = small.dominant()
         raise ValueError(f"nothing fits {budget / GiB:.2f} GiB per device on {devices} devices: the smallest peak "
                          f"found is {small.peak_bytes / GiB:.2f} GiB ({small.describe()}), dominated by {name} "
