@@ -11,6 +11,7 @@ the planner's screen).
 
     python benchmarks/planner_accuracy.py            # all configurations
     python benchmarks/planner_accuracy.py --only 3   # one (its index in the table)
+    python benchmarks/planner_accuracy.py --merge a.json b.json   # combine partial runs
 
 Prints a markdown table; writes benchmarks/results/planner_accuracy.json and .md.
 """
@@ -115,9 +116,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", type=int, nargs="*", help="indices of configurations to run")
     parser.add_argument("--out", default="benchmarks/results/planner_accuracy")
+    parser.add_argument("--merge", nargs="*", help="JSON files of earlier (partial) runs to combine into --out")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = {r["index"]: r for f in args.merge for r in json.loads(pathlib.Path(f).read_text())["rows"]}
+        rows = [merged[i] for i in sorted(merged)]
+        out.with_suffix(".json").write_text(json.dumps({"device": "8 simulated CPU devices (XLA host platform)",
+                                                        "rows": rows}, indent=1, default=str))
+        text = table(rows)
+        print(text)
+        out.with_suffix(".md").write_text(text + "\n")
+        return
     rows = []
     for i in (args.only if args.only else range(len(CONFIGS))):
         row = measure(i)
