@@ -206,6 +206,13 @@ def _saved_bytes(recipe, model_config, train_config) -> int:
     return _loss_program(recipe, model_config, tc)
 
 
+def _itemsize(dtype) -> int:
+    """Bytes per element; a PRNG key array counts its key data (two uint32 for threefry)."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 8
+    return np.dtype(dtype).itemsize
+
+
 def _loss_program(recipe, model_config, train_config, *, flops: bool = False):
     """Saved-residual bytes of the loss on one device at ``train_config.batch_size`` (and with
     ``flops``, the FLOPs of its gradient program from XLA's cost analysis of the lowering)."""
@@ -224,7 +231,7 @@ def _loss_program(recipe, model_config, train_config, *, flops: bool = False):
         return total / count
 
     residuals = saved_residuals(loss, params, batch)
-    saved = sum(int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize for a, why in residuals
+    saved = sum(int(math.prod(a.shape)) * _itemsize(a.dtype) for a, why in residuals
                 if not why.startswith("from the argument"))
     if not flops:
         return saved

@@ -167,10 +167,7 @@ class _Profiles:
         recompute = 0.0
         if remat != "none":
             recompute = self("none", attention, precision)["layer"] * k1  # one group rebuilt at a time
-        if remat == "full":
-            carry = layer
-        else:
-            carry = self("full", attention, precision)["carry"]
+        carry = layer if remat == "full" else None  # the layer input: what full remat keeps per layer
         layer_flops = (flops[k2] - flops[k1]) / (k2 - k1)
         return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "carry": carry,
                 "depth": depth, "flops": flops[k1] + layer_flops * (depth - k1)}
@@ -229,7 +226,8 @@ def _screen(recipe, model_config, train_config, settings: dict, profiles, states
         if s["zero"] >= 3 or sizes["fsdp"] > 1:
             comm += 2 * st["params"] * (dp - 1) * tc.grad_accum
     if tp > 1:
-        comm += 4 * prof["carry"] * depth * examples * (tp - 1) / tp / tp
+        carry = prof["carry"] if prof["carry"] is not None else profiles("full", s["attention"], s["precision"])["carry"]
+        comm += 4 * carry * depth * examples * (tp - 1) / tp / tp
     host = 2 * states[key]["opt_state"] if s["offload"] == "opt_state" else 0.0
     seconds = flops / rate + comm / hw.link_bandwidth + host / hw.host_bandwidth
     return Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"], s["offload"],
