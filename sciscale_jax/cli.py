@@ -91,6 +91,10 @@ def _base_parser() -> argparse.ArgumentParser:
                                    "`sciscale train <recipe> --help` lists that recipe's flags.")
     t.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
     t.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
+    pl = sub.add_parser("plan", help="pick the technique mix that fits a memory budget", add_help=False,
+                        description="`sciscale plan <recipe> --devices N --memory 80GiB [flags]`")
+    pl.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
+    pl.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
     return p
 
 
@@ -183,8 +187,99 @@ def _train(recipe, args) -> int:
     return 0
 
 
+def _plan_devices_early(argv) -> None:
+    """Before JAX starts: ``sciscale plan --devices N`` simulates N CPU devices."""
+    import os
+
+    if not argv or argv[0] != "plan" or "jax" in sys.modules and _jax_started():
+        return
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--devices=") else argv[i + 1] if a == "--devices" and i + 1 < len(argv) else None
+        if value is not None and value.isdigit() and int(value) > 0:
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            flags = os.environ.get("XLA_FLAGS", "")
+            if "xla_force_host_platform_device_count" not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={value}".strip()
+
+
+def _jax_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge._backends)
+    except Exception:  # noqa: BLE001 -- unknown internals: assume started, change nothing
+        return True
+
+
+def plan_parser(recipe) -> argparse.ArgumentParser:
+    """``sciscale plan <recipe>``: the budget, the device count, then the train and model flags."""
+    from sciscale_jax.train import TrainConfig
+
+    p = _Parser(prog=f"sciscale plan {recipe.name}",
+                description=f"Technique mixes for {recipe.name} that fit a memory budget; flags you give are kept, "
+                            "the switches you leave out (mesh, zero, remat, attention, precision, grad-accum, "
+                            "offload) are chosen.")
+    p.add_argument("--devices", type=int, required=True, help="devices of the run (simulated on CPU here)")
+    p.add_argument("--memory", required=True, help="memory per device, e.g. 80GiB, 80GB, 512MiB")
+    p.add_argument("--top", type=int, default=3, help="plans to print (default: 3)")
+    p.add_argument("--verify", action="store_true", help="compile the top plan and print predicted vs compiled")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="print screened figures only (skip the compiled-probe estimate of the top plan)")
+    p.add_argument("--tflops", type=float, default=400.0, help="step-time model: bf16 TFLOP/s per device (fp32: half)")
+    p.add_argument("--link-gbs", type=float, default=100.0, help="step-time model: collective GB/s per device")
+    p.add_argument("--host-gbs", type=float, default=25.0, help="step-time model: device-host GB/s (offload)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    groups = {}
+    _add_config_flags(p, TrainConfig, recipe.train_defaults, "train", "run", groups)
+    _add_config_flags(p, recipe.config_class, recipe.model_defaults, "model", "model", groups)
+    return p
+
+
+def _plan(recipe, rest, show_help: bool) -> int:
+    """``sciscale plan``: print the fastest plans that fit, as ``sciscale train`` commands."""
+    from sciscale_jax.memory import plan as planner
+    from sciscale_jax.memory.measure import report_from_analysis
+    from sciscale_jax.train import TrainConfig
+    from sciscale_jax.train.abstract import abstract_run
+
+    parser = plan_parser(recipe)
+    if show_help:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(rest)
+    if args.devices < 1 or args.top < 1:
+        raise ValueError(f"devices={args.devices} and top={args.top} must be positive")
+    if min(args.tflops, args.link_gbs, args.host_gbs) <= 0:
+        raise ValueError(f"tflops={args.tflops}, link-gbs={args.link_gbs}, host-gbs={args.host_gbs} must be positive")
+    budget = planner.parse_bytes(args.memory)
+    picked = {"train": _picked(args, "train"), "model": _picked(args, "model")}
+    fixed = {k: picked[kind][k] for k, kind in planner.SWITCHES.items() if k in picked[kind]}
+    train_cfg = TrainConfig(**{**recipe.train_defaults, **picked["train"]})
+    model_cfg = recipe.make_config(**picked["model"])
+    hw = planner.Hardware(args.tflops * 1e12, args.link_gbs * 1e9, args.host_gbs * 1e9)
+    plans = planner.plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed,
+                         top=args.top, confirm=not args.no_confirm, hardware=hw)
+    fields = {f.name: f for cls in (TrainConfig, recipe.config_class) for f in dataclasses.fields(cls)}
+    base = [f"{_flag(fields[k])} {v}" for kind in ("train", "model") for k, v in picked[kind].items()
+            if k not in planner.SWITCHES]
+    print(planner.format_plans(recipe.name, plans, base, budget, args.devices))
+    if args.verify:
+        best = plans[0]
+        run = abstract_run(recipe, dataclasses.replace(model_cfg, remat=best.remat, attention=best.attention,
+                                                       precision=best.precision),
+                           dataclasses.replace(train_cfg, mesh=best.mesh, zero=best.zero, grad_accum=best.grad_accum,
+                                               offload=best.offload))
+        compiled = report_from_analysis(run.compile().memory_analysis()).peak_bytes
+        gib = 2.0 ** 30
+        print(f"verify (plan 1 compiled on {args.devices} simulated CPU devices): predicted "
+              f"{best.peak_bytes / gib:.3f} GiB, compiled {compiled / gib:.3f} GiB per device "
+              f"({100 * (best.peak_bytes / compiled - 1):+.1f}%); "
+              + ("fits" if compiled <= budget else "does NOT fit") + f" {budget / gib:.2f} GiB")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _plan_devices_early(argv)
     base = _base_parser()
     args, rest = base.parse_known_args(argv)
     debug = "--debug" in argv
@@ -202,8 +297,10 @@ def main(argv=None) -> int:
                 print("usage: sciscale train <recipe> [flags]   (`sciscale train <recipe> --help` lists them)")
                 print("recipes: " + ", ".join(RECIPES))
                 return 0
-            base.error("train: the recipe name is missing (see `sciscale recipes`)")
+            base.error(f"{args.command}: the recipe name is missing (see `sciscale recipes`)")
         recipe = get_recipe(args.recipe)
+        if args.command == "plan":
+            return _plan(recipe, rest, args.help)
         parser = train_parser(recipe)
         if args.help:
             parser.print_help()

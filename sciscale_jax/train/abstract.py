@@ -1,0 +1,145 @@
+"""The train step of a run, built from shapes alone: for memory estimates and compile-only checks.
+
+``abstract_run(recipe, model_config, train_config)`` builds what ``train.loop.train`` builds
+(model config with the mesh's rule table, optimizer, loss scaling, placement, the step from the
+loop's own ``_make_step``, the jit shardings and donation) but with every array replaced by a
+``jax.ShapeDtypeStruct``: the model comes from ``nnx.eval_shape``, the optimizer state from
+``jax.eval_shape(tx.init, ...)``, and the batch from the recipe's ``batch_axes`` with the
+field dtypes of one tiny batch of the recipe's data (built once per recipe and process).
+Nothing is allocated or run; ``AbstractRun.compile()`` lowers and compiles the step as the
+loop does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sciscale_jax import axes as ax
+from sciscale_jax import optim, parallel, precision, remat
+from sciscale_jax.parallel import offload as host_offload
+from sciscale_jax.train.step import TrainState, split_model
+
+# Logical batch axes and the run sizes they take (any other axis keeps the tiny batch's size).
+_AXIS_SIZE = {ax.BATCH: lambda t, m: t.batch_size, ax.SEQ: lambda t, m: t.seq_len,
+              ax.RES: lambda t, m: t.seq_len, ax.MSA_SEQ: lambda t, m: getattr(m, "num_seq", None)}
+
+
+_FIELDS: dict = {}
+
+
+def _field_dtypes(recipe) -> dict:
+    """{field: (dtype, tiny shape)} of one batch of the recipe's data at batch 2, length 16."""
+    from sciscale_jax.train.loop import TrainConfig
+
+    if recipe.name in _FIELDS:
+        return _FIELDS[recipe.name]
+    cfg = TrainConfig(**{**recipe.train_defaults, "batch_size": 2, "seq_len": 16, "grad_accum": 1})
+    batch = recipe.build_data(cfg, recipe.make_config()).train.batch(0)
+    _FIELDS[recipe.name] = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in batch.items()}
+    return _FIELDS[recipe.name]
+
+
+def abstract_batch(recipe, model_config, train_config) -> dict:
+    """ShapeDtypeStructs of one training batch of this run, sized by the recipe's batch axes."""
+    out = {}
+    for name, (dtype, tiny) in _field_dtypes(recipe).items():
+        shape = []
+        for axis, n in zip(recipe.axes_of(name, len(tiny)), tiny):
+            size = _AXIS_SIZE.get(axis, lambda t, m: None)(train_config, model_config)
+            shape.append(n if size is None else size)
+        out[name] = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractRun:
+    """A run's jitted step with abstract arguments; ``place`` is None on one device."""
+
+    step: object                 # jax.jit-ed step(state, batch)
+    state: TrainState            # ShapeDtypeStructs (with shardings when placed)
+    batch: dict                  # ShapeDtypeStructs
+    place: object                # train.sharding.Placement or None
+    model_config: object         # with the sharding table the run uses
+    offload: frozenset
+
+    def compile(self):
+        with jax.set_mesh(self.place.mesh) if self.place is not None else _null():
+            return self.step.lower(self.state, self.batch).compile(remat.compiler_options())
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_MODELS: dict = {}
+
+
+def abstract_model(recipe, model_config, seed: int = 0):
+    """(graphdef, params, rest, param_axes, fp8 paths) of the recipe's model from ``nnx.eval_shape``
+    (kept per recipe, config and seed in this process: the planner asks for the same model often)."""
+    key = (recipe.name, model_config, seed)
+    if key not in _MODELS:
+        if len(_MODELS) > 64:
+            _MODELS.clear()
+        model = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(seed)))
+        _MODELS[key] = (*split_model(model), parallel.param_axes(model), precision.fp8_paths(model))
+    return _MODELS[key]
+
+
+def abstract_run(recipe, model_config, train_config) -> AbstractRun:
+    """The step ``train.loop.train`` would compile for this run, with abstract state and batch."""
+    from sciscale_jax.train.loop import _make_step, build_optimizer
+    from sciscale_jax.train.sharding import pick_strategy, plan_placement
+    from sciscale_jax.train import validate
+
+    cfg = train_config
+    validate.check_run(model_config, cfg)
+    mesh_config = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count()) if cfg.mesh else None
+    if mesh_config is not None and model_config.sharding is None:
+        model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
+    offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
+    graphdef, params, rest, param_axes, fp8 = abstract_model(recipe, model_config, cfg.seed)
+    policy = precision.get_policy(model_config.precision)
+    tx = build_optimizer(cfg)
+    if policy.loss_scaling:
+        tx = precision.dynamic_loss_scaling(tx)
+    state = TrainState(jax.ShapeDtypeStruct((), np.int32), params, rest, jax.eval_shape(tx.init, params))
+    batch = abstract_batch(recipe, model_config, cfg)
+    place = None
+    if mesh_config is not None:
+        place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, batch,
+                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
+    kwargs = place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {}
+    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload, kwargs, None)
+    jit_kw = dict(donate_argnums=0)
+    state_sh = batch_sh = None
+    if place is not None:
+        state_sh, batch_sh = place.state, place.batch
+    if offload:
+        dev = jax.devices()[0]
+        def kind_of(tree_name, sh_tree, tree):
+            kind = "pinned_host" if tree_name in offload else "device"
+            if sh_tree is None:
+                s = jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)
+                return jax.tree.map(lambda _: s, tree)
+            return jax.tree.map(lambda s: s.with_memory_kind(kind), sh_tree)
+        if state_sh is None:
+            rep = jax.sharding.SingleDeviceSharding(dev)
+            state_sh = TrainState(rep, jax.tree.map(lambda _: rep, params), jax.tree.map(lambda _: rep, rest),
+                                  jax.tree.map(lambda _: rep, state.opt_state))
+        state_sh = state_sh._replace(params=kind_of("params", state_sh.params, params),
+                                     opt_state=kind_of("opt_state", state_sh.opt_state, state.opt_state))
+    if state_sh is not None:
+        jit_kw.update(in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        if batch_sh is not None:
+            batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+    return AbstractRun(jax.jit(step, **jit_kw), state, batch, place, model_config, offload)
