@@ -99,6 +99,21 @@ def forward_and_initial(args, data) -> tuple[int, float]:
     return peak, evaluate(jax.jit(eval_step), state.params, state.rest, data.eval)["loss"]
 
 
+# Run order: AdamW and the control first, so an interrupted run still has the reference and the
+# control; DeepZero's compile (no training) last. Tables list OPTIMIZERS' order, the control last.
+RUN_FIRST = ("adamw", "control", "mezo", "adam_mini", "adamw_8bit", "lion", "adafactor", "sm3", "came", "zo_adamu")
+
+
+def derive(out: dict) -> None:
+    """Gaps to AdamW and nats below each baseline, in place."""
+    ref = out["optimizers"].get("adamw", {}).get("val_loss", math.nan)
+    for r in out["optimizers"].values():
+        if "val_loss" in r:
+            r["vs_adamw"] = r["val_loss"] - ref
+            for k, b in out["baselines"].items():
+                r[f"gain_{k}"] = b - r["val_loss"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=sorted(TASKS), default="smiles-lm")
@@ -109,7 +124,23 @@ def main():
     ap.add_argument("--control-lr", type=float, default=1e-6, help="AdamW rate of the negative control")
     ap.add_argument("--optimizers", nargs="*", default=list(optim.OPTIMIZERS))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--from-json", action="store_true", help="only redraw table and plot from --out's JSON")
     args = ap.parse_args()
+    dest = pathlib.Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        out = json.loads((dest / "optimizers.json").read_text())
+        derive(out)
+    else:
+        out = measure(args, dest)
+    md = table(out)
+    print(md)
+    (dest / "optimizers.md").write_text(f"`{out['command'].strip()}`\n\n{md}\n")
+    plot(out, dest / "optimizers.png")
+    print(f"\nwrote {dest / 'optimizers.json'}, optimizers.md and optimizers.png")
+
+
+def measure(args, dest: pathlib.Path) -> dict:
     t_start = time.perf_counter()
     recipe, model_cfg, train_cfg = configs(args, "adamw", 1e-3, args.steps)
     data = recipe.build_data(train_cfg, model_cfg)
@@ -117,45 +148,39 @@ def main():
     out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})", "jax": jax.__version__,
            "task": args.task, "recipe": recipe.name, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
            "steps": args.steps, "deepzero_steps": args.deepzero_steps, "sweep": {}, "forward_peak_bytes": forward_peak,
-           "initial_val_loss": initial, "command": "python benchmarks/optimizers.py " + " ".join(sys.argv[1:])}
+           "initial_val_loss": initial, "command": "python benchmarks/optimizers.py " + " ".join(sys.argv[1:]),
+           "baselines": {}, "optimizers": {}}
     print(f"forward peak {forward_peak / MiB:.2f} MiB, val loss at init {initial:.4f}", flush=True)
-    rows = {}
-    for name in args.optimizers:
-        if name == "deepzero" and args.deepzero_steps == 0:
-            rows[name] = step_memory(args, name, LR[name], data.train.batch(0))
+    control_name = f"control: adamw lr={args.control_lr:g}"
+    names = [n for n in RUN_FIRST if n == "control" or n in args.optimizers]
+    names += [n for n in args.optimizers if n not in names]
+    table_order = [n for n in optim.OPTIMIZERS if n in args.optimizers] + [control_name]
+    for name in names:
+        if name == "control":
+            row = {**run(args, "adamw", args.control_lr, args.steps), "control": True}
+            name = control_name
+        elif name == "deepzero" and args.deepzero_steps == 0:
+            row = step_memory(args, name, LR[name], data.train.batch(0))
         else:
             steps = args.deepzero_steps if name == "deepzero" else args.steps
             tried = {lr: run(args, name, lr, steps) for lr in (SWEEP[name] if args.sweep else (LR[name],))}
             out["sweep"][name] = {f"{lr:g}": r["val_loss"] for lr, r in tried.items()}
-            rows[name] = min(tried.values(), key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
-            out["baselines"] = rows[name].pop("baselines")
-        print(f"{name}: {json.dumps(rows[name])}", flush=True)
-    control = run(args, "adamw", args.control_lr, args.steps)
-    out["baselines"] = control.pop("baselines")
-    rows[f"control: adamw lr={args.control_lr:g}"] = {**control, "control": True}
-    print(f"control: {json.dumps(control)}", flush=True)
-    out["optimizers"] = rows
-    ref = rows.get("adamw", {}).get("val_loss", math.nan)
-    for r in rows.values():
-        if "val_loss" in r:
-            r["vs_adamw"] = r["val_loss"] - ref
-            for k, b in out["baselines"].items():
-                r[f"gain_{k}"] = b - r["val_loss"]
-    out["seconds"] = time.perf_counter() - t_start
-    dest = pathlib.Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "optimizers.json").write_text(json.dumps(out, indent=1))
-    md = table(out)
-    print(md)
-    (dest / "optimizers.md").write_text(f"`{out['command'].strip()}`\n\n{md}\n")
-    plot(out, dest / "optimizers.png")
-    print(f"\nwrote {dest / 'optimizers.json'}, optimizers.md and optimizers.png in {out['seconds']:.0f} s")
+            row = min(tried.values(), key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+        out["baselines"] = row.pop("baselines", out["baselines"])
+        print(f"{name}: {json.dumps(row)}", flush=True)
+        out["optimizers"][name] = row
+        out["optimizers"] = {n: out["optimizers"][n] for n in table_order if n in out["optimizers"]}
+        derive(out)
+        out["seconds"] = time.perf_counter() - t_start
+        (dest / "optimizers.json").write_text(json.dumps(out, indent=1))
+        (dest / "optimizers.md").write_text(f"`{out['command'].strip()}`\n\n{table(out)}\n")
+    return out
 
 
 def table(out: dict) -> str:
     m, t, base = out["model"], out["train"], out["baselines"]
     fwd = out["forward_peak_bytes"]
-    params = next(iter(out["optimizers"].values()))["params"]
+    params = next(iter(out["optimizers"].values()))["params"] if out["optimizers"] else 0
     lines = [f"{out['recipe']}, {m['num_layers']} layers, embed {m['embed_dim']}, mlp {m['mlp_dim']}, "
              f"batch {t['batch_size']} x {t['seq_len']}, {params:,} parameters, {out['steps']} steps, seed "
              f"{t['seed']}; device: {out['device']}. Validation loss in nats per token on held-out molecules, "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -209,77 +210,100 @@ def _cpu_imports():
     return train, eqat_example
 
 
-def run_cpu(args) -> dict:
+def run_cpu(args, write) -> dict:
+    """Train and measure every row; ``write(result)`` is called after each row (partial results)."""
     train, eqat_example = _cpu_imports()
     recipe, base_model, base_train = task_configs(args.task, args.steps, args.seed)
-    records, fp32_state = [], None
     data = recipe.build_data(base_train, base_model)
-    for name, prec, scheme in TRAINED:
-        if args.only and name not in args.only and name != "fp32":
-            continue
+    bits, g = args.bits, args.group_size
+    cg = base_model.embed_dim  # control: one 2-bit group per output column over embedding-sized inputs
+    result = dict(device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})", jax=jax.__version__,
+                  task=args.task, recipe=recipe.name, model=base_model.to_dict(), train=base_train.to_dict(),
+                  eval_batches=len(data.eval),
+                  efficient_qat=dict(bits=bits, group_size=g, calib_batches=args.calib_batches,
+                                     block_steps=args.block_steps, e2e_steps=args.e2e_steps),
+                  records=[])
+    records, fp32 = result["records"], {}
+
+    def trained(name, prec, scheme):
         model_cfg = dataclasses.replace(base_model, precision=prec, quant=scheme)
         with tempfile.TemporaryDirectory() as run_dir:
             r = train(recipe, model_cfg, base_train, run_dir, progress=False, log=lambda *a: None)
         model = eqat_example.model_from_state(model_cfg, r["state"])
         scale = {k: float(v) for k, v in precision.loss_scale_metrics(r["state"].opt_state).items()}
-        rec = dict(name=name, precision=prec, quant=scheme, val_loss=r["val_loss"], train_loss=r["train_loss"],
-                   memory=r["memory"].as_dict(), param_bytes=r["param_bytes"], opt_state_bytes=r["opt_state_bytes"],
-                   deploy_bytes=scheme_bytes(model, name), train_seconds=r["seconds"],
-                   loss_scale=scale["loss_scale"], skipped_steps=int(scale["skipped_steps"]))
-        records.append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k != "memory"}), file=sys.stderr, flush=True)
         if name == "fp32":
-            fp32_state, baselines = r["state"], baseline_losses(r["baselines"])
-
-    def fp32_model():
-        return eqat_example.model_from_state(base_model, fp32_state)
+            fp32.update(state=r["state"])
+            result["baselines"] = baseline_losses(r["baselines"])
+        return dict(name=name, precision=prec, quant=scheme, val_loss=r["val_loss"], train_loss=r["train_loss"],
+                    memory=r["memory"].as_dict(), param_bytes=r["param_bytes"], opt_state_bytes=r["opt_state_bytes"],
+                    deploy_bytes=scheme_bytes(model, name), train_seconds=r["seconds"],
+                    loss_scale=scale["loss_scale"], skipped_steps=int(scale["skipped_steps"]))
 
     def post(name, quant_name, model, frozen=None, bits=4, group_size=64, bytes_name="rtn", **extra):
         deploy = scheme_bytes(model, bytes_name, frozen=frozen, bits=bits, group_size=group_size)
-        records.append(dict(name=name, precision="fp32", quant=quant_name, val_loss=val_loss(recipe, model, data.eval),
-                            memory=None, deploy_bytes=deploy, **extra))
-        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+        return dict(name=name, precision="fp32", quant=quant_name, val_loss=val_loss(recipe, model, data.eval),
+                    memory=None, deploy_bytes=deploy, **extra)
 
-    # Post-training rows on the trained fp32 model: round-to-nearest, EfficientQAT, and the
-    # negative controls (2-bit round-to-nearest per output channel; random-sign kernels).
-    bits, g = args.bits, args.group_size
-    model = fp32_model()
-    frozen = eqat_example.round_to_nearest(model, bits=bits, group_size=g)
-    post(f"rtn_w{bits}g{g}", "round-to-nearest (post-training)", model, frozen, bits, g)
-    t0 = time.perf_counter()
-    model = fp32_model()
-    calib = eqat_example.concat_batches([data.train.batch(eqat_example.CALIB_STEP0 + i)
-                                         for i in range(args.calib_batches)])
-    e2e = [data.train.batch(eqat_example.E2E_STEP0 + i) for i in range(args.e2e_steps)]
-    frozen = efficient_qat(recipe, model, calib, e2e, bits=bits, group_size=g, block_steps=args.block_steps,
-                           eqat_example=eqat_example)
-    post(f"efficient_qat_w{bits}g{g}", "EfficientQAT (Block-AP + E2E-QP)", model, frozen, bits, g,
-         bytes_name="efficient_qat", train_seconds=time.perf_counter() - t0)
-    cg = base_model.embed_dim  # one group per output column over the embedding-sized inputs
-    model = fp32_model()
-    frozen = eqat_example.round_to_nearest(model, bits=2, group_size=cg)
-    post(f"control_rtn_w2g{cg}", "negative control: 2-bit round-to-nearest (post-training)", model, frozen, 2, cg,
-         control=True)
-    model = fp32_model()
-    random_sign_weights(model, args.seed)
-    post("control_random_sign", "negative control: block kernels = random signs x mean |w|", model,
-         bytes_name="random_sign", control=True)
+    def fp32_model():
+        return eqat_example.model_from_state(base_model, fp32["state"])
 
-    fp32 = records[0]
-    ref = fp32["val_loss"]
-    for rec in records:
+    def rtn(name, quant_name, bits_, group, **extra):
+        model = fp32_model()
+        frozen = eqat_example.round_to_nearest(model, bits=bits_, group_size=group)
+        return post(name, quant_name, model, frozen, bits_, group, **extra)
+
+    def random_sign():
+        model = fp32_model()
+        random_sign_weights(model, args.seed)
+        return post("control_random_sign", "negative control: block kernels = random signs x mean |w|", model,
+                    bytes_name="random_sign", control=True)
+
+    def eqat():
+        t0 = time.perf_counter()
+        model = fp32_model()
+        calib = eqat_example.concat_batches([data.train.batch(eqat_example.CALIB_STEP0 + i)
+                                             for i in range(args.calib_batches)])
+        e2e = [data.train.batch(eqat_example.E2E_STEP0 + i) for i in range(args.e2e_steps)]
+        frozen = efficient_qat(recipe, model, calib, e2e, bits=bits, group_size=g, block_steps=args.block_steps,
+                               eqat_example=eqat_example)
+        return post(f"efficient_qat_w{bits}g{g}", "EfficientQAT (Block-AP + E2E-QP)", model, frozen, bits, g,
+                    bytes_name="efficient_qat", train_seconds=time.perf_counter() - t0)
+
+    # Cheapest and most telling rows first, so an interrupted run still has fp32 and the controls.
+    trained_rows = {name: (prec, scheme) for name, prec, scheme in TRAINED}
+    plan = [("fp32", lambda: trained("fp32", "fp32", "none")),
+            ("control_random_sign", random_sign),
+            (f"control_rtn_w2g{cg}", lambda: rtn(f"control_rtn_w2g{cg}", "negative control: 2-bit round-to-nearest "
+                                                 "(post-training)", 2, cg, control=True)),
+            (f"rtn_w{bits}g{g}", lambda: rtn(f"rtn_w{bits}g{g}", "round-to-nearest (post-training)", bits, g))]
+    plan += [(name, functools.partial(trained, name, *trained_rows[name]))
+             for name in ("bf16", "llm_qat_w4a8kv4", "bitnet158", "fp8", "fp16", "bitnet")
+             if not args.only or name in args.only]
+    plan.append((f"efficient_qat_w{bits}g{g}", eqat))
+    # Table order: trained rows, post-training rows, then the negative controls.
+    order = [n for n, _, _ in TRAINED] + [f"rtn_w{bits}g{g}", f"efficient_qat_w{bits}g{g}",
+                                          f"control_rtn_w2g{cg}", "control_random_sign"]
+    for name, make in plan:
+        records.append(make())
+        records.sort(key=lambda r: order.index(r["name"]))
+        rec = next(r for r in records if r["name"] == name)
+        print(json.dumps({k: v for k, v in rec.items() if k != "memory"}), file=sys.stderr, flush=True)
+        derive(result)
+        write(result)
+    return result
+
+
+def derive(result: dict) -> None:
+    """Gaps to fp32 and context gains below each baseline, in place."""
+    ref = next(r for r in result["records"] if r["name"] == "fp32")["val_loss"]
+    ref_bytes = next(r for r in result["records"] if r["name"] == "fp32")["deploy_bytes"]
+    for rec in result["records"]:
         rec["vs_fp32"] = rec["val_loss"] - ref  # nats
         rec["vs_fp32_rel"] = rec["val_loss"] / ref - 1.0
-        for k, b in baselines.items():  # context gain: nats below each baseline, and its share of fp32's
+        for k, b in result["baselines"].items():  # context gain: nats below each baseline, and its share of fp32's
             rec[f"gain_{k}"] = b - rec["val_loss"]
             rec[f"gain_{k}_kept"] = (b - rec["val_loss"]) / (b - ref)
-        rec["deploy_vs_fp32"] = rec["deploy_bytes"] / fp32["deploy_bytes"]
-    return dict(device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})", jax=jax.__version__,
-                task=args.task, recipe=recipe.name, model=base_model.to_dict(), train=base_train.to_dict(),
-                baselines=baselines, eval_batches=len(data.eval),
-                efficient_qat=dict(bits=bits, group_size=g, calib_batches=args.calib_batches,
-                                   block_steps=args.block_steps, e2e_steps=args.e2e_steps),
-                records=records)
+        rec["deploy_vs_fp32"] = rec["deploy_bytes"] / ref_bytes
 
 
 def cpu_table(result: dict) -> str:
@@ -449,6 +473,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma list of trained rows to run (fp32 always runs)")
+    p.add_argument("--from-json", action="store_true", help="CPU mode: only redraw table and plot from --out's JSON")
     p.add_argument("--bits", type=int, default=4, help="EfficientQAT / round-to-nearest bits")
     p.add_argument("--group-size", type=int, default=64, help="EfficientQAT / round-to-nearest group size")
     p.add_argument("--calib-batches", type=int, default=8)
@@ -470,12 +495,20 @@ def main(argv=None):
         result, stem = run_gpu(args), "precision_gpu"
         md = gpu_table(result)
     else:
-        result, stem = run_cpu(args), "precision"
-        result["command"] = command.strip()
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        stem = "precision"
+
+        def write(partial):
+            partial["command"] = command.strip()
+            (out / f"{stem}.json").write_text(json.dumps(partial, indent=1))
+            (out / f"{stem}.md").write_text(f"`{partial['command']}`\n\n{cpu_table(partial)}\n")
+
+        if args.from_json:  # re-render the table and plot of a finished (or partial) run
+            result = json.loads((out / f"{stem}.json").read_text())
+        else:
+            result = run_cpu(args, write)
         md = cpu_table(result)
         cpu_plot(result, out / f"{stem}.png")
-    result["command"] = command.strip()
+    result["command"] = result.get("command", command.strip())
     print(md)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(f"`{result['command']}`\n\n{md}\n")
