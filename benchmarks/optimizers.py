@@ -24,7 +24,7 @@ are expected to do poorly in a first-order budget of steps. DeepZero estimates t
 coordinate by coordinate (1 + 5% of the parameters loss evaluations per step, ~18k here), so
 by default only its step memory is measured (``--deepzero-steps N`` trains it, forced).
 
-    python benchmarks/optimizers.py                # CPU, smiles-lm, ~30 minutes on 2 cores
+    python benchmarks/optimizers.py                # CPU, smiles-lm: ~7 min per row on 2 busy cores
     python benchmarks/optimizers.py --task protein-mlm --steps 60
 """
 

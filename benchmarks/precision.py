@@ -28,7 +28,7 @@ accumulation) and as a plain fp8 dot of pre-quantised operands, against a bfloat
 bf16, with the device named on every number; and the compiled HLO is searched for the
 fp8 GEMM (a dot on f8 operands or cuBLASLt's fp8 custom call).
 
-    python benchmarks/precision.py                   # CPU, smiles-lm, about 25 minutes on 2 cores
+    python benchmarks/precision.py                   # CPU, smiles-lm: ~7 min per trained row on 2 busy cores
     python benchmarks/precision.py --gpu --out DIR   # one GPU (benchmarks/gpu_check.sh runs it)
 """
 
