@@ -44,8 +44,8 @@ REPEAT = Recipe(name="repeated-symbol", description="synthetic MLM with an exact
                 config_class=TransformerConfig, build_model=lambda cfg, rngs: Transformer(cfg, rngs=rngs),
                 build_data=_repeat_data, loss_fn=mlm_loss)
 TINY = dict(num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32)   # ~5k parameters
-SMALL = dict(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256)  # benchmarks/optimizers.py "small"
-MEDIUM = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)  # its "medium": the recipe default
+SMALL = dict(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256)  # a small protein MLM
+MEDIUM = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)  # the protein-mlm recipe default
 
 
 def _model_config(layout):
