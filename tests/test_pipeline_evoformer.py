@@ -4,6 +4,7 @@ carry through every stage) gives the single-device loss and gradients under ever
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -46,9 +47,12 @@ def check(schedule, p, m, v=1, data=1, num_blocks=3):
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     blocks = grads["evoformer"]["evoformer_stack"]["blocks"]
     assert jax.tree.leaves(blocks)[0].shape[0] == num_blocks
+    # atol on the scale of all gradients: a few leaves (biases a softmax or norm cancels) are zero
+    # in exact arithmetic and only rounding noise in float32
+    scale = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(ref_grads))
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-12)
-    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(blocks))  # none zero by construction
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * scale)
+    assert float(optax.tree.norm(blocks)) > 1e-3 * scale  # the stack's gradients are not zero by construction
 
 
 # 3 blocks over 2 stages (2 + 1); 5 over 4 interleaved stages (2 + 1 + 1 + 1); m not a multiple of p
