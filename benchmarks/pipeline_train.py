@@ -28,7 +28,8 @@ from flax import nnx  # noqa: E402
 from sciscale_jax import parallel, remat  # noqa: E402
 from sciscale_jax.memory import report_from_analysis  # noqa: E402
 from sciscale_jax.recipes import get_recipe  # noqa: E402
-from sciscale_jax.train import TrainConfig, build_optimizer, init_train_state, make_train_step, plan_placement  # noqa: E402
+from sciscale_jax.train import (TrainConfig, build_optimizer, init_train_state, make_train_step,  # noqa: E402
+                                plan_placement)
 from sciscale_jax.train import pipeline as pipeline_run  # noqa: E402
 
 MESH, ROWS, SEQ = "pipeline=4,data=2", 8, 128
@@ -74,7 +75,8 @@ def main():
             rows.append(peak(schedule, m))
             print(rows[-1], flush=True)
     lines = ["| schedule | m | batch | temp MiB | peak MiB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['schedule']} | {r['m']} | {r['batch']} | {r['temp_mib']:.2f} | {r['peak_mib']:.2f} |" for r in rows]
+    lines += [f"| {r['schedule']} | {r['m']} | {r['batch']} | {r['temp_mib']:.2f} | {r['peak_mib']:.2f} |"
+              for r in rows]
     by = {(r["schedule"], r["m"]): r["peak_mib"] for r in rows}
     lines += [""] + [f"{s}: peak at m=16 / m=4 = {by[(s, 16)] / by[(s, 4)]:.2f}" for s in ("1f1b", "gpipe")]
     text = "\n".join(lines)
