@@ -135,3 +135,19 @@ def test_transformer_tensor_x_pipeline_matches_single_device():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_recipe_stages_causal_lm_matches_single_device():
+    """smiles-lm's stages (recipes.transformer_stages.CAUSAL_LM): next-token loss and gradients."""
+    from sciscale_jax.losses import causal_lm_loss
+    from sciscale_jax.recipes import get_recipe
+
+    (graphdef, params, rest), batch = make(3, 6)
+    mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
+    grad_fn = get_recipe("smiles-lm").pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
+    loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
+    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, causal_lm_loss))(params, rest, batch, None)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(count, ref_count)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
