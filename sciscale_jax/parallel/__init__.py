@@ -4,7 +4,8 @@ from sciscale_jax.parallel.axes import LOGICAL_AXES
 from sciscale_jax.parallel.mesh import DATA_AXES, MESH_AXES, ParallelConfig, axis_size, make_mesh
 from sciscale_jax.parallel.pipeline import (check_pipeline_args, from_device_layout, pipeline_value_and_grad,
                                             to_device_layout)
-from sciscale_jax.parallel.pipeline_model import merge_stages, pipeline_grad_fn, split_stages, stage_layer_counts
+from sciscale_jax.parallel.pipeline_model import (PipelineStages, merge_stages, pipeline_grad_fn, split_stages,
+                                                  stage_layer_counts)
 from sciscale_jax.parallel.pipeline_schedule import SCHEDULES as PIPELINE_SCHEDULES
 from sciscale_jax.parallel.pipeline_schedule import Schedule, analytic_bubble, make_schedule
 from sciscale_jax.parallel.ring import ring_attention, zigzag_permutation
@@ -17,7 +18,7 @@ from sciscale_jax.parallel.zero import (ZERO_STAGES, TrainShardings, batch_shard
 
 __all__ = [
     "DATA_AXES", "LOGICAL_AXES", "MESH_AXES", "PIPELINE_SCHEDULES", "RULES", "Schedule", "analytic_bubble",
-    "check_pipeline_args", "from_device_layout", "make_schedule", "merge_stages", "pipeline_grad_fn",
+    "PipelineStages", "check_pipeline_args", "from_device_layout", "make_schedule", "merge_stages", "pipeline_grad_fn",
     "pipeline_value_and_grad", "split_stages", "stage_layer_counts", "to_device_layout", "ZERO_STAGES", "ParallelConfig", "TrainShardings",
     "axis_size", "batch_sharding", "logical_sharding", "logical_to_mesh", "make_mesh", "model_state_bytes", "param_axes",
     "reduce_scatter_value_and_grad", "ring_attention", "rules_for", "shard_params", "stage_sharding",

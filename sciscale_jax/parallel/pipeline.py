@@ -2,10 +2,10 @@
 1F1B, interleaved 1F1B, ZB-H1) run inside ``jax.shard_map`` over the ``pipeline`` mesh axis.
 
 The model is ``first -> stage_0 -> ... -> stage_{S-1} -> last``: ``first_fn(first_params,
-batch_mb) -> h`` (an embedding) runs on global stage 0, ``stage_fn(stage_params, h, batch_mb)
--> h`` on every stage (stage parameters stacked with a leading axis of S = p x v stages, device d holding
-stages d, d + p, ...), ``last_fn(last_params, h, batch_mb) -> scalar`` (head and loss) on stage
-S - 1; the loss is the sum of ``last_fn`` over microbatches (and data shards).
+batch_mb) -> h`` (an embedding; ``h`` an array or a pytree of them) runs on global stage 0,
+``stage_fn(stage_params, h, batch_mb) -> h`` on every stage (stage parameters stacked with a
+leading axis of S = p x v stages, device d holding stages d, d + p, ...), ``last_fn(last_params,
+h, batch_mb) -> scalar`` (head and loss) on stage S - 1; the loss is the sum of ``last_fn`` over microbatches (and data shards).
 
 Executor: ``lax.scan`` over the table's ticks with the table as a constant array, so the stage
 is traced once per action kind whatever p and m. Each tick a device (1) files the activation
@@ -169,10 +169,10 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
     mbs = vary(mbs, (axis,))
     me = jax.lax.axis_index(axis)
     mb0 = jax.tree.map(lambda x: x[0], mbs)
-    h_shape = jax.eval_shape(lambda: first_fn(first_p, mb0))
+    h_shape = jax.eval_shape(lambda: first_fn(first_p, mb0))  # a pytree: the Evoformer carries (msa, pair)
     loss_dtype = jax.eval_shape(lambda: last_fn(last_p, first_fn(first_p, mb0), mb0)).dtype
     acc_dtype = jnp.promote_types(loss_dtype, jnp.float32)  # the loss sum, at least float32
-    zeros_h = lambda: vary(jnp.zeros(h_shape.shape, h_shape.dtype), manual)  # noqa: E731
+    zeros_h = lambda: vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), h_shape), manual)  # noqa: E731
     zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
     zeros_chunk = jax.tree.map(lambda x: jnp.zeros_like(x[0]), chunks)
 
@@ -225,12 +225,13 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
     def tick(carry, plan_t):
         act, cot, g_chunks, g_first, g_last, loss, recv_act, recv_cot = carry
         row = plan_t[me]
-        act = act.at[row[_RECV_ACT]].set(recv_act)
-        cot = cot.at[row[_RECV_COT]].set(recv_cot)
+        act = jax.tree.map(lambda a, r: a.at[row[_RECV_ACT]].set(r), act, recv_act)
+        cot = jax.tree.map(lambda c, r: c.at[row[_RECV_COT]].set(r), cot, recv_cot)
         params = jax.tree.map(lambda x: x[row[_CHUNK]], chunks)
         batch = jax.tree.map(lambda x: x[row[_MB]], mbs)
         send_act, send_cot, dw, dfw, dlw, dloss = jax.lax.switch(
-            row[_BRANCH], fns, params, act[row[_IN]], cot[row[_COT]], batch)
+            row[_BRANCH], fns, params, jax.tree.map(lambda a: a[row[_IN]], act),
+            jax.tree.map(lambda c: c[row[_COT]], cot), batch)
         g_chunks = jax.tree.map(lambda g, d: g.at[row[_CHUNK]].add(d), g_chunks, dw)
         g_first = jax.tree.map(jnp.add, g_first, dfw)
         g_last = jax.tree.map(jnp.add, g_last, dlw)
@@ -238,7 +239,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
         recv_cot = jax.lax.ppermute(send_cot, axis, bwd_perm)
         return (act, cot, g_chunks, g_first, g_last, loss + dloss, recv_act, recv_cot), None
 
-    stash = lambda n: vary(jnp.zeros((n + 1,) + h_shape.shape, h_shape.dtype), manual)  # noqa: E731
+    stash = lambda n: vary(jax.tree.map(lambda s: jnp.zeros((n + 1,) + s.shape, s.dtype), h_shape), manual)  # noqa: E731
     carry = (stash(n_act), stash(n_cot), zeros_like(chunks), zeros_like(first_p), zeros_like(last_p),
              vary(jnp.zeros((), acc_dtype), manual), zeros_h(), zeros_h())
     carry, _ = jax.lax.scan(tick, carry, jnp.asarray(plan))

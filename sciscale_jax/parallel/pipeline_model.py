@@ -6,13 +6,19 @@ when S does not divide L the first L mod S stages get one layer more, and every 
 to the longest with layers that are skipped (``where`` on a per-layer flag, so their gradient is
 zero and they are dropped on the way back). The embedding runs on the first stage and the head
 and loss on the last; all non-layer parameters travel to both and their two gradients add up.
-The model family supplies four small functions (its recipe owns them): ``embed_fn(model,
-batch) -> h``, ``block_args_fn(batch) -> args`` (the extra arguments of ``block(h, *args,
-key)``), ``head_fn(model, h, batch) -> loss sum`` and ``count_fn(batch) -> token count``.
+The model family supplies four small functions (its recipe owns them, as ``PipelineStages``):
+``embed_fn(model, batch) -> h`` (an array, or a tuple such as the Evoformer's (msa, pair)),
+``block_args_fn(batch) -> args`` (the extra arguments of ``block(h, *args, key)``),
+``head_fn(model, h, batch) -> loss sum`` and ``count_fn(batch) -> token count``.
+
+Dropout: with a step key, microbatch rows get keys ``fold_in(key, row)`` and each stage draws
+layer l's key as ``fold_in(key of the microbatch's first row, l)``, so masks are drawn per
+microbatch (not the slice of one batch-wide draw as in the unpipelined step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -55,45 +61,103 @@ def merge_stages(stages, num_layers: int):
     return jax.tree.map(lambda x: x[rows, cols], stages["layers"])
 
 
+_KEY_FIELD = "__pipeline_dropout_key"  # per-row key data added to the batch when a step key is given
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    if not path:
+        return value
+    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def _default_apply(block, h, *args):
+    return block(h, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStages:
+    """How a model family runs as a pipeline; a recipe gives one (``Recipe.pipeline``).
+
+    ``layers``: the path of the stacked layer stack in the parameter dict (``("layers",)``);
+    ``apply_block(block, h, *args, key) -> h`` calls one block (default ``block(h, *args, key)``;
+    the Evoformer unpacks its (msa, pair) carry).
+    """
+
+    embed_fn: Callable       # (model, batch) -> h
+    block_args_fn: Callable  # batch -> tuple of extra block arguments
+    head_fn: Callable        # (model, h, batch) -> loss sum
+    count_fn: Callable       # batch -> token count
+    layers: tuple = ("layers",)
+    apply_block: Callable = _default_apply
+
+    def grad_fn(self, graphdef, **kwargs):
+        """``pipeline_grad_fn`` for this model family; ``kwargs``: mesh, schedule, microbatches, ..."""
+        return pipeline_grad_fn(graphdef, embed_fn=self.embed_fn, block_args_fn=self.block_args_fn,
+                                head_fn=self.head_fn, count_fn=self.count_fn, layers_key=self.layers,
+                                apply_block=self.apply_block, **kwargs)
+
+
 def pipeline_grad_fn(graphdef, *, mesh, embed_fn: Callable, block_args_fn: Callable, head_fn: Callable,
                      count_fn: Callable, schedule: str = "1f1b", microbatches: int, virtual_stages: int = 1,
-                     remat_policy: str = "none", layers_key: str = "layers", axis: str = "pipeline",
-                     data_axes=("data", "fsdp")):
+                     remat_policy: str = "none", layers_key="layers", apply_block: Callable = _default_apply,
+                     axis: str = "pipeline", data_axes=("data", "fsdp")):
     """``grad_fn(params, rest, batch, key, loss_scale=1.0) -> (loss, (count, rest), grads)``: the
     token-mean loss and its gradients, computed by pipeline ``schedule``; the signature of
     ``train.step.backprop_grad_fn``, so ``make_train_step(..., grad_fn=...)`` takes it.
 
-    ``params``/``rest`` are the pure dicts of ``train.step.split_model``; ``params[layers_key]``
-    is the stacked layer stack. Dropout keys are not threaded through the pipeline (``key`` is
-    unused: build the model with dropout 0).
+    ``params``/``rest`` are the pure dicts of ``train.step.split_model``; ``params`` at
+    ``layers_key`` (a key or a path of keys) is the stacked layer stack. ``key`` None: no
+    dropout; else per-microbatch dropout keys (module docstring).
     """
     stages = mesh.shape[axis] * virtual_stages
+    path = (layers_key,) if isinstance(layers_key, str) else tuple(layers_key)
     check_pipeline_args(schedule, stages=mesh.shape[axis], microbatches=microbatches, virtual_stages=virtual_stages)
 
     def grad_fn(params, rest, batch, key=None, loss_scale=1.0):
-        del key
-        layers = params[layers_key]
+        layers = _get(params, path)
         num_layers = jax.tree.leaves(layers)[0].shape[0]
         check_pipeline_args(schedule, num_layers=num_layers, stages=mesh.shape[axis], microbatches=microbatches,
                             virtual_stages=virtual_stages)
-        if jax.tree.leaves(rest.get(layers_key, {})):
+        try:
+            layer_rest = jax.tree.leaves(_get(rest, path))
+        except (KeyError, TypeError):
+            layer_rest = []
+        if layer_rest:
             raise ValueError("pipeline stages carry only parameters; the layer stack has other state")
-        others = {k: v for k, v in params.items() if k != layers_key}
         placeholder = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), layers)
-        model_of = lambda p: nnx.merge(graphdef, {**p, layers_key: placeholder}, rest)  # noqa: E731
-        block_graphdef = nnx.split(getattr(nnx.merge(graphdef, params, rest), layers_key))[0]
+        others = _set(params, path, placeholder)
+        model_of = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
+        block_module = nnx.merge(graphdef, params, rest)
+        for k in path:
+            block_module = getattr(block_module, k)
+        block_graphdef = nnx.split(block_module)[0]
+        if key is not None:  # one key per row; a microbatch (on a data shard) uses its first row's
+            size = jax.tree.leaves(batch)[0].shape[0]
+            rows = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(key, i)))(jnp.arange(size))
+            batch_in = {**batch, _KEY_FIELD: rows}
+        else:
+            batch_in = batch
 
         def first_fn(p, b):
             return embed_fn(model_of(p), b)
 
         def stage_fn(p, h, b):
             args = block_args_fn(b)
+            mb_key = jax.random.wrap_key_data(b[_KEY_FIELD][0]) if _KEY_FIELD in b else None
 
-            def block(layer_valid, x):
-                state, ok = layer_valid
-                return jnp.where(ok > 0.5, nnx.merge(block_graphdef, state)(x, *args, None), x)
+            def block(layer, x):
+                state, ok, index = layer
+                k = None if mb_key is None else jax.random.fold_in(mb_key, index.astype(jnp.int32))
+                y = apply_block(nnx.merge(block_graphdef, state), x, *args, k)
+                return jax.tree.map(lambda a, b: jnp.where(ok > 0.5, a, b), y, x)
 
-            return remat.apply_layers(block, h, (p["layers"], p["valid"]), remat_policy, scan=True)
+            return remat.apply_layers(block, h, (p["layers"], p["valid"], p["index"]), remat_policy, scan=True)
 
         def last_fn(p, h, b):
             return head_fn(model_of(p), h, b)
@@ -101,12 +165,13 @@ def pipeline_grad_fn(graphdef, *, mesh, embed_fn: Callable, block_args_fn: Calla
         run = pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule=schedule,
                                       microbatches=microbatches, virtual_stages=virtual_stages, axis=axis,
                                       data_axes=data_axes)
-        total, grads = run({"first": others, "stages": split_stages(layers, stages), "last": others}, batch)
+        split = split_stages(layers, stages)
+        split["index"] = split_stages(jnp.arange(num_layers, dtype=jnp.float32), stages)["layers"]
+        total, grads = run({"first": others, "stages": split, "last": others}, batch_in)
         count = count_fn(batch)
         inv = 1.0 / jnp.maximum(count, 1.0)
         g_layers = merge_stages(grads["stages"], num_layers)
-        grads = {k: jax.tree.map(lambda a, b: a + b, grads["first"][k], grads["last"][k]) for k in others}
-        grads[layers_key] = g_layers
+        grads = _set(jax.tree.map(jnp.add, grads["first"], grads["last"]), path, g_layers)
         grads = jax.tree.map(lambda g, p: (g * inv * loss_scale).astype(p.dtype), grads, params)
         return total * inv, (count, rest), grads
 

@@ -20,7 +20,8 @@ Strategies (mesh axes of size 1 are no-ops, so one table also serves smaller mes
   heads/mlp/vocab over tensor, for weights and activations alike.
 - ``fsdp_tp``: fsdp x tp.
 
-Every table maps ``seq`` to the ``sequence`` axis too, for Ulysses / ring attention.
+Every table maps ``seq`` to the ``sequence`` axis too, for Ulysses / ring attention, and the
+stacked ``layers`` axis to ``pipeline`` (each pipeline device holds its stages' layers).
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from sciscale_jax.parallel.mesh import DATA_AXES, axis_size
 
 _BATCH = (ax.BATCH, DATA_AXES)
 _SEQ = (ax.SEQ, "sequence")
+_LAYERS = (ax.LAYERS, "pipeline")  # the stacked layer axis: consecutive layers per pipeline device
 _TP = ((ax.HEADS, "tensor"), (ax.MLP, "tensor"), (ax.VOCAB, "tensor"))
 
 RULES = {
-    "dp": (_BATCH, _SEQ),
-    "fsdp": (_BATCH, _SEQ, (ax.EMBED, "fsdp")),
-    "tp": (_BATCH, *_TP, _SEQ),
-    "tp_sp": (_BATCH, *_TP, (ax.SEQ, ("sequence", "tensor"))),
-    "tp2d": (_BATCH, *_TP, _SEQ, (ax.EMBED, "tensor2")),
-    "fsdp_tp": (_BATCH, *_TP, _SEQ, (ax.EMBED, "fsdp")),
+    "dp": (_BATCH, _SEQ, _LAYERS),
+    "fsdp": (_BATCH, _SEQ, (ax.EMBED, "fsdp"), _LAYERS),
+    "tp": (_BATCH, *_TP, _SEQ, _LAYERS),
+    "tp_sp": (_BATCH, *_TP, (ax.SEQ, ("sequence", "tensor")), _LAYERS),
+    "tp2d": (_BATCH, *_TP, _SEQ, (ax.EMBED, "tensor2"), _LAYERS),
+    "fsdp_tp": (_BATCH, *_TP, _SEQ, (ax.EMBED, "fsdp"), _LAYERS),
 }
 
 

@@ -14,10 +14,13 @@ A recipe owns its model and everything that depends on what the model is; ``trai
 - ``summarize(means) -> dict``: figures derived from those means (perplexity = exp(loss));
 - ``batch_axes``: the logical axes of each batch field (``{"msa": ("batch", "msa_seq", "res")}``),
   so the run places batches of any rank on any mesh;
-- ``check(model_config, train_config, data)``: recipe-specific refusals before anything compiles.
+- ``check(model_config, train_config, data)``: recipe-specific refusals before anything compiles;
 - ``report(model_config, train_config, state) -> list[str]``: optional figures of the trained
   model that the loop does not compute (smiles-lm: sampled molecules scored by RDKit), printed
-  by ``sciscale train`` after training.
+  by ``sciscale train`` after training;
+- ``pipeline`` (optional): the model's layer stack as pipeline stages
+  (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
+  count); a recipe without it refuses a mesh with a ``pipeline`` axis.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Recipe:
     batch_axes: dict = dataclasses.field(default_factory=lambda: {"*": (BATCH, SEQ)})
     check: Callable | None = None          # (model_config, train_config, data) -> None or ValueError
     report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
+    pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
 
     def metrics_fn(self) -> Callable:
         """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""

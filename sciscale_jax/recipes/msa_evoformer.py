@@ -27,6 +27,7 @@ from flax import nnx
 from sciscale_jax.axes import BATCH, MSA_SEQ, RES
 from sciscale_jax.data import msa as msa_data
 from sciscale_jax.models.evoformer import Evoformer, EvoformerConfig
+from sciscale_jax.parallel import PipelineStages
 from sciscale_jax.recipes.base import Data, Recipe
 
 HELD_OUT = ("adeno_fiber",)
@@ -78,6 +79,32 @@ def eval_fn(model, batch):
     return {"loss": (jnp.sum(nll * w), n), "acc": (jnp.sum(correct * w), n),
             "profile_loss": (-jnp.sum(batch["profile_logp"] * w), n),
             "loss_all_selected": (jnp.sum(nll * all_w), jnp.sum(all_w))}
+
+
+def _pipeline_embed(model, batch):
+    """The input embedder of ``MsaEvoformer.__call__``: (m [B, S, R, c_m], z [B, R, R, c_z])."""
+    msa_feat = jax.nn.one_hot(batch["msa"], msa_data.NUM_CLASSES, dtype=model.config.dtype)
+    return model.evoformer.embedder(msa_feat[:, 0], msa_feat, batch["residue_index"])
+
+
+def _pipeline_block_args(batch):
+    seq_mask = batch["seq_mask"]
+    return batch["msa_mask"], seq_mask[:, :, None] * seq_mask[:, None, :]
+
+
+def _pipeline_head(model, mz, batch):
+    nll = _token_nll(model.evoformer.masked_msa_head(mz[0]), batch["target"])
+    return jnp.sum(nll * batch["bert_mask"] * batch["msa_mask"])
+
+
+def _pipeline_count(batch):
+    return jnp.sum(batch["bert_mask"] * batch["msa_mask"])
+
+
+# The Evoformer stack as pipeline stages: embedder first, masked-MSA head and loss last.
+PIPELINE = PipelineStages(embed_fn=_pipeline_embed, block_args_fn=_pipeline_block_args, head_fn=_pipeline_head,
+                          count_fn=_pipeline_count, layers=("evoformer", "evoformer_stack", "blocks"),
+                          apply_block=lambda block, mz, *args: block(*mz, *args))
 
 
 def summarize(means: dict) -> dict:
@@ -132,6 +159,7 @@ RECIPE = Recipe(
     eval_fn=eval_fn,
     summarize=summarize,
     check=check,
+    pipeline=PIPELINE,
     batch_axes={"msa": (BATCH, MSA_SEQ, RES), "target": (BATCH, MSA_SEQ, RES), "bert_mask": (BATCH, MSA_SEQ, RES),
                 "mask_token": (BATCH, MSA_SEQ, RES), "profile_logp": (BATCH, MSA_SEQ, RES),
                 "msa_mask": (BATCH, MSA_SEQ, RES), "seq_mask": (BATCH, RES), "residue_index": (BATCH, RES)},

@@ -28,6 +28,7 @@ from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_pro
 from sciscale_jax.losses import mlm_loss
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.recipes.base import Data, Recipe
+from sciscale_jax.recipes.transformer_stages import MLM
 
 EVAL_MIN_MASKED = 20_000     # mask-replaced validation targets, over as many corruption passes as needed
 TABLE_MIN_CHOSEN = 100_000   # chosen training positions counted into the context-free table
@@ -132,5 +133,6 @@ RECIPE = Recipe(
     eval_fn=mlm_eval_metrics,
     summarize=summarize,
     batch_axes={"*": ("batch", "seq")},
+    pipeline=MLM,
     check=check,
 )

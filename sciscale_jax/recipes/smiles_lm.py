@@ -33,6 +33,7 @@ from sciscale_jax.data import smiles as sm
 from sciscale_jax.losses import causal_lm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, decode
 from sciscale_jax.recipes.base import Data, Recipe
+from sciscale_jax.recipes.transformer_stages import CAUSAL_LM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +288,7 @@ RECIPE = Recipe(
     loss_fn=causal_lm_loss,
     summarize=summarize,
     batch_axes={"*": ("batch", "seq")},
+    pipeline=CAUSAL_LM,
     check=check,
     report=report,
 )

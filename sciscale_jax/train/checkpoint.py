@@ -27,7 +27,8 @@ from sciscale_jax.train.step import TrainState
 CONFIG_FILE = "run_config.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes a step here first and renames it when complete
 # Fields a resumed run may change without being a different run (the mesh only changes placement).
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding",
+                     "pipeline_schedule", "microbatches", "virtual_stages")
 
 
 def abstract_like(tree):

@@ -28,6 +28,7 @@ from sciscale_jax import _validate, optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
 from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
+from sciscale_jax.train import pipeline as pipeline_run
 from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
@@ -61,6 +62,13 @@ class TrainConfig:
         "group": "distribution", "help": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes: data fsdp dap sequence "
                                          "tensor2 tensor pipeline; one may be -1); empty: one device"})
     zero: int = dataclasses.field(default=0, metadata={"group": "distribution", "help": "ZeRO stage 0-3 over the data axes"})
+    pipeline_schedule: str = dataclasses.field(default="1f1b", metadata={
+        "group": "distribution", "help": "schedule over the pipeline mesh axis",
+        "choices": lambda: parallel.PIPELINE_SCHEDULES})
+    microbatches: int = dataclasses.field(default=0, metadata={
+        "group": "distribution", "help": "pipeline microbatches per step; 0: as many as pipeline stages"})
+    virtual_stages: int = dataclasses.field(default=1, metadata={
+        "group": "distribution", "help": "model chunks per pipeline device (schedule interleaved)"})
     schedule_steps: int = dataclasses.field(default=0, metadata={
         "help": "length of the warm-up + cosine schedule; 0: steps (kept when a resumed run adds steps)"})
 
@@ -83,6 +91,7 @@ class TrainConfig:
         parallel.validate_zero_stage(self.zero)
         if self.zero and not self.mesh:
             raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
+        pipeline_run.check_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +172,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     rundir.preflight(out_dir, resume=resume)  # --out usable; --resume needs a checkpoint; writes nothing
     cfg = rundir.keep_schedule(out_dir, train_config, resume=resume)  # extending keeps the schedule
     validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
+    pipeline_run.check_run(recipe, model_config, cfg)  # a pipeline axis: stages, schedule, microbatches
     data = recipe.build_data(cfg, model_config)
     if recipe.check is not None:
         recipe.check(model_config, cfg, data)
@@ -185,17 +195,20 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
     graphdef, state = init_train_state(model, tx)
     del model
+    pipeline_run.check_layers(recipe, cfg, state.params)  # layers >= stages x virtual stages
     evaluations = zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # per ZO step
     mesh, place = None, None
     put_batch = lambda b: b  # noqa: E731
     jit_kw = dict(donate_argnums=0)
     if mesh_config is not None:
         place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, example,
-                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
+                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of,
+                               rule_overrides=pipeline_run.rule_overrides(recipe, cfg, state.params))
     # ZeRO-2: gradients constrained to (or reduce-scattered into) their data-parallel shards
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload,
                       place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
-                      _evaluation_bar(evaluations, progress, tx))
+                      _evaluation_bar(evaluations, progress, tx),
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place.mesh if place else None))
     if place is not None:
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
@@ -277,8 +290,8 @@ def _evaluation_bar(evaluations: int | None, progress: bool, tx, min_evaluations
 
 
 def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset,
-               placement_kwargs: dict, on_evaluation=None):
-    """The un-jitted step for this run: zeroth order, fp8, accumulated or plain backprop."""
+               placement_kwargs: dict, on_evaluation=None, pipeline_grad_fn=None):
+    """The un-jitted step for this run: zeroth order, pipelined, fp8, accumulated or plain backprop."""
     if optim.is_zeroth_order(cfg.optimizer):
         if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
             raise ValueError(f"the zeroth-order optimizer {cfg.optimizer!r} takes no gradient: it cannot be "
@@ -286,7 +299,9 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
         return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed, on_evaluation=on_evaluation)
     if fp8_paths and cfg.grad_accum > 1:
         raise ValueError(f"fp8 scales update once per step; grad_accum={cfg.grad_accum} is not supported with fp8")
-    if fp8_paths:
+    if pipeline_grad_fn is not None:  # train.pipeline.check_run refused fp8 and grad_accum with it
+        grad_fn = pipeline_grad_fn
+    elif fp8_paths:
         grad_fn = precision.fp8_grad_fn(graphdef, loss_fn, fp8_paths)
     elif cfg.grad_accum > 1:
         grad_fn = accumulating_grad_fn(graphdef, loss_fn, cfg.grad_accum)

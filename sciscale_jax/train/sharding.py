@@ -62,7 +62,8 @@ def _data_parallel_only(mesh) -> bool:
 
 
 def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState, param_axes, tx,
-                   batch_example: dict, *, model_sharding: str | None, batch_axes=None) -> Placement:
+                   batch_example: dict, *, model_sharding: str | None, batch_axes=None,
+                   rule_overrides=None) -> Placement:
     """Shardings for a run on the mesh ``mesh_spec`` (a string or a ``ParallelConfig``).
 
     ``strategy`` names the rule table (None or "auto": picked from the mesh). The model's
@@ -70,7 +71,8 @@ def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState
     ``model_sharding`` and a model built without it (or with another table) is refused, since
     its activations would then be left to GSPMD (under FSDP, several times the temporaries).
     ``batch_axes(field, ndim)`` gives each batch field's logical axes (default: batch, seq).
-    ValueErrors name sizes that do not divide.
+    ``rule_overrides`` replace rules of the table (``parallel.rules_for``). ValueErrors name
+    sizes that do not divide.
     """
     config = _parallel_config(mesh_spec)
     name = resolve_strategy(config, strategy)
@@ -78,7 +80,7 @@ def plan_placement(mesh_spec, strategy: str | None, zero: int, state: TrainState
         raise ValueError(f"the model constrains its activations with sharding={model_sharding!r} but the "
                          f"parameters are placed with {name!r}: build the model config with sharding={name!r}")
     mesh = parallel.make_mesh(config)
-    rules = parallel.rules_for(name)
+    rules = parallel.rules_for(name, rule_overrides)
     shard = parallel.train_shardings(state.params, param_axes, rules, mesh, zero, tx)
     replicated = NamedSharding(mesh, P())
     state_sh = TrainState(replicated, shard.params, jax.tree.map(lambda _: replicated, state.rest), shard.opt_state)

@@ -1,0 +1,51 @@
+"""The Transformer's layer stack as pipeline stages (``parallel.PipelineStages``) under the
+language-model losses of ``sciscale_jax.losses``: what protein-mlm and smiles-lm give as
+``Recipe.pipeline``. Each function repeats the matching part of ``Transformer.__call__`` and
+of the loss, so the pipelined loss is the unpipelined one."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from sciscale_jax.losses import token_cross_entropy
+from sciscale_jax.parallel import PipelineStages
+
+
+def embed(model, batch):
+    """Token embedding [B, S, E] in the compute dtype."""
+    return jnp.take(model.embed[...], batch["inputs"], axis=0).astype(model.config.dtype)
+
+
+def block_args(batch):
+    """(positions [B, S], key mask [B, 1, 1, S]) for ``Block(x, positions, mask, key)``."""
+    batch_size, seq = batch["inputs"].shape
+    return jnp.broadcast_to(jnp.arange(seq), (batch_size, seq)), batch["mask"][:, None, None, :].astype(bool)
+
+
+def _logits(model, h):
+    return model.lm_head(model.final_norm(h)).astype(jnp.float32)
+
+
+def _causal_weights(batch):
+    real = batch["mask"]
+    return (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
+
+
+def mlm_head(model, h, batch):
+    return token_cross_entropy(_logits(model, h), batch["targets"], batch["weights"])[0]
+
+
+def mlm_count(batch):
+    return jnp.sum(batch["weights"].astype(jnp.float32))
+
+
+def causal_head(model, h, batch):
+    return token_cross_entropy(_logits(model, h)[:, :-1], batch["inputs"][:, 1:], _causal_weights(batch))[0]
+
+
+def causal_count(batch):
+    return jnp.sum(_causal_weights(batch))
+
+
+MLM = PipelineStages(embed_fn=embed, block_args_fn=block_args, head_fn=mlm_head, count_fn=mlm_count)
+CAUSAL_LM = PipelineStages(embed_fn=embed, block_args_fn=block_args, head_fn=causal_head, count_fn=causal_count)
