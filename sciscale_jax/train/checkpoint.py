@@ -28,6 +28,7 @@ CONFIG_FILE = "run_config.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes a step here first and renames it when complete
 # Fields a resumed run may change without being a different run (the mesh only changes placement).
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding",
+                     "samples", "temperature", "top_k",  # sampling after training, not training
                      "pipeline_schedule", "microbatches", "virtual_stages")
 
 
