@@ -22,6 +22,7 @@ def _loss_grad_fn(graphdef, masks, key):
 
     def loss(state, m, z):
         m_out, z_out = nnx.merge(graphdef, state)(m, z, msa_mask, pair_mask, key)
+        m_out, z_out = m_out.astype(jnp.float32), z_out.astype(jnp.float32)  # bf16 compute: sum in float32
         return jnp.sum(jnp.sin(m_out) * m_out) + jnp.sum(jnp.cos(z_out) * z_out)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -49,6 +50,60 @@ def test_dap_equals_one_device(mesh):
     scale = max(np.abs(g).max() for g in leaves0)
     for g, g0 in zip(leaves, leaves0, strict=True):  # LN offsets under a softmax have a zero gradient: atol
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _run(switches, mesh=None):
+    """Loss and gradients of the 2-block stack built with ``switches`` on the base parameters and
+    inputs (the same key, dropout on), on one device or on ``mesh``."""
+    base = _base()
+    graphdef = nnx.graphdef(EvoformerStack(small_config(num_blocks=2, **switches), rngs=nnx.Rngs(0)))
+    fn = _loss_grad_fn(graphdef, make_inputs(seed=4)[2:4], jax.random.key(7))
+    if mesh is None:
+        return jax.device_get(fn(*base["args"]))
+    with jax.set_mesh(make_mesh(ParallelConfig.parse(mesh))):
+        return jax.device_get(fn(*base["args"]))
+
+
+@pytest.mark.parametrize("mesh, switches", [
+    # chunk 2 divides the local residues (12 / 2 = 6) and not the local sequences (6 / 2 = 3) or R = 11
+    ("dap=2", dict(chunk_size=2, remat_modules=True, attention="chunked")),
+    # chunk 2 does not divide the local residues (12 / 4 = 3); block remat without chunk remat
+    ("data=2,dap=4", dict(chunk_size=2, remat="full", chunk_remat=False)),
+])
+def test_dap_composes_with_chunking_remat_and_chunked_attention(mesh, switches):
+    """Chunking, sub-module and block remat and the chunked attention change only the schedule: under
+    DAP they give the loss and gradients of the plain one-device run."""
+    loss, grads = _run(switches, mesh)
+    loss0, grads0 = _base()["result"]
+    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
+    leaves, leaves0 = jax.tree.leaves(grads), jax.tree.leaves(grads0)
+    scale = max(np.abs(g).max() for g in leaves0)
+    for g, g0 in zip(leaves, leaves0, strict=True):
+        np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_dap_bf16_matches_one_device_bf16():
+    """bf16 compute under data 2 x dap 4 against the one-device bf16 run: the loss within 2e-2
+    relative, the gradients (all leaves as one vector, and each large leaf) with cosine > 0.999 and
+    relative error norm < 5e-2; and the bf16 run really differs from float32 (the switch acts)."""
+    loss1, grads1 = _run(dict(precision="bf16"))
+    loss, grads = _run(dict(precision="bf16"), "data=2,dap=4")
+    loss32 = _base()["result"][0]
+    assert abs(float(loss1) - float(loss32)) > 1e-5 * abs(float(loss32))  # bf16 is on
+    np.testing.assert_allclose(loss, loss1, rtol=2e-2)
+    leaves, leaves1 = ([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(t)] for t in (grads, grads1))
+
+    def close(a, b):
+        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        return cos, rel
+    cos, rel = close(np.concatenate(leaves), np.concatenate(leaves1))
+    assert cos > 0.999 and rel < 5e-2, (cos, rel)
+    big = max(np.linalg.norm(b) for b in leaves1)
+    for a, b in zip(leaves, leaves1, strict=True):
+        if np.linalg.norm(b) > 1e-2 * big:
+            cos, rel = close(a, b)
+            assert cos > 0.99 and rel < 1e-1, (a.size, cos, rel)
 
 
 def test_dropout_is_on_and_keyed():
