@@ -220,3 +220,52 @@ def test_train_msa_evoformer_on_dap_resumes_at_another_degree(tmp_path):
     assert resumed["steps"] == 2
     for a, b in zip(jax.tree.leaves(resumed["state"].params), leaves, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+
+_TRAIN = {}
+
+
+def _tiny_model():
+    from sciscale_jax.recipes import get_recipe
+    recipe = get_recipe("msa-evoformer")
+    return recipe, recipe.config_class(**{**recipe.model_defaults, **dict(
+        c_m=8, c_z=8, msa_heads=2, msa_head_dim=4, pair_heads=2, pair_head_dim=4, opm_channels=4,
+        tri_mul_channels=8, num_blocks=1, num_seq=5)})
+
+
+def _train_tiny(out, mesh, **kw):
+    from sciscale_jax.train import TrainConfig, train
+    recipe, model = _tiny_model()
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=11, eval_every=1000, save_every=1000, log_every=1,
+                      warmup_steps=1, seed=1, mesh=mesh, **kw)
+    return train(recipe, model, cfg, out, progress=False, log=lambda *_: None)
+
+
+def _data_sharded(tree) -> bool:
+    return any("data" in jax.tree.leaves(tuple(x.sharding.spec)) for x in jax.tree.leaves(tree)
+               if hasattr(x.sharding, "spec"))
+
+
+@pytest.mark.parametrize("zero", [pytest.param(1, marks=pytest.mark.slow), 3])
+def test_train_msa_evoformer_dap_with_data_and_zero(tmp_path, zero):
+    """`sciscale train msa-evoformer --mesh data=2,dap=4 --zero 1|3`: two steps give the parameters of
+    the one-device run; ZeRO-1 shards the optimizer state over data, ZeRO-3 the parameters too
+    (DAP's shard_map gathers them per device)."""
+    if "one" not in _TRAIN:
+        recipe, model = _tiny_model()
+        init = jax.tree.leaves(nnx.state(recipe.build_model(model, nnx.Rngs(1)), nnx.Param))
+        trained = jax.tree.map(np.asarray, jax.tree.leaves(_train_tiny(tmp_path / "one", "")["state"].params))
+        assert [a.shape for a in trained] == [b.shape for b in init]
+        moved = max(np.abs(a - np.asarray(b)).max() for a, b in zip(trained, init, strict=True))
+        print(f"largest parameter change in two steps: {moved:.3g}")
+        _TRAIN.update(one=trained, moved=moved)
+    leaves0 = _TRAIN["one"]
+    scale = max(np.abs(x).max() for x in leaves0)
+    assert _TRAIN["moved"] > 100 * 1e-5 * scale  # the steps change the parameters far beyond the tolerance
+    result = _train_tiny(tmp_path / "dap", "data=2,dap=4", zero=zero)
+    assert result["steps"] == 2
+    assert _data_sharded(result["state"].opt_state)
+    assert _data_sharded(result["state"].params) == (zero == 3)
+    for a, b in zip(jax.tree.leaves(result["state"].params), leaves0, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * scale)
