@@ -18,12 +18,20 @@ from test_evoformer import make_inputs, perturb, small_config
 _BASE = {}
 
 
-def _loss_grad_fn(graphdef, masks, key):
+def _loss_grad_fn(graphdef, masks, key, linear=False):
+    """jit(value_and_grad) of a loss of the stack's outputs: sum sin(m) m + cos(z) z, or with
+    ``linear`` a fixed random linear form of m and z (smooth at bf16 resolution: z reaches ~10^3,
+    where one bf16 ulp is several units and sin / cos of it are noise)."""
     msa_mask, pair_mask = masks
+    rng = np.random.default_rng(11)
+    m_shape, z_shape = make_inputs(seed=4)[0].shape, make_inputs(seed=4)[1].shape
+    w_m, w_z = rng.normal(size=m_shape).astype(np.float32), rng.normal(size=z_shape).astype(np.float32)
 
     def loss(state, m, z):
         m_out, z_out = nnx.merge(graphdef, state)(m, z, msa_mask, pair_mask, key)
         m_out, z_out = m_out.astype(jnp.float32), z_out.astype(jnp.float32)  # bf16 compute: sum in float32
+        if linear:
+            return jnp.sum(w_m * m_out) + jnp.sum(w_z * z_out)
         return jnp.sum(jnp.sin(m_out) * m_out) + jnp.sum(jnp.cos(z_out) * z_out)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -53,12 +61,12 @@ def test_dap_equals_one_device(mesh):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
 
 
-def _run(switches, mesh=None):
+def _run(switches, mesh=None, linear=False):
     """Loss and gradients of the 2-block stack built with ``switches`` on the base parameters and
     inputs (the same key, dropout on), on one device or on ``mesh``."""
     base = _base()
     graphdef = nnx.graphdef(EvoformerStack(small_config(num_blocks=2, **switches), rngs=nnx.Rngs(0)))
-    fn = _loss_grad_fn(graphdef, make_inputs(seed=4)[2:4], jax.random.key(7))
+    fn = _loss_grad_fn(graphdef, make_inputs(seed=4)[2:4], jax.random.key(7), linear)
     if mesh is None:
         return jax.device_get(fn(*base["args"]))
     with jax.set_mesh(make_mesh(ParallelConfig.parse(mesh))):
@@ -83,28 +91,34 @@ def test_dap_composes_with_chunking_remat_and_chunked_attention(mesh, switches):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_dap_bf16_matches_one_device_bf16():
-    """bf16 compute under data 2 x dap 4 against the one-device bf16 run: the loss within 2e-2
-    relative, the gradients (all leaves as one vector, and each large leaf) with cosine > 0.999 and
-    relative error norm < 5e-2; and the bf16 run really differs from float32 (the switch acts)."""
-    loss1, grads1 = _run(dict(precision="bf16"))
-    loss, grads = _run(dict(precision="bf16"), "data=2,dap=4")
-    loss32 = _base()["result"][0]
-    assert abs(float(loss1) - float(loss32)) > 1e-5 * abs(float(loss32))  # bf16 is on
-    np.testing.assert_allclose(loss, loss1, rtol=2e-2)
-    leaves, leaves1 = ([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(t)] for t in (grads, grads1))
+def _cos_rel(a, b):
+    """Cosine and relative error norm of a against b (float64)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), np.linalg.norm(a - b) / np.linalg.norm(b)
 
-    def close(a, b):
-        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
-        return cos, rel
-    cos, rel = close(np.concatenate(leaves), np.concatenate(leaves1))
+
+def test_dap_bf16_matches_one_device_bf16():
+    """bf16 compute under data 2 x dap 4 against the one-device bf16 run (a linear loss of the
+    outputs, smooth at bf16 resolution): the loss within 2e-2 relative, the gradients (all leaves as
+    one vector, and each leaf holding > 1% of the largest leaf's norm) with cosine > 0.999 / 0.99 and
+    relative error norm < 5e-2 / 1e-1 (measured: cosine 0.99988, 1.6e-2 / worst leaf 1.9e-2).
+    The sharded program does compute in bf16."""
+    loss1, grads1 = _run(dict(precision="bf16"), linear=True)
+    loss, grads = _run(dict(precision="bf16"), "data=2,dap=4", linear=True)
+    np.testing.assert_allclose(loss, loss1, rtol=2e-2)
+    flat, flat1 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(t)]) for t in (grads, grads1))
+    cos, rel = _cos_rel(flat, flat1)
     assert cos > 0.999 and rel < 5e-2, (cos, rel)
-    big = max(np.linalg.norm(b) for b in leaves1)
-    for a, b in zip(leaves, leaves1, strict=True):
-        if np.linalg.norm(b) > 1e-2 * big:
-            cos, rel = close(a, b)
-            assert cos > 0.99 and rel < 1e-1, (a.size, cos, rel)
+    big = max(np.linalg.norm(g) for g in jax.tree.leaves(grads1))
+    for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1), strict=True):
+        if np.linalg.norm(g1) > 1e-2 * big:
+            cos, rel = _cos_rel(g, g1)
+            assert cos > 0.99 and rel < 1e-1, (g1.shape, cos, rel)
+    stack = EvoformerStack(small_config(num_blocks=2, precision="bf16"), rngs=nnx.Rngs(0))
+    m, z, msa_mask, pair_mask, _ = make_inputs(seed=4)
+    with jax.set_mesh(make_mesh(ParallelConfig.parse("data=2,dap=4"))):
+        jaxpr = str(jax.make_jaxpr(lambda m, z: stack(m, z, msa_mask, pair_mask, jax.random.key(7)))(m, z))
+    assert "shard_map" in jaxpr and "bf16[" in jaxpr  # the sharded block computes in bf16
 
 
 def test_chunked_attention_inside_shard_map():
