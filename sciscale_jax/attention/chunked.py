@@ -130,8 +130,8 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
             return new_max, norm_bhq, acc_bhqd * correction[..., None] + pv_bhqd
 
         stats_shape = (batch, num_heads, spec.q_block)
-        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros(stats_shape + (head_dim,), jnp.float32))
+        init = _varying_as((jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                            jnp.zeros(stats_shape + (head_dim,), jnp.float32)), q_bqhd, k_bkhd, v_bkhd, bias, mask)
         (max_bhq, norm_bhq, acc_bhqd), _ = lax.scan(kv_step, init, jnp.arange(num_kv))
         attended = norm_bhq > 0
         out_bhqd = acc_bhqd / jnp.where(attended, norm_bhq, 1.0)[..., None]
@@ -191,19 +191,47 @@ def _attention_bwd(spec, residuals, dout_bqhd):
             return dk_bkhd, dv_bkhd, dq_bqhd, dbias
 
         dq_bqhd, dbias = carry
-        zeros_kv = jnp.zeros(k_blk.shape, jnp.float32)
+        zeros_kv = _varying_as(jnp.zeros(k_blk.shape, jnp.float32), *residuals, dout_bqhd)
         (dk_bkhd, dv_bkhd, dq_bqhd, dbias), _ = lax.scan(
             q_step, (zeros_kv, zeros_kv, dq_bqhd, dbias), jnp.arange(num_q))
         return (dq_bqhd, dbias), (dk_bkhd, dv_bkhd)
 
-    init = (jnp.zeros(q_bqhd.shape, jnp.float32),
-            None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    init = _varying_as((jnp.zeros(q_bqhd.shape, jnp.float32),
+                        None if bias is None else jnp.zeros(bias.shape, jnp.float32)), *residuals, dout_bqhd)
     (dq_bqhd, dbias), (dk_nbkhd, dv_nbkhd) = lax.scan(one_kv_block, init, jnp.arange(num_kv))
     dk_bkhd = dk_nbkhd.transpose(1, 0, 2, 3, 4).reshape(k_bkhd.shape)
     dv_bkhd = dv_nbkhd.transpose(1, 0, 2, 3, 4).reshape(v_bkhd.shape)
-    dbias = None if bias is None else dbias.astype(bias.dtype)
+    dbias = None if bias is None else _sum_to_vma(dbias, bias).astype(bias.dtype)
     return (dq_bqhd.astype(q_bqhd.dtype), dk_bkhd.astype(k_bkhd.dtype), dv_bkhd.astype(v_bkhd.dtype),
             dbias, None)
+
+
+def _vma(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside); jax 0.10 keeps
+    them in ``aval.mat.varying``, earlier releases in ``aval.vma``."""
+    if x is None:
+        return frozenset()
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _varying_as(init, *operands):
+    """Scan carries ``init`` cast to vary over every manual mesh axis any operand varies over, so a
+    carry's type matches the body's output inside ``jax.shard_map`` (an identity outside)."""
+    axes = frozenset().union(*map(_vma, operands))
+
+    def cast(x):
+        extra = tuple(sorted(axes - _vma(x)))
+        return lax.pcast(x, extra, to="varying") if extra else x
+    return jax.tree.map(cast, init)
+
+
+def _sum_to_vma(grad, primal):
+    """A cotangent that varies over more manual axes than its primal, summed over those axes (the
+    transpose of using an axis-invariant value in per-device computation)."""
+    extra = tuple(sorted(_vma(grad) - _vma(primal)))
+    return lax.psum(grad, extra) if extra else grad
 
 
 def _accumulate_bias_grad(spec, dbias, ds_bhqk, qi, ki):
