@@ -161,6 +161,8 @@ def main():
         dict(device=device, chunk=args.chunk, rows=rows, scaling=scaling, fits=fits,
              budget_gib=args.budget_gib, largest=largest), indent=1))
     (RESULTS / f"{args.out}.md").write_text(table + "\n")
+    if not scaling:  # the plot shows memory against N_res only
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
