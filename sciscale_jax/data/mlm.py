@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from sciscale_jax.data.rows import check_rows
+
 # Values of ``batch["corruption"]``: what happened to each position.
 NOT_CHOSEN, MASKED, RANDOM, KEPT = 0, 1, 2, 3
 CORRUPTIONS = {"masked": MASKED, "random": RANDOM, "kept": KEPT}
@@ -30,6 +32,18 @@ def crop_and_pad(ids_list, seq_len: int, rng: np.random.Generator, pad_id: int):
     for row, ids in enumerate(ids_list):
         start = int(rng.integers(0, len(ids) - seq_len + 1)) if len(ids) > seq_len else 0
         window = ids[start:start + seq_len]
+        tokens[row, :len(window)] = window
+    return tokens, tokens != pad_id
+
+
+def window_rows(ids_list, offsets, seq_len: int, pad_id: int):
+    """Each id array's window of ``seq_len`` ids from its offset, right-padded; returns (tokens, real).
+
+    ``crop_and_pad`` with the crop offsets given instead of drawn.
+    """
+    tokens = np.full((len(ids_list), seq_len), pad_id, np.int32)
+    for row, (ids, offset) in enumerate(zip(ids_list, offsets)):
+        window = ids[offset:offset + seq_len]
         tokens[row, :len(window)] = window
     return tokens, tokens != pad_id
 
@@ -85,6 +99,47 @@ class MLMBatches:
         rng = np.random.default_rng([self.seed, step])
         picks = rng.integers(0, len(self.encoded), self.batch_size)
         return self._make([self.encoded[i] for i in picks], rng)
+
+    def batch_rows(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of ``batch(step)``, bit for bit, cropping and masking only those rows.
+
+        Every random number ``batch`` draws is drawn here too, at the global batch's shape (the
+        picks, each row's crop offset, the choice and action uniforms, the replacement residues),
+        so the slice's part of the stream is the one the full batch uses; the other rows only
+        contribute how many of their positions take a random residue.
+        """
+        check_rows(start, stop, self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        picks = rng.integers(0, len(self.encoded), self.batch_size)
+        return self._make_rows([self.encoded[i] for i in picks], rng, start, stop)
+
+    def _make_rows(self, ids_list, rng, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of ``_make(ids_list, rng)`` with the same draws from ``rng``."""
+        seq_len, mask_frac, random_frac = self.seq_len, 0.8, 0.1  # mask_tokens' defaults, as _make uses
+        offsets = [int(rng.integers(0, len(ids) - seq_len + 1)) if len(ids) > seq_len else 0 for ids in ids_list]
+        u_choose = rng.random((len(ids_list), seq_len))
+        u_action = rng.random((len(ids_list), seq_len))
+        swap_if_maskable = (u_choose < self.mask_prob) & (u_action >= mask_frac) & (u_action < mask_frac + random_frac)
+        swaps = [0] * len(ids_list)  # positions per row that take a random residue
+        for row, (ids, offset) in enumerate(zip(ids_list, offsets)):
+            if not start <= row < stop:
+                window = ids[offset:offset + seq_len]
+                swaps[row] = int(swap_if_maskable[row, :len(window)][~np.isin(window, self._specials)].sum())
+        tokens, real = window_rows(ids_list[start:stop], offsets[start:stop], seq_len, self.tok.pad_id)
+        maskable = real & ~np.isin(tokens, self._specials)
+        chosen = maskable & (u_choose[start:stop] < self.mask_prob)
+        action = u_action[start:stop]
+        masked = chosen & (action < mask_frac)
+        swap = chosen & (action >= mask_frac) & (action < mask_frac + random_frac)
+        swaps[start:stop] = swap.sum(axis=1).tolist()
+        residues = rng.choice(np.asarray(self.tok.residue_ids), size=sum(swaps))
+        before = sum(swaps[:start])
+        inputs = tokens.copy()
+        inputs[masked] = self.tok.mask_id
+        inputs[swap] = residues[before:before + int(swap.sum())]
+        corruption = np.where(masked, MASKED, np.where(swap, RANDOM, np.where(chosen, KEPT, NOT_CHOSEN)))
+        return {"inputs": inputs, "targets": tokens, "weights": chosen.astype(np.float32),
+                "corruption": corruption.astype(np.int8), "mask": real}
 
     def eval_batches(self, min_masked: int = 0, rows: int | None = None) -> list[dict]:
         """Every sequence once per pass, each pass with its own fixed crop and corruption.

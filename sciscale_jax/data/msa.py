@@ -30,6 +30,8 @@ import zlib
 
 import numpy as np
 
+from sciscale_jax.data.rows import check_rows
+
 AMINO = "ARNDCQEGHILKMFPSTWYV"
 UNKNOWN_ID, GAP_ID, MASK_ID = 20, 21, 22
 NUM_CLASSES = 23                     # AlphaFold's masked-MSA head: 20 aa, X, gap, mask
@@ -139,27 +141,40 @@ class MSABatches:
         self.mask_rate, self.min_coverage = mask_rate, min_coverage
 
     def example(self, rng: np.random.Generator) -> dict:
-        a = self.alignments[rng.choice(len(self.alignments), p=self.family_p)]
+        return self._build(self._draw(rng))
+
+    def _draw(self, rng: np.random.Generator) -> dict:
+        """Every random decision of one example, in the order ``example`` draws them."""
+        which = rng.choice(len(self.alignments), p=self.family_p)
+        a = self.alignments[which]
         coverage = (a != GAP_ID).mean(axis=1)
         query = rng.choice(np.flatnonzero(coverage >= np.quantile(coverage, 0.5)))
         cols = np.flatnonzero(a[query] != GAP_ID)
         start = rng.integers(0, max(len(cols) - self.num_res, 0) + 1)
         cols = cols[start:start + self.num_res]
-        window = a[:, cols]
         others = np.setdiff1d(np.arange(a.shape[0]), [query])
-        cov = (window[others] != GAP_ID).mean(axis=1)
+        cov = (a[np.ix_(others, cols)] != GAP_ID).mean(axis=1)
         good = others[cov >= self.min_coverage]
         pool = good if len(good) >= min(self.num_seq - 1, len(others)) else others
         picked = rng.choice(pool, size=min(self.num_seq - 1, len(pool)), replace=False)
-        true = window[np.concatenate([[query], picked])].astype(np.int32)
-        s, r = true.shape
+        s, r = 1 + len(picked), len(cols)
         selected = rng.random((s, r)) < self.mask_rate
-        profile = column_profile(true, (~selected).astype(np.float64))   # from the visible rows only
         kind = rng.random((s, r))
         uniform = rng.integers(0, 20, (s, r))
+        u_profile = rng.random((s, r, 1))
+        return {"alignment": which, "rows": np.concatenate([[query], picked]), "cols": cols, "selected": selected,
+                "kind": kind, "uniform": uniform, "u_profile": u_profile}
+
+    def _build(self, draw: dict) -> dict:
+        """The example of ``_draw``'s decisions: crop, corrupt, score the profile, pad."""
+        a, selected, kind = self.alignments[draw["alignment"]], draw["selected"], draw["kind"]
+        true = a[np.ix_(draw["rows"], draw["cols"])].astype(np.int32)
+        s, r = true.shape
+        profile = column_profile(true, (~selected).astype(np.float64))   # from the visible rows only
         cum = np.cumsum(profile, axis=1)
-        from_profile = (rng.random((s, r, 1)) > cum[None, :, :]).sum(-1).clip(max=GAP_ID)
-        corrupted = np.where(kind < 0.7, MASK_ID, np.where(kind < 0.8, uniform, np.where(kind < 0.9, from_profile, true)))
+        from_profile = (draw["u_profile"] > cum[None, :, :]).sum(-1).clip(max=GAP_ID)
+        corrupted = np.where(kind < 0.7, MASK_ID, np.where(kind < 0.8, draw["uniform"],
+                                                          np.where(kind < 0.9, from_profile, true)))
         msa = np.where(selected, corrupted, true)
         logp = np.log(profile[np.arange(r)[None, :], true])
         out = {"msa": msa, "target": true, "bert_mask": selected, "mask_token": selected & (msa == MASK_ID),
@@ -184,6 +199,15 @@ class MSABatches:
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
         examples = [self.example(rng) for _ in range(self.batch_size)]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def batch_rows(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of ``batch(step)``, bit for bit: the examples before ``start`` are
+        only drawn (their random decisions advance the stream), those from ``stop`` on not at all."""
+        check_rows(start, stop, self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        draws = [self._draw(rng) for _ in range(stop)]
+        examples = [self._build(d) for d in draws[start:]]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def eval_batches(self, count: int) -> list[dict]:

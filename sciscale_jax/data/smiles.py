@@ -285,6 +285,28 @@ class CausalLMBatches:
             rows.append(np.concatenate(row))
         return self._make(rows)
 
+    def batch_rows(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of ``batch(step)``, bit for bit, padding (or packing) only those rows.
+
+        Packed rows before ``start`` are drawn, not built: only their molecules' lengths are read.
+        """
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.batch_size):
+            raise ValueError(f"rows start={start!r}, stop={stop!r} must satisfy 0 <= start < stop <= "
+                             f"batch_size={self.batch_size}")
+        rng = np.random.default_rng([self.seed, step])
+        if not self.pack:
+            picks = rng.integers(0, len(self.encoded), self.batch_size)
+            return self._make([self.encoded[i] for i in picks[start:stop]])
+        rows = []
+        for row in range(stop):
+            picks, filled = [], 0
+            while filled < self.seq_len:
+                picks.append(int(rng.integers(0, len(self.encoded))))
+                filled += len(self.encoded[picks[-1]])
+            if row >= start:
+                rows.append(np.concatenate([self.encoded[i] for i in picks]))
+        return self._make(rows)
+
     def eval_batches(self) -> list[dict]:
         """Every molecule once, in order; the last batch is filled with empty (all-pad) rows."""
         out = []

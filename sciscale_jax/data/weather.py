@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from sciscale_jax.data.rows import check_rows
+
 WEATHER_EXTRA = 'weather data needs dinosaur: pip install -e ".[weather]"'
 FORMAT = 1  # bump when the generated content changes for the same configuration
 # (variable, target sigma); None: a surface field
@@ -402,6 +404,12 @@ class ForecastBatches:
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng((self.seed, step))
         return self._gather(rng.integers(0, len(self.pairs), self.batch_size))
+
+    def batch_rows(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of ``batch(step)``, bit for bit, gathering only those pairs."""
+        check_rows(start, stop, self.batch_size)
+        rng = np.random.default_rng((self.seed, step))
+        return self._gather(rng.integers(0, len(self.pairs), self.batch_size)[start:stop])
 
     def eval_batches(self, extra: dict | None = None) -> list[dict]:
         """Every pair once; ``extra`` maps a field name to one array broadcast over the batch."""

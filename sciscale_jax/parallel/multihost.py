@@ -16,9 +16,10 @@ process's devices. This module holds the three pieces a run needs on top of that
   ``mesh_utils.create_hybrid_device_mesh`` lays out ICI x DCN meshes.
 - :func:`global_batch`: each process builds only the rows (and columns) of a global batch that
   its devices hold and assembles the global ``jax.Array`` with
-  ``jax.make_array_from_process_local_data``. A source with ``batch_slice(step, index)``
-  builds just that slice; otherwise the slice is cut from ``batch(step)``. Either way the
-  global batch is the one the single-process run sees, whatever the process count.
+  ``jax.make_array_from_process_local_data``. A source with ``batch_rows(step, start, stop)``
+  (every shipped recipe's) builds just those rows; otherwise the slice is cut from
+  ``batch(step)``. Either way the global batch is the one the single-process run sees,
+  whatever the process count.
 """
 
 from __future__ import annotations
@@ -176,17 +177,27 @@ def local_index(sharding, shape) -> tuple[slice, ...]:
 def global_batch(source, step: int, shardings: dict, shapes: dict) -> dict:
     """The global batch of ``step`` as ``jax.Array``s placed by ``shardings``, built per process.
 
-    ``shapes`` gives each field's global shape. A source with ``batch_slice(step, index)``
-    (``index``: field -> tuple of slices) builds only this process's part; otherwise this
-    process cuts its part out of ``source.batch(step)``.
+    ``shapes`` gives each field's global shape (rows first); :func:`local_batch` builds this
+    process's part.
     """
     index = {k: local_index(shardings[k], shapes[k]) for k in shardings}
-    if hasattr(source, "batch_slice"):
-        local = source.batch_slice(step, index)
-    else:
-        full = source.batch(step)
-        local = {k: np.asarray(full[k])[index[k]] for k in shardings}
+    local = local_batch(source, step, index)
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], tuple(shapes[k])) for k in shardings}
+
+
+def local_batch(source, step: int, index: dict) -> dict:
+    """Fields of batch ``step`` cut to ``index`` (field -> tuple of slices, the first over rows).
+
+    A source with ``batch_rows(step, start, stop)`` builds only the rows some field needs;
+    otherwise the part is cut out of ``source.batch(step)``.
+    """
+    if not hasattr(source, "batch_rows"):
+        full = source.batch(step)
+        return {k: np.asarray(full[k])[ix] for k, ix in index.items()}
+    start, stop = min(ix[0].start for ix in index.values()), max(ix[0].stop for ix in index.values())
+    part = source.batch_rows(step, int(start), int(stop))
+    return {k: np.asarray(part[k])[(slice(ix[0].start - start, ix[0].stop - start), *ix[1:])]
+            for k, ix in index.items()}
 
 
 def barrier(name: str) -> None:
