@@ -118,6 +118,21 @@ WORKER = textwrap.dedent("""
     sums = jax.jit(lambda b: (jnp.sum(b["x"].astype(jnp.float32) ** 2), jnp.sum(b["y"])))(batch)
     print("SUMS", float(sums[0]), int(sums[1]), flush=True)
 
+    # a shipped source builds only this process's rows (batch_rows), equal to its full batch's rows
+    from sciscale_jax.data.mlm import MLMBatches
+    from sciscale_jax.data.protein import ProteinTokenizer
+    tok, rng = ProteinTokenizer(), np.random.default_rng(3)
+    enc = [np.concatenate([[tok.cls_id], rng.choice(tok.residue_ids, int(rng.integers(1, 30))), [tok.eos_id]])
+           for _ in range(20)]
+    mlm, calls = MLMBatches(enc, tok, batch_size=8, seq_len=12, seed=1), []
+    mlm.batch_rows = lambda step, lo, hi, f=mlm.batch_rows: calls.append((lo, hi)) or f(step, lo, hi)
+    full = MLMBatches(enc, tok, batch_size=8, seq_len=12, seed=1).batch(2)
+    got = multihost.global_batch(mlm, 2, {k: sh["y"] for k in full}, {k: v.shape for k, v in full.items()})
+    assert calls == [(4 * jax.process_index(), 4 * jax.process_index() + 4)], calls
+    for k in full:
+        for s in got[k].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data), full[k][s.index])
+
     # every process writes its shards of a sharded state; the test restores it in one process
     from sciscale_jax.train.checkpoint import Checkpointer
     from sciscale_jax.train.step import TrainState
