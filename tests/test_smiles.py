@@ -72,6 +72,24 @@ def test_rdkit_corpus_is_canonical_deduplicated_and_split_by_hash():
     assert sm.split_by_hash(mols[::-1], 0.1)[1] == val[::-1]  # order does not decide the side
 
 
+def test_curation_keeps_neutral_organic_molecules_and_refuses_the_rest():
+    from rdkit import Chem
+
+    same = lambda s: Chem.MolToSmiles(Chem.MolFromSmiles(s))  # noqa: E731  RDKit's canonical form
+    kept = {"OCC": "CCO", "O=[N+]([O-])c1ccccc1": same("O=[N+]([O-])c1ccccc1"),  # nitro: N+ and O-, net 0
+            "[O-][n+]1ccccc1": same("[O-][n+]1ccccc1"), "C[N+](C)(C)CC(=O)[O-]": same("C[N+](C)(C)CC(=O)[O-]"),
+            "CC(=O)[O-].[Na+]": "CC(=O)O", "CC[NH+](C)C.[Cl-]": "CCN(C)C",  # salts: largest fragment, neutralised
+            "FC(F)(F)c1ccc(Br)cc1I": same("FC(F)(F)c1ccc(Br)cc1I"), "OB(O)c1ccccc1": same("OB(O)c1ccccc1"),
+            "C" * 50: "C" * 50}
+    for smi, want in kept.items():
+        assert sm.curate(smi) == want, smi
+    refused = ["C[Si](C)(C)C", "CC(=O)O[Hg]C", "C[Se]C", "C[N+](C)(C)C.[Br-]",  # element, net charge
+               "C[S+](C)C", "[13CH3]CO", "C[O]", "C" * 51, "C1CC", "not a smiles"]  # charge kind, isotope, radical
+    assert [sm.curate(s) for s in refused] == [None] * len(refused)
+    for s in sm.load_molecules()[::503]:  # the shipped corpus passes its own filter unchanged
+        assert sm.curate(s) == s
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     tok = sm.SmilesTokenizer.from_smiles(TRICKY)
     enc = [tok.encode(s) for s in TRICKY]
