@@ -197,16 +197,19 @@ def test_greedy_sampling_matches_a_plain_decoding_loop():
     cfg = smiles_lm.SmilesLMConfig(vocab_size=tok.vocab_size + 3, num_layers=2, num_heads=2, embed_dim=16,
                                    mlp_dim=32, max_len=16, causal=True)
     model = smiles_lm.Transformer(cfg, rngs=nnx.Rngs(5))
-    got = smiles_lm.sample(model, tok, 3, max_len=12, top_k=1, batch_size=2)
+    got = smiles_lm.sample(model, tok, 4, max_len=12, top_k=1, batch_size=2)  # two batches of one shape
+    forward = jax.jit(lambda ids: model(ids))  # the full causal forward pass over a padded row of 12
     tokens = [tok.bos_id]
-    while len(tokens) < 12:  # full forward on the prefix; argmax over the real, predictable tokens
-        logits = np.asarray(model(np.asarray([tokens], np.int32)))[0, -1].astype(np.float64)
+    while len(tokens) < 12:  # argmax of the last real position's logits over the real, predictable tokens
+        row = np.full((1, 12), tok.pad_id, np.int32)
+        row[0, :len(tokens)] = tokens
+        logits = np.asarray(forward(row))[0, len(tokens) - 1].astype(np.float64)
         logits[[tok.pad_id, tok.bos_id]] = -np.inf
         logits[tok.vocab_size:] = -np.inf
         tokens.append(int(np.argmax(logits)))
         if tokens[-1] == tok.eos_id:
             break
-    assert got == [tok.decode(tokens)] * 3
+    assert got == [tok.decode(tokens)] * 4
     drawn = smiles_lm.sample(model, tok, 4, max_len=12, temperature=1.5, seed=1)
     assert drawn == smiles_lm.sample(model, tok, 4, max_len=12, temperature=1.5, seed=1) and len(set(drawn)) > 1
     with pytest.raises(ValueError, match="temperature=0"):

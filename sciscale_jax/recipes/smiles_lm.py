@@ -22,6 +22,7 @@ pass once per generated position on a prefix padded up to a multiple of 16 token
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -151,11 +152,15 @@ def _next_token_fn(graphdef, vocab_used: int, temperature: float, top_k: int):
     return jax.jit(next_token)
 
 
-def _cached_sampler(graphdef, vocab_used: int, temperature: float, top_k: int, max_len: int, bos: int, eos: int,
-                    pad: int):
-    """jit(params, rest, key, batch) -> ids [batch, max_len]: bos, then tokens drawn with a KV cache."""
+@functools.lru_cache(maxsize=8)
+def _cached_sampler(graphdef, vocab_used: int, top_k: int, max_len: int, bos: int, eos: int, pad: int):
+    """jit(params, rest, key, temperature, batch) -> ids [batch, max_len]: bos, then tokens drawn with a KV cache.
 
-    def run(params, rest, key, batch):
+    One jitted function per model structure and setting (the temperature is traced), so sampling the
+    same model again, at another temperature, compiles nothing new.
+    """
+
+    def run(params, rest, key, temperature, batch):
         model = nnx.merge(graphdef, params, rest)
         cache = decode.init_cache(model, batch, max_len)
 
@@ -171,7 +176,7 @@ def _cached_sampler(graphdef, vocab_used: int, temperature: float, top_k: int, m
         _, tokens_tb = jax.lax.scan(step, (cache, start_b, jnp.zeros(batch, bool), key), jnp.arange(max_len - 1))
         return jnp.concatenate([start_b[:, None], tokens_tb.T], axis=1)
 
-    return jax.jit(run, static_argnums=3)
+    return jax.jit(run, static_argnums=4)
 
 
 def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0, top_k: int = 0,
@@ -190,11 +195,11 @@ def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0
     params, rest = jax.device_get((nnx.to_pure_dict(params), nnx.to_pure_dict(rest)))
     key, out = jax.random.key(seed), []
     if model.config.attention not in decode.APPROXIMATE:
-        run = _cached_sampler(graphdef, tokenizer.vocab_size, float(temperature), int(top_k), max_len,
-                              tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        run = _cached_sampler(graphdef, tokenizer.vocab_size, int(top_k), max_len, tokenizer.bos_id,
+                              tokenizer.eos_id, tokenizer.pad_id)
         for start in range(0, num, batch_size):
             key, sub = jax.random.split(key)
-            rows = np.asarray(run(params, rest, sub, min(batch_size, num - start)))
+            rows = np.asarray(run(params, rest, sub, jnp.float32(temperature), min(batch_size, num - start)))
             out.extend(tokenizer.decode(row) for row in rows)
         return out
     step = _next_token_fn(graphdef, tokenizer.vocab_size, float(temperature), int(top_k))
