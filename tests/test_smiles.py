@@ -231,7 +231,7 @@ def test_cli_train_beats_the_unigram_baseline_and_scores_samples(tmp_path, capsy
     assert re.search(r"baseline ngram[345]_ppl: ", out)
     assert ppl < unigram, out
     assert "40 sampled SMILES scored by RDKit" in out
-    rows = re.findall(r"\| (smiles-lm, temperature 0.8|smiles-lm, temperature 1.0|token \d-gram baseline) \| "
+    rows = re.findall(r"\| (smiles-lm, temperature 0.7|smiles-lm, temperature 1.0|token \d-gram baseline) \| "
                       r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out)
     assert len(rows) == 3, out
     assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row[1:])
@@ -321,7 +321,7 @@ def test_example_script_trains_samples_and_scores(tmp_path, capsys):
     assert _example().main([*TINY, "--steps", "20", "--samples", "24", "--out", str(tmp_path / "run"),
                             "--json", str(tmp_path / "figures.json")]) == 0
     out = capsys.readouterr().out
-    assert "| smiles-lm, temperature 0.8 |" in out and "-gram baseline |" in out
+    assert "| smiles-lm, temperature 0.7 |" in out and "-gram baseline |" in out
     figures = json.loads((tmp_path / "figures.json").read_text())
     for who in ("model", "model_t1", "ngram"):
         assert all(0.0 <= figures[who][k] <= 1.0 for k in ("validity", "uniqueness", "novelty"))
@@ -332,6 +332,6 @@ def test_example_script_in_its_default_form(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # its run directory goes under runs/
     assert _example().main(["--no-progress"]) == 0
     out = capsys.readouterr().out
-    validity = float(re.search(r"\| smiles-lm, temperature 0.8 \| ([\d.]+) \|", out).group(1))
+    validity = float(re.search(r"\| smiles-lm, temperature 0.7 \| ([\d.]+) \|", out).group(1))
     ngram = float(re.search(r"-gram baseline \| ([\d.]+) \|", out).group(1))
     assert validity > ngram, out

@@ -1,8 +1,11 @@
 """smiles-lm: a causal (GPT-style) SMILES language model on molecules shipped in the rdkit wheel.
 
-Data (``sciscale_jax.data.smiles``): about 15,900 distinct canonical SMILES from three files of
-the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), split by a hash of the
-canonical SMILES into train and validation, tokenized atom by atom (Schwaller et al. 2019).
+Data (``sciscale_jax.data.smiles``): about 15,500 distinct canonical SMILES from three files of
+the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), curated as GuacaMol and MOSES
+curate theirs (largest fragment, neutralised, organic elements, no net charge; ``smiles.curate``),
+split by a hash of the canonical SMILES into train and validation, tokenized atom by atom
+(Schwaller et al. 2019); molecules longer than ``seq_len`` tokens (with bos and eos) are left out,
+so sampling up to ``seq_len`` tokens covers every training molecule.
 The model is the library's Transformer with ``causal=True``, trained on next-token loss over
 packed rows (whole molecules one after another, ``pack=True``).
 
@@ -48,7 +51,7 @@ class SmilesLMConfig(TransformerConfig):
         "help": "fill training rows with whole molecules one after another (no padding)"})
     samples: int = dataclasses.field(default=1000, metadata={
         "group": "generation", "help": "SMILES sampled after training and scored by RDKit (0: none)"})
-    temperature: float = dataclasses.field(default=0.8, metadata={
+    temperature: float = dataclasses.field(default=0.7, metadata={
         "group": "generation", "help": "sampling temperature (figures at 1.0 are printed too)"})
     top_k: int = dataclasses.field(default=0, metadata={
         "group": "generation", "help": "sample among the k likeliest tokens (0: all)"})
@@ -281,11 +284,12 @@ def format_figures(fig: dict) -> list[str]:
 
 RECIPE = Recipe(
     name="smiles-lm",
-    description="GPT-style SMILES language model on ~15,900 molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
-    # 98 tokens padded to 104 rows, so the embedding splits over tensor-parallel meshes.
+    description="GPT-style SMILES language model on ~15,500 curated molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
+    # 104 embedding rows (a multiple of 8, so the embedding splits over tensor-parallel meshes) hold the
+    # curated corpus's 36 tokens with room for a larger corpus.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
-    train_defaults=dict(steps=600, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
+    train_defaults=dict(steps=1500, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
                         eval_every=300, save_every=300),
     config_class=SmilesLMConfig,
     build_model=lambda config, rngs: Transformer(config, rngs=rngs),
