@@ -148,9 +148,12 @@ def test_corpus_cache_is_used_checked_and_rebuilt(tmp_path, monkeypatch, capsys)
         assert sm.load_molecules([src]) == expected
         assert why in capsys.readouterr().err
         assert cached.read_text() == good  # rebuilt whole
-    src.write_text("CCN\n")  # other sources: another cache file
+    src.write_text("CCN\nC[N+](C)(C)C.[Br-]\n")  # other sources: another cache file
     sm._load.cache_clear()
     assert sm.load_molecules([src]) == ["CCN"] and len(list((tmp_path / "cache").glob("smiles-*.json"))) == 2
+    # without curation the quaternary ammonium stays; the switch is part of the cache key
+    assert sm.load_molecules([src], curated=False) == ["CCN", "C[N+](C)(C)C"]
+    assert len(list((tmp_path / "cache").glob("smiles-*.json"))) == 3
     sm._load.cache_clear()
 
 

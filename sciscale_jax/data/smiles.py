@@ -209,7 +209,7 @@ def _read_cache(path: pathlib.Path, key: str):
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         return None, f"unreadable ({type(err).__name__})"
     if stored_key != key:
-        return None, "built from other source files or another RDKit version"
+        return None, "built from other source files, curation or RDKit version"
     if not isinstance(smiles_list, list) or _checksum(smiles_list) != stored_sum:
         return None, "its checksum does not match its contents"
     return smiles_list, ""
