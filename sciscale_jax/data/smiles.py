@@ -11,10 +11,15 @@ Corpus (``load_molecules``): three SMILES files inside the rdkit wheel, located 
 ``importlib.util.find_spec`` so nothing is imported from rdkit to find them:
 ``Data/NCI/first_5K.smi`` (5,000 NCI compounds), ``Data/Pains/test_data/wehi_mols.csv`` (10,000
 WEHI screening compounds) and ``Contrib/FreeWilson/data/CHEMBL2321810.smi`` (1,017 ChEMBL
-compounds). Each is parsed by RDKit, reduced to its largest fragment (salts and solvents
-dropped), written as canonical SMILES and deduplicated; the result is cached on disk with a
-checksum (``load_molecules``). The split is keyed on a CRC32 of the canonical SMILES, so it
-never depends on file order and a molecule never sits on both sides.
+compounds). Each is parsed by RDKit and curated as GuacaMol (Brown et al. 2019) and MOSES
+(Polykovskiy et al. 2020) curate theirs (``curate``): the largest fragment is kept (salts and
+solvents dropped), acids and bases are neutralised (RDKit's ``Uncharger``), and a molecule is
+left out when it holds an element outside B C N O F P S Cl Br I (metals, Si, Se, As ...), a
+radical, an isotope label, a charge other than N+ / O- or a net charge (quaternary ammonium
+salts), or more than 50 heavy atoms. The survivors are written as canonical SMILES and
+deduplicated; the result is cached on disk with a checksum (``load_molecules``). The split is
+keyed on a CRC32 of the canonical SMILES, so it never depends on file order and a molecule
+never sits on both sides.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 RDKIT_FILES = ("Data/NCI/first_5K.smi", "Data/Pains/test_data/wehi_mols.csv",
                "Contrib/FreeWilson/data/CHEMBL2321810.smi")
 CHEM_EXTRA = 'SMILES data needs rdkit: pip install -e ".[chem]"'
-CACHE_FORMAT = "smiles-corpus-v1"  # change when the processing below changes what is cached
+CACHE_FORMAT = "smiles-corpus-v2"  # change when the processing below changes what is cached
 
 
 def tokenize(smiles: str) -> list[str]:
@@ -135,11 +140,41 @@ def canonical(smiles: str, largest_fragment: bool = True) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
-def _canonicalize_files(paths) -> list[str]:
+ALLOWED_ELEMENTS = frozenset({"B", "C", "N", "O", "F", "P", "S", "Cl", "Br", "I"})
+ALLOWED_CHARGES = frozenset({("N", 1), ("O", -1)})  # nitro groups, N-oxides, betaines
+MAX_HEAVY_ATOMS = 50
+
+
+def curate(smiles: str) -> str | None:
+    """Canonical SMILES of the curated largest fragment of ``smiles``, or None when it is left out.
+
+    Largest fragment by heavy atoms; neutralised by RDKit's ``Uncharger`` (carboxylates,
+    protonated amines); then refused if any atom is outside ``ALLOWED_ELEMENTS``, carries a
+    radical or an isotope label, or a formal charge outside ``ALLOWED_CHARGES``, if the net
+    charge is not zero, or if there are more than ``MAX_HEAVY_ATOMS`` heavy atoms.
+    """
+    can = canonical(smiles)
+    if can is None:
+        return None
+    from rdkit import Chem
+    from rdkit.Chem.MolStandardize import rdMolStandardize
+
+    mol = rdMolStandardize.Uncharger().uncharge(Chem.MolFromSmiles(can))
+    atoms = mol.GetAtoms()
+    if (mol.GetNumHeavyAtoms() > MAX_HEAVY_ATOMS
+            or any(a.GetSymbol() not in ALLOWED_ELEMENTS or a.GetNumRadicalElectrons() or a.GetIsotope()
+                   or (a.GetFormalCharge() and (a.GetSymbol(), a.GetFormalCharge()) not in ALLOWED_CHARGES)
+                   for a in atoms)
+            or sum(a.GetFormalCharge() for a in atoms)):
+        return None
+    return Chem.MolToSmiles(mol)
+
+
+def _canonicalize_files(paths, curated: bool = True) -> list[str]:
     seen, out = set(), []
     for path in paths:
         for smi in read_smiles_file(path):
-            can = canonical(smi)
+            can = curate(smi) if curated else canonical(smi)
             if can and can not in seen:
                 seen.add(can)
                 out.append(can)
@@ -151,9 +186,10 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SCISCALE_CACHE") or pathlib.Path.home() / ".cache" / "sciscale_jax")
 
 
-def _sources_key(paths) -> str:
-    """SHA-256 over the cache format, the RDKit version (canonical SMILES depend on it) and each source's bytes."""
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{importlib.metadata.version('rdkit')}".encode())
+def _sources_key(paths, curated: bool = True) -> str:
+    """SHA-256 over the cache format, curation, the RDKit version (canonical SMILES depend on it) and each
+    source's bytes."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{curated}|{importlib.metadata.version('rdkit')}".encode())
     for path in paths:
         digest.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes() + b"\0")
     return digest.hexdigest()
@@ -173,24 +209,24 @@ def _read_cache(path: pathlib.Path, key: str):
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         return None, f"unreadable ({type(err).__name__})"
     if stored_key != key:
-        return None, "built from other source files or another RDKit version"
+        return None, "built from other source files, curation or RDKit version"
     if not isinstance(smiles_list, list) or _checksum(smiles_list) != stored_sum:
         return None, "its checksum does not match its contents"
     return smiles_list, ""
 
 
 @functools.lru_cache(maxsize=4)
-def _load(paths: tuple, use_cache: bool) -> tuple:
+def _load(paths: tuple, use_cache: bool, curated: bool = True) -> tuple:
     if not use_cache:
-        return tuple(_canonicalize_files(paths))
-    key = _sources_key(paths)
+        return tuple(_canonicalize_files(paths, curated))
+    key = _sources_key(paths, curated)
     path = cache_dir() / f"smiles-{key[:16]}.json"
     smiles_list, why = _read_cache(path, key)
     if smiles_list is not None:
         return tuple(smiles_list)
     if why != "missing":
         print(f"sciscale: SMILES cache {path} is {why}; rebuilding it", file=sys.stderr)
-    smiles_list = _canonicalize_files(paths)
+    smiles_list = _canonicalize_files(paths, curated)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never partial
     tmp.write_text(json.dumps({"sources": key, "sha256": _checksum(smiles_list), "smiles": smiles_list}))
@@ -198,15 +234,17 @@ def _load(paths: tuple, use_cache: bool) -> tuple:
     return tuple(smiles_list)
 
 
-def load_molecules(paths=None, *, cache: bool = True) -> list[str]:
+def load_molecules(paths=None, *, cache: bool = True, curated: bool = True) -> list[str]:
     """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order.
 
-    Canonicalising the rdkit corpus takes RDKit about 15 s; the result is cached in
+    ``curated=True`` passes each molecule through ``curate`` (the molecules it refuses are left
+    out); ``False`` keeps every parsable molecule's largest fragment as it is.
+    Canonicalising the rdkit corpus takes RDKit about 20 s; the result is cached in
     ``cache_dir()`` as JSON keyed by a SHA-256 of the source files and the RDKit version, with
     a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
     belongs to other sources is named on stderr and rebuilt, never used.
     """
-    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache))
+    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated))
 
 
 def load_moses(split: str = "train") -> list[str]:

@@ -1,8 +1,11 @@
 """smiles-lm: a causal (GPT-style) SMILES language model on molecules shipped in the rdkit wheel.
 
-Data (``sciscale_jax.data.smiles``): about 15,900 distinct canonical SMILES from three files of
-the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), split by a hash of the
-canonical SMILES into train and validation, tokenized atom by atom (Schwaller et al. 2019).
+Data (``sciscale_jax.data.smiles``): about 15,500 distinct canonical SMILES from three files of
+the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), curated as GuacaMol and MOSES
+curate theirs (largest fragment, neutralised, organic elements, no net charge; ``smiles.curate``),
+split by a hash of the canonical SMILES into train and validation, tokenized atom by atom
+(Schwaller et al. 2019); molecules longer than ``seq_len`` tokens (with bos and eos) are left out,
+so sampling up to ``seq_len`` tokens covers every training molecule.
 The model is the library's Transformer with ``causal=True``, trained on next-token loss over
 packed rows (whole molecules one after another, ``pack=True``).
 
@@ -22,6 +25,7 @@ pass once per generated position on a prefix padded up to a multiple of 16 token
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -47,7 +51,7 @@ class SmilesLMConfig(TransformerConfig):
         "help": "fill training rows with whole molecules one after another (no padding)"})
     samples: int = dataclasses.field(default=1000, metadata={
         "group": "generation", "help": "SMILES sampled after training and scored by RDKit (0: none)"})
-    temperature: float = dataclasses.field(default=0.8, metadata={
+    temperature: float = dataclasses.field(default=0.7, metadata={
         "group": "generation", "help": "sampling temperature (figures at 1.0 are printed too)"})
     top_k: int = dataclasses.field(default=0, metadata={
         "group": "generation", "help": "sample among the k likeliest tokens (0: all)"})
@@ -151,11 +155,15 @@ def _next_token_fn(graphdef, vocab_used: int, temperature: float, top_k: int):
     return jax.jit(next_token)
 
 
-def _cached_sampler(graphdef, vocab_used: int, temperature: float, top_k: int, max_len: int, bos: int, eos: int,
-                    pad: int):
-    """jit(params, rest, key, batch) -> ids [batch, max_len]: bos, then tokens drawn with a KV cache."""
+@functools.lru_cache(maxsize=8)
+def _cached_sampler(graphdef, vocab_used: int, top_k: int, max_len: int, bos: int, eos: int, pad: int):
+    """jit(params, rest, key, temperature, batch) -> ids [batch, max_len]: bos, then tokens drawn with a KV cache.
 
-    def run(params, rest, key, batch):
+    One jitted function per model structure and setting (the temperature is traced), so sampling the
+    same model again, at another temperature, compiles nothing new.
+    """
+
+    def run(params, rest, key, temperature, batch):
         model = nnx.merge(graphdef, params, rest)
         cache = decode.init_cache(model, batch, max_len)
 
@@ -171,7 +179,7 @@ def _cached_sampler(graphdef, vocab_used: int, temperature: float, top_k: int, m
         _, tokens_tb = jax.lax.scan(step, (cache, start_b, jnp.zeros(batch, bool), key), jnp.arange(max_len - 1))
         return jnp.concatenate([start_b[:, None], tokens_tb.T], axis=1)
 
-    return jax.jit(run, static_argnums=3)
+    return jax.jit(run, static_argnums=4)
 
 
 def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0, top_k: int = 0,
@@ -190,11 +198,11 @@ def sample(model, tokenizer, num: int, *, max_len: int, temperature: float = 1.0
     params, rest = jax.device_get((nnx.to_pure_dict(params), nnx.to_pure_dict(rest)))
     key, out = jax.random.key(seed), []
     if model.config.attention not in decode.APPROXIMATE:
-        run = _cached_sampler(graphdef, tokenizer.vocab_size, float(temperature), int(top_k), max_len,
-                              tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        run = _cached_sampler(graphdef, tokenizer.vocab_size, int(top_k), max_len, tokenizer.bos_id,
+                              tokenizer.eos_id, tokenizer.pad_id)
         for start in range(0, num, batch_size):
             key, sub = jax.random.split(key)
-            rows = np.asarray(run(params, rest, sub, min(batch_size, num - start)))
+            rows = np.asarray(run(params, rest, sub, jnp.float32(temperature), min(batch_size, num - start)))
             out.extend(tokenizer.decode(row) for row in rows)
         return out
     step = _next_token_fn(graphdef, tokenizer.vocab_size, float(temperature), int(top_k))
@@ -276,11 +284,12 @@ def format_figures(fig: dict) -> list[str]:
 
 RECIPE = Recipe(
     name="smiles-lm",
-    description="GPT-style SMILES language model on ~15,900 molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
-    # 98 tokens padded to 104 rows, so the embedding splits over tensor-parallel meshes.
+    description="GPT-style SMILES language model on ~15,500 curated molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
+    # 104 embedding rows (a multiple of 8, so the embedding splits over tensor-parallel meshes) hold the
+    # curated corpus's 36 tokens with room for a larger corpus.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
-    train_defaults=dict(steps=600, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
+    train_defaults=dict(steps=1500, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
                         eval_every=300, save_every=300),
     config_class=SmilesLMConfig,
     build_model=lambda config, rngs: Transformer(config, rngs=rngs),
