@@ -59,7 +59,19 @@ def _rel(a, b):
     return abs(a - b) / b
 
 
-def test_fp32_learns_context_beyond_the_context_free_floor(runs):
+def test_low_precision_runs_against_fp32(runs):
+    """Every check on the trained runs, in one test: the runs train once in the suite (a module
+    fixture is built again on each pytest-xdist worker that runs one of its users)."""
+    _fp32_learns_context_beyond_the_context_free_floor(runs)
+    for name in ("bf16", "fp16", "llm_qat_w4a8kv4"):
+        _validation_loss_within_bound_of_fp32(runs, name)
+    for name in ("bf16", "fp16"):
+        _mixed_precision_keeps_float32_master_parameters(runs, name)
+    _fp16_trained_under_a_finite_dynamic_loss_scale(runs)
+    _bf16_train_step_needs_less_compiled_memory_than_fp32(runs)
+
+
+def _fp32_learns_context_beyond_the_context_free_floor(runs):
     fp32 = runs["fp32"]
     floor, optimum = fp32["baselines"]["context_free_loss"], fp32["baselines"]["optimum_loss"]
     assert fp32["steps"] == RUN.steps
@@ -67,21 +79,19 @@ def test_fp32_learns_context_beyond_the_context_free_floor(runs):
     assert _rel(floor, fp32["val_loss"]) > 2 * max(BOUNDS.values())   # a context-free model fails every bound
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp16", "llm_qat_w4a8kv4"])
-def test_validation_loss_within_bound_of_fp32(runs, name):
+def _validation_loss_within_bound_of_fp32(runs, name):
     fp32, run = runs["fp32"]["val_loss"], runs[name]["val_loss"]
     assert runs[name]["steps"] == RUN.steps
-    assert run != fp32  # the policy / scheme changed the arithmetic
+    assert run != fp32, name  # the policy / scheme changed the arithmetic
     assert _rel(run, fp32) <= BOUNDS[name], f"{name}: val loss {run:.5f} vs fp32 {fp32:.5f}"
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_mixed_precision_keeps_float32_master_parameters(runs, name):
+def _mixed_precision_keeps_float32_master_parameters(runs, name):
     for leaf in jax.tree.leaves(runs[name]["state"].params):
-        assert leaf.dtype == jnp.float32
+        assert leaf.dtype == jnp.float32, name
 
 
-def test_fp16_trained_under_a_finite_dynamic_loss_scale(runs):
+def _fp16_trained_under_a_finite_dynamic_loss_scale(runs):
     m = precision.loss_scale_metrics(runs["fp16"]["state"].opt_state)
     scale, skipped = float(m["loss_scale"]), int(m["skipped_steps"])
     assert scale > 1.0 and math.isfinite(scale)
@@ -89,7 +99,7 @@ def test_fp16_trained_under_a_finite_dynamic_loss_scale(runs):
     assert math.log2(scale) == int(math.log2(scale))  # grown and backed off by factors of 2
 
 
-def test_bf16_train_step_needs_less_compiled_memory_than_fp32(runs):
+def _bf16_train_step_needs_less_compiled_memory_than_fp32(runs):
     assert runs["bf16"]["memory"].temp_bytes < runs["fp32"]["memory"].temp_bytes
 
 

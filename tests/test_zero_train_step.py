@@ -70,8 +70,7 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-@pytest.fixture(scope="module")
-def data8():
+def _data8():
     """{stage: (memory analysis, HLO text, reduce_scatter flag)} for the step on mesh data=8."""
     out = {}
     for zero in (0, 1, 2, 3):
@@ -81,7 +80,16 @@ def data8():
     return out
 
 
-def test_zero_stages_shrink_the_compiled_step_state_by_n(data8):
+def test_zero_stages_on_data8():
+    """The four compiled stages on mesh data=8, checked in one test so that they compile once in
+    the suite (a module fixture is built again on each pytest-xdist worker that runs a user)."""
+    data8 = _data8()
+    _state_shrinks_by_n(data8)
+    _zero2_reduce_scatters_gradients_to_one_nth(data8)
+    _zero2_temporaries_not_above_zero1(data8)
+
+
+def _state_shrinks_by_n(data8):
     """Arguments of the compiled loop step: stage 1 drops (1 - 1/N) of the AdamW moments,
     stage 3 also (1 - 1/N) of the parameters (sizes counted from the model, not the rule)."""
     _, _, state, _, _ = _setup("data=8", 0)
@@ -94,7 +102,7 @@ def test_zero_stages_shrink_the_compiled_step_state_by_n(data8):
     assert args[3] == pytest.approx((p + moments) / N + tree_bytes(_batch()), rel=0.03), args
 
 
-def test_zero2_reduce_scatters_gradients_to_one_nth(data8):
+def _zero2_reduce_scatters_gradients_to_one_nth(data8):
     """Stage 2 on a data-parallel mesh: the gradients reach the optimizer through reduce-scatters
     whose results hold 1/N of the parameter bytes; stages 0 and 1 all-reduce the full gradients."""
     _, _, state, _, _ = _setup("data=8", 0)
@@ -109,7 +117,7 @@ def test_zero2_reduce_scatters_gradients_to_one_nth(data8):
     assert collective_bytes(hlo, "all-reduce") < 0.01 * p  # only the loss and token counts
 
 
-def test_zero2_temporaries_not_above_zero1(data8):
+def _zero2_temporaries_not_above_zero1(data8):
     temp = {z: data8[z][0].temp_size_in_bytes for z in data8}
     assert temp[2] <= temp[1], temp
 
