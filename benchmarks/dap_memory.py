@@ -143,7 +143,7 @@ def run_isolated(crop, blocks, variant, degree, limit_s, out) -> dict:
            "--degrees", str(degree), "--out", out, "--no-report"]
     t0 = time.perf_counter()
     try:
-        subprocess.run(cmd, check=True, timeout=limit_s)
+        subprocess.run(cmd, check=True, timeout=limit_s, stdout=subprocess.DEVNULL)  # the parent prints the row
         return next(r for r in load(RESULTS / f"{out}.json") if key(r) == (crop, blocks, variant, degree))
     except subprocess.TimeoutExpired:
         status = f"not compiled: over the {limit_s} s limit (wall clock, shared 2-core host)"
