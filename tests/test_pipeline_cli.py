@@ -94,3 +94,33 @@ def test_recipe_without_stages_refuses_a_pipeline_axis(tmp_path):
         train(recipe, model_cfg, train_cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     assert get_recipe("smiles-lm").pipeline is not None and get_recipe("msa-evoformer").pipeline is not None
+
+
+def _specs(tree):
+    return {tuple(a for e in x.sharding.spec for a in ((e,) if isinstance(e, str) else (e or ())))
+            for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize("mesh,zero", [
+    ("pipeline=2,data=2,fsdp=2", 3),
+    pytest.param("pipeline=2,data=2", 1, marks=pytest.mark.slow),
+    pytest.param("pipeline=2,data=2", 2, marks=pytest.mark.slow)])
+def test_zero_with_pipeline_trains_like_the_plain_pipelined_run(tmp_path, mesh, zero):
+    """ZeRO-1/2/3 on a mesh with a pipeline axis (ZeRO-3 with fsdp too: parameters split over data
+    and fsdp inside the stages) trains as the pipelined run without ZeRO does, with the optimizer
+    state (and for ZeRO-3 the parameters) split over the data axes."""
+    flags = ["--pipeline-schedule", "1f1b", "--microbatches", "2"]
+    plain = _run(tmp_path / "plain", 2, "--mesh", "pipeline=2,data=2", *flags, layers=4)
+    zeroed = _run(tmp_path / "zero", 2, "--mesh", mesh, "--zero", str(zero), *flags, layers=4)
+    for x, y in zip(jax.tree.leaves(zeroed["state"].params), jax.tree.leaves(plain["state"].params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-6)
+    assert zeroed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    opt_axes = set().union(*_specs(zeroed["state"].opt_state))
+    assert "data" in opt_axes
+    param_axes = set().union(*_specs(zeroed["state"].params))
+    assert ("data" in param_axes) == (zero == 3)
+    if zero == 3:
+        assert "fsdp" in param_axes
+        assert zeroed["param_bytes"] == plain["param_bytes"]  # global bytes; per device below
+        per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+        assert per_device(zeroed["state"].params) <= 0.3 * per_device(plain["state"].params)

@@ -193,3 +193,46 @@ def test_transformer_fsdp_inside_stages_matches_single_device_and_shards_paramet
     full = _shard_bytes(params, replicated)
     assert _shard_bytes(params, shardings) <= 0.55 * full
     assert _shard_bytes(grads, compiled.output_shardings[2]) <= 0.55 * full
+
+
+def test_fp16_loss_scaling_pipelined_step_matches_unpipelined():
+    """fp16 compute with dynamic loss scaling: the pipelined train step seeds its backward with the
+    scaled loss as the unpipelined step does, so (1) at a moderate scale both take the same step
+    (parameters, scale and the skip counter), (2) at a scale that overflows float16 cotangents both
+    skip it: parameters unchanged, the scale halved, one skipped step."""
+    import optax
+
+    from sciscale_jax import precision
+    from sciscale_jax.train.step import init_train_state, make_train_step
+
+    cfg = TransformerConfig(vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=24, max_len=SEQ,
+                            scan_layers=True, precision="fp16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.config.dtype == jnp.float16
+    _, batch = make(1, 4)
+    mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
+    for scale, skipped in ((2.0**10, 0), (2.0**30, 1)):  # 2^30 / tokens overflows float16 (max 65504)
+        tx = precision.dynamic_loss_scaling(optax.sgd(0.5), initial_scale=scale)
+        graphdef, state = init_train_state(model, tx)
+        piped = pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn,
+                                 head_fn=head_fn, count_fn=count_fn, schedule="1f1b", microbatches=2)
+        out = {}
+        for name, grad_fn in (("pipeline", piped), ("plain", None)):
+            step = make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=grad_fn, loss_scaling=True)
+            out[name] = jax.jit(step)(state, batch)
+        for name in out:
+            new, metrics = out[name]
+            assert int(metrics["skipped_steps"]) == skipped, name
+            assert float(metrics["loss_scale"]) == (scale / 2 if skipped else scale), name
+        (new, metrics), (ref, ref_metrics) = out["pipeline"], out["plain"]
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=2e-3)
+        for x, y, p0 in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), jax.tree.leaves(state.params),
+                            strict=True):
+            if skipped:
+                np.testing.assert_array_equal(x, p0)
+            else:  # the update, to float16 accuracy
+                d, dr = np.asarray(x - p0, np.float64), np.asarray(y - p0, np.float64)
+                assert np.linalg.norm(d - dr) <= 2e-2 * np.linalg.norm(dr) + 1e-7
+        if not skipped:
+            assert max(float(jnp.max(jnp.abs(x - p0))) for x, p0 in
+                       zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))) > 1e-3

@@ -88,11 +88,15 @@ def rule_overrides(recipe, cfg, params) -> dict:
     return {}
 
 
-def grad_fn(recipe, model_config, cfg, graphdef, mesh):
-    """The step's ``grad_fn`` on ``mesh``: the recipe's layer stack run by ``cfg.pipeline_schedule``;
-    None when the mesh has no pipeline axis."""
+def grad_fn(recipe, model_config, cfg, graphdef, place):
+    """The step's ``grad_fn`` on ``place`` (a ``train.sharding.Placement``, or None): the recipe's
+    layer stack run by ``cfg.pipeline_schedule``; None when the mesh has no pipeline axis.
+    Parameters the placement splits over data axes (fsdp rule tables, ZeRO-3) stay split inside
+    the stages; gradients come back with the placement's gradient sharding (ZeRO-2/3)."""
+    mesh = place.mesh if place is not None else None
     if mesh is None or mesh.shape.get("pipeline", 1) == 1:
         return None
     return recipe.pipeline.grad_fn(graphdef, mesh=mesh, schedule=cfg.pipeline_schedule,
                                    microbatches=microbatches(cfg), virtual_stages=cfg.virtual_stages,
-                                   remat_policy=getattr(model_config, "remat", "none"))
+                                   remat_policy=getattr(model_config, "remat", "none"),
+                                   param_shardings=place.state.params, grad_shardings=place.grads)
