@@ -93,6 +93,8 @@ def test_bad_pipeline_input_is_one_line_before_compilation(capsys, tmp_path):
     assert "add --scan-layers" in err
     err = _cli_error(capsys, tmp_path, "--mesh", "pipeline=2", "--grad-accum", "2")
     assert "grad_accum=2 with pipeline=2" in err
+    err = _cli_error(capsys, tmp_path, "--mesh", "pipeline=2,sequence=2")
+    assert "mesh pipeline=2 with {'sequence': 2}: the pipeline composes only with the axes data, fsdp, tensor" in err
 
 
 def test_recipe_without_stages_refuses_a_pipeline_axis(tmp_path):
