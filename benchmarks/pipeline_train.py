@@ -56,7 +56,7 @@ def peak(schedule: str, m: int) -> dict:
     batch = batch_of(cfg.batch_size, model_cfg.vocab_size)
     place = plan_placement(cfg.mesh, None, 0, state, axes, tx, batch, model_sharding="dp", batch_axes=recipe.axes_of,
                            rule_overrides=pipeline_run.rule_overrides(recipe, cfg, state.params))
-    grad_fn = pipeline_run.grad_fn(recipe, model_cfg, cfg, graphdef, place.mesh)
+    grad_fn = pipeline_run.grad_fn(recipe, model_cfg, cfg, graphdef, place)
     step = make_train_step(graphdef, tx, loss_fn=recipe.loss_fn, grad_fn=grad_fn, **place.step_kwargs())
     state = jax.device_put(state, place.state)
     with jax.set_mesh(place.mesh):

@@ -209,3 +209,55 @@ def test_data_sharded_batch_moves_no_rows():
     fn = jax.jit(pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule="gpipe", microbatches=4))
     hlo = fn.lower(params, batch).compile().as_text()
     assert "all-to-all" not in hlo and "all-gather" not in hlo
+
+
+def test_fsdp_inside_stages_gathers_per_use_and_reduce_scatters():
+    """pipeline=2 x data=2 x fsdp=2 with parameters split over fsdp (and first's over data x fsdp):
+    the loss and gradients equal one device's; gradients come back split as ``grad_specs`` asks
+    (further over data: ZeRO-2 style); inside the tick loop parameters are all-gathered and
+    weight gradients reduce-scattered (per use), with no all-reduce."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = make_mesh(ParallelConfig(pipeline=2, data=2, fsdp=2), jax.devices()[:8])
+    rng = np.random.default_rng(3)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    width = 8
+    params = {"first": normal(D_IN, width) * 0.5,
+              "stages": {"w": normal(2, LAYERS, width, width) * 0.3, "b": normal(2, LAYERS, width) * 0.1},
+              "last": normal(width, D_OUT) * 0.5}
+    batch = {"x": normal(16, D_IN), "y": normal(16, D_OUT)}
+    param_specs = {"first": P(None, ("data", "fsdp")), "stages": {"w": P(None, "fsdp", None), "b": P()},
+                   "last": P("fsdp", None)}
+    grad_specs = {"first": P(None, ("data", "fsdp")), "stages": {"w": P(None, "fsdp", "data"), "b": P(None, "data")},
+                  "last": P(("fsdp", "data"), None)}
+    fn = jax.jit(pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule="1f1b", microbatches=2,
+                                         param_specs=param_specs, grad_specs=grad_specs))
+    compiled = fn.lower(params, batch).compile()
+    loss, grads = compiled(params, batch)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference))(params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+    specs = jax.tree.map(lambda s: s.spec, compiled.output_shardings[1])
+    assert specs["first"] == P(None, ("data", "fsdp"))
+    assert specs["last"] == P(("fsdp", "data"))
+    assert specs["stages"]["w"] == P("pipeline", None, "fsdp", "data")
+    assert specs["stages"]["b"] == P("pipeline", None, "data")
+    entry, inner = _entry_and_others(compiled.as_text())
+    assert "all-gather" in inner and "all-gather" not in entry  # gathered in the ticks, not once up front
+    assert "reduce-scatter" in inner and "reduce-scatter" in entry  # per backward; b's once after the loop
+    assert "all-reduce" not in inner
+
+
+def _entry_and_others(hlo: str):
+    """(the ENTRY computation's text, every other computation's text) of an HLO module."""
+    entry, others, cur, in_entry = [], [], None, False
+    for line in hlo.splitlines():
+        if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
+            in_entry, cur = line.startswith("ENTRY"), []
+        elif line.startswith("}") and cur is not None:
+            (entry if in_entry else others).append("\n".join(cur))
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    return "\n".join(entry), "\n".join(others)

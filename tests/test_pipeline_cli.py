@@ -28,8 +28,8 @@ def _same_bits(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def resume_check(tmp_path, flags, layers, reference=None):
-    straight = _run(tmp_path / "straight", 4, *flags, layers=layers)
+def resume_check(tmp_path, flags, layers, reference=None, straight=None):
+    straight = straight or _run(tmp_path / "straight", 4, *flags, layers=layers)
     _run(tmp_path / "split", 2, *flags, layers=layers)
     resumed = _run(tmp_path / "split", 4, *flags, layers=layers, resume=True)
     assert resumed["steps"] == 4
@@ -44,11 +44,19 @@ def resume_check(tmp_path, flags, layers, reference=None):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-6)
 
 
-def test_1f1b_data_x_pipeline_resumes_bit_identically_and_restores_without_pipeline(tmp_path):
-    # 3 layers over 2 stages (2 + 1): the layer axis stays replicated, the stages padded
+PIPELINED = ["--mesh", "pipeline=2,data=2", "--pipeline-schedule", "1f1b", "--microbatches", "2"]
+
+
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory):
+    """4 steps of 1F1B on pipeline=2 x data=2, 3 layers over 2 stages (2 + 1: the layer axis stays
+    replicated, the stages padded); shared by the resume and ZeRO tests."""
+    return _run(tmp_path_factory.mktemp("pipelined") / "run", 4, *PIPELINED, layers=3)
+
+
+def test_1f1b_data_x_pipeline_resumes_bit_identically_and_restores_without_pipeline(tmp_path, pipelined):
     reference = _run(tmp_path / "single", 4, layers=3)
-    resume_check(tmp_path, ["--mesh", "pipeline=2,data=2", "--pipeline-schedule", "1f1b", "--microbatches", "2"],
-                 layers=3, reference=reference)
+    resume_check(tmp_path, PIPELINED, layers=3, reference=reference, straight=pipelined)
 
 
 @pytest.mark.slow
@@ -85,6 +93,8 @@ def test_bad_pipeline_input_is_one_line_before_compilation(capsys, tmp_path):
     assert "add --scan-layers" in err
     err = _cli_error(capsys, tmp_path, "--mesh", "pipeline=2", "--grad-accum", "2")
     assert "grad_accum=2 with pipeline=2" in err
+    err = _cli_error(capsys, tmp_path, "--mesh", "pipeline=2,sequence=2")
+    assert "mesh pipeline=2 with {'sequence': 2}: the pipeline composes only with the axes data, fsdp, tensor" in err
 
 
 def test_recipe_without_stages_refuses_a_pipeline_axis(tmp_path):
@@ -94,3 +104,29 @@ def test_recipe_without_stages_refuses_a_pipeline_axis(tmp_path):
         train(recipe, model_cfg, train_cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     assert get_recipe("smiles-lm").pipeline is not None and get_recipe("msa-evoformer").pipeline is not None
+
+
+def _specs(tree):
+    return {tuple(a for e in x.sharding.spec for a in ((e,) if isinstance(e, str) else (e or ())))
+            for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize("mesh,zero", [
+    ("pipeline=2,data=2,fsdp=2", 3),
+    pytest.param("pipeline=2,data=2", 1, marks=pytest.mark.slow),
+    pytest.param("pipeline=2,data=2", 2, marks=pytest.mark.slow)])
+def test_zero_with_pipeline_trains_like_the_plain_pipelined_run(tmp_path, pipelined, mesh, zero):
+    """ZeRO-1/2/3 on a mesh with a pipeline axis (ZeRO-3 with fsdp too: parameters split over data
+    and fsdp inside the stages) trains as the pipelined run without ZeRO does, with the optimizer
+    state (and for ZeRO-3 the parameters) split over the data axes."""
+    zeroed = _run(tmp_path / "zero", 4, *PIPELINED[2:], "--mesh", mesh, "--zero", str(zero), layers=3)
+    for x, y in zip(jax.tree.leaves(zeroed["state"].params), jax.tree.leaves(pipelined["state"].params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-6)
+    assert zeroed["train_loss"] == pytest.approx(pipelined["train_loss"], rel=1e-4)
+    assert "data" in set().union(*_specs(zeroed["state"].opt_state))
+    param_axes = set().union(*_specs(zeroed["state"].params))
+    assert ("data" in param_axes) == (zero == 3)
+    if zero == 3:
+        assert "fsdp" in param_axes
+        per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+        assert per_device(zeroed["state"].params) <= 0.3 * per_device(pipelined["state"].params)

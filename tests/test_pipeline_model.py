@@ -77,9 +77,12 @@ def check(schedule, p, m, v=1, data=1, num_layers=5, remat="none"):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
 
-@pytest.mark.parametrize("schedule,p,m,v,data", [("1f1b", 2, 3, 1, 2), ("interleaved", 2, 2, 2, 1)])
+# 5 layers over 2 (3 + 2) and 4 (2 + 1 + 1 + 1) stages; 1f1b on data x pipeline (x fsdp) runs fast
+# in test_transformer_fsdp_inside_stages_matches_single_device_and_shards_parameters
+@pytest.mark.parametrize("schedule,p,m,v,data", [
+    pytest.param("1f1b", 2, 3, 1, 2, marks=pytest.mark.slow), ("interleaved", 2, 2, 2, 1)])
 def test_transformer_matches_single_device(schedule, p, m, v, data):
-    check(schedule, p, m, v, data)  # 5 layers over 2 (3 + 2) and 4 (2 + 1 + 1 + 1) stages
+    check(schedule, p, m, v, data)
 
 
 @pytest.mark.slow
@@ -151,3 +154,92 @@ def test_recipe_stages_causal_lm_matches_single_device():
     np.testing.assert_allclose(count, ref_count)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def _shard_bytes(tree, shardings):
+    """Bytes one device holds of ``tree`` (arrays or shapes) under ``shardings``."""
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+
+def test_transformer_fsdp_inside_stages_matches_single_device_and_shards_parameters():
+    """pipeline=2 x data=2 x fsdp=2 under the fsdp rule table, 5 layers over 2 stages (3 + 2, the layer
+    axis replicated): each stage holds its parameters split over fsdp (gathered at each use inside
+    the stage); the loss and gradients equal the one-device run, and the per-device bytes of the
+    parameters and of the returned gradients are about half those of parameters replicated over
+    fsdp (the dp rule table on the same mesh)."""
+    from sciscale_jax import parallel
+    from sciscale_jax.parallel.axes import LAYERS
+
+    cfg = TransformerConfig(vocab_size=VOCAB, num_layers=5, num_heads=2, embed_dim=16, mlp_dim=24, max_len=SEQ,
+                            scan_layers=True, sharding="fsdp")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    axes = parallel.param_axes(model)
+    graphdef, params, rest = split_model(model)
+    _, batch = make(1, 12)  # 3 microbatches of 4 rows, one per data x fsdp shard
+    mesh = make_mesh(ParallelConfig(pipeline=2, data=2, fsdp=2), jax.devices()[:8])
+    shardings = parallel.tree_shardings(params, axes, parallel.rules_for("fsdp", {LAYERS: None}), mesh)
+    placed = jax.device_put(params, shardings)
+    assert placed["layers"]["mlp"]["wi"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    grad_fn = pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn, head_fn=head_fn,
+                               count_fn=count_fn, schedule="1f1b", microbatches=3, param_shardings=shardings)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(grad_fn).lower(placed, rest, batch, None).compile()
+        loss, _, grads = compiled(placed, rest, batch, None)
+    ref_graphdef, ref_params, ref_rest = split_model(Transformer(dataclasses.replace(cfg, sharding=None),
+                                                                 rngs=nnx.Rngs(0)))
+    ref_loss, _, ref_grads = jax.jit(backprop_grad_fn(ref_graphdef, mlm_loss))(ref_params, ref_rest, batch, None)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+    # per-device bytes: the placed parameters and the compiled function's gradient outputs against
+    # the same trees replicated over fsdp
+    replicated = parallel.tree_shardings(params, axes, parallel.rules_for("dp", {LAYERS: None}), mesh)
+    full = _shard_bytes(params, replicated)
+    assert _shard_bytes(params, shardings) <= 0.55 * full
+    assert _shard_bytes(grads, compiled.output_shardings[2]) <= 0.55 * full
+
+
+def test_fp16_loss_scaling_pipelined_step_matches_unpipelined():
+    """fp16 compute with dynamic loss scaling: the pipelined train step seeds its backward with the
+    scaled loss as the unpipelined step does, so (1) at a moderate scale both take the same step
+    (parameters, scale and the skip counter), (2) at a scale that overflows float16 cotangents both
+    skip it: parameters unchanged, the scale halved, one skipped step."""
+    import optax
+
+    from sciscale_jax import precision
+    from sciscale_jax.train.step import init_train_state, make_train_step
+
+    cfg = TransformerConfig(vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=24, max_len=SEQ,
+                            scan_layers=True, precision="fp16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert jnp.dtype(model.config.dtype) == jnp.float16
+    _, batch = make(1, 4)
+    mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
+    tx = precision.dynamic_loss_scaling(optax.sgd(0.5), initial_scale=2.0**10)
+    graphdef, state0 = init_train_state(model, tx)
+    piped = pipeline_grad_fn(graphdef, mesh=mesh, embed_fn=embed_fn, block_args_fn=block_args_fn,
+                             head_fn=head_fn, count_fn=count_fn, schedule="1f1b", microbatches=2)
+    steps = {name: jax.jit(make_train_step(graphdef, tx, loss_fn=mlm_loss, grad_fn=grad_fn, loss_scaling=True))
+             for name, grad_fn in (("pipeline", piped), ("plain", None))}
+    for scale, skipped in ((2.0**10, 0), (2.0**30, 1)):  # 2^30 / tokens overflows float16 (max 65504)
+        opt = state0.opt_state
+        state = state0._replace(opt_state=opt._replace(loss_scale=opt.loss_scale._replace(
+            loss_scale=jnp.asarray(scale, jnp.float32))))
+        out = {name: step(state, batch) for name, step in steps.items()}
+        for name in out:
+            new, metrics = out[name]
+            assert int(metrics["skipped_steps"]) == skipped, name
+            assert float(metrics["loss_scale"]) == (scale / 2 if skipped else scale), name
+        (new, metrics), (ref, ref_metrics) = out["pipeline"], out["plain"]
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=2e-3)
+        for x, y, p0 in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), jax.tree.leaves(state.params),
+                            strict=True):
+            if skipped:
+                np.testing.assert_array_equal(x, p0)
+            else:  # the update, to float16 accuracy
+                d, dr = np.asarray(x - p0, np.float64), np.asarray(y - p0, np.float64)
+                assert np.linalg.norm(d - dr) <= 2e-2 * np.linalg.norm(dr) + 1e-7
+        if not skipped:
+            assert max(float(jnp.max(jnp.abs(x - p0))) for x, p0 in
+                       zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))) > 1e-3

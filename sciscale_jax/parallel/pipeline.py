@@ -20,11 +20,18 @@ forward, so per-device memory is the table's stash slots of activations (flat in
 1F1B and ZB-H1) plus one stage's residuals.
 
 The shard_map is manual over the pipeline axis and the data axes (``data``, ``fsdp``: the
-microbatch rows are split over them, parameters replicated); any other mesh axis (``tensor``)
-stays automatic, so parameters sharded over it are partitioned by GSPMD inside each stage.
-Replicated parameters (``first``, ``last``, and stage parameters along data axes) are cast
-device-varying at entry, so differentiating them per microbatch adds no collective; the
-gradient sums over the pipeline and data axes are one ``psum`` each after the loop.
+microbatch rows are split over them); any other mesh axis (``tensor``) stays automatic, so
+parameters sharded over it are partitioned by GSPMD inside each stage.
+
+FSDP / ZeRO-3 inside stages (``param_specs``): a parameter may be split over data axes along
+one of its dimensions; each device then holds only its shard, and every use (a stage's forward,
+its recomputation in the backward, the embedding and the head) ``all_gather``s it over those
+axes first. The transpose of that gather is a ``psum_scatter``, so each backward adds its
+weight gradient into a shard-sized accumulator. Along the data axes a parameter is not split
+over, it is replicated: such parameters (and ``first``/``last`` along the pipeline axis) are
+cast device-varying at entry, so differentiating them per microbatch adds no collective, and
+their gradients are summed once after the loop, by a ``psum``, or by a ``psum_scatter`` into
+the shard ``grad_specs`` asks for (ZeRO-2: replicated parameters, split gradients).
 """
 
 from __future__ import annotations
@@ -101,10 +108,67 @@ def check_pipeline_args(schedule: str, *, num_layers: int | None = None, stages:
     make_schedule(schedule, stages, microbatches, virtual_stages)  # schedule-specific checks
 
 
+def _entries(spec, ndim: int):
+    """A PartitionSpec as ``ndim`` tuples of mesh-axis names."""
+    out = [(e,) if isinstance(e, str) else tuple(e or ()) for e in tuple(spec)]
+    return out + [()] * (ndim - len(out))
+
+
+def data_spec(spec, ndim: int, axes) -> P:
+    """``spec`` (a PartitionSpec or None) restricted to the mesh axes ``axes`` (the manual data axes)."""
+    if spec is None:
+        return P()
+    kept = [tuple(a for a in e if a in axes) for e in _entries(spec, ndim)]
+    return P(*[None if not e else (e[0] if len(e) == 1 else e) for e in kept])
+
+
+def _spec_axes(spec) -> set:
+    return {a for e in tuple(spec) for a in ((e,) if isinstance(e, str) else tuple(e or ()))}
+
+
+def _gather(x, spec):
+    """The whole of ``x`` from its shard: ``all_gather`` along every dim ``spec`` splits."""
+    for dim, names in enumerate(_entries(spec, x.ndim)):
+        if names:
+            x = jax.lax.all_gather(x, names if len(names) > 1 else names[0], axis=dim, tiled=True)
+    return x
+
+
+def _reduce(g, pspec, gspec, axes):
+    """A gradient accumulated per device -> summed over the manual ``axes`` it is replicated on:
+    ``psum_scatter`` along the dims where ``gspec`` adds axes to ``pspec``, ``psum`` over the rest."""
+    done = _spec_axes(pspec)
+    for dim, (pe, ge) in enumerate(zip(_entries(pspec, g.ndim), _entries(gspec, g.ndim))):
+        extra = ge[len(pe):]
+        if extra and ge[:len(pe)] == pe:
+            g = jax.lax.psum_scatter(g, extra if len(extra) > 1 else extra[0], scatter_dimension=dim, tiled=True)
+            done |= set(extra)
+    left = tuple(a for a in axes if a not in done)
+    return jax.lax.psum(g, left) if left else g
+
+
+def _out_spec(pspec, gspec, ndim):
+    """The spec ``_reduce`` leaves a gradient with: ``gspec`` where it extends ``pspec``, else ``pspec``."""
+    out = []
+    for pe, ge in zip(_entries(pspec, ndim), _entries(gspec, ndim)):
+        e = ge if ge[:len(pe)] == pe else pe
+        out.append(None if not e else (e[0] if len(e) == 1 else e))
+    return P(*out)
+
+
+def _vary(tree, axes):
+    """Cast every leaf device-varying over those of ``axes`` it does not vary over yet."""
+    def cast(x):
+        missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(cast, tree)
+
+
 def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Callable, *, mesh,
                             schedule: str = "1f1b", microbatches: int, virtual_stages: int = 1,
-                            axis: str = "pipeline", data_axes=("data", "fsdp"), stage_layout: str = "stage"):
-    """``fn(params, batch) -> (loss, grads)`` computed by pipeline schedule ``schedule``.
+                            axis: str = "pipeline", data_axes=("data", "fsdp"), stage_layout: str = "stage",
+                            param_specs=None, grad_specs=None):
+    """``fn(params, batch, scale=1.0) -> (loss, grads)`` computed by pipeline schedule ``schedule``.
 
     ``params = {"first": ..., "stages": ..., "last": ...}``, every leaf of ``"stages"`` with a
     leading axis of p x v stages: in global stage order (``stage_layout="stage"``), or in device
@@ -114,8 +178,16 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
     leading batch axis, split into ``microbatches`` equal microbatches: with data axes in the
     mesh microbatch i is rows i, i + m, i + 2m, ... (a batch split in blocks over the data axes
     then splits every microbatch the same way without moving a row), else rows
-    ``[i * b, (i + 1) * b)``. Returns the summed
-    loss and its gradients with the structure and layout of ``params``.
+    ``[i * b, (i + 1) * b)``. Returns the summed loss and the gradients of ``scale`` x that sum
+    (``scale`` seeds the backward: a loss scale and 1 / token count), with the structure and
+    layout of ``params``.
+
+    ``param_specs`` (FSDP inside stages): ``{"first", "stages", "last"}``, each a PartitionSpec
+    per leaf (a pytree prefix of ``params``) over the data axes; a ``"stages"`` spec describes
+    one stage's leaf, without the leading stage axis. Each leaf is then held and differentiated
+    as its shard and gathered at every use; the gradients come back split the same way.
+    ``grad_specs`` (same form, default ``param_specs``) may split gradients further (ZeRO-2).
+    Axes other than the data axes in these specs are ignored (GSPMD handles them).
     """
     if stage_layout not in ("stage", "device"):
         raise ValueError(f"stage_layout={stage_layout!r} must be 'stage' or 'device'")
@@ -129,10 +201,23 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
     _, _, n_act, n_cot = table.stash()
     v, m, split = virtual_stages, microbatches, table.split_backward
     manual = (axis,) + data
-    body = functools.partial(_run, first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
-                             axis, data)
 
-    def fn(params, batch):
+    def specs_for(params, given, drop_leading):
+        """Per-leaf data-axis specs (one stage's shape for stage leaves)."""
+        out = {}
+        for k in ("first", "stages", "last"):
+            tree = params[k]
+            prefix = (given or {}).get(k)
+            if prefix is None:
+                out[k] = jax.tree.map(lambda _: P(), tree)
+                continue
+            full = jax.tree.broadcast(prefix, tree, is_leaf=lambda x: isinstance(x, P) or x is None)
+            ndim = lambda x: x.ndim - (1 if drop_leading and k == "stages" else 0)  # noqa: E731
+            out[k] = jax.tree.map(lambda s, x: data_spec(s, ndim(x), data), full, tree,
+                                  is_leaf=lambda x: isinstance(x, P) or x is None)
+        return out
+
+    def fn(params, batch, scale=1.0):
         stages = params["stages"]
         for leaf in jax.tree.leaves(stages):
             if leaf.shape[:1] != (p * v,):
@@ -141,6 +226,10 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
         for leaf in jax.tree.leaves(batch):
             check_pipeline_args(schedule, stages=p, microbatches=m, virtual_stages=v,
                                 batch_size=leaf.shape[0], data_size=n_data)
+        pspecs = specs_for(params, param_specs, True)
+        gspecs = specs_for(params, grad_specs if grad_specs is not None else param_specs, True)
+        ospecs = {k: jax.tree.map(lambda ps, gs, x: _out_spec(ps, gs, x.ndim - (k == "stages")),
+                                  pspecs[k], gspecs[k], params[k]) for k in pspecs}
         # -> [p, v, ...]: device d holds its v chunks
         local = stages if stage_layout == "device" else to_device_layout(stages, p, v)
         local = jax.tree.map(lambda x: x.reshape((p, v) + x.shape[1:]), local)
@@ -148,11 +237,15 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
             mbs = jax.tree.map(lambda x: x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1), batch)
         else:     # contiguous: a reshape, no copy
             mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-        specs = (P(), jax.tree.map(lambda _: P(axis), local), P(), jax.tree.map(lambda _: P(None, data or None), mbs))
-        out_specs = (P(), P(), jax.tree.map(lambda _: P(axis), local), P())
+        stage_in = lambda specs: jax.tree.map(lambda s: P(axis, None, *s), specs)  # noqa: E731
+        specs = (pspecs["first"], stage_in(pspecs["stages"]), pspecs["last"],
+                 jax.tree.map(lambda _: P(None, data or None), mbs), P())
+        out_specs = (P(), ospecs["first"], stage_in(ospecs["stages"]), ospecs["last"])
+        body = functools.partial(_run, first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
+                                 axis, data, pspecs, gspecs)
         loss, g_first, g_local, g_last = jax.shard_map(
             body, mesh=mesh, in_specs=specs, out_specs=out_specs, axis_names=set(manual),
-        )(params["first"], local, params["last"], mbs)
+        )(params["first"], local, params["last"], mbs, jnp.asarray(scale, jnp.float32))
         g_stages = jax.tree.map(lambda x: x.reshape((p * v,) + x.shape[2:]), g_local)
         g_stages = g_stages if stage_layout == "device" else from_device_layout(g_stages, p, v)
         return loss, {"first": g_first, "stages": g_stages, "last": g_last}
@@ -160,28 +253,34 @@ def pipeline_value_and_grad(first_fn: Callable, stage_fn: Callable, last_fn: Cal
     return fn
 
 
-def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split, axis, data,
-         first_p, local, last_p, mbs):
+def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split, axis, data, pspecs, gspecs,
+         first_p, local, last_p, mbs, scale):
     manual = (axis,) + data
     vary = lambda tree, axes: jax.lax.pcast(tree, axes, to="varying") if axes else tree  # noqa: E731
-    first_p, last_p = vary(first_p, manual), vary(last_p, manual)  # differentiated per microbatch
-    chunks = vary(jax.tree.map(lambda x: x[0], local), data)       # [v, ...] this device's stages
+    gather = lambda tree, specs: jax.tree.map(_gather, tree, specs)  # noqa: E731
+    first_p, last_p = _vary(first_p, manual), _vary(last_p, manual)  # differentiated per microbatch
+    chunks = _vary(jax.tree.map(lambda x: x[0], local), manual)      # [v, ...] this device's stages
     mbs = vary(mbs, (axis,))
     me = jax.lax.axis_index(axis)
     mb0 = jax.tree.map(lambda x: x[0], mbs)
-    h_shape = jax.eval_shape(lambda: first_fn(first_p, mb0))  # a pytree: the Evoformer carries (msa, pair)
-    loss_dtype = jax.eval_shape(lambda: last_fn(last_p, first_fn(first_p, mb0), mb0)).dtype
+    # every use of a parameter gathers its shard (a no-op for parameters not split over data axes)
+    first_g = lambda fp, b: first_fn(gather(fp, pspecs["first"]), b)  # noqa: E731
+    stage_g = lambda w, h, b: stage_fn(gather(w, pspecs["stages"]), h, b)  # noqa: E731
+    last_g = lambda lp, h, b: last_fn(gather(lp, pspecs["last"]), h, b)  # noqa: E731
+    h_shape = jax.eval_shape(lambda: first_g(first_p, mb0))  # a pytree: the Evoformer carries (msa, pair)
+    loss_dtype = jax.eval_shape(lambda: last_g(last_p, first_g(first_p, mb0), mb0)).dtype
     acc_dtype = jnp.promote_types(loss_dtype, jnp.float32)  # the loss sum, at least float32
     zeros_h = lambda: vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), h_shape), manual)  # noqa: E731
     zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
     zeros_chunk = jax.tree.map(lambda x: jnp.zeros_like(x[0]), chunks)
+    seed_value = _vary(scale.astype(loss_dtype), manual)
 
     def full(first, last, params, fparams, lparams, h, batch):
         """One stage with the embedding on the first and head + loss on the last."""
         if first:
-            h = first_fn(fparams, batch)
-        h = stage_fn(params, h, batch)
-        return last_fn(lparams, h, batch) if last else h
+            h = first_g(fparams, batch)
+        h = stage_g(params, h, batch)
+        return last_g(lparams, h, batch) if last else h
 
     def make_branch(combo):
         def idle(params, x_in, cot, batch):
@@ -199,7 +298,7 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
                 y = f(params, first_p, last_p, x_in, batch)
                 return (none_h, none_h, none_c, none_f, none_l, y.astype(acc_dtype)) if last else \
                     (y, none_h, none_c, none_f, none_l, zero)
-            seed = vary(jnp.ones((), loss_dtype), manual) if last else cot
+            seed = seed_value if last else cot
             wrt_w = kind == "W" or not split
             wrt_x = kind == "B" and not first
             if not (wrt_w or wrt_x):
@@ -244,8 +343,10 @@ def _run(first_fn, stage_fn, last_fn, plan, branches, p, v, n_act, n_cot, split,
              vary(jnp.zeros((), acc_dtype), manual), zeros_h(), zeros_h())
     carry, _ = jax.lax.scan(tick, carry, jnp.asarray(plan))
     _, _, g_chunks, g_first, g_last, loss, _, _ = carry
-    # the one reduction of the step: replicated parameters and the loss over pipeline and data
+    # the one reduction of the step: gradients over the axes their parameters are replicated on
     loss = jax.lax.psum(loss, manual)
-    g_first, g_last = jax.lax.psum((g_first, g_last), manual)
-    g_chunks = jax.lax.psum(g_chunks, data) if data else g_chunks
+    g_first = jax.tree.map(lambda g, ps, gs: _reduce(g, ps, gs, manual), g_first, pspecs["first"], gspecs["first"])
+    g_last = jax.tree.map(lambda g, ps, gs: _reduce(g, ps, gs, manual), g_last, pspecs["last"], gspecs["last"])
+    g_chunks = jax.tree.map(lambda g, ps, gs: _reduce(g, P(None, *ps), P(None, *gs), data),
+                            g_chunks, pspecs["stages"], gspecs["stages"])
     return loss, g_first, jax.tree.map(lambda x: x[None], g_chunks), g_last

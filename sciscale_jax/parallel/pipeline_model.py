@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sciscale_jax import remat
 from sciscale_jax.parallel.pipeline import check_pipeline_args, pipeline_value_and_grad
@@ -103,21 +104,57 @@ class PipelineStages:
                                 apply_block=self.apply_block, **kwargs)
 
 
+def _spec(s):
+    return s.spec if isinstance(s, jax.sharding.NamedSharding) else s
+
+
+def _stage_specs(shardings, path, data_axes):
+    """``{"first", "stages", "last"}`` specs (``pipeline_value_and_grad``'s ``param_specs``) from
+    the shardings of the model's parameters: the layer stack's specs without the layer axis (a
+    leaf split over a data axis along the layer axis is gathered whole at entry instead), the
+    other parameters' as they are; None: all replicated."""
+    if shardings is None:
+        return None
+    shardings = jax.tree.map(_spec, shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+
+    def stage(spec):
+        entries = list(tuple(spec)) or [None]
+        if set(jax.tree.leaves(entries[:1])) & set(data_axes):
+            return P()
+        return P(None, *entries[1:])  # [Lmax, ...]: one stage's layers
+
+    layers = jax.tree.map(stage, _get(shardings, path), is_leaf=is_spec)
+    others = _set(shardings, path, jax.tree.map(lambda _: P(), _get(shardings, path), is_leaf=is_spec))
+    return {"first": others, "last": others, "stages": {"layers": layers, "valid": P(), "index": P()}}
+
+
 def pipeline_grad_fn(graphdef, *, mesh, embed_fn: Callable, block_args_fn: Callable, head_fn: Callable,
                      count_fn: Callable, schedule: str = "1f1b", microbatches: int, virtual_stages: int = 1,
                      remat_policy: str = "none", layers_key="layers", apply_block: Callable = _default_apply,
-                     axis: str = "pipeline", data_axes=("data", "fsdp")):
+                     axis: str = "pipeline", data_axes=("data", "fsdp"), param_shardings=None,
+                     grad_shardings=None):
     """``grad_fn(params, rest, batch, key, loss_scale=1.0) -> (loss, (count, rest), grads)``: the
-    token-mean loss and its gradients, computed by pipeline ``schedule``; the signature of
+    token-mean loss and its gradients (of ``loss_scale`` x the loss, which seeds the backward, as
+    fp16 loss scaling needs), computed by pipeline ``schedule``; the signature of
     ``train.step.backprop_grad_fn``, so ``make_train_step(..., grad_fn=...)`` takes it.
 
     ``params``/``rest`` are the pure dicts of ``train.step.split_model``; ``params`` at
     ``layers_key`` (a key or a path of keys) is the stacked layer stack. ``key`` None: no
     dropout; else per-microbatch dropout keys (module docstring).
+
+    ``param_shardings`` (NamedShardings or PartitionSpecs shaped like ``params``: how the
+    parameters are placed, e.g. ``Placement.state.params``): parameters split over the data axes
+    (``fsdp`` rule tables, ZeRO-3) stay split inside the stages and are gathered at each use;
+    their gradients come back split the same way. ``grad_shardings`` (``Placement.grads``) may
+    split gradients of replicated parameters (ZeRO-2): a reduce-scatter after the loop.
     """
     stages = mesh.shape[axis] * virtual_stages
     path = (layers_key,) if isinstance(layers_key, str) else tuple(layers_key)
     check_pipeline_args(schedule, stages=mesh.shape[axis], microbatches=microbatches, virtual_stages=virtual_stages)
+    data = tuple(a for a in data_axes if mesh.shape.get(a, 1) > 1)
+    param_specs = _stage_specs(param_shardings, path, data)
+    grad_specs = _stage_specs(grad_shardings, path, data) if grad_shardings is not None else param_specs
 
     def grad_fn(params, rest, batch, key=None, loss_scale=1.0):
         layers = _get(params, path)
@@ -164,15 +201,17 @@ def pipeline_grad_fn(graphdef, *, mesh, embed_fn: Callable, block_args_fn: Calla
 
         run = pipeline_value_and_grad(first_fn, stage_fn, last_fn, mesh=mesh, schedule=schedule,
                                       microbatches=microbatches, virtual_stages=virtual_stages, axis=axis,
-                                      data_axes=data_axes)
+                                      data_axes=data_axes, param_specs=param_specs, grad_specs=grad_specs)
         split = split_stages(layers, stages)
         split["index"] = split_stages(jnp.arange(num_layers, dtype=jnp.float32), stages)["layers"]
-        total, grads = run({"first": others, "stages": split, "last": others}, batch_in)
         count = count_fn(batch)
         inv = 1.0 / jnp.maximum(count, 1.0)
+        # the backward is seeded with loss_scale / count: gradients of the scaled token mean
+        total, grads = run({"first": others, "stages": split, "last": others}, batch_in,
+                           jnp.asarray(loss_scale, jnp.float32) * inv)
         g_layers = merge_stages(grads["stages"], num_layers)
         grads = _set(jax.tree.map(jnp.add, grads["first"], grads["last"]), path, g_layers)
-        grads = jax.tree.map(lambda g, p: (g * inv * loss_scale).astype(p.dtype), grads, params)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return total * inv, (count, rest), grads
 
     return grad_fn

@@ -208,7 +208,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload,
                       place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
                       _evaluation_bar(evaluations, progress, tx),
-                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place.mesh if place else None))
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
     if place is not None:
         mesh, state = place.mesh, jax.device_put(state, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731

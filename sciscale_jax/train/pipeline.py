@@ -16,6 +16,11 @@ from sciscale_jax.parallel.pipeline import check_pipeline_args
 from sciscale_jax.parallel.pipeline_schedule import SCHEDULES
 from sciscale_jax.parallel.axes import LAYERS
 
+# mesh axes a pipeline runs with: microbatch rows split over data and fsdp (parameters split over
+# them too with fsdp rule tables or ZeRO-3), tensor parallel by GSPMD inside the stages; sequence
+# parallel attention and DAP run shard_maps of their own, which do not nest in the pipeline's
+COMPOSABLE_AXES = ("pipeline", "data", "fsdp", "tensor")
+
 
 def check_config(cfg) -> None:
     """The pipeline fields of a ``TrainConfig`` on their own (ValueError, one line)."""
@@ -59,6 +64,10 @@ def check_run(recipe, model_config, cfg) -> None:
         raise ValueError(f"precision 'fp8' updates its scales once per step outside the pipeline; not supported "
                          f"with pipeline={p}")
     data = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count())
+    others = {a: n for a, n in data.sizes().items() if n > 1 and a not in COMPOSABLE_AXES}
+    if others:
+        raise ValueError(f"mesh pipeline={p} with {others}: the pipeline composes only with the axes "
+                         f"{', '.join(a for a in COMPOSABLE_AXES if a != 'pipeline')}")
     check_pipeline_args(cfg.pipeline_schedule, stages=p, microbatches=microbatches(cfg),
                         virtual_stages=cfg.virtual_stages, batch_size=cfg.batch_size, data_size=data.data * data.fsdp)
 
@@ -88,11 +97,15 @@ def rule_overrides(recipe, cfg, params) -> dict:
     return {}
 
 
-def grad_fn(recipe, model_config, cfg, graphdef, mesh):
-    """The step's ``grad_fn`` on ``mesh``: the recipe's layer stack run by ``cfg.pipeline_schedule``;
-    None when the mesh has no pipeline axis."""
+def grad_fn(recipe, model_config, cfg, graphdef, place):
+    """The step's ``grad_fn`` on ``place`` (a ``train.sharding.Placement``, or None): the recipe's
+    layer stack run by ``cfg.pipeline_schedule``; None when the mesh has no pipeline axis.
+    Parameters the placement splits over data axes (fsdp rule tables, ZeRO-3) stay split inside
+    the stages; gradients come back with the placement's gradient sharding (ZeRO-2/3)."""
+    mesh = place.mesh if place is not None else None
     if mesh is None or mesh.shape.get("pipeline", 1) == 1:
         return None
     return recipe.pipeline.grad_fn(graphdef, mesh=mesh, schedule=cfg.pipeline_schedule,
                                    microbatches=microbatches(cfg), virtual_stages=cfg.virtual_stages,
-                                   remat_policy=getattr(model_config, "remat", "none"))
+                                   remat_policy=getattr(model_config, "remat", "none"),
+                                   param_shardings=place.state.params, grad_shardings=place.grads)
