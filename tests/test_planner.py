@@ -13,11 +13,13 @@ import pytest
 from flax import nnx
 
 from sciscale_jax import cli
-from sciscale_jax.memory import estimate, report_from_analysis
 from sciscale_jax.memory import plan as planner
+from sciscale_jax.memory import report_from_analysis
 from sciscale_jax.recipes import get_recipe
 from sciscale_jax.train import TrainConfig
 from sciscale_jax.train.abstract import abstract_run
+from sciscale_jax.train.estimate import estimate
+from sciscale_jax.train.plan import plan
 
 TINY = dict(num_layers=3, embed_dim=32, num_heads=2, mlp_dim=96)
 
@@ -76,7 +78,7 @@ def _fixed_plan(budget):
     recipe, model_cfg, train_cfg = _configs("protein-mlm", dict(TINY, remat="full", attention="xla"),
                                             dict(batch_size=8, seq_len=32))
     fixed = {"mesh": "data=8", "remat": "full", "attention": "xla", "precision": "fp32", "grad_accum": 1}
-    return recipe, model_cfg, train_cfg, planner.plan(recipe, model_cfg, train_cfg, devices=8, budget=budget,
+    return recipe, model_cfg, train_cfg, plan(recipe, model_cfg, train_cfg, devices=8, budget=budget,
                                                       fixed=fixed, top=2)
 
 
