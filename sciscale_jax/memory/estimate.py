@@ -11,8 +11,9 @@ recipe and drives it.
   abstract parameters, gradients and optimizer state as the train loop places them.
 - Depth: a layer stack's peak grows by the same bytes per layer (each stored layer adds its
   residuals, parameters, gradients and optimizer state), so the compiled peaks of two shallow
-  probes at depth k and 2k extend linearly to the full depth (``extend``). k is one remat
-  group (``every_k``) and, on a pipeline mesh, a whole number of layers per stage.
+  probes (``probe_depths``: k and 2k, 2k and 3k under remat) extend linearly to the full depth
+  (``extend``). k is one remat group (``every_k``) and, on a pipeline mesh, a whole number of
+  layers per stage.
 - Residuals: the bytes autodiff saves for the backward pass (``saved_residual_bytes``), the
   planner's compile-free screen.
 """
@@ -112,14 +113,18 @@ def mesh_sizes(mesh: str) -> dict:
 
 
 def probe_depths(model_config, train_config=None) -> tuple[int, int]:
-    """Depths k and 2k of the two probes: k a whole remat group (every_k) and, on a pipeline
-    mesh, a whole number of layers per stage and virtual stage."""
+    """Depths of the two probes: k and 2k, or 2k and 3k under a remat policy (with one
+    checkpointed group XLA may keep the forward pass's values instead of recomputing them, so
+    the first group does not add what each later one does); k is a whole remat group
+    (every_k) and, on a pipeline mesh, a whole number of layers per stage and virtual stage."""
     from sciscale_jax import remat
 
     k = remat.layer_group_size(model_config.remat, depth_of(model_config))
     stages = mesh_sizes(train_config.mesh)["pp"] if train_config is not None else 1
     if stages > 1:
         k = math.lcm(k, stages * train_config.virtual_stages)
+    if model_config.remat != "none":
+        return 2 * k, 3 * k
     return k, 2 * k
 
 
