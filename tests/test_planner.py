@@ -80,7 +80,8 @@ def test_parse_bytes():
 def _fixed_plan(budget):
     recipe, model_cfg, train_cfg = _configs("protein-mlm", dict(TINY, remat="full", attention="xla"),
                                             dict(batch_size=8, seq_len=32))
-    fixed = {"mesh": "data=8", "remat": "full", "attention": "xla", "precision": "fp32", "grad_accum": 1}
+    fixed = {"mesh": "data=8", "remat": "full", "attention": "xla", "precision": "fp32", "grad_accum": 1,
+             "offload": ""}
     return recipe, model_cfg, train_cfg, plan(recipe, model_cfg, train_cfg, devices=8, budget=budget,
                                                       fixed=fixed, top=2)
 
