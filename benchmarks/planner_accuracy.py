@@ -69,8 +69,8 @@ CONFIGS = [
     ("msa-evoformer", {}, dict(batch_size=2, seq_len=32, mesh="data=2,dap=4")),
     ("msa-evoformer", dict(remat="full"), dict(batch_size=1, seq_len=32, mesh="dap=8")),
     ("protein-mlm", {}, dict(batch_size=16, seq_len=128, mesh="data=8", zero=1, offload="opt_state")),
-    ("protein-mlm", dict(scan_layers=True), dict(batch_size=16, seq_len=128, mesh="pipeline=2,data=4")),
-    ("smiles-lm", dict(scan_layers=True, remat="full"),
+    ("protein-mlm", dict(scan_layers=True, num_layers=8), dict(batch_size=16, seq_len=128, mesh="pipeline=2,data=4")),
+    ("smiles-lm", dict(scan_layers=True, remat="full", num_layers=8),
      dict(batch_size=16, seq_len=64, mesh="pipeline=2,data=4", pipeline_schedule="gpipe", microbatches=4)),
 ]
 
@@ -113,13 +113,17 @@ def measure(index: int) -> dict:
 
 
 def table(rows) -> str:
-    lines = ["| # | recipe | configuration (8 CPU devices) | compiled MiB | predicted MiB | error | trace MiB | trace error | dominant |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | recipe | configuration (8 CPU devices) | probe depths | compiled MiB | predicted MiB | error | "
+             "trace MiB | trace error | dominant |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dom = max(("parameters", r["estimate"]["params_bytes"]), ("gradients", r["estimate"]["grads_bytes"]),
                   ("optimizer state", r["estimate"]["opt_state_bytes"]),
                   ("activations", r["estimate"]["activation_bytes"]), key=lambda kv: kv[1])[0]
-        lines.append(f"| {r['index']} | {r['recipe']} | {r['config']} | {r['compiled_peak'] / MiB:.2f} | "
+        probes = "/".join(str(d) for d, _ in r["estimate"]["compiled_probes"])
+        depth = r["estimate"]["num_layers"]
+        lines.append(f"| {r['index']} | {r['recipe']} | {r['config']} | {probes} of {depth} | "
+                     f"{r['compiled_peak'] / MiB:.2f} | "
                      f"{r['predicted_peak'] / MiB:.2f} | {100 * r['error']:+.1f}% | {r['trace_peak'] / MiB:.2f} | "
                      f"{100 * r['trace_error']:+.1f}% | {dom} |")
     worst = max(rows, key=lambda r: abs(r["error"]))

@@ -113,9 +113,10 @@ def mesh_sizes(mesh: str) -> dict:
 
 
 def probe_depths(model_config, train_config=None) -> tuple[int, int]:
-    """Depths of the two probes: k and 2k, or 2k and 3k under a remat policy (with one
-    checkpointed group XLA may keep the forward pass's values instead of recomputing them, so
-    the first group does not add what each later one does); k is a whole remat group
+    """Depths of the two probes: k and 2k, or 2k and 3k under a remat policy or on a pipeline
+    (with one checkpointed group XLA may keep the forward pass's values instead of recomputing
+    them, and a one-layer stage is scheduled unlike deeper ones, so the first group does not add
+    what each later one does); k is a whole remat group
     (every_k) and, on a pipeline mesh, a whole number of layers per stage and virtual stage."""
     from sciscale_jax import remat
 
@@ -123,7 +124,7 @@ def probe_depths(model_config, train_config=None) -> tuple[int, int]:
     stages = mesh_sizes(train_config.mesh)["pp"] if train_config is not None else 1
     if stages > 1:
         k = math.lcm(k, stages * train_config.virtual_stages)
-    if model_config.remat != "none":
+    if model_config.remat != "none" or stages > 1:
         return 2 * k, 3 * k
     return k, 2 * k
 
