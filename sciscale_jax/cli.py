@@ -273,12 +273,11 @@ def _plan(recipe, rest, show_help: bool) -> int:
         compiled = report_from_analysis(run.compile().memory_analysis()).peak_bytes
         host = host_counted_on_device(best.predicted.offloaded_bytes if best.predicted is not None else 0)
         compiled -= host  # the CPU backend counts offloaded (pinned-host) bytes on device
-        gib = 2.0 ** 30
-        note = f" (less {host / gib:.3f} GiB offloaded, which CPU counts on device)" if host else ""
+        note = f" (less {planner.size(host)} offloaded, which CPU counts on device)" if host else ""
         print(f"verify (plan 1 compiled on {args.devices} simulated CPU devices): predicted "
-              f"{best.peak_bytes / gib:.3f} GiB, compiled {compiled / gib:.3f} GiB per device{note} "
+              f"{planner.size(best.peak_bytes)}, compiled {planner.size(compiled)} per device{note} "
               f"({100 * (best.peak_bytes / compiled - 1):+.1f}%); "
-              + ("fits" if compiled <= budget else "does NOT fit") + f" {budget / gib:.2f} GiB")
+              + ("fits" if compiled <= budget else "does NOT fit") + f" {planner.size(budget)}")
     return 0
 
 

@@ -230,18 +230,23 @@ def nothing_fits(plans: list[Plan], budget: int, devices: int) -> str:
     """The one-line message when no mix fits: the smallest peak found, its mix and its largest part."""
     small = min(plans, key=lambda p: p.peak_bytes)
     name, value = small.dominant()
-    return (f"nothing fits {budget / GiB:.2f} GiB per device on {devices} devices: the smallest peak found is "
-            f"{small.peak_bytes / GiB:.2f} GiB ({small.describe()}), dominated by {name} ({value / GiB:.2f} GiB)")
+    return (f"nothing fits {size(budget)} per device on {devices} devices: the smallest peak found is "
+            f"{size(small.peak_bytes)} ({small.describe()}), dominated by {name} ({size(value)})")
+
+
+def size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GiB:.3f} GiB" if n >= GiB else f"{n / 2 ** 20:.2f} MiB"
 
 
 def format_plans(recipe_name: str, plans: list[Plan], base_flags: list[str], budget: int, devices: int) -> str:
-    lines = [f"plans for {recipe_name} on {devices} devices within {budget / GiB:.2f} GiB per device "
+    lines = [f"plans for {recipe_name} on {devices} devices within {size(budget)} per device "
              f"(fastest first by the stated step-time model):"]
     for i, p in enumerate(plans, 1):
         how = "predicted (compiled probes)" if p.predicted is not None else "screen"
-        host = (f", {p.predicted.offloaded_bytes / GiB:.3f} GiB in host memory"
+        host = (f", {size(p.predicted.offloaded_bytes)} in host memory"
                 if p.predicted is not None and p.predicted.offloaded_bytes else "")
-        lines.append(f"{i}. peak {p.peak_bytes / GiB:.3f} GiB per device [{how}]{host}, step "
+        lines.append(f"{i}. peak {size(p.peak_bytes)} per device [{how}]{host}, step "
                      f"~{p.step_seconds * 1e3:.2f} ms (model), {p.flops / 1e12:.3f} TFLOP and "
                      f"{p.comm_bytes / 2 ** 20:.1f} MiB traffic per device")
         lines.append("   sciscale train " + " ".join([recipe_name, *base_flags, *p.flags()]))
