@@ -129,6 +129,11 @@ def table(rows) -> str:
     worst = max(rows, key=lambda r: abs(r["error"]))
     worst_t = max(rows, key=lambda r: abs(r["trace_error"]))
     lines.append("")
+    carried = [str(r["index"]) for r in rows if r.get("carried")]
+    if carried:
+        lines.append(f"Rows #{', #'.join(carried)} come from an earlier run of this script (before the probe depths "
+                     "under remat and pipelines changed; these rows use neither, so their estimate is computed the "
+                     "same way now).")
     if any(r.get("host_added") for r in rows):
         lines.append("Offload rows: the CPU backend compiles host offload away and counts the offloaded bytes on "
                      "device, so they are added back to the prediction here (on GPU/TPU the estimate's peak leaves "
