@@ -237,9 +237,11 @@ def plan_parser(recipe) -> argparse.ArgumentParser:
 def _plan(recipe, rest, show_help: bool) -> int:
     """``sciscale plan``: print the fastest plans that fit, as ``sciscale train`` commands."""
     from sciscale_jax.memory import plan as planner
+    from sciscale_jax.memory.estimate import host_counted_on_device
     from sciscale_jax.memory.measure import report_from_analysis
     from sciscale_jax.train import TrainConfig
     from sciscale_jax.train.abstract import abstract_run
+    from sciscale_jax.train.plan import plan
 
     parser = plan_parser(recipe)
     if show_help:
@@ -256,8 +258,8 @@ def _plan(recipe, rest, show_help: bool) -> int:
     train_cfg = TrainConfig(**{**recipe.train_defaults, **picked["train"]})
     model_cfg = recipe.make_config(**picked["model"])
     hw = planner.Hardware(args.tflops * 1e12, args.link_gbs * 1e9, args.host_gbs * 1e9)
-    plans = planner.plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed,
-                         top=args.top, confirm=not args.no_confirm, hardware=hw)
+    plans = plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed, top=args.top,
+                 confirm=not args.no_confirm, hardware=hw, log=lambda line: print(line, file=sys.stderr))
     fields = {f.name: f for cls in (TrainConfig, recipe.config_class) for f in dataclasses.fields(cls)}
     base = [f"{_flag(fields[k])} {v}" for kind in ("train", "model") for k, v in picked[kind].items()
             if k not in planner.SWITCHES]
@@ -269,11 +271,13 @@ def _plan(recipe, rest, show_help: bool) -> int:
                            dataclasses.replace(train_cfg, mesh=best.mesh, zero=best.zero, grad_accum=best.grad_accum,
                                                offload=best.offload))
         compiled = report_from_analysis(run.compile().memory_analysis()).peak_bytes
-        gib = 2.0 ** 30
+        host = host_counted_on_device(best.predicted.offloaded_bytes if best.predicted is not None else 0)
+        compiled -= host  # the CPU backend counts offloaded (pinned-host) bytes on device
+        note = f" (less {planner.size(host)} offloaded, which CPU counts on device)" if host else ""
         print(f"verify (plan 1 compiled on {args.devices} simulated CPU devices): predicted "
-              f"{best.peak_bytes / gib:.3f} GiB, compiled {compiled / gib:.3f} GiB per device "
+              f"{planner.size(best.peak_bytes)}, compiled {planner.size(compiled)} per device{note} "
               f"({100 * (best.peak_bytes / compiled - 1):+.1f}%); "
-              + ("fits" if compiled <= budget else "does NOT fit") + f" {budget / gib:.2f} GiB")
+              + ("fits" if compiled <= budget else "does NOT fit") + f" {planner.size(budget)}")
     return 0
 
 

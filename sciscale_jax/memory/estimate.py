@@ -1,37 +1,35 @@
-"""Memory, estimated: the per-device bytes of a training run before it runs.
+"""Memory, estimated: the arithmetic of a per-device estimate of one train step.
 
-``estimate(recipe, model_config, train_config)`` breaks the peak of one train step per device
-into parameters, gradients, optimizer state (the real optimizer's state tree, so Adam, Adafactor,
-8-bit Adam, ... each count what they keep, in their own dtypes), the activations and workspace
-of the forward and backward passes, and the bytes kept in host memory (``--offload``), listed
-apart. Nothing here repeats a model's arithmetic: every shape comes from the model itself.
+An ``Estimate`` breaks the peak of one train step per device into parameters, gradients,
+optimizer state, the activations and workspace of the forward and backward passes, and the
+bytes kept in host memory (offload), listed apart. This module holds the arithmetic over
+descriptions of a run (abstract state trees with their shardings, compiled peaks of shallow
+probes, residual lists); ``sciscale_jax.train.estimate`` builds those descriptions from a
+recipe and drives it.
 
-- Model state: ``jax.eval_shape`` of the recipe's model and of ``optimizer.init``, placed with
-  the train loop's own placement (mesh, rule table, ZeRO stage), then the bytes of each leaf's
-  shard on one device (``NamedSharding.shard_shape``). Exact for the tensors that are stored.
-- Activations, ``method="compile"`` (the default): the loop's own train step (remat policy,
-  attention implementation, chunking, precision, mesh, ZeRO, accumulation, all as the run has
-  them) is compiled at depth k and 2k (k = 1, or the ``every_k`` group size), and XLA's
-  compiled memory analysis of the two is extended linearly to the full depth. A layer stack's
-  peak grows by the same bytes per layer (each stored layer adds its residuals, its parameters,
-  gradients and optimizer state), so two shallow compiles predict the deep one; the shallow
-  programs compile in a fraction of the deep one's time and never allocate anything.
-- Activations, ``method="trace"`` (seconds, no compile): the residuals autodiff saves for the
-  backward pass under the run's remat policy (``saved_residuals`` of the loss on one device's
-  microbatch) at depth k and 2k, extended to the full depth, divided by the tensor x sequence
-  devices, plus one layer's recomputation when a policy recomputes. It ignores XLA's fusion and
-  scheduling: a screen for the planner, not the figure it prints.
+- State: the bytes of each leaf's shard on one device (``NamedSharding.shard_shape``) of the
+  abstract parameters, gradients and optimizer state as the train loop places them.
+- Depth: a layer stack's peak grows by the same bytes per layer (each stored layer adds its
+  residuals, parameters, gradients and optimizer state), so the compiled peaks of two shallow
+  probes (``probe_depths``: k and 2k, 2k and 3k under remat) extend linearly to the full depth
+  (``extend``). k is one remat group (``every_k``) and, on a pipeline mesh, a whole number of
+  layers per stage.
+- Residuals: the bytes autodiff saves for the backward pass (``saved_residual_bytes``), the
+  planner's compile-free screen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
+import re
 
 import jax
 import numpy as np
 
-from sciscale_jax.memory.measure import MiB, report_from_analysis
+from sciscale_jax.memory.measure import MiB
 
 DEPTH_FIELDS = ("num_layers", "num_blocks")  # the config field that sets the layer-stack depth
 METHODS = ("compile", "trace")
@@ -84,25 +82,82 @@ def depth_field(model_config) -> str:
     raise ValueError(f"{type(model_config).__name__} has none of the depth fields {DEPTH_FIELDS}")
 
 
-def _shard_bytes(x) -> int:
+def depth_of(model_config) -> int:
+    return getattr(model_config, depth_field(model_config))
+
+
+def at_depth(model_config, depth: int):
+    """``model_config`` with ``depth`` layers (blocks)."""
+    return dataclasses.replace(model_config, **{depth_field(model_config): depth})
+
+
+def mesh_config(train_config):
+    """The run's resolved ``parallel.ParallelConfig`` on ``jax.device_count()`` devices (None: one device)."""
+    from sciscale_jax import parallel
+
+    if not train_config.mesh:
+        return None
+    return parallel.ParallelConfig.parse(train_config.mesh).resolve(jax.device_count())
+
+
+def mesh_sizes(mesh: str) -> dict:
+    """Devices per role of a mesh string: dp (data x fsdp), tp (tensor x tensor2 x sequence),
+    fsdp, dap and pp (pipeline)."""
+    from sciscale_jax import parallel
+
+    if not mesh:
+        return {"dp": 1, "tp": 1, "fsdp": 1, "dap": 1, "pp": 1}
+    c = parallel.ParallelConfig.parse(mesh).resolve(jax.device_count())
+    return {"dp": c.data * c.fsdp, "tp": c.tensor * c.tensor2 * c.sequence, "fsdp": c.fsdp, "dap": c.dap,
+            "pp": c.pipeline}
+
+
+def probe_depths(model_config, train_config=None) -> tuple[int, int]:
+    """Depths of the two probes: k and 2k, or 2k and 3k under a remat policy or on a pipeline
+    (with one checkpointed group XLA may keep the forward pass's values instead of recomputing
+    them, and a one-layer stage is scheduled unlike deeper ones, so the first group does not add
+    what each later one does); k is a whole remat group
+    (every_k) and, on a pipeline mesh, a whole number of layers per stage and virtual stage."""
+    from sciscale_jax import remat
+
+    k = remat.layer_group_size(model_config.remat, depth_of(model_config))
+    stages = mesh_sizes(train_config.mesh)["pp"] if train_config is not None else 1
+    if stages > 1:
+        k = math.lcm(k, stages * train_config.virtual_stages)
+    if model_config.remat != "none" or stages > 1:
+        return 2 * k, 3 * k
+    return k, 2 * k
+
+
+def extend(probes, depth: int) -> tuple[float, float]:
+    """(total at ``depth``, bytes per layer) from ``((k1, peak1), (k2, peak2))``, linear in depth."""
+    (k1, p1), (k2, p2) = probes
+    per_layer = (p2 - p1) / (k2 - k1)
+    return p1 + per_layer * (depth - k1), per_layer
+
+
+def shard_bytes(x) -> int:
+    """Bytes of one device's shard of an array or ShapeDtypeStruct (its whole size without a sharding)."""
     sharding = getattr(x, "sharding", None)
     shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
     return int(math.prod(shape)) * np.dtype(x.dtype).itemsize
 
 
-def _tree_device_bytes(tree) -> int:
-    return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
+def tree_device_bytes(tree) -> int:
+    return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
 def state_bytes(run) -> dict:
-    """Per-device bytes of params, grads and optimizer state of an ``AbstractRun``."""
+    """Per-device bytes of params, grads and optimizer state of a run description with
+    ``state`` (params, opt_state), ``place`` (gradient shardings ``place.grads``, or None) and
+    ``offload`` (the names of the trees kept in host memory)."""
     params, opt = run.state.params, run.state.opt_state
     if run.place is not None:
         grads = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, run.place.grads)
     else:
         grads = params
-    out = {"params": _tree_device_bytes(params), "grads": _tree_device_bytes(grads),
-           "opt_state": _tree_device_bytes(opt), "offloaded": 0}
+    out = {"params": tree_device_bytes(params), "grads": tree_device_bytes(grads),
+           "opt_state": tree_device_bytes(opt), "offloaded": 0}
     for name in ("params", "opt_state"):
         if name in run.offload:
             out["offloaded"] += out[name]
@@ -110,131 +165,54 @@ def state_bytes(run) -> dict:
     return out
 
 
-def _at_depth(model_config, depth: int):
-    return dataclasses.replace(model_config, **{depth_field(model_config): depth})
+def host_counted_on_device(offloaded: int) -> int:
+    """Offloaded bytes a compile counts as device memory: the CPU backend compiles host offload
+    away (pinned-host arrays are plain device arrays there), GPU and TPU keep them apart."""
+    return offloaded if jax.default_backend() == "cpu" else 0
 
 
-def _probe_depths(model_config) -> tuple[int, int]:
-    from sciscale_jax import remat
-
-    depth = getattr(model_config, depth_field(model_config))
-    k = remat.layer_group_size(model_config.remat, depth)
-    return k, 2 * k
+def microbatch(train_config) -> int:
+    """Examples one device holds at once: the batch over the data-parallel devices and accumulation."""
+    return max(1, train_config.batch_size // (mesh_sizes(train_config.mesh)["dp"] * train_config.grad_accum))
 
 
-def estimate(recipe, model_config, train_config, *, method: str = "compile") -> Estimate:
-    """Per-device memory of ``sciscale train`` for this recipe, model and train config.
-
-    The mesh, ZeRO stage, accumulation and offload come from ``train_config`` as the loop reads
-    them (``train_config.mesh`` on ``jax.device_count()`` devices). ``method`` is "compile"
-    (shallow compiled probes, extended in depth) or "trace" (saved residuals, no compile);
-    see the module docstring.
-    """
-    from sciscale_jax.train.abstract import abstract_run
-
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
-    depth = getattr(model_config, depth_field(model_config))
-    run = abstract_run(recipe, model_config, train_config)
-    state = state_bytes(run)
-    fixed = state["params"] + state["grads"] + state["opt_state"]
-    k1, k2 = _probe_depths(model_config)
-    probes = ()
-    if method == "compile":
-        if depth <= k1:
-            probes = ((depth, report_from_analysis(run.compile().memory_analysis()).peak_bytes),)
-            total, per_layer_total = probes[0][1], 0.0
-        else:
-            probes = tuple((k, report_from_analysis(abstract_run(recipe, _at_depth(model_config, k), train_config)
-                                                    .compile().memory_analysis()).peak_bytes) for k in (k1, k2))
-            per_layer_total = (probes[1][1] - probes[0][1]) / (k2 - k1)
-            total = probes[0][1] + per_layer_total * (depth - k1)
-        activations = int(round(total)) - fixed
-        per_layer_state = _per_layer_state(recipe, model_config, train_config, depth, fixed)
-        layer_act = per_layer_total - per_layer_state
-    else:
-        stored = {k: _saved_bytes(recipe, _at_depth(model_config, k), train_config) for k in (k1, k2)}
-        layer_act = (stored[k2] - stored[k1]) / (k2 - k1)
-        base = stored[k1] - layer_act * k1
-        recompute = 0.0
-        if model_config.remat != "none":  # the backward pass rebuilds one layer group at a time
-            plain = dataclasses.replace(model_config, remat="none")
-            s1, s2 = (_saved_bytes(recipe, _at_depth(plain, k), train_config) for k in (k1, k2))
-            recompute = (s2 - s1)
-        divide = _model_parallel(train_config)
-        layer_act /= divide
-        activations = int(round((base + layer_act * divide * depth + recompute) / divide))
-    return Estimate(state["params"], state["grads"], state["opt_state"], activations, state["offloaded"],
-                    depth, float(layer_act), method, train_config.mesh, probes)
-
-
-def _per_layer_state(recipe, model_config, train_config, depth, fixed) -> float:
-    """Bytes of params + grads + optimizer state each layer adds (from two abstract runs, no compile)."""
-    from sciscale_jax.train.abstract import abstract_run
-
-    k1, k2 = _probe_depths(model_config)
-    if depth <= k1:
-        return 0.0
-    s = [state_bytes(abstract_run(recipe, _at_depth(model_config, k), train_config)) for k in (k1, k2)]
-    tot = [x["params"] + x["grads"] + x["opt_state"] for x in s]
-    return (tot[1] - tot[0]) / (k2 - k1)
-
-
-def _model_parallel(train_config) -> int:
-    from sciscale_jax import parallel
-
-    if not train_config.mesh:
-        return 1
-    c = parallel.ParallelConfig.parse(train_config.mesh).resolve(jax.device_count())
-    return c.tensor * c.tensor2 * c.sequence
-
-
-def _microbatch(train_config) -> int:
-    from sciscale_jax import parallel
-
-    dp = 1
-    if train_config.mesh:
-        c = parallel.ParallelConfig.parse(train_config.mesh).resolve(jax.device_count())
-        dp = c.data * c.fsdp
-    return max(1, train_config.batch_size // (dp * train_config.grad_accum))
-
-
-def _saved_bytes(recipe, model_config, train_config) -> int:
-    """Bytes autodiff saves for the backward pass of the loss on one device's microbatch."""
-    tc = dataclasses.replace(train_config, batch_size=_microbatch(train_config), grad_accum=1, mesh="", zero=0,
-                             offload="")
-    return _loss_program(recipe, model_config, tc)
-
-
-def _itemsize(dtype) -> int:
+def itemsize(dtype) -> int:
     """Bytes per element; a PRNG key array counts its key data (two uint32 for threefry)."""
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return 8
     return np.dtype(dtype).itemsize
 
 
-def _loss_program(recipe, model_config, train_config, *, flops: bool = False):
-    """Saved-residual bytes of the loss on one device at ``train_config.batch_size`` (and with
-    ``flops``, the FLOPs of its gradient program from XLA's cost analysis of the lowering)."""
-    from flax import nnx
-    from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
+def saved_residual_bytes(fn, *args) -> int:
+    """Bytes autodiff saves for the backward pass of ``fn(*args)`` (its arguments excluded).
 
-    from sciscale_jax.train.abstract import abstract_batch, abstract_model
+    Reads jax's residual list (the one ``jax.ad_checkpoint.print_saved_residuals`` prints);
+    where that list is not importable, parses the public printout instead.
+    """
+    try:
+        from jax._src.ad_checkpoint import saved_residuals
+    except ImportError:
+        return _printed_residual_bytes(fn, *args)
+    return sum(int(math.prod(a.shape)) * itemsize(a.dtype) for a, why in saved_residuals(fn, *args)
+               if not why.startswith("from the argument"))
 
-    cfg = dataclasses.replace(model_config, sharding=None)
-    graphdef, params, rest, _, _ = abstract_model(recipe, cfg)
-    batch = abstract_batch(recipe, cfg, train_config)
-    key = jax.random.key(0)
 
-    def loss(p, b):
-        total, count = recipe.loss_fn(nnx.merge(graphdef, p, rest), b, key)
-        return total / count
+_SHORT = re.compile(r"^(?:(bool)|key<\w*>|([a-z]+?)(\d+))\[([\d,]*)\]")
 
-    residuals = saved_residuals(loss, params, batch)
-    saved = sum(int(math.prod(a.shape)) * _itemsize(a.dtype) for a, why in residuals
-                if not why.startswith("from the argument"))
-    if not flops:
-        return saved
-    cost = jax.jit(jax.grad(loss)).lower(params, batch).cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return saved, float(cost.get("flops", 0.0))
+
+def _printed_residual_bytes(fn, *args) -> int:
+    """``saved_residual_bytes`` from the lines ``jax.ad_checkpoint.print_saved_residuals`` prints
+    (``f32[8,32] from ...``; ``bool``, keys and any ``<kind><bits>`` dtype)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    total = 0
+    for line in out.getvalue().splitlines():
+        m = _SHORT.match(line.strip())
+        if m is None:
+            raise ValueError(f"cannot read the residual line {line!r}")
+        if " from the argument" in line:
+            continue
+        size = 1 if m.group(1) else 8 if line.startswith("key<") else int(m.group(3)) // 8
+        total += size * math.prod(int(d) for d in m.group(4).split(",") if d)
+    return total

@@ -1,26 +1,31 @@
-"""The planner behind ``sciscale plan``: which technique mix fits a memory budget, and which is fastest.
+"""The arithmetic of ``sciscale plan``: technique mixes, their screened memory and a step-time model.
 
-``plan(recipe, model_config, train_config, devices=..., budget=...)`` enumerates the mixes of
-mesh shape (data / fsdp x tensor), ZeRO stage, remat policy, attention implementation,
-precision, gradient accumulation and optimizer-state offload (every switch the caller did not
-fix), screens each against the budget, ranks the ones that fit by a step-time model, and
-confirms the best with ``estimate(method="compile")`` (the figure it prints).
+``enumerate_settings`` lists the mixes of mesh shape (data / fsdp x tensor, data x dap for
+models with Dynamic Axial Parallelism, pipeline x data for recipes with pipeline stages), ZeRO
+stage, remat policy, attention implementation, precision, gradient accumulation and
+optimizer-state offload (every switch the caller did not fix). ``screen`` gives one mix its
+per-device memory parts and modelled step time from a description of the model (state bytes
+as the loop places them, per-example residual bytes per layer, FLOPs); ``train.plan`` measures
+those descriptions for a recipe, ranks the mixes and confirms the best with a compiled estimate.
 
-The screen of one mix: parameters, gradients and optimizer state per device exactly as the
-loop places them (``estimate.state_bytes`` of the run's abstract step), plus activations from
-the residuals autodiff saves on one example (depth k and 2k, extended to the full depth),
-times the examples each device holds at once, divided over the tensor devices, plus one
-layer's recomputation under a remat policy and a float32 accumulator with ``grad_accum``.
+The screen of one mix: parameters, gradients and optimizer state per device exactly as placed,
+plus activations = residuals per example (depth k and 2k, extended to the full depth) times
+the examples each device holds at once, divided over the tensor and DAP devices; one layer's
+recomputation under a remat policy; a float32 accumulator with ``grad_accum``. On a pipeline
+mesh each device holds depth / stages layers and, per microbatch in flight (all of them for
+GPipe, up to the stage count for 1F1B-type schedules), their residuals.
 
 The step-time model (stated, not measured; no overlap of compute and communication):
 
 - compute: FLOPs of the forward and backward passes, recomputation included, from XLA's cost
   analysis of the lowered gradient program on one example, times the examples per device,
-  divided over the tensor devices, at ``Hardware.flops`` (bf16/fp16/fp8) or half of it (fp32);
+  divided over the tensor, DAP and pipeline devices, at ``Hardware.flops`` (bf16/fp16/fp8) or
+  half of it (fp32); a pipeline adds its bubble, (stages - 1) / microbatches of the compute;
 - data-parallel traffic per device: an all-reduce of the gradients moves 2(n-1)/n of their bytes
   (ZeRO 0-1), a reduce-scatter (n-1)/n (ZeRO 2), ZeRO-3/FSDP adds two all-gathers of the
-  parameters per microbatch; tensor parallel moves 4 (t-1)/t of each layer's input per layer and
-  example; all over ``Hardware.link_bandwidth``;
+  parameters per microbatch; tensor parallel and DAP move 4 (t-1)/t of each layer's input per
+  layer and example; a pipeline sends each microbatch's stage output forward and its gradient
+  back; all over ``Hardware.link_bandwidth``;
 - offloaded optimizer state crosses the host link twice per step (``Hardware.host_bandwidth``).
 """
 
@@ -30,15 +35,14 @@ import dataclasses
 import itertools
 import math
 
-import jax
+from sciscale_jax.memory.estimate import Estimate, mesh_sizes
 
-from sciscale_jax.memory.estimate import (Estimate, _at_depth, _loss_program, _probe_depths, depth_field, estimate,
-                                          state_bytes)
 GiB = 2.0 ** 30
 PLAN_REMAT = ("none", "selective", "full")
 PLAN_ATTENTION = ("xla", "chunked")
 PLAN_PRECISION = ("fp32", "bf16")
-PLAN_OFFLOAD = ("",)  # offload only when asked (--offload): its saving shows on GPU/TPU, not in a CPU compile
+PLAN_OFFLOAD = ("", "opt_state")
+PIPELINE_ZERO = (0, 1)  # ZeRO stages enumerated with a pipeline axis
 # The switches ``plan`` enumerates, by config: (model or train, field).
 SWITCHES = {"remat": "model", "attention": "model", "precision": "model", "mesh": "train", "zero": "train",
             "grad_accum": "train", "offload": "train"}
@@ -119,8 +123,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_meshes(devices: int) -> list[tuple[str, int]]:
-    """(mesh, zero) pairs on ``devices``: data x tensor with ZeRO 0-3, fsdp x tensor ("" on one device)."""
+def candidate_meshes(devices: int, *, dap: bool = False, pipeline_layers: int = 0) -> list[tuple[str, int]]:
+    """(mesh, zero) pairs on ``devices``: data x tensor with ZeRO 0-3, fsdp x tensor; with ``dap``
+    data x dap (ZeRO 0-3); with ``pipeline_layers`` (the layer count; 0: no pipeline) pipeline x
+    data for every stage count that divides it. One device: ("", 0)."""
     if devices == 1:
         return [("", 0)]
     out = []
@@ -132,116 +138,21 @@ def candidate_meshes(devices: int) -> list[tuple[str, int]]:
             out.append((f"fsdp={d}{tensor}", 0))
         else:
             out.append((f"tensor={t}", 0))
+    for k in _divisors(devices)[1:]:
+        d = devices // k
+        data = f"data={d}," if d > 1 else ""
+        zeros = range(4) if d > 1 else (0,)
+        if dap:
+            out += [(f"{data}dap={k}", z) for z in zeros]
+        if pipeline_layers and pipeline_layers % k == 0:
+            out += [(f"pipeline={k}" + (f",data={d}" if d > 1 else ""), z) for z in zeros if z in PIPELINE_ZERO]
     return out
 
 
-class _Profiles:
-    """Per-example activation bytes and FLOPs by (remat, attention, precision), cached."""
-
-    def __init__(self, recipe, model_config, train_config):
-        self.recipe, self.model_config, self.train_config = recipe, model_config, train_config
-        self.cache = {}
-
-    def __call__(self, remat: str, attention: str, precision: str) -> dict:
-        key = (remat, attention, precision)
-        if key not in self.cache:
-            self.cache[key] = self._measure(*key)
-        return self.cache[key]
-
-    def _depth_pair(self, cfg):
-        k1, k2 = _probe_depths(cfg)
-        saved, flops = {}, {}
-        for k in (k1, k2):
-            saved[k], flops[k] = _loss_program(self.recipe, _at_depth(cfg, k), self._one_example(), flops=True)
-        return k1, k2, saved, flops
-
-    def _one_example(self):
-        return dataclasses.replace(self.train_config, batch_size=1, grad_accum=1, mesh="", zero=0, offload="")
-
-    def _measure(self, remat, attention, precision):
-        cfg = dataclasses.replace(self.model_config, remat=remat, attention=attention, precision=precision,
-                                  sharding=None)
-        depth = getattr(cfg, depth_field(cfg))
-        k1, k2, saved, flops = self._depth_pair(cfg)
-        layer = (saved[k2] - saved[k1]) / (k2 - k1)
-        recompute = 0.0
-        if remat != "none":
-            recompute = self("none", attention, precision)["layer"] * k1  # one group rebuilt at a time
-        carry = layer if remat == "full" else None  # the layer input: what full remat keeps per layer
-        layer_flops = (flops[k2] - flops[k1]) / (k2 - k1)
-        return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "carry": carry,
-                "depth": depth, "flops": flops[k1] + layer_flops * (depth - k1)}
-
-
-def _mesh_sizes(mesh: str) -> dict:
-    from sciscale_jax import parallel
-
-    if not mesh:
-        return {"dp": 1, "tp": 1, "fsdp": 1}
-    c = parallel.ParallelConfig.parse(mesh).resolve(jax.device_count())
-    return {"dp": c.data * c.fsdp, "tp": c.tensor * c.tensor2 * c.sequence, "fsdp": c.fsdp}
-
-
-def _screen(recipe, model_config, train_config, settings: dict, profiles, states, hw: Hardware) -> Plan | None:
-    """The screened Plan for one mix, or None when the mix is not a valid run."""
-    from sciscale_jax.train.abstract import abstract_run
-
-    s = settings
-    try:
-        cfg = dataclasses.replace(model_config, remat=s["remat"], attention=s["attention"], precision=s["precision"])
-        tc = dataclasses.replace(train_config, mesh=s["mesh"], zero=s["zero"], grad_accum=s["grad_accum"],
-                                 offload=s["offload"])
-        key = (s["mesh"], s["zero"], s["precision"])
-        if key not in states:
-            run = abstract_run(recipe, dataclasses.replace(cfg, remat="none", attention="xla"),
-                               dataclasses.replace(tc, grad_accum=1, offload=""))
-            states[key] = state_bytes(run)
-        sizes = _mesh_sizes(s["mesh"])
-        if tc.batch_size % (sizes["dp"] * tc.grad_accum):
-            return None
-        prof = profiles(s["remat"], s["attention"], s["precision"])
-    except ValueError:
-        return None
-    st = dict(states[key])
-    if s["offload"] == "opt_state":
-        st["opt_state"] = 0
-    micro = tc.batch_size // (sizes["dp"] * tc.grad_accum)
-    tp = sizes["tp"]
-    depth = prof["depth"]
-    act = micro * (prof["base"] + prof["layer"] * depth + prof["recompute"]) / tp
-    if tc.grad_accum > 1:  # float32 accumulator beside the gradients
-        act += st["grads"] * (4 / max(1, _param_itemsize(cfg)))
-    parts = {"parameters": st["params"], "gradients": st["grads"], "optimizer state": st["opt_state"],
-             "activations": int(act)}
-    examples = tc.batch_size // sizes["dp"]
-    flops = prof["flops"] * examples / tp
-    rate = hw.flops if s["precision"] != "fp32" else hw.flops / 2
-    dp, grad = sizes["dp"], st["grads"]
-    comm = 0.0
-    if dp > 1:
-        if s["zero"] >= 2 or sizes["fsdp"] > 1:  # reduce-scatter of the whole gradient (dp shards of it)
-            comm += grad * dp * (dp - 1) / dp
-        else:  # all-reduce
-            comm += 2 * grad * (dp - 1) / dp
-        if s["zero"] >= 3 or sizes["fsdp"] > 1:
-            comm += 2 * st["params"] * (dp - 1) * tc.grad_accum
-    if tp > 1:
-        carry = prof["carry"] if prof["carry"] is not None else profiles("full", s["attention"], s["precision"])["carry"]
-        comm += 4 * carry * depth * examples * (tp - 1) / tp / tp
-    host = 2 * states[key]["opt_state"] if s["offload"] == "opt_state" else 0.0
-    seconds = flops / rate + comm / hw.link_bandwidth + host / hw.host_bandwidth
-    return Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"], s["offload"],
-                parts, seconds, flops, comm)
-
-
-def _param_itemsize(cfg) -> int:
-    import numpy as np
-    return np.dtype(cfg.param_dtype).itemsize
-
-
-def enumerate_settings(model_config, train_config, devices: int, fixed: dict) -> list[dict]:
+def enumerate_settings(train_config, devices: int, fixed: dict, *, dap: bool = False,
+                       pipeline_layers: int = 0) -> list[dict]:
     """Every mix of the switches not in ``fixed`` (name -> value)."""
-    meshes = candidate_meshes(devices)
+    meshes = candidate_meshes(devices, dap=dap, pipeline_layers=pipeline_layers)
     if "mesh" in fixed:
         meshes = [(fixed["mesh"], fixed.get("zero", z)) for z in (range(4) if "zero" not in fixed else (0,))]
     elif "zero" in fixed:
@@ -260,60 +171,83 @@ def enumerate_settings(model_config, train_config, devices: int, fixed: dict) ->
     return out
 
 
-def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed: dict | None = None,
-         top: int = 3, confirm: bool = True, hardware: Hardware = Hardware(), log=None) -> list[Plan]:
-    """The ``top`` fastest mixes whose peak fits ``budget`` bytes per device, fastest first.
+def screen(settings: dict, state: dict, profile: dict, carry: float, train_config, param_itemsize: int,
+           hardware: Hardware) -> Plan:
+    """The screened ``Plan`` of one mix.
 
-    ``fixed`` maps switch names (``SWITCHES``) to values the caller chose. With ``confirm`` the
-    best screened plans are estimated with compiled probes until one fits; its ``predicted``
-    is that estimate. ValueError (one line) when nothing fits: it names the smallest peak found
-    and its largest part.
+    ``state``: per-device params / grads / opt_state bytes as placed (``memory.estimate.state_bytes``);
+    ``profile``: per-example residual bytes ("base", "layer", "recompute"), the full depth
+    ("depth") and the FLOPs of one example's forward and backward ("flops"); ``carry``: one
+    layer's input per example (the bytes full remat keeps per layer).
     """
-    if jax.device_count() < devices:
-        raise ValueError(f"devices={devices} but JAX sees {jax.device_count()} devices (sciscale plan simulates "
-                         f"them on CPU)")
-    if budget <= 0:
-        raise ValueError(f"budget={budget} bytes must be positive")
-    fixed = dict(fixed or {})
-    profiles, states = _Profiles(recipe, model_config, train_config), {}
-    plans = []
-    for settings in enumerate_settings(model_config, train_config, devices, fixed):
-        p = _screen(recipe, model_config, train_config, settings, profiles, states, hardware)
-        if p is not None:
-            plans.append(p)
-    if not plans:
-        raise ValueError(f"no valid technique mix for {recipe.name} on {devices} devices with {fixed or 'no fixed flags'}")
-    fits = sorted((p for p in plans if p.screen_bytes <= budget), key=lambda p: (p.step_seconds, p.screen_bytes))
-    if confirm:
-        confirmed, rejected = [], []
-        for p in fits[:max(top, 3)]:
-            est = estimate(recipe, dataclasses.replace(model_config, remat=p.remat, attention=p.attention,
-                                                       precision=p.precision),
-                           dataclasses.replace(train_config, mesh=p.mesh, zero=p.zero, grad_accum=p.grad_accum,
-                                               offload=p.offload))
-            p = dataclasses.replace(p, predicted=est)
-            if est.peak_bytes <= budget:
-                confirmed.append(p)
-                break
-            rejected.append(p)
-        done = [c.settings() for c in confirmed + rejected]
-        fits = confirmed + [p for p in fits if p.settings() not in done]
-        plans = [p for p in plans if p.settings() not in done] + confirmed + rejected
-    if not fits:
-        small = min(plans, key=lambda p: p.peak_bytes)
-        name, value = small.dominant()
-        raise ValueError(f"nothing fits {budget / GiB:.2f} GiB per device on {devices} devices: the smallest peak "
-                         f"found is {small.peak_bytes / GiB:.2f} GiB ({small.describe()}), dominated by {name} "
-                         f"({value / GiB:.2f} GiB)")
-    return fits[:top]
+    s = settings
+    sizes = mesh_sizes(s["mesh"])
+    batch, accum = train_config.batch_size, s["grad_accum"]
+    dp, tp, dap, pp = sizes["dp"], sizes["tp"], sizes["dap"], sizes["pp"]
+    split = tp * dap
+    depth = profile["depth"]
+    examples = batch // dp                         # per data-parallel group and step
+    st = dict(state)
+    if s["offload"] == "opt_state":
+        st["opt_state"] = 0
+    if pp > 1:
+        m = train_config.microbatches or pp
+        micro = examples / m
+        inflight = m if train_config.pipeline_schedule == "gpipe" else min(m, pp)
+        act = micro * (profile["base"] + inflight * profile["layer"] * depth / pp + profile["recompute"])
+    else:
+        micro = examples // accum
+        act = micro * (profile["base"] + profile["layer"] * depth + profile["recompute"]) / split
+    if accum > 1:  # float32 accumulator beside the gradients
+        act += st["grads"] * (4 / max(1, param_itemsize))
+    parts = {"parameters": st["params"], "gradients": st["grads"], "optimizer state": st["opt_state"],
+             "activations": int(act)}
+    flops = profile["flops"] * examples / (split * pp)
+    if pp > 1:
+        m = train_config.microbatches or pp
+        flops *= (m + pp - 1) / m                  # the bubble, counted as idle compute
+    rate = hardware.flops if s["precision"] != "fp32" else hardware.flops / 2
+    grad = st["grads"]
+    comm = 0.0
+    if dp > 1:
+        if s["zero"] >= 2 or sizes["fsdp"] > 1:    # reduce-scatter of the whole gradient (dp shards of it)
+            comm += grad * dp * (dp - 1) / dp
+        else:                                      # all-reduce
+            comm += 2 * grad * (dp - 1) / dp
+        if s["zero"] >= 3 or sizes["fsdp"] > 1:
+            comm += 2 * st["params"] * (dp - 1) * accum
+    if split > 1:
+        comm += 4 * carry * depth * examples * (split - 1) / split / split
+    if pp > 1:
+        comm += 2 * carry * examples
+    host = 2 * state["opt_state"] if s["offload"] == "opt_state" else 0.0
+    seconds = flops / rate + comm / hardware.link_bandwidth + host / hardware.host_bandwidth
+    return Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"], s["offload"],
+                parts, seconds, flops, comm)
+
+
+def nothing_fits(plans: list[Plan], budget: int, devices: int) -> str:
+    """The one-line message when no mix fits: the smallest peak found, its mix and its largest part."""
+    small = min(plans, key=lambda p: p.peak_bytes)
+    name, value = small.dominant()
+    return (f"nothing fits {size(budget)} per device on {devices} devices: the smallest peak found is "
+            f"{size(small.peak_bytes)} ({small.describe()}), dominated by {name} ({size(value)})")
+
+
+def size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GiB:.3f} GiB" if n >= GiB else f"{n / 2 ** 20:.2f} MiB"
 
 
 def format_plans(recipe_name: str, plans: list[Plan], base_flags: list[str], budget: int, devices: int) -> str:
-    lines = [f"plans for {recipe_name} on {devices} devices within {budget / GiB:.2f} GiB per device "
+    lines = [f"plans for {recipe_name} on {devices} devices within {size(budget)} per device "
              f"(fastest first by the stated step-time model):"]
     for i, p in enumerate(plans, 1):
         how = "predicted (compiled probes)" if p.predicted is not None else "screen"
-        lines.append(f"{i}. peak {p.peak_bytes / GiB:.3f} GiB per device [{how}], step ~{p.step_seconds * 1e3:.2f} ms "
-                     f"(model), {p.flops / 1e12:.3f} TFLOP and {p.comm_bytes / 2 ** 20:.1f} MiB traffic per device")
+        host = (f", {size(p.predicted.offloaded_bytes)} in host memory"
+                if p.predicted is not None and p.predicted.offloaded_bytes else "")
+        lines.append(f"{i}. peak {size(p.peak_bytes)} per device [{how}]{host}, step "
+                     f"~{p.step_seconds * 1e3:.2f} ms (model), {p.flops / 1e12:.3f} TFLOP and "
+                     f"{p.comm_bytes / 2 ** 20:.1f} MiB traffic per device")
         lines.append("   sciscale train " + " ".join([recipe_name, *base_flags, *p.flags()]))
     return "\n".join(lines)

@@ -99,8 +99,13 @@ def train_shardings(params, param_axes, rules, mesh, stage: int, optimizer=None)
     if optimizer is not None:
         opt_shapes = jax.eval_shape(optimizer.init, params)
         replicated = NamedSharding(mesh, P())
+
+        def opt_leaf(x, s):  # a leaf of another rank (Adafactor's factored moments) has no param layout
+            s = s if len(s.spec) <= len(x.shape) else replicated
+            return stage_sharding(s, x.shape, stage, "opt_state")
+
         opt = optax.tree_map_params(
-            optimizer, lambda x, s: stage_sharding(s, x.shape, stage, "opt_state"), opt_shapes, model,
+            optimizer, opt_leaf, opt_shapes, model,
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     return TrainShardings(per_kind["params"], per_kind["grads"], opt)

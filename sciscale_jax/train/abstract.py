@@ -96,13 +96,19 @@ def abstract_model(recipe, model_config, seed: int = 0):
 
 def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     """The step ``train.loop.train`` would compile for this run, with abstract state and batch."""
+    from sciscale_jax.parallel import dap
+    from sciscale_jax.train import pipeline as pipeline_run
+    from sciscale_jax.train import validate
     from sciscale_jax.train.loop import _make_step, build_optimizer
     from sciscale_jax.train.sharding import pick_strategy, plan_placement
-    from sciscale_jax.train import validate
 
     cfg = train_config
     validate.check_run(model_config, cfg)
+    pipeline_run.check_run(recipe, model_config, cfg)
     mesh_config = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count()) if cfg.mesh else None
+    if mesh_config is not None:
+        dap.check_dap(mesh_config.sizes(), getattr(model_config, "attention", "xla"),
+                      getattr(model_config, "supports_dap", False), f"{recipe.name} model")
     if mesh_config is not None and model_config.sharding is None:
         model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
@@ -113,12 +119,15 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
         tx = precision.dynamic_loss_scaling(tx)
     state = TrainState(jax.ShapeDtypeStruct((), np.int32), params, rest, jax.eval_shape(tx.init, params))
     batch = abstract_batch(recipe, model_config, cfg)
+    pipeline_run.check_layers(recipe, cfg, params)
     place = None
     if mesh_config is not None:
         place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, batch,
-                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of)
+                               model_sharding=model_config.sharding, batch_axes=recipe.axes_of,
+                               rule_overrides=pipeline_run.rule_overrides(recipe, cfg, params))
     kwargs = place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {}
-    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload, kwargs, None)
+    step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload, kwargs, None,
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place.mesh if place else None))
     jit_kw = dict(donate_argnums=0)
     state_sh = batch_sh = None
     if place is not None:
