@@ -127,7 +127,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
                                rule_overrides=pipeline_run.rule_overrides(recipe, cfg, params))
     kwargs = place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {}
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload, kwargs, None,
-                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place.mesh if place else None))
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
     jit_kw = dict(donate_argnums=0)
     state_sh = batch_sh = None
     if place is not None:
