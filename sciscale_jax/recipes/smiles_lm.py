@@ -49,7 +49,7 @@ class SmilesLMConfig(TransformerConfig):
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
     smiles_form: str = dataclasses.field(default="aromatic", metadata={
-        "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
+        "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
         "help": "fill training rows with whole molecules one after another (no padding)"})
     samples: int = dataclasses.field(default=1000, metadata={
