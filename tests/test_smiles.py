@@ -393,3 +393,19 @@ def test_kekule_cache_has_its_own_key_and_aligns_with_the_aromatic_list(tmp_path
     with pytest.raises(ValueError, match="keys has 1 entries for 2 SMILES"):
         sm.split_by_hash(["C", "CC"], 0.5, keys=["C"])
     sm._load.cache_clear()
+
+
+def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
+    from rdkit import Chem
+
+    kek = smiles_lm.build_corpus(64, molecules=400, form="kekule")
+    aro = smiles_lm.build_corpus(64, molecules=400)
+    assert not any(re.fullmatch(r"[bcnops]|\[[0-9]*[a-z].*\]", t) for t in kek.tokenizer.tokens[4:])
+    assert len(kek.train_canonical) == len(kek.train_smiles)
+    for k, a in zip(kek.train_smiles[::7], kek.train_canonical[::7]):  # novelty compares aromatic forms
+        assert Chem.MolToSmiles(Chem.MolFromSmiles(k)) == a
+    # same split: every Kekulé training molecule is an aromatic training molecule (the longer Kekulé
+    # strings drop a few more at seq_len 64), and no validation molecule crosses sides
+    assert set(kek.train_canonical) <= set(aro.train_smiles)
+    val_aromatic = {Chem.MolToSmiles(Chem.MolFromSmiles(k)) for k in kek.val_smiles}
+    assert val_aromatic <= set(aro.val_smiles) and not val_aromatic & set(aro.train_smiles)
