@@ -399,7 +399,7 @@ def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
     from rdkit import Chem
 
     kek = smiles_lm.build_corpus(64, molecules=400, form="kekule")
-    aro = smiles_lm.build_corpus(64, molecules=400)
+    aro = smiles_lm.build_corpus(64, molecules=400, form="aromatic")
     assert not any(re.fullmatch(r"[bcnops]|\[[0-9]*[a-z].*\]", t) for t in kek.tokenizer.tokens[4:])
     assert len(kek.train_canonical) == len(kek.train_smiles)
     for k, a in zip(kek.train_smiles[::7], kek.train_canonical[::7]):  # novelty compares aromatic forms

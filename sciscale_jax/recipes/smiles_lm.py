@@ -3,8 +3,10 @@
 Data (``sciscale_jax.data.smiles``): about 15,500 distinct canonical SMILES from three files of
 the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), curated as GuacaMol and MOSES
 curate theirs (largest fragment, neutralised, organic elements, no net charge; ``smiles.curate``),
-split by a hash of the canonical SMILES into train and validation, written as aromatic or
-Kekulé SMILES (``--smiles-form``; the split is the same for both), tokenized atom by atom
+split by a hash of the canonical SMILES into train and validation, written as Kekulé SMILES
+(``C1=CC=CC=C1``: no aromatic atoms, so the model never writes an aromatic ring RDKit cannot
+kekulise) or, with ``--smiles-form aromatic``, as aromatic SMILES (the split is the same for
+both), tokenized atom by atom
 (Schwaller et al. 2019); molecules longer than ``seq_len`` tokens (with bos and eos) are left out,
 so sampling up to ``seq_len`` tokens covers every training molecule.
 The model is the library's Transformer with ``causal=True``, trained on next-token loss over
@@ -48,7 +50,7 @@ class SmilesLMConfig(TransformerConfig):
     molecules: int = dataclasses.field(default=0, metadata={
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
-    smiles_form: str = dataclasses.field(default="aromatic", metadata={
+    smiles_form: str = dataclasses.field(default="kekule", metadata={
         "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
         "help": "fill training rows with whole molecules one after another (no padding)"})
@@ -91,7 +93,7 @@ class Corpus:
 
 
 def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
-                 form: str = "aromatic") -> Corpus:
+                 form: str = "kekule") -> Corpus:
     """Load, split and tokenize the rdkit corpus; fit the n-gram baselines and keep the best on validation.
 
     The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
@@ -299,7 +301,7 @@ RECIPE = Recipe(
     name="smiles-lm",
     description="GPT-style SMILES language model on ~15,500 curated molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
     # 104 embedding rows (a multiple of 8, so the embedding splits over tensor-parallel meshes) hold the
-    # curated corpus's 36 tokens with room for a larger corpus.
+    # curated corpus's 24 Kekulé tokens (32 aromatic ones) with room for a larger corpus.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
     train_defaults=dict(steps=1500, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
