@@ -267,7 +267,7 @@ def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form
     each molecule as "aromatic" or "kekule" SMILES (``to_form``); molecule i is the same in
     every form, so lists of two forms align index by index.
     Canonicalising the rdkit corpus takes RDKit about 20 s; the result is cached in
-    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files and the RDKit version, with
+    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files, curation, form and RDKit version, with
     a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
     belongs to other sources is named on stderr and rebuilt, never used.
     """
