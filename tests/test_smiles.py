@@ -338,3 +338,74 @@ def test_example_script_in_its_default_form(tmp_path, capsys, monkeypatch):
     validity = float(re.search(r"\| smiles-lm, temperature 0.7 \| ([\d.]+) \|", out).group(1))
     ngram = float(re.search(r"-gram baseline \| ([\d.]+) \|", out).group(1))
     assert validity > ngram, out
+
+
+AROMATIC = ["c1ccccc1", "c1ccc2[nH]ccc2c1", "Cc1ncc(C(=O)O)o1", "O=[N+]([O-])c1ccc(Cl)cc1", "Nc1nccs1",
+            "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "c1ccc2cc3ccccc3cc2c1", "Oc1ccc(-c2ccncc2)cc1", "c1cc[se]c1"]
+
+
+def test_kekule_form_is_the_same_molecule_without_aromatic_atoms():
+    from rdkit import Chem
+
+    for s in AROMATIC:
+        kek = sm.to_form(s, "kekule")
+        raw = Chem.MolFromSmiles(kek, sanitize=False)  # as written, before RDKit perceives aromaticity
+        assert not any(a.GetIsAromatic() for a in raw.GetAtoms()), kek
+        assert not any(b.GetBondType() == Chem.BondType.AROMATIC for b in raw.GetBonds()), kek
+        assert not re.search(r"[bcnops]|\[[0-9]*(se|as|te|[bcnops])", kek.replace("Cl", "").replace("[Se]", ""))
+        assert "=" in kek and ":" not in kek
+        # the same molecule: equal canonical aromatic SMILES and InChI as RDKit writes them from the input
+        assert Chem.MolToSmiles(Chem.MolFromSmiles(kek)) == Chem.MolToSmiles(Chem.MolFromSmiles(s))
+        assert Chem.MolToInchi(Chem.MolFromSmiles(kek)) == Chem.MolToInchi(Chem.MolFromSmiles(s))
+        assert sm.to_form(kek, "kekule") == kek  # canonical: one string per molecule
+        assert sm.to_form(kek, "aromatic") == Chem.MolToSmiles(Chem.MolFromSmiles(s))
+    with pytest.raises(ValueError, match="form='smarts' must be one of"):
+        sm.to_form("CCO", "smarts")
+    with pytest.raises(ValueError, match="smiles_form='smarts' must be one of"):
+        smiles_lm.SmilesLMConfig(vocab_size=40, smiles_form="smarts")
+
+
+def test_kekule_cache_has_its_own_key_and_aligns_with_the_aromatic_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "mols.smi"
+    src.write_text("\n".join(AROMATIC + ["CCO", "OCC"]) + "\n")
+    sm._load.cache_clear()
+    arom = sm.load_molecules([src])
+    kek = sm.load_molecules([src], form="kekule")
+    files = sorted((tmp_path / "cache").glob("smiles-*.json"))
+    assert len(files) == 2 and sm._sources_key([src]) != sm._sources_key([src], form="kekule")
+    from rdkit import Chem
+
+    assert len(kek) == len(arom) == len(AROMATIC)  # ethanol once; curation drops selenophene (Se)
+    for k, a in zip(kek, arom):  # molecule i is the same in both forms
+        assert Chem.MolToSmiles(Chem.MolFromSmiles(k)) == a and not re.search(r"[cnos]", k.replace("Cl", ""))
+    # the same SHA-256 manifest guards the Kekulé file: a damaged one is named and rebuilt
+    (kek_file,) = [f for f in files if sm._sources_key([src], form="kekule")[:16] in f.name]
+    good = kek_file.read_text()
+    kek_file.write_text(good.replace("C1=CC=CC=C1", "C1=CC=NC=C1"))
+    sm._load.cache_clear()
+    assert sm.load_molecules([src], form="kekule") == kek and "checksum" in capsys.readouterr().err
+    assert kek_file.read_text() == good
+    # the split hashes the aromatic SMILES: both forms put the same molecules on each side
+    tr_a, va_a = sm.split_by_hash(arom, 0.3)
+    tr_k, va_k = sm.split_by_hash(kek, 0.3, keys=arom)
+    assert [arom[kek.index(k)] for k in tr_k] == tr_a and [arom[kek.index(k)] for k in va_k] == va_a
+    with pytest.raises(ValueError, match="keys has 1 entries for 2 SMILES"):
+        sm.split_by_hash(["C", "CC"], 0.5, keys=["C"])
+    sm._load.cache_clear()
+
+
+def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
+    from rdkit import Chem
+
+    kek = smiles_lm.build_corpus(64, molecules=400, form="kekule")
+    aro = smiles_lm.build_corpus(64, molecules=400, form="aromatic")
+    assert not any(re.fullmatch(r"[bcnops]|\[[0-9]*[a-z].*\]", t) for t in kek.tokenizer.tokens[4:])
+    assert len(kek.train_canonical) == len(kek.train_smiles)
+    for k, a in zip(kek.train_smiles[::7], kek.train_canonical[::7]):  # novelty compares aromatic forms
+        assert Chem.MolToSmiles(Chem.MolFromSmiles(k)) == a
+    # same split: every Kekulé training molecule is an aromatic training molecule (the longer Kekulé
+    # strings drop a few more at seq_len 64), and no validation molecule crosses sides
+    assert set(kek.train_canonical) <= set(aro.train_smiles)
+    val_aromatic = {Chem.MolToSmiles(Chem.MolFromSmiles(k)) for k in kek.val_smiles}
+    assert val_aromatic <= set(aro.val_smiles) and not val_aromatic & set(aro.train_smiles)

@@ -20,6 +20,11 @@ salts), or more than 50 heavy atoms. The survivors are written as canonical SMIL
 deduplicated; the result is cached on disk with a checksum (``load_molecules``). The split is
 keyed on a CRC32 of the canonical SMILES, so it never depends on file order and a molecule
 never sits on both sides.
+
+Forms (``SMILES_FORMS``): "aromatic" is RDKit's canonical SMILES with lowercase aromatic atoms
+(``c1ccccc1``); "kekule" writes the same canonical atom order with alternating single and double
+bonds and no aromatic atoms (``C1=CC=CC=C1``), so a language model never has to learn which ring
+sizes and heteroatoms make a kekulisable aromatic system.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ RDKIT_FILES = ("Data/NCI/first_5K.smi", "Data/Pains/test_data/wehi_mols.csv",
                "Contrib/FreeWilson/data/CHEMBL2321810.smi")
 CHEM_EXTRA = 'SMILES data needs rdkit: pip install -e ".[chem]"'
 CACHE_FORMAT = "smiles-corpus-v2"  # change when the processing below changes what is cached
+SMILES_FORMS = ("aromatic", "kekule")
 
 
 def tokenize(smiles: str) -> list[str]:
@@ -140,6 +146,21 @@ def canonical(smiles: str, largest_fragment: bool = True) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
+def to_form(smiles: str, form: str = "aromatic") -> str:
+    """Canonical ``smiles`` written in ``form``: "aromatic" (RDKit's default) or "kekule" (no aromatic atoms)."""
+    if form not in SMILES_FORMS:
+        raise ValueError(f"form={form!r} must be one of {SMILES_FORMS}")
+    from rdkit import Chem
+
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"RDKit cannot parse {smiles!r}")
+    if form == "aromatic":
+        return Chem.MolToSmiles(mol)
+    Chem.Kekulize(mol, clearAromaticFlags=True)
+    return Chem.MolToSmiles(mol, kekuleSmiles=True, canonical=True)
+
+
 ALLOWED_ELEMENTS = frozenset({"B", "C", "N", "O", "F", "P", "S", "Cl", "Br", "I"})
 ALLOWED_CHARGES = frozenset({("N", 1), ("O", -1)})  # nitro groups, N-oxides, betaines
 MAX_HEAVY_ATOMS = 50
@@ -170,7 +191,8 @@ def curate(smiles: str) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
-def _canonicalize_files(paths, curated: bool = True) -> list[str]:
+def _canonicalize_files(paths, curated: bool = True, form: str = "aromatic") -> list[str]:
+    """Distinct canonical (aromatic) SMILES in file order, then each written in ``form``."""
     seen, out = set(), []
     for path in paths:
         for smi in read_smiles_file(path):
@@ -178,7 +200,7 @@ def _canonicalize_files(paths, curated: bool = True) -> list[str]:
             if can and can not in seen:
                 seen.add(can)
                 out.append(can)
-    return out
+    return out if form == "aromatic" else [to_form(s, form) for s in out]
 
 
 def cache_dir() -> pathlib.Path:
@@ -186,10 +208,13 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SCISCALE_CACHE") or pathlib.Path.home() / ".cache" / "sciscale_jax")
 
 
-def _sources_key(paths, curated: bool = True) -> str:
-    """SHA-256 over the cache format, curation, the RDKit version (canonical SMILES depend on it) and each
-    source's bytes."""
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{curated}|{importlib.metadata.version('rdkit')}".encode())
+def _sources_key(paths, curated: bool = True, form: str = "aromatic") -> str:
+    """SHA-256 over the cache format, curation, SMILES form, the RDKit version (canonical SMILES depend on
+    it) and each source's bytes."""
+    tag = f"{CACHE_FORMAT}|{curated}|{importlib.metadata.version('rdkit')}"
+    if form != "aromatic":  # the aromatic key stays what it was, so existing caches stay valid
+        tag += f"|{form}"
+    digest = hashlib.sha256(tag.encode())
     for path in paths:
         digest.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes() + b"\0")
     return digest.hexdigest()
@@ -209,24 +234,24 @@ def _read_cache(path: pathlib.Path, key: str):
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         return None, f"unreadable ({type(err).__name__})"
     if stored_key != key:
-        return None, "built from other source files, curation or RDKit version"
+        return None, "built from other source files, curation, SMILES form or RDKit version"
     if not isinstance(smiles_list, list) or _checksum(smiles_list) != stored_sum:
         return None, "its checksum does not match its contents"
     return smiles_list, ""
 
 
 @functools.lru_cache(maxsize=4)
-def _load(paths: tuple, use_cache: bool, curated: bool = True) -> tuple:
+def _load(paths: tuple, use_cache: bool, curated: bool = True, form: str = "aromatic") -> tuple:
     if not use_cache:
-        return tuple(_canonicalize_files(paths, curated))
-    key = _sources_key(paths, curated)
+        return tuple(_canonicalize_files(paths, curated, form))
+    key = _sources_key(paths, curated, form)
     path = cache_dir() / f"smiles-{key[:16]}.json"
     smiles_list, why = _read_cache(path, key)
     if smiles_list is not None:
         return tuple(smiles_list)
     if why != "missing":
         print(f"sciscale: SMILES cache {path} is {why}; rebuilding it", file=sys.stderr)
-    smiles_list = _canonicalize_files(paths, curated)
+    smiles_list = _canonicalize_files(paths, curated, form)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never partial
     tmp.write_text(json.dumps({"sources": key, "sha256": _checksum(smiles_list), "smiles": smiles_list}))
@@ -234,17 +259,21 @@ def _load(paths: tuple, use_cache: bool, curated: bool = True) -> tuple:
     return tuple(smiles_list)
 
 
-def load_molecules(paths=None, *, cache: bool = True, curated: bool = True) -> list[str]:
+def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form: str = "aromatic") -> list[str]:
     """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order.
 
     ``curated=True`` passes each molecule through ``curate`` (the molecules it refuses are left
-    out); ``False`` keeps every parsable molecule's largest fragment as it is.
+    out); ``False`` keeps every parsable molecule's largest fragment as it is. ``form`` writes
+    each molecule as "aromatic" or "kekule" SMILES (``to_form``); molecule i is the same in
+    every form, so lists of two forms align index by index.
     Canonicalising the rdkit corpus takes RDKit about 20 s; the result is cached in
-    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files and the RDKit version, with
+    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files, curation, form and RDKit version, with
     a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
     belongs to other sources is named on stderr and rebuilt, never used.
     """
-    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated))
+    if form not in SMILES_FORMS:
+        raise ValueError(f"form={form!r} must be one of {SMILES_FORMS}")
+    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated, form))
 
 
 def load_moses(split: str = "train") -> list[str]:
@@ -265,13 +294,20 @@ def load_moses(split: str = "train") -> list[str]:
     return [line.split(",")[0] for line in lines[1:] if line]
 
 
-def split_by_hash(smiles_list, val_fraction: float = 0.1):
-    """(train, validation): a molecule goes to validation when CRC32(canonical SMILES) falls in the bottom fraction."""
+def split_by_hash(smiles_list, val_fraction: float = 0.1, keys=None):
+    """(train, validation): a molecule goes to validation when CRC32(canonical SMILES) falls in the bottom fraction.
+
+    ``keys`` (default: ``smiles_list``) are the strings hashed, one per molecule: pass the aromatic
+    canonical SMILES to split Kekulé SMILES exactly as their aromatic forms are split.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")
+    keys = smiles_list if keys is None else keys
+    if len(keys) != len(smiles_list):
+        raise ValueError(f"keys has {len(keys)} entries for {len(smiles_list)} SMILES")
     train, val = [], []
-    for smi in smiles_list:
-        (val if zlib.crc32(smi.encode()) % 10_000 < val_fraction * 10_000 else train).append(smi)
+    for smi, key in zip(smiles_list, keys):
+        (val if zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000 else train).append(smi)
     return train, val
 
 
@@ -429,8 +465,9 @@ def generation_metrics(samples, train_smiles, *, diversity: bool = False) -> dic
     """Validity, uniqueness and novelty of sampled SMILES (the MOSES / GuacaMol definitions).
 
     validity: fraction of samples RDKit parses (non-empty); uniqueness: distinct canonical
-    SMILES / valid; novelty: distinct valid molecules absent from ``train_smiles`` (canonical) /
-    distinct valid. ``diversity=True`` adds the internal diversity 1 - mean pairwise Tanimoto
+    SMILES / valid; novelty: distinct valid molecules absent from ``train_smiles`` / distinct
+    valid. Samples are compared as RDKit's canonical aromatic SMILES, so ``train_smiles`` must be
+    canonical aromatic SMILES whatever form the model was trained on. ``diversity=True`` adds the internal diversity 1 - mean pairwise Tanimoto
     similarity of Morgan fingerprints (radius 2, 2048 bits) over the distinct valid molecules.
     """
     samples = list(samples)

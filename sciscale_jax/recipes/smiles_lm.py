@@ -3,7 +3,10 @@
 Data (``sciscale_jax.data.smiles``): about 15,500 distinct canonical SMILES from three files of
 the rdkit wheel (NCI, WEHI screening compounds, a ChEMBL series), curated as GuacaMol and MOSES
 curate theirs (largest fragment, neutralised, organic elements, no net charge; ``smiles.curate``),
-split by a hash of the canonical SMILES into train and validation, tokenized atom by atom
+split by a hash of the canonical SMILES into train and validation, written as Kekulé SMILES
+(``C1=CC=CC=C1``: no aromatic atoms, so the model never writes an aromatic ring RDKit cannot
+kekulise) or, with ``--smiles-form aromatic``, as aromatic SMILES (the split is the same for
+both), tokenized atom by atom
 (Schwaller et al. 2019); molecules longer than ``seq_len`` tokens (with bos and eos) are left out,
 so sampling up to ``seq_len`` tokens covers every training molecule.
 The model is the library's Transformer with ``causal=True``, trained on next-token loss over
@@ -47,6 +50,8 @@ class SmilesLMConfig(TransformerConfig):
     molecules: int = dataclasses.field(default=0, metadata={
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
+    smiles_form: str = dataclasses.field(default="kekule", metadata={
+        "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
         "help": "fill training rows with whole molecules one after another (no padding)"})
     samples: int = dataclasses.field(default=1000, metadata={
@@ -59,6 +64,8 @@ class SmilesLMConfig(TransformerConfig):
     def __post_init__(self):
         if not isinstance(self.molecules, int) or self.molecules < 0:
             raise ValueError(f"molecules={self.molecules!r} must be a non-negative integer")
+        if self.smiles_form not in sm.SMILES_FORMS:
+            raise ValueError(f"smiles_form={self.smiles_form!r} must be one of {sm.SMILES_FORMS}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"pack={self.pack!r} must be a bool")
         if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
@@ -78,21 +85,28 @@ class Corpus:
     """What generation needs beyond the batches: the tokenizer, the split and the n-gram baseline."""
 
     tokenizer: sm.SmilesTokenizer
-    train_smiles: tuple
+    train_smiles: tuple  # in the trained form
     val_smiles: tuple
     ngram: sm.NGramModel
     dropped: int  # molecules longer than seq_len tokens (with bos and eos), left out
+    train_canonical: tuple = ()  # the training molecules as canonical aromatic SMILES, for novelty
 
 
-def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5)) -> Corpus:
-    """Load, split and tokenize the rdkit corpus; fit the n-gram baselines and keep the best on validation."""
-    smiles = sm.load_molecules()
+def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
+                 form: str = "kekule") -> Corpus:
+    """Load, split and tokenize the rdkit corpus; fit the n-gram baselines and keep the best on validation.
+
+    The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
+    """
+    aromatic = sm.load_molecules()
+    smiles = aromatic if form == "aromatic" else sm.load_molecules(form=form)
     if molecules:
-        smiles = smiles[:molecules]
-    train, val = sm.split_by_hash(smiles, val_fraction)
-    tok = sm.SmilesTokenizer.from_smiles(train)
-    fits = lambda s: len(sm.tokenize(s)) + 2 <= seq_len  # noqa: E731
-    kept_train, kept_val = [s for s in train if fits(s)], [s for s in val if fits(s)]
+        smiles, aromatic = smiles[:molecules], aromatic[:molecules]
+    train, val = sm.split_by_hash(list(zip(smiles, aromatic)), val_fraction, keys=aromatic)
+    tok = sm.SmilesTokenizer.from_smiles([s for s, _ in train])
+    fits = lambda pair: len(sm.tokenize(pair[0])) + 2 <= seq_len  # noqa: E731
+    kept_pairs = [p for p in train if fits(p)]
+    kept_train, kept_val = [s for s, _ in kept_pairs], [s for s, _ in val if fits((s, None))]
     if not kept_train or not kept_val:
         raise ValueError(f"seq_len={seq_len} leaves no molecules on one side of the split "
                          f"({len(kept_train)} train, {len(kept_val)} validation)")
@@ -101,11 +115,12 @@ def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ng
     models = [sm.NGramModel(enc_train, tok.vocab_size, n=n, k=0.01) for n in ngram_orders]
     best = min(models, key=lambda m: m.perplexity(enc_val))
     return Corpus(tok, tuple(kept_train), tuple(kept_val), best,
-                  dropped=len(train) + len(val) - len(kept_train) - len(kept_val))
+                  dropped=len(train) + len(val) - len(kept_train) - len(kept_val),
+                  train_canonical=tuple(a for _, a in kept_pairs))
 
 
 def build_data(train_cfg, model_cfg) -> Data:
-    corpus = build_corpus(train_cfg.seq_len, model_cfg.molecules, model_cfg.val_fraction)
+    corpus = build_corpus(train_cfg.seq_len, model_cfg.molecules, model_cfg.val_fraction, form=model_cfg.smiles_form)
     tok = corpus.tokenizer
     enc_train = [tok.encode(s) for s in corpus.train_smiles]
     enc_val = [tok.encode(s) for s in corpus.val_smiles]
@@ -239,8 +254,8 @@ def evaluate_generation(model, data: Data, n: int = 1000, *, temperature: float 
     max_len = data.train.seq_len
     samples = sample(model, corpus.tokenizer, n, max_len=max_len, temperature=temperature, top_k=top_k, seed=seed)
     ngram_samples = corpus.ngram.sample(n, corpus.tokenizer, max_len=max_len - 1, seed=seed)
-    return {"model": sm.generation_metrics(samples, corpus.train_smiles, diversity=diversity),
-            "ngram": sm.generation_metrics(ngram_samples, corpus.train_smiles, diversity=diversity),
+    return {"model": sm.generation_metrics(samples, corpus.train_canonical, diversity=diversity),
+            "ngram": sm.generation_metrics(ngram_samples, corpus.train_canonical, diversity=diversity),
             "samples": samples}
 
 
@@ -259,7 +274,7 @@ def generation_figures(model_cfg, train_cfg, state, data: Data | None = None) ->
     if model_cfg.temperature != 1.0 or model_cfg.top_k:
         corpus = data.train.corpus
         plain = sample(model, corpus.tokenizer, n, max_len=data.train.seq_len, seed=seed)
-        out["model_t1"] = sm.generation_metrics(plain, corpus.train_smiles, diversity=True)
+        out["model_t1"] = sm.generation_metrics(plain, corpus.train_canonical, diversity=True)
     return out
 
 
@@ -286,7 +301,7 @@ RECIPE = Recipe(
     name="smiles-lm",
     description="GPT-style SMILES language model on ~15,500 curated molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
     # 104 embedding rows (a multiple of 8, so the embedding splits over tensor-parallel meshes) hold the
-    # curated corpus's 36 tokens with room for a larger corpus.
+    # curated corpus's 24 Kekulé tokens (32 aromatic ones) with room for a larger corpus.
     model_defaults=dict(vocab_size=104, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=384, max_len=128,
                         causal=True),
     train_defaults=dict(steps=1500, batch_size=32, seq_len=64, learning_rate=3e-3, warmup_steps=100,
