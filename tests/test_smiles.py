@@ -409,3 +409,42 @@ def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
     assert set(kek.train_canonical) <= set(aro.train_smiles)
     val_aromatic = {Chem.MolToSmiles(Chem.MolFromSmiles(k)) for k in kek.val_smiles}
     assert val_aromatic <= set(aro.val_smiles) and not val_aromatic & set(aro.train_smiles)
+
+
+def test_gzipped_csv_with_a_smiles_header_reads_its_first_column(tmp_path):
+    import gzip
+
+    path = tmp_path / "set.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("SMILES,SPLIT\nCCO,train\n\"c1ccccc1O\",test\n\nCC(=O)N,train\n")
+    assert sm.read_smiles_file(path) == ["CCO", "c1ccccc1O", "CC(=O)N"]
+
+
+def test_moses_corpus_without_molsets_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moses" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install molsets --no-deps"):
+        smiles_lm.build_corpus(64, molecules=100, corpus="moses")
+    with pytest.raises(ValueError, match="corpus='zinc'"):
+        smiles_lm.SmilesLMConfig(vocab_size=64, corpus="zinc")
+
+
+def test_moses_corpus_reads_only_its_first_molecules(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("moses") is None:
+        pytest.skip("the optional MOSES data needs molsets: pip install molsets --no-deps")
+    from rdkit import Chem
+
+    monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path))
+    raw = sm.load_moses("train")[:400]
+    mols = sm.load_molecules(sm.moses_smiles_files(), limit=300)
+    assert len(mols) == len(set(mols)) == 300
+    # MOSES molecules are neutral single fragments: curation keeps them as RDKit's canonical SMILES
+    expected = [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in raw]
+    assert mols == list(dict.fromkeys(expected))[:300]
+    corpus = smiles_lm.build_corpus(64, molecules=300, corpus="moses", form="aromatic")
+    assert len(corpus.train_smiles) + len(corpus.val_smiles) + corpus.dropped == 300
+    assert set(corpus.train_smiles) <= set(mols) and not set(corpus.train_smiles) & set(corpus.val_smiles)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -119,14 +120,20 @@ def rdkit_smiles_files() -> list[pathlib.Path]:
 
 
 def read_smiles_file(path) -> list[str]:
-    """The first column of a .smi (whitespace) or .csv (comma, quoted) file; '#' lines skipped."""
+    """The first column of a .smi (whitespace) or .csv / .csv.gz (comma, quoted) file; '#' lines
+    and a header whose first field is ``SMILES`` are skipped."""
+    name = str(path)
+    text = gzip.open(path, "rt").read() if name.endswith(".gz") else pathlib.Path(path).read_text()
+    comma = name.endswith((".csv", ".csv.gz"))
     out = []
-    for line in pathlib.Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        first = line.split(",")[0] if str(path).endswith(".csv") else line.split()[0]
-        out.append(first.strip().strip('"'))
+        first = (line.split(",")[0] if comma else line.split()[0]).strip().strip('"')
+        if not out and first.upper() == "SMILES":
+            continue
+        out.append(first)
     return out
 
 
@@ -191,11 +198,14 @@ def curate(smiles: str) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
-def _canonicalize_files(paths, curated: bool = True, form: str = "aromatic") -> list[str]:
-    """Distinct canonical (aromatic) SMILES in file order, then each written in ``form``."""
+def _canonicalize_files(paths, curated: bool = True, form: str = "aromatic", limit: int = 0) -> list[str]:
+    """Distinct canonical (aromatic) SMILES in file order (the first ``limit``, 0: all), then each
+    written in ``form``."""
     seen, out = set(), []
     for path in paths:
         for smi in read_smiles_file(path):
+            if limit and len(out) >= limit:
+                break
             can = curate(smi) if curated else canonical(smi)
             if can and can not in seen:
                 seen.add(can)
@@ -208,12 +218,14 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SCISCALE_CACHE") or pathlib.Path.home() / ".cache" / "sciscale_jax")
 
 
-def _sources_key(paths, curated: bool = True, form: str = "aromatic") -> str:
+def _sources_key(paths, curated: bool = True, form: str = "aromatic", limit: int = 0) -> str:
     """SHA-256 over the cache format, curation, SMILES form, the RDKit version (canonical SMILES depend on
     it) and each source's bytes."""
     tag = f"{CACHE_FORMAT}|{curated}|{importlib.metadata.version('rdkit')}"
     if form != "aromatic":  # the aromatic key stays what it was, so existing caches stay valid
         tag += f"|{form}"
+    if limit:
+        tag += f"|first {limit}"
     digest = hashlib.sha256(tag.encode())
     for path in paths:
         digest.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes() + b"\0")
@@ -241,17 +253,17 @@ def _read_cache(path: pathlib.Path, key: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _load(paths: tuple, use_cache: bool, curated: bool = True, form: str = "aromatic") -> tuple:
+def _load(paths: tuple, use_cache: bool, curated: bool = True, form: str = "aromatic", limit: int = 0) -> tuple:
     if not use_cache:
-        return tuple(_canonicalize_files(paths, curated, form))
-    key = _sources_key(paths, curated, form)
+        return tuple(_canonicalize_files(paths, curated, form, limit))
+    key = _sources_key(paths, curated, form, limit)
     path = cache_dir() / f"smiles-{key[:16]}.json"
     smiles_list, why = _read_cache(path, key)
     if smiles_list is not None:
         return tuple(smiles_list)
     if why != "missing":
         print(f"sciscale: SMILES cache {path} is {why}; rebuilding it", file=sys.stderr)
-    smiles_list = _canonicalize_files(paths, curated, form)
+    smiles_list = _canonicalize_files(paths, curated, form, limit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never partial
     tmp.write_text(json.dumps({"sources": key, "sha256": _checksum(smiles_list), "smiles": smiles_list}))
@@ -259,13 +271,15 @@ def _load(paths: tuple, use_cache: bool, curated: bool = True, form: str = "arom
     return tuple(smiles_list)
 
 
-def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form: str = "aromatic") -> list[str]:
+def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form: str = "aromatic",
+                   limit: int = 0) -> list[str]:
     """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order.
 
     ``curated=True`` passes each molecule through ``curate`` (the molecules it refuses are left
     out); ``False`` keeps every parsable molecule's largest fragment as it is. ``form`` writes
     each molecule as "aromatic" or "kekule" SMILES (``to_form``); molecule i is the same in
-    every form, so lists of two forms align index by index.
+    every form, so lists of two forms align index by index. ``limit`` keeps the first N distinct
+    molecules and reads no further (for large sources such as MOSES).
     Canonicalising the rdkit corpus takes RDKit about 20 s; the result is cached in
     ``cache_dir()`` as JSON keyed by a SHA-256 of the source files, curation, form and RDKit version, with
     a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
@@ -273,25 +287,32 @@ def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form
     """
     if form not in SMILES_FORMS:
         raise ValueError(f"form={form!r} must be one of {SMILES_FORMS}")
-    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated, form))
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"limit={limit!r} must be a non-negative integer")
+    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated, form, limit))
+
+
+MOSES_EXTRA = "the MOSES corpus needs molsets' data files: pip install molsets --no-deps"
+
+
+def moses_smiles_files(splits=("train", "test")) -> list[pathlib.Path]:
+    """Paths of the MOSES benchmark set (Polykovskiy et al. 2020) shipped in the optional
+    ``molsets`` wheel (``moses/dataset/data/<split>.csv.gz``), found without importing it (its
+    dependencies are not needed: ``pip install molsets --no-deps``)."""
+    spec = importlib.util.find_spec("moses")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(MOSES_EXTRA)
+    root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "dataset" / "data"
+    paths = [root / f"{split}.csv.gz" for split in splits]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"molsets is installed but {missing} are missing; reinstall it")
+    return paths
 
 
 def load_moses(split: str = "train") -> list[str]:
-    """MOSES SMILES (Polykovskiy et al. 2020) from the optional ``molsets`` package's data files.
-
-    ``pip install molsets --no-deps`` ships ``moses/dataset/data/{train,test}.csv.gz``; not needed
-    by the recipe's defaults.
-    """
-    spec = importlib.util.find_spec("moses")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError('MOSES data needs molsets: pip install molsets --no-deps')
-    import gzip
-
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "dataset" / "data" / f"{split}.csv.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"molsets is installed but {path} is missing")
-    lines = gzip.open(path, "rt").read().splitlines()
-    return [line.split(",")[0] for line in lines[1:] if line]
+    """The MOSES SMILES of one split as written in the data file (not canonicalised here)."""
+    return read_smiles_file(moses_smiles_files((split,))[0])
 
 
 def split_by_hash(smiles_list, val_fraction: float = 0.1, keys=None):

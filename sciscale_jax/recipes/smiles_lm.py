@@ -50,6 +50,10 @@ class SmilesLMConfig(TransformerConfig):
     molecules: int = dataclasses.field(default=0, metadata={
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
+    corpus: str = dataclasses.field(default="rdkit", metadata={
+        "choices": ("rdkit", "moses"), "help": "molecules shipped in rdkit, or the MOSES set from the optional "
+        "molsets wheel (pip install molsets --no-deps; ~1.9M molecules, so first use canonicalises for a "
+        "long while: --molecules N reads the first N)"})
     smiles_form: str = dataclasses.field(default="kekule", metadata={
         "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
@@ -64,6 +68,8 @@ class SmilesLMConfig(TransformerConfig):
     def __post_init__(self):
         if not isinstance(self.molecules, int) or self.molecules < 0:
             raise ValueError(f"molecules={self.molecules!r} must be a non-negative integer")
+        if self.corpus not in ("rdkit", "moses"):
+            raise ValueError(f"corpus={self.corpus!r} must be 'rdkit' or 'moses'")
         if self.smiles_form not in sm.SMILES_FORMS:
             raise ValueError(f"smiles_form={self.smiles_form!r} must be one of {sm.SMILES_FORMS}")
         if not isinstance(self.pack, bool):
@@ -93,13 +99,16 @@ class Corpus:
 
 
 def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
-                 form: str = "kekule") -> Corpus:
-    """Load, split and tokenize the rdkit corpus; fit the n-gram baselines and keep the best on validation.
+                 form: str = "kekule", corpus: str = "rdkit") -> Corpus:
+    """Load, split and tokenize the corpus ("rdkit" or "moses"); fit the n-gram baselines and keep
+    the best on validation.
 
     The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
+    MOSES is read only as far as its first ``molecules`` distinct molecules (0: all of it).
     """
-    aromatic = sm.load_molecules()
-    smiles = aromatic if form == "aromatic" else sm.load_molecules(form=form)
+    paths, limit = (None, 0) if corpus == "rdkit" else (sm.moses_smiles_files(), molecules)
+    aromatic = sm.load_molecules(paths, limit=limit)
+    smiles = aromatic if form == "aromatic" else sm.load_molecules(paths, form=form, limit=limit)
     if molecules:
         smiles, aromatic = smiles[:molecules], aromatic[:molecules]
     train, val = sm.split_by_hash(list(zip(smiles, aromatic)), val_fraction, keys=aromatic)
@@ -120,7 +129,8 @@ def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ng
 
 
 def build_data(train_cfg, model_cfg) -> Data:
-    corpus = build_corpus(train_cfg.seq_len, model_cfg.molecules, model_cfg.val_fraction, form=model_cfg.smiles_form)
+    corpus = build_corpus(train_cfg.seq_len, model_cfg.molecules, model_cfg.val_fraction, form=model_cfg.smiles_form,
+                          corpus=model_cfg.corpus)
     tok = corpus.tokenizer
     enc_train = [tok.encode(s) for s in corpus.train_smiles]
     enc_val = [tok.encode(s) for s in corpus.val_smiles]
