@@ -52,7 +52,7 @@ class SmilesLMConfig(TransformerConfig):
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
     corpus: str = dataclasses.field(default="rdkit", metadata={
         "choices": ("rdkit", "moses"), "help": "molecules shipped in rdkit, or the MOSES set from the optional "
-        "molsets wheel (pip install molsets --no-deps; ~1.9M molecules, so first use canonicalises for a "
+        "molsets wheel (pip install molsets --no-deps; ~1.76M molecules, so first use canonicalises for a "
         "long while: --molecules N reads the first N)"})
     smiles_form: str = dataclasses.field(default="kekule", metadata={
         "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
