@@ -5,7 +5,11 @@ the loop's step builder, placement and jit shardings, compiled with the loop's X
 for the parameter bytes the concretely built model.
 """
 
+import contextlib
 import dataclasses
+import io
+import math
+import re
 
 import jax
 import numpy as np
@@ -116,25 +120,110 @@ def test_cli_plan_errors_are_one_line(capsys):
     assert err.count("\n") == 0 and "devices=64" in err
 
 
-def test_saved_residual_bytes_by_both_routes():
-    """jax's residual list and the parsed public printout agree, and match a hand count:
-    d/dw sum(sin(x @ w)) keeps cos(x @ w) (float32 [3, 7]) and, for the bf16 branch,
-    the bf16 [3, 7] tanh output's derivative input; arguments are not counted."""
+_SHORT = re.compile(r"^(?:(bool)|key<\w*>|([a-z]+?)(\d+))\[([\d,]*)\]")
+
+
+def _printed_residual_bytes(fn, *args, skip=("from the argument",)) -> int:
+    """Residual bytes read from the lines jax's public ``print_saved_residuals`` prints
+    (``f32[8,32] from ...``), arguments (and lines with any ``skip`` text) left out: an
+    independent route to the same figure."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    total = 0
+    for line in out.getvalue().splitlines():
+        m = _SHORT.match(line.strip())
+        assert m is not None, line
+        if any(text in line for text in skip):
+            continue
+        size = 1 if m.group(1) else 8 if line.startswith("key<") else int(m.group(3)) // 8
+        total += size * math.prod(int(d) for d in m.group(4).split(",") if d)
+    return total
+
+
+def test_gradient_profile_residuals_and_flops_by_hand():
+    """d/dw sum(sin(x @ w)) keeps cos(x @ w) (float32 [3, 7]); its FLOPs are the forward product
+    and the weight gradient's, 2 x 3 x 5 x 7 each (x is not differentiated). Under
+    jax.checkpoint the backward pass recomputes x @ w: a third product."""
     import jax.numpy as jnp
 
-    from sciscale_jax.memory.estimate import _printed_residual_bytes, saved_residual_bytes
+    from sciscale_jax.memory.estimate import gradient_profile
 
     def f(w, x):
         return jnp.sum(jnp.sin(x @ w))
 
+    product = 2 * 3 * 5 * 7
     w, x = jax.ShapeDtypeStruct((5, 7), jnp.float32), jax.ShapeDtypeStruct((3, 5), jnp.float32)
-    assert saved_residual_bytes(f, w, x) == _printed_residual_bytes(f, w, x) == 3 * 7 * 4
+    assert gradient_profile(f, w, x) == (3 * 7 * 4, 2 * product)
+    assert _printed_residual_bytes(f, w, x) == 3 * 7 * 4
+    saved, flops = gradient_profile(jax.checkpoint(f), w, x)
+    assert saved == 0 and flops == 3 * product  # only the arguments are kept
 
-    def g(w, x):
+    def g(w, x):  # a scan of 4 steps: each step's products count 4 times
         h = jnp.tanh(x @ w).astype(jnp.bfloat16)
-        return jnp.sum(jnp.sin(h.astype(jnp.float32) @ w.T))
+        out, _ = jax.lax.scan(lambda c, _: (jnp.sin(c.astype(jnp.float32) @ w.T @ w).astype(jnp.bfloat16), None),
+                              h, None, length=4)
+        return jnp.sum(out.astype(jnp.float32))
 
-    assert saved_residual_bytes(g, w, x) == _printed_residual_bytes(g, w, x) > 3 * 7 * 4
+    saved, flops = gradient_profile(g, w, x)
+    assert saved > 3 * 7 * 4
+    # per step: two products forward, and for each a gradient for its input and one for w
+    assert flops == 2 * product + 4 * 3 * 2 * product
+
+
+def test_gradient_profile_on_the_models():
+    """On the Transformer and the Evoformer the residual bytes equal jax's printout; the FLOPs are
+    within 10% of XLA's cost analysis of the gradient program (which adds elementwise work) and
+    do not change with the precision (bf16 runs the same products)."""
+    from sciscale_jax.train.abstract import abstract_batch, abstract_model
+    from sciscale_jax.memory.estimate import gradient_profile
+
+    for name, kw, tkw in [("protein-mlm", dict(TINY, remat="full"), dict(batch_size=1, seq_len=32)),
+                          ("msa-evoformer", dict(c_m=16, c_z=8, msa_heads=2, msa_head_dim=8, pair_heads=2,
+                                                 pair_head_dim=4, opm_channels=4, tri_mul_channels=8, num_blocks=2,
+                                                 num_seq=8), dict(batch_size=1, seq_len=16))]:
+        recipe, model_cfg, train_cfg = _configs(name, kw, tkw)
+        flops = {}
+        for precision in ("fp32", "bf16"):
+            cfg = dataclasses.replace(model_cfg, precision=precision)
+            graphdef, params, rest, _, _ = abstract_model(recipe, cfg)
+            batch = abstract_batch(recipe, cfg, train_cfg)
+
+            def loss(p, b):
+                total, count = recipe.loss_fn(nnx.merge(graphdef, p, rest), b, jax.random.key(0))
+                return total / count
+
+            saved, flops[precision] = gradient_profile(loss, params, batch)
+            # jax's printout differentiates every argument: stop the batch's gradient, and leave out
+            # the stopped batch itself (an argument of the step, not a residual)
+            fixed_batch = lambda p, b: loss(p, jax.lax.stop_gradient(b))  # noqa: E731
+            printed = _printed_residual_bytes(fixed_batch, params, batch,
+                                              skip=("from the argument", "output of stop_gradient"))
+            assert saved == printed, (name, precision)
+            if precision == "fp32":
+                xla = jax.jit(jax.grad(loss)).lower(params, batch).cost_analysis()["flops"]
+                assert 0.9 < flops[precision] / xla < 1.1, (name, flops[precision], xla)
+        assert flops["fp32"] == flops["bf16"], name
+
+
+def test_abstract_model_is_linear_in_depth_and_draws_the_same_keys():
+    """``eval_shape_module`` builds the same abstract model as ``nnx.eval_shape`` (graph, shapes,
+    dtypes), and the count it keeps draws the same keys: a model built concretely under it has
+    the same parameters, bit for bit, as one built without it."""
+    from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
+
+    recipe, model_cfg, _ = _configs("protein-mlm", TINY, dict(batch_size=2, seq_len=16))
+    build = lambda: recipe.build_model(model_cfg, nnx.Rngs(3))  # noqa: E731
+    a, b = eval_shape_module(build), nnx.eval_shape(build)
+    ga, sa = nnx.split(a)
+    gb, sb = nnx.split(b)
+    assert ga == gb
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), sa) == jax.tree.map(lambda x: (x.shape, x.dtype), sb)
+    with _whole_count_updates():
+        fast = nnx.state(build(), nnx.Param)
+    plain = nnx.state(build(), nnx.Param)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)))
+    assert nnx.RngStream.__call__ is not None and "draw" not in nnx.RngStream.__call__.__name__  # restored
 
 
 def test_adafactor_zero1_and_offload_state_bytes():
@@ -158,3 +247,53 @@ def test_enumeration_offers_dap_and_pipeline_meshes_where_supported():
     pipe = {(m, z) for m, z in planner.candidate_meshes(8, pipeline_layers=6)}
     assert ("pipeline=2,data=4", 1) in pipe and not any("pipeline=4" in m or "pipeline=8" in m for m, _ in pipe)
     assert all(z in planner.PIPELINE_ZERO for m, z in pipe if "pipeline" in m)
+
+
+def test_best_first_walk_orders_as_a_full_screen_and_traces_less():
+    """The planner's walk (lower bounds resolved on demand) yields every valid mix in the order a
+    full screen sorted by rank gives, with the same figures; with a budget the fastest mix fits,
+    ``plan`` traces fewer residual profiles than the full screen needs."""
+    from sciscale_jax.memory import estimate as mem
+    from sciscale_jax.train import plan as train_plan
+
+    recipe, model_cfg, train_cfg = _configs("protein-mlm", TINY, dict(batch_size=8, seq_len=32))
+    fixed = {"offload": "", "zero": 1}
+    settings = planner.enumerate_settings(train_cfg, 8, fixed)
+    hw = planner.Hardware()
+
+    def tools():
+        precisions = sorted({s["precision"] for s in settings}, key=lambda p: p == "fp32")
+        return train_plan._Profiles(recipe, model_cfg, train_cfg, precisions), train_plan._States(recipe)
+
+    profiles, states = tools()
+    full = []
+    for s in settings:
+        try:
+            cfg, tc = train_plan._configs(model_cfg, train_cfg, s)
+            train_plan._check(recipe, cfg, tc)
+            state = states(cfg, tc)
+        except ValueError:
+            continue
+        prof = profiles(s["remat"], s["attention"], s["precision"])
+        carry = profiles("full", s["attention"], s["precision"])["layer"]
+        seconds, flops, comm = planner.step_time(s, state, prof["flops"], carry, mem.depth_of(cfg), tc, hw)
+        parts = planner.screened_parts(s, state, prof, tc, 4)
+        full.append(planner.Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"],
+                                 s["offload"], parts, seconds, flops, comm))
+    full.sort(key=train_plan._rank)
+    profiles, states = tools()
+    walked = list(train_plan._ranked(recipe, model_cfg, train_cfg, settings, profiles, states, hw, []))
+    key = lambda p: (train_plan._rank(p), sorted(p.settings().items()))  # noqa: E731
+    assert [train_plan._rank(p) for p in walked] == [train_plan._rank(p) for p in full]
+    assert sorted(map(key, walked)) == sorted(map(key, full)) and len(walked) > 50
+    assert len({p.remat for p in walked}) == 3 and len({p.precision for p in walked}) == 2
+
+    traced = []
+    original = train_plan._Profiles._measure
+    try:
+        train_plan._Profiles._measure = lambda self, *k: traced.append(k) or original(self, *k)
+        best = plan(recipe, model_cfg, train_cfg, devices=8, budget=2 ** 40, fixed=fixed, top=1, confirm=False)[0]
+    finally:
+        train_plan._Profiles._measure = original
+    assert best.settings() == full[0].settings()
+    assert len(set(traced)) < 12, traced  # 3 remat x 2 attention x 2 precision

@@ -14,17 +14,15 @@ recipe and drives it.
   probes (``probe_depths``: k and 2k, 2k and 3k under remat) extend linearly to the full depth
   (``extend``). k is one remat group (``every_k``) and, on a pipeline mesh, a whole number of
   layers per stage.
-- Residuals: the bytes autodiff saves for the backward pass (``saved_residual_bytes``), the
-  planner's compile-free screen.
+- Residuals: the bytes autodiff saves for the backward pass, the planner's compile-free
+  screen; ``gradient_profile`` reads them and the matrix-product FLOPs of the forward and
+  backward passes (recomputation included) from one trace.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import math
-import re
 
 import jax
 import numpy as np
@@ -183,36 +181,62 @@ def itemsize(dtype) -> int:
     return np.dtype(dtype).itemsize
 
 
-def saved_residual_bytes(fn, *args) -> int:
-    """Bytes autodiff saves for the backward pass of ``fn(*args)`` (its arguments excluded).
+def gradient_profile(fn, params, *rest) -> tuple[int, float]:
+    """(residual bytes, FLOPs) of differentiating ``fn(params, *rest)`` (a scalar) with respect
+    to ``params``, from one trace.
 
-    Reads jax's residual list (the one ``jax.ad_checkpoint.print_saved_residuals`` prints);
-    where that list is not importable, parses the public printout instead.
+    The forward and backward passes are traced together (``jax.vjp`` and its cotangent
+    function in one jaxpr). Residual bytes are what the vjp function keeps, as
+    ``jax.ad_checkpoint.print_saved_residuals`` lists them: arguments excluded (looking
+    through ``reduce_precision``), literals and computed values counted. FLOPs are those of the
+    matrix products (``matmul_flops``) of both passes, recomputation under ``jax.checkpoint``
+    included: the FLOPs that model-FLOPs utilisation counts, without the elementwise work.
     """
-    try:
-        from jax._src.ad_checkpoint import saved_residuals
-    except ImportError:
-        return _printed_residual_bytes(fn, *args)
-    return sum(int(math.prod(a.shape)) * itemsize(a.dtype) for a, why in saved_residuals(fn, *args)
-               if not why.startswith("from the argument"))
+    leaves, tree = jax.tree.flatten((params, rest))
+
+    def forward_backward(*flat):
+        p, others = jax.tree.unflatten(tree, flat)
+        out, vjp = jax.vjp(lambda q: fn(q, *others), p)
+        return jax.tree.leaves(vjp), vjp(jax.numpy.ones_like(out))
+
+    closed, shapes = jax.make_jaxpr(forward_backward, return_shape=True)(*leaves)
+    jaxpr = closed.jaxpr
+    residuals = jaxpr.outvars[:len(shapes[0])]
+    through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns if e.primitive.name == "reduce_precision"}
+    arguments = set(jaxpr.invars)
+    saved = 0
+    for v in residuals:
+        if hasattr(v, "val"):  # a literal
+            saved += _aval_bytes(v.aval)
+        elif through.get(v, v) not in arguments:
+            saved += _aval_bytes(v.aval)
+    return saved, matmul_flops(jaxpr)
 
 
-_SHORT = re.compile(r"^(?:(bool)|key<\w*>|([a-z]+?)(\d+))\[([\d,]*)\]")
+def _aval_bytes(aval) -> int:
+    return int(math.prod(aval.shape)) * itemsize(aval.dtype)
 
 
-def _printed_residual_bytes(fn, *args) -> int:
-    """``saved_residual_bytes`` from the lines ``jax.ad_checkpoint.print_saved_residuals`` prints
-    (``f32[8,32] from ...``; ``bool``, keys and any ``<kind><bits>`` dtype)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(fn, *args)
-    total = 0
-    for line in out.getvalue().splitlines():
-        m = _SHORT.match(line.strip())
-        if m is None:
-            raise ValueError(f"cannot read the residual line {line!r}")
-        if " from the argument" in line:
-            continue
-        size = 1 if m.group(1) else 8 if line.startswith("key<") else int(m.group(3)) // 8
-        total += size * math.prod(int(d) for d in m.group(4).split(",") if d)
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the matrix products of a jaxpr: 2 x output elements x contracted size for each
+    ``dot_general`` and convolution, through nested jaxprs (a ``scan`` body times its length,
+    the largest ``cond`` branch, a ``while`` body once)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_feature]
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for key, value in eqn.params.items():
+            if key == "branches":
+                total += max((matmul_flops(b) for b in value), default=0.0)
+            elif hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns"):
+                total += times * matmul_flops(value)
     return total

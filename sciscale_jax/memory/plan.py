@@ -3,10 +3,11 @@
 ``enumerate_settings`` lists the mixes of mesh shape (data / fsdp x tensor, data x dap for
 models with Dynamic Axial Parallelism, pipeline x data for recipes with pipeline stages), ZeRO
 stage, remat policy, attention implementation, precision, gradient accumulation and
-optimizer-state offload (every switch the caller did not fix). ``screen`` gives one mix its
-per-device memory parts and modelled step time from a description of the model (state bytes
-as the loop places them, per-example residual bytes per layer, FLOPs); ``train.plan`` measures
-those descriptions for a recipe, ranks the mixes and confirms the best with a compiled estimate.
+optimizer-state offload (every switch the caller did not fix). ``step_time`` gives one mix its
+modelled step time and ``screened_parts`` its per-device memory parts from a description of
+the model (state bytes as the loop places them, per-example residual bytes per layer, FLOPs);
+``train.plan`` measures those descriptions for a recipe, ranks the mixes and confirms the best
+with a compiled estimate.
 
 The screen of one mix: parameters, gradients and optimizer state per device exactly as placed,
 plus activations = residuals per example (depth k and 2k, extended to the full depth) times
@@ -17,8 +18,9 @@ GPipe, up to the stage count for 1F1B-type schedules), their residuals.
 
 The step-time model (stated, not measured; no overlap of compute and communication):
 
-- compute: FLOPs of the forward and backward passes, recomputation included, from XLA's cost
-  analysis of the lowered gradient program on one example, times the examples per device,
+- compute: FLOPs of the matrix products of the forward and backward passes, recomputation
+  included, counted in the traced gradient program of one example (within 10% of XLA's cost
+  analysis, which adds the elementwise work), times the examples per device,
   divided over the tensor, DAP and pipeline devices, at ``Hardware.flops`` (bf16/fp16/fp8) or
   half of it (fp32); a pipeline adds its bubble, (stages - 1) / microbatches of the compute;
 - data-parallel traffic per device: an all-reduce of the gradients moves 2(n-1)/n of their bytes
@@ -171,22 +173,56 @@ def enumerate_settings(train_config, devices: int, fixed: dict, *, dap: bool = F
     return out
 
 
-def screen(settings: dict, state: dict, profile: dict, carry: float, train_config, param_itemsize: int,
-           hardware: Hardware) -> Plan:
-    """The screened ``Plan`` of one mix.
+def step_time(settings: dict, state: dict, flops: float, carry: float, depth: int, train_config,
+              hardware: Hardware) -> tuple[float, float, float]:
+    """(modelled seconds, FLOPs, communicated bytes) per device for one step of one mix.
 
     ``state``: per-device params / grads / opt_state bytes as placed (``memory.estimate.state_bytes``);
-    ``profile``: per-example residual bytes ("base", "layer", "recompute"), the full depth
-    ("depth") and the FLOPs of one example's forward and backward ("flops"); ``carry``: one
-    layer's input per example (the bytes full remat keeps per layer).
+    ``flops``: one example's forward and backward matrix-product FLOPs under the mix's remat
+    policy and attention; ``carry``: one layer's input per example (the bytes full remat keeps
+    per layer); ``depth``: the layer count. The model is the module docstring's.
     """
     s = settings
     sizes = mesh_sizes(s["mesh"])
-    batch, accum = train_config.batch_size, s["grad_accum"]
+    accum = s["grad_accum"]
     dp, tp, dap, pp = sizes["dp"], sizes["tp"], sizes["dap"], sizes["pp"]
     split = tp * dap
+    examples = train_config.batch_size // dp      # per data-parallel group and step
+    total = flops * examples / (split * pp)
+    if pp > 1:
+        m = train_config.microbatches or pp
+        total *= (m + pp - 1) / m                  # the bubble, counted as idle compute
+    rate = hardware.flops if s["precision"] != "fp32" else hardware.flops / 2
+    grad = state["grads"]
+    comm = 0.0
+    if dp > 1:
+        if s["zero"] >= 2 or sizes["fsdp"] > 1:    # reduce-scatter of the whole gradient (dp shards of it)
+            comm += grad * dp * (dp - 1) / dp
+        else:                                      # all-reduce
+            comm += 2 * grad * (dp - 1) / dp
+        if s["zero"] >= 3 or sizes["fsdp"] > 1:
+            comm += 2 * state["params"] * (dp - 1) * accum
+    if split > 1:
+        comm += 4 * carry * depth * examples * (split - 1) / split / split
+    if pp > 1:
+        comm += 2 * carry * examples
+    host = 2 * state["opt_state"] if s["offload"] == "opt_state" else 0.0
+    seconds = total / rate + comm / hardware.link_bandwidth + host / hardware.host_bandwidth
+    return seconds, total, comm
+
+
+def screened_parts(settings: dict, state: dict, profile: dict, train_config, param_itemsize: int) -> dict:
+    """Screened per-device bytes of one mix: parameters, gradients, optimizer state, activations.
+
+    ``profile``: per-example residual bytes ("base", "layer", "recompute") and the full depth
+    ("depth") under the mix's remat policy, attention and precision.
+    """
+    s = settings
+    sizes = mesh_sizes(s["mesh"])
+    accum = s["grad_accum"]
+    dp, tp, dap, pp = sizes["dp"], sizes["tp"], sizes["dap"], sizes["pp"]
     depth = profile["depth"]
-    examples = batch // dp                         # per data-parallel group and step
+    examples = train_config.batch_size // dp
     st = dict(state)
     if s["offload"] == "opt_state":
         st["opt_state"] = 0
@@ -197,33 +233,11 @@ def screen(settings: dict, state: dict, profile: dict, carry: float, train_confi
         act = micro * (profile["base"] + inflight * profile["layer"] * depth / pp + profile["recompute"])
     else:
         micro = examples // accum
-        act = micro * (profile["base"] + profile["layer"] * depth + profile["recompute"]) / split
+        act = micro * (profile["base"] + profile["layer"] * depth + profile["recompute"]) / (tp * dap)
     if accum > 1:  # float32 accumulator beside the gradients
         act += st["grads"] * (4 / max(1, param_itemsize))
-    parts = {"parameters": st["params"], "gradients": st["grads"], "optimizer state": st["opt_state"],
-             "activations": int(act)}
-    flops = profile["flops"] * examples / (split * pp)
-    if pp > 1:
-        m = train_config.microbatches or pp
-        flops *= (m + pp - 1) / m                  # the bubble, counted as idle compute
-    rate = hardware.flops if s["precision"] != "fp32" else hardware.flops / 2
-    grad = st["grads"]
-    comm = 0.0
-    if dp > 1:
-        if s["zero"] >= 2 or sizes["fsdp"] > 1:    # reduce-scatter of the whole gradient (dp shards of it)
-            comm += grad * dp * (dp - 1) / dp
-        else:                                      # all-reduce
-            comm += 2 * grad * (dp - 1) / dp
-        if s["zero"] >= 3 or sizes["fsdp"] > 1:
-            comm += 2 * st["params"] * (dp - 1) * accum
-    if split > 1:
-        comm += 4 * carry * depth * examples * (split - 1) / split / split
-    if pp > 1:
-        comm += 2 * carry * examples
-    host = 2 * state["opt_state"] if s["offload"] == "opt_state" else 0.0
-    seconds = flops / rate + comm / hardware.link_bandwidth + host / hardware.host_bandwidth
-    return Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"], s["offload"],
-                parts, seconds, flops, comm)
+    return {"parameters": st["params"], "gradients": st["grads"], "optimizer state": st["opt_state"],
+            "activations": int(act)}
 
 
 def nothing_fits(plans: list[Plan], budget: int, devices: int) -> str:

@@ -12,6 +12,7 @@ loop does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 
 from sciscale_jax import axes as ax
 from sciscale_jax import optim, parallel, precision, remat
+from sciscale_jax.memory.measure import analysis_options
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train.step import TrainState, split_model
 
@@ -66,9 +68,14 @@ class AbstractRun:
     model_config: object         # with the sharding table the run uses
     offload: frozenset
 
-    def compile(self):
+    def compile(self, *, analysis_only: bool = False):
+        """The step compiled with the loop's XLA options; ``analysis_only`` adds
+        ``memory.measure.analysis_options`` (a program to read, not to run)."""
+        options = dict(remat.compiler_options())
+        if analysis_only:
+            options.update(analysis_options())
         with jax.set_mesh(self.place.mesh) if self.place is not None else _null():
-            return self.step.lower(self.state, self.batch).compile(remat.compiler_options())
+            return self.step.lower(self.state, self.batch).compile(options)
 
 
 class _null:
@@ -82,6 +89,46 @@ class _null:
 _MODELS: dict = {}
 
 
+@contextlib.contextmanager
+def _whole_count_updates():
+    """Within it, flax's ``RngStream`` replaces its draw count whole (``set_value``) rather than
+    through ``count[...] += 1``: the same counts and keys, without the quadratic trace.
+
+    Under a trace ``Variable.__setitem__`` probes the new count's ``.sharding``; on a tracer that
+    raises an AttributeError whose message jax (0.10) builds by walking every equation traced
+    so far, so building a model abstractly cost O(parameters x equations): 48 Evoformer blocks
+    took about 10 minutes, 4.5 s with this (jax-ml/jax PR 40041 removes the walk). Where flax's
+    stream does not look as expected, nothing is changed.
+    """
+    stream = getattr(nnx, "RngStream", None)
+    original = getattr(stream, "__call__", None)
+    if original is None:
+        yield
+        return
+
+    def draw(self):
+        count = getattr(self, "count", None)
+        if not (hasattr(count, "set_value") and hasattr(count, "get_value") and hasattr(self, "key")):
+            return original(self)
+        if hasattr(count, "_check_can_update"):
+            count._check_can_update()
+        key = jax.random.fold_in(self.key[...], count[...])
+        count.set_value(count.get_value() + 1)
+        return key
+
+    stream.__call__ = draw
+    try:
+        yield
+    finally:
+        stream.__call__ = original
+
+
+def eval_shape_module(build):
+    """``nnx.eval_shape(build)`` in time linear in the model's size (see ``_whole_count_updates``)."""
+    with _whole_count_updates():
+        return nnx.eval_shape(build)
+
+
 def abstract_model(recipe, model_config, seed: int = 0):
     """(graphdef, params, rest, param_axes, fp8 paths) of the recipe's model from ``nnx.eval_shape``
     (kept per recipe, config and seed in this process: the planner asks for the same model often)."""
@@ -89,7 +136,7 @@ def abstract_model(recipe, model_config, seed: int = 0):
     if key not in _MODELS:
         if len(_MODELS) > 64:
             _MODELS.clear()
-        model = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(seed)))
+        model = eval_shape_module(lambda: recipe.build_model(model_config, nnx.Rngs(seed)))
         _MODELS[key] = (*split_model(model), parallel.param_axes(model), precision.fp8_paths(model))
     return _MODELS[key]
 

@@ -52,11 +52,13 @@ def estimate(recipe, model_config, train_config, *, method: str = "compile") -> 
             probes = ((depth, _compiled_peak(run)),)
             total, per_layer_total = probes[0][1], 0.0
         else:
-            probes = tuple((k, _compiled_peak(abstract_run(recipe, mem.at_depth(model_config, k), train_config)))
-                           for k in (k1, k2))
+            runs = [abstract_run(recipe, mem.at_depth(model_config, k), train_config) for k in (k1, k2)]
+            probes = tuple((k, _compiled_peak(r)) for k, r in zip((k1, k2), runs))
             total, per_layer_total = mem.extend(probes, depth)
+            s1, s2 = (mem.state_bytes(r) for r in runs)
+            per_layer_total -= sum(s2[k] - s1[k] for k in ("params", "grads", "opt_state")) / (k2 - k1)
         activations = int(round(total)) - fixed - mem.host_counted_on_device(state["offloaded"])
-        layer_act = per_layer_total - _per_layer_state(recipe, model_config, train_config, depth)
+        layer_act = per_layer_total
     else:
         stored = {k: _saved_bytes(recipe, mem.at_depth(model_config, k), train_config) for k in (k1, k2)}
         _, layer_act = mem.extend(tuple(stored.items()), depth)
@@ -75,29 +77,19 @@ def estimate(recipe, model_config, train_config, *, method: str = "compile") -> 
 
 
 def _compiled_peak(run) -> int:
-    return report_from_analysis(run.compile().memory_analysis()).peak_bytes
-
-
-def _per_layer_state(recipe, model_config, train_config, depth) -> float:
-    """Bytes of params + grads + optimizer state each layer adds (from two abstract runs, no compile)."""
-    k1, k2 = mem.probe_depths(model_config, train_config)
-    if depth <= k1:
-        return 0.0
-    s = [mem.state_bytes(abstract_run(recipe, mem.at_depth(model_config, k), train_config)) for k in (k1, k2)]
-    tot = [x["params"] + x["grads"] + x["opt_state"] for x in s]
-    return (tot[1] - tot[0]) / (k2 - k1)
+    return report_from_analysis(run.compile(analysis_only=True).memory_analysis()).peak_bytes
 
 
 def _saved_bytes(recipe, model_config, train_config) -> int:
     """Bytes autodiff saves for the backward pass of the loss on one device's microbatch."""
     tc = dataclasses.replace(train_config, batch_size=mem.microbatch(train_config), grad_accum=1, mesh="", zero=0,
                              offload="")
-    return loss_profile(recipe, model_config, tc)
+    return loss_profile(recipe, model_config, tc)[0]
 
 
-def loss_profile(recipe, model_config, train_config, *, flops: bool = False):
-    """Saved-residual bytes of the loss on one device at ``train_config.batch_size`` (and with
-    ``flops``, the FLOPs of its gradient program from XLA's cost analysis of the lowering)."""
+def loss_profile(recipe, model_config, train_config) -> tuple[int, float]:
+    """(saved-residual bytes, matrix-product FLOPs of forward + backward) of the loss on one
+    device at ``train_config.batch_size`` (``memory.estimate.gradient_profile``: one trace)."""
     cfg = dataclasses.replace(model_config, sharding=None)
     graphdef, params, rest, _, _ = abstract_model(recipe, cfg)
     batch = abstract_batch(recipe, cfg, train_config)
@@ -107,9 +99,4 @@ def loss_profile(recipe, model_config, train_config, *, flops: bool = False):
         total, count = recipe.loss_fn(nnx.merge(graphdef, p, rest), b, key)
         return total / count
 
-    saved = mem.saved_residual_bytes(loss, params, batch)
-    if not flops:
-        return saved
-    cost = jax.jit(jax.grad(loss)).lower(params, batch).cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return saved, float(cost.get("flops", 0.0))
+    return mem.gradient_profile(loss, params, batch)

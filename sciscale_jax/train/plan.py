@@ -4,19 +4,24 @@
 (``memory.plan.enumerate_settings``: mesh shape with data / fsdp / tensor axes, DAP for models
 that support it, pipeline stages for recipes with ``Recipe.pipeline`` and a scanned layer
 stack; ZeRO stage, remat policy, attention, precision, accumulation, optimizer-state offload),
-screens each against the budget from a description measured once per remat / attention /
-precision (``memory.plan.screen``: state bytes as the loop places them, residuals and FLOPs of
-one example at depth k and 2k), ranks the ones that fit by the stated step-time model and
-confirms the best with ``train.estimate.estimate`` (compiled probes: the figure it prints).
+ranks them by the stated step-time model (``memory.plan.step_time``) and screens them against
+the budget (``memory.plan.screened_parts``) from descriptions measured once per remat /
+attention / precision (state bytes as the loop places them; residual bytes and matrix-product
+FLOPs of one example at depth k and 2k from one trace each), walking the mixes fastest first
+and tracing a description only when the walk reaches a mix that needs it. The best that fit
+are confirmed with ``train.estimate.estimate`` (compiled probes: the figure it prints).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 
 import jax
 import numpy as np
 
+from sciscale_jax import precision
 from sciscale_jax.memory import estimate as mem
 from sciscale_jax.memory import plan as mplan
 from sciscale_jax.train.abstract import abstract_run
@@ -24,16 +29,27 @@ from sciscale_jax.train.estimate import estimate, loss_profile
 
 
 class _Profiles:
-    """Per-example residual bytes and FLOPs by (remat, attention, precision), cached."""
+    """Per-example residual bytes and FLOPs by (remat, attention, precision), each measured when
+    first asked for: one trace of the loss's forward and backward passes at depth k, one at 2k.
 
-    def __init__(self, recipe, model_config, train_config):
+    The FLOPs count matrix products, so they depend on the remat policy and attention but not on
+    the precision (``flops`` takes them from whichever precision was measured, preferring
+    ``precisions[0]``); one layer's input (``carry``) does not depend on the attention.
+    """
+
+    def __init__(self, recipe, model_config, train_config, precisions):
         self.recipe, self.model_config, self.train_config = recipe, model_config, train_config
-        self.cache = {}
+        self.precisions, self.cache = list(precisions), {}
 
     def __call__(self, remat: str, attention: str, precision: str) -> dict:
         key = (remat, attention, precision)
         if key not in self.cache:
-            self.cache[key] = self._measure(*key)
+            try:
+                self.cache[key] = self._measure(*key)
+            except ValueError as err:  # a combination the model refuses, remembered as refused
+                self.cache[key] = err
+        if isinstance(self.cache[key], ValueError):
+            raise self.cache[key]
         return self.cache[key]
 
     def _measure(self, remat, attention, precision):
@@ -43,7 +59,7 @@ class _Profiles:
         k1, k2 = mem.probe_depths(cfg)
         saved, flops = {}, {}
         for k in (k1, k2):
-            saved[k], flops[k] = loss_profile(self.recipe, mem.at_depth(cfg, k), one, flops=True)
+            saved[k], flops[k] = loss_profile(self.recipe, mem.at_depth(cfg, k), one)
         depth = mem.depth_of(cfg)
         layer = (saved[k2] - saved[k1]) / (k2 - k1)
         recompute = 0.0
@@ -53,9 +69,54 @@ class _Profiles:
         return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "depth": depth,
                 "flops": flops[k1] + layer_flops * (depth - k1)}
 
+    def _known(self, match) -> dict | None:
+        for key, prof in self.cache.items():
+            if match(key) and not isinstance(prof, ValueError):
+                return prof
+        return None
+
+    def known_flops(self, remat: str, attention: str) -> float | None:
+        prof = self._known(lambda k: k[:2] == (remat, attention))
+        return None if prof is None else prof["flops"]
+
+    def flops(self, remat: str, attention: str, precision: str) -> float:
+        """FLOPs of one example's forward and backward passes (traced at ``precisions[0]`` if
+        that precision is among the choices, else at ``precision``)."""
+        known = self.known_flops(remat, attention)
+        if known is not None:
+            return known
+        return self(remat, attention, self.precisions[0] if self.precisions else precision)["flops"]
+
+    def known_carry(self, precision: str) -> float | None:
+        prof = self._known(lambda k: k[0] == "full" and k[2] == precision)
+        return None if prof is None else prof["layer"]
+
     def carry(self, attention: str, precision: str) -> float:
         """One layer's input per example: the bytes full remat keeps per layer."""
-        return self("full", attention, precision)["layer"]
+        known = self.known_carry(precision)
+        return known if known is not None else self("full", attention, precision)["layer"]
+
+
+class _States:
+    """Per-device parameter, gradient and optimizer-state bytes by mesh, ZeRO stage and the
+    precision's parameter dtype and loss scaling, as the loop places them; a mix the loop
+    refuses (ValueError) is remembered as refused."""
+
+    def __init__(self, recipe):
+        self.recipe, self.cache = recipe, {}
+
+    def __call__(self, cfg, tc) -> dict:
+        key = (tc.mesh, tc.zero, str(cfg.param_dtype), precision.get_policy(cfg.precision).loss_scaling)
+        if key not in self.cache:
+            try:
+                run = abstract_run(self.recipe, dataclasses.replace(cfg, remat="none", attention="xla"),
+                                   dataclasses.replace(tc, grad_accum=1, offload=""))
+                self.cache[key] = mem.state_bytes(run)
+            except ValueError as err:
+                self.cache[key] = err
+        if isinstance(self.cache[key], ValueError):
+            raise self.cache[key]
+        return self.cache[key]
 
 
 def _configs(model_config, train_config, s: dict):
@@ -80,21 +141,78 @@ def _check(recipe, cfg, tc) -> None:
         raise ValueError(f"batch_size={tc.batch_size} does not split over {sizes['dp']} x {tc.grad_accum}")
 
 
-def _screen(recipe, model_config, train_config, settings, profiles, states, hardware):
-    """The screened Plan of one mix, or None when the mix is not a valid run."""
-    try:
-        cfg, tc = _configs(model_config, train_config, settings)
-        _check(recipe, cfg, tc)
-        key = (settings["mesh"], settings["zero"], settings["precision"])
-        if key not in states:
-            run = abstract_run(recipe, dataclasses.replace(cfg, remat="none", attention="xla"),
-                               dataclasses.replace(tc, grad_accum=1, offload=""))
-            states[key] = mem.state_bytes(run)
-        prof = profiles(settings["remat"], settings["attention"], settings["precision"])
-        carry = profiles.carry(settings["attention"], settings["precision"])
-    except ValueError:
-        return None
-    return mplan.screen(settings, states[key], prof, carry, tc, np.dtype(cfg.param_dtype).itemsize, hardware)
+def _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen: list):
+    """Every valid mix as a screened Plan, in ``_rank`` order, measuring only what the order needs.
+
+    A best-first walk over lower bounds of the step time: a mix whose remat policy has not been
+    traced yet takes the FLOPs of the same attention without remat (recomputation only adds
+    matrix products), and a precision whose layer input is not yet known counts no
+    tensor-parallel traffic. Reaching a bound traces what it stood for and puts the mix back at
+    its exact time; reaching an exact time screens the mix (its residual profile) with every
+    other mix of the same (time, accumulation), sorted by peak. The profiles of slow mixes are
+    traced only if the walk gets to them; the order is the one a full screen would give. Each
+    Plan is also appended to ``seen``.
+    """
+    remats = {s["remat"] for s in settings}
+    base_remat = "none" if "none" in remats else None
+    heap, count = [], itertools.count()
+
+    def timing(s, cfg, tc, state, resolve: bool):
+        """((time, accumulation), exact, (seconds, FLOPs, bytes)); ``resolve`` traces what the
+        exact time needs, otherwise a lower bound stands in for what is not yet known."""
+        exact = True
+        flops = profiles.known_flops(s["remat"], s["attention"])
+        if flops is None:
+            if resolve or base_remat is None or s["remat"] == base_remat:
+                flops = profiles.flops(s["remat"], s["attention"], s["precision"])
+            else:
+                flops, exact = profiles.flops(base_remat, s["attention"], s["precision"]), False
+        carry = 0.0
+        sizes = mem.mesh_sizes(tc.mesh)
+        if sizes["tp"] * sizes["dap"] > 1 or sizes["pp"] > 1:
+            carry = profiles.known_carry(s["precision"])
+            if carry is None and resolve:
+                carry = profiles.carry(s["attention"], s["precision"])
+            elif carry is None:
+                carry, exact = 0.0, False
+        seconds, total, comm = mplan.step_time(s, state, flops, carry, mem.depth_of(cfg), tc, hardware)
+        return (round(seconds, 12), s["grad_accum"]), exact, (seconds, total, comm)
+
+    for s in settings:
+        try:
+            cfg, tc = _configs(model_config, train_config, s)
+            _check(recipe, cfg, tc)
+            state = states(cfg, tc)
+            key, exact, timed = timing(s, cfg, tc, state, False)
+        except ValueError:
+            continue
+        heapq.heappush(heap, (key, exact, next(count), (s, cfg, tc, state, timed)))
+
+    while heap:
+        key, exact, _, entry = heapq.heappop(heap)
+        s, cfg, tc, state, timed = entry
+        if not exact:
+            try:
+                key, _, timed = timing(s, cfg, tc, state, True)
+            except ValueError:
+                continue
+            heapq.heappush(heap, (key, True, next(count), (s, cfg, tc, state, timed)))
+            continue
+        tie = [entry]
+        while heap and heap[0][0] == key and heap[0][1]:
+            tie.append(heapq.heappop(heap)[3])
+        group = []
+        for s, cfg, tc, state, (seconds, total, comm) in tie:
+            try:
+                prof = profiles(s["remat"], s["attention"], s["precision"])
+            except ValueError:
+                continue
+            parts = mplan.screened_parts(s, state, prof, tc, np.dtype(cfg.param_dtype).itemsize)
+            group.append(mplan.Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"],
+                                    s["grad_accum"], s["offload"], parts, seconds, total, comm))
+        group.sort(key=_rank)
+        seen.extend(group)
+        yield from group
 
 
 def _rank(p) -> tuple:
@@ -108,9 +226,10 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     """The ``top`` fastest mixes (``memory.plan.Plan``) whose peak fits ``budget`` bytes per device.
 
     ``fixed`` maps switch names (``memory.plan.SWITCHES``) to values the caller chose. With
-    ``confirm`` the best screened plans are estimated with compiled probes until one fits; its
-    ``predicted`` is that estimate. ValueError (one line) when nothing fits: it names the
-    smallest peak found and its largest part.
+    ``confirm`` the best screened plans (up to ``max(top, 3)``) are estimated with compiled
+    probes until one fits; it comes first, with that estimate as its ``predicted``, followed by
+    the next screened plans. ValueError (one line) when nothing fits: it names the smallest peak
+    found and its largest part.
     """
     if jax.device_count() < devices:
         raise ValueError(f"devices={devices} but JAX sees {jax.device_count()} devices (sciscale plan simulates "
@@ -123,33 +242,35 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     settings = mplan.enumerate_settings(train_config, devices, fixed,
                                         dap=getattr(model_config, "supports_dap", False),
                                         pipeline_layers=pipeline_layers)
-    profiles, states = _Profiles(recipe, model_config, train_config), {}
-    plans = [p for p in (_screen(recipe, model_config, train_config, s, profiles, states, hardware)
-                         for s in settings) if p is not None]
-    if not plans:
-        raise ValueError(f"no valid technique mix for {recipe.name} on {devices} devices with "
-                         f"{fixed or 'no fixed flags'}")
-    fits = sorted((p for p in plans if p.screen_bytes <= budget), key=_rank)
-    if confirm:
-        confirmed, rejected = [], []
-        for p in fits[:max(top, 3)]:
+    # FLOPs are traced at a reduced precision first: the mixes most likely to come first
+    precisions = sorted(dict.fromkeys(s["precision"] for s in settings), key=lambda p: p == "fp32")
+    profiles, states = _Profiles(recipe, model_config, train_config, precisions), _States(recipe)
+    seen, out, confirmed, tries = [], [], None, 0
+    for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen):
+        if p.screen_bytes > budget:
+            continue
+        if confirm and confirmed is None and tries < max(top, 3):
+            tries += 1
             cfg, tc = _configs(model_config, train_config, p.settings())
             try:
                 est = estimate(recipe, cfg, tc)
             except Exception as err:  # noqa: BLE001 -- a mix the compiler refuses is skipped, not fatal
                 if log is not None:
                     log(f"skipped {p.describe()}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-                rejected.append(p)
                 continue
-            p = dataclasses.replace(p, predicted=est)
-            if est.peak_bytes <= budget:
-                confirmed.append(p)
-                break
-            rejected.append(p)
-        done = [c.settings() for c in confirmed + rejected]
-        fits = confirmed + [p for p in fits if p.settings() not in done]
-        plans = ([p for p in plans if p.settings() not in done] + confirmed
-                 + [r for r in rejected if r.predicted is not None]) or plans
-    if not fits:
-        raise ValueError(mplan.nothing_fits(plans, budget, devices))
-    return fits[:top]
+            checked = dataclasses.replace(p, predicted=est)
+            seen[seen.index(p)] = checked
+            if est.peak_bytes > budget:
+                continue
+            confirmed = checked
+            out.insert(0, checked)
+        else:
+            out.append(p)
+        if len(out) >= top and (confirmed is not None or not confirm or tries >= max(top, 3)):
+            break
+    if not seen:
+        raise ValueError(f"no valid technique mix for {recipe.name} on {devices} devices with "
+                         f"{fixed or 'no fixed flags'}")
+    if not out:
+        raise ValueError(mplan.nothing_fits(seen, budget, devices))
+    return out[:top]
