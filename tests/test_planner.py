@@ -56,6 +56,18 @@ def test_estimate_within_10_percent_of_the_compiled_step(recipe_name, model_kw, 
     assert max(d for d, _ in est.compiled_probes) < depth  # probed shallower than the run
 
 
+def test_analysis_only_compile_keeps_the_memory_analysis():
+    """The planner's probes compile without LLVM's optimisation passes (``analysis_only``): every
+    figure of the memory analysis equals the loop's own compile of the same step."""
+    recipe, model_cfg, train_cfg = _configs("protein-mlm", dict(TINY, num_layers=2, remat="selective"),
+                                            dict(batch_size=8, seq_len=32, mesh="data=4,tensor=2", zero=1))
+    run = abstract_run(recipe, model_cfg, train_cfg)
+    plain = report_from_analysis(run.compile().memory_analysis())
+    quick = report_from_analysis(run.compile(analysis_only=True).memory_analysis())
+    assert dataclasses.replace(quick, generated_code_bytes=0) == dataclasses.replace(plain, generated_code_bytes=0)
+    assert quick.peak_bytes > 0
+
+
 def test_state_bytes_match_the_built_model():
     """One device: parameter bytes = the concrete model's; Adam keeps two float32 moments per parameter."""
     recipe, model_cfg, train_cfg = _configs("protein-mlm", TINY, dict(batch_size=2, seq_len=16))
