@@ -15,6 +15,11 @@ the block's outputs. Variants, each a switch of ``EvoformerConfig``:
 - +bf16: bfloat16 compute (float32 parameters), with the above = all
 - bf16 only, remat only: each technique alone
 
+``--scan-layers`` scans the block stack in every variant. Unrolled, XLA keeps buffers of every
+block's chunked loops (``lax.map``) alive across the whole backward pass, so block remat
+saves far less with chunking than without; scanned, each further block costs its input and
+its parameters' state only (``benchmarks/results/evoformer_memory_384_scan.md``).
+
 It prints markdown tables, fits the growth of peak memory with N_res (naive and all), and
 writes JSON and a PNG under ``benchmarks/results/``.
 
@@ -36,6 +41,7 @@ from flax import nnx
 
 from sciscale_jax.memory.measure import MiB, compiled_memory
 from sciscale_jax.models.evoformer import EvoformerConfig, EvoformerStack
+from sciscale_jax.train.abstract import eval_shape_module
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -56,7 +62,7 @@ def variants(chunk: int) -> dict[str, dict]:
 
 def step_memory(cfg: EvoformerConfig, n_seq: int, n_res: int) -> int:
     """Peak bytes of one compiled training step of ``EvoformerStack(cfg)`` (batch 1)."""
-    abstract = nnx.eval_shape(lambda: EvoformerStack(cfg, rngs=nnx.Rngs(0)))
+    abstract = eval_shape_module(lambda: EvoformerStack(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     opt = optax.adam(1e-3)
     opt_state = jax.eval_shape(opt.init, params)
@@ -108,8 +114,11 @@ def main():
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="find the largest N_res (N_seq 128, one block, multiple of 32) whose step fits "
                              "this many GiB, naive and all")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="scan the block stack (one compiled block body) in every variant")
     parser.add_argument("--out", default="evoformer_memory")
     args = parser.parse_args()
+    scan = dict(scan_layers=True) if args.scan_layers else {}
     device = jax.devices()[0].device_kind
     rows = []
     for crop in args.crops:
@@ -118,23 +127,25 @@ def main():
             for name, overrides in variants(args.chunk).items():
                 if args.variants and name not in args.variants and name not in ("naive", "+bf16 (all)"):
                     continue
-                cfg = EvoformerConfig(num_blocks=blocks, **overrides)
+                cfg = EvoformerConfig(num_blocks=blocks, **overrides, **scan)
                 peak = step_memory(cfg, n_seq, n_res)
                 rows.append(dict(crop=crop, n_seq=n_seq, n_res=n_res, blocks=blocks, variant=name, peak_bytes=peak))
                 print(f"{crop} blocks={blocks} {name:<22} {peak / MiB:10.1f} MiB", flush=True)
     lines = [f"Evoformer training-step peak memory (forward + backward + Adam), XLA compiled memory "
-             f"analysis, device: {device}, chunk {args.chunk}", "",
+             f"analysis, device: {device}, chunk {args.chunk}"
+             + (", block stack scanned (--scan-layers)" if args.scan_layers else ", block stack unrolled"), "",
              "| crop | blocks | " + " | ".join(variants(args.chunk)) + " | naive / all |",
              "|---|---|" + "---|" * (len(variants(args.chunk)) + 1)]
     for crop in args.crops:
         for blocks in args.blocks:
             sel = {r["variant"]: r["peak_bytes"] for r in rows if r["crop"] == crop and r["blocks"] == blocks}
             cells = " | ".join(f"{sel[v] / MiB:.0f} MiB" if v in sel else "-" for v in variants(args.chunk))
-            lines.append(f"| {crop} | {blocks} | {cells} | {sel['naive'] / sel['+bf16 (all)']:.1f}x |")
+            ratio = f"{sel['naive'] / sel['+bf16 (all)']:.1f}x" if {"naive", "+bf16 (all)"} <= set(sel) else "-"
+            lines.append(f"| {crop} | {blocks} | {cells} | {ratio} |")
     scaling = []
     for n_res in args.scaling:
         for name in ("naive", "+bf16 (all)"):
-            cfg = EvoformerConfig(num_blocks=1, **variants(args.chunk)[name])
+            cfg = EvoformerConfig(num_blocks=1, **variants(args.chunk)[name], **scan)
             scaling.append(dict(n_res=n_res, variant=name, peak_bytes=step_memory(cfg, 128, n_res)))
             print(f"scaling N_res={n_res} {name:<12} {scaling[-1]['peak_bytes'] / MiB:10.1f} MiB", flush=True)
     fits = {}
@@ -149,7 +160,7 @@ def main():
     if args.budget_gib:
         budget = args.budget_gib * 1024**3
         for name in ("naive", "+bf16 (all)"):
-            cfg = EvoformerConfig(num_blocks=1, **variants(args.chunk)[name])
+            cfg = EvoformerConfig(num_blocks=1, **variants(args.chunk)[name], **scan)
             largest[name] = largest_crop(cfg, budget)
             print(f"largest N_res under {args.budget_gib:g} GiB, {name}: {largest[name]}", flush=True)
         lines += ["", f"| variant | largest N_res (multiple of 32, N_seq 128, one block) within {args.budget_gib:g} GiB |",

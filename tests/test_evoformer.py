@@ -263,3 +263,18 @@ def test_block_dropout_is_shared_along_alphafolds_axis(keep, stream, shared_axis
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         small_config(**kw)
+
+
+def test_chunking_with_block_remat_on_an_unrolled_stack_warns():
+    """Chunked sub-modules under block remat keep every block's loop buffers when the stack is
+    unrolled (benchmarks/evoformer_memory.py --scan-layers); the config says so once, and not
+    when the stack is scanned, remat is off or there is one block."""
+    with pytest.warns(UserWarning, match="scan_layers=True"):
+        small_config(chunk_size=4, remat="full", num_blocks=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_config(chunk_size=4, remat="full", num_blocks=2, scan_layers=True)
+        small_config(chunk_size=4, num_blocks=2)
+        small_config(chunk_size=4, remat="full", num_blocks=1)

@@ -21,6 +21,7 @@ batch axis: m [B, S, R, c_m], z [B, R, R, c_z], masks [B, S, R] and [B, R, R].
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import jax
@@ -96,6 +97,11 @@ class EvoformerConfig(Techniques):
             raise ValueError(f"quant={self.quant!r}, precision={self.precision!r}: the Evoformer has no QAT or fp8 "
                              "matmul hooks; use precision fp32, bf16 or fp16")
         super().__post_init__()
+        if self.chunk_size is not None and self.remat != "none" and not self.scan_layers and self.num_blocks > 1:
+            warnings.warn(f"chunk_size={self.chunk_size} with remat={self.remat!r} on an unrolled stack of "
+                          f"{self.num_blocks} blocks: XLA keeps every block's chunk-loop buffers through the backward "
+                          "pass, so block remat saves little; scan_layers=True (--scan-layers) keeps one block's "
+                          "(benchmarks/results/evoformer_memory_384_scan.md)", stacklevel=3)
 
 
 
