@@ -15,10 +15,10 @@ the block's outputs. Variants, each a switch of ``EvoformerConfig``:
 - +bf16: bfloat16 compute (float32 parameters), with the above = all
 - bf16 only, remat only: each technique alone
 
-``--scan-layers`` scans the block stack in every variant. Unrolled, XLA keeps buffers of every
-block's chunked loops (``lax.map``) alive across the whole backward pass, so block remat
-saves far less with chunking than without; scanned, each further block costs its input and
-its parameters' state only (``benchmarks/results/evoformer_memory_384_scan.md``).
+``--scan-layers`` scans the block stack in every variant. Unrolled, the compiled program does
+not reuse the buffers of one block's chunked loops (``lax.map``) for the next block's, so block
+remat saves far less with chunking than without; scanned, the loops are compiled once
+(``benchmarks/results/evoformer_memory_384_scan.md``).
 
 It prints markdown tables, fits the growth of peak memory with N_res (naive and all), and
 writes JSON and a PNG under ``benchmarks/results/``.
