@@ -99,9 +99,9 @@ class EvoformerConfig(Techniques):
         super().__post_init__()
         if self.chunk_size is not None and self.remat != "none" and not self.scan_layers and self.num_blocks > 1:
             warnings.warn(f"chunk_size={self.chunk_size} with remat={self.remat!r} on an unrolled stack of "
-                          f"{self.num_blocks} blocks: XLA keeps every block's chunk-loop buffers through the backward "
-                          "pass, so block remat saves little; scan_layers=True (--scan-layers) keeps one block's "
-                          "(benchmarks/results/evoformer_memory_384_scan.md)", stacklevel=3)
+                          f"{self.num_blocks} blocks: the compiled step does not reuse one block's chunk-loop buffers "
+                          "for the next, so block remat saves little; scan_layers=True (--scan-layers) compiles the "
+                          "loops once (benchmarks/results/evoformer_memory_384_scan.md)", stacklevel=3)
 
 
 
