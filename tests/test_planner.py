@@ -304,8 +304,16 @@ def test_best_first_walk_orders_as_a_full_screen_and_traces_less():
     original = train_plan._Profiles._measure
     try:
         train_plan._Profiles._measure = lambda self, *k: traced.append(k) or original(self, *k)
-        best = plan(recipe, model_cfg, train_cfg, devices=8, budget=2 ** 40, fixed=fixed, top=1, confirm=False)[0]
+        top = plan(recipe, model_cfg, train_cfg, devices=8, budget=2 ** 40, fixed=fixed, top=3, confirm=False)
     finally:
         train_plan._Profiles._measure = original
-    assert best.settings() == full[0].settings()
+    assert top[0].settings() == full[0].settings()
     assert len(set(traced)) < 12, traced  # 3 remat x 2 attention x 2 precision
+    # each mix listed once: its fewest accumulation steps, the next plans are other mixes
+    mixes = [train_plan._mix(p) for p in top]
+    assert len(set(mixes)) == 3
+    expected = []
+    for p in full:
+        if train_plan._mix(p) not in [train_plan._mix(q) for q in expected]:
+            expected.append(p)
+    assert [p.settings() for p in top] == [p.settings() for p in expected[:3]]

@@ -215,6 +215,11 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
         yield from group
 
 
+def _mix(p) -> tuple:
+    """A plan's switches other than gradient accumulation."""
+    return tuple(sorted((k, v) for k, v in p.settings().items() if k != "grad_accum"))
+
+
 def _rank(p) -> tuple:
     """Fastest first; among equal modelled times, fewer accumulation steps (the model charges them
     nothing, a device does: smaller microbatches run less efficiently), then the smaller peak."""
@@ -228,7 +233,8 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     ``fixed`` maps switch names (``memory.plan.SWITCHES``) to values the caller chose. With
     ``confirm`` the best screened plans (up to ``max(top, 3)``) are estimated with compiled
     probes until one fits; it comes first, with that estimate as its ``predicted``, followed by
-    the next screened plans. ValueError (one line) when nothing fits: it names the smallest peak
+    the next screened plans. Each mix is listed once, with the fewest accumulation steps that
+    fit (more steps of the same mix are not an alternative). ValueError (one line) when nothing fits: it names the smallest peak
     found and its largest part.
     """
     if jax.device_count() < devices:
@@ -246,8 +252,9 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     precisions = sorted(dict.fromkeys(s["precision"] for s in settings), key=lambda p: p == "fp32")
     profiles, states = _Profiles(recipe, model_config, train_config, precisions), _States(recipe)
     seen, out, confirmed, tries = [], [], None, 0
+    listed = set()  # a mix listed once: the same mix with more accumulation steps is no alternative
     for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen):
-        if p.screen_bytes > budget:
+        if p.screen_bytes > budget or _mix(p) in listed:
             continue
         if confirm and confirmed is None and tries < max(top, 3):
             tries += 1
@@ -266,6 +273,7 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
             out.insert(0, checked)
         else:
             out.append(p)
+        listed.add(_mix(p))
         if len(out) >= top and (confirmed is not None or not confirm or tries >= max(top, 3)):
             break
     if not seen:
