@@ -218,7 +218,7 @@ def test_gradient_profile_on_the_models():
         assert flops["fp32"] == flops["bf16"], name
 
 
-def test_abstract_model_is_linear_in_depth_and_draws_the_same_keys():
+def test_eval_shape_module_builds_the_same_model_and_draws_the_same_keys():
     """``eval_shape_module`` builds the same abstract model as ``nnx.eval_shape`` (graph, shapes,
     dtypes), and the count it keeps draws the same keys: a model built concretely under it has
     the same parameters, bit for bit, as one built without it."""
@@ -234,7 +234,7 @@ def test_abstract_model_is_linear_in_depth_and_draws_the_same_keys():
     with _whole_count_updates():
         fast = nnx.state(build(), nnx.Param)
     plain = nnx.state(build(), nnx.Param)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(plain), strict=True))
     assert nnx.RngStream.__call__ is not None and "draw" not in nnx.RngStream.__call__.__name__  # restored
 
 
