@@ -25,9 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
 import time  # noqa: E402
 
 MiB = 2.0 ** 20
@@ -145,34 +142,13 @@ def table(rows) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", type=int, nargs="*", help="indices of configurations to run")
-    parser.add_argument("--out", default="benchmarks/results/planner_accuracy")
-    parser.add_argument("--merge", nargs="*", help="JSON files of earlier (partial) runs to combine into --out")
-    args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        merged = {r["index"]: r for f in args.merge for r in json.loads(pathlib.Path(f).read_text())["rows"]}
-        rows = [merged[i] for i in sorted(merged)]
-        out.with_suffix(".json").write_text(json.dumps({"device": "8 simulated CPU devices (XLA host platform)",
-                                                        "rows": rows}, indent=1, default=str))
-        text = table(rows)
-        print(text)
-        out.with_suffix(".md").write_text(text + "\n")
-        return
-    rows = []
-    for i in (args.only if args.only else range(len(CONFIGS))):
-        row = measure(i)
-        rows.append(row)
-        print(f"#{i} {row['recipe']} {row['config']}: compiled {row['compiled_peak'] / MiB:.2f} MiB, predicted "
-              f"{row['predicted_peak'] / MiB:.2f} ({100 * row['error']:+.1f}%), trace {100 * row['trace_error']:+.1f}%",
-              flush=True)
-        out.with_suffix(".json").write_text(json.dumps({"device": "8 simulated CPU devices (XLA host platform)",
-                                                        "rows": rows}, indent=1, default=str))
-    text = table(rows)
-    print(text)
-    out.with_suffix(".md").write_text(text + "\n")
+    import indexed_rows
+
+    indexed_rows.main(__doc__.splitlines()[0], "benchmarks/results/planner_accuracy", len(CONFIGS), measure, table,
+                      "8 simulated CPU devices (XLA host platform)",
+                      progress=lambda row: f"#{row['index']} {row['recipe']} {row['config']}: compiled "
+                      f"{row['compiled_peak'] / MiB:.2f} MiB, predicted {row['predicted_peak'] / MiB:.2f} "
+                      f"({100 * row['error']:+.1f}%), trace {100 * row['trace_error']:+.1f}%")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ Writes benchmarks/results/planner_fits.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -88,28 +85,11 @@ def table(rows) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", type=int, nargs="*")
-    parser.add_argument("--out", default="benchmarks/results/planner_fits")
-    parser.add_argument("--merge", nargs="*")
-    args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        merged = {r["index"]: r for f in args.merge for r in json.loads(pathlib.Path(f).read_text())["rows"]}
-        rows = [merged[i] for i in sorted(merged)]
-    else:
-        rows = []
-        for i in (args.only if args.only else range(len(ROWS))):
-            rows.append(measure(i))
-            print(f"#{i} {rows[-1]['model']} {rows[-1]['size']}: {rows[-1]['seconds']:.0f} s", flush=True)
-            out.with_suffix(".json").write_text(json.dumps({"device": "planner on CPU (no device used)",
-                                                            "rows": rows}, indent=1))
-    out.with_suffix(".json").write_text(json.dumps({"device": "planner on CPU (no device used)", "rows": rows},
-                                                   indent=1))
-    text = table(rows)
-    print(text)
-    out.with_suffix(".md").write_text(text + "\n")
+    import indexed_rows
+
+    indexed_rows.main(__doc__.splitlines()[0], "benchmarks/results/planner_fits", len(ROWS), measure, table,
+                      "planner on CPU (no device used)",
+                      progress=lambda r: f"#{r['index']} {r['model']} {r['size']}: {r['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
