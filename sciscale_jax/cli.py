@@ -30,6 +30,13 @@ def _flag(field: dataclasses.Field) -> str:
     return "--" + field.metadata.get("flag", field.name).replace("_", "-")
 
 
+def _flag_text(field: dataclasses.Field, value) -> str:
+    """The command-line text that sets ``field`` to ``value`` (booleans: ``--x`` / ``--no-x``)."""
+    if isinstance(value, bool):
+        return _flag(field) if value else "--no-" + _flag(field)[2:]
+    return f"{_flag(field)} {value}"
+
+
 def _add_config_flags(parser, cls, defaults: dict, prefix: str, default_group: str, groups: dict):
     """One flag per CLI-visible field of dataclass ``cls``; values land in ``<prefix>.<field>``."""
     from sciscale_jax.models.stack import technique_fields
@@ -261,7 +268,7 @@ def _plan(recipe, rest, show_help: bool) -> int:
     plans = plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed, top=args.top,
                  confirm=not args.no_confirm, hardware=hw, log=lambda line: print(line, file=sys.stderr))
     fields = {f.name: f for cls in (TrainConfig, recipe.config_class) for f in dataclasses.fields(cls)}
-    base = [f"{_flag(fields[k])} {v}" for kind in ("train", "model") for k, v in picked[kind].items()
+    base = [_flag_text(fields[k], v) for kind in ("train", "model") for k, v in picked[kind].items()
             if k not in planner.SWITCHES]
     print(planner.format_plans(recipe.name, plans, base, budget, args.devices))
     if args.verify:

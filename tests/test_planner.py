@@ -317,3 +317,52 @@ def test_best_first_walk_orders_as_a_full_screen_and_traces_less():
         if train_plan._mix(p) not in [train_plan._mix(q) for q in expected]:
             expected.append(p)
     assert [p.settings() for p in top] == [p.settings() for p in expected[:3]]
+
+
+def test_pipeline_schedules_are_enumerated_and_priced():
+    """On pipeline meshes the planner chooses the schedule too: ZB-H1's bubble, (p-1)/(3m+p-1) of
+    the step, makes it faster than 1F1B and GPipe (bubble (p-1)/(m+p-1)); GPipe keeps all m
+    microbatches in flight, 1F1B-type schedules at most p."""
+    _, _, tc = _configs("protein-mlm", TINY, dict(batch_size=16, seq_len=32, microbatches=8))
+    settings = planner.enumerate_settings(tc, 8, {"remat": "none", "attention": "xla", "precision": "bf16",
+                                                  "grad_accum": 1, "offload": ""}, pipeline_layers=4)
+    by_mesh = {}
+    for s in settings:
+        by_mesh.setdefault(s["mesh"], set()).add(s["pipeline_schedule"])
+    assert by_mesh["pipeline=2,data=4"] == set(planner.PLAN_SCHEDULES) and by_mesh["data=8"] == {""}
+    fixed = planner.enumerate_settings(tc, 8, {"pipeline_schedule": "gpipe"}, pipeline_layers=4)
+    assert {s["pipeline_schedule"] for s in fixed if "pipeline" in s["mesh"]} == {"gpipe"}
+
+    state = {"params": 1000, "grads": 1000, "opt_state": 2000}
+    profile = {"base": 10.0, "layer": 100.0, "recompute": 0.0, "depth": 4}
+    hw = planner.Hardware(flops=1e12, link_bandwidth=1e30, host_bandwidth=1e30)
+    p, m = 2, 8
+    times, acts = {}, {}
+    for schedule in planner.PLAN_SCHEDULES:
+        s = {"mesh": "pipeline=2,data=4", "zero": 0, "remat": "none", "attention": "xla", "precision": "bf16",
+             "grad_accum": 1, "offload": "", "pipeline_schedule": schedule}
+        cfg = dataclasses.replace(tc, mesh=s["mesh"], pipeline_schedule=schedule)
+        times[schedule] = planner.step_time(s, state, 1e9, 0.0, 4, cfg, hw)[0]
+        acts[schedule] = planner.screened_parts(s, state, profile, cfg, 4)["activations"]
+    work = 1e9 * (16 // 4) / p / 1e12  # per device: 4 examples, half the layers
+    assert times["1f1b"] == pytest.approx(work * (m + p - 1) / m)
+    assert times["gpipe"] == pytest.approx(times["1f1b"])
+    assert times["zbh1"] == pytest.approx(work * (3 * m + p - 1) / (3 * m))
+    micro = 4 / m
+    assert acts["gpipe"] == int(micro * (10 + m * 100 * 4 / p))
+    assert acts["1f1b"] == acts["zbh1"] == int(micro * (10 + p * 100 * 4 / p))
+
+
+def test_cli_plan_prints_commands_that_parse(capsys):
+    """The printed ``sciscale train`` line is ready to run: boolean model flags come out as
+    ``--scan-layers`` (not ``--scan-layers True``), and the chosen pipeline schedule is in it."""
+    argv = ["--scan-layers", "--layers", "4", "--embed-dim", "32", "--heads", "2", "--mlp-dim", "96",
+            "--batch-size", "8", "--seq-len", "32", "--mesh", "pipeline=2,data=4", "--zero", "0", "--remat", "none",
+            "--attention", "xla", "--precision", "fp32", "--grad-accum", "1", "--offload", ""]
+    assert cli.main(["plan", "protein-mlm", "--devices", "8", "--memory", "1GiB", "--no-confirm", "--top", "1",
+                     *argv]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("sciscale train"))
+    assert "--scan-layers --" in line + " --" and "True" not in line
+    _, model_cfg, train_cfg = cli.build_configs(line.split()[2:])
+    assert model_cfg.scan_layers and train_cfg.mesh == "pipeline=2,data=4"
+    assert train_cfg.pipeline_schedule == "zbh1"  # the smallest bubble at equal memory

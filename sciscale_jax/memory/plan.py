@@ -22,7 +22,8 @@ The step-time model (stated, not measured; no overlap of compute and communicati
   included, counted in the traced gradient program of one example (within 10% of XLA's cost
   analysis, which adds the elementwise work), times the examples per device,
   divided over the tensor, DAP and pipeline devices, at ``Hardware.flops`` (bf16/fp16/fp8) or
-  half of it (fp32); a pipeline adds its bubble, (stages - 1) / microbatches of the compute;
+  half of it (fp32); a pipeline adds its schedule's bubble (``parallel.analytic_bubble``:
+  (p - 1) / (m + p - 1) of the time for GPipe and 1F1B, (p - 1) / (3m + p - 1) for ZB-H1);
 - data-parallel traffic per device: an all-reduce of the gradients moves 2(n-1)/n of their bytes
   (ZeRO 0-1), a reduce-scatter (n-1)/n (ZeRO 2), ZeRO-3/FSDP adds two all-gathers of the
   parameters per microbatch; tensor parallel and DAP move 4 (t-1)/t of each layer's input per
@@ -44,10 +45,11 @@ PLAN_REMAT = ("none", "selective", "full")
 PLAN_ATTENTION = ("xla", "chunked")
 PLAN_PRECISION = ("fp32", "bf16")
 PLAN_OFFLOAD = ("", "opt_state")
+PLAN_SCHEDULES = ("gpipe", "1f1b", "zbh1")  # on pipeline meshes (interleaved needs --virtual-stages: give it)
 PIPELINE_ZERO = (0, 1)  # ZeRO stages enumerated with a pipeline axis
 # The switches ``plan`` enumerates, by config: (model or train, field).
 SWITCHES = {"remat": "model", "attention": "model", "precision": "model", "mesh": "train", "zero": "train",
-            "grad_accum": "train", "offload": "train"}
+            "grad_accum": "train", "offload": "train", "pipeline_schedule": "train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Plan:
     flops: float                     # per device per step
     comm_bytes: float                # per device per step
     predicted: Estimate | None = None
+    pipeline_schedule: str = ""      # on pipeline meshes only
 
     @property
     def screen_bytes(self) -> int:
@@ -90,7 +93,8 @@ class Plan:
 
     def settings(self) -> dict:
         return {"mesh": self.mesh, "zero": self.zero, "remat": self.remat, "attention": self.attention,
-                "precision": self.precision, "grad_accum": self.grad_accum, "offload": self.offload}
+                "precision": self.precision, "grad_accum": self.grad_accum, "offload": self.offload,
+                "pipeline_schedule": self.pipeline_schedule}
 
     def flags(self) -> list[str]:
         out = []
@@ -167,9 +171,11 @@ def enumerate_settings(train_config, devices: int, fixed: dict, *, dap: bool = F
         "grad_accum": [fixed["grad_accum"]] if "grad_accum" in fixed else accum,
         "offload": [fixed["offload"]] if "offload" in fixed else list(PLAN_OFFLOAD),
     }
+    schedules = [fixed["pipeline_schedule"]] if "pipeline_schedule" in fixed else list(PLAN_SCHEDULES)
     out = []
     for (mesh, zero), *rest in itertools.product(meshes, *choices.values()):
-        out.append({"mesh": mesh, "zero": zero, **dict(zip(choices, rest))})
+        for schedule in (schedules if mesh_sizes(mesh)["pp"] > 1 else [""]):
+            out.append({"mesh": mesh, "zero": zero, **dict(zip(choices, rest)), "pipeline_schedule": schedule})
     return out
 
 
@@ -189,9 +195,11 @@ def step_time(settings: dict, state: dict, flops: float, carry: float, depth: in
     split = tp * dap
     examples = train_config.batch_size // dp      # per data-parallel group and step
     total = flops * examples / (split * pp)
-    if pp > 1:
-        m = train_config.microbatches or pp
-        total *= (m + pp - 1) / m                  # the bubble, counted as idle compute
+    if pp > 1:                                     # the bubble, counted as idle compute
+        from sciscale_jax.parallel.pipeline_schedule import analytic_bubble
+
+        total /= 1 - analytic_bubble(train_config.pipeline_schedule, pp, train_config.microbatches or pp,
+                                     train_config.virtual_stages)
     rate = hardware.flops if s["precision"] != "fp32" else hardware.flops / 2
     grad = state["grads"]
     comm = 0.0

@@ -3,7 +3,8 @@
 ``plan(recipe, model_config, train_config, devices=..., budget=...)`` enumerates the mixes
 (``memory.plan.enumerate_settings``: mesh shape with data / fsdp / tensor axes, DAP for models
 that support it, pipeline stages for recipes with ``Recipe.pipeline`` and a scanned layer
-stack; ZeRO stage, remat policy, attention, precision, accumulation, optimizer-state offload),
+stack; ZeRO stage, remat policy, attention, precision, accumulation, optimizer-state offload,
+and on pipeline meshes the schedule),
 ranks them by the stated step-time model (``memory.plan.step_time``) and screens them against
 the budget (``memory.plan.screened_parts``) from descriptions measured once per remat /
 attention / precision (state bytes as the loop places them; residual bytes and matrix-product
@@ -123,6 +124,8 @@ def _configs(model_config, train_config, s: dict):
     cfg = dataclasses.replace(model_config, remat=s["remat"], attention=s["attention"], precision=s["precision"])
     tc = dataclasses.replace(train_config, mesh=s["mesh"], zero=s["zero"], grad_accum=s["grad_accum"],
                              offload=s["offload"])
+    if s.get("pipeline_schedule"):
+        tc = dataclasses.replace(tc, pipeline_schedule=s["pipeline_schedule"])
     return cfg, tc
 
 
@@ -209,7 +212,8 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
                 continue
             parts = mplan.screened_parts(s, state, prof, tc, np.dtype(cfg.param_dtype).itemsize)
             group.append(mplan.Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"],
-                                    s["grad_accum"], s["offload"], parts, seconds, total, comm))
+                                    s["grad_accum"], s["offload"], parts, seconds, total, comm,
+                                    pipeline_schedule=s["pipeline_schedule"]))
         group.sort(key=_rank)
         seen.extend(group)
         yield from group
