@@ -72,6 +72,68 @@ def check_sm90_inputs(q, k, v, bias=None, causal=False) -> None:
                              f"[batch, heads, q_len, kv_len] = {target}")
 
 
+class _Ops:
+    """The few kernel operations GPU interpret mode cannot run, with a plain form for it.
+
+    jax's Mosaic GPU interpreter (``interpret=InterpretGPUParams()``, CPU) simulates shared
+    memory, TMA copies, barriers and the warpgroups as threads, but not register layouts,
+    transposed shared-memory operands, ``wgmma`` with a register operand or ``pl.run_state``.
+    Interpreting, matrix products load their operands and use ``jnp.dot`` (float32
+    accumulation); everything else in the kernels (the copies, the barrier protocol, the
+    slots, the masks, the softmax, the padding) is the code the GPU runs.
+    """
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+        self.pl, self.plgpu = _mosaic_gpu()
+
+    def layout(self, x, layout):
+        return x if self.interpret else self.plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return self.plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.plgpu.Layout.WGMMA)
+
+    def mma(self, acc, a, b, *, transpose_b=False, during=None):
+        """acc + a @ b (b transposed if asked) in float32; acc None starts from zero. a is a
+        shared-memory ref or a register array; b a shared-memory ref. ``during`` runs while the
+        product is in flight (before its result is awaited)."""
+        pl, plgpu = self.pl, self.plgpu
+        if self.interpret:
+            a_val = a if isinstance(a, jax.Array) else a[...]
+            b_val = b[...]
+            out = jnp.dot(a_val, b_val.T if transpose_b else b_val, preferred_element_type=jnp.float32)
+            if during is not None:
+                during()
+            return out if acc is None else acc + out
+        rhs = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+        if acc is None:
+            shape = (a.shape[0], rhs.shape[1])
+
+            def product(acc_ref):
+                plgpu.wgmma(acc_ref, a, rhs)
+                if during is not None:
+                    during()
+                return acc_ref[...]
+
+            return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, a, rhs)
+            if during is not None:
+                during()
+
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public path yet
+    return InterpretGPUParams()
+
+
 def _pad_to(x, axis, multiple):
     size = x.shape[axis]
     extra = -size % multiple
@@ -82,10 +144,12 @@ def _pad_to(x, axis, multiple):
     return jnp.pad(x, widths)
 
 
-def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, stages):
-    """The Mosaic GPU kernel on padded inputs: q [B, Qp, H, D], k/v [B, Kp, Hkv, D],
-    bias None or [Bb, Hb, Qp, Kp] in q's dtype; Qp % (2 block_q) == 0, Kp % block_kv == 0."""
+def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, stages, interpret=False):
+    """The forward kernel on padded inputs: q [B, Qp, H, D], k/v [B, Kp, Hkv, D], bias None or
+    [Bb, Hb, Qp, Kp] in q's dtype; Qp % (2 block_q) == 0, Kp % block_kv == 0. Returns the output
+    [B, Qp, H, D] and the base-2 log-sum-exp of the scaled logits [B, H, Qp] (float32)."""
     pl, plgpu = _mosaic_gpu()
+    ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
     k_pad, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -98,12 +162,12 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def body(q_ref, k_ref, v_ref, bias_ref, out_ref, smem, produced, consumed, schedule_barrier):
+    def body(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier):
         q_head = lax.axis_index("heads")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         q_tile = lax.axis_index("q_seq")
-        qo_smem2, k_smem, v_smem, bias_smem = smem
+        qo_smem2, k_smem, v_smem, bias_smem, lse_smem2 = smem
         k_ready, v_ready, q_ready = produced
         k_free, v_free = consumed
         cta_q_base = q_tile * (_COMPUTE_WGS * block_q)
@@ -125,9 +189,9 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else cta_kv_steps
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), q_head], qo_smem, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
-            m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
-            l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
-            acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), wgmma_layout)
+            m_i = ops.layout(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+            l_i = ops.layout(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
+            acc = ops.layout(jnp.full((block_q, head_dim), 0.0, jnp.float32), wgmma_layout)
 
             @pl.when(kv_steps > 0)
             def _():
@@ -138,25 +202,17 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
             def kv_step(step, carry, diagonal=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, jnp.array(stages, step.dtype))
-
-                def qk_product(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    schedule()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_product, plgpu.ACC((block_q, block_kv), jnp.float32)) * logit_scale
+                s = ops.mma(None, qo_smem, k_smem.at[slot], transpose_b=True, during=schedule) * logit_scale
                 if has_bias:
                     tile = bias_smem[slot, pl.ds(wg * block_q, block_q)]
                     s = s + tile.astype(jnp.float32) * _LOG2E
                     plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
                 plgpu.barrier_arrive(k_free.at[slot])
                 if diagonal or mask_padded_keys:
-                    cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=wgmma_layout)
-                    cols = cols + step * block_kv
+                    cols = ops.iota((block_q, block_kv), 1) + step * block_kv
                     keep = cols < kv_len
                     if diagonal:
-                        rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=wgmma_layout)
-                        keep = (rows + q_base) >= cols
+                        keep = (ops.iota((block_q, block_kv), 0) + q_base) >= cols
                     s = jnp.where(keep, s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
@@ -169,15 +225,14 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_wait(schedule_barrier)     # tensor cores free
 
-                def pv_product(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                def wait_next_k():  # overlaps the wait for the next K tile with the product
                     nxt = step + 1
 
                     @pl.when(nxt < kv_steps)
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.array(stages, nxt.dtype))])
 
-                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                acc = ops.mma(acc, p16, v_smem.at[slot], during=wait_next_k)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
@@ -192,7 +247,9 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
 
                 def drain(step, _):  # release the tiles the producer loaded for the other consumer
                     slot = lax.rem(step, jnp.array(stages, step.dtype))
+                    plgpu.barrier_wait(k_ready.at[slot])  # every phase observed: the slots stay in step
                     plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                     schedule()
                     schedule()
@@ -202,8 +259,11 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
 
             out = acc / lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
             qo_smem[...] = out.astype(dtype)
+            lse_smem = lse_smem2.at[wg]
+            lse_smem[...] = m_i + jnp.log2(l_i)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, block_q), q_head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(q_base, block_q)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == _COMPUTE_WGS)
@@ -222,34 +282,41 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
                     plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
+            def released(step):  # wait until both consumers are done with this step's slot
+                slot = lax.rem(step, jnp.array(stages, step.dtype))
+                plgpu.barrier_wait(k_free.at[slot])   # K (and bias) slot
+                plgpu.barrier_wait(v_free.at[slot])
+                return slot
+
             for i in range(stages):
-                load(jnp.int32(i), i)
+                pl.when(i < cta_kv_steps)(functools.partial(load, jnp.int32(i), i))
 
             @pl.loop(0, cta_kv_steps - stages)
             def _(i):
-                step = i + stages
-                slot = lax.rem(i, jnp.array(stages, i.dtype))
-                plgpu.barrier_wait(k_free.at[slot])   # K (and bias) slot released by both consumers
-                plgpu.barrier_wait(v_free.at[slot])
-                load(step, slot)
+                load(i + stages, released(i))
+
+            @pl.loop(jnp.maximum(cta_kv_steps - stages, 0), cta_kv_steps)
+            def _(i):  # the last releases, so every barrier phase is awaited (the interpreter checks)
+                released(i)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(q_ref, k_ref, v_ref, *rest):
         if has_bias:
-            bias_ref, out_ref = rest
+            bias_ref, out_ref, lse_ref = rest
         else:
-            bias_ref, (out_ref,) = None, rest
+            bias_ref, (out_ref, lse_ref) = None, rest
         scratch = [
             plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, _COMPUTE_WGS * block_q, block_kv), dtype, transforms=tiled) if has_bias else None,
+            plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
         ]
         k_arrivals = 2 if has_bias else 1  # the K copy and the bias copy
         pl.run_scoped(
             lambda smem, produced, consumed, schedule_barrier: body(
-                q_ref, k_ref, v_ref, bias_ref, out_ref, smem, produced, consumed, schedule_barrier),
+                q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier),
             scratch,
             (plgpu.Barrier(num_arrivals=k_arrivals, num_barriers=stages),
              plgpu.Barrier(num_barriers=stages),
@@ -262,17 +329,19 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
     operands = (q, k, v) + ((bias,) if has_bias else ())
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)),
         grid=(heads, q_pad // (_COMPUTE_WGS * block_q), batch),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
     )(*operands)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages"))
-def _forward(q, k, v, bias, *, causal, scale, block_q, block_kv, stages):
+def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv):
+    """q, k, v padded along the sequences to whole CTA tiles, and the bias as [Bb, Hb, Qp, Kp] in
+    q's dtype (Bb, Hb: 1 where it broadcasts), zero-padded."""
     q_len, kv_len = q.shape[1], k.shape[1]
     tile_q = _COMPUTE_WGS * block_q
     # Causal attention pads both sequences to one length so the diagonal stays where it is.
@@ -284,27 +353,42 @@ def _forward(q, k, v, bias, *, causal, scale, block_q, block_kv, stages):
         bias4 = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
         bias4 = jnp.broadcast_to(bias4, bias4.shape[:2] + (q_len, kv_len)).astype(q.dtype)
         bias_p = _pad_to(_pad_to(bias4, 2, q_p.shape[1]), 3, k_p.shape[1])
-    out = _kernel_call(q_p, k_p, v_p, bias_p, causal=causal, scale=scale, kv_len=kv_len, block_q=block_q,
-                       block_kv=block_kv, stages=stages)
-    return out[:, :q_len]
+    return q_p, k_p, v_p, bias_p
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "interpret"))
+def _forward(q, k, v, bias, *, causal, scale, block_q, block_kv, stages, interpret):
+    q_len, kv_len = q.shape[1], k.shape[1]
+    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv)
+    out, lse2 = _kernel_call(q_p, k_p, v_p, bias_p, causal=causal, scale=scale, kv_len=kv_len, block_q=block_q,
+                             block_kv=block_kv, stages=stages, interpret=interpret)
+    return out[:, :q_len], lse2[:, :, :q_len]
+
+
+def _check_blocks(block_q, block_kv, stages):
+    if block_q % 64:
+        raise ValueError(f"block_q={block_q} must be a multiple of 64")
+    if block_kv % 64 or stages < 2:
+        raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and stages={stages} at least 2")
 
 
 def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_q=64, block_kv=None,
-                         stages=2):
+                         stages=2, return_lse=False, interpret=False):
     """softmax(q k^T * scale + bias) v on an sm90 GPU, forward only.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
     divides heads); bias broadcastable to [batch, heads, q_len, kv_len], cast to q's dtype;
     causal is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 64 or 128;
-    float32 accumulation. Returns [batch, q_len, heads, head_dim] in q's dtype.
+    float32 accumulation. Returns [batch, q_len, heads, head_dim] in q's dtype, and with
+    ``return_lse`` also the log-sum-exp of each row's logits in base 2, [batch, heads, q_len]
+    float32 (what ``flash_attention_sm90_bwd`` takes). ``interpret=True`` runs the kernel in
+    jax's Mosaic GPU interpreter on any host (slow; for tests).
     """
     check_sm90_inputs(q, k, v, bias, causal)
-    if block_q % 64:
-        raise ValueError(f"block_q={block_q} must be a multiple of 64")
     if block_kv is None:  # the bias ring takes shared memory: smaller key tiles keep all stages resident
         block_kv = 64 if bias is not None else 128
-    if block_kv % 64 or stages < 2:
-        raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and stages={stages} at least 2")
+    _check_blocks(block_q, block_kv, stages)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _forward(q, k, v, bias, causal=bool(causal), scale=scale, block_q=block_q, block_kv=block_kv,
-                    stages=stages)
+    out, lse2 = _forward(q, k, v, bias, causal=bool(causal), scale=scale, block_q=block_q, block_kv=block_kv,
+                         stages=stages, interpret=bool(interpret))
+    return (out, lse2) if return_lse else out

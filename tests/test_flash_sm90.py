@@ -45,6 +45,11 @@ def _reference(q, k, v, bias=None, mask=None, causal=False, scale=None):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
+def _rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=jnp.float32), "bfloat16 or float16"),
     (dict(d=96), "head_dim"),
@@ -86,6 +91,40 @@ def test_kernel_lowers_to_mosaic_gpu_for_cuda(causal, bias_shape, head_dim, q_le
     assert "mosaic_gpu" in text
 
 
+def _reference_lse2(q, k, v, bias=None, causal=False, scale=None):
+    """log2 of each row's sum of exp(logits), float32: [batch, heads, q_len]."""
+    heads, kv_heads, d = q.shape[2], k.shape[2], q.shape[3]
+    k = jnp.repeat(k, heads // kv_heads, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * (d ** -0.5 if scale is None else scale)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+    return jax.nn.logsumexp(s, axis=-1) / np.log(2)
+
+
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads", [
+    (True, (1, 2, 150, 150), 150, 150, 2, 1),              # causal, pair bias, padding, GQA
+    (False, (1, 1, 1, 200), 130, 200, 1, 1),               # per-key bias, padded keys masked
+    pytest.param(False, None, 128, 128, 2, 2, marks=pytest.mark.slow),
+    pytest.param(True, (1, 1, 200, 200), 200, 200, 2, 2, marks=pytest.mark.slow),
+])
+def test_kernel_in_gpu_interpret_mode_matches_float32_reference(causal, bias_shape, q_len, kv_len, heads,
+                                                                 kv_heads):
+    """The kernel itself, run by jax's Mosaic GPU interpreter on the CPU: TMA copies, the stage
+    ring, the barrier protocol of producer and ping-ponging consumers (the interpreter checks
+    that every barrier phase is awaited), causal block skipping, masks and padding; products as
+    float32 dots (``_Ops``). Output and base-2 log-sum-exp against float32 attention."""
+    q, k, v = _qkv((1, q_len, heads, 64), kv_len, kv_heads, jnp.bfloat16, seed=q_len)
+    bias = None
+    if bias_shape is not None:
+        bias = jnp.asarray(np.random.default_rng(4).normal(size=bias_shape), jnp.bfloat16)
+    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse2.shape == (1, heads, q_len)
+    assert _rel_err(out, _reference(q, k, v, bias, None, causal)) < 1e-2
+    np.testing.assert_allclose(lse2, _reference_lse2(q, k, v, bias, causal), rtol=1e-3, atol=1e-3)
+
+
 def test_adapter_gradients_with_the_kernel_replaced(monkeypatch):
     """The custom VJP around the kernel: values from the forward, gradients (q, k, v and a
     broadcast bias, reduced to its shape) from the recomputed chunked backward; the mask enters
@@ -120,11 +159,6 @@ def test_adapter_gradients_with_the_kernel_replaced(monkeypatch):
 # ---- compiled kernel on an sm90 GPU ---------------------------------------------------------------
 
 needs_sm90 = pytest.mark.skipif(not kernel.sm90_supported(), reason="needs an sm90 (H100/H200) GPU")
-
-
-def _rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
 @pytest.mark.gpu
