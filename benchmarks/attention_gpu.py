@@ -9,8 +9,8 @@ representation over the rows; its gradient is part of fwd+bwd), for
   pallas_gpu  jax.experimental.pallas.ops.gpu.attention.mha, where importable (no bias)
   tokamax     tokamax.dot_product_attention(implementation="mosaic"), its Pallas Mosaic GPU
               kernel, where tokamax imports (skipped with a note otherwise)
-  sm90        sciscale_jax.kernels.flash_attention_sm90 (Pallas Mosaic GPU, forward only;
-              where it imports and the GPU is sm90+)
+  sm90        sciscale_jax.attention.sm90 (Pallas Mosaic GPU forward and backward kernels,
+              through the front door's custom VJP; where it imports and the GPU is sm90)
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
 the FlashAttention-2 paper's benchmarks. FLOPs: forward 4*B*H*Q*K*D (halved when causal),
 backward 2.5x forward; the bias add is not counted. Time: median of --runs timed calls
@@ -82,11 +82,11 @@ def _impls(flash_blocks, notes):
     except Exception as err:  # noqa: BLE001 - optional peer
         notes.append(f"tokamax skipped (not importable): {type(err).__name__}: {str(err)[:200]}")
     try:
-        from sciscale_jax.kernels.flash_attention_sm90 import flash_attention_sm90, sm90_supported
+        from sciscale_jax.attention.sm90 import sm90_attention
+        from sciscale_jax.kernels.flash_attention_sm90 import sm90_supported
         if not sm90_supported():
             raise ImportError("needs an sm90+ GPU and Pallas Mosaic GPU")
-        impls["sm90"] = _Impl(lambda q, k, v, c, b: flash_attention_sm90(q, k, v, bias=b, causal=c),
-                              backward=False)
+        impls["sm90"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c))
     except Exception as err:  # noqa: BLE001 - optional kernel
         notes.append(f"sm90 skipped: {type(err).__name__}: {str(err)[:200]}")
     return impls

@@ -1,19 +1,25 @@
-"""Flash attention forward for Hopper GPUs (sm90) in Pallas Mosaic GPU, with an additive bias.
+"""Flash attention for Hopper GPUs (sm90) in Pallas Mosaic GPU, forward and backward, with an
+additive bias and its gradient.
 
-FlashAttention-3's forward layout (Shah et al. 2024): each CTA owns two query tiles, one per
+Forward, FlashAttention-3's layout (Shah et al. 2024): each CTA owns two query tiles, one per
 consumer warpgroup, and a third (producer) warpgroup streams K, V and the bias tiles through a
 ring of shared-memory stages with TMA copies completing on barriers. The consumers run QK^T
 and PV on ``wgmma`` with float32 accumulators, an online softmax in base 2, and ping-pong on a
 shared barrier so one warpgroup's softmax overlaps the other's matrix work. Causal attention
 skips the key tiles past each query tile and masks only the diagonal ones; a bias of any
 shape broadcastable to [batch, heads, q_len, kv_len] is added to the scaled logits; any
-sequence length works (padded inside, padded keys masked).
+sequence length works (padded inside, padded keys masked). It can return each row's base-2
+log-sum-exp.
 
-Forward only: ``flash_attention_sm90`` has no VJP of its own. The front-door adapter
-(``sciscale_jax.attention.sm90``) pairs it with a recomputing backward pass.
+Backward (``flash_attention_sm90_bwd``, from that log-sum-exp): dK/dV, dQ and dbias kernels of
+the same producer/consumer shape, described above ``_bwd_kernels``. The front-door adapter
+(``sciscale_jax.attention.sm90``) joins the two in a custom VJP.
 
-Written after jax's ``jax/experimental/pallas/ops/gpu/attention_mgpu.py`` (which has no bias
-and no softmax scale), for jax >= 0.11 on an sm90 GPU.
+``interpret=True`` runs every kernel in jax's Mosaic GPU interpreter on any host (``_Ops``:
+products there are float32 dots); the tests use it on the CPU.
+
+Written after jax's ``jax/experimental/pallas/ops/gpu/attention_mgpu.py`` (which has no bias,
+no softmax scale and no causal backward), for jax >= 0.10 (the interpreter) and an sm90 GPU.
 """
 
 from __future__ import annotations
@@ -94,6 +100,10 @@ class _Ops:
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return self.plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.plgpu.Layout.WGMMA)
+
+    def rows(self, ref, layout):
+        """A vector from shared memory, laid out to broadcast against a WGMMA tile."""
+        return ref[...] if self.interpret else self.plgpu.load(ref, (), layout=layout)
 
     def mma(self, acc, a, b, *, transpose_b=False, during=None):
         """acc + a @ b (b transposed if asked) in float32; acc None starts from zero. a is a
@@ -392,3 +402,384 @@ def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_
     out, lse2 = _forward(q, k, v, bias, causal=bool(causal), scale=scale, block_q=block_q, block_kv=block_kv,
                          stages=stages, interpret=bool(interpret))
     return (out, lse2) if return_lse else out
+
+
+# ---- backward ------------------------------------------------------------------------------------
+#
+# Three kernels after FlashAttention-2's backward (Dao 2023), each with the forward's structure:
+# a producer warpgroup streams tiles through a ring of ``stages`` shared-memory slots (TMA copies
+# completing on one "ready" barrier per slot, freed by both consumers on a "free" barrier), and two
+# consumer warpgroups own 64 rows each of what stays resident.
+#   dK/dV: a CTA owns 2 x block_kv keys of one kv head and streams (Q, dO, lse, delta) tiles of
+#          every query head of its GQA group, accumulating dK and dV in registers (no atomics;
+#          causal: only the query tiles at or below its keys).
+#   dQ:    a CTA owns 2 x block_q queries of one head and streams (K, V) tiles.
+#   dbias: a CTA owns one [2 x block_q, block_kv] tile of the bias as given (before broadcasting)
+#          and streams the (Q, dO, lse, delta, K, V) tiles of every batch row and head the bias
+#          broadcasts over, summing dS in registers: the bias gradient in the bias's own shape
+#          without an [B, H, Q, K] intermediate or atomic adds (it recomputes QK^T and dO V^T once
+#          more; a fused variant with TMA reduce-adds is left for measurement on a GPU).
+# Probabilities come back from the forward's base-2 log-sum-exp; delta = rowsum(dO * O).
+
+
+def _ring_producer(pl, plgpu, n_steps, stages, load, ready, free):
+    """Issue ``load(step, slot, ready_barrier)`` for every step, reusing a slot once both
+    consumers freed it; then await the last frees (every barrier phase observed)."""
+    def released(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(free.at[slot])
+        return slot
+
+    for i in range(stages):
+        pl.when(i < n_steps)(functools.partial(load, jnp.int32(i), i, ready.at[i]))
+
+    @pl.loop(0, n_steps - stages)
+    def _(i):
+        slot = released(i)
+        load(i + stages, slot, ready.at[slot])
+
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(i):
+        released(i)
+
+
+def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block_q, block_kv, stages,
+                 bias_grad, interpret):
+    """dq [B, Qp, H, D], dk, dv [B, Kp, Hkv, D] and dbias [Bb, Hb, Qp, Kp] (None unless bias_grad),
+    all in q's dtype (dbias summed in float32 and rounded once), on padded inputs: q, do [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or
+    [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta [B, H, Qp] float32."""
+    pl, plgpu = _mosaic_gpu()
+    ops = _Ops(interpret)
+    batch, q_pad, heads, head_dim = q.shape
+    k_pad, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = q.dtype
+    has_bias = bias is not None
+    logit_scale = scale * _LOG2E
+    mask_padded_keys = kv_len < k_pad and not causal
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    wgs = _COMPUTE_WGS
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    params = dict(num_threads=wgs + 1, thread_name="wg", interpret=_interpret_params(interpret),
+                  compiler_params=plgpu.CompilerParams(approx_math=True))
+
+    def probabilities(s, lse, row_axis, q_rows, k_cols):
+        """exp(logits - lse) of a tile; s in base 2 (bias added), rows/cols as absolute positions."""
+        keep = None
+        if causal:
+            keep = q_rows >= k_cols
+        if mask_padded_keys:
+            keep = (k_cols < kv_len) if keep is None else keep & (k_cols < kv_len)
+        if keep is not None:
+            s = jnp.where(keep, s, -jnp.inf)
+        return jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [row_axis]))
+
+    # ---- dQ: CTA = (head, 2 x block_q queries, batch); K, V (and bias) tiles stream ----
+    def dq_entry(q_ref, k_ref, v_ref, *rest):
+        bias_ref = rest[0] if has_bias else None
+        do_ref, lse_ref, delta_ref, dq_ref = rest[1:] if has_bias else rest
+        h, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
+        cta_q = lax.axis_index("q_seq") * (wgs * block_q)
+        n_steps = pl.cdiv(cta_q + wgs * block_q, jnp.array(block_kv, jnp.int32)) if causal else k_pad // block_kv
+
+        def body(mine, ring, own_ready, ready, free):
+            q_smem, do_smem, lse_smem, delta_smem = mine
+            k_smem, v_smem, bias_smem = ring
+
+            @pl.when(wg < wgs)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                q_base = cta_q + wg * block_q
+                rows = (b, pl.ds(q_base, block_q), h)
+                for src, dst in ((q_ref.at[rows], q_smem.at[wg]), (do_ref.at[rows], do_smem.at[wg]),
+                                 (lse_ref.at[b, h, pl.ds(q_base, block_q)], lse_smem.at[wg]),
+                                 (delta_ref.at[b, h, pl.ds(q_base, block_q)], delta_smem.at[wg])):
+                    plgpu.copy_gmem_to_smem(src, dst, own_ready.at[wg])
+                plgpu.barrier_wait(own_ready.at[wg])
+                lse = ops.rows(lse_smem.at[wg], row_layout)
+                delta = ops.rows(delta_smem.at[wg], row_layout)
+                q_rows = ops.iota((block_q, block_kv), 0) + q_base
+
+                def step(i, dq):
+                    slot = lax.rem(i, jnp.array(stages, i.dtype))
+                    plgpu.barrier_wait(ready.at[slot])
+                    s = ops.mma(None, q_smem.at[wg], k_smem.at[slot], transpose_b=True) * logit_scale
+                    if has_bias:
+                        s = s + bias_smem[slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32) * _LOG2E
+                    p = probabilities(s, lse, 0, q_rows, ops.iota((block_q, block_kv), 1) + i * block_kv)
+                    dp = ops.mma(None, do_smem.at[wg], v_smem.at[slot], transpose_b=True)
+                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    dq = ops.mma(dq, ds.astype(dtype), k_smem.at[slot])
+                    if has_bias:
+                        plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dq
+
+                dq = lax.fori_loop(0, n_steps, step,
+                                   ops.layout(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA))
+                q_smem.at[wg][...] = (dq * scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                kv_head = lax.div(h, jnp.array(group, h.dtype))
+
+                def load(i, slot, barrier):
+                    keys = (b, pl.ds(i * block_kv, block_kv), kv_head)
+                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
+                    if has_bias:
+                        bb = b if bias_ref.shape[0] > 1 else 0
+                        bh = h if bias_ref.shape[1] > 1 else 0
+                        tile = (bb, bh, pl.ds(cta_q, wgs * block_q), pl.ds(i * block_kv, block_kv))
+                        plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], barrier)
+
+                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
+
+        pl.run_scoped(
+            body,
+            (plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((wgs, block_q), jnp.float32), plgpu.SMEM((wgs, block_q), jnp.float32)),
+            (plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, wgs * block_q, block_kv), dtype, transforms=tiled) if has_bias else None),
+            plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=3 if has_bias else 2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    bias_ops = (bias,) if has_bias else ()
+    dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+                      grid=(heads, q_pad // (wgs * block_q), batch), grid_names=("heads", "q_seq", "batch"),
+                      **params)(q, k, v, *bias_ops, do, lse2, delta)
+
+    # ---- dK, dV: CTA = (kv head, 2 x block_kv keys, batch); Q, dO, lse, delta (bias^T) tiles stream ----
+    bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)  # [Bb, Hb, Kp, Qp]: key-major tiles
+    q_tiles = q_pad // block_q
+
+    def dkv_entry(q_ref, k_ref, v_ref, *rest):
+        bias_ref = rest[0] if has_bias else None
+        do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest[1:] if has_bias else rest
+        kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
+        cta_k = lax.axis_index("kv_seq") * (wgs * block_kv)
+        first = lax.div(cta_k, jnp.array(block_q, jnp.int32)) if causal else jnp.int32(0)  # first query tile
+        per_head = q_tiles - first
+        n_steps = group * per_head
+
+        def tile_of(i):  # step -> (query head, query tile)
+            return kv_head * group + lax.div(i, per_head), first + lax.rem(i, per_head)
+
+        def body(mine, ring, own_ready, ready, free):
+            k_smem, v_smem = mine
+            q_smem, do_smem, lse_smem, delta_smem, bias_smem = ring
+
+            @pl.when(wg < wgs)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                k_base = cta_k + wg * block_kv
+                keys = (b, pl.ds(k_base, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], own_ready.at[wg])
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], own_ready.at[wg])
+                plgpu.barrier_wait(own_ready.at[wg])
+                k_cols = ops.iota((block_kv, block_q), 0) + k_base
+
+                def step(i, carry):
+                    dk, dv = carry
+                    slot = lax.rem(i, jnp.array(stages, i.dtype))
+                    _, qt = tile_of(i)
+                    plgpu.barrier_wait(ready.at[slot])
+                    s_t = ops.mma(None, k_smem.at[wg], q_smem.at[slot], transpose_b=True) * logit_scale
+                    if has_bias:
+                        s_t = s_t + bias_smem[slot, pl.ds(wg * block_kv, block_kv)].astype(jnp.float32) * _LOG2E
+                    lse = ops.rows(lse_smem.at[slot], col_layout)
+                    p_t = probabilities(s_t, lse, 1, ops.iota((block_kv, block_q), 1) + qt * block_q, k_cols)
+                    dv = ops.mma(dv, p_t.astype(dtype), do_smem.at[slot])
+                    dp_t = ops.mma(None, v_smem.at[wg], do_smem.at[slot], transpose_b=True)
+                    delta = ops.rows(delta_smem.at[slot], col_layout)
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    dk = ops.mma(dk, ds_t.astype(dtype), q_smem.at[slot])
+                    plgpu.commit_smem()  # the lse, delta (and bias) reads complete before the slot is refilled
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dk, dv
+
+                zeros = ops.layout(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                dk, dv = lax.fori_loop(0, n_steps, step, (zeros, zeros))
+                k_smem.at[wg][...] = (dk * scale).astype(dtype)
+                v_smem.at[wg][...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[keys])
+                plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[keys])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def load(i, slot, barrier):
+                    h, qt = tile_of(i)
+                    rows = (b, pl.ds(qt * block_q, block_q), h)
+                    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(qt * block_q, block_q)], lse_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(qt * block_q, block_q)], delta_smem.at[slot],
+                                            barrier)
+                    if has_bias:
+                        bb = b if bias_ref.shape[0] > 1 else 0
+                        bh = h if bias_ref.shape[1] > 1 else 0
+                        tile = (bb, bh, pl.ds(cta_k, wgs * block_kv), pl.ds(qt * block_q, block_q))
+                        plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], barrier)
+
+                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
+
+        pl.run_scoped(
+            body,
+            (plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=tiled)),
+            (plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_q), jnp.float32), plgpu.SMEM((stages, block_q), jnp.float32),
+             plgpu.SMEM((stages, wgs * block_kv, block_q), dtype, transforms=tiled) if has_bias else None),
+            plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=5 if has_bias else 4, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    dk, dv = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type),
+                          grid=(kv_heads, k_pad // (wgs * block_kv), batch), grid_names=("heads", "kv_seq", "batch"),
+                          **params)(q, k, v, *((bias_t,) if has_bias else ()), do, lse2, delta)
+    if not (has_bias and bias_grad):
+        return dq, dk, dv, None
+
+    # ---- dbias: CTA = one [2 x block_q, block_kv] tile of the bias; every (batch, head) it covers streams ----
+    b_bias, h_bias = bias.shape[0], bias.shape[1]
+    over_b, over_h = (batch if b_bias == 1 else 1), (heads if h_bias == 1 else 1)
+    n_steps = over_b * over_h
+
+    def db_entry(q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, db_ref):
+        wg = lax.axis_index("wg")
+        bh_index, kt = lax.axis_index("bias"), lax.axis_index("kv_seq")
+        bb, bh = lax.div(bh_index, jnp.array(h_bias, jnp.int32)), lax.rem(bh_index, jnp.array(h_bias, jnp.int32))
+        cta_q, k_base = lax.axis_index("q_seq") * (wgs * block_q), kt * block_kv
+
+        def pair_of(i):  # step -> (batch row, head)
+            b = lax.div(i, jnp.array(over_h, jnp.int32)) if over_b > 1 else bb
+            h = lax.rem(i, jnp.array(over_h, jnp.int32)) if over_h > 1 else bh
+            return b, h
+
+        def body(bias_smem, ring, own_ready, ready, free):
+            q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = ring
+
+            @pl.when(wg < wgs)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                mine = pl.ds(wg * block_q, block_q)
+                plgpu.copy_gmem_to_smem(bias_ref.at[bb, bh, pl.ds(cta_q + wg * block_q, block_q),
+                                                    pl.ds(k_base, block_kv)], bias_smem.at[wg], own_ready.at[wg])
+                plgpu.barrier_wait(own_ready.at[wg])
+                bias2 = bias_smem[wg].astype(jnp.float32) * _LOG2E
+                q_rows = ops.iota((block_q, block_kv), 0) + cta_q + wg * block_q
+                k_cols = ops.iota((block_q, block_kv), 1) + k_base
+
+                def step(i, acc):
+                    slot = lax.rem(i, jnp.array(stages, i.dtype))
+                    plgpu.barrier_wait(ready.at[slot])
+                    s = ops.mma(None, q_smem.at[slot, mine], k_smem.at[slot], transpose_b=True) * logit_scale
+                    p = probabilities(s + bias2, ops.rows(lse_smem.at[slot, mine], row_layout), 0, q_rows, k_cols)
+                    dp = ops.mma(None, do_smem.at[slot, mine], v_smem.at[slot], transpose_b=True)
+                    delta = ops.rows(delta_smem.at[slot, mine], row_layout)
+                    plgpu.commit_smem()  # the lse and delta reads complete before the slot is refilled
+                    plgpu.barrier_arrive(free.at[slot])
+                    return acc + p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
+                acc = lax.fori_loop(0, n_steps, step,
+                                    ops.layout(jnp.zeros((block_q, block_kv), jnp.float32), plgpu.Layout.WGMMA))
+                bias_smem.at[wg][...] = acc.astype(dtype)  # the tile's buffer takes the result
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(bias_smem.at[wg], db_ref.at[bb, bh, pl.ds(cta_q + wg * block_q, block_q),
+                                                            pl.ds(k_base, block_kv)])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def load(i, slot, barrier):
+                    b, h = pair_of(i)
+                    kv_head = lax.div(h, jnp.array(group, h.dtype))
+                    rows, keys = (b, pl.ds(cta_q, wgs * block_q), h), (b, pl.ds(k_base, block_kv), kv_head)
+                    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(cta_q, wgs * block_q)], lse_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(cta_q, wgs * block_q)], delta_smem.at[slot],
+                                            barrier)
+                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
+
+                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
+
+        pl.run_scoped(
+            body,
+            plgpu.SMEM((wgs, block_q, block_kv), dtype, transforms=tiled),
+            (plgpu.SMEM((stages, wgs * block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, wgs * block_q, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, wgs * block_q), jnp.float32), plgpu.SMEM((stages, wgs * block_q), jnp.float32),
+             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled)),
+            plgpu.Barrier(num_arrivals=1, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=6, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    dbias = plgpu.kernel(db_entry, out_type=jax.ShapeDtypeStruct(bias.shape, dtype),
+                         grid=(b_bias * h_bias, q_pad // (wgs * block_q), k_pad // block_kv),
+                         grid_names=("bias", "q_seq", "kv_seq"), **params)(q, k, v, bias, do, lse2, delta)
+    return dq, dk, dv, dbias
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "bias_grad",
+                                             "interpret"))
+def _backward(q, k, v, bias, out, lse2, dout, *, causal, scale, block_q, block_kv, stages, bias_grad, interpret):
+    q_len, kv_len = q.shape[1], k.shape[1]
+    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv)
+    extra = q_p.shape[1] - q_len
+    do_p = _pad_to(dout.astype(q.dtype), 1, q_p.shape[1])
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, extra)))
+    # Padded query rows: dO = 0 and delta = 0, so their dS is 0; any finite lse will do.
+    lse_p = jnp.pad(lse2, ((0, 0), (0, 0), (0, extra)))
+    dq, dk, dv, dbias = _bwd_kernels(q_p, k_p, v_p, bias_p, do_p, lse_p, delta, causal=causal, scale=scale,
+                                     kv_len=kv_len, block_q=block_q, block_kv=block_kv, stages=stages,
+                                     bias_grad=bias_grad and bias is not None, interpret=interpret)
+    if dbias is not None:  # back to the bias's own shape: sum what was broadcast
+        dbias = dbias[:, :, :q_len, :kv_len].astype(jnp.float32)
+        shape4 = (1,) * (4 - bias.ndim) + tuple(bias.shape)
+        dbias = jnp.sum(dbias, axis=tuple(a for a in (2, 3) if shape4[a] == 1), keepdims=True)
+        dbias = dbias.reshape(bias.shape).astype(bias.dtype)
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dbias
+
+
+def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=False, scale=None, block_q=64,
+                             block_kv=64, stages=2, bias_grad=True, interpret=False):
+    """Gradients of ``flash_attention_sm90`` on an sm90 GPU: (dq, dk, dv, dbias).
+
+    ``out`` and ``lse2`` come from ``flash_attention_sm90(..., return_lse=True)`` on the same
+    inputs; ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
+    bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
+    the bias broadcast. ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
+    """
+    check_sm90_inputs(q, k, v, bias, causal)
+    _check_blocks(block_q, block_kv, stages)
+    if out.shape != q.shape or dout.shape != q.shape or lse2.shape != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(f"out {out.shape} and dout {dout.shape} must be q's shape {q.shape}, lse2 {lse2.shape} "
+                         f"[batch, heads, q_len]")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _backward(q, k, v, bias, out, lse2, dout, causal=bool(causal), scale=scale, block_q=block_q,
+                     block_kv=block_kv, stages=stages, bias_grad=bool(bias_grad), interpret=bool(interpret))

@@ -1,10 +1,13 @@
 """The sm90 (Hopper) flash attention forward kernel and its front-door adapter.
 
-On CPU: input checks raise before compilation, the kernel lowers to Mosaic GPU for CUDA, and
-the adapter's gradient plumbing (mask as bias, recomputed backward, bias gradient in the
-bias's shape) is checked with the kernel replaced by plain attention. On an sm90 GPU (marked
-``gpu``): the compiled kernel against float32 attention on the same bf16/fp16 inputs.
+On CPU: input checks raise before compilation; the kernels lower to Mosaic GPU for CUDA; and
+jax's Mosaic GPU interpreter runs the forward and backward kernels themselves (copies,
+barriers, warpgroups; products as float32 dots) against float32/float64 attention, also
+through the front door's custom VJP. On an sm90 GPU (marked ``gpu``): the compiled kernels
+against float32 attention on the same bf16/fp16 inputs.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +107,7 @@ def _reference_lse2(q, k, v, bias=None, causal=False, scale=None):
 
 
 @pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads", [
-    (True, (1, 2, 150, 150), 150, 150, 2, 1),              # causal, pair bias, padding, GQA
+    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, marks=pytest.mark.slow),  # the backward test runs this
     (False, (1, 1, 1, 200), 130, 200, 1, 1),               # per-key bias, padded keys masked
     pytest.param(False, None, 128, 128, 2, 2, marks=pytest.mark.slow),
     pytest.param(True, (1, 1, 200, 200), 200, 200, 2, 2, marks=pytest.mark.slow),
@@ -125,35 +128,75 @@ def test_kernel_in_gpu_interpret_mode_matches_float32_reference(causal, bias_sha
     np.testing.assert_allclose(lse2, _reference_lse2(q, k, v, bias, causal), rtol=1e-3, atol=1e-3)
 
 
-def test_adapter_gradients_with_the_kernel_replaced(monkeypatch):
-    """The custom VJP around the kernel: values from the forward, gradients (q, k, v and a
-    broadcast bias, reduced to its shape) from the recomputed chunked backward; the mask enters
-    as a large negative bias. The kernel is replaced by plain attention so this runs on CPU."""
-    monkeypatch.setattr(adapter, "flash_attention_sm90",
-                        lambda q, k, v, *, bias, causal, scale: _reference(q, k, v, bias, None, causal, scale)
-                        .astype(q.dtype))
-    q, k, v = _qkv((2, 37, 4, 16), 37, 2, jnp.float32, seed=1)
-    r = np.random.default_rng(2)
-    bias = jnp.asarray(r.normal(size=(1, 4, 37, 37)), jnp.float32)
-    mask = jnp.asarray(r.random((2, 1, 1, 37)) < 0.8).at[:, :, :, 0].set(True)
-    do = jnp.asarray(r.normal(size=q.shape), jnp.float32)
-    for causal in (False, True):
-        def ours(q, k, v, b):
-            return adapter._sm90(q, k, v, b, mask, causal, 0.25)
+def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
+    """Relative errors of (dq, dk, dv, dbias) against float64 gradients of plain attention on the
+    same (bf16-rounded) inputs."""
+    with jax.enable_x64(True):
+        args = [None if x is None else jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, bias)]
+        _, vjp = jax.vjp(lambda q, k, v, b: _reference(q, k, v, b, mask, causal), *args)
+        ref = vjp(jnp.asarray(np.asarray(do, np.float64)))
+    return [None if g is None else _rel_err(g, r) for g, r in zip(grads, ref)]
 
-        def ref(q, k, v, b):
-            return _reference(q, k, v, b, mask, causal, 0.25)
 
-        with jax.enable_x64(True):
-            args64 = [x.astype(jnp.float64) for x in (q, k, v, bias)]
-            out_ref, vjp_ref = jax.vjp(ref, *args64)
-            grads_ref = vjp_ref(do.astype(jnp.float64))
-        out, vjp = jax.vjp(ours, q, k, v, bias)
-        grads = vjp(do)
-        np.testing.assert_allclose(out, out_ref, rtol=2e-4, atol=2e-4)
-        assert grads[3].shape == bias.shape
-        for g, g_ref in zip(grads, grads_ref):
-            np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-4)
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads", [
+    (True, (1, 2, 70, 70), 70, 70, 2, 1),                  # causal, pair bias broadcast over batch, GQA
+    pytest.param(False, None, 128, 128, 1, 1, marks=pytest.mark.slow),
+    pytest.param(False, (2, 1, 1, 200), 130, 200, 2, 2, marks=pytest.mark.slow),   # per-key bias: dbias summed over q
+    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, marks=pytest.mark.slow),
+])
+def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, bias_shape, q_len, kv_len, heads,
+                                                                         kv_heads):
+    """dK/dV, dQ and dbias kernels, run by the Mosaic GPU interpreter on the CPU, from the forward
+    kernel's log-sum-exp: every gradient within bf16 rounding of float64 attention's."""
+    batch = 2 if bias_shape is None or bias_shape[0] == 2 or bias_shape[0] == 1 else 1
+    q, k, v = _qkv((batch, q_len, heads, 64), kv_len, kv_heads, jnp.bfloat16, seed=q_len + 1)
+    r = np.random.default_rng(6)
+    bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), jnp.bfloat16)
+    do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
+    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True, interpret=True)
+    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal, interpret=True)
+    for g, x in zip(grads, (q, k, v, bias)):
+        assert (g is None) == (x is None)
+        assert g is None or (g.shape == x.shape and g.dtype == x.dtype)
+    errors = _grad_errors(grads, q, k, v, bias, do, causal=causal)
+    assert max(e for e in errors if e is not None) < 1e-2, errors
+
+
+def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch):
+    """The adapter's custom VJP on the real kernels (interpreted): a boolean mask enters as a large
+    negative bias with the pair bias, rows with nothing to attend come back zero, and the bias
+    gradient is the pair bias's own shape."""
+    monkeypatch.setattr(adapter, "sm90_supported", lambda: True)
+    monkeypatch.setattr(adapter, "flash_attention_sm90", functools.partial(kernel.flash_attention_sm90, interpret=True))
+    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd",
+                        functools.partial(kernel.flash_attention_sm90_bwd, interpret=True))
+    q, k, v = _qkv((2, 70, 2, 64), 70, 2, jnp.bfloat16, seed=9)
+    r = np.random.default_rng(10)
+    bias = jnp.asarray(r.normal(size=(1, 2, 70, 70)), jnp.float32)
+    mask = jnp.asarray(r.random((2, 1, 1, 70)) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
+    do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
+    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask), q, k, v, bias)
+    grads = vjp(do)
+    assert bool(jnp.all(out[1] == 0))  # batch row 1 attends to nothing
+    assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
+    assert _rel_err(out[0], _reference(q, k, v, bias, mask)[0]) < 1e-2
+    # Only batch row 0 contributes: compare there (row 1's gradients are zero on both sides).
+    errors = _grad_errors([g[:1] if g.shape[0] == 2 else g for g in grads], q[:1], k[:1], v[:1], bias, do[:1],
+                          mask=mask[:1])
+    assert max(errors) < 1e-2, errors
+    assert bool(jnp.all(grads[0][1] == 0)) and bool(jnp.all(grads[1][1] == 0))
+
+
+def test_backward_lowers_to_mosaic_gpu_for_cuda():
+    """The three backward kernels at head_dim 128 with a broadcast bias (the largest shared-memory
+    use) pass Mosaic GPU's lowering for a CUDA target, shared-memory budget included."""
+    q = jax.ShapeDtypeStruct((2, 130, 2, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 1, 128), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
+    bias = jax.ShapeDtypeStruct((1, 2, 130, 200), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, b, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
+    text = fn.trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3
 
 
 # ---- compiled kernel on an sm90 GPU ---------------------------------------------------------------
@@ -202,3 +245,22 @@ def test_front_door_mask_and_gradients_on_gpu():
     for g, g_ref in zip(grads, ref_grads):
         assert g.shape == g_ref.shape
         assert _rel_err(g[0] if g.shape[0] == 2 else g, g_ref[0] if g_ref.shape[0] == 2 else g_ref) < 3e-2
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype, causal, bias_shape, head_dim, seq, heads, kv_heads", [
+    (jnp.bfloat16, False, None, 128, 1024, 4, 4),
+    (jnp.bfloat16, True, None, 128, 1000, 4, 2),
+    (jnp.bfloat16, False, (1, 4, 384, 384), 64, 384, 4, 4),    # Evoformer pair bias: dbias over batch
+    (jnp.float16, True, (2, 1, 1, 333), 128, 333, 4, 1),       # per-key bias: dbias over heads and q
+])
+def test_backward_kernels_match_float64_gradients_on_gpu(dtype, causal, bias_shape, head_dim, seq, heads, kv_heads):
+    q, k, v = _qkv((2, seq, heads, head_dim), seq, kv_heads, dtype, seed=seq)
+    r = np.random.default_rng(11)
+    bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), dtype)
+    do = jnp.asarray(r.normal(size=q.shape), dtype)
+    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True)
+    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal)
+    errors = _grad_errors(grads, q, k, v, bias, do, causal=causal)
+    assert max(e for e in errors if e is not None) < 2e-2, errors

@@ -1,10 +1,9 @@
 """Hopper (sm90) flash attention behind the attention front door: ``impl="sm90"``.
 
-The forward pass is the Pallas Mosaic GPU kernel in ``sciscale_jax.kernels.flash_attention_sm90``
+The Pallas Mosaic GPU kernels in ``sciscale_jax.kernels.flash_attention_sm90``: the forward
 (FlashAttention-3 layout: TMA ring, warp-specialised producer, two ping-ponging wgmma
-consumers). The kernel has no backward pass yet, so the gradient recomputes attention with
-the chunked implementation (``chunked.py``, O(N) memory, bias gradient reduced to the bias's
-shape): training works, at the chunked kernel's backward speed.
+consumers) saves the base-2 log-sum-exp of each row, and the backward runs the dK/dV, dQ and
+(for a bias) dbias kernels from it; the bias gradient comes back in the bias's shape.
 
 Adaptations to the front-door contract: a boolean mask becomes a large negative bias, and
 rows with no key to attend are zeroed afterwards, as every implementation returns them.
@@ -19,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sciscale_jax.attention.chunked import chunked_attention
-from sciscale_jax.kernels.flash_attention_sm90 import check_sm90_inputs, flash_attention_sm90, sm90_supported
+from sciscale_jax.kernels.flash_attention_sm90 import (check_sm90_inputs, flash_attention_sm90, flash_attention_sm90_bwd,
+                                                      sm90_supported)
 
 _MASKED = -30000.0  # added to masked logits; finite in float16 too, so fully masked rows stay NaN-free
 
@@ -42,21 +41,31 @@ def _combined_bias(bias, mask, dtype):
     return masked if bias is None else bias.astype(dtype) + masked
 
 
+def _sum_to(x, shape):
+    """x summed over the axes where ``shape`` (right-aligned) broadcast to x's shape."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _sm90(q, k, v, bias, mask, causal, scale):
     return flash_attention_sm90(q, k, v, bias=_combined_bias(bias, mask, jnp.float32), causal=causal, scale=scale)
 
 
 def _sm90_fwd(q, k, v, bias, mask, causal, scale):
-    return _sm90(q, k, v, bias, mask, causal, scale), (q, k, v, bias, mask)
+    out, lse2 = flash_attention_sm90(q, k, v, bias=_combined_bias(bias, mask, jnp.float32), causal=causal,
+                                     scale=scale, return_lse=True)
+    return out, (q, k, v, bias, mask, out, lse2)
 
 
 def _sm90_bwd(causal, scale, residuals, dout_bqhd):
-    """Gradients by recomputation through the chunked implementation (no sm90 backward kernel yet)."""
-    q, k, v, bias, mask = residuals
-    dq, dk, dv, dbias = jax.vjp(
-        lambda q, k, v, b: chunked_attention(q, k, v, bias=b, mask=mask, causal=causal, scale=scale),
-        q, k, v, bias)[1](dout_bqhd)
+    """The sm90 backward kernels (dK/dV, dQ and, for a bias, dbias) from the saved log-sum-exp."""
+    q, k, v, bias, mask, out, lse2 = residuals
+    combined = _combined_bias(bias, mask, jnp.float32)
+    dq, dk, dv, dcombined = flash_attention_sm90_bwd(q, k, v, out, lse2, dout_bqhd.astype(q.dtype), bias=combined,
+                                                     causal=causal, scale=scale, bias_grad=bias is not None)
+    dbias = None if bias is None else _sum_to(dcombined.astype(jnp.float32), bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias, None
 
 
