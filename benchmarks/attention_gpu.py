@@ -19,6 +19,12 @@ against float32 attention on the same bf16 inputs; the gradient check runs up to
 --grad-ref-max-seq.
 
     python benchmarks/attention_gpu.py --out benchmarks/results --biases none,pair
+
+The front door's ``impl="auto"`` ranks implementations by these measurements: after a GPU run,
+rewrite its table (``sciscale_jax/attention/measured_attention.json``) from every result file
+that should count, oldest first, and commit it:
+
+    python benchmarks/attention_gpu.py --table-from benchmarks/results/attention_gpu.json [newer.json ...]
 """
 
 from __future__ import annotations
@@ -249,7 +255,25 @@ def main(argv=None):
                    help="comma list of implementations to run (default: every one available)")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--table-from", nargs="+", metavar="JSON", default=None,
+                   help="measure nothing: write the front door's measured table (what impl='auto' ranks by) from "
+                        "these attention_gpu JSON files, later files winning where they measured the same point")
+    p.add_argument("--table", default=os.path.normpath(os.path.join(
+                       os.path.dirname(__file__), "..", "sciscale_jax", "attention", "measured_attention.json")),
+                   help="where --table-from writes the table")
     args = p.parse_args(argv)
+    if args.table_from:
+        from sciscale_jax.attention.measured import table_from_records
+        record_lists = []
+        for path in args.table_from:
+            with open(path) as f:
+                record_lists.append(json.load(f)["records"])
+        measured = table_from_records(record_lists)
+        with open(args.table, "w") as f:
+            json.dump(measured, f, indent=1)
+            f.write("\n")
+        print(f"{args.table}: " + ", ".join(f"{kind} {len(rows)} points" for kind, rows in measured["devices"].items()))
+        return
     if args.runs < 5:
         p.error(f"--runs={args.runs} must be >= 5")
     if jax.default_backend() != "gpu":

@@ -9,12 +9,16 @@ dividing heads; a float ``bias`` and a boolean ``mask`` (True = attend) broadcas
 Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory), "cudnn"
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
 ``sciscale_jax.kernels.flash_attention``), "ring" and "ulysses" (sequence parallel, in
-``sciscale_jax.parallel``; listed by path in ``IMPLS`` and imported on first use) and "auto". On a CUDA GPU
-"auto" picks cuDNN when cuDNN takes the inputs and there is no bias or mask (cuDNN needs
-them at full [B, H, Q, K] size, which would undo the O(N) memory): on an H200 it ran 1.5-3.6x
-faster than the flash kernel (``benchmarks/attention_gpu.py``, README). Otherwise, on GPU or
-TPU, flash where the kernel supports the case; else chunked once either sequence reaches
-``AUTO_CHUNKED_MIN_LEN``, else xla. "linformer" and "performer" are approximate attention
+``sciscale_jax.parallel``; listed by path in ``IMPLS`` and imported on first use), "sm90" (Pallas
+Mosaic GPU kernels for Hopper, ``sciscale_jax.attention.sm90``) and "auto". On a CUDA GPU whose
+kind was measured (``measured.py``: forward+backward TFLOP/s from ``benchmarks/attention_gpu.py``,
+per head_dim, sequence length, causal, with or without a bias), "auto" picks the fastest
+implementation at the nearest measured point that takes the inputs, never cuDNN with a bias or
+mask (cuDNN needs them at full [B, H, Q, K] size, which would undo the O(N) memory). Where
+nothing was measured, the rules: cuDNN when it takes the inputs and there is no bias or mask (on
+an H200 it ran 1.5-3.6x faster than the flash kernel); otherwise, on GPU or TPU, flash where the
+kernel supports the case; else chunked once either sequence reaches ``AUTO_CHUNKED_MIN_LEN``,
+else xla. "linformer" and "performer" are approximate attention
 modules with parameters (``LinformerAttention``, ``PerformerAttention``): model configs may
 name them, the parameter-free front door cannot run them.
 """
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sciscale_jax.attention import measured
 from sciscale_jax.attention.chunked import chunked_attention
 from sciscale_jax.attention.cudnn import check_cudnn, cudnn_attention
 from sciscale_jax.attention.xla import xla_attention
@@ -123,10 +128,44 @@ def _cuda() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
 
+def _device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def _auto_takes(name, q, k, v, bias, mask, causal) -> bool:
+    """Whether "auto" may pick ``name`` here: the implementation takes the inputs, and (cuDNN) no
+    bias or mask would have to be materialised at full [B, H, Q, K] size."""
+    if name == "cudnn" and (bias is not None or mask is not None):
+        return False
+    if name == "flash":
+        try:
+            from sciscale_jax.kernels.flash_attention import flash_supported
+        except ImportError:
+            return False
+        return flash_supported(q, k, v, bias, mask)
+    try:
+        entry = IMPLS[name]
+        if name == "cudnn":
+            check_cudnn(q, k, v, causal=causal)
+        elif name == "sm90":
+            entry.check(q, k, v, bias, mask, causal)
+        elif entry.check is not None:
+            entry.check(q, k, v, bias, mask)
+    except (ValueError, ImportError):
+        return False
+    return True
+
+
 def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool = False) -> str:
     """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged)."""
     if impl != "auto":
         return impl
+    if _cuda():  # measured on this kind of GPU: the fastest implementation that takes the inputs
+        ranked = measured.ranking(_device_kind(), q.shape[-1], max(q.shape[1], k.shape[1]), causal,
+                                  biased=bias is not None or mask is not None)
+        for name in ranked or ():
+            if _auto_takes(name, q, k, v, bias, mask, causal):
+                return name
     if _cuda() and bias is None and mask is None:
         try:
             check_cudnn(q, k, v, causal=causal)

@@ -1,0 +1,60 @@
+"""Measured attention speed per GPU kind: what the front door's ``impl="auto"`` ranks by.
+
+``measured_attention.json`` (next to this file) holds, for each device kind, the forward+backward
+TFLOP/s that ``benchmarks/attention_gpu.py`` measured for the front-door implementations at
+(head_dim, seq, causal, bias) points, bfloat16, q_len == kv_len. It is written from the
+benchmark's JSON, never by hand:
+
+    python benchmarks/attention_gpu.py --table-from benchmarks/results/attention_gpu.json
+
+``ranking(kind, head_dim, seq, causal, biased)`` orders the implementations measured at the
+nearest point (same causal flag and bias kind; then nearest head_dim, then nearest sequence
+length on a log scale), fastest first; None where the device kind or that bias kind was never
+measured, and the front door falls back to its rules.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_attention.json")
+FRONT_DOOR = ("sm90", "cudnn", "flash", "chunked", "xla")  # benchmark names that are front-door impls
+
+
+@functools.lru_cache(maxsize=None)
+def load(path: str = TABLE_PATH) -> dict:
+    """The table: {"devices": {kind: [{"head_dim", "seq", "causal", "bias", "tflops": {impl: x}}]}}."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def table_from_records(record_lists) -> dict:
+    """The table from benchmark record lists (later lists win where they measure the same point):
+    forward+backward rows of front-door implementations, bias "pair" or "none"."""
+    points: dict = {}
+    for records in record_lists:
+        for r in records:
+            if r.get("pass") != "fwd+bwd" or r.get("impl") not in FRONT_DOOR or not r.get("tflops"):
+                continue
+            key = (r["device"], r["head_dim"], r["seq"], bool(r["causal"]), "pair" if r.get("bias") else "none")
+            points.setdefault(key, {})[r["impl"]] = round(float(r["tflops"]), 1)
+    devices: dict = {}
+    for (device, head_dim, seq, causal, bias), tflops in sorted(points.items()):
+        devices.setdefault(device, []).append(
+            {"head_dim": head_dim, "seq": seq, "causal": causal, "bias": bias, "tflops": dict(sorted(tflops.items()))})
+    return {"pass": "fwd+bwd", "dtype": "bfloat16", "devices": devices}
+
+
+def ranking(kind: str, head_dim: int, seq: int, causal: bool, biased: bool, table: dict | None = None):
+    """Implementation names fastest first at the nearest measured point, or None."""
+    rows = (table or load())["devices"].get(kind, [])
+    bias = "pair" if biased else "none"
+    rows = [r for r in rows if r["causal"] == bool(causal) and r["bias"] == bias]
+    if not rows:
+        return None
+    nearest = min(rows, key=lambda r: (abs(math.log2(r["head_dim"] / head_dim)),
+                                       abs(math.log2(r["seq"] / max(seq, 1)))))
+    return tuple(sorted(nearest["tflops"], key=lambda name: -nearest["tflops"][name]))

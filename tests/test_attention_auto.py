@@ -1,0 +1,80 @@
+"""impl="auto" ranks by measured speed: the committed table, the nearest measured point, and the
+fallback to the rules where a GPU kind or a bias kind was never measured. Runs on CPU with the
+device kind and the implementations' checks patched."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from sciscale_jax.attention import core, measured
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_committed_table_is_the_committed_benchmark():
+    """measured_attention.json is exactly what the benchmark's results give (no hand edits, no drift)."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "attention_gpu.json")) as f:
+        records = json.load(f)["records"]
+    assert measured.table_from_records([records]) == measured.load()
+    rows = measured.load()["devices"]["NVIDIA H200"]
+    assert len(rows) >= 8 and all(set(r["tflops"]) <= set(measured.FRONT_DOOR) for r in rows)
+
+
+def test_ranking_uses_the_nearest_point():
+    table = {"devices": {"GPU X": [
+        {"head_dim": 64, "seq": 1024, "causal": False, "bias": "none", "tflops": {"flash": 2.0, "cudnn": 1.0}},
+        {"head_dim": 128, "seq": 1024, "causal": False, "bias": "none", "tflops": {"flash": 1.0, "cudnn": 3.0}},
+        {"head_dim": 128, "seq": 16384, "causal": False, "bias": "none", "tflops": {"flash": 5.0, "cudnn": 4.0}},
+        {"head_dim": 128, "seq": 1024, "causal": True, "bias": "none", "tflops": {"xla": 9.0}},
+    ]}}
+    assert measured.ranking("GPU X", 96, 2000, False, False, table) == ("cudnn", "flash")  # head_dim 128 nearer
+    assert measured.ranking("GPU X", 128, 12000, False, False, table) == ("flash", "cudnn")
+    assert measured.ranking("GPU X", 128, 1024, True, False, table) == ("xla",)
+    assert measured.ranking("GPU X", 128, 1024, False, True, table) is None     # bias never measured
+    assert measured.ranking("GPU Y", 128, 1024, False, False, table) is None    # device never measured
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    """A CUDA H200 as far as "auto" can tell; cuDNN takes bf16/fp16 (its own check needs a GPU)."""
+    monkeypatch.setattr(core, "_cuda", lambda: True)
+    monkeypatch.setattr(core, "_accelerator", lambda: True)
+    monkeypatch.setattr(core, "_device_kind", lambda: "NVIDIA H200")
+
+    def cudnn_check(q, k, v, bias=None, mask=None, causal=False):
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError("dtype")
+    monkeypatch.setattr(core, "check_cudnn", cudnn_check)
+    return monkeypatch
+
+
+def _inputs(dtype=jnp.bfloat16, seq=4096, head_dim=128):
+    q = jnp.zeros((1, seq, 2, head_dim), dtype)
+    return q, q, q
+
+
+def test_auto_on_a_measured_gpu_follows_the_table(h200):
+    q, k, v = _inputs()
+    bias = jnp.zeros((1, 2, 4096, 4096), jnp.bfloat16)
+    assert core.resolve_impl(q, k, v) == "cudnn"                  # measured 432.8 vs flash 141.1 TFLOP/s
+    assert core.resolve_impl(q, k, v, bias=bias) == "flash"       # no biased point measured: the rules
+    h200.setattr(core, "_device_kind", lambda: "NVIDIA A100")     # never measured: the rules too
+    assert core.resolve_impl(q, k, v) == "cudnn"
+
+
+def test_auto_skips_what_cannot_take_the_inputs(h200):
+    """A measured ranking sm90 > cudnn > flash with a bias: cuDNN never takes a bias under auto (it
+    would materialise it), sm90 only where its check passes (bf16 here, not float32)."""
+    table = {"devices": {"NVIDIA H200": [
+        {"head_dim": 128, "seq": 4096, "causal": False, "bias": "pair",
+         "tflops": {"sm90": 300.0, "cudnn": 250.0, "flash": 150.0}}]}}
+    h200.setattr(measured, "load", lambda path=None: table)
+    import sciscale_jax.attention.sm90 as sm90
+    h200.setattr(sm90, "sm90_supported", lambda: True)   # its input check (bf16/fp16 only) stays
+    q, k, v = _inputs()
+    bias = jnp.zeros((1, 2, 4096, 4096), jnp.bfloat16)
+    assert core.resolve_impl(q, k, v, bias=bias) == "sm90"
+    q32, k32, v32 = _inputs(jnp.float32)
+    assert core.resolve_impl(q32, k32, v32, bias=bias.astype(jnp.float32)) == "flash"
