@@ -103,7 +103,11 @@ class _Ops:
 
     def rows(self, ref, layout):
         """A vector from shared memory, laid out to broadcast against a WGMMA tile."""
-        return ref[...] if self.interpret else self.plgpu.load(ref, (), layout=layout)
+        if self.interpret:
+            return ref[...]
+        if _LOAD_TAKES_INDEX:  # jax 0.10; from 0.11 the index is optional and passing one deprecated
+            return self.plgpu.load(ref, (), layout=layout)
+        return self.plgpu.load(ref, layout=layout)
 
     def mma(self, acc, a, b, *, transpose_b=False, during=None):
         """acc + a @ b (b transposed if asked) in float32; acc None starts from zero. a is a
@@ -117,7 +121,7 @@ class _Ops:
             if during is not None:
                 during()
             return out if acc is None else acc + out
-        rhs = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+        rhs = b.transpose((1, 0)) if transpose_b else b
         if acc is None:
             shape = (a.shape[0], rhs.shape[1])
 
@@ -135,6 +139,18 @@ class _Ops:
                 during()
 
         return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _load_takes_index() -> bool:
+    try:
+        import inspect
+        _, plgpu = _mosaic_gpu()
+        return inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+    except Exception:  # noqa: BLE001 - no Mosaic GPU: never called
+        return True
+
+
+_LOAD_TAKES_INDEX = _load_takes_index()
 
 
 def _interpret_params(interpret: bool):
