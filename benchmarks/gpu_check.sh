@@ -11,8 +11,8 @@
 # and our sm90 forward+backward if its tests passed) with and without a pair bias, and one Evoformer block
 # where that model exists.
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
-# attention_gpu.md, mfu_gpu_350m.json, mfu_gpu_1b.json, activation_memory_paths.json, evoformer_gpu.json (7 files; the device
-# tool returns at most 8, so new steps append to the same log). The earlier remat, offload and
+# attention_gpu.md, mfu_gpu_350m.json, mfu_gpu_1b.json, activation_memory_paths.json, evoformer_gpu.json,
+# sm90_tuning.json (8 files: the device tool returns at most 8, so new steps append to the same log). The earlier remat, offload and
 # fp8 steps were dropped to fit; their H200 results are in benchmarks/results/*h200*.log.
 # A failing step is recorded and the script goes on; the exit status is 1 if any failed.
 set -uo pipefail
@@ -52,7 +52,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 step gpu_tests 55 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
   --ignore=tests/test_flash_sm90.py
 # The sm90 Mosaic GPU kernel apart (a barrier mistake would hang it): benchmarked only if these pass.
-step sm90_tests 55 "$PY" -m pytest tests/test_flash_sm90.py -m gpu -q -p no:cacheprovider
+# (Block-size tuning off here: each test shape would otherwise be measured first.)
+SCISCALE_SM90_TUNING=off step sm90_tests 55 "$PY" -m pytest tests/test_flash_sm90.py -m gpu -q -p no:cacheprovider
 sm90_ok=$([ "$last_rc" -eq 0 ] && echo 1 || echo 0)
 
 # End-to-end train step (AdamW, bf16 policy, attention auto -> cuDNN, no remat, scanned layers).
@@ -64,7 +65,9 @@ step mfu_1b 80 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out 
 # after every measurement, so a cut-short run keeps what finished.
 impls=flash,cudnn,tokamax  # JAX's Pallas op was measured last session (README)
 [ "$sm90_ok" = 1 ] && impls=$impls,sm90
-PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" \
+# sm90 block sizes are tuned on first use per shape class; the choices and their times land in
+# $OUT/sm90_tuning.json.
+PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING="$OUT/sm90_tuning.json" \
   step attention_gpu_bench 85 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
   --seqs 16384,4096 --head-dims 128 --biases none,pair --causal 0,1 --budget-s 60
 

@@ -398,8 +398,50 @@ def _check_blocks(block_q, block_kv, stages):
         raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and stages={stages} at least 2")
 
 
+# Configurations the tuner measures (``kernels/sm90_tuning.py``); the first is the default where
+# tuning is off or not on an sm90 GPU. Forward: (block_kv, stages) with 2 x 64 query rows per CTA
+# (a bias ring takes shared memory, so smaller key tiles with it); backward: stages at 64 x 64.
+FWD_CANDIDATES = {False: ((128, 2), (128, 3), (64, 2), (64, 4)), True: ((64, 2), (64, 3), (64, 4), (128, 2))}
+BWD_CANDIDATES = ((2,), (3,))
+
+
+def _concrete(shape, dtype, seed):
+    import numpy as np
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _tuned(pass_name, q, k, bias, causal, candidates, make_run, *, interpret, tuner=None):
+    """The tuner's choice among ``candidates`` for this shape class (measured now if new), or the
+    first candidate where tuning is off or there is no sm90 GPU (and not interpreting)."""
+    from sciscale_jax.kernels import sm90_tuning
+    tuner = tuner if tuner is not None else sm90_tuning.default_tuner()
+    if tuner is None or not (interpret or sm90_supported()):
+        return candidates[0]
+    kind = "interpret" if interpret else jax.devices("gpu")[0].device_kind
+    key = sm90_tuning.shape_key(kind, pass_name, q.shape[-1], q.dtype, causal, bias is not None, q.shape[1],
+                                k.shape[1])
+    # Measured on a thread of its own: jax's trace state is per thread, so the candidates run as
+    # plain computations even while the caller is being traced.
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        best = pool.submit(tuner.best, key, candidates, make_run).result()
+    return candidates[0] if best is None else best
+
+
+def _forward_config(q, k, v, bias, causal, scale, block_q, interpret, tuner=None):
+    """(block_kv, stages) for the forward kernel on inputs shaped like these."""
+    def make_run(config):
+        args = [_concrete(x.shape, x.dtype, i) for i, x in enumerate((q, k, v))]
+        b = None if bias is None else _concrete(bias.shape, q.dtype, 3)
+        return lambda: _forward(*args, b, causal=causal, scale=scale, block_q=block_q, block_kv=config[0],
+                                stages=config[1], interpret=interpret)
+
+    return _tuned("fwd", q, k, bias, causal, FWD_CANDIDATES[bias is not None], make_run, interpret=interpret,
+                  tuner=tuner)
+
+
 def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_q=64, block_kv=None,
-                         stages=2, return_lse=False, interpret=False):
+                         stages=None, return_lse=False, interpret=False):
     """softmax(q k^T * scale + bias) v on an sm90 GPU, forward only.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
@@ -407,14 +449,18 @@ def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_
     causal is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 64 or 128;
     float32 accumulation. Returns [batch, q_len, heads, head_dim] in q's dtype, and with
     ``return_lse`` also the log-sum-exp of each row's logits in base 2, [batch, heads, q_len]
-    float32 (what ``flash_attention_sm90_bwd`` takes). ``interpret=True`` runs the kernel in
-    jax's Mosaic GPU interpreter on any host (slow; for tests).
+    float32 (what ``flash_attention_sm90_bwd`` takes). ``block_kv`` and ``stages`` left None are
+    the measured best for this shape class on an sm90 GPU (``sm90_tuning``), else the defaults.
+    ``interpret=True`` runs the kernel in jax's Mosaic GPU interpreter on any host (slow; tests).
     """
     check_sm90_inputs(q, k, v, bias, causal)
-    if block_kv is None:  # the bias ring takes shared memory: smaller key tiles keep all stages resident
-        block_kv = 64 if bias is not None else 128
-    _check_blocks(block_q, block_kv, stages)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if block_kv is None and stages is None and not interpret:
+        block_kv, stages = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False)
+    default_kv, default_stages = FWD_CANDIDATES[bias is not None][0]
+    block_kv = default_kv if block_kv is None else block_kv
+    stages = default_stages if stages is None else stages
+    _check_blocks(block_q, block_kv, stages)
     out, lse2 = _forward(q, k, v, bias, causal=bool(causal), scale=scale, block_q=block_q, block_kv=block_kv,
                          stages=stages, interpret=bool(interpret))
     return (out, lse2) if return_lse else out
@@ -782,16 +828,38 @@ def _backward(q, k, v, bias, out, lse2, dout, *, causal, scale, block_q, block_k
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dbias
 
 
+def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, block_kv, bias_grad, interpret,
+                     tuner=None):
+    """(stages,) for the backward kernels on inputs shaped like these."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def make_run(config):
+        args = [_concrete(x.shape, x.dtype, i) for i, x in enumerate((q, k, v))]
+        b = None if bias is None else _concrete(bias.shape, q.dtype, 3)
+        o, l2 = _forward(*args, b, causal=causal, scale=scale, block_q=block_q, block_kv=64, stages=2,
+                         interpret=interpret)
+        do = _concrete(dout.shape, q.dtype, 4)
+        return lambda: _backward(*args, b, o, l2, do, causal=causal, scale=scale, block_q=block_q,
+                                 block_kv=block_kv, stages=config[0], bias_grad=bias_grad and b is not None,
+                                 interpret=interpret)
+
+    return _tuned("bwd", q, k, bias, causal, BWD_CANDIDATES, make_run, interpret=interpret, tuner=tuner)
+
+
 def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=False, scale=None, block_q=64,
-                             block_kv=64, stages=2, bias_grad=True, interpret=False):
+                             block_kv=64, stages=None, bias_grad=True, interpret=False):
     """Gradients of ``flash_attention_sm90`` on an sm90 GPU: (dq, dk, dv, dbias).
 
     ``out`` and ``lse2`` come from ``flash_attention_sm90(..., return_lse=True)`` on the same
     inputs; ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
     bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
-    the bias broadcast. ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
+    the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
+    else 2. ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
     """
     check_sm90_inputs(q, k, v, bias, causal)
+    if stages is None:
+        stages = 2 if interpret else _backward_config(q, k, v, bias, out, lse2, dout, bool(causal), scale, block_q,
+                                                      block_kv, bias_grad, False)[0]
     _check_blocks(block_q, block_kv, stages)
     if out.shape != q.shape or dout.shape != q.shape or lse2.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"out {out.shape} and dout {dout.shape} must be q's shape {q.shape}, lse2 {lse2.shape} "
