@@ -7,8 +7,9 @@ representation over the rows; its gradient is part of fwd+bwd), for
   flash       sciscale_jax.kernels.flash_attention (FlashAttention-2 partitioning, Triton)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn")  (the baseline)
   pallas_gpu  jax.experimental.pallas.ops.gpu.attention.mha, where importable (no bias)
-  tokamax     tokamax.dot_product_attention(implementation="mosaic"), its Pallas Mosaic GPU
-              kernel, where tokamax imports (skipped with a note otherwise)
+  tokamax     the front door's impl="tokamax" (tokamax.dot_product_attention, which picks its
+              Pallas Mosaic GPU kernel where it takes the inputs), where tokamax imports
+              (skipped with a note otherwise)
   sm90        sciscale_jax.attention.sm90 (Pallas Mosaic GPU forward and backward kernels,
               through the front door's custom VJP; where it imports and the GPU is sm90)
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
@@ -35,7 +36,6 @@ import os
 import sys
 import time
 import traceback
-import types
 from typing import Callable, NamedTuple
 
 import jax
@@ -53,17 +53,9 @@ class _Impl(NamedTuple):
 
 
 def _import_tokamax():
-    """tokamax, or raise ImportError. Its top-level import loads its benchmarking helpers, which
-    import xprof (a profiler with large native dependencies) that attention never calls; where
-    xprof is absent, an empty placeholder module stands in for that one import."""
-    try:
-        import xprof.cli.tools  # noqa: F401
-    except ImportError:
-        for name in ("xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["xprof.cli.tools"].get_kernel_stats_tool = sys.modules["xprof.cli.tools.get_kernel_stats_tool"]
-    import tokamax
-    return tokamax
+    """tokamax, or raise ImportError (its profiler import stubbed where absent: tokamax_backend)."""
+    from sciscale_jax.attention.tokamax_backend import _tokamax
+    return _tokamax()
 
 
 def _impls(flash_blocks, notes):
@@ -82,9 +74,10 @@ def _impls(flash_blocks, notes):
         notes.append(f"pallas_gpu skipped: {type(err).__name__}: {err}")
     try:
         tokamax = _import_tokamax()
-        impls["tokamax"] = _Impl(lambda q, k, v, c, b: tokamax.dot_product_attention(
-            q, k, v, bias=b, is_causal=c, implementation="mosaic"))
-        notes.append(f"tokamax {getattr(tokamax, '__version__', '?')}: implementation='mosaic' (Pallas Mosaic GPU)")
+        from sciscale_jax.attention.tokamax_backend import tokamax_attention
+        impls["tokamax"] = _Impl(lambda q, k, v, c, b: tokamax_attention(q, k, v, bias=b, causal=c))
+        notes.append(f"tokamax {getattr(tokamax, '__version__', '?')}: through the front door's impl='tokamax' "
+                     f"(tokamax picks its kernel: Mosaic GPU where it takes the inputs)")
     except Exception as err:  # noqa: BLE001 - optional peer
         notes.append(f"tokamax skipped (not importable): {type(err).__name__}: {str(err)[:200]}")
     try:

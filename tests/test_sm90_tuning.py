@@ -6,7 +6,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from sciscale_jax.kernels import flash_attention_sm90 as kernel
 from sciscale_jax.kernels import sm90_tuning

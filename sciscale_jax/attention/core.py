@@ -10,7 +10,8 @@ Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory),
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
 ``sciscale_jax.kernels.flash_attention``), "ring" and "ulysses" (sequence parallel, in
 ``sciscale_jax.parallel``; listed by path in ``IMPLS`` and imported on first use), "sm90" (Pallas
-Mosaic GPU kernels for Hopper, ``sciscale_jax.attention.sm90``) and "auto". On a CUDA GPU whose
+Mosaic GPU kernels for Hopper, ``sciscale_jax.attention.sm90``), "tokamax" (the tokamax
+package's attention, optional: ``tokamax_backend.py``) and "auto". On a CUDA GPU whose
 kind was measured (``measured.py``: forward+backward TFLOP/s from ``benchmarks/attention_gpu.py``,
 per head_dim, sequence length, causal, with or without a bias), "auto" picks the fastest
 implementation at the nearest measured point that takes the inputs, never cuDNN with a bias or
@@ -57,6 +58,7 @@ IMPLS = Registry("attention implementation", {
     "cudnn": Impl(cudnn_attention, check_cudnn),
     "flash": "sciscale_jax.attention.flash:IMPL",
     "sm90": "sciscale_jax.attention.sm90:IMPL",
+    "tokamax": "sciscale_jax.attention.tokamax_backend:IMPL",
     "ring": "sciscale_jax.parallel.ring:IMPL",
     "ulysses": "sciscale_jax.parallel.ulysses:IMPL",
 }, convert=_as_impl)
@@ -149,6 +151,9 @@ def _auto_takes(name, q, k, v, bias, mask, causal) -> bool:
             check_cudnn(q, k, v, causal=causal)
         elif name == "sm90":
             entry.check(q, k, v, bias, mask, causal)
+        elif name == "tokamax":
+            from sciscale_jax.attention.tokamax_backend import check_tokamax
+            check_tokamax(q, k, v, bias, mask, causal)
         elif entry.check is not None:
             entry.check(q, k, v, bias, mask)
     except (ValueError, ImportError):

@@ -21,7 +21,7 @@ import math
 import os
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_attention.json")
-FRONT_DOOR = ("sm90", "cudnn", "flash", "chunked", "xla")  # benchmark names that are front-door impls
+FRONT_DOOR = ("sm90", "cudnn", "flash", "tokamax", "chunked", "xla")  # benchmark names that are front-door impls
 
 
 @functools.lru_cache(maxsize=None)
