@@ -192,7 +192,12 @@ def test_flash_supported():
 
 
 def test_lowers_to_triton_for_gpu():
-    """Cross-platform lowering runs the Pallas->Triton lowering of all three kernels on CPU."""
+    """Cross-platform lowering runs the Pallas->Triton lowering of all three kernels on CPU, for an
+    abstract H100 (jax >= 0.11 asks for a target device where no GPU is present)."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+    target = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                          abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                                         platform="gpu"))
     q = jax.ShapeDtypeStruct((2, 200, 4, 80), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 300, 2, 80), jnp.bfloat16)
     for bias_shape, causal in [((2, 4, 200, 300), True), ((1, 1, 1, 300), True), ((2, 4, 200, 1), False)]:
@@ -202,8 +207,9 @@ def test_lowers_to_triton_for_gpu():
         def loss(q, k, v, bias, mask):
             out = flash_attention(q, k, v, bias=bias, mask=mask, causal=causal, interpret=False, backend="gpu")
             return out.astype(jnp.float32).sum()
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, bias, mask).lower(
-            lowering_platforms=("cuda",)).as_text()
+        with jax.sharding.use_abstract_mesh(target):
+            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, bias, mask).lower(
+                lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 3  # forward, dK/dV, dQ
 
 
