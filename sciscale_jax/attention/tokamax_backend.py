@@ -20,15 +20,23 @@ import types
 
 
 def _tokamax():
-    """The tokamax module, or raise ImportError."""
+    """The tokamax module, or raise ImportError (the placeholders go again if tokamax fails)."""
+    placed = []
     try:
         import xprof.cli.tools  # noqa: F401
     except ImportError:
         for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
-            sys.modules.setdefault(name, types.ModuleType(name))
+            if name not in sys.modules:
+                sys.modules[name] = types.ModuleType(name)
+                placed.append(name)
         if not hasattr(sys.modules["xprof.cli.tools"], "get_kernel_stats_tool"):
             sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
-    import tokamax
+    try:
+        import tokamax
+    except Exception:
+        for name in placed:
+            sys.modules.pop(name, None)
+        raise
     return tokamax
 
 
