@@ -731,6 +731,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
         cta_q, k_base = lax.axis_index("q_seq") * (wgs * block_q), kt * block_kv
 
         def pair_of(i):  # step -> (batch row, head)
+            i = i.astype(jnp.int32)  # a Python-int loop bound gives int64 steps under jax_enable_x64
             b = lax.div(i, jnp.array(over_h, jnp.int32)) if over_b > 1 else bb
             h = lax.rem(i, jnp.array(over_h, jnp.int32)) if over_h > 1 else bh
             return b, h
