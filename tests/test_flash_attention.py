@@ -184,8 +184,8 @@ def test_bad_input_raises_value_error_naming_values():
 
 def test_flash_supported():
     q, k, v, _, _ = _inputs(8, 1, 8, 8, 4, 2, 8)
-    assert flash_supported(q, k, v, bias=jnp.ones((4, 8, 8)), mask=jnp.ones((1, 1, 1, 8), bool))
-    assert not flash_supported(q, k, v, bias=jnp.ones((3, 8, 8)))
+    assert flash_supported(q, k, v, bias=jnp.ones((4, 8, 8), jnp.float32), mask=jnp.ones((1, 1, 1, 8), bool))
+    assert not flash_supported(q, k, v, bias=jnp.ones((3, 8, 8), jnp.float32))
     assert not flash_supported(q.astype(jnp.int8), k.astype(jnp.int8), v.astype(jnp.int8))
     big = jnp.ones((1, 8, 2, 512), jnp.bfloat16)
     assert not flash_supported(big, big, big)
