@@ -160,6 +160,11 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
+def _bias_block(bias_ref, b, h, rows, cols):
+    """The [rows, cols] block of the bias for batch row b and head h (index 0 on a broadcast axis)."""
+    return bias_ref.at[b if bias_ref.shape[0] > 1 else 0, h if bias_ref.shape[1] > 1 else 0, rows, cols]
+
+
 def _pad_to(x, axis, multiple):
     size = x.shape[axis]
     extra = -size % multiple
@@ -296,16 +301,14 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
-            bias_b = b if has_bias and bias_ref.shape[0] > 1 else 0
-            bias_h = q_head if has_bias and bias_ref.shape[1] > 1 else 0
 
             def load(step, slot):
                 rows = (b, pl.ds(step * block_kv, block_kv), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
                 if has_bias:
-                    tile = (bias_b, bias_h, pl.ds(cta_q_base, _COMPUTE_WGS * block_q),
-                            pl.ds(step * block_kv, block_kv))
-                    plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], k_ready.at[slot])
+                    tile = _bias_block(bias_ref, b, q_head, pl.ds(cta_q_base, _COMPUTE_WGS * block_q),
+                                       pl.ds(step * block_kv, block_kv))
+                    plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
             def released(step):  # wait until both consumers are done with this step's slot
@@ -484,32 +487,65 @@ def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_
 # Probabilities come back from the forward's base-2 log-sum-exp; delta = rowsum(dO * O).
 
 
-def _ring_producer(pl, plgpu, n_steps, stages, load, ready, free):
-    """Issue ``load(step, slot, ready_barrier)`` for every step, reusing a slot once both
-    consumers freed it; then await the last frees (every barrier phase observed)."""
-    def released(step):
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
-        plgpu.barrier_wait(free.at[slot])
-        return slot
+def _streaming(pl, plgpu, wg, *, stages, n_steps, mine, ring, own_arrivals, ring_arrivals, consumer, load):
+    """The backward kernels' common frame. Scratch: ``mine`` (what each consumer keeps) and ``ring``
+    (``stages`` slots of streamed tiles); barriers: one per consumer for its own copies
+    (``own_arrivals`` each), and per slot a "ready" one (``ring_arrivals`` copies) and a "free" one
+    (both consumers). The consumer warpgroups run ``consumer(mine, ring, own_ready, ready, free)``;
+    the producer issues ``load(ring, step, slot, ready_barrier)`` for every step, reusing a slot
+    once both consumers freed it, and then awaits the last frees (every barrier phase observed)."""
 
-    for i in range(stages):
-        pl.when(i < n_steps)(functools.partial(load, jnp.int32(i), i, ready.at[i]))
+    def body(mine, ring, own_ready, ready, free):
+        @pl.when(wg < _COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            consumer(mine, ring, own_ready, ready, free)
 
-    @pl.loop(0, n_steps - stages)
-    def _(i):
-        slot = released(i)
-        load(i + stages, slot, ready.at[slot])
+        @pl.when(wg == _COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
 
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-    def _(i):
-        released(i)
+            def released(step):
+                slot = lax.rem(step, jnp.array(stages, step.dtype))
+                plgpu.barrier_wait(free.at[slot])
+                return slot
+
+            for i in range(stages):
+                pl.when(i < n_steps)(functools.partial(load, ring, jnp.int32(i), i, ready.at[i]))
+
+            @pl.loop(0, n_steps - stages)
+            def _(i):
+                slot = released(i)
+                load(ring, i + stages, slot, ready.at[slot])
+
+            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+            def _(i):
+                released(i)
+
+    pl.run_scoped(
+        body, mine, ring,
+        plgpu.Barrier(num_arrivals=own_arrivals, num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=ring_arrivals, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+        collective_axes="wg",
+    )
+
+
+def _copy_query_rows(pl, plgpu, refs, dsts, b, h, start, size, barrier):
+    """Q and dO rows [start, start + size) of batch row b, head h, with their lse and delta, into
+    ``dsts`` (four shared-memory refs), completing on ``barrier`` (four arrivals)."""
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    rows, span = (b, pl.ds(start, size), h), (b, h, pl.ds(start, size))
+    for src, dst in zip((q_ref.at[rows], do_ref.at[rows], lse_ref.at[span], delta_ref.at[span]), dsts):
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
 def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block_q, block_kv, stages,
                  bias_grad, interpret):
     """dq [B, Qp, H, D], dk, dv [B, Kp, Hkv, D] and dbias [Bb, Hb, Qp, Kp] (None unless bias_grad),
-    all in q's dtype (dbias summed in float32 and rounded once), on padded inputs: q, do [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or
-    [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta [B, H, Qp] float32."""
+    all in q's dtype (dbias summed in float32 and rounded once), on padded inputs: q, do
+    [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta
+    [B, H, Qp] float32."""
     pl, plgpu = _mosaic_gpu()
     ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
@@ -524,6 +560,9 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     params = dict(num_threads=wgs + 1, thread_name="wg", interpret=_interpret_params(interpret),
                   compiler_params=plgpu.CompilerParams(approx_math=True))
+
+    def smem(*shape, dtype=dtype):  # tiles the products read are tiled and swizzled; vectors are not
+        return plgpu.SMEM(shape, dtype, transforms=tiled) if len(shape) > 2 else plgpu.SMEM(shape, dtype)
 
     def probabilities(s, lse, row_axis, q_rows, k_cols):
         """exp(logits - lse) of a tile; s in base 2 (bias added), rows/cols as absolute positions."""
@@ -541,79 +580,58 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
         bias_ref = rest[0] if has_bias else None
         do_ref, lse_ref, delta_ref, dq_ref = rest[1:] if has_bias else rest
         h, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
+        kv_head = lax.div(h, jnp.array(group, h.dtype))
         cta_q = lax.axis_index("q_seq") * (wgs * block_q)
         n_steps = pl.cdiv(cta_q + wgs * block_q, jnp.array(block_kv, jnp.int32)) if causal else k_pad // block_kv
 
-        def body(mine, ring, own_ready, ready, free):
+        def consumer(mine, ring, own_ready, ready, free):
             q_smem, do_smem, lse_smem, delta_smem = mine
             k_smem, v_smem, bias_smem = ring
+            q_base = cta_q + wg * block_q
+            _copy_query_rows(pl, plgpu, (q_ref, do_ref, lse_ref, delta_ref), [x.at[wg] for x in mine], b, h, q_base,
+                             block_q, own_ready.at[wg])
+            plgpu.barrier_wait(own_ready.at[wg])
+            lse = ops.rows(lse_smem.at[wg], row_layout)
+            delta = ops.rows(delta_smem.at[wg], row_layout)
+            q_rows = ops.iota((block_q, block_kv), 0) + q_base
 
-            @pl.when(wg < wgs)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
-                q_base = cta_q + wg * block_q
-                rows = (b, pl.ds(q_base, block_q), h)
-                for src, dst in ((q_ref.at[rows], q_smem.at[wg]), (do_ref.at[rows], do_smem.at[wg]),
-                                 (lse_ref.at[b, h, pl.ds(q_base, block_q)], lse_smem.at[wg]),
-                                 (delta_ref.at[b, h, pl.ds(q_base, block_q)], delta_smem.at[wg])):
-                    plgpu.copy_gmem_to_smem(src, dst, own_ready.at[wg])
-                plgpu.barrier_wait(own_ready.at[wg])
-                lse = ops.rows(lse_smem.at[wg], row_layout)
-                delta = ops.rows(delta_smem.at[wg], row_layout)
-                q_rows = ops.iota((block_q, block_kv), 0) + q_base
+            def step(i, dq):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(ready.at[slot])
+                s = ops.mma(None, q_smem.at[wg], k_smem.at[slot], transpose_b=True) * logit_scale
+                if has_bias:
+                    s = s + bias_smem[slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32) * _LOG2E
+                p = probabilities(s, lse, 0, q_rows, ops.iota((block_q, block_kv), 1) + i * block_kv)
+                dp = ops.mma(None, do_smem.at[wg], v_smem.at[slot], transpose_b=True)
+                ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                dq = ops.mma(dq, ds.astype(dtype), k_smem.at[slot])
+                if has_bias:
+                    plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
+                plgpu.barrier_arrive(free.at[slot])
+                return dq
 
-                def step(i, dq):
-                    slot = lax.rem(i, jnp.array(stages, i.dtype))
-                    plgpu.barrier_wait(ready.at[slot])
-                    s = ops.mma(None, q_smem.at[wg], k_smem.at[slot], transpose_b=True) * logit_scale
-                    if has_bias:
-                        s = s + bias_smem[slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32) * _LOG2E
-                    p = probabilities(s, lse, 0, q_rows, ops.iota((block_q, block_kv), 1) + i * block_kv)
-                    dp = ops.mma(None, do_smem.at[wg], v_smem.at[slot], transpose_b=True)
-                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-                    dq = ops.mma(dq, ds.astype(dtype), k_smem.at[slot])
-                    if has_bias:
-                        plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
-                    plgpu.barrier_arrive(free.at[slot])
-                    return dq
+            dq = lax.fori_loop(0, n_steps, step,
+                               ops.layout(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA))
+            q_smem.at[wg][...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, pl.ds(q_base, block_q), h])
+            plgpu.wait_smem_to_gmem(0)
 
-                dq = lax.fori_loop(0, n_steps, step,
-                                   ops.layout(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA))
-                q_smem.at[wg][...] = (dq * scale).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
-                plgpu.wait_smem_to_gmem(0)
+        def load(ring, i, slot, barrier):
+            k_smem, v_smem, bias_smem = ring
+            keys = (b, pl.ds(i * block_kv, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
+            if has_bias:
+                tile = _bias_block(bias_ref, b, h, pl.ds(cta_q, wgs * block_q), pl.ds(i * block_kv, block_kv))
+                plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], barrier)
 
-            @pl.when(wg == wgs)
-            def _producer():
-                plgpu.set_max_registers(40, action="decrease")
-                kv_head = lax.div(h, jnp.array(group, h.dtype))
-
-                def load(i, slot, barrier):
-                    keys = (b, pl.ds(i * block_kv, block_kv), kv_head)
-                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
-                    if has_bias:
-                        bb = b if bias_ref.shape[0] > 1 else 0
-                        bh = h if bias_ref.shape[1] > 1 else 0
-                        tile = (bb, bh, pl.ds(cta_q, wgs * block_q), pl.ds(i * block_kv, block_kv))
-                        plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], barrier)
-
-                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
-
-        pl.run_scoped(
-            body,
-            (plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((wgs, block_q), jnp.float32), plgpu.SMEM((wgs, block_q), jnp.float32)),
-            (plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, wgs * block_q, block_kv), dtype, transforms=tiled) if has_bias else None),
-            plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
-            plgpu.Barrier(num_arrivals=3 if has_bias else 2, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-            collective_axes="wg",
-        )
+        _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
+                   mine=(smem(wgs, block_q, head_dim), smem(wgs, block_q, head_dim),
+                         smem(wgs, block_q, dtype=jnp.float32), smem(wgs, block_q, dtype=jnp.float32)),
+                   ring=(smem(stages, block_kv, head_dim), smem(stages, block_kv, head_dim),
+                         smem(stages, wgs * block_q, block_kv) if has_bias else None),
+                   own_arrivals=4, ring_arrivals=3 if has_bias else 2)
 
     bias_ops = (bias,) if has_bias else ()
     dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -636,81 +654,58 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
         def tile_of(i):  # step -> (query head, query tile)
             return kv_head * group + lax.div(i, per_head), first + lax.rem(i, per_head)
 
-        def body(mine, ring, own_ready, ready, free):
+        def consumer(mine, ring, own_ready, ready, free):
             k_smem, v_smem = mine
             q_smem, do_smem, lse_smem, delta_smem, bias_smem = ring
+            k_base = cta_k + wg * block_kv
+            keys = (b, pl.ds(k_base, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], own_ready.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], own_ready.at[wg])
+            plgpu.barrier_wait(own_ready.at[wg])
+            k_cols = ops.iota((block_kv, block_q), 0) + k_base
 
-            @pl.when(wg < wgs)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
-                k_base = cta_k + wg * block_kv
-                keys = (b, pl.ds(k_base, block_kv), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], own_ready.at[wg])
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], own_ready.at[wg])
-                plgpu.barrier_wait(own_ready.at[wg])
-                k_cols = ops.iota((block_kv, block_q), 0) + k_base
+            def step(i, carry):
+                dk, dv = carry
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                _, qt = tile_of(i)
+                plgpu.barrier_wait(ready.at[slot])
+                s_t = ops.mma(None, k_smem.at[wg], q_smem.at[slot], transpose_b=True) * logit_scale
+                if has_bias:
+                    s_t = s_t + bias_smem[slot, pl.ds(wg * block_kv, block_kv)].astype(jnp.float32) * _LOG2E
+                lse = ops.rows(lse_smem.at[slot], col_layout)
+                p_t = probabilities(s_t, lse, 1, ops.iota((block_kv, block_q), 1) + qt * block_q, k_cols)
+                dv = ops.mma(dv, p_t.astype(dtype), do_smem.at[slot])
+                dp_t = ops.mma(None, v_smem.at[wg], do_smem.at[slot], transpose_b=True)
+                delta = ops.rows(delta_smem.at[slot], col_layout)
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                dk = ops.mma(dk, ds_t.astype(dtype), q_smem.at[slot])
+                plgpu.commit_smem()  # the lse, delta (and bias) reads complete before the slot is refilled
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
 
-                def step(i, carry):
-                    dk, dv = carry
-                    slot = lax.rem(i, jnp.array(stages, i.dtype))
-                    _, qt = tile_of(i)
-                    plgpu.barrier_wait(ready.at[slot])
-                    s_t = ops.mma(None, k_smem.at[wg], q_smem.at[slot], transpose_b=True) * logit_scale
-                    if has_bias:
-                        s_t = s_t + bias_smem[slot, pl.ds(wg * block_kv, block_kv)].astype(jnp.float32) * _LOG2E
-                    lse = ops.rows(lse_smem.at[slot], col_layout)
-                    p_t = probabilities(s_t, lse, 1, ops.iota((block_kv, block_q), 1) + qt * block_q, k_cols)
-                    dv = ops.mma(dv, p_t.astype(dtype), do_smem.at[slot])
-                    dp_t = ops.mma(None, v_smem.at[wg], do_smem.at[slot], transpose_b=True)
-                    delta = ops.rows(delta_smem.at[slot], col_layout)
-                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                    dk = ops.mma(dk, ds_t.astype(dtype), q_smem.at[slot])
-                    plgpu.commit_smem()  # the lse, delta (and bias) reads complete before the slot is refilled
-                    plgpu.barrier_arrive(free.at[slot])
-                    return dk, dv
+            zeros = ops.layout(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = lax.fori_loop(0, n_steps, step, (zeros, zeros))
+            k_smem.at[wg][...] = (dk * scale).astype(dtype)
+            v_smem.at[wg][...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[keys])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[keys])
+            plgpu.wait_smem_to_gmem(0)
 
-                zeros = ops.layout(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-                dk, dv = lax.fori_loop(0, n_steps, step, (zeros, zeros))
-                k_smem.at[wg][...] = (dk * scale).astype(dtype)
-                v_smem.at[wg][...] = dv.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[keys])
-                plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[keys])
-                plgpu.wait_smem_to_gmem(0)
+        def load(ring, i, slot, barrier):
+            h, qt = tile_of(i)
+            _copy_query_rows(pl, plgpu, (q_ref, do_ref, lse_ref, delta_ref), [x.at[slot] for x in ring[:4]], b, h,
+                             qt * block_q, block_q, barrier)
+            if has_bias:
+                tile = _bias_block(bias_ref, b, h, pl.ds(cta_k, wgs * block_kv), pl.ds(qt * block_q, block_q))
+                plgpu.copy_gmem_to_smem(tile, ring[4].at[slot], barrier)
 
-            @pl.when(wg == wgs)
-            def _producer():
-                plgpu.set_max_registers(40, action="decrease")
-
-                def load(i, slot, barrier):
-                    h, qt = tile_of(i)
-                    rows = (b, pl.ds(qt * block_q, block_q), h)
-                    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(qt * block_q, block_q)], lse_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(qt * block_q, block_q)], delta_smem.at[slot],
-                                            barrier)
-                    if has_bias:
-                        bb = b if bias_ref.shape[0] > 1 else 0
-                        bh = h if bias_ref.shape[1] > 1 else 0
-                        tile = (bb, bh, pl.ds(cta_k, wgs * block_kv), pl.ds(qt * block_q, block_q))
-                        plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[slot], barrier)
-
-                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
-
-        pl.run_scoped(
-            body,
-            (plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=tiled)),
-            (plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, block_q), jnp.float32), plgpu.SMEM((stages, block_q), jnp.float32),
-             plgpu.SMEM((stages, wgs * block_kv, block_q), dtype, transforms=tiled) if has_bias else None),
-            plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
-            plgpu.Barrier(num_arrivals=5 if has_bias else 4, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-            collective_axes="wg",
-        )
+        _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
+                   mine=(smem(wgs, block_kv, head_dim), smem(wgs, block_kv, head_dim)),
+                   ring=(smem(stages, block_q, head_dim), smem(stages, block_q, head_dim),
+                         smem(stages, block_q, dtype=jnp.float32), smem(stages, block_q, dtype=jnp.float32),
+                         smem(stages, wgs * block_kv, block_q) if has_bias else None),
+                   own_arrivals=2, ring_arrivals=5 if has_bias else 4)
 
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     dk, dv = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type),
@@ -736,70 +731,50 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             h = lax.rem(i, jnp.array(over_h, jnp.int32)) if over_h > 1 else bh
             return b, h
 
-        def body(bias_smem, ring, own_ready, ready, free):
+        def consumer(bias_smem, ring, own_ready, ready, free):
             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = ring
+            mine = pl.ds(wg * block_q, block_q)
+            tile = (bb, bh, pl.ds(cta_q + wg * block_q, block_q), pl.ds(k_base, block_kv))
+            plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[wg], own_ready.at[wg])
+            plgpu.barrier_wait(own_ready.at[wg])
+            bias2 = bias_smem[wg].astype(jnp.float32) * _LOG2E
+            q_rows = ops.iota((block_q, block_kv), 0) + cta_q + wg * block_q
+            k_cols = ops.iota((block_q, block_kv), 1) + k_base
 
-            @pl.when(wg < wgs)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
-                mine = pl.ds(wg * block_q, block_q)
-                plgpu.copy_gmem_to_smem(bias_ref.at[bb, bh, pl.ds(cta_q + wg * block_q, block_q),
-                                                    pl.ds(k_base, block_kv)], bias_smem.at[wg], own_ready.at[wg])
-                plgpu.barrier_wait(own_ready.at[wg])
-                bias2 = bias_smem[wg].astype(jnp.float32) * _LOG2E
-                q_rows = ops.iota((block_q, block_kv), 0) + cta_q + wg * block_q
-                k_cols = ops.iota((block_q, block_kv), 1) + k_base
+            def step(i, acc):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(ready.at[slot])
+                s = ops.mma(None, q_smem.at[slot, mine], k_smem.at[slot], transpose_b=True) * logit_scale
+                p = probabilities(s + bias2, ops.rows(lse_smem.at[slot, mine], row_layout), 0, q_rows, k_cols)
+                dp = ops.mma(None, do_smem.at[slot, mine], v_smem.at[slot], transpose_b=True)
+                delta = ops.rows(delta_smem.at[slot, mine], row_layout)
+                plgpu.commit_smem()  # the lse and delta reads complete before the slot is refilled
+                plgpu.barrier_arrive(free.at[slot])
+                return acc + p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
 
-                def step(i, acc):
-                    slot = lax.rem(i, jnp.array(stages, i.dtype))
-                    plgpu.barrier_wait(ready.at[slot])
-                    s = ops.mma(None, q_smem.at[slot, mine], k_smem.at[slot], transpose_b=True) * logit_scale
-                    p = probabilities(s + bias2, ops.rows(lse_smem.at[slot, mine], row_layout), 0, q_rows, k_cols)
-                    dp = ops.mma(None, do_smem.at[slot, mine], v_smem.at[slot], transpose_b=True)
-                    delta = ops.rows(delta_smem.at[slot, mine], row_layout)
-                    plgpu.commit_smem()  # the lse and delta reads complete before the slot is refilled
-                    plgpu.barrier_arrive(free.at[slot])
-                    return acc + p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+            acc = lax.fori_loop(0, n_steps, step,
+                                ops.layout(jnp.zeros((block_q, block_kv), jnp.float32), plgpu.Layout.WGMMA))
+            bias_smem.at[wg][...] = acc.astype(dtype)  # the tile's buffer takes the result
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(bias_smem.at[wg], db_ref.at[tile])
+            plgpu.wait_smem_to_gmem(0)
 
-                acc = lax.fori_loop(0, n_steps, step,
-                                    ops.layout(jnp.zeros((block_q, block_kv), jnp.float32), plgpu.Layout.WGMMA))
-                bias_smem.at[wg][...] = acc.astype(dtype)  # the tile's buffer takes the result
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(bias_smem.at[wg], db_ref.at[bb, bh, pl.ds(cta_q + wg * block_q, block_q),
-                                                            pl.ds(k_base, block_kv)])
-                plgpu.wait_smem_to_gmem(0)
+        def load(ring, i, slot, barrier):
+            b, h = pair_of(i)
+            kv_head = lax.div(h, jnp.array(group, h.dtype))
+            _copy_query_rows(pl, plgpu, (q_ref, do_ref, lse_ref, delta_ref), [x.at[slot] for x in ring[:4]], b, h,
+                             cta_q, wgs * block_q, barrier)
+            keys = (b, pl.ds(k_base, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], ring[4].at[slot], barrier)
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], ring[5].at[slot], barrier)
 
-            @pl.when(wg == wgs)
-            def _producer():
-                plgpu.set_max_registers(40, action="decrease")
-
-                def load(i, slot, barrier):
-                    b, h = pair_of(i)
-                    kv_head = lax.div(h, jnp.array(group, h.dtype))
-                    rows, keys = (b, pl.ds(cta_q, wgs * block_q), h), (b, pl.ds(k_base, block_kv), kv_head)
-                    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(cta_q, wgs * block_q)], lse_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(cta_q, wgs * block_q)], delta_smem.at[slot],
-                                            barrier)
-                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
-                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
-
-                _ring_producer(pl, plgpu, n_steps, stages, load, ready, free)
-
-        pl.run_scoped(
-            body,
-            plgpu.SMEM((wgs, block_q, block_kv), dtype, transforms=tiled),
-            (plgpu.SMEM((stages, wgs * block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, wgs * block_q, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, wgs * block_q), jnp.float32), plgpu.SMEM((stages, wgs * block_q), jnp.float32),
-             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
-             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled)),
-            plgpu.Barrier(num_arrivals=1, num_barriers=wgs),
-            plgpu.Barrier(num_arrivals=6, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-            collective_axes="wg",
-        )
+        _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
+                   mine=smem(wgs, block_q, block_kv),
+                   ring=(smem(stages, wgs * block_q, head_dim), smem(stages, wgs * block_q, head_dim),
+                         smem(stages, wgs * block_q, dtype=jnp.float32),
+                         smem(stages, wgs * block_q, dtype=jnp.float32),
+                         smem(stages, block_kv, head_dim), smem(stages, block_kv, head_dim)),
+                   own_arrivals=1, ring_arrivals=6)
 
     dbias = plgpu.kernel(db_entry, out_type=jax.ShapeDtypeStruct(bias.shape, dtype),
                          grid=(b_bias * h_bias, q_pad // (wgs * block_q), k_pad // block_kv),
