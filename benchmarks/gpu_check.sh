@@ -51,10 +51,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # Kernel, attention, model tests on the compiled GPU path (every test marked gpu; others deselected).
 step gpu_tests 55 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
   --ignore=tests/test_flash_sm90.py
-# The sm90 Mosaic GPU kernel apart (a barrier mistake would hang it): benchmarked only if these pass.
+# The sm90 Mosaic GPU kernel apart (a barrier mistake would hang it).
 # (Block-size tuning off here: each test shape would otherwise be measured first.)
-SCISCALE_SM90_TUNING=off step sm90_tests 55 "$PY" -m pytest tests/test_flash_sm90.py -m gpu -q -p no:cacheprovider
-sm90_ok=$([ "$last_rc" -eq 0 ] && echo 1 || echo 0)
+# -v names each test as it starts, so a hang is attributed.
+SCISCALE_SM90_TUNING=off step sm90_tests 55 "$PY" -m pytest tests/test_flash_sm90.py -m gpu -v -p no:cacheprovider
+# Benchmarked unless the tests hung (timeout's 124): a wrong answer still has a speed worth knowing.
+sm90_ok=$([ "$last_rc" -ne 124 ] && echo 1 || echo 0)
 
 # End-to-end train step (AdamW, bf16 policy, attention auto -> cuDNN, no remat, scanned layers).
 step mfu_350m 65 "$PY" benchmarks/mfu_gpu.py --size 350m --batch 8 --seq 2048 --out "$OUT"
