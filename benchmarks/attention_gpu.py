@@ -121,14 +121,17 @@ def run(args, notes, flush=lambda records: None):
     device_name = f"{device.device_kind}"
     print(f"device: {device_name} ({jax.default_backend()}), jax {jax.__version__}", file=sys.stderr)
     impls = _impls(args.flash_blocks, notes)
-    if args.impls:
-        impls = {name: impl for name, impl in impls.items() if name in args.impls}
+    if args.impls:  # (with --pair-impls, the union: each config filters below)
+        impls = {name: impl for name, impl in impls.items() if name in set(args.impls) | set(args.pair_impls or ())}
     for note in notes:
         print(note, file=sys.stderr)
     records, start = [], time.perf_counter()
     # Most informative first (head_dim 128, long sequences), so a time budget cuts the least useful.
-    configs = [(d, s, b, c) for d in sorted(args.head_dims, reverse=True) for s in sorted(args.seqs, reverse=True)
-               for b in args.biases for c in args.causal]
+    pair_seqs = args.seqs if args.pair_seqs is None else args.pair_seqs
+    configs = [(d, s, b, c) for d in sorted(args.head_dims, reverse=True)
+               for s in sorted(set(args.seqs) | set(pair_seqs if "pair" in args.biases else ()), reverse=True)
+               for b in args.biases for c in args.causal
+               if s in (pair_seqs if b == "pair" else args.seqs)]
     for head_dim, seq, bias_kind, causal in configs:
         if time.perf_counter() - start > args.budget_s:
             notes.append(f"time budget {args.budget_s}s reached before head_dim {head_dim}, seq {seq}, "
@@ -150,6 +153,9 @@ def run(args, notes, flush=lambda records: None):
                 lambda q, k, v, b: reference_attention(q, k, v, bias=b, causal=causal), q, k, v, b, do))(*f32)
         for name, impl in impls.items():
             if bias is not None and not impl.bias:
+                continue
+            chosen = args.pair_impls if bias is not None and args.pair_impls is not None else args.impls
+            if chosen is not None and name not in chosen:
                 continue
             fwd = jax.jit(lambda q, k, v, b, impl=impl: impl.fn(q, k, v, causal, b))
             fwd_bwd = jax.jit(lambda q, k, v, b, do, impl=impl: _vjp(
@@ -246,6 +252,10 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new config after this many seconds")
     p.add_argument("--impls", type=lambda s: s.split(","), default=None,
                    help="comma list of implementations to run (default: every one available)")
+    p.add_argument("--pair-impls", type=lambda s: s.split(","), default=None,
+                   help="comma list of implementations run with the pair bias (default: those of --impls)")
+    p.add_argument("--pair-seqs", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="sequence lengths measured with the pair bias (default: --seqs)")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--table-from", nargs="+", metavar="JSON", default=None,
@@ -262,6 +272,8 @@ def main(argv=None):
             with open(path) as f:
                 record_lists.append(json.load(f)["records"])
         measured = table_from_records(record_lists)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        measured["sources"] = [os.path.relpath(os.path.abspath(path), root) for path in args.table_from]
         with open(args.table, "w") as f:
             json.dump(measured, f, indent=1)
             f.write("\n")

@@ -14,12 +14,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_committed_table_is_the_committed_benchmark():
-    """measured_attention.json is exactly what the benchmark's results give (no hand edits, no drift)."""
-    with open(os.path.join(ROOT, "benchmarks", "results", "attention_gpu.json")) as f:
-        records = json.load(f)["records"]
-    assert measured.table_from_records([records]) == measured.load()
-    rows = measured.load()["devices"]["NVIDIA H200"]
+    """measured_attention.json is exactly what the benchmark results it names give (no hand edits, no drift)."""
+    table = dict(measured.load())
+    sources = table.pop("sources")
+    assert sources and all(path.startswith("benchmarks/results/") for path in sources)
+    record_lists = []
+    for path in sources:
+        with open(os.path.join(ROOT, path)) as f:
+            record_lists.append(json.load(f)["records"])
+    assert measured.table_from_records(record_lists) == table
+    rows = table["devices"]["NVIDIA H200"]
     assert len(rows) >= 8 and all(set(r["tflops"]) <= set(measured.FRONT_DOOR) for r in rows)
+    assert {r["bias"] for r in rows} == {"none", "pair"}
+
+
+def test_table_keeps_bias_kinds_apart():
+    """A record's bias kind keys its point: "none" (or no field, as in older results) and "pair" differ."""
+    base = dict(device="GPU X", head_dim=128, seq=4096, causal=False, **{"pass": "fwd+bwd"})
+    table = measured.table_from_records([[
+        dict(base, impl="flash", tflops=100.0),                   # no "bias" field
+        dict(base, impl="cudnn", bias="none", tflops=500.0),
+        dict(base, impl="sm90", bias="pair", tflops=250.0),
+        dict(base, impl="flash", bias="pair", tflops=90.0),
+        dict(base, impl="xla", bias="pair", tflops=1.0, **{"pass": "fwd"}),  # forward only: left out
+    ]])
+    rows = {r["bias"]: r["tflops"] for r in table["devices"]["GPU X"]}
+    assert rows == {"none": {"cudnn": 500.0, "flash": 100.0}, "pair": {"flash": 90.0, "sm90": 250.0}}
 
 
 def test_ranking_uses_the_nearest_point():
@@ -58,10 +78,34 @@ def _inputs(dtype=jnp.bfloat16, seq=4096, head_dim=128):
 def test_auto_on_a_measured_gpu_follows_the_table(h200):
     q, k, v = _inputs()
     bias = jnp.zeros((1, 2, 4096, 4096), jnp.bfloat16)
-    assert core.resolve_impl(q, k, v) == "cudnn"                  # measured 432.8 vs flash 141.1 TFLOP/s
-    assert core.resolve_impl(q, k, v, bias=bias) == "flash"       # no biased point measured: the rules
-    h200.setattr(core, "_device_kind", lambda: "NVIDIA A100")     # never measured: the rules too
+    assert core.resolve_impl(q, k, v) == "cudnn"                  # measured 493.5 vs sm90 460.6, flash 141.1
+    # causal: sm90 370.5 vs cuDNN 369.4 TFLOP/s, a tie, so the established kernel
+    assert core.resolve_impl(q, k, v, causal=True) == "cudnn"
+    # pair bias: tokamax 319.0 > sm90 277.7 > flash 104.1; neither tokamax (Python 3.11) nor sm90 (no GPU) here
+    assert core.resolve_impl(q, k, v, bias=bias) == "flash"
+    import sciscale_jax.attention.sm90 as sm90
+    h200.setattr(sm90, "sm90_supported", lambda: True)
+    assert core.resolve_impl(q, k, v, bias=bias) == ("tokamax" if _tokamax_imports() else "sm90")
+    h200.setattr(core, "_device_kind", lambda: "NVIDIA A100")     # never measured: the rules
     assert core.resolve_impl(q, k, v) == "cudnn"
+    assert core.resolve_impl(q, k, v, bias=bias) == "flash"
+
+
+def _tokamax_imports():
+    try:
+        from sciscale_jax.attention.tokamax_backend import _tokamax
+        _tokamax()
+    except ImportError:
+        return False
+    return True
+
+
+def test_a_small_lead_is_a_tie():
+    """Within 5% the more established implementation goes first; a clear lead still wins."""
+    assert measured._order({"sm90": 370.5, "cudnn": 369.4, "flash": 135.8}) == ("cudnn", "sm90", "flash")
+    assert measured._order({"sm90": 400.0, "cudnn": 369.4}) == ("sm90", "cudnn")
+    assert measured._order({"tokamax": 319.0, "sm90": 277.7, "flash": 104.1}) == ("tokamax", "sm90", "flash")
+    assert measured._order({"flash": 100.0, "xla": 104.0, "chunked": 50.0}) == ("flash", "xla", "chunked")
 
 
 def test_auto_skips_what_cannot_take_the_inputs(h200):
