@@ -401,11 +401,13 @@ def _check_blocks(block_q, block_kv, stages):
         raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and stages={stages} at least 2")
 
 
-# Configurations the tuner measures (``kernels/sm90_tuning.py``); the first is the default where
-# tuning is off or not on an sm90 GPU. Forward: (block_kv, stages) with 2 x 64 query rows per CTA
-# (a bias ring takes shared memory, so smaller key tiles with it); backward: stages at 64 x 64.
+# Configurations the tuner measures (``kernels/sm90_tuning.py``), keyed by whether there is a bias;
+# the first is the default where tuning is off or not on an sm90 GPU: the tuner's pick on an H200
+# at head_dim 128, seq 4096 (benchmarks/results/sm90_tuning_h200.json). Forward: (block_kv, stages)
+# with 2 x 64 query rows per CTA (a bias ring takes shared memory, so smaller key tiles with it);
+# backward: stages at 64 x 64 (3 stages of the bias ring do not fit at head_dim 128).
 FWD_CANDIDATES = {False: ((128, 2), (128, 3), (64, 2), (64, 4)), True: ((64, 2), (64, 3), (64, 4), (128, 2))}
-BWD_CANDIDATES = ((2,), (3,))
+BWD_CANDIDATES = {False: ((3,), (2,)), True: ((2,), (3,))}
 
 
 def _concrete(shape, dtype, seed):
@@ -819,7 +821,7 @@ def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, blo
                                  block_kv=block_kv, stages=config[0], bias_grad=bias_grad and b is not None,
                                  interpret=interpret)
 
-    return _tuned("bwd", q, k, bias, causal, BWD_CANDIDATES, make_run, interpret=interpret, tuner=tuner)
+    return _tuned("bwd", q, k, bias, causal, BWD_CANDIDATES[bias is not None], make_run, interpret=interpret, tuner=tuner)
 
 
 def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=False, scale=None, block_q=64,
@@ -830,12 +832,13 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=Fals
     inputs; ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
     bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
     the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
-    else 2. ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
+    else the default (``BWD_CANDIDATES``: 3 without a bias, 2 with one). ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
     """
     check_sm90_inputs(q, k, v, bias, causal)
-    if stages is None:
-        stages = 2 if interpret else _backward_config(q, k, v, bias, out, lse2, dout, bool(causal), scale, block_q,
-                                                      block_kv, bias_grad, False)[0]
+    if stages is None and not interpret:
+        stages = _backward_config(q, k, v, bias, out, lse2, dout, bool(causal), scale, block_q, block_kv, bias_grad,
+                                  False)[0]
+    stages = BWD_CANDIDATES[bias is not None][0][0] if stages is None else stages
     _check_blocks(block_q, block_kv, stages)
     if out.shape != q.shape or dout.shape != q.shape or lse2.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"out {out.shape} and dout {dout.shape} must be q's shape {q.shape}, lse2 {lse2.shape} "
