@@ -821,7 +821,8 @@ def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, blo
                                  block_kv=block_kv, stages=config[0], bias_grad=bias_grad and b is not None,
                                  interpret=interpret)
 
-    return _tuned("bwd", q, k, bias, causal, BWD_CANDIDATES[bias is not None], make_run, interpret=interpret, tuner=tuner)
+    return _tuned("bwd", q, k, bias, causal, BWD_CANDIDATES[bias is not None], make_run, interpret=interpret,
+                  tuner=tuner)
 
 
 def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=False, scale=None, block_q=64,
@@ -832,7 +833,8 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=Fals
     inputs; ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
     bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
     the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
-    else the default (``BWD_CANDIDATES``: 3 without a bias, 2 with one). ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
+    else the default (``BWD_CANDIDATES``: 3 without a bias, 2 with one). ``interpret=True`` runs
+    the kernels in jax's Mosaic GPU interpreter.
     """
     check_sm90_inputs(q, k, v, bias, causal)
     if stages is None and not interpret:
