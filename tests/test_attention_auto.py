@@ -54,6 +54,13 @@ def test_ranking_uses_the_nearest_point():
     assert measured.ranking("GPU X", 128, 1024, True, False, table) == ("xla",)
     assert measured.ranking("GPU X", 128, 1024, False, True, table) is None     # bias never measured
     assert measured.ranking("GPU Y", 128, 1024, False, False, table) is None    # device never measured
+    # carried at most 2x in head_dim and 4x in sequence length
+    assert measured.ranking("GPU X", 32, 1024, False, False, table) == ("flash", "cudnn")   # 64 is 2x away
+    assert measured.ranking("GPU X", 16, 1024, False, False, table) is None
+    assert measured.ranking("GPU X", 128, 256, False, False, table) == ("cudnn", "flash")   # 1024 is 4x away
+    assert measured.ranking("GPU X", 128, 200, False, False, table) is None
+    assert measured.ranking("GPU X", 128, 65536, False, False, table) == ("flash", "cudnn")
+    assert measured.ranking("GPU X", 128, 70000, False, False, table) is None
 
 
 @pytest.fixture
@@ -86,6 +93,12 @@ def test_auto_on_a_measured_gpu_follows_the_table(h200):
     import sciscale_jax.attention.sm90 as sm90
     h200.setattr(sm90, "sm90_supported", lambda: True)
     assert core.resolve_impl(q, k, v, bias=bias) == ("tokamax" if _tokamax_imports() else "sm90")
+    # a short biased sequence (seq 512, 8x from the pair points at 4096): the rules, not sm90 from the table
+    q5, k5, v5 = _inputs(seq=512, head_dim=64)
+    assert core.resolve_impl(q5, k5, v5, bias=jnp.zeros((1, 2, 512, 512), jnp.bfloat16)) == "flash"
+    q5, k5, v5 = _inputs(seq=2048, head_dim=64)   # 2x away: the table's ranking
+    assert core.resolve_impl(q5, k5, v5, bias=jnp.zeros((1, 2, 2048, 2048), jnp.bfloat16)) == (
+        "tokamax" if _tokamax_imports() else "sm90")
     h200.setattr(core, "_device_kind", lambda: "NVIDIA A100")     # never measured: the rules
     assert core.resolve_impl(q, k, v) == "cudnn"
     assert core.resolve_impl(q, k, v, bias=bias) == "flash"

@@ -10,8 +10,10 @@ benchmark's JSON, never by hand:
 ``ranking(kind, head_dim, seq, causal, biased)`` orders the implementations measured at the
 nearest point (same causal flag and bias kind; then nearest head_dim, then nearest sequence
 length on a log scale), fastest first (a lead under ``TIE`` goes to the more established one);
-None where the device kind or that bias kind was never measured, and the front door falls back
-to its rules.
+None where the device kind or that bias kind was never measured, or the nearest point is more
+than ``MAX_HEAD_DIM_RATIO`` away in head_dim or ``MAX_SEQ_RATIO`` in sequence length (the
+Evoformer's head_dim 32, seq 256 is not ranked by head_dim 128, seq 4096 points), and the front
+door falls back to its rules.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ TABLE_PATH = os.path.join(os.path.dirname(__file__), "measured_attention.json")
 FRONT_DOOR = ("sm90", "cudnn", "flash", "tokamax", "chunked", "xla")  # benchmark names that are front-door impls
 PREFERENCE = ("cudnn", "tokamax", "sm90", "flash", "chunked", "xla")  # ties go to the more established
 TIE = 0.05  # a lead under 5% is a tie (the same sm90 point measured 363 and 470 TFLOP/s forward in two runs)
+# How far a measured ranking is carried: kernels' standings change with tile fill (head_dim) and with
+# launch and pipeline-fill overheads (short sequences), so past these the front door's rules decide.
+MAX_HEAD_DIM_RATIO = 2
+MAX_SEQ_RATIO = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +69,9 @@ def ranking(kind: str, head_dim: int, seq: int, causal: bool, biased: bool, tabl
         return None
     nearest = min(rows, key=lambda r: (abs(math.log2(r["head_dim"] / head_dim)),
                                        abs(math.log2(r["seq"] / max(seq, 1)))))
+    if (abs(math.log2(nearest["head_dim"] / head_dim)) > math.log2(MAX_HEAD_DIM_RATIO)
+            or abs(math.log2(nearest["seq"] / max(seq, 1))) > math.log2(MAX_SEQ_RATIO)):
+        return None  # too far from anything measured to carry its ranking over
     return _order(nearest["tflops"])
 
 
