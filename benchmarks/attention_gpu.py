@@ -52,12 +52,6 @@ class _Impl(NamedTuple):
     backward: bool = True  # differentiable
 
 
-def _import_tokamax():
-    """tokamax, or raise ImportError (its profiler import stubbed where absent: tokamax_backend)."""
-    from sciscale_jax.attention.tokamax_backend import _tokamax
-    return _tokamax()
-
-
 def _impls(flash_blocks, notes):
     impls = {}
     for bq, bk in flash_blocks:
@@ -73,8 +67,8 @@ def _impls(flash_blocks, notes):
     except Exception as err:  # noqa: BLE001 - optional comparison
         notes.append(f"pallas_gpu skipped: {type(err).__name__}: {err}")
     try:
-        tokamax = _import_tokamax()
-        from sciscale_jax.attention.tokamax_backend import tokamax_attention
+        from sciscale_jax.attention.tokamax_backend import _tokamax, tokamax_attention
+        tokamax = _tokamax()  # its profiler import stubbed where absent
         impls["tokamax"] = _Impl(lambda q, k, v, c, b: tokamax_attention(q, k, v, bias=b, causal=c))
         notes.append(f"tokamax {getattr(tokamax, '__version__', '?')}: through the front door's impl='tokamax' "
                      f"(tokamax picks its kernel: Mosaic GPU where it takes the inputs)")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from sciscale_jax.attention import core, measured
+from sciscale_jax.attention.tokamax_backend import available as tokamax_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,25 +93,16 @@ def test_auto_on_a_measured_gpu_follows_the_table(h200):
     assert core.resolve_impl(q, k, v, bias=bias) == "flash"
     import sciscale_jax.attention.sm90 as sm90
     h200.setattr(sm90, "sm90_supported", lambda: True)
-    assert core.resolve_impl(q, k, v, bias=bias) == ("tokamax" if _tokamax_imports() else "sm90")
+    assert core.resolve_impl(q, k, v, bias=bias) == ("tokamax" if tokamax_available() else "sm90")
     # a short biased sequence (seq 512, 8x from the pair points at 4096): the rules, not sm90 from the table
     q5, k5, v5 = _inputs(seq=512, head_dim=64)
     assert core.resolve_impl(q5, k5, v5, bias=jnp.zeros((1, 2, 512, 512), jnp.bfloat16)) == "flash"
     q5, k5, v5 = _inputs(seq=2048, head_dim=64)   # 2x away: the table's ranking
     assert core.resolve_impl(q5, k5, v5, bias=jnp.zeros((1, 2, 2048, 2048), jnp.bfloat16)) == (
-        "tokamax" if _tokamax_imports() else "sm90")
+        "tokamax" if tokamax_available() else "sm90")
     h200.setattr(core, "_device_kind", lambda: "NVIDIA A100")     # never measured: the rules
     assert core.resolve_impl(q, k, v) == "cudnn"
     assert core.resolve_impl(q, k, v, bias=bias) == "flash"
-
-
-def _tokamax_imports():
-    try:
-        from sciscale_jax.attention.tokamax_backend import _tokamax
-        _tokamax()
-    except ImportError:
-        return False
-    return True
 
 
 def test_a_small_lead_is_a_tie():

@@ -10,7 +10,7 @@ q_len == kv_len here (alignments differ when they differ).
 
 tokamax's package imports ``xprof`` (a profiler with large native dependencies) for its
 benchmarking helpers only; where xprof is absent, empty placeholder modules stand in for that
-import, as in ``benchmarks/attention_gpu.py``.
+import (``benchmarks/attention_gpu.py`` imports tokamax through ``_tokamax`` too).
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ def _tokamax():
             sys.modules.pop(name, None)
         raise
     return tokamax
+
+
+def available() -> bool:
+    """Whether tokamax imports here."""
+    try:
+        _tokamax()
+    except Exception:  # noqa: BLE001 - absent, or too old a jax / Python for it
+        return False
+    return True
 
 
 def check_tokamax(q, k, v, bias=None, mask=None, causal=False) -> None:
