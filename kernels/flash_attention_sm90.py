@@ -34,7 +34,12 @@ from jax import lax
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 SM90_DTYPES = ("bfloat16", "float16")
-SM90_HEAD_DIMS = (64, 128)
+SM90_HEAD_DIMS = (32, 64, 96, 128)
+# Head dims whose compiled kernels passed the GPU tests on an H200 (benchmarks/results/
+# gpu_session_h200_sm90.md); the front door's "auto" picks sm90 only at these. 32 (the Evoformer's)
+# and 96 lower for CUDA and pass in the interpreter; they are taken with impl="sm90" until a GPU
+# run of tests/test_flash_sm90.py -m gpu adds them here.
+SM90_GPU_TESTED_HEAD_DIMS = (64, 128)
 
 
 def _mosaic_gpu():
@@ -158,6 +163,15 @@ def _interpret_params(interpret: bool):
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public path yet
     return InterpretGPUParams()
+
+
+def _tiled(plgpu, dtype, minor: int):
+    """Tiling and swizzle of a shared-memory tile whose rows hold ``minor`` elements and that
+    ``wgmma`` reads: the widest swizzle (128, 64 or 32 bytes) the row fills, in tiles of 8 rows x
+    one swizzle span (head_dim 32 in 16 bits: 64-byte rows, so a 64-byte swizzle)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = next(s for s in (128, 64, 32) if (minor * itemsize) % s == 0)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def _bias_block(bias_ref, b, h, rows, cols):
@@ -328,7 +342,7 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
             def _(i):  # the last releases, so every barrier phase is awaited (the interpreter checks)
                 released(i)
 
-    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tiled = _tiled(plgpu, dtype, head_dim)
 
     def entry(q_ref, k_ref, v_ref, *rest):
         if has_bias:
@@ -339,7 +353,8 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
             plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
-            plgpu.SMEM((stages, _COMPUTE_WGS * block_q, block_kv), dtype, transforms=tiled) if has_bias else None,
+            plgpu.SMEM((stages, _COMPUTE_WGS * block_q, block_kv), dtype, transforms=_tiled(plgpu, dtype, block_kv))
+            if has_bias else None,
             plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
         ]
         k_arrivals = 2 if has_bias else 1  # the K copy and the bias copy
@@ -451,7 +466,7 @@ def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
     divides heads); bias broadcastable to [batch, heads, q_len, kv_len], cast to q's dtype;
-    causal is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 64 or 128;
+    causal is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 32, 64, 96 or 128;
     float32 accumulation. Returns [batch, q_len, heads, head_dim] in q's dtype, and with
     ``return_lse`` also the log-sum-exp of each row's logits in base 2, [batch, heads, q_len]
     float32 (what ``flash_attention_sm90_bwd`` takes). ``block_kv`` and ``stages`` left None are
@@ -557,14 +572,15 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     has_bias = bias is not None
     logit_scale = scale * _LOG2E
     mask_padded_keys = kv_len < k_pad and not causal
-    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     wgs = _COMPUTE_WGS
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     params = dict(num_threads=wgs + 1, thread_name="wg", interpret=_interpret_params(interpret),
                   compiler_params=plgpu.CompilerParams(approx_math=True))
 
     def smem(*shape, dtype=dtype):  # tiles the products read are tiled and swizzled; vectors are not
-        return plgpu.SMEM(shape, dtype, transforms=tiled) if len(shape) > 2 else plgpu.SMEM(shape, dtype)
+        if len(shape) > 2:
+            return plgpu.SMEM(shape, dtype, transforms=_tiled(plgpu, dtype, shape[-1]))
+        return plgpu.SMEM(shape, dtype)
 
     def probabilities(s, lse, row_axis, q_rows, k_cols):
         """exp(logits - lse) of a tile; s in base 2 (bias added), rows/cols as absolute positions."""

@@ -127,3 +127,7 @@ def test_auto_skips_what_cannot_take_the_inputs(h200):
     assert core.resolve_impl(q, k, v, bias=bias) == "sm90"
     q32, k32, v32 = _inputs(jnp.float32)
     assert core.resolve_impl(q32, k32, v32, bias=bias.astype(jnp.float32)) == "flash"
+    # head_dim 96: the kernel takes it (impl="sm90"), but auto waits until it has passed on a GPU
+    q96, k96, v96 = _inputs(head_dim=96)
+    assert core.resolve_impl(q96, k96, v96, bias=bias) == "flash"
+    assert core.resolve_impl(q96, k96, v96, bias=bias, impl="sm90") == "sm90"

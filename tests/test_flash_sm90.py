@@ -55,7 +55,7 @@ def _rel_err(out, ref):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=jnp.float32), "bfloat16 or float16"),
-    (dict(d=96), "head_dim"),
+    (dict(d=80), "head_dim"),
     (dict(heads=3), "does not divide"),
     (dict(causal=True, kv_len=40), "q_len == kv_len"),
     (dict(bias_shape=(1, 2, 5, 48)), "does not broadcast"),
@@ -82,6 +82,8 @@ def test_front_door_check_refuses_without_an_sm90_gpu():
     (True, None, 64, 300, 300, 1),
     (False, (1, 2, 1, 200), 64, 130, 200, 2),
     (True, (2, 1, 300, 300), 128, 300, 300, 2),
+    (False, (1, 2, 256, 256), 32, 256, 256, 2),   # the Evoformer's head_dim: 64-byte rows, 64-byte swizzle
+    (True, None, 96, 300, 300, 1),                # 192-byte rows: 64-byte swizzle
 ])
 def test_kernel_lowers_to_mosaic_gpu_for_cuda(causal, bias_shape, head_dim, q_len, kv_len, kv_heads):
     """Traces the kernel body and runs Pallas's Mosaic GPU lowering (layouts, transforms, barriers)
@@ -106,19 +108,20 @@ def _reference_lse2(q, k, v, bias=None, causal=False, scale=None):
     return jax.nn.logsumexp(s, axis=-1) / np.log(2)
 
 
-@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads", [
-    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, marks=pytest.mark.slow),  # the backward test runs this
-    (False, (1, 1, 1, 200), 130, 200, 1, 1),               # per-key bias, padded keys masked
-    pytest.param(False, None, 128, 128, 2, 2, marks=pytest.mark.slow),
-    pytest.param(True, (1, 1, 200, 200), 200, 200, 2, 2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, head_dim", [
+    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, 64, marks=pytest.mark.slow),  # the backward test runs this
+    (False, (1, 1, 1, 200), 130, 200, 1, 1, 64),               # per-key bias, padded keys masked
+    pytest.param(False, None, 128, 128, 2, 2, 64, marks=pytest.mark.slow),
+    pytest.param(True, (1, 1, 200, 200), 200, 200, 2, 2, 64, marks=pytest.mark.slow),
+    pytest.param(True, None, 80, 80, 2, 1, 96, marks=pytest.mark.slow),  # the backward test runs head_dim 32
 ])
 def test_kernel_in_gpu_interpret_mode_matches_float32_reference(causal, bias_shape, q_len, kv_len, heads,
-                                                                 kv_heads):
+                                                                 kv_heads, head_dim):
     """The kernel itself, run by jax's Mosaic GPU interpreter on the CPU: TMA copies, the stage
     ring, the barrier protocol of producer and ping-ponging consumers (the interpreter checks
     that every barrier phase is awaited), causal block skipping, masks and padding; products as
     float32 dots (``_Ops``). Output and base-2 log-sum-exp against float32 attention."""
-    q, k, v = _qkv((1, q_len, heads, 64), kv_len, kv_heads, jnp.bfloat16, seed=q_len)
+    q, k, v = _qkv((1, q_len, heads, head_dim), kv_len, kv_heads, jnp.bfloat16, seed=q_len)
     bias = None
     if bias_shape is not None:
         bias = jnp.asarray(np.random.default_rng(4).normal(size=bias_shape), jnp.bfloat16)
@@ -138,22 +141,25 @@ def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
     return [None if g is None else _rel_err(g, r) for g, r in zip(grads, ref)]
 
 
-@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads", [
-    pytest.param(True, (1, 2, 70, 70), 70, 70, 2, 1, marks=pytest.mark.slow),  # the front-door test runs this
-    pytest.param(False, None, 128, 128, 1, 1, marks=pytest.mark.slow),
-    pytest.param(False, (2, 1, 1, 200), 130, 200, 2, 2, marks=pytest.mark.slow),   # per-key bias: dbias summed over q
-    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, marks=pytest.mark.slow),
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, head_dim", [
+    pytest.param(True, (1, 2, 70, 70), 70, 70, 2, 1, 64, marks=pytest.mark.slow),  # the front-door test runs this
+    pytest.param(False, None, 128, 128, 1, 1, 64, marks=pytest.mark.slow),
+    pytest.param(False, (2, 1, 1, 200), 130, 200, 2, 2, 64, marks=pytest.mark.slow),  # per-key: dbias summed over q
+    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, 64, marks=pytest.mark.slow),
+    (False, (1, 2, 96, 96), 96, 96, 2, 2, 32),  # the Evoformer's head_dim, pair bias summed over the batch
 ])
 def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, bias_shape, q_len, kv_len, heads,
-                                                                         kv_heads):
+                                                                         kv_heads, head_dim):
     """dK/dV, dQ and dbias kernels, run by the Mosaic GPU interpreter on the CPU, from the forward
-    kernel's log-sum-exp: every gradient within bf16 rounding of float64 attention's."""
+    kernel's log-sum-exp: every gradient within bf16 rounding of float64 attention's (the forward's
+    output too where the forward test does not run the case)."""
     batch = 2 if bias_shape is None or bias_shape[0] == 2 or bias_shape[0] == 1 else 1
-    q, k, v = _qkv((batch, q_len, heads, 64), kv_len, kv_heads, jnp.bfloat16, seed=q_len + 1)
+    q, k, v = _qkv((batch, q_len, heads, head_dim), kv_len, kv_heads, jnp.bfloat16, seed=q_len + 1)
     r = np.random.default_rng(6)
     bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), jnp.bfloat16)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
     out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True, interpret=True)
+    assert _rel_err(out, _reference(q, k, v, bias, None, causal)) < 1e-2
     grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal, interpret=True)
     for g, x in zip(grads, (q, k, v, bias)):
         assert (g is None) == (x is None)
@@ -188,11 +194,13 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch):
     assert bool(jnp.all(grads[0][1] == 0)) and bool(jnp.all(grads[1][1] == 0))
 
 
-def test_backward_lowers_to_mosaic_gpu_for_cuda():
-    """The three backward kernels at head_dim 128 with a broadcast bias (the largest shared-memory
-    use) pass Mosaic GPU's lowering for a CUDA target, shared-memory budget included."""
-    q = jax.ShapeDtypeStruct((2, 130, 2, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 200, 1, 128), jnp.bfloat16)
+@pytest.mark.parametrize("head_dim", [128, 96, 32])
+def test_backward_lowers_to_mosaic_gpu_for_cuda(head_dim):
+    """The three backward kernels with a broadcast bias (at head_dim 128 the largest shared-memory
+    use; 96 and 32 take a 64-byte swizzle) pass Mosaic GPU's lowering for a CUDA target,
+    shared-memory budget included."""
+    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
     bias = jax.ShapeDtypeStruct((1, 2, 130, 200), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v, b, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
@@ -215,6 +223,8 @@ needs_sm90 = pytest.mark.skipif(not kernel.sm90_supported(), reason="needs an sm
     (jnp.bfloat16, False, (1, 4, 384, 384), 128, 384, 384, 4, 4),  # Evoformer pair bias, broadcast over batch
     (jnp.float16, True, (2, 1, 256, 256), 128, 256, 256, 4, 2),
     (jnp.bfloat16, False, (1, 4, 1, 200), 64, 130, 200, 4, 4),     # per-key bias
+    (jnp.bfloat16, False, (1, 8, 256, 256), 32, 256, 256, 8, 8),   # Evoformer MSA row attention, head_dim 32
+    (jnp.float16, True, None, 96, 500, 500, 4, 2),
 ])
 def test_kernel_matches_float32_reference(dtype, causal, bias_shape, head_dim, q_len, kv_len, heads, kv_heads):
     q, k, v = _qkv((2, q_len, heads, head_dim), kv_len, kv_heads, dtype, seed=q_len + head_dim)
@@ -255,6 +265,8 @@ def test_front_door_mask_and_gradients_on_gpu():
     (jnp.bfloat16, True, None, 128, 1000, 4, 2),
     (jnp.bfloat16, False, (1, 4, 384, 384), 64, 384, 4, 4),    # Evoformer pair bias: dbias over batch
     (jnp.float16, True, (2, 1, 1, 333), 128, 333, 4, 1),       # per-key bias: dbias over heads and q
+    (jnp.bfloat16, False, (1, 8, 256, 256), 32, 256, 8, 8),    # Evoformer's head_dim 32: dbias over batch
+    (jnp.bfloat16, True, None, 96, 700, 4, 4),
 ])
 def test_backward_kernels_match_float64_gradients_on_gpu(dtype, causal, bias_shape, head_dim, seq, heads, kv_heads):
     q, k, v = _qkv((2, seq, heads, head_dim), seq, kv_heads, dtype, seed=seq)

@@ -151,6 +151,9 @@ def _auto_takes(name, q, k, v, bias, mask, causal) -> bool:
             check_cudnn(q, k, v, causal=causal)
         elif name == "sm90":
             entry.check(q, k, v, bias, mask, causal)
+            from sciscale_jax.kernels.flash_attention_sm90 import SM90_GPU_TESTED_HEAD_DIMS
+            if q.shape[-1] not in SM90_GPU_TESTED_HEAD_DIMS:  # not yet run on a GPU: only when forced
+                return False
         elif name == "tokamax":
             from sciscale_jax.attention.tokamax_backend import check_tokamax
             check_tokamax(q, k, v, bias, mask, causal)

@@ -8,7 +8,7 @@ consumers) saves the base-2 log-sum-exp of each row, and the backward runs the d
 Adaptations to the front-door contract: a boolean mask becomes a large negative bias, and
 rows with no key to attend are zeroed afterwards, as every implementation returns them.
 ``check_sm90`` refuses, before compilation, what the kernel cannot take: no sm90 GPU, dtypes
-other than bfloat16/float16, head_dim other than 64/128, causal with q_len != kv_len.
+other than bfloat16/float16, head_dim other than 32/64/96/128, causal with q_len != kv_len.
 """
 
 from __future__ import annotations
