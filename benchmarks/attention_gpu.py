@@ -1,6 +1,7 @@
 """Attention speed on one GPU: the sciscale Pallas flash kernel against cuDNN, JAX's Pallas op and tokamax.
 
-Forward and forward+backward TFLOP/s, bfloat16, head_dim 64 and 128, sequence 1k..16k,
+Forward and forward+backward TFLOP/s, bfloat16, head_dim 64 and 128 (32 at the Evoformer's
+shapes with --tokens 32768 --model-dim 256 --seqs 256: 128 MSA rows of 256 residues, 8 heads), sequence 1k..16k,
 causal and not, without a bias and with an Evoformer-style pair bias (one [1, heads, seq,
 seq] bias broadcast over the batch, as MSA row attention broadcasts the pair
 representation over the rows; its gradient is part of fwd+bwd), for
@@ -12,6 +13,8 @@ representation over the rows; its gradient is part of fwd+bwd), for
               (skipped with a note otherwise)
   sm90        sciscale_jax.attention.sm90 (Pallas Mosaic GPU forward and backward kernels,
               through the front door's custom VJP; where it imports and the GPU is sm90)
+  xla         the front door's impl="xla" (plain attention, [B, H, Q, K] probabilities kept; what
+              AlphaFold's own code does); only when named in --impls / --pair-impls
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
 the FlashAttention-2 paper's benchmarks. FLOPs: forward 4*B*H*Q*K*D (halved when causal),
 backward 2.5x forward; the bias add is not counted. Time: median of --runs timed calls
@@ -82,6 +85,8 @@ def _impls(flash_blocks, notes):
         impls["sm90"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c))
     except Exception as err:  # noqa: BLE001 - optional kernel
         notes.append(f"sm90 skipped: {type(err).__name__}: {str(err)[:200]}")
+    from sciscale_jax.attention import dot_product_attention
+    impls["xla"] = _Impl(lambda q, k, v, c, b: dot_product_attention(q, k, v, bias=b, causal=c, impl="xla"))
     return impls
 
 
@@ -117,6 +122,8 @@ def run(args, notes, flush=lambda records: None):
     impls = _impls(args.flash_blocks, notes)
     if args.impls:  # (with --pair-impls, the union: each config filters below)
         impls = {name: impl for name, impl in impls.items() if name in set(args.impls) | set(args.pair_impls or ())}
+    if "xla" not in set(args.impls or ()) | set(args.pair_impls or ()):  # it keeps [B, H, Q, K]: only where named
+        impls.pop("xla", None)
     for note in notes:
         print(note, file=sys.stderr)
     records, start = [], time.perf_counter()

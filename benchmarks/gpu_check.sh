@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 20). Step limits add up to 470 s (about 270 s used on an
-# H200); call it with timeout_s=490 and carry [".gpu_wheels"], keeping the rest of the 15-minute
-# budget for one rerun of what failed:
+# The one script a GPU session runs (issue 20). Step limits add up to 575 s (a little over 300 s
+# expected on an H200 from the last calls' step times); call it with timeout_s=595 and carry
+# [".gpu_wheels"], keeping the rest of the 15-minute budget for one rerun of what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
 # the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention step only),
 # runs the GPU-marked tests with JAX_PLATFORMS=cuda (the sm90 Mosaic GPU kernels' apart) and the
 # Evoformer tests, then the benchmarks: end-to-end MFU of the protein Transformer at 350M and 1B
 # parameters, attention kernels (sm90 and cuDNN without a bias; sm90, our Triton flash and
-# tokamax with a pair bias) and one Evoformer block.
+# tokamax with a pair bias; the same and XLA's at the Evoformer's head_dim 32) and one Evoformer
+# block with auto's attention and with sm90.
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
-# attention_gpu.md, mfu_gpu_350m.json, mfu_gpu_1b.json, evoformer_gpu.json (6 files; the device
-# tool returns at most 8). Earlier steps dropped to fit (remat, offload, fp8, remat paths) have
-# their H200 results in benchmarks/results/*h200*.
+# attention_gpu.md, attention_gpu_evo32.json, attention_gpu_evo32.md, mfu_gpu_350m.json,
+# mfu_gpu_1b.json, evoformer_gpu.json (8 files; the device tool returns at most 8). Earlier steps
+# dropped to fit (remat, offload, fp8, remat paths) have their H200 results in
+# benchmarks/results/*h200*.
 # A failing step is recorded and the script goes on; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +57,9 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -n 4 --timeout 60 --durations=5)
 step gpu_tests 70 "${PYTEST[@]}" tests -m gpu --continue-on-collection-errors --ignore=tests/test_flash_sm90.py
 # The sm90 Mosaic GPU kernels apart (a barrier mistake would hang them), tuning off (it would time
 # each test shape's candidates first).
-SCISCALE_SM90_TUNING=off step sm90_tests 80 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
+# 18 tests of about 14 s each (compilation) on the H200: head_dim 32 and 96 and the key-mask path
+# for the first time there.
+SCISCALE_SM90_TUNING=off step sm90_tests 90 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
 # Benchmarked unless the tests hung (timeout's 124): a wrong answer still has a speed worth knowing.
 sm90_ok=$([ "$last_rc" -ne 124 ] && echo 1 || echo 0)
 # The Evoformer against its float64 transcription of AlphaFold 2 on the GPU's compiled path (float32
@@ -64,9 +68,9 @@ JAX_DEFAULT_MATMUL_PRECISION=highest step evoformer_tests 60 "${PYTEST[@]}" test
 unset XLA_PYTHON_CLIENT_PREALLOCATE
 
 # End-to-end train step (AdamW, bf16 policy, attention auto -> cuDNN, no remat, scanned layers):
-# 15 s each on an H200.
-step mfu_350m 40 "$PY" benchmarks/mfu_gpu.py --size 350m --batch 8 --seq 2048 --out "$OUT"
-step mfu_1b 40 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out "$OUT"
+# 15 s each on an H200 (limits 30 s).
+step mfu_350m 30 "$PY" benchmarks/mfu_gpu.py --size 350m --batch 8 --seq 2048 --out "$OUT"
+step mfu_1b 30 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out "$OUT"
 
 # Attention fwd+bwd TFLOP/s at head_dim 128: without a bias at seq 16k and 4k (sm90 against cuDNN),
 # with a [1, H, S, S] pair bias at 4k (sm90 against our Triton flash and tokamax), causal and not;
@@ -80,9 +84,24 @@ PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
   --pair-impls "$pair_impls" --seqs 16384,4096 --pair-seqs 4096 --head-dims 128 --biases none,pair --causal 0,1 \
   --budget-s 90
 
+# The Evoformer's attention shape: MSA row attention at crop 256 (128 rows of 256 residues, 8 heads
+# of 32, the pair bias [1, 8, 256, 256] broadcast over the rows and its gradient): sm90 against our
+# Triton flash, tokamax and XLA's plain attention (what AlphaFold runs). Its own result files, so
+# auto's table can rank head_dim 32 (add them with --table-from).
+evo_impls=flash,tokamax,xla
+[ "$sm90_ok" = 1 ] && evo_impls=$evo_impls,sm90
+PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
+  step attention_evoformer_bench 50 "$PY" benchmarks/attention_gpu.py --out "$OUT" --tag _evo32 \
+  --impls "$evo_impls" --tokens 32768 --model-dim 256 --head-dims 32 --seqs 256 --biases pair --causal 0 \
+  --budget-s 35
+
 # One Evoformer block at crop 256 (N_seq 128, c_m 256, c_z 128), bf16: time, TFLOP/s, peak memory
-# (about 35 s per attention: compile 20 s).
-step evoformer_block 75 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" --attentions auto,xla
+# (about 35 s per attention: compile 20 s), with auto's pick (flash, or tokamax where installed) and
+# with sm90 at head_dim 32 (tuning off: it would time every attention's shape class first).
+evo_attn=auto
+[ "$sm90_ok" = 1 ] && evo_attn=$evo_attn,sm90
+SCISCALE_SM90_TUNING=off step evoformer_block 80 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
+  --attentions "$evo_attn"
 
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"

@@ -7,9 +7,11 @@ ring of shared-memory stages with TMA copies completing on barriers. The consume
 and PV on ``wgmma`` with float32 accumulators, an online softmax in base 2, and ping-pong on a
 shared barrier so one warpgroup's softmax overlaps the other's matrix work. Causal attention
 skips the key tiles past each query tile and masks only the diagonal ones; a bias of any
-shape broadcastable to [batch, heads, q_len, kv_len] is added to the scaled logits; any
-sequence length works (padded inside, padded keys masked). It can return each row's base-2
-log-sum-exp.
+shape broadcastable to [batch, heads, q_len, kv_len] is added to the scaled logits, and so is a
+key bias [batch or 1, kv_len] (a key-padding mask as 0 / large negative: one float per key,
+streamed with each key tile, so a mask never becomes a [Q, K] bias); any sequence length works
+(padded inside, padded keys masked). head_dim 32, 64, 96 or 128: shared-memory tiles are
+swizzled to the widest span their rows fill. It can return each row's base-2 log-sum-exp.
 
 Backward (``flash_attention_sm90_bwd``, from that log-sum-exp): dK/dV, dQ and dbias kernels of
 the same producer/consumer shape, described above ``_bwd_kernels``. The front-door adapter
@@ -60,7 +62,7 @@ def sm90_supported() -> bool:
     return 9.0 <= capability < 10.0
 
 
-def check_sm90_inputs(q, k, v, bias=None, causal=False) -> None:
+def check_sm90_inputs(q, k, v, bias=None, causal=False, key_bias=None) -> None:
     """Raise a ValueError naming the values the kernel cannot take (before any compilation)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
@@ -81,6 +83,11 @@ def check_sm90_inputs(q, k, v, bias=None, causal=False) -> None:
         if bias.ndim > 4 or any(b not in (1, t) for b, t in zip(bias.shape[::-1], target[::-1])):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to "
                              f"[batch, heads, q_len, kv_len] = {target}")
+    if key_bias is not None:
+        if (key_bias.ndim != 2 or key_bias.shape[0] not in (1, q.shape[0]) or key_bias.shape[1] not in (1, k.shape[1])
+                or not jnp.issubdtype(key_bias.dtype, jnp.floating)):
+            raise ValueError(f"key_bias must be floating [batch or 1, kv_len or 1] = [{q.shape[0]}, {k.shape[1]}]; "
+                             f"got {jnp.dtype(key_bias.dtype).name} {tuple(key_bias.shape)}")
 
 
 class _Ops:
@@ -189,10 +196,12 @@ def _pad_to(x, axis, multiple):
     return jnp.pad(x, widths)
 
 
-def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, stages, interpret=False):
+def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q, block_kv, stages,
+                 interpret=False):
     """The forward kernel on padded inputs: q [B, Qp, H, D], k/v [B, Kp, Hkv, D], bias None or
-    [Bb, Hb, Qp, Kp] in q's dtype; Qp % (2 block_q) == 0, Kp % block_kv == 0. Returns the output
-    [B, Qp, H, D] and the base-2 log-sum-exp of the scaled logits [B, H, Qp] (float32)."""
+    [Bb, Hb, Qp, Kp] in q's dtype, key_bias None or [Bk, Kp] float32; Qp % (2 block_q) == 0,
+    Kp % block_kv == 0. Returns the output [B, Qp, H, D] and the base-2 log-sum-exp of the scaled
+    logits [B, H, Qp] (float32)."""
     pl, plgpu = _mosaic_gpu()
     ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
@@ -202,17 +211,17 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
     total_kv_steps = k_pad // block_kv
     stages = min(stages, total_kv_steps)
     mask_padded_keys = kv_len < k_pad and not causal  # causal masks them already (q_len == kv_len)
-    has_bias = bias is not None
+    has_bias, has_key_bias = bias is not None, key_bias is not None
     logit_scale = scale * _LOG2E  # logits in base 2: exp2(x log2 e) = exp(x)
     wgmma_layout = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-    def body(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier):
+    def body(q_ref, k_ref, v_ref, bias_ref, kb_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier):
         q_head = lax.axis_index("heads")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         q_tile = lax.axis_index("q_seq")
-        qo_smem2, k_smem, v_smem, bias_smem, lse_smem2 = smem
+        qo_smem2, k_smem, v_smem, bias_smem, kb_smem, lse_smem2 = smem
         k_ready, v_ready, q_ready = produced
         k_free, v_free = consumed
         cta_q_base = q_tile * (_COMPUTE_WGS * block_q)
@@ -251,6 +260,9 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
                 if has_bias:
                     tile = bias_smem[slot, pl.ds(wg * block_q, block_q)]
                     s = s + tile.astype(jnp.float32) * _LOG2E
+                if has_key_bias:
+                    s = s + lax.broadcast_in_dim(ops.rows(kb_smem.at[slot], col_layout) * _LOG2E, s.shape, [1])
+                if has_bias or has_key_bias:
                     plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
                 plgpu.barrier_arrive(k_free.at[slot])
                 if diagonal or mask_padded_keys:
@@ -323,6 +335,10 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
                     tile = _bias_block(bias_ref, b, q_head, pl.ds(cta_q_base, _COMPUTE_WGS * block_q),
                                        pl.ds(step * block_kv, block_kv))
                     plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], k_ready.at[slot])
+                if has_key_bias:
+                    keys = pl.ds(step * block_kv, block_kv)
+                    plgpu.copy_gmem_to_smem(kb_ref.at[b if kb_ref.shape[0] > 1 else 0, keys], kb_smem.at[slot],
+                                            k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
             def released(step):  # wait until both consumers are done with this step's slot
@@ -345,22 +361,24 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
     tiled = _tiled(plgpu, dtype, head_dim)
 
     def entry(q_ref, k_ref, v_ref, *rest):
-        if has_bias:
-            bias_ref, out_ref, lse_ref = rest
-        else:
-            bias_ref, (out_ref, lse_ref) = None, rest
+        rest = list(rest)
+        bias_ref = rest.pop(0) if has_bias else None
+        kb_ref = rest.pop(0) if has_key_bias else None
+        out_ref, lse_ref = rest
         scratch = [
             plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiled),
             plgpu.SMEM((stages, _COMPUTE_WGS * block_q, block_kv), dtype, transforms=_tiled(plgpu, dtype, block_kv))
             if has_bias else None,
+            plgpu.SMEM((stages, block_kv), jnp.float32) if has_key_bias else None,
             plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
         ]
-        k_arrivals = 2 if has_bias else 1  # the K copy and the bias copy
+        k_arrivals = 1 + has_bias + has_key_bias  # the K copy, the bias and key-bias copies
         pl.run_scoped(
             lambda smem, produced, consumed, schedule_barrier: body(
-                q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier),
+                q_ref, k_ref, v_ref, bias_ref, kb_ref, out_ref, lse_ref, smem, produced, consumed,
+                schedule_barrier),
             scratch,
             (plgpu.Barrier(num_arrivals=k_arrivals, num_barriers=stages),
              plgpu.Barrier(num_barriers=stages),
@@ -370,7 +388,7 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
             collective_axes="wg",
         )
 
-    operands = (q, k, v) + ((bias,) if has_bias else ())
+    operands = (q, k, v) + ((bias,) if has_bias else ()) + ((key_bias,) if has_key_bias else ())
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)),
@@ -383,14 +401,23 @@ def _kernel_call(q, k, v, bias, *, causal, scale, kv_len, block_q, block_kv, sta
     )(*operands)
 
 
-def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv):
-    """q, k, v padded along the sequences to whole CTA tiles, and the bias as [Bb, Hb, Qp, Kp] in
-    q's dtype (Bb, Hb: 1 where it broadcasts), zero-padded."""
+def _padded_key_bias(key_bias, kv_len, k_pad):
+    """The key bias as [Bk, Kp] float32 (a [Bk, 1] one broadcast over the keys), zero-padded; or None."""
+    if key_bias is None:
+        return None
+    key_bias = jnp.broadcast_to(key_bias.astype(jnp.float32), (key_bias.shape[0], kv_len))
+    return _pad_to(key_bias, 1, k_pad)
+
+
+def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv, kv_tile=None):
+    """q, k, v padded along the sequences to whole CTA tiles (``kv_tile`` keys: the backward's dK/dV
+    CTA owns 2 x block_kv), and the bias as [Bb, Hb, Qp, Kp] in q's dtype (Bb, Hb: 1 where it
+    broadcasts), zero-padded."""
     q_len, kv_len = q.shape[1], k.shape[1]
-    tile_q = _COMPUTE_WGS * block_q
+    tile_q, kv_tile = _COMPUTE_WGS * block_q, kv_tile or block_kv
     # Causal attention pads both sequences to one length so the diagonal stays where it is.
-    kv_multiple = math.lcm(tile_q, block_kv) if causal else block_kv
-    q_p = _pad_to(q, 1, math.lcm(tile_q, block_kv) if causal else tile_q)
+    kv_multiple = math.lcm(tile_q, kv_tile) if causal else kv_tile
+    q_p = _pad_to(q, 1, kv_multiple if causal else tile_q)
     k_p, v_p = _pad_to(k, 1, kv_multiple), _pad_to(v, 1, kv_multiple)
     bias_p = None
     if bias is not None:
@@ -401,11 +428,12 @@ def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "interpret"))
-def _forward(q, k, v, bias, *, causal, scale, block_q, block_kv, stages, interpret):
+def _forward(q, k, v, bias, key_bias=None, *, causal, scale, block_q, block_kv, stages, interpret):
     q_len, kv_len = q.shape[1], k.shape[1]
     q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv)
-    out, lse2 = _kernel_call(q_p, k_p, v_p, bias_p, causal=causal, scale=scale, kv_len=kv_len, block_q=block_q,
-                             block_kv=block_kv, stages=stages, interpret=interpret)
+    kb_p = _padded_key_bias(key_bias, kv_len, k_p.shape[1])
+    out, lse2 = _kernel_call(q_p, k_p, v_p, bias_p, kb_p, causal=causal, scale=scale, kv_len=kv_len,
+                             block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret)
     return out[:, :q_len], lse2[:, :, :q_len]
 
 
@@ -448,41 +476,44 @@ def _tuned(pass_name, q, k, bias, causal, candidates, make_run, *, interpret, tu
     return candidates[0] if best is None else best
 
 
-def _forward_config(q, k, v, bias, causal, scale, block_q, interpret, tuner=None):
+def _forward_config(q, k, v, bias, causal, scale, block_q, interpret, tuner=None, key_bias=None):
     """(block_kv, stages) for the forward kernel on inputs shaped like these."""
     def make_run(config):
         args = [_concrete(x.shape, x.dtype, i) for i, x in enumerate((q, k, v))]
         b = None if bias is None else _concrete(bias.shape, q.dtype, 3)
-        return lambda: _forward(*args, b, causal=causal, scale=scale, block_q=block_q, block_kv=config[0],
+        kb = None if key_bias is None else jnp.zeros(key_bias.shape, jnp.float32)
+        return lambda: _forward(*args, b, kb, causal=causal, scale=scale, block_q=block_q, block_kv=config[0],
                                 stages=config[1], interpret=interpret)
 
     return _tuned("fwd", q, k, bias, causal, FWD_CANDIDATES[bias is not None], make_run, interpret=interpret,
                   tuner=tuner)
 
 
-def flash_attention_sm90(q, k, v, *, bias=None, causal=False, scale=None, block_q=64, block_kv=None,
+def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, scale=None, block_q=64, block_kv=None,
                          stages=None, return_lse=False, interpret=False):
     """softmax(q k^T * scale + bias) v on an sm90 GPU, forward only.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
     divides heads); bias broadcastable to [batch, heads, q_len, kv_len], cast to q's dtype;
-    causal is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 32, 64, 96 or 128;
+    key_bias [batch or 1, kv_len] added to every query's logits in float32, without a gradient (a
+    key-padding mask as 0 / large negative, read per key tile instead of as a [Q, K] bias); causal
+    is start-aligned and needs q_len == kv_len. bf16/fp16 inputs, head_dim 32, 64, 96 or 128;
     float32 accumulation. Returns [batch, q_len, heads, head_dim] in q's dtype, and with
     ``return_lse`` also the log-sum-exp of each row's logits in base 2, [batch, heads, q_len]
     float32 (what ``flash_attention_sm90_bwd`` takes). ``block_kv`` and ``stages`` left None are
     the measured best for this shape class on an sm90 GPU (``sm90_tuning``), else the defaults.
     ``interpret=True`` runs the kernel in jax's Mosaic GPU interpreter on any host (slow; tests).
     """
-    check_sm90_inputs(q, k, v, bias, causal)
+    check_sm90_inputs(q, k, v, bias, causal, key_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_kv is None and stages is None and not interpret:
-        block_kv, stages = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False)
+        block_kv, stages = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False, key_bias=key_bias)
     default_kv, default_stages = FWD_CANDIDATES[bias is not None][0]
     block_kv = default_kv if block_kv is None else block_kv
     stages = default_stages if stages is None else stages
     _check_blocks(block_q, block_kv, stages)
-    out, lse2 = _forward(q, k, v, bias, causal=bool(causal), scale=scale, block_q=block_q, block_kv=block_kv,
-                         stages=stages, interpret=bool(interpret))
+    out, lse2 = _forward(q, k, v, bias, key_bias, causal=bool(causal), scale=scale, block_q=block_q,
+                         block_kv=block_kv, stages=stages, interpret=bool(interpret))
     return (out, lse2) if return_lse else out
 
 
@@ -558,18 +589,18 @@ def _copy_query_rows(pl, plgpu, refs, dsts, b, h, start, size, barrier):
 
 
 def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block_q, block_kv, stages,
-                 bias_grad, interpret):
+                 bias_grad, interpret, key_bias=None):
     """dq [B, Qp, H, D], dk, dv [B, Kp, Hkv, D] and dbias [Bb, Hb, Qp, Kp] (None unless bias_grad),
     all in q's dtype (dbias summed in float32 and rounded once), on padded inputs: q, do
     [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta
-    [B, H, Qp] float32."""
+    [B, H, Qp] float32; key_bias None or [Bk, Kp] float32 (no gradient)."""
     pl, plgpu = _mosaic_gpu()
     ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
     k_pad, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     dtype = q.dtype
-    has_bias = bias is not None
+    has_bias, has_key_bias = bias is not None, key_bias is not None
     logit_scale = scale * _LOG2E
     mask_padded_keys = kv_len < k_pad and not causal
     wgs = _COMPUTE_WGS
@@ -581,6 +612,13 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
         if len(shape) > 2:
             return plgpu.SMEM(shape, dtype, transforms=_tiled(plgpu, dtype, shape[-1]))
         return plgpu.SMEM(shape, dtype)
+
+    def key_row(kb_ref, b):  # the key bias's row for batch row b (row 0 where it broadcasts)
+        return kb_ref.at[b if kb_ref.shape[0] > 1 else 0]
+
+    def plus_key_bias(s, kb_smem, key_axis):  # s + the key bias (base 2) of this tile's keys
+        layout = col_layout if key_axis == 1 else row_layout
+        return s + lax.broadcast_in_dim(ops.rows(kb_smem, layout) * _LOG2E, s.shape, [key_axis])
 
     def probabilities(s, lse, row_axis, q_rows, k_cols):
         """exp(logits - lse) of a tile; s in base 2 (bias added), rows/cols as absolute positions."""
@@ -595,8 +633,10 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
 
     # ---- dQ: CTA = (head, 2 x block_q queries, batch); K, V (and bias) tiles stream ----
     def dq_entry(q_ref, k_ref, v_ref, *rest):
-        bias_ref = rest[0] if has_bias else None
-        do_ref, lse_ref, delta_ref, dq_ref = rest[1:] if has_bias else rest
+        rest = list(rest)
+        bias_ref = rest.pop(0) if has_bias else None
+        kb_ref = rest.pop(0) if has_key_bias else None
+        do_ref, lse_ref, delta_ref, dq_ref = rest
         h, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
         kv_head = lax.div(h, jnp.array(group, h.dtype))
         cta_q = lax.axis_index("q_seq") * (wgs * block_q)
@@ -604,7 +644,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
 
         def consumer(mine, ring, own_ready, ready, free):
             q_smem, do_smem, lse_smem, delta_smem = mine
-            k_smem, v_smem, bias_smem = ring
+            k_smem, v_smem, bias_smem, kb_smem = ring
             q_base = cta_q + wg * block_q
             _copy_query_rows(pl, plgpu, (q_ref, do_ref, lse_ref, delta_ref), [x.at[wg] for x in mine], b, h, q_base,
                              block_q, own_ready.at[wg])
@@ -619,11 +659,13 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 s = ops.mma(None, q_smem.at[wg], k_smem.at[slot], transpose_b=True) * logit_scale
                 if has_bias:
                     s = s + bias_smem[slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32) * _LOG2E
+                if has_key_bias:
+                    s = plus_key_bias(s, kb_smem.at[slot], 1)
                 p = probabilities(s, lse, 0, q_rows, ops.iota((block_q, block_kv), 1) + i * block_kv)
                 dp = ops.mma(None, do_smem.at[wg], v_smem.at[slot], transpose_b=True)
                 ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                 dq = ops.mma(dq, ds.astype(dtype), k_smem.at[slot])
-                if has_bias:
+                if has_bias or has_key_bias:
                     plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
@@ -636,22 +678,26 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             plgpu.wait_smem_to_gmem(0)
 
         def load(ring, i, slot, barrier):
-            k_smem, v_smem, bias_smem = ring
+            k_smem, v_smem, bias_smem, kb_smem = ring
             keys = (b, pl.ds(i * block_kv, block_kv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], barrier)
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], barrier)
             if has_bias:
                 tile = _bias_block(bias_ref, b, h, pl.ds(cta_q, wgs * block_q), pl.ds(i * block_kv, block_kv))
                 plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], barrier)
+            if has_key_bias:
+                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(i * block_kv, block_kv)], kb_smem.at[slot],
+                                        barrier)
 
         _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
                    mine=(smem(wgs, block_q, head_dim), smem(wgs, block_q, head_dim),
                          smem(wgs, block_q, dtype=jnp.float32), smem(wgs, block_q, dtype=jnp.float32)),
                    ring=(smem(stages, block_kv, head_dim), smem(stages, block_kv, head_dim),
-                         smem(stages, wgs * block_q, block_kv) if has_bias else None),
-                   own_arrivals=4, ring_arrivals=3 if has_bias else 2)
+                         smem(stages, wgs * block_q, block_kv) if has_bias else None,
+                         smem(stages, block_kv, dtype=jnp.float32) if has_key_bias else None),
+                   own_arrivals=4, ring_arrivals=2 + has_bias + has_key_bias)
 
-    bias_ops = (bias,) if has_bias else ()
+    bias_ops = ((bias,) if has_bias else ()) + ((key_bias,) if has_key_bias else ())
     dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
                       grid=(heads, q_pad // (wgs * block_q), batch), grid_names=("heads", "q_seq", "batch"),
                       **params)(q, k, v, *bias_ops, do, lse2, delta)
@@ -661,8 +707,10 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     q_tiles = q_pad // block_q
 
     def dkv_entry(q_ref, k_ref, v_ref, *rest):
-        bias_ref = rest[0] if has_bias else None
-        do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest[1:] if has_bias else rest
+        rest = list(rest)
+        bias_ref = rest.pop(0) if has_bias else None
+        kb_ref = rest.pop(0) if has_key_bias else None
+        do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
         kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
         cta_k = lax.axis_index("kv_seq") * (wgs * block_kv)
         first = lax.div(cta_k, jnp.array(block_q, jnp.int32)) if causal else jnp.int32(0)  # first query tile
@@ -673,12 +721,15 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             return kv_head * group + lax.div(i, per_head), first + lax.rem(i, per_head)
 
         def consumer(mine, ring, own_ready, ready, free):
-            k_smem, v_smem = mine
+            k_smem, v_smem, kb_smem = mine
             q_smem, do_smem, lse_smem, delta_smem, bias_smem = ring
             k_base = cta_k + wg * block_kv
             keys = (b, pl.ds(k_base, block_kv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], own_ready.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], own_ready.at[wg])
+            if has_key_bias:
+                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(k_base, block_kv)], kb_smem.at[wg],
+                                        own_ready.at[wg])
             plgpu.barrier_wait(own_ready.at[wg])
             k_cols = ops.iota((block_kv, block_q), 0) + k_base
 
@@ -690,6 +741,8 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 s_t = ops.mma(None, k_smem.at[wg], q_smem.at[slot], transpose_b=True) * logit_scale
                 if has_bias:
                     s_t = s_t + bias_smem[slot, pl.ds(wg * block_kv, block_kv)].astype(jnp.float32) * _LOG2E
+                if has_key_bias:  # keys are this tile's rows
+                    s_t = plus_key_bias(s_t, kb_smem.at[wg], 0)
                 lse = ops.rows(lse_smem.at[slot], col_layout)
                 p_t = probabilities(s_t, lse, 1, ops.iota((block_kv, block_q), 1) + qt * block_q, k_cols)
                 dv = ops.mma(dv, p_t.astype(dtype), do_smem.at[slot])
@@ -719,16 +772,18 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 plgpu.copy_gmem_to_smem(tile, ring[4].at[slot], barrier)
 
         _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
-                   mine=(smem(wgs, block_kv, head_dim), smem(wgs, block_kv, head_dim)),
+                   mine=(smem(wgs, block_kv, head_dim), smem(wgs, block_kv, head_dim),
+                         smem(wgs, block_kv, dtype=jnp.float32) if has_key_bias else None),
                    ring=(smem(stages, block_q, head_dim), smem(stages, block_q, head_dim),
                          smem(stages, block_q, dtype=jnp.float32), smem(stages, block_q, dtype=jnp.float32),
                          smem(stages, wgs * block_kv, block_q) if has_bias else None),
-                   own_arrivals=2, ring_arrivals=5 if has_bias else 4)
+                   own_arrivals=2 + has_key_bias, ring_arrivals=5 if has_bias else 4)
 
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     dk, dv = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type),
                           grid=(kv_heads, k_pad // (wgs * block_kv), batch), grid_names=("heads", "kv_seq", "batch"),
-                          **params)(q, k, v, *((bias_t,) if has_bias else ()), do, lse2, delta)
+                          **params)(q, k, v, *((bias_t,) if has_bias else ()), *((key_bias,) if has_key_bias else ()),
+                                    do, lse2, delta)
     if not (has_bias and bias_grad):
         return dq, dk, dv, None
 
@@ -737,7 +792,10 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     over_b, over_h = (batch if b_bias == 1 else 1), (heads if h_bias == 1 else 1)
     n_steps = over_b * over_h
 
-    def db_entry(q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, db_ref):
+    def db_entry(q_ref, k_ref, v_ref, bias_ref, *rest):
+        rest = list(rest)
+        kb_ref = rest.pop(0) if has_key_bias else None
+        do_ref, lse_ref, delta_ref, db_ref = rest
         wg = lax.axis_index("wg")
         bh_index, kt = lax.axis_index("bias"), lax.axis_index("kv_seq")
         bb, bh = lax.div(bh_index, jnp.array(h_bias, jnp.int32)), lax.rem(bh_index, jnp.array(h_bias, jnp.int32))
@@ -750,7 +808,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             return b, h
 
         def consumer(bias_smem, ring, own_ready, ready, free):
-            q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = ring
+            q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, kb_smem = ring
             mine = pl.ds(wg * block_q, block_q)
             tile = (bb, bh, pl.ds(cta_q + wg * block_q, block_q), pl.ds(k_base, block_kv))
             plgpu.copy_gmem_to_smem(bias_ref.at[tile], bias_smem.at[wg], own_ready.at[wg])
@@ -763,6 +821,8 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 slot = lax.rem(i, jnp.array(stages, i.dtype))
                 plgpu.barrier_wait(ready.at[slot])
                 s = ops.mma(None, q_smem.at[slot, mine], k_smem.at[slot], transpose_b=True) * logit_scale
+                if has_key_bias:
+                    s = plus_key_bias(s, kb_smem.at[slot], 1)
                 p = probabilities(s + bias2, ops.rows(lse_smem.at[slot, mine], row_layout), 0, q_rows, k_cols)
                 dp = ops.mma(None, do_smem.at[slot, mine], v_smem.at[slot], transpose_b=True)
                 delta = ops.rows(delta_smem.at[slot, mine], row_layout)
@@ -785,26 +845,34 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             keys = (b, pl.ds(k_base, block_kv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], ring[4].at[slot], barrier)
             plgpu.copy_gmem_to_smem(v_ref.at[keys], ring[5].at[slot], barrier)
+            if has_key_bias:
+                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(k_base, block_kv)], ring[6].at[slot], barrier)
 
         _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
                    mine=smem(wgs, block_q, block_kv),
                    ring=(smem(stages, wgs * block_q, head_dim), smem(stages, wgs * block_q, head_dim),
                          smem(stages, wgs * block_q, dtype=jnp.float32),
                          smem(stages, wgs * block_q, dtype=jnp.float32),
-                         smem(stages, block_kv, head_dim), smem(stages, block_kv, head_dim)),
-                   own_arrivals=1, ring_arrivals=6)
+                         smem(stages, block_kv, head_dim), smem(stages, block_kv, head_dim),
+                         smem(stages, block_kv, dtype=jnp.float32) if has_key_bias else None),
+                   own_arrivals=1, ring_arrivals=6 + has_key_bias)
 
     dbias = plgpu.kernel(db_entry, out_type=jax.ShapeDtypeStruct(bias.shape, dtype),
                          grid=(b_bias * h_bias, q_pad // (wgs * block_q), k_pad // block_kv),
-                         grid_names=("bias", "q_seq", "kv_seq"), **params)(q, k, v, bias, do, lse2, delta)
+                         grid_names=("bias", "q_seq", "kv_seq"), **params)(q, k, v, bias,
+                                                                            *((key_bias,) if has_key_bias else ()),
+                                                                            do, lse2, delta)
     return dq, dk, dv, dbias
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "bias_grad",
                                              "interpret"))
-def _backward(q, k, v, bias, out, lse2, dout, *, causal, scale, block_q, block_kv, stages, bias_grad, interpret):
+def _backward(q, k, v, bias, out, lse2, dout, key_bias=None, *, causal, scale, block_q, block_kv, stages, bias_grad,
+              interpret):
     q_len, kv_len = q.shape[1], k.shape[1]
-    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv)
+    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv,
+                                           kv_tile=_COMPUTE_WGS * block_kv)
+    kb_p = _padded_key_bias(key_bias, kv_len, k_p.shape[1])
     extra = q_p.shape[1] - q_len
     do_p = _pad_to(dout.astype(q.dtype), 1, q_p.shape[1])
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
@@ -813,7 +881,7 @@ def _backward(q, k, v, bias, out, lse2, dout, *, causal, scale, block_q, block_k
     lse_p = jnp.pad(lse2, ((0, 0), (0, 0), (0, extra)))
     dq, dk, dv, dbias = _bwd_kernels(q_p, k_p, v_p, bias_p, do_p, lse_p, delta, causal=causal, scale=scale,
                                      kv_len=kv_len, block_q=block_q, block_kv=block_kv, stages=stages,
-                                     bias_grad=bias_grad and bias is not None, interpret=interpret)
+                                     bias_grad=bias_grad and bias is not None, interpret=interpret, key_bias=kb_p)
     if dbias is not None:  # back to the bias's own shape: sum what was broadcast
         dbias = dbias[:, :, :q_len, :kv_len].astype(jnp.float32)
         shape4 = (1,) * (4 - bias.ndim) + tuple(bias.shape)
@@ -823,17 +891,18 @@ def _backward(q, k, v, bias, out, lse2, dout, *, causal, scale, block_q, block_k
 
 
 def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, block_kv, bias_grad, interpret,
-                     tuner=None):
+                     tuner=None, key_bias=None):
     """(stages,) for the backward kernels on inputs shaped like these."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def make_run(config):
         args = [_concrete(x.shape, x.dtype, i) for i, x in enumerate((q, k, v))]
         b = None if bias is None else _concrete(bias.shape, q.dtype, 3)
-        o, l2 = _forward(*args, b, causal=causal, scale=scale, block_q=block_q, block_kv=64, stages=2,
+        kb = None if key_bias is None else jnp.zeros(key_bias.shape, jnp.float32)
+        o, l2 = _forward(*args, b, kb, causal=causal, scale=scale, block_q=block_q, block_kv=64, stages=2,
                          interpret=interpret)
         do = _concrete(dout.shape, q.dtype, 4)
-        return lambda: _backward(*args, b, o, l2, do, causal=causal, scale=scale, block_q=block_q,
+        return lambda: _backward(*args, b, o, l2, do, kb, causal=causal, scale=scale, block_q=block_q,
                                  block_kv=block_kv, stages=config[0], bias_grad=bias_grad and b is not None,
                                  interpret=interpret)
 
@@ -841,26 +910,26 @@ def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, blo
                   tuner=tuner)
 
 
-def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, causal=False, scale=None, block_q=64,
-                             block_kv=64, stages=None, bias_grad=True, interpret=False):
+def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, key_bias=None, causal=False, scale=None,
+                             block_q=64, block_kv=64, stages=None, bias_grad=True, interpret=False):
     """Gradients of ``flash_attention_sm90`` on an sm90 GPU: (dq, dk, dv, dbias).
 
     ``out`` and ``lse2`` come from ``flash_attention_sm90(..., return_lse=True)`` on the same
-    inputs; ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
+    inputs (``key_bias`` too: it gets no gradient); ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
     bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
     the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
     else the default (``BWD_CANDIDATES``: 3 without a bias, 2 with one). ``interpret=True`` runs
     the kernels in jax's Mosaic GPU interpreter.
     """
-    check_sm90_inputs(q, k, v, bias, causal)
+    check_sm90_inputs(q, k, v, bias, causal, key_bias)
     if stages is None and not interpret:
         stages = _backward_config(q, k, v, bias, out, lse2, dout, bool(causal), scale, block_q, block_kv, bias_grad,
-                                  False)[0]
+                                  False, key_bias=key_bias)[0]
     stages = BWD_CANDIDATES[bias is not None][0][0] if stages is None else stages
     _check_blocks(block_q, block_kv, stages)
     if out.shape != q.shape or dout.shape != q.shape or lse2.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"out {out.shape} and dout {dout.shape} must be q's shape {q.shape}, lse2 {lse2.shape} "
                          f"[batch, heads, q_len]")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _backward(q, k, v, bias, out, lse2, dout, causal=bool(causal), scale=scale, block_q=block_q,
+    return _backward(q, k, v, bias, out, lse2, dout, key_bias, causal=bool(causal), scale=scale, block_q=block_q,
                      block_kv=block_kv, stages=stages, bias_grad=bool(bias_grad), interpret=bool(interpret))

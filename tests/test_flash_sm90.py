@@ -59,14 +59,17 @@ def _rel_err(out, ref):
     (dict(heads=3), "does not divide"),
     (dict(causal=True, kv_len=40), "q_len == kv_len"),
     (dict(bias_shape=(1, 2, 5, 48)), "does not broadcast"),
+    (dict(key_bias_shape=(3, 48)), "key_bias"),
+    (dict(key_bias_shape=(1, 1, 48)), "key_bias"),
 ])
 def test_bad_input_raises_before_compiling(kwargs, match):
     d, heads, dtype = kwargs.get("d", 64), kwargs.get("heads", 2), kwargs.get("dtype", jnp.bfloat16)
     q = jnp.ones((1, 48, heads, d), dtype)
     k = v = jnp.ones((1, kwargs.get("kv_len", 48), 2, d), dtype)
     bias = jnp.ones(kwargs["bias_shape"], jnp.float32) if "bias_shape" in kwargs else None
+    key_bias = jnp.zeros(kwargs["key_bias_shape"], jnp.float32) if "key_bias_shape" in kwargs else None
     with pytest.raises(ValueError, match=match):
-        kernel.flash_attention_sm90(q, k, v, bias=bias, causal=kwargs.get("causal", False))
+        kernel.flash_attention_sm90(q, k, v, bias=bias, key_bias=key_bias, causal=kwargs.get("causal", False))
 
 
 def test_front_door_check_refuses_without_an_sm90_gpu():
@@ -141,49 +144,70 @@ def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
     return [None if g is None else _rel_err(g, r) for g, r in zip(grads, ref)]
 
 
-@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, head_dim", [
-    pytest.param(True, (1, 2, 70, 70), 70, 70, 2, 1, 64, marks=pytest.mark.slow),  # the front-door test runs this
-    pytest.param(False, None, 128, 128, 1, 1, 64, marks=pytest.mark.slow),
-    pytest.param(False, (2, 1, 1, 200), 130, 200, 2, 2, 64, marks=pytest.mark.slow),  # per-key: dbias summed over q
-    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, 64, marks=pytest.mark.slow),
-    (False, (1, 2, 96, 96), 96, 96, 2, 2, 32),  # the Evoformer's head_dim, pair bias summed over the batch
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, head_dim, key_mask", [
+    pytest.param(True, (1, 2, 70, 70), 70, 70, 2, 1, 64, False, marks=pytest.mark.slow),  # the front door runs it
+    pytest.param(False, None, 128, 128, 1, 1, 64, False, marks=pytest.mark.slow),
+    pytest.param(False, (2, 1, 1, 200), 130, 200, 2, 2, 64, False, marks=pytest.mark.slow),  # dbias summed over q
+    pytest.param(True, (1, 2, 150, 150), 150, 150, 2, 1, 64, False, marks=pytest.mark.slow),
+    # The Evoformer's shape: head_dim 32, a pair bias summed over the batch (MSA rows), a key mask per row.
+    (False, (1, 2, 96, 96), 96, 96, 2, 2, 32, True),
+    # 40 keys pad to 64, half a dK/dV CTA's 128: the backward pads keys to whole CTAs (before, the
+    # last 64 keys of such lengths got no dK/dV at all).
+    (False, None, 64, 40, 1, 1, 64, False),
 ])
 def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, bias_shape, q_len, kv_len, heads,
-                                                                         kv_heads, head_dim):
+                                                                         kv_heads, head_dim, key_mask):
     """dK/dV, dQ and dbias kernels, run by the Mosaic GPU interpreter on the CPU, from the forward
     kernel's log-sum-exp: every gradient within bf16 rounding of float64 attention's (the forward's
-    output too where the forward test does not run the case)."""
+    output too where the forward test does not run the case). A key mask enters as ``key_bias``."""
     batch = 2 if bias_shape is None or bias_shape[0] == 2 or bias_shape[0] == 1 else 1
     q, k, v = _qkv((batch, q_len, heads, head_dim), kv_len, kv_heads, jnp.bfloat16, seed=q_len + 1)
     r = np.random.default_rng(6)
     bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), jnp.bfloat16)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
-    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True, interpret=True)
-    assert _rel_err(out, _reference(q, k, v, bias, None, causal)) < 1e-2
-    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal, interpret=True)
+    mask = key_bias = None
+    if key_mask:  # about a third of the keys masked, a different set per batch row
+        keep = jnp.asarray(r.random((batch, kv_len)) < 0.7).at[:, 0].set(True)
+        mask, key_bias = keep[:, None, None, :], jnp.where(keep, 0.0, -30000.0)
+    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, key_bias=key_bias, causal=causal, return_lse=True,
+                                            interpret=True)
+    assert _rel_err(out, _reference(q, k, v, bias, mask, causal)) < 1e-2
+    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, key_bias=key_bias, causal=causal,
+                                            interpret=True)
     for g, x in zip(grads, (q, k, v, bias)):
         assert (g is None) == (x is None)
         assert g is None or (g.shape == x.shape and g.dtype == x.dtype)
-    errors = _grad_errors(grads, q, k, v, bias, do, causal=causal)
+    errors = _grad_errors(grads, q, k, v, bias, do, mask=mask, causal=causal)
     assert max(e for e in errors if e is not None) < 1e-2, errors
 
 
-def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch):
-    """The adapter's custom VJP on the real kernels (interpreted; causal, GQA, padded to a tile): a
-    boolean mask enters as a large negative bias with the pair bias, rows with nothing to attend
-    come back zero, and every gradient, the pair bias's in its own shape, matches float64."""
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 70), (2, 1, 70, 70)])
+def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_shape):
+    """The adapter's custom VJP on the real kernels (interpreted; causal, GQA, padded to a tile):
+    a mask per key reaches the kernels as their [B, K] key bias and the pair bias stays
+    [1, H, Q, K] (nothing [B, H, Q, K] is built); another mask joins the bias. Rows with nothing
+    to attend come back zero, and every gradient, the pair bias's in its own shape, matches float64."""
+    seen = []
+
+    def spy(fn):
+        def call(*args, bias=None, key_bias=None, **kwargs):
+            seen.append((None if bias is None else bias.shape, None if key_bias is None else key_bias.shape))
+            return fn(*args, bias=bias, key_bias=key_bias, interpret=True, **kwargs)
+        return call
+
     monkeypatch.setattr(adapter, "sm90_supported", lambda: True)
-    monkeypatch.setattr(adapter, "flash_attention_sm90", functools.partial(kernel.flash_attention_sm90, interpret=True))
-    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd",
-                        functools.partial(kernel.flash_attention_sm90_bwd, interpret=True))
+    monkeypatch.setattr(adapter, "flash_attention_sm90", spy(kernel.flash_attention_sm90))
+    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd", spy(kernel.flash_attention_sm90_bwd))
     q, k, v = _qkv((2, 70, 2, 64), 70, 1, jnp.bfloat16, seed=9)
     r = np.random.default_rng(10)
     bias = jnp.asarray(r.normal(size=(1, 2, 70, 70)), jnp.float32)
-    mask = jnp.asarray(r.random((2, 1, 1, 70)) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
+    mask = jnp.asarray(r.random(mask_shape) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, causal=True),
                        q, k, v, bias)
     grads = vjp(do)
+    per_key = mask_shape[2] == 1
+    assert seen == [((1, 2, 70, 70), (2, 70)) if per_key else ((2, 2, 70, 70), None)] * 2  # forward, backward
     assert bool(jnp.all(out[1] == 0))  # batch row 1 attends to nothing
     assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
     assert _rel_err(out[0], _reference(q, k, v, bias, mask, causal=True)[0]) < 1e-2
@@ -192,6 +216,23 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch):
                           mask=mask[:1], causal=True)
     assert max(errors) < 1e-2, errors
     assert bool(jnp.all(grads[0][1] == 0)) and bool(jnp.all(grads[1][1] == 0))
+
+
+@pytest.mark.parametrize("head_dim, bias_shape", [(128, (1, 2, 130, 200)), (32, None)])
+def test_key_bias_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape):
+    """With a key bias (per batch row and key, read per key tile) the forward and the three
+    backward kernels pass Mosaic GPU's lowering for CUDA, head_dim 128's shared memory included."""
+    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16)
+    key_bias = jax.ShapeDtypeStruct((2, 200), jnp.float32)
+    fwd = jax.jit(lambda q, k, v, b, kb: kernel.flash_attention_sm90(q, k, v, bias=b, key_bias=kb))
+    assert "mosaic_gpu" in fwd.trace(q, kv, kv, bias, key_bias).lower(lowering_platforms=("cuda",)).as_text()
+    bwd = jax.jit(lambda q, k, v, b, kb, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
+                                                                                   key_bias=kb))
+    text = bwd.trace(q, kv, kv, bias, key_bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= (3 if bias_shape else 2)
 
 
 @pytest.mark.parametrize("head_dim", [128, 96, 32])
@@ -206,6 +247,55 @@ def test_backward_lowers_to_mosaic_gpu_for_cuda(head_dim):
     fn = jax.jit(lambda q, k, v, b, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
     text = fn.trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3
+
+
+@pytest.mark.slow
+def test_evoformer_block_on_the_interpreted_sm90_kernels(monkeypatch):
+    """A whole Evoformer block (head_dim 32; MSA row attention with the pair bias broadcast over
+    the rows, column and triangle attention, each under the rows' vmap with its key mask) with
+    attention="sm90" on the interpreted kernels, bf16: outputs and every parameter and input
+    gradient as close to float32 XLA attention's as the same block with bf16 XLA attention is."""
+    from flax import nnx
+    from sciscale_jax.models.evoformer import EvoformerBlock, EvoformerConfig
+    monkeypatch.setattr(adapter, "sm90_supported", lambda: True)
+    monkeypatch.setattr(adapter, "flash_attention_sm90", functools.partial(kernel.flash_attention_sm90, interpret=True))
+    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd",
+                        functools.partial(kernel.flash_attention_sm90_bwd, interpret=True))
+    rows, res = 3, 20
+    r = np.random.default_rng(0)
+    m = jnp.asarray(r.normal(size=(1, rows, res, 16)), jnp.float32)
+    z = jnp.asarray(r.normal(size=(1, res, res, 8)), jnp.float32)
+    seq_mask = np.ones((1, res), np.float32)
+    seq_mask[:, -3:] = 0
+    msa_mask = jnp.asarray(seq_mask[:, None, :] * (r.random((1, rows, res)) > 0.15), jnp.float32)
+    pair_mask = jnp.asarray(seq_mask[:, :, None] * seq_mask[:, None, :], jnp.float32)
+
+    def outputs_and_grads(attention, dtype):
+        cfg = EvoformerConfig(c_m=16, c_z=8, msa_heads=2, msa_head_dim=32, pair_heads=2, pair_head_dim=32,
+                              opm_channels=4, tri_mul_channels=6, num_blocks=1, num_extra_blocks=0,
+                              attention=attention, dtype=dtype)
+        block = EvoformerBlock(cfg, rngs=nnx.Rngs(0))
+        leaves, treedef = jax.tree.flatten(nnx.state(block, nnx.Param))
+        keys = jax.random.split(jax.random.key(1), len(leaves))  # zero-initialised projections matter
+        nnx.update(block, jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(key, x.shape, x.dtype)
+                                                       for x, key in zip(leaves, keys)]))
+
+        def loss(block, m, z):
+            m_out, z_out = block(m, z, msa_mask, pair_mask)
+            return jnp.sum(m_out.astype(jnp.float32) ** 2) + jnp.sum(z_out.astype(jnp.float32) ** 2), (m_out, z_out)
+
+        (_, outs), grads = nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(block, m, z)
+        return outs, grads
+
+    def rel(a, b):
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        num = sum(float(jnp.sum((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2)) for x, y in zip(la, lb))
+        return (num / sum(float(jnp.sum(y.astype(jnp.float32) ** 2)) for y in lb)) ** 0.5
+
+    ref, bf16, sm90 = (outputs_and_grads(a, d) for a, d in (("xla", jnp.float32), ("xla", jnp.bfloat16),
+                                                             ("sm90", jnp.bfloat16)))
+    for i in range(2):   # outputs, gradients
+        assert rel(sm90[i], ref[i]) < 1.5 * rel(bf16[i], ref[i]) + 1e-3, (rel(sm90[i], ref[i]), rel(bf16[i], ref[i]))
 
 
 # ---- compiled kernel on an sm90 GPU ---------------------------------------------------------------
@@ -240,11 +330,16 @@ def test_kernel_matches_float32_reference(dtype, causal, bias_shape, head_dim, q
 
 @pytest.mark.gpu
 @needs_sm90
-def test_front_door_mask_and_gradients_on_gpu():
-    q, k, v = _qkv((2, 256, 4, 64), 256, 4, jnp.bfloat16, seed=7)
+@pytest.mark.parametrize("head_dim, mask_shape", [
+    (64, (2, 1, 1, 256)),     # a key mask: the kernels' key bias
+    (64, (2, 1, 256, 256)),   # any other mask joins the bias
+    (32, (2, 1, 1, 256)),     # the Evoformer's head_dim with its key mask
+])
+def test_front_door_mask_and_gradients_on_gpu(head_dim, mask_shape):
+    q, k, v = _qkv((2, 256, 4, head_dim), 256, 4, jnp.bfloat16, seed=7)
     r = np.random.default_rng(8)
     bias = jnp.asarray(r.normal(size=(1, 4, 256, 256)), jnp.bfloat16)
-    mask = jnp.asarray(r.random((2, 1, 1, 256)) < 0.9).at[1, :, :, :].set(False)  # batch 1: nothing to attend
+    mask = jnp.asarray(r.random(mask_shape) < 0.9).at[1, :, :, :].set(False)  # batch 1: nothing to attend
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask), q, k, v, bias)
     grads = vjp(do)

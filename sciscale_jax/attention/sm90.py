@@ -5,8 +5,11 @@ The Pallas Mosaic GPU kernels in ``sciscale_jax.kernels.flash_attention_sm90``: 
 consumers) saves the base-2 log-sum-exp of each row, and the backward runs the dK/dV, dQ and
 (for a bias) dbias kernels from it; the bias gradient comes back in the bias's shape.
 
-Adaptations to the front-door contract: a boolean mask becomes a large negative bias, and
-rows with no key to attend are zeroed afterwards, as every implementation returns them.
+Adaptations to the front-door contract: a boolean mask becomes a large negative additive term,
+and rows with no key to attend are zeroed afterwards, as every implementation returns them. A
+mask per key ([B or 1, 1, 1, K], as padding masks and the Evoformer's MSA and pair masks are)
+enters the kernels as their ``key_bias``, one float per (batch row, key) read per key tile; any
+other mask is added to the bias, at the bias's broadcast shape joined with the mask's.
 ``check_sm90`` refuses, before compilation, what the kernel cannot take: no sm90 GPU, dtypes
 other than bfloat16/float16, head_dim other than 32/64/96/128, causal with q_len != kv_len.
 """
@@ -31,14 +34,23 @@ def check_sm90(q, k, v, bias=None, mask=None, causal=False) -> None:
                          f"Mosaic GPU; jax's default backend is {jax.default_backend()!r}")
     check_sm90_inputs(q, k, v, bias, causal)
     if mask is not None:
-        check_sm90_inputs(q, k, v, mask, causal)
+        check_sm90_inputs(q, k, v, mask, causal)  # (a mask broadcasts as a bias does)
 
 
-def _combined_bias(bias, mask, dtype):
+def _masked_as_bias(mask, dtype):
+    return jnp.where(jnp.asarray(mask, bool), jnp.zeros((), dtype), jnp.asarray(_MASKED, dtype))
+
+
+def _kernel_biases(bias, mask):
+    """(bias for the kernel, key_bias for the kernel): a per-key mask becomes the key bias
+    [B or 1, K or 1]; another mask joins the bias (float32)."""
     if mask is None:
-        return bias
-    masked = jnp.where(jnp.asarray(mask, bool), jnp.zeros((), dtype), jnp.asarray(_MASKED, dtype))
-    return masked if bias is None else bias.astype(dtype) + masked
+        return bias, None
+    mask4 = jnp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if mask4.shape[1] == 1 and mask4.shape[2] == 1:
+        return bias, _masked_as_bias(mask4[:, 0, 0, :], jnp.float32)
+    masked = _masked_as_bias(mask, jnp.float32)
+    return (masked if bias is None else bias.astype(jnp.float32) + masked), None
 
 
 def _sum_to(x, shape):
@@ -50,21 +62,24 @@ def _sum_to(x, shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _sm90(q, k, v, bias, mask, causal, scale):
-    return flash_attention_sm90(q, k, v, bias=_combined_bias(bias, mask, jnp.float32), causal=causal, scale=scale)
+    kernel_bias, key_bias = _kernel_biases(bias, mask)
+    return flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale)
 
 
 def _sm90_fwd(q, k, v, bias, mask, causal, scale):
-    out, lse2 = flash_attention_sm90(q, k, v, bias=_combined_bias(bias, mask, jnp.float32), causal=causal,
-                                     scale=scale, return_lse=True)
+    kernel_bias, key_bias = _kernel_biases(bias, mask)
+    out, lse2 = flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale,
+                                     return_lse=True)
     return out, (q, k, v, bias, mask, out, lse2)
 
 
 def _sm90_bwd(causal, scale, residuals, dout_bqhd):
     """The sm90 backward kernels (dK/dV, dQ and, for a bias, dbias) from the saved log-sum-exp."""
     q, k, v, bias, mask, out, lse2 = residuals
-    combined = _combined_bias(bias, mask, jnp.float32)
+    combined, key_bias = _kernel_biases(bias, mask)
     dq, dk, dv, dcombined = flash_attention_sm90_bwd(q, k, v, out, lse2, dout_bqhd.astype(q.dtype), bias=combined,
-                                                     causal=causal, scale=scale, bias_grad=bias is not None)
+                                                     key_bias=key_bias, causal=causal, scale=scale,
+                                                     bias_grad=bias is not None)
     dbias = None if bias is None else _sum_to(dcombined.astype(jnp.float32), bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias, None
 
