@@ -120,9 +120,10 @@ def run(args, notes, flush=lambda records: None):
     device_name = f"{device.device_kind}"
     print(f"device: {device_name} ({jax.default_backend()}), jax {jax.__version__}", file=sys.stderr)
     impls = _impls(args.flash_blocks, notes)
+    named = set(args.impls or ()) | set(args.pair_impls or ())
     if args.impls:  # (with --pair-impls, the union: each config filters below)
-        impls = {name: impl for name, impl in impls.items() if name in set(args.impls) | set(args.pair_impls or ())}
-    if "xla" not in set(args.impls or ()) | set(args.pair_impls or ()):  # it keeps [B, H, Q, K]: only where named
+        impls = {name: impl for name, impl in impls.items() if name in named}
+    if "xla" not in named:  # it keeps [B, H, Q, K]: only where named
         impls.pop("xla", None)
     for note in notes:
         print(note, file=sys.stderr)

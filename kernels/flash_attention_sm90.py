@@ -186,6 +186,17 @@ def _bias_block(bias_ref, b, h, rows, cols):
     return bias_ref.at[b if bias_ref.shape[0] > 1 else 0, h if bias_ref.shape[1] > 1 else 0, rows, cols]
 
 
+def _key_bias_block(kb_ref, b, cols):
+    """The key bias's ``cols`` for batch row b (row 0 where it broadcasts over the batch)."""
+    return kb_ref.at[b if kb_ref.shape[0] > 1 else 0, cols]
+
+
+def _plus_key_bias(ops, s, kb_smem, key_axis):
+    """The logit tile s (base 2) plus the key bias of its keys, which run along ``key_axis``."""
+    layout = ops.plgpu.Layout.WGMMA.reduce(1 - key_axis)
+    return s + lax.broadcast_in_dim(ops.rows(kb_smem, layout) * _LOG2E, s.shape, [key_axis])
+
+
 def _pad_to(x, axis, multiple):
     size = x.shape[axis]
     extra = -size % multiple
@@ -214,7 +225,7 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
     has_bias, has_key_bias = bias is not None, key_bias is not None
     logit_scale = scale * _LOG2E  # logits in base 2: exp2(x log2 e) = exp(x)
     wgmma_layout = plgpu.Layout.WGMMA
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def body(q_ref, k_ref, v_ref, bias_ref, kb_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier):
         q_head = lax.axis_index("heads")
@@ -261,7 +272,7 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
                     tile = bias_smem[slot, pl.ds(wg * block_q, block_q)]
                     s = s + tile.astype(jnp.float32) * _LOG2E
                 if has_key_bias:
-                    s = s + lax.broadcast_in_dim(ops.rows(kb_smem.at[slot], col_layout) * _LOG2E, s.shape, [1])
+                    s = _plus_key_bias(ops, s, kb_smem.at[slot], 1)
                 if has_bias or has_key_bias:
                     plgpu.commit_smem()  # the bias reads complete before the producer's next TMA write
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -336,9 +347,8 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
                                        pl.ds(step * block_kv, block_kv))
                     plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], k_ready.at[slot])
                 if has_key_bias:
-                    keys = pl.ds(step * block_kv, block_kv)
-                    plgpu.copy_gmem_to_smem(kb_ref.at[b if kb_ref.shape[0] > 1 else 0, keys], kb_smem.at[slot],
-                                            k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(_key_bias_block(kb_ref, b, pl.ds(step * block_kv, block_kv)),
+                                            kb_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
             def released(step):  # wait until both consumers are done with this step's slot
@@ -401,18 +411,10 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
     )(*operands)
 
 
-def _padded_key_bias(key_bias, kv_len, k_pad):
-    """The key bias as [Bk, Kp] float32 (a [Bk, 1] one broadcast over the keys), zero-padded; or None."""
-    if key_bias is None:
-        return None
-    key_bias = jnp.broadcast_to(key_bias.astype(jnp.float32), (key_bias.shape[0], kv_len))
-    return _pad_to(key_bias, 1, k_pad)
-
-
-def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv, kv_tile=None):
+def _padded_inputs(q, k, v, bias, key_bias, *, causal, block_q, block_kv, kv_tile=None):
     """q, k, v padded along the sequences to whole CTA tiles (``kv_tile`` keys: the backward's dK/dV
-    CTA owns 2 x block_kv), and the bias as [Bb, Hb, Qp, Kp] in q's dtype (Bb, Hb: 1 where it
-    broadcasts), zero-padded."""
+    CTA owns 2 x block_kv), the bias as [Bb, Hb, Qp, Kp] in q's dtype (Bb, Hb: 1 where it
+    broadcasts) and the key bias as [Bk, Kp] float32, zero-padded."""
     q_len, kv_len = q.shape[1], k.shape[1]
     tile_q, kv_tile = _COMPUTE_WGS * block_q, kv_tile or block_kv
     # Causal attention pads both sequences to one length so the diagonal stays where it is.
@@ -424,14 +426,17 @@ def _padded_inputs(q, k, v, bias, *, causal, block_q, block_kv, kv_tile=None):
         bias4 = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
         bias4 = jnp.broadcast_to(bias4, bias4.shape[:2] + (q_len, kv_len)).astype(q.dtype)
         bias_p = _pad_to(_pad_to(bias4, 2, q_p.shape[1]), 3, k_p.shape[1])
-    return q_p, k_p, v_p, bias_p
+    kb_p = None
+    if key_bias is not None:
+        kb_p = _pad_to(jnp.broadcast_to(key_bias.astype(jnp.float32), (key_bias.shape[0], kv_len)), 1, k_p.shape[1])
+    return q_p, k_p, v_p, bias_p, kb_p
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "interpret"))
 def _forward(q, k, v, bias, key_bias=None, *, causal, scale, block_q, block_kv, stages, interpret):
     q_len, kv_len = q.shape[1], k.shape[1]
-    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv)
-    kb_p = _padded_key_bias(key_bias, kv_len, k_p.shape[1])
+    q_p, k_p, v_p, bias_p, kb_p = _padded_inputs(q, k, v, bias, key_bias, causal=causal, block_q=block_q,
+                                                 block_kv=block_kv)
     out, lse2 = _kernel_call(q_p, k_p, v_p, bias_p, kb_p, causal=causal, scale=scale, kv_len=kv_len,
                              block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret)
     return out[:, :q_len], lse2[:, :, :q_len]
@@ -613,13 +618,6 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             return plgpu.SMEM(shape, dtype, transforms=_tiled(plgpu, dtype, shape[-1]))
         return plgpu.SMEM(shape, dtype)
 
-    def key_row(kb_ref, b):  # the key bias's row for batch row b (row 0 where it broadcasts)
-        return kb_ref.at[b if kb_ref.shape[0] > 1 else 0]
-
-    def plus_key_bias(s, kb_smem, key_axis):  # s + the key bias (base 2) of this tile's keys
-        layout = col_layout if key_axis == 1 else row_layout
-        return s + lax.broadcast_in_dim(ops.rows(kb_smem, layout) * _LOG2E, s.shape, [key_axis])
-
     def probabilities(s, lse, row_axis, q_rows, k_cols):
         """exp(logits - lse) of a tile; s in base 2 (bias added), rows/cols as absolute positions."""
         keep = None
@@ -660,7 +658,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 if has_bias:
                     s = s + bias_smem[slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32) * _LOG2E
                 if has_key_bias:
-                    s = plus_key_bias(s, kb_smem.at[slot], 1)
+                    s = _plus_key_bias(ops, s, kb_smem.at[slot], 1)
                 p = probabilities(s, lse, 0, q_rows, ops.iota((block_q, block_kv), 1) + i * block_kv)
                 dp = ops.mma(None, do_smem.at[wg], v_smem.at[slot], transpose_b=True)
                 ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
@@ -686,7 +684,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 tile = _bias_block(bias_ref, b, h, pl.ds(cta_q, wgs * block_q), pl.ds(i * block_kv, block_kv))
                 plgpu.copy_gmem_to_smem(tile, bias_smem.at[slot], barrier)
             if has_key_bias:
-                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(i * block_kv, block_kv)], kb_smem.at[slot],
+                plgpu.copy_gmem_to_smem(_key_bias_block(kb_ref, b, pl.ds(i * block_kv, block_kv)), kb_smem.at[slot],
                                         barrier)
 
         _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
@@ -728,7 +726,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], own_ready.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], own_ready.at[wg])
             if has_key_bias:
-                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(k_base, block_kv)], kb_smem.at[wg],
+                plgpu.copy_gmem_to_smem(_key_bias_block(kb_ref, b, pl.ds(k_base, block_kv)), kb_smem.at[wg],
                                         own_ready.at[wg])
             plgpu.barrier_wait(own_ready.at[wg])
             k_cols = ops.iota((block_kv, block_q), 0) + k_base
@@ -742,7 +740,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 if has_bias:
                     s_t = s_t + bias_smem[slot, pl.ds(wg * block_kv, block_kv)].astype(jnp.float32) * _LOG2E
                 if has_key_bias:  # keys are this tile's rows
-                    s_t = plus_key_bias(s_t, kb_smem.at[wg], 0)
+                    s_t = _plus_key_bias(ops, s_t, kb_smem.at[wg], 0)
                 lse = ops.rows(lse_smem.at[slot], col_layout)
                 p_t = probabilities(s_t, lse, 1, ops.iota((block_kv, block_q), 1) + qt * block_q, k_cols)
                 dv = ops.mma(dv, p_t.astype(dtype), do_smem.at[slot])
@@ -822,7 +820,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 plgpu.barrier_wait(ready.at[slot])
                 s = ops.mma(None, q_smem.at[slot, mine], k_smem.at[slot], transpose_b=True) * logit_scale
                 if has_key_bias:
-                    s = plus_key_bias(s, kb_smem.at[slot], 1)
+                    s = _plus_key_bias(ops, s, kb_smem.at[slot], 1)
                 p = probabilities(s + bias2, ops.rows(lse_smem.at[slot, mine], row_layout), 0, q_rows, k_cols)
                 dp = ops.mma(None, do_smem.at[slot, mine], v_smem.at[slot], transpose_b=True)
                 delta = ops.rows(delta_smem.at[slot, mine], row_layout)
@@ -846,7 +844,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             plgpu.copy_gmem_to_smem(k_ref.at[keys], ring[4].at[slot], barrier)
             plgpu.copy_gmem_to_smem(v_ref.at[keys], ring[5].at[slot], barrier)
             if has_key_bias:
-                plgpu.copy_gmem_to_smem(key_row(kb_ref, b).at[pl.ds(k_base, block_kv)], ring[6].at[slot], barrier)
+                plgpu.copy_gmem_to_smem(_key_bias_block(kb_ref, b, pl.ds(k_base, block_kv)), ring[6].at[slot], barrier)
 
         _streaming(pl, plgpu, wg, stages=stages, n_steps=n_steps, consumer=consumer, load=load,
                    mine=smem(wgs, block_q, block_kv),
@@ -870,9 +868,8 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
 def _backward(q, k, v, bias, out, lse2, dout, key_bias=None, *, causal, scale, block_q, block_kv, stages, bias_grad,
               interpret):
     q_len, kv_len = q.shape[1], k.shape[1]
-    q_p, k_p, v_p, bias_p = _padded_inputs(q, k, v, bias, causal=causal, block_q=block_q, block_kv=block_kv,
-                                           kv_tile=_COMPUTE_WGS * block_kv)
-    kb_p = _padded_key_bias(key_bias, kv_len, k_p.shape[1])
+    q_p, k_p, v_p, bias_p, kb_p = _padded_inputs(q, k, v, bias, key_bias, causal=causal, block_q=block_q,
+                                                 block_kv=block_kv, kv_tile=_COMPUTE_WGS * block_kv)
     extra = q_p.shape[1] - q_len
     do_p = _pad_to(dout.astype(q.dtype), 1, q_p.shape[1])
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
@@ -915,9 +912,9 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, key_bias=No
     """Gradients of ``flash_attention_sm90`` on an sm90 GPU: (dq, dk, dv, dbias).
 
     ``out`` and ``lse2`` come from ``flash_attention_sm90(..., return_lse=True)`` on the same
-    inputs (``key_bias`` too: it gets no gradient); ``dout`` is the output's cotangent. dq, dk, dv in the inputs' dtypes; dbias in the
-    bias's shape and dtype (None without a bias or with ``bias_grad=False``), summed over what
-    the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
+    inputs (``key_bias`` too: it gets no gradient); ``dout`` is the output's cotangent. dq, dk, dv
+    in the inputs' dtypes; dbias in the bias's shape and dtype (None without a bias or with
+    ``bias_grad=False``), summed over what the bias broadcast. ``stages`` left None is the measured best on an sm90 GPU (``sm90_tuning``),
     else the default (``BWD_CANDIDATES``: 3 without a bias, 2 with one). ``interpret=True`` runs
     the kernels in jax's Mosaic GPU interpreter.
     """
