@@ -16,6 +16,7 @@
 # dropped to fit (remat, offload, fp8, remat paths) have their H200 results in
 # benchmarks/results/*h200*.
 # A failing step is recorded and the script goes on; the exit status is 1 if any failed.
+# ONLY=name,name,... runs just those steps (install and wheels always run), e.g. to rerun what failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -29,6 +30,10 @@ last_rc=0
 step() {  # step NAME TIMEOUT_S CMD...: run, log, time, record failure
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY,install,wheels,devices," != *",$name,"* ]]; then
+    echo "== $name: skipped (ONLY=$ONLY)" | tee -a "$LOG"
+    return
+  fi
   echo "== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
@@ -102,6 +107,18 @@ evo_attn=auto
 [ "$sm90_ok" = 1 ] && evo_attn=$evo_attn,sm90
 SCISCALE_SM90_TUNING=off step evoformer_block 80 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
   --attentions "$evo_attn"
+
+# Each of the Evoformer's attention calls (MSA row, MSA column, triangle; head_dim 32, with their
+# key masks) through the front door with each implementation; EVO_SWEEP=1 adds the sm90 kernels
+# at every candidate configuration, forward with and without the log-sum-exp, backward alone.
+PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
+  step attention_evoformer_shapes 170 "$PY" benchmarks/attention_evoformer_gpu.py --out "$OUT" \
+  --impls "$evo_impls" ${EVO_SWEEP:+--sm90-sweep} --budget-s 120
+
+# The Evoformer block on sm90 with the tuner on (each attention shape class's candidates timed
+# first, the picks written beside the results).
+[ "$sm90_ok" = 1 ] && SCISCALE_SM90_TUNING="$OUT/sm90_tuning.json" step evoformer_block_tuned 100 \
+  "$PY" benchmarks/evoformer_gpu.py --out "$OUT/tuned" --attentions sm90
 
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"
