@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 20). Step limits add up to 575 s (a little over 300 s
-# expected on an H200 from the last calls' step times); call it with timeout_s=595 and carry
+# The one script a GPU session runs (issue 20). Step limits add up to 570 s (about 360 s on an
+# H200 from the 2026-11-30 run's step times); call it with timeout_s=595 and carry
 # [".gpu_wheels"], keeping the rest of the 15-minute budget for one rerun of what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
-# the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention step only),
+# the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention steps only),
 # runs the GPU-marked tests with JAX_PLATFORMS=cuda (the sm90 Mosaic GPU kernels' apart) and the
 # Evoformer tests, then the benchmarks: end-to-end MFU of the protein Transformer at 350M and 1B
-# parameters, attention kernels (sm90 and cuDNN without a bias; sm90, our Triton flash and
-# tokamax with a pair bias; the same and XLA's at the Evoformer's head_dim 32) and one Evoformer
-# block with auto's attention and with sm90.
+# parameters, attention kernels at head_dim 128 (sm90 and cuDNN without a bias; sm90, our Triton
+# flash and tokamax with a pair bias), each of the Evoformer's attention calls (head_dim 32, with
+# their masks) and one Evoformer block with auto's attention and with sm90.
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
-# attention_gpu.md, attention_gpu_evo32.json, attention_gpu_evo32.md, mfu_gpu_350m.json,
+# attention_gpu.md, attention_evoformer_gpu.json, attention_evoformer_gpu.md, mfu_gpu_350m.json,
 # mfu_gpu_1b.json, evoformer_gpu.json (8 files; the device tool returns at most 8). Earlier steps
 # dropped to fit (remat, offload, fp8, remat paths) have their H200 results in
 # benchmarks/results/*h200*.
 # A failing step is recorded and the script goes on; the exit status is 1 if any failed.
-# ONLY=name,name,... runs just those steps (install and wheels always run), e.g. to rerun what failed.
+# ONLY=name,name,... runs just those steps (install, wheels and devices always run), e.g. to rerun
+# what failed; the opt-in step evoformer_block_tuned runs only when named there. EVO_SWEEP=1 adds
+# the sm90 configuration sweep to attention_evoformer_shapes (about 60 s more).
+# (The 2026-11-30 follow-up call: ONLY=attention_evoformer_shapes,evoformer_block_tuned EVO_SWEEP=1,
+# timeout_s=320.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -59,66 +63,60 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -n 4 --timeout 60 --durations=5)
 # Kernel, attention and offload tests on the compiled GPU path (every test marked gpu; others deselected).
-step gpu_tests 70 "${PYTEST[@]}" tests -m gpu --continue-on-collection-errors --ignore=tests/test_flash_sm90.py
+step gpu_tests 60 "${PYTEST[@]}" tests -m gpu --continue-on-collection-errors --ignore=tests/test_flash_sm90.py
 # The sm90 Mosaic GPU kernels apart (a barrier mistake would hang them), tuning off (it would time
 # each test shape's candidates first).
-# 18 tests of about 14 s each (compilation) on the H200: head_dim 32 and 96 and the key-mask path
-# for the first time there.
-SCISCALE_SM90_TUNING=off step sm90_tests 90 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
+# 18 tests; 48 s in 4 workers on the H200 (2026-11-30).
+SCISCALE_SM90_TUNING=off step sm90_tests 75 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
 # Benchmarked unless the tests hung (timeout's 124): a wrong answer still has a speed worth knowing.
 sm90_ok=$([ "$last_rc" -ne 124 ] && echo 1 || echo 0)
 # The Evoformer against its float64 transcription of AlphaFold 2 on the GPU's compiled path (float32
 # matmuls at full precision: the GPU's default would use TF32).
-JAX_DEFAULT_MATMUL_PRECISION=highest step evoformer_tests 60 "${PYTEST[@]}" tests/test_evoformer.py
+JAX_DEFAULT_MATMUL_PRECISION=highest step evoformer_tests 50 "${PYTEST[@]}" tests/test_evoformer.py
 unset XLA_PYTHON_CLIENT_PREALLOCATE
 
 # End-to-end train step (AdamW, bf16 policy, attention auto -> cuDNN, no remat, scanned layers):
-# 15 s each on an H200 (limits 30 s).
-step mfu_350m 30 "$PY" benchmarks/mfu_gpu.py --size 350m --batch 8 --seq 2048 --out "$OUT"
-step mfu_1b 30 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out "$OUT"
+# 14 s each on an H200 (limits 25 s).
+step mfu_350m 25 "$PY" benchmarks/mfu_gpu.py --size 350m --batch 8 --seq 2048 --out "$OUT"
+step mfu_1b 25 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out "$OUT"
 
 # Attention fwd+bwd TFLOP/s at head_dim 128: without a bias at seq 16k and 4k (sm90 against cuDNN),
 # with a [1, H, S, S] pair bias at 4k (sm90 against our Triton flash and tokamax), causal and not;
-# about 85 s on an H200. tokamax sees the carried wheels through PYTHONPATH. Results are written
+# 79 s on an H200. tokamax sees the carried wheels through PYTHONPATH. Results are written
 # after every measurement, so a cut-short run keeps what finished. sm90 at its default block sizes
 # (the tuner's H200 picks): tuning each shape class first would spend the step's budget.
 impls=cudnn; pair_impls=flash,tokamax
 [ "$sm90_ok" = 1 ] && impls=$impls,sm90 && pair_impls=$pair_impls,sm90
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step attention_gpu_bench 120 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
+  step attention_gpu_bench 110 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
   --pair-impls "$pair_impls" --seqs 16384,4096 --pair-seqs 4096 --head-dims 128 --biases none,pair --causal 0,1 \
   --budget-s 90
 
-# The Evoformer's attention shape: MSA row attention at crop 256 (128 rows of 256 residues, 8 heads
-# of 32, the pair bias [1, 8, 256, 256] broadcast over the rows and its gradient): sm90 against our
-# Triton flash, tokamax and XLA's plain attention (what AlphaFold runs). Its own result files, so
-# auto's table can rank head_dim 32 (add them with --table-from).
+# Each of the Evoformer's attention calls at crop 256 (MSA row: 128 rows of 256 residues, 8 heads
+# of 32, the pair bias [1, 8, 256, 256] shared by the rows; MSA column: 256 columns of 128; triangle:
+# 256 rows of 256, 4 heads; each with its key mask) through the front door: sm90 against our Triton
+# flash, tokamax and XLA's plain attention (what AlphaFold runs); 70 s without the sweep. Its
+# result files feed auto's table at head_dim 32 (add them with --table-from).
 evo_impls=flash,tokamax,xla
 [ "$sm90_ok" = 1 ] && evo_impls=$evo_impls,sm90
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step attention_evoformer_bench 50 "$PY" benchmarks/attention_gpu.py --out "$OUT" --tag _evo32 \
-  --impls "$evo_impls" --tokens 32768 --model-dim 256 --head-dims 32 --seqs 256 --biases pair --causal 0 \
-  --budget-s 35
+  step attention_evoformer_shapes 100 "$PY" benchmarks/attention_evoformer_gpu.py --out "$OUT" \
+  --impls "$evo_impls" ${EVO_SWEEP:+--sm90-sweep} --budget-s 70
 
 # One Evoformer block at crop 256 (N_seq 128, c_m 256, c_z 128), bf16: time, TFLOP/s, peak memory
-# (about 35 s per attention: compile 20 s), with auto's pick (flash, or tokamax where installed) and
-# with sm90 at head_dim 32 (tuning off: it would time every attention's shape class first).
+# (63 s for both on the H200), with auto's pick and with sm90 at head_dim 32 (tuning off: it would
+# time every attention's shape class first).
 evo_attn=auto
 [ "$sm90_ok" = 1 ] && evo_attn=$evo_attn,sm90
 SCISCALE_SM90_TUNING=off step evoformer_block 80 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
   --attentions "$evo_attn"
 
-# Each of the Evoformer's attention calls (MSA row, MSA column, triangle; head_dim 32, with their
-# key masks) through the front door with each implementation; EVO_SWEEP=1 adds the sm90 kernels
-# at every candidate configuration, forward with and without the log-sum-exp, backward alone.
-PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step attention_evoformer_shapes 170 "$PY" benchmarks/attention_evoformer_gpu.py --out "$OUT" \
-  --impls "$evo_impls" ${EVO_SWEEP:+--sm90-sweep} --budget-s 120
-
-# The Evoformer block on sm90 with the tuner on (each attention shape class's candidates timed
-# first, the picks written beside the results).
-[ "$sm90_ok" = 1 ] && SCISCALE_SM90_TUNING="$OUT/sm90_tuning.json" step evoformer_block_tuned 100 \
-  "$PY" benchmarks/evoformer_gpu.py --out "$OUT/tuned" --attentions sm90
+# Opt-in (named in ONLY): the Evoformer block on sm90 with the tuner on (each attention shape
+# class's candidates timed first, the picks written beside the results); 86 s on the H200.
+if [ "$sm90_ok" = 1 ] && [[ ",${ONLY:-}," == *",evoformer_block_tuned,"* ]]; then
+  SCISCALE_SM90_TUNING="$OUT/sm90_tuning.json" step evoformer_block_tuned 100 \
+    "$PY" benchmarks/evoformer_gpu.py --out "$OUT/tuned" --attentions sm90
+fi
 
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"

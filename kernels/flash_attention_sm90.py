@@ -37,11 +37,12 @@ _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 SM90_DTYPES = ("bfloat16", "float16")
 SM90_HEAD_DIMS = (32, 64, 96, 128)
-# Head dims whose compiled kernels passed the GPU tests on an H200 (benchmarks/results/
-# gpu_session_h200_sm90.md); the front door's "auto" picks sm90 only at these. 32 (the Evoformer's)
-# and 96 lower for CUDA and pass in the interpreter; they are taken with impl="sm90" until a GPU
-# run of tests/test_flash_sm90.py -m gpu adds them here.
-SM90_GPU_TESTED_HEAD_DIMS = (64, 128)
+# Head dims whose compiled kernels passed the GPU tests on an H200 (64 and 128:
+# benchmarks/results/gpu_session_h200_sm90.md; 32, the Evoformer's, and 96:
+# gpu_check_h200_2026-11-30.log, 18 passed); the front door's "auto" picks sm90 only at these. A
+# head dim added to SM90_HEAD_DIMS is taken with impl="sm90" until a GPU run of
+# tests/test_flash_sm90.py -m gpu adds it here.
+SM90_GPU_TESTED_HEAD_DIMS = (32, 64, 96, 128)
 
 
 def _mosaic_gpu():

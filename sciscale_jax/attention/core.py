@@ -12,8 +12,9 @@ Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory),
 ``sciscale_jax.parallel``; listed by path in ``IMPLS`` and imported on first use), "sm90" (Pallas
 Mosaic GPU kernels for Hopper, ``sciscale_jax.attention.sm90``), "tokamax" (the tokamax
 package's attention, optional: ``tokamax_backend.py``) and "auto". On a CUDA GPU whose
-kind was measured (``measured.py``: forward+backward TFLOP/s from ``benchmarks/attention_gpu.py``,
-per head_dim, sequence length, causal, with or without a bias), "auto" picks the fastest
+kind was measured (``measured.py``: forward+backward TFLOP/s from ``benchmarks/attention_gpu.py``
+and ``benchmarks/attention_evoformer_gpu.py``, per head_dim, sequence length, causal, and whether
+there is a bias, a mask alone or neither), "auto" picks the fastest
 implementation at the nearest measured point that takes the inputs, never cuDNN with a bias or
 mask (cuDNN needs them at full [B, H, Q, K] size, which would undo the O(N) memory). Where
 nothing was measured, the rules: cuDNN when it takes the inputs and there is no bias or mask (on
@@ -170,7 +171,7 @@ def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool
         return impl
     if _cuda():  # measured on this kind of GPU: the fastest implementation that takes the inputs
         ranked = measured.ranking(_device_kind(), q.shape[-1], max(q.shape[1], k.shape[1]), causal,
-                                  biased=bias is not None or mask is not None)
+                                  "pair" if bias is not None else "mask" if mask is not None else "none")
         for name in ranked or ():
             if _auto_takes(name, q, k, v, bias, mask, causal):
                 return name

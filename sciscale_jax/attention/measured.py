@@ -7,8 +7,15 @@ benchmark's JSON, never by hand:
 
     python benchmarks/attention_gpu.py --table-from benchmarks/results/attention_gpu.json
 
-``ranking(kind, head_dim, seq, causal, biased)`` orders the implementations measured at the
-nearest point (same causal flag and bias kind; then nearest head_dim, then nearest sequence
+Points are keyed by bias kind: "none", "pair" (an additive bias, with or without a mask: the
+benchmarks' "pair" and "pair+mask" records) and "mask" (a boolean mask alone, as the Evoformer's
+MSA column attention calls it: ``benchmarks/attention_evoformer_gpu.py``). Records of one file at
+the same point (the Evoformer's MSA row and triangle attention are both head_dim 32, 256 keys,
+with a pair bias and a mask) count with their mean; a later file replaces an earlier one's.
+
+``ranking(kind, head_dim, seq, causal, bias)`` orders the implementations measured at the
+nearest point (same causal flag and bias kind, a mask alone falling back to the bias points
+where no mask-only point is near; then nearest head_dim, then nearest sequence
 length on a log scale), fastest first (a lead under ``TIE`` goes to the more established one);
 None where the device kind or that bias kind was never measured, or the nearest point is more
 than ``MAX_HEAD_DIM_RATIO`` away in head_dim or ``MAX_SEQ_RATIO`` in sequence length (the
@@ -40,19 +47,26 @@ def load(path: str = TABLE_PATH) -> dict:
         return json.load(f)
 
 
+BIAS_KINDS = {"none": "none", "pair": "pair", "pair+mask": "pair", "mask": "mask"}  # record's -> table's
+
+
 def table_from_records(record_lists) -> dict:
-    """The table from benchmark record lists (later lists win where they measure the same point):
-    forward+backward rows of front-door implementations, bias "pair" or "none"."""
+    """The table from benchmark record lists (later lists win where they measure the same point;
+    within one list, the mean): forward+backward rows of front-door implementations."""
     points: dict = {}
     for records in record_lists:
+        in_list: dict = {}
         for r in records:
-            if r.get("pass") != "fwd+bwd" or r.get("impl") not in FRONT_DOOR or not r.get("tflops"):
+            pass_name = r.get("pass", r.get("pass_"))  # attention_evoformer_gpu writes "pass_"
+            if pass_name != "fwd+bwd" or r.get("impl") not in FRONT_DOOR or not r.get("tflops"):
                 continue
-            bias = r.get("bias") or "none"  # records from before the pair-bias runs have no "bias" field
-            if bias not in ("none", "pair"):
+            bias = BIAS_KINDS.get(r.get("bias") or "none")  # records from before the pair-bias runs have no field
+            if bias is None:
                 continue
             key = (r["device"], r["head_dim"], r["seq"], bool(r["causal"]), bias)
-            points.setdefault(key, {})[r["impl"]] = round(float(r["tflops"]), 1)
+            in_list.setdefault(key, {}).setdefault(r["impl"], []).append(float(r["tflops"]))
+        for key, impls in in_list.items():
+            points.setdefault(key, {}).update({impl: round(sum(x) / len(x), 1) for impl, x in impls.items()})
     devices: dict = {}
     for (device, head_dim, seq, causal, bias), tflops in sorted(points.items()):
         devices.setdefault(device, []).append(
@@ -60,10 +74,21 @@ def table_from_records(record_lists) -> dict:
     return {"pass": "fwd+bwd", "dtype": "bfloat16", "devices": devices}
 
 
-def ranking(kind: str, head_dim: int, seq: int, causal: bool, biased: bool, table: dict | None = None):
-    """Implementation names fastest first at the nearest measured point, or None."""
+def ranking(kind: str, head_dim: int, seq: int, causal: bool, bias, table: dict | None = None):
+    """Implementation names fastest first at the nearest measured point, or None. ``bias``: "none",
+    "pair" (an additive bias, masked or not) or "mask" (a mask alone; ranked by the bias points
+    where no mask-only point is near); True / False mean "pair" / "none"."""
+    bias = {True: "pair", False: "none"}[bias] if isinstance(bias, bool) else bias
+    if bias not in ("none", "pair", "mask"):
+        raise ValueError(f"bias={bias!r} must be 'none', 'pair' or 'mask'")
     rows = (table or load())["devices"].get(kind, [])
-    bias = "pair" if biased else "none"
+    order = _nearest(rows, head_dim, seq, causal, bias)
+    if order is None and bias == "mask":  # a mask costs the kernels less than a bias does
+        order = _nearest(rows, head_dim, seq, causal, "pair")
+    return order
+
+
+def _nearest(rows, head_dim, seq, causal, bias):
     rows = [r for r in rows if r["causal"] == bool(causal) and r["bias"] == bias]
     if not rows:
         return None
