@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_gpu import _vjp as _grads  # noqa: E402  (gradients of f(q, k, v, bias) along dO)
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 from sciscale_jax.attention import dot_product_attention  # noqa: E402
@@ -57,12 +58,6 @@ def inputs(batch, seq, heads, biased, seed=0):
 
 def _attend(impl, mask):
     return lambda q, k, v, b: dot_product_attention(q, k, v, bias=b, mask=mask, impl=impl)
-
-
-def _grads(f, q, k, v, bias, do):
-    if bias is None:
-        return jax.vjp(lambda q, k, v: f(q, k, v, None), q, k, v)[1](do)
-    return jax.vjp(f, q, k, v, bias)[1](do)
 
 
 def _max_err(got, want):
