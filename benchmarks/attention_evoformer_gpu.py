@@ -14,8 +14,9 @@ precision on the same bf16 inputs. FLOPs: forward 4*B*H*Q*K*D, backward 2.5x for
 
 ``--sm90-sweep`` also times the sm90 kernels directly (``kernels/flash_attention_sm90.py``) at
 each shape: the forward at every (block_kv, stages) candidate, with and without the
-log-sum-exp output, and the backward kernels alone at each stages candidate, so a slow pass can
-be told from a slow configuration.
+log-sum-exp output, and the backward kernels alone at each stages candidate, unfused and fused
+(dQ from the dK/dV kernel), so a slow pass can be told from a slow configuration. ``--impls``
+also takes ``sm90_fused``: the front door's sm90 with the fused backward.
 
     python benchmarks/attention_evoformer_gpu.py --out benchmarks/results --impls flash,sm90,tokamax,xla --sm90-sweep
 """
@@ -57,6 +58,9 @@ def inputs(batch, seq, heads, biased, seed=0):
 
 
 def _attend(impl, mask):
+    if impl == "sm90_fused":  # the sm90 kernels with the fused backward (not a front-door name)
+        from sciscale_jax.attention.sm90 import sm90_attention
+        return lambda q, k, v, b: sm90_attention(q, k, v, bias=b, mask=mask, fused=True)
     return lambda q, k, v, b: dot_product_attention(q, k, v, bias=b, mask=mask, impl=impl)
 
 
@@ -102,6 +106,7 @@ def sm90_sweep(name, batch, seq, heads, biased, runs, interpret=False):
     Mosaic GPU interpreter, a CPU smoke test of this function; the times mean nothing there)."""
     from sciscale_jax.attention.sm90 import _kernel_biases
     from sciscale_jax.kernels import flash_attention_sm90 as sm
+    from sciscale_jax.kernels import flash_attention_sm90_bwd as smb
 
     if not (interpret or sm.sm90_supported()):
         print("sm90 sweep skipped: needs an sm90 GPU", flush=True)
@@ -130,10 +135,13 @@ def sm90_sweep(name, batch, seq, heads, biased, runs, interpret=False):
     out, lse2 = jax.jit(lambda q, k, v, b, kb: sm.flash_attention_sm90(
         q, k, v, bias=b, key_bias=kb, block_kv=64, stages=2, return_lse=True, interpret=interpret))(
         q, k, v, kernel_bias, key_bias)
-    for (stages,) in dict.fromkeys(sm.BWD_CANDIDATES[True] + sm.BWD_CANDIDATES[False]):
-        fn = jax.jit(lambda q, k, v, o, l2, do, b, kb, stages=stages: sm.flash_attention_sm90_bwd(
-            q, k, v, o, l2, do, bias=b, key_bias=kb, stages=stages, bias_grad=b is not None, interpret=interpret))
-        note("bwd", [stages], fn, (q, k, v, out, lse2, do, kernel_bias, key_bias), 2.5 * fwd_flops)
+    configs = smb.BWD_CANDIDATES[True] + smb.BWD_CANDIDATES[False] + smb.FUSED_CANDIDATES[kernel_bias is not None]
+    for stages, fused in dict.fromkeys(configs):
+        fn = jax.jit(lambda q, k, v, o, l2, do, b, kb, stages=stages, fused=fused: smb.flash_attention_sm90_bwd(
+            q, k, v, o, l2, do, bias=b, key_bias=kb, stages=stages, bias_grad=b is not None, fused=fused,
+            interpret=interpret))
+        note("bwd", [stages, "fused" if fused else "unfused"], fn, (q, k, v, out, lse2, do, kernel_bias, key_bias),
+             2.5 * fwd_flops)
     return records
 
 

@@ -13,6 +13,8 @@ representation over the rows; its gradient is part of fwd+bwd), for
               (skipped with a note otherwise)
   sm90        sciscale_jax.attention.sm90 (Pallas Mosaic GPU forward and backward kernels,
               through the front door's custom VJP; where it imports and the GPU is sm90)
+  sm90_fused  the same with the fused backward (dQ reduce-added from the dK/dV kernel); only
+              when named
   xla         the front door's impl="xla" (plain attention, [B, H, Q, K] probabilities kept; what
               AlphaFold's own code does); only when named in --impls / --pair-impls
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
@@ -83,6 +85,9 @@ def _impls(flash_blocks, notes):
         if not sm90_supported():
             raise ImportError("needs an sm90+ GPU and Pallas Mosaic GPU")
         impls["sm90"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c))
+        # The fused backward (dQ reduce-added from the dK/dV kernel); only where named, as auto
+        # does not pick it until it has passed the GPU tests.
+        impls["sm90_fused"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c, fused=True))
     except Exception as err:  # noqa: BLE001 - optional kernel
         notes.append(f"sm90 skipped: {type(err).__name__}: {str(err)[:200]}")
     from sciscale_jax.attention import dot_product_attention
@@ -123,8 +128,9 @@ def run(args, notes, flush=lambda records: None):
     named = set(args.impls or ()) | set(args.pair_impls or ())
     if args.impls:  # (with --pair-impls, the union: each config filters below)
         impls = {name: impl for name, impl in impls.items() if name in named}
-    if "xla" not in named:  # it keeps [B, H, Q, K]: only where named
-        impls.pop("xla", None)
+    for only_named in ("xla", "sm90_fused"):  # xla keeps [B, H, Q, K]: only where named
+        if only_named not in named:
+            impls.pop(only_named, None)
     for note in notes:
         print(note, file=sys.stderr)
     records, start = [], time.perf_counter()

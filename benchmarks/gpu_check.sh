@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 20). Step limits add up to 570 s (about 360 s on an
-# H200 from the 2026-11-30 run's step times); call it with timeout_s=595 and carry
+# The one script a GPU session runs (issue 20). Step limits add up to 585 s (about 390 s on an
+# H200 from the 2026-11-30 run's step times and the fused backward's additions); call it with
+# timeout_s=595 and carry
 # [".gpu_wheels"], keeping the rest of the 15-minute budget for one rerun of what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
 # the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention steps only),
 # runs the GPU-marked tests with JAX_PLATFORMS=cuda (the sm90 Mosaic GPU kernels' apart) and the
 # Evoformer tests, then the benchmarks: end-to-end MFU of the protein Transformer at 350M and 1B
-# parameters, attention kernels at head_dim 128 (sm90 and cuDNN without a bias; sm90, our Triton
-# flash and tokamax with a pair bias), each of the Evoformer's attention calls (head_dim 32, with
-# their masks) and one Evoformer block with auto's attention and with sm90.
+# parameters, attention kernels at head_dim 128 (sm90, its fused backward and cuDNN without a
+# bias; sm90, our Triton flash and tokamax with a pair bias), each of the Evoformer's attention
+# calls (head_dim 32, with their masks; sm90 with each backward) and one Evoformer block with
+# auto's attention and with sm90. The fused sm90 backward (dQ reduce-added from the dK/dV kernel,
+# kernels/flash_attention_sm90_bwd.py) has not run on a GPU before: its GPU tests are in sm90_tests,
+# and auto's tuner takes it only after they pass (SM90_FUSED_GPU_TESTED).
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
 # attention_gpu.md, attention_evoformer_gpu.json, attention_evoformer_gpu.md, mfu_gpu_350m.json,
 # mfu_gpu_1b.json, evoformer_gpu.json (8 files; the device tool returns at most 8). Earlier steps
@@ -66,8 +70,8 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -n 4 --timeout 60 --durations=5)
 step gpu_tests 60 "${PYTEST[@]}" tests -m gpu --continue-on-collection-errors --ignore=tests/test_flash_sm90.py
 # The sm90 Mosaic GPU kernels apart (a barrier mistake would hang them), tuning off (it would time
 # each test shape's candidates first).
-# 18 tests; 48 s in 4 workers on the H200 (2026-11-30).
-SCISCALE_SM90_TUNING=off step sm90_tests 75 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
+# 18 tests, 48 s in 4 workers on the H200 (2026-11-30); 27 with the fused backward's (1 skipped).
+SCISCALE_SM90_TUNING=off step sm90_tests 90 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
 # Benchmarked unless the tests hung (timeout's 124): a wrong answer still has a speed worth knowing.
 sm90_ok=$([ "$last_rc" -ne 124 ] && echo 1 || echo 0)
 # The Evoformer against its float64 transcription of AlphaFold 2 on the GPU's compiled path (float32
@@ -82,15 +86,16 @@ step mfu_1b 25 "$PY" benchmarks/mfu_gpu.py --size 1b --batch 8 --seq 2048 --out 
 
 # Attention fwd+bwd TFLOP/s at head_dim 128: without a bias at seq 16k and 4k (sm90 against cuDNN),
 # with a [1, H, S, S] pair bias at 4k (sm90 against our Triton flash and tokamax), causal and not;
-# 79 s on an H200. tokamax sees the carried wheels through PYTHONPATH. Results are written
+# 79 s on an H200 before sm90_fused (the fused backward, no bias: at head_dim 128 it does not fit
+# shared memory beside a bias ring) joined. tokamax sees the carried wheels through PYTHONPATH. Results are written
 # after every measurement, so a cut-short run keeps what finished. sm90 at its default block sizes
 # (the tuner's H200 picks): tuning each shape class first would spend the step's budget.
 impls=cudnn; pair_impls=flash,tokamax
-[ "$sm90_ok" = 1 ] && impls=$impls,sm90 && pair_impls=$pair_impls,sm90
+[ "$sm90_ok" = 1 ] && impls=$impls,sm90,sm90_fused && pair_impls=$pair_impls,sm90
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step attention_gpu_bench 110 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
+  step attention_gpu_bench 120 "$PY" benchmarks/attention_gpu.py --out "$OUT" --impls "$impls" \
   --pair-impls "$pair_impls" --seqs 16384,4096 --pair-seqs 4096 --head-dims 128 --biases none,pair --causal 0,1 \
-  --budget-s 90
+  --budget-s 100
 
 # Each of the Evoformer's attention calls at crop 256 (MSA row: 128 rows of 256 residues, 8 heads
 # of 32, the pair bias [1, 8, 256, 256] shared by the rows; MSA column: 256 columns of 128; triangle:
@@ -98,9 +103,9 @@ PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
 # flash, tokamax and XLA's plain attention (what AlphaFold runs); 70 s without the sweep. Its
 # result files feed auto's table at head_dim 32 (add them with --table-from).
 evo_impls=flash,tokamax,xla
-[ "$sm90_ok" = 1 ] && evo_impls=$evo_impls,sm90
+[ "$sm90_ok" = 1 ] && evo_impls=$evo_impls,sm90,sm90_fused
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step attention_evoformer_shapes 100 "$PY" benchmarks/attention_evoformer_gpu.py --out "$OUT" \
+  step attention_evoformer_shapes 95 "$PY" benchmarks/attention_evoformer_gpu.py --out "$OUT" \
   --impls "$evo_impls" ${EVO_SWEEP:+--sm90-sweep} --budget-s 70
 
 # One Evoformer block at crop 256 (N_seq 128, c_m 256, c_z 128), bf16: time, TFLOP/s, peak memory
@@ -108,7 +113,7 @@ PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
 # time every attention's shape class first).
 evo_attn=auto
 [ "$sm90_ok" = 1 ] && evo_attn=$evo_attn,sm90
-SCISCALE_SM90_TUNING=off step evoformer_block 80 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
+SCISCALE_SM90_TUNING=off step evoformer_block 75 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
   --attentions "$evo_attn"
 
 # Opt-in (named in ONLY): the Evoformer block on sm90 with the tuner on (each attention shape

@@ -1,10 +1,11 @@
 """Block sizes and stage counts for the sm90 attention kernels: measured on the GPU, cached.
 
 The first call of ``flash_attention_sm90`` (or its backward) for a shape class (device kind,
-pass, head_dim, dtype, causal, bias or not, sequence lengths rounded up to powers of two) times
-each candidate configuration on random inputs of the call's shapes (median of 5 runs after a
-compiling and a warm-up run), keeps the fastest, and writes it to a JSON cache, so later calls
-and later processes reuse it. Candidates that fail to compile (shared memory) are skipped.
+pass, head_dim, dtype, causal, bias or not, key bias or not, sequence lengths rounded up to
+powers of two) times each candidate configuration on random inputs of the call's shapes (median
+of 5 runs after a compiling and a warm-up run), keeps the fastest, and writes it to a JSON cache,
+so later calls and later processes reuse it; a candidate new to a cached choice has it measured
+again. Candidates that fail to compile (shared memory) are skipped.
 This happens while the caller is being traced, on a thread of its own (jax's trace state is
 per thread, so the candidates run as ordinary computations).
 
@@ -45,10 +46,10 @@ def median_seconds(fn: Callable[[], object], runs: int = 5) -> float:
 
 
 def shape_key(kind: str, pass_name: str, head_dim: int, dtype, causal: bool, biased: bool, q_len: int,
-              kv_len: int) -> str:
+              kv_len: int, key_bias: bool = False) -> str:
     pow2 = lambda n: 1 << max(0, math.ceil(math.log2(max(n, 1))))  # noqa: E731
     return (f"{kind}|{pass_name}|d{head_dim}|{jax.numpy.dtype(dtype).name}|{'causal' if causal else 'full'}|"
-            f"{'bias' if biased else 'nobias'}|q{pow2(q_len)}|k{pow2(kv_len)}")
+            f"{'bias' if biased else 'nobias'}{'+keys' if key_bias else ''}|q{pow2(q_len)}|k{pow2(kv_len)}")
 
 
 class Tuner:
@@ -87,8 +88,10 @@ class Tuner:
     def best(self, key: str, candidates: Sequence[tuple], make_run: Callable[[tuple], Callable[[], object]]):
         with self._lock:
             cache = self._load()
-            hit = cache.get(key)
-            if hit is not None and tuple(hit["config"]) in [tuple(c) for c in candidates]:
+            hit, wanted = cache.get(key), {tuple(c) for c in candidates}
+            # A cached choice stands while it is still a candidate and no candidate is new to it.
+            if (hit is not None and tuple(hit["config"]) in wanted
+                    and wanted <= {tuple(c) for c in hit.get("candidates", ())}):
                 return tuple(hit["config"])
             times = {}
             for candidate in candidates:
@@ -99,8 +102,8 @@ class Tuner:
             if not times:
                 return None
             best = min(times, key=times.get)
-            cache[key] = {"config": list(best), "ms": {",".join(map(str, c)): round(t * 1e3, 4)
-                                                       for c, t in times.items()}}
+            cache[key] = {"config": list(best), "candidates": [list(c) for c in candidates],
+                          "ms": {",".join(map(str, c)): round(t * 1e3, 4) for c, t in times.items()}}
             self._save()
             return best
 

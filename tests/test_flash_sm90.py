@@ -16,6 +16,7 @@ import pytest
 
 from sciscale_jax.attention import sm90 as adapter
 from sciscale_jax.kernels import flash_attention_sm90 as kernel
+from sciscale_jax.kernels import flash_attention_sm90_bwd as backward
 
 
 def _qkv(shape_q, kv_len, kv_heads, dtype=jnp.bfloat16, seed=0):
@@ -144,6 +145,7 @@ def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
     return [None if g is None else _rel_err(g, r) for g, r in zip(grads, ref)]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, head_dim, key_mask", [
     pytest.param(True, (1, 2, 70, 70), 70, 70, 2, 1, 64, False, marks=pytest.mark.slow),  # the front door runs it
     pytest.param(False, None, 128, 128, 1, 1, 64, False, marks=pytest.mark.slow),
@@ -156,10 +158,11 @@ def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
     (False, None, 64, 40, 1, 1, 64, False),
 ])
 def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, bias_shape, q_len, kv_len, heads,
-                                                                         kv_heads, head_dim, key_mask):
+                                                                         kv_heads, head_dim, key_mask, fused):
     """dK/dV, dQ and dbias kernels, run by the Mosaic GPU interpreter on the CPU, from the forward
     kernel's log-sum-exp: every gradient within bf16 rounding of float64 attention's (the forward's
-    output too where the forward test does not run the case). A key mask enters as ``key_bias``."""
+    output too where the forward test does not run the case). A key mask enters as ``key_bias``.
+    Fused: dQ from the dK/dV kernel's dS, summed over its key tiles (the reduce-add emulated)."""
     batch = 2 if bias_shape is None or bias_shape[0] == 2 or bias_shape[0] == 1 else 1
     q, k, v = _qkv((batch, q_len, heads, head_dim), kv_len, kv_heads, jnp.bfloat16, seed=q_len + 1)
     r = np.random.default_rng(6)
@@ -172,8 +175,8 @@ def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, 
     out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, key_bias=key_bias, causal=causal, return_lse=True,
                                             interpret=True)
     assert _rel_err(out, _reference(q, k, v, bias, mask, causal)) < 1e-2
-    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, key_bias=key_bias, causal=causal,
-                                            interpret=True)
+    grads = backward.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, key_bias=key_bias, causal=causal,
+                                              fused=fused, interpret=True)
     for g, x in zip(grads, (q, k, v, bias)):
         assert (g is None) == (x is None)
         assert g is None or (g.shape == x.shape and g.dtype == x.dtype)
@@ -181,33 +184,38 @@ def test_backward_kernels_in_gpu_interpret_mode_match_float64_gradients(causal, 
     assert max(e for e in errors if e is not None) < 1e-2, errors
 
 
-@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 70), (2, 1, 70, 70)])
-def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_shape):
+@pytest.mark.parametrize("mask_shape, fused", [((2, 1, 1, 70), None), ((2, 1, 70, 70), None),
+                                               ((2, 1, 1, 70), True)])
+def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_shape, fused):
     """The adapter's custom VJP on the real kernels (interpreted; causal, GQA, padded to a tile):
     a mask per key reaches the kernels as their [B, K] key bias and the pair bias stays
     [1, H, Q, K] (nothing [B, H, Q, K] is built); another mask joins the bias. Rows with nothing
-    to attend come back zero, and every gradient, the pair bias's in its own shape, matches float64."""
-    seen = []
+    to attend come back zero, and every gradient, the pair bias's in its own shape, matches float64.
+    ``fused=True`` reaches the backward (the fused dK/dV/dQ kernel)."""
+    seen, fused_seen = [], []
 
     def spy(fn):
         def call(*args, bias=None, key_bias=None, **kwargs):
             seen.append((None if bias is None else bias.shape, None if key_bias is None else key_bias.shape))
+            if "fused" in kwargs:
+                fused_seen.append(kwargs["fused"])
             return fn(*args, bias=bias, key_bias=key_bias, interpret=True, **kwargs)
         return call
 
     monkeypatch.setattr(adapter, "sm90_supported", lambda: True)
     monkeypatch.setattr(adapter, "flash_attention_sm90", spy(kernel.flash_attention_sm90))
-    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd", spy(kernel.flash_attention_sm90_bwd))
+    monkeypatch.setattr(adapter, "flash_attention_sm90_bwd", spy(backward.flash_attention_sm90_bwd))
     q, k, v = _qkv((2, 70, 2, 64), 70, 1, jnp.bfloat16, seed=9)
     r = np.random.default_rng(10)
     bias = jnp.asarray(r.normal(size=(1, 2, 70, 70)), jnp.float32)
     mask = jnp.asarray(r.random(mask_shape) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
-    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, causal=True),
-                       q, k, v, bias)
+    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, causal=True,
+                                                                 fused=fused), q, k, v, bias)
     grads = vjp(do)
     per_key = mask_shape[2] == 1
     assert seen == [((1, 2, 70, 70), (2, 70)) if per_key else ((2, 2, 70, 70), None)] * 2  # forward, backward
+    assert fused_seen == [fused]
     assert bool(jnp.all(out[1] == 0))  # batch row 1 attends to nothing
     assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
     assert _rel_err(out[0], _reference(q, k, v, bias, mask, causal=True)[0]) < 1e-2
@@ -229,7 +237,7 @@ def test_key_bias_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape):
     key_bias = jax.ShapeDtypeStruct((2, 200), jnp.float32)
     fwd = jax.jit(lambda q, k, v, b, kb: kernel.flash_attention_sm90(q, k, v, bias=b, key_bias=kb))
     assert "mosaic_gpu" in fwd.trace(q, kv, kv, bias, key_bias).lower(lowering_platforms=("cuda",)).as_text()
-    bwd = jax.jit(lambda q, k, v, b, kb, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
+    bwd = jax.jit(lambda q, k, v, b, kb, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
                                                                                    key_bias=kb))
     text = bwd.trace(q, kv, kv, bias, key_bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= (3 if bias_shape else 2)
@@ -244,9 +252,73 @@ def test_backward_lowers_to_mosaic_gpu_for_cuda(head_dim):
     kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
     bias = jax.ShapeDtypeStruct((1, 2, 130, 200), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v, b, o, l, do: kernel.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
+    fn = jax.jit(lambda q, k, v, b, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
     text = fn.trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3
+
+
+def _lower_backward(head_dim, bias_shape=None, key_bias=False, **kwargs):
+    """The backward's lowering for a CUDA target (text), on any host."""
+    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16)
+    kb = jax.ShapeDtypeStruct((2, 200), jnp.float32) if key_bias else None
+    fn = jax.jit(lambda q, k, v, b, kb, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
+                                                                                    key_bias=kb, **kwargs))
+    return fn.trace(q, kv, kv, bias, kb, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("head_dim, bias_shape, key_bias", [
+    (128, None, False), (96, None, True), (64, (1, 2, 130, 200), True), (32, (1, 2, 130, 200), True)])
+def test_fused_backward_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape, key_bias):
+    """The fused dK/dV/dQ kernel (dS read transposed from shared memory against K, a float32 dQ
+    taken by reference and reduce-added into by TMA) passes Mosaic GPU's lowering for CUDA, shared
+    memory included; one kernel fewer than the unfused backward (no dQ kernel)."""
+    fused = _lower_backward(head_dim, bias_shape, key_bias, fused=True)
+    unfused = _lower_backward(head_dim, bias_shape, key_bias, fused=False)
+    kernels = lambda text: text.count("custom_call @mosaic_gpu")  # noqa: E731
+    assert kernels(fused) == kernels(unfused) - 1 >= 1
+
+
+@pytest.mark.parametrize("head_dim, has_bias, stages", [(128, False, 2), (128, False, 3), (128, True, 2),
+                                                        (64, True, 3)])
+def test_fused_fits_agrees_with_the_mosaic_gpu_shared_memory_check(monkeypatch, head_dim, has_bias, stages):
+    """``fused_fits`` (which decides where the fused backward may run and which candidates the tuner
+    tries) says yes exactly where Mosaic GPU's own shared-memory check passes the lowering."""
+    fits = backward.fused_fits(head_dim, 2, has_bias=has_bias, has_key_bias=False, stages=stages)
+    monkeypatch.setattr(backward, "_fits", lambda *args, **kwargs: True)   # past the up-front refusal
+    bias_shape = (1, 2, 130, 200) if has_bias else None
+    try:
+        _lower_backward(head_dim, bias_shape, fused=True, stages=stages)
+        lowered = True
+    except ValueError as e:
+        assert "shared memory" in str(e)
+        lowered = False
+    assert fits == lowered
+
+
+def test_fused_backward_refuses_what_does_not_fit_and_stays_off_until_gpu_tested(monkeypatch):
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 64), jnp.float32)
+    bias = jnp.zeros((1, 1, 64, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="does not fit shared memory"):
+        backward.flash_attention_sm90_bwd(q, q, q, q, lse, q, bias=bias, fused=True, interpret=True)
+    # The tuner's candidates: the fused kernel only once a GPU run has passed it, and only where it fits.
+    assert all(not fused for _, fused in backward.bwd_candidates(False) + backward.bwd_candidates(True))
+    monkeypatch.setattr(backward, "SM90_FUSED_GPU_TESTED", True)
+    assert (2, True) in backward.bwd_candidates(False) and (2, True) in backward.bwd_candidates(True)
+    seen = {}
+
+    def spy_tuned(pass_name, q, k, bias, causal, candidates, make_run, **kwargs):
+        seen[q.shape[-1], bias is not None] = candidates
+        return candidates[0]
+
+    monkeypatch.setattr(backward, "_tuned", spy_tuned)
+    for d, b in ((128, None), (128, bias), (64, bias)):
+        x = jnp.zeros((1, 64, 1, d), jnp.bfloat16)
+        backward._backward_config(x, x, x, b, x, lse, x, False, None, 64, 64, True, True)
+    assert (2, True) in seen[128, False] and (2, True) not in seen[128, True] and (2, True) in seen[64, True]
 
 
 @pytest.mark.slow
@@ -260,7 +332,7 @@ def test_evoformer_block_on_the_interpreted_sm90_kernels(monkeypatch):
     monkeypatch.setattr(adapter, "sm90_supported", lambda: True)
     monkeypatch.setattr(adapter, "flash_attention_sm90", functools.partial(kernel.flash_attention_sm90, interpret=True))
     monkeypatch.setattr(adapter, "flash_attention_sm90_bwd",
-                        functools.partial(kernel.flash_attention_sm90_bwd, interpret=True))
+                        functools.partial(backward.flash_attention_sm90_bwd, interpret=True))
     rows, res = 3, 20
     r = np.random.default_rng(0)
     m = jnp.asarray(r.normal(size=(1, rows, res, 16)), jnp.float32)
@@ -335,13 +407,15 @@ def test_kernel_matches_float32_reference(dtype, causal, bias_shape, head_dim, q
     (64, (2, 1, 256, 256)),   # any other mask joins the bias
     (32, (2, 1, 1, 256)),     # the Evoformer's head_dim with its key mask
 ])
-def test_front_door_mask_and_gradients_on_gpu(head_dim, mask_shape):
+@pytest.mark.parametrize("fused", [False, True])
+def test_front_door_mask_and_gradients_on_gpu(head_dim, mask_shape, fused):
     q, k, v = _qkv((2, 256, 4, head_dim), 256, 4, jnp.bfloat16, seed=7)
     r = np.random.default_rng(8)
     bias = jnp.asarray(r.normal(size=(1, 4, 256, 256)), jnp.bfloat16)
     mask = jnp.asarray(r.random(mask_shape) < 0.9).at[1, :, :, :].set(False)  # batch 1: nothing to attend
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
-    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask), q, k, v, bias)
+    out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, fused=fused),
+                       q, k, v, bias)
     grads = vjp(do)
     ref_out, ref_vjp = jax.vjp(lambda q, k, v, b: _reference(q, k, v, b, mask), *(x.astype(jnp.float32)
                                                                                  for x in (q, k, v, bias)))
@@ -363,12 +437,17 @@ def test_front_door_mask_and_gradients_on_gpu(head_dim, mask_shape):
     (jnp.bfloat16, False, (1, 8, 256, 256), 32, 256, 8, 8),    # Evoformer's head_dim 32: dbias over batch
     (jnp.bfloat16, True, None, 96, 700, 4, 4),
 ])
-def test_backward_kernels_match_float64_gradients_on_gpu(dtype, causal, bias_shape, head_dim, seq, heads, kv_heads):
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_kernels_match_float64_gradients_on_gpu(dtype, causal, bias_shape, head_dim, seq, heads, kv_heads,
+                                                         fused):
+    if fused and not backward.fused_fits(head_dim, 2, has_bias=bias_shape is not None, has_key_bias=False,
+                                         stages=2):
+        pytest.skip("the fused backward does not fit shared memory here")
     q, k, v = _qkv((2, seq, heads, head_dim), seq, kv_heads, dtype, seed=seq)
     r = np.random.default_rng(11)
     bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), dtype)
     do = jnp.asarray(r.normal(size=q.shape), dtype)
     out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True)
-    grads = kernel.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal)
+    grads = backward.flash_attention_sm90_bwd(q, k, v, out, lse2, do, bias=bias, causal=causal, fused=fused)
     errors = _grad_errors(grads, q, k, v, bias, do, causal=causal)
     assert max(e for e in errors if e is not None) < 2e-2, errors

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sciscale_jax.kernels import flash_attention_sm90 as kernel
+from sciscale_jax.kernels import flash_attention_sm90_bwd as backward
 from sciscale_jax.kernels import sm90_tuning
 
 
@@ -38,6 +39,11 @@ def test_tuner_keeps_the_fastest_and_caches_it(tmp_path):
     assert measured == []
     # A cached choice that is no longer a candidate is measured again.
     assert sm90_tuning.Tuner(path, measure).best("key", [(64, 2), (128, 3)], make_run) == (128, 3)
+    # So is a choice made before a new candidate joined (the fused backward, say).
+    times[(256, 2)] = 0.5
+    measured.clear()
+    assert sm90_tuning.Tuner(path, measure).best("key", [(64, 2), (128, 3), (256, 2)], make_run) == (256, 2)
+    assert sorted(measured) == [(64, 2), (128, 3), (256, 2)]
     # A corrupt cache file is measured again and rewritten whole.
     open(path, "w").write("{not json")
     measured.clear()
@@ -75,7 +81,7 @@ def test_tuner_measures_real_kernels_while_the_caller_is_traced(tmp_path):
                                                       scale=0.125, block_q=64, block_kv=c[0], stages=c[1],
                                                       interpret=True))
         chosen = kernel._tuned("fwd", q, k, None, False, fwd, make_fwd, interpret=True, tuner=tuner)
-        bwd = kernel._backward_config(q, k, v, None, q, None, q, False, 0.125, 64, 64, False, True, tuner=tuner)
+        bwd = backward._backward_config(q, k, v, None, q, None, q, False, 0.125, 64, 64, False, True, tuner=tuner)
         return q * chosen[0] * bwd[0]
 
     q = jnp.ones((1, 64, 1, 64), jnp.bfloat16)

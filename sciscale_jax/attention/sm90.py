@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sciscale_jax.kernels.flash_attention_sm90 import (check_sm90_inputs, flash_attention_sm90, flash_attention_sm90_bwd,
-                                                      sm90_supported)
+from sciscale_jax.kernels.flash_attention_sm90 import check_sm90_inputs, flash_attention_sm90, sm90_supported
+from sciscale_jax.kernels.flash_attention_sm90_bwd import flash_attention_sm90_bwd
 
 _MASKED = -30000.0  # added to masked logits; finite in float16 too, so fully masked rows stay NaN-free
 
@@ -60,26 +60,26 @@ def _sum_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _sm90(q, k, v, bias, mask, causal, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sm90(q, k, v, bias, mask, causal, scale, fused):
     kernel_bias, key_bias = _kernel_biases(bias, mask)
     return flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale)
 
 
-def _sm90_fwd(q, k, v, bias, mask, causal, scale):
+def _sm90_fwd(q, k, v, bias, mask, causal, scale, fused):
     kernel_bias, key_bias = _kernel_biases(bias, mask)
     out, lse2 = flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale,
                                      return_lse=True)
     return out, (q, k, v, bias, mask, out, lse2)
 
 
-def _sm90_bwd(causal, scale, residuals, dout_bqhd):
+def _sm90_bwd(causal, scale, fused, residuals, dout_bqhd):
     """The sm90 backward kernels (dK/dV, dQ and, for a bias, dbias) from the saved log-sum-exp."""
     q, k, v, bias, mask, out, lse2 = residuals
     combined, key_bias = _kernel_biases(bias, mask)
     dq, dk, dv, dcombined = flash_attention_sm90_bwd(q, k, v, out, lse2, dout_bqhd.astype(q.dtype), bias=combined,
                                                      key_bias=key_bias, causal=causal, scale=scale,
-                                                     bias_grad=bias is not None)
+                                                     bias_grad=bias is not None, fused=fused)
     dbias = None if bias is None else _sum_to(dcombined.astype(jnp.float32), bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias, None
 
@@ -87,11 +87,12 @@ def _sm90_bwd(causal, scale, residuals, dout_bqhd):
 _sm90.defvjp(_sm90_fwd, _sm90_bwd)
 
 
-def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None):
-    """Front-door attention on the sm90 kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K]."""
+def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None, fused=None):
+    """Front-door attention on the sm90 kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K].
+    ``fused`` picks the backward (``flash_attention_sm90_bwd``'s: None, the tuned or default one)."""
     check_sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, causal)
     scale = q_bqhd.shape[-1] ** -0.5 if scale is None else float(scale)
-    out_bqhd = _sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, bool(causal), scale)
+    out_bqhd = _sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, bool(causal), scale, fused)
     if mask is not None:  # rows with no key to attend: zeros, as in every implementation
         target = (q_bqhd.shape[0], q_bqhd.shape[2], q_bqhd.shape[1], k_bkhd.shape[1])
         attended_bhq = jnp.any(jnp.broadcast_to(jnp.asarray(mask, bool), target), axis=-1)
