@@ -13,8 +13,9 @@ representation over the rows; its gradient is part of fwd+bwd), for
               (skipped with a note otherwise)
   sm90        sciscale_jax.attention.sm90 (Pallas Mosaic GPU forward and backward kernels,
               through the front door's custom VJP; where it imports and the GPU is sm90)
-  sm90_fused  the same with the fused backward (dQ reduce-added from the dK/dV kernel); only
-              when named
+  sm90_fused  the same with the fused backward (dQ and dbias reduce-added from the dK/dV
+              kernel); only when named
+  sm90_persistent  the same with the persistent forward grid; only when named
   xla         the front door's impl="xla" (plain attention, [B, H, Q, K] probabilities kept; what
               AlphaFold's own code does); only when named in --impls / --pair-impls
 Tokens per step are fixed (batch = tokens // seq) and heads = model_dim // head_dim, as in
@@ -88,6 +89,9 @@ def _impls(flash_blocks, notes):
         # The fused backward (dQ reduce-added from the dK/dV kernel); only where named, as auto
         # does not pick it until it has passed the GPU tests.
         impls["sm90_fused"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c, fused=True))
+        # The persistent forward grid (one CTA per SM looping over query tiles), likewise.
+        impls["sm90_persistent"] = _Impl(lambda q, k, v, c, b: sm90_attention(q, k, v, bias=b, causal=c,
+                                                                             persistent=True))
     except Exception as err:  # noqa: BLE001 - optional kernel
         notes.append(f"sm90 skipped: {type(err).__name__}: {str(err)[:200]}")
     from sciscale_jax.attention import dot_product_attention
@@ -128,7 +132,7 @@ def run(args, notes, flush=lambda records: None):
     named = set(args.impls or ()) | set(args.pair_impls or ())
     if args.impls:  # (with --pair-impls, the union: each config filters below)
         impls = {name: impl for name, impl in impls.items() if name in named}
-    for only_named in ("xla", "sm90_fused"):  # xla keeps [B, H, Q, K]: only where named
+    for only_named in ("xla", "sm90_fused", "sm90_persistent"):  # xla keeps [B, H, Q, K]: only where named
         if only_named not in named:
             impls.pop(only_named, None)
     for note in notes:

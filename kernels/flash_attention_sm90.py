@@ -211,11 +211,13 @@ def _pad_to(x, axis, multiple):
 
 
 def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q, block_kv, stages,
-                 interpret=False):
+                 interpret=False, persistent=0):
     """The forward kernel on padded inputs: q [B, Qp, H, D], k/v [B, Kp, Hkv, D], bias None or
     [Bb, Hb, Qp, Kp] in q's dtype, key_bias None or [Bk, Kp] float32; Qp % (2 block_q) == 0,
     Kp % block_kv == 0. Returns the output [B, Qp, H, D] and the base-2 log-sum-exp of the scaled
-    logits [B, H, Qp] (float32)."""
+    logits [B, H, Qp] (float32). ``persistent`` > 0: a grid of that many CTAs, each looping over
+    query tiles (longest first when causal), the producer loading a tile's keys while the consumers
+    finish the one before; 0: one CTA per query tile."""
     pl, plgpu = _mosaic_gpu()
     ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
@@ -230,28 +232,39 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
+    q_tiles = q_pad // (_COMPUTE_WGS * block_q)
+
     def body(q_ref, k_ref, v_ref, bias_ref, kb_ref, out_ref, lse_ref, smem, produced, consumed, schedule_barrier):
-        q_head = lax.axis_index("heads")
-        b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
-        q_tile = lax.axis_index("q_seq")
         qo_smem2, k_smem, v_smem, bias_smem, kb_smem, lse_smem2 = smem
         k_ready, v_ready, q_ready = produced
         k_free, v_free = consumed
-        cta_q_base = q_tile * (_COMPUTE_WGS * block_q)
 
         def schedule():  # ping-pong: wait for the other consumer's turn on the tensor cores
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(schedule_barrier)
 
-        if causal:  # key tiles this CTA needs: up to its last query row
-            cta_kv_steps = pl.cdiv(cta_q_base + _COMPUTE_WGS * block_q, jnp.array(block_kv, jnp.int32))
-        else:
-            cta_kv_steps = total_kv_steps
+        def cta_tile(q_tile):
+            """The CTA's first query row and the key tiles it needs (causal: up to its last row)."""
+            cta_q_base = q_tile * (_COMPUTE_WGS * block_q)
+            if causal:
+                return cta_q_base, pl.cdiv(cta_q_base + _COMPUTE_WGS * block_q, jnp.array(block_kv, jnp.int32))
+            return cta_q_base, total_kv_steps
 
-        @pl.when(wg < _COMPUTE_WGS)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+        def each_tile(run):
+            """run(q_head, b, q_tile) for the CTA's query tile, or its share of them when persistent.
+            Each tile's barrier phases and ring slots balance, so tiles can follow one another."""
+            if not persistent:
+                run(lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("q_seq"))
+                return
+
+            @plgpu.nd_loop((q_tiles, heads, batch), collective_axes="cta")
+            def _(info):
+                order, q_head, b = info.index
+                run(q_head, b, (q_tiles - 1 - order) if causal else order)  # causal: the longest first
+
+        def consumer_tile(q_head, b, q_tile):
+            cta_q_base, cta_kv_steps = cta_tile(q_tile)
             qo_smem = qo_smem2.at[wg]
             q_base = cta_q_base + wg * block_q
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else cta_kv_steps
@@ -337,9 +350,8 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(q_base, block_q)])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == _COMPUTE_WGS)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+        def producer_tile(q_head, b, q_tile):
+            cta_q_base, cta_kv_steps = cta_tile(q_tile)
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
             def load(step, slot):
@@ -370,6 +382,16 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
             @pl.loop(jnp.maximum(cta_kv_steps - stages, 0), cta_kv_steps)
             def _(i):  # the last releases, so every barrier phase is awaited (the interpreter checks)
                 released(i)
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            each_tile(consumer_tile)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            each_tile(producer_tile)
 
     tiled = _tiled(plgpu, dtype, head_dim)
 
@@ -402,11 +424,14 @@ def _kernel_call(q, k, v, bias, key_bias=None, *, causal, scale, kv_len, block_q
         )
 
     operands = (q, k, v) + ((bias,) if has_bias else ()) + ((key_bias,) if has_key_bias else ())
+    if persistent:
+        grid = dict(grid=(min(persistent, q_tiles * heads * batch),), grid_names=("cta",))
+    else:
+        grid = dict(grid=(heads, q_tiles, batch), grid_names=("heads", "q_seq", "batch"))
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)),
-        grid=(heads, q_pad // (_COMPUTE_WGS * block_q), batch),
-        grid_names=("heads", "q_seq", "batch"),
+        **grid,
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -435,13 +460,15 @@ def _padded_inputs(q, k, v, bias, key_bias, *, causal, block_q, block_kv, kv_til
     return q_p, k_p, v_p, bias_p, kb_p
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "interpret"))
-def _forward(q, k, v, bias, key_bias=None, *, causal, scale, block_q, block_kv, stages, interpret):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "interpret",
+                                             "persistent"))
+def _forward(q, k, v, bias, key_bias=None, *, causal, scale, block_q, block_kv, stages, interpret, persistent=0):
     q_len, kv_len = q.shape[1], k.shape[1]
     q_p, k_p, v_p, bias_p, kb_p = _padded_inputs(q, k, v, bias, key_bias, causal=causal, block_q=block_q,
                                                  block_kv=block_kv)
     out, lse2 = _kernel_call(q_p, k_p, v_p, bias_p, kb_p, causal=causal, scale=scale, kv_len=kv_len,
-                             block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret)
+                             block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret,
+                             persistent=persistent)
     return out[:, :q_len], lse2[:, :, :q_len]
 
 
@@ -495,8 +522,19 @@ def _forward_config(q, k, v, bias, causal, scale, block_q, interpret, tuner=None
                   tuner=tuner, key_bias=key_bias)
 
 
+def _persistent_ctas(persistent, interpret) -> int:
+    """CTAs of a persistent grid: 0 (off), the GPU's SM count for True, else the count given."""
+    if persistent is True:
+        return 2 if interpret else int(jax.devices("gpu")[0].core_count)
+    if not persistent:
+        return 0
+    if not isinstance(persistent, int) or persistent < 1:
+        raise ValueError(f"persistent={persistent!r}: give True, False or a number of CTAs >= 1")
+    return persistent
+
+
 def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, scale=None, block_q=64, block_kv=None,
-                         stages=None, return_lse=False, interpret=False):
+                         stages=None, return_lse=False, persistent=False, interpret=False):
     """softmax(q k^T * scale + bias) v on an sm90 GPU, forward only.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
@@ -508,9 +546,13 @@ def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, sca
     ``return_lse`` also the log-sum-exp of each row's logits in base 2, [batch, heads, q_len]
     float32 (what ``flash_attention_sm90_bwd`` takes). ``block_kv`` and ``stages`` left None are
     the measured best for this shape class on an sm90 GPU (``sm90_tuning``), else the defaults.
+    ``persistent=True`` runs one CTA per SM, each looping over query tiles (the longest first when
+    causal), so the producer loads a tile's keys while the consumers finish the one before; a number
+    sets the CTA count. It has not yet run on a GPU, so it is off unless asked for.
     ``interpret=True`` runs the kernel in jax's Mosaic GPU interpreter on any host (slow; tests).
     """
     check_sm90_inputs(q, k, v, bias, causal, key_bias)
+    persistent = _persistent_ctas(persistent, interpret)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_kv is None and stages is None and not interpret:
         block_kv, stages = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False, key_bias=key_bias)
@@ -519,5 +561,5 @@ def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, sca
     stages = default_stages if stages is None else stages
     _check_blocks(block_q, block_kv, stages)
     out, lse2 = _forward(q, k, v, bias, key_bias, causal=bool(causal), scale=scale, block_q=block_q,
-                         block_kv=block_kv, stages=stages, interpret=bool(interpret))
+                         block_kv=block_kv, stages=stages, interpret=bool(interpret), persistent=persistent)
     return (out, lse2) if return_lse else out

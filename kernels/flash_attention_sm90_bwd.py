@@ -10,24 +10,24 @@ consumers on a "free" barrier), and two consumer warpgroups own 64 rows each of 
          query tiles at or below its keys).
   dQ:    a CTA owns 2 x block_q queries of one head and streams (K, V) tiles; it recomputes QK^T
          and dO V^T, so the two kernels run 7 tile products where one pass needs 5.
-  fused (``fused=True``, FlashAttention-3's layout): the dK/dV kernel also forms each query tile's
-         share of dQ, dS K, from the dS it already has (written to shared memory and read
-         transposed) and adds it into a float32 dQ in global memory with a TMA reduce-add: 5
-         products and no dQ kernel, at the price of float32 atomics in L2 and 2 x 64 x head_dim
-         float32 of shared memory (so it needs 2 stages at head_dim 128, and does not fit there
-         with a bias ring).
   dbias: a CTA owns one [2 x block_q, block_kv] tile of the bias as given (before broadcasting)
          and streams the (Q, dO, lse, delta, K, V) tiles of every batch row and head the bias
          broadcasts over, summing dS in registers: the bias gradient in the bias's own shape
          without an [B, H, Q, K] intermediate or atomic adds (it recomputes QK^T and dO V^T once
-         more).
+         more: 9 products in all with a bias).
+  fused (``fused=True``, FlashAttention-3's layout): the dK/dV kernel alone. It also forms each
+         query tile's share of dQ, dS K, from the dS it already has (written to shared memory and
+         read transposed) and adds it into a float32 dQ in global memory with a TMA reduce-add,
+         and adds dS itself into a float32 dbias^T at the bias's (broadcast) batch row and head:
+         5 products with or without a bias, at the price of float32 reduce-adds in L2 and shared
+         memory for the float32 tiles (2 stages at head_dim 128, and not with a bias ring there).
 Probabilities come back from the forward's base-2 log-sum-exp; delta = rowsum(dO * O).
 
-Interpreting (``interpret=True``), the fused kernel's reduce-add is the one thing done differently:
-jax's Mosaic GPU interpreter has no TMA reductions, so each consumer warpgroup reads its own
-float32 dQ buffer, adds and writes it back (grid points run one after another there), and the two
-buffers are summed after the kernel. The lowering for CUDA, reduce-add included, is checked on any
-host by the tests.
+Interpreting (``interpret=True``), the fused kernel's reduce-adds are the one thing done
+differently: jax's Mosaic GPU interpreter has no TMA reductions, so each consumer warpgroup reads
+the tile, adds and writes it back (grid points run one after another there; dQ, which both
+consumers add to, has a buffer per consumer, summed after the kernel). The lowering for CUDA,
+reduce-adds included, is checked on any host by the tests.
 """
 
 from __future__ import annotations
@@ -59,14 +59,17 @@ def bwd_candidates(biased: bool) -> tuple:
     return BWD_CANDIDATES[biased] + (FUSED_CANDIDATES[biased] if SM90_FUSED_GPU_TESTED else ())
 
 
-def fused_fits(head_dim, itemsize, *, has_bias, has_key_bias, stages, block_q=64, block_kv=64) -> bool:
-    """Whether the fused dK/dV/dQ kernel's shared memory fits one CTA: resident K, V (and key bias),
-    the ring of Q, dO, lse, delta (and bias) tiles, and per consumer a dS tile and a float32 dQ tile."""
+def fused_fits(head_dim, itemsize, *, has_bias, has_key_bias, stages, bias_grad=True, block_q=64,
+               block_kv=64) -> bool:
+    """Whether the fused kernel's shared memory fits one CTA: resident K, V (and key bias), the ring
+    of Q, dO, lse, delta (and bias) tiles, and per consumer a dS tile, a float32 dQ tile (and, with a
+    bias gradient, a float32 dbias tile)."""
     wgs = _COMPUTE_WGS
     mine = 2 * wgs * block_kv * head_dim * itemsize + (wgs * block_kv * 4 if has_key_bias else 0)
     ring = stages * (2 * block_q * head_dim * itemsize + 2 * block_q * 4
                      + (wgs * block_kv * block_q * itemsize if has_bias else 0))
-    extra = wgs * (block_kv * block_q * itemsize + block_q * head_dim * 4)
+    extra = wgs * (block_kv * block_q * itemsize + block_q * head_dim * 4
+                   + (block_kv * block_q * 4 if has_bias and bias_grad else 0))
     return mine + ring + extra + 1024 <= _SMEM_BYTES  # 1 KiB for barriers and alignment
 
 
@@ -126,7 +129,7 @@ def _copy_query_rows(pl, plgpu, refs, dsts, b, h, start, size, barrier):
 def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block_q, block_kv, stages,
                  bias_grad, interpret, key_bias=None, fused=False):
     """dq [B, Qp, H, D], dk, dv [B, Kp, Hkv, D] and dbias [Bb, Hb, Qp, Kp] (None unless bias_grad),
-    all in q's dtype (dbias summed in float32 and rounded once; fused, dq too), on padded inputs: q, do
+    in q's dtype (dbias summed in float32 and rounded once, or left float32 when fused), on padded inputs: q, do
     [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta
     [B, H, Qp] float32; key_bias None or [Bk, Kp] float32 (no gradient)."""
     pl, plgpu = _mosaic_gpu()
@@ -136,6 +139,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     group = heads // kv_heads
     dtype = q.dtype
     has_bias, has_key_bias = bias is not None, key_bias is not None
+    fused_dbias = fused and has_bias and bias_grad  # the fused kernel sums dbias too
     logit_scale = scale * _LOG2E
     mask_padded_keys = kv_len < k_pad and not causal
     wgs = _COMPUTE_WGS
@@ -239,7 +243,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
         rest = list(rest)
         bias_ref = rest.pop(0) if has_bias else None
         kb_ref = rest.pop(0) if has_key_bias else None
-        do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dq_acc = rest
+        do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *accs = rest  # fused: the float32 dQ (and dbias^T)
         kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
         cta_k = lax.axis_index("kv_seq") * (wgs * block_kv)
         first = lax.div(cta_k, jnp.array(block_q, jnp.int32)) if causal else jnp.int32(0)  # first query tile
@@ -250,7 +254,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             return kv_head * group + lax.div(i, per_head), first + lax.rem(i, per_head)
 
         def consumer(mine, ring, own_ready, ready, free):
-            k_smem, v_smem, kb_smem, ds_smem, dq_smem, rmw_ready = mine
+            k_smem, v_smem, kb_smem, ds_smem, dq_smem, db_smem, rmw_ready = mine
             q_smem, do_smem, lse_smem, delta_smem, bias_smem = ring
             k_base = cta_k + wg * block_kv
             keys = (b, pl.ds(k_base, block_kv), kv_head)
@@ -262,27 +266,35 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
             plgpu.barrier_wait(own_ready.at[wg])
             k_cols = ops.iota((block_kv, block_q), 0) + k_base
 
-            def add_dq(h, qt, ds16):
-                """This warpgroup's share of dQ for query tile qt of head h, dS K, added into the
-                float32 dQ in global memory (a TMA reduce-add; interpreting, read-add-write of the
-                warpgroup's own buffer)."""
+            def reduce_add(staging, value, target):
+                """target += value through the shared-memory tile ``staging``: a TMA reduce-add
+                (interpreting, read, add and write back; see the module docstring)."""
+                if interpret:
+                    plgpu.copy_gmem_to_smem(target, staging, rmw_ready.at[wg])
+                    plgpu.barrier_wait(rmw_ready.at[wg])
+                    staging[...] = staging[...] + value
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(staging, target)
+                    plgpu.wait_smem_to_gmem(0)
+                else:
+                    staging[...] = value
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(staging, target, reduction_op="add")
+
+            def add_fused(h, qt, ds_t, ds16):
+                """This warpgroup's shares of query tile qt of head h: dQ += dS K (dS^T from shared
+                memory, read transposed) and, with a bias gradient, dbias^T += dS^T at the bias's
+                (broadcast) batch row and head; both float32 in global memory."""
                 ds_smem.at[wg][...] = ds16
                 plgpu.commit_smem()  # dS visible to the tensor cores' reads
                 part = ops.mma(None, ds_smem.at[wg], k_smem.at[wg], transpose_a=True)  # [block_q, head_dim]
+                if not interpret:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduce-adds have read the staging
                 rows = (pl.ds(qt * block_q, block_q), h)
-                if interpret:
-                    target = dq_acc[0].at[(wg, b) + rows]
-                    plgpu.copy_gmem_to_smem(target, dq_smem.at[wg], rmw_ready.at[wg])
-                    plgpu.barrier_wait(rmw_ready.at[wg])
-                    dq_smem.at[wg][...] = dq_smem[wg] + part
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], target)
-                    plgpu.wait_smem_to_gmem(0)
-                else:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduce-add has read dq_smem
-                    dq_smem.at[wg][...] = part
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_acc[0].at[(b,) + rows], reduction_op="add")
+                reduce_add(dq_smem.at[wg], part, accs[0].at[((wg, b) if interpret else (b,)) + rows])
+                if db_smem is not None:  # each warpgroup owns its keys' rows of dbias^T: no clash
+                    tile = _bias_block(accs[1], b, h, pl.ds(k_base, block_kv), pl.ds(qt * block_q, block_q))
+                    reduce_add(db_smem.at[wg], ds_t, tile)
 
             def step(i, carry):
                 dk, dv = carry
@@ -305,7 +317,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                 plgpu.commit_smem()  # the lse, delta (and bias) reads complete before the slot is refilled
                 plgpu.barrier_arrive(free.at[slot])
                 if fused:
-                    add_dq(h, qt, ds16)
+                    add_fused(h, qt, ds_t, ds16)
                 return dk, dv
 
             zeros = ops.layout(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -332,6 +344,7 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
                          plgpu.SMEM((wgs, block_kv, block_q), dtype, transforms=_tiled(plgpu, dtype, head_dim))
                          if fused else None,
                          plgpu.SMEM((wgs, block_q, head_dim), jnp.float32) if fused else None,
+                         plgpu.SMEM((wgs, block_kv, block_q), jnp.float32) if fused_dbias else None,
                          plgpu.Barrier(num_barriers=wgs) if fused and interpret else None),
                    ring=(smem(stages, block_q, head_dim), smem(stages, block_q, head_dim),
                          smem(stages, block_q, dtype=jnp.float32), smem(stages, block_q, dtype=jnp.float32),
@@ -343,22 +356,27 @@ def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block
     dkv_grid = dict(grid=(kv_heads, k_pad // (wgs * block_kv), batch), grid_names=("heads", "kv_seq", "batch"))
     if not fused:
         dk, dv = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type), **dkv_grid, **params)(*dkv_operands)
-    elif interpret:  # a float32 dQ per consumer warpgroup, starting at zero (see the module docstring)
-        acc_type = jax.ShapeDtypeStruct((wgs,) + q.shape, jnp.float32)
-        zeroed = dict(params, interpret=dataclasses.replace(params["interpret"], uninitialized_memory="zero"))
-        dk, dv, dq_acc = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type, acc_type), **dkv_grid,
-                                      **zeroed)(*dkv_operands)
-        dq = (dq_acc.sum(axis=0) * scale).astype(dtype)
-    else:  # dK, dV and the float32 dQ as references the kernel writes into, dQ starting at zero
-        mesh = plgpu.Mesh(**dkv_grid, num_threads=wgs + 1, thread_name="wg")
+    else:  # float32 accumulators starting at zero: dQ (interpreting, one per consumer) and dbias^T
+        acc_types = [jax.ShapeDtypeStruct(((wgs,) if interpret else ()) + q.shape, jnp.float32)]
+        if fused_dbias:
+            acc_types.append(jax.ShapeDtypeStruct(bias.shape[:2] + (k_pad, q_pad), jnp.float32))
+        if interpret:
+            zeroed = dict(params, interpret=dataclasses.replace(params["interpret"], uninitialized_memory="zero"))
+            dk, dv, *accs = plgpu.kernel(dkv_entry, out_type=(kv_type, kv_type, *acc_types), **dkv_grid,
+                                         **zeroed)(*dkv_operands)
+            accs[0] = accs[0].sum(axis=0)
+        else:  # dK, dV and the accumulators as references the kernel writes into
+            mesh = plgpu.Mesh(**dkv_grid, num_threads=wgs + 1, thread_name="wg")
 
-        def run(refs):
-            pl.kernel(lambda *r: dkv_entry(*r), out_type=(), mesh=mesh,
-                      compiler_params=params["compiler_params"])(*dkv_operands, *refs)
+            def run(refs):
+                pl.kernel(lambda *r: dkv_entry(*r), out_type=(), mesh=mesh,
+                          compiler_params=params["compiler_params"])(*dkv_operands, *refs)
 
-        dk, dv, dq_acc = pl.run_state(run)((jnp.zeros(k.shape, dtype), jnp.zeros(k.shape, dtype),
-                                            jnp.zeros(q.shape, jnp.float32)))
-        dq = (dq_acc * scale).astype(dtype)
+            dk, dv, *accs = pl.run_state(run)((jnp.zeros(k.shape, dtype), jnp.zeros(k.shape, dtype),
+                                               *(jnp.zeros(t.shape, t.dtype) for t in acc_types)))
+        dq = (accs[0] * scale).astype(dtype)
+        if fused_dbias:
+            return dq, dk, dv, jnp.swapaxes(accs[1], 2, 3)  # float32 [Bb, Hb, Qp, Kp]
     if not (has_bias and bias_grad):
         return dq, dk, dv, None
 
@@ -465,9 +483,10 @@ def _backward(q, k, v, bias, out, lse2, dout, key_bias=None, *, causal, scale, b
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dbias
 
 
-def _fits(q, bias, key_bias, stages, block_q, block_kv):
+def _fits(q, bias, key_bias, stages, block_q, block_kv, bias_grad=True):
     return fused_fits(q.shape[-1], jnp.dtype(q.dtype).itemsize, has_bias=bias is not None,
-                      has_key_bias=key_bias is not None, stages=stages, block_q=block_q, block_kv=block_kv)
+                      has_key_bias=key_bias is not None, stages=stages, bias_grad=bias_grad, block_q=block_q,
+                      block_kv=block_kv)
 
 
 def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, block_kv, bias_grad, interpret,
@@ -487,7 +506,7 @@ def _backward_config(q, k, v, bias, out, lse2, dout, causal, scale, block_q, blo
                                  interpret=interpret, fused=config[1])
 
     candidates = tuple(c for c in bwd_candidates(bias is not None)
-                       if not c[1] or _fits(q, bias, key_bias, c[0], block_q, block_kv))
+                       if not c[1] or _fits(q, bias, key_bias, c[0], block_q, block_kv, bias_grad))
     return _tuned("bwd", q, k, bias, causal, candidates, make_run, interpret=interpret, tuner=tuner,
                   key_bias=key_bias)
 
@@ -517,7 +536,7 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, key_bias=No
     if stages is None:
         stages = FUSED_CANDIDATES[bias is not None][0][0] if fused else BWD_CANDIDATES[bias is not None][0][0]
     _check_blocks(block_q, block_kv, stages)
-    if fused and not _fits(q, bias, key_bias, stages, block_q, block_kv):
+    if fused and not _fits(q, bias, key_bias, stages, block_q, block_kv, bias_grad):
         raise ValueError(f"the fused sm90 backward does not fit shared memory at head_dim {q.shape[-1]}, "
                          f"stages={stages}{' with a bias' if bias is not None else ''}; use fused=False")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

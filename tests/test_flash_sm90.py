@@ -135,6 +135,41 @@ def test_kernel_in_gpu_interpret_mode_matches_float32_reference(causal, bias_sha
     np.testing.assert_allclose(lse2, _reference_lse2(q, k, v, bias, causal), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("causal, bias_shape, q_len, kv_len, heads, kv_heads, ctas", [
+    (True, (1, 2, 300, 300), 300, 300, 2, 1, 3),   # 12 query tiles over 3 CTAs, the longest first
+    pytest.param(False, (1, 1, 1, 200), 130, 200, 2, 2, 5, marks=pytest.mark.slow),  # 4 tiles, 5 CTAs asked
+])
+def test_persistent_forward_in_gpu_interpret_mode_matches_float32_reference(causal, bias_shape, q_len, kv_len, heads,
+                                                                             kv_heads, ctas):
+    """The persistent grid: fewer CTAs than query tiles, each looping over its share, the ring and
+    barrier phases carried from one tile to the next (the interpreter checks every phase is
+    awaited); output and log-sum-exp against float32 attention."""
+    q, k, v = _qkv((2, q_len, heads, 64), kv_len, kv_heads, jnp.bfloat16, seed=q_len)
+    bias = jnp.asarray(np.random.default_rng(4).normal(size=bias_shape), jnp.bfloat16)
+    out, lse2 = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, return_lse=True, persistent=ctas,
+                                            interpret=True)
+    assert _rel_err(out, _reference(q, k, v, bias, None, causal)) < 1e-2
+    np.testing.assert_allclose(lse2, _reference_lse2(q, k, v, bias, causal), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("persistent", [-1, 1.5, "yes"])
+def test_persistent_takes_a_bool_or_a_cta_count(persistent):
+    q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="persistent"):
+        kernel.flash_attention_sm90(q, q, q, persistent=persistent, interpret=True)
+
+
+@pytest.mark.parametrize("causal, head_dim, bias_shape", [(True, 128, None), (False, 32, (1, 2, 256, 256))])
+def test_persistent_forward_lowers_to_mosaic_gpu_for_cuda(causal, head_dim, bias_shape):
+    """The persistent grid (132 CTAs, an H100's SM count) passes Mosaic GPU's lowering for CUDA."""
+    q = jax.ShapeDtypeStruct((2, 256, 2, head_dim), jnp.bfloat16)
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16)
+    kb = jax.ShapeDtypeStruct((2, 256), jnp.float32)
+    fn = jax.jit(lambda q, k, v, b, kb: kernel.flash_attention_sm90(q, k, v, bias=b, key_bias=kb, causal=causal,
+                                                                    persistent=132))
+    assert "mosaic_gpu" in fn.trace(q, q, q, bias, kb).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _grad_errors(grads, q, k, v, bias, do, mask=None, causal=False):
     """Relative errors of (dq, dk, dv, dbias) against float64 gradients of plain attention on the
     same (bf16-rounded) inputs."""
@@ -191,14 +226,17 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_
     a mask per key reaches the kernels as their [B, K] key bias and the pair bias stays
     [1, H, Q, K] (nothing [B, H, Q, K] is built); another mask joins the bias. Rows with nothing
     to attend come back zero, and every gradient, the pair bias's in its own shape, matches float64.
-    ``fused=True`` reaches the backward (the fused dK/dV/dQ kernel)."""
-    seen, fused_seen = [], []
+    ``fused=True`` reaches the backward (the fused kernel) and, in that case, ``persistent=True``
+    the forward (its persistent grid)."""
+    seen, fused_seen, persistent_seen = [], [], []
 
     def spy(fn):
         def call(*args, bias=None, key_bias=None, **kwargs):
             seen.append((None if bias is None else bias.shape, None if key_bias is None else key_bias.shape))
             if "fused" in kwargs:
                 fused_seen.append(kwargs["fused"])
+            if "persistent" in kwargs:
+                persistent_seen.append(kwargs["persistent"])
             return fn(*args, bias=bias, key_bias=key_bias, interpret=True, **kwargs)
         return call
 
@@ -211,11 +249,11 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_
     mask = jnp.asarray(r.random(mask_shape) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, causal=True,
-                                                                 fused=fused), q, k, v, bias)
+                                                                 fused=fused, persistent=bool(fused)), q, k, v, bias)
     grads = vjp(do)
     per_key = mask_shape[2] == 1
     assert seen == [((1, 2, 70, 70), (2, 70)) if per_key else ((2, 2, 70, 70), None)] * 2  # forward, backward
-    assert fused_seen == [fused]
+    assert fused_seen == [fused] and persistent_seen == [bool(fused)]
     assert bool(jnp.all(out[1] == 0))  # batch row 1 attends to nothing
     assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
     assert _rel_err(out[0], _reference(q, k, v, bias, mask, causal=True)[0]) < 1e-2
@@ -269,20 +307,21 @@ def _lower_backward(head_dim, bias_shape=None, key_bias=False, **kwargs):
     return fn.trace(q, kv, kv, bias, kb, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("head_dim, bias_shape, key_bias", [
-    (128, None, False), (96, None, True), (64, (1, 2, 130, 200), True), (32, (1, 2, 130, 200), True)])
-def test_fused_backward_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape, key_bias):
-    """The fused dK/dV/dQ kernel (dS read transposed from shared memory against K, a float32 dQ
+@pytest.mark.parametrize("head_dim, bias_shape, key_bias, bias_grad", [
+    (128, None, False, True), (96, None, True, True), (64, (1, 2, 130, 200), True, True),
+    (32, (1, 2, 130, 200), True, True), (64, (2, 1, 1, 200), False, False)])
+def test_fused_backward_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape, key_bias, bias_grad):
+    """The fused kernel (dS read transposed from shared memory against K; float32 dQ and dbias^T
     taken by reference and reduce-added into by TMA) passes Mosaic GPU's lowering for CUDA, shared
-    memory included; one kernel fewer than the unfused backward (no dQ kernel)."""
-    fused = _lower_backward(head_dim, bias_shape, key_bias, fused=True)
-    unfused = _lower_backward(head_dim, bias_shape, key_bias, fused=False)
+    memory included: one kernel where the unfused backward runs two (three with a bias gradient)."""
+    fused = _lower_backward(head_dim, bias_shape, key_bias, fused=True, bias_grad=bias_grad)
+    unfused = _lower_backward(head_dim, bias_shape, key_bias, fused=False, bias_grad=bias_grad)
     kernels = lambda text: text.count("custom_call @mosaic_gpu")  # noqa: E731
-    assert kernels(fused) == kernels(unfused) - 1 >= 1
+    assert kernels(fused) == 1 and kernels(unfused) == (3 if bias_shape and bias_grad else 2)
 
 
 @pytest.mark.parametrize("head_dim, has_bias, stages", [(128, False, 2), (128, False, 3), (128, True, 2),
-                                                        (64, True, 3)])
+                                                        (64, True, 3), (64, True, 4)])
 def test_fused_fits_agrees_with_the_mosaic_gpu_shared_memory_check(monkeypatch, head_dim, has_bias, stages):
     """``fused_fits`` (which decides where the fused backward may run and which candidates the tuner
     tries) says yes exactly where Mosaic GPU's own shared-memory check passes the lowering."""
@@ -398,6 +437,22 @@ def test_kernel_matches_float32_reference(dtype, causal, bias_shape, head_dim, q
     assert bool(jnp.all(jnp.isfinite(out)))
     ref = _reference(q, k, v, bias, None, causal)
     assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype, causal, bias_shape, head_dim, q_len, kv_len, heads, kv_heads", [
+    (jnp.bfloat16, True, None, 128, 2048, 2048, 4, 4),     # more query tiles than SMs: each CTA loops
+    (jnp.float16, False, None, 64, 300, 700, 4, 2),
+    (jnp.bfloat16, False, (1, 8, 256, 256), 32, 256, 256, 8, 8),
+])
+def test_persistent_forward_matches_float32_reference(dtype, causal, bias_shape, head_dim, q_len, kv_len, heads,
+                                                      kv_heads):
+    q, k, v = _qkv((4, q_len, heads, head_dim), kv_len, kv_heads, dtype, seed=q_len + head_dim)
+    bias = None if bias_shape is None else jnp.asarray(np.random.default_rng(3).normal(size=bias_shape), dtype)
+    out = kernel.flash_attention_sm90(q, k, v, bias=bias, causal=causal, persistent=True)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert _rel_err(out, _reference(q, k, v, bias, None, causal)) < 1e-2
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
 The Pallas Mosaic GPU kernels in ``sciscale_jax.kernels.flash_attention_sm90``: the forward
 (FlashAttention-3 layout: TMA ring, warp-specialised producer, two ping-ponging wgmma
 consumers) saves the base-2 log-sum-exp of each row, and the backward runs the dK/dV, dQ and
-(for a bias) dbias kernels from it; the bias gradient comes back in the bias's shape.
+(for a bias) dbias kernels from it, or the one fused kernel (``fused=True``); the bias gradient
+comes back in the bias's shape.
 
 Adaptations to the front-door contract: a boolean mask becomes a large negative additive term,
 and rows with no key to attend are zeroed afterwards, as every implementation returns them. A
@@ -60,20 +61,21 @@ def _sum_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _sm90(q, k, v, bias, mask, causal, scale, fused):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _sm90(q, k, v, bias, mask, causal, scale, fused, persistent):
     kernel_bias, key_bias = _kernel_biases(bias, mask)
-    return flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale)
+    return flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale,
+                                persistent=persistent)
 
 
-def _sm90_fwd(q, k, v, bias, mask, causal, scale, fused):
+def _sm90_fwd(q, k, v, bias, mask, causal, scale, fused, persistent):
     kernel_bias, key_bias = _kernel_biases(bias, mask)
     out, lse2 = flash_attention_sm90(q, k, v, bias=kernel_bias, key_bias=key_bias, causal=causal, scale=scale,
-                                     return_lse=True)
+                                     return_lse=True, persistent=persistent)
     return out, (q, k, v, bias, mask, out, lse2)
 
 
-def _sm90_bwd(causal, scale, fused, residuals, dout_bqhd):
+def _sm90_bwd(causal, scale, fused, persistent, residuals, dout_bqhd):
     """The sm90 backward kernels (dK/dV, dQ and, for a bias, dbias) from the saved log-sum-exp."""
     q, k, v, bias, mask, out, lse2 = residuals
     combined, key_bias = _kernel_biases(bias, mask)
@@ -87,12 +89,14 @@ def _sm90_bwd(causal, scale, fused, residuals, dout_bqhd):
 _sm90.defvjp(_sm90_fwd, _sm90_bwd)
 
 
-def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None, fused=None):
+def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None, fused=None,
+                   persistent=False):
     """Front-door attention on the sm90 kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K].
-    ``fused`` picks the backward (``flash_attention_sm90_bwd``'s: None, the tuned or default one)."""
+    ``fused`` picks the backward (``flash_attention_sm90_bwd``'s: None, the tuned or default one) and
+    ``persistent`` the forward's grid (``flash_attention_sm90``'s)."""
     check_sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, causal)
     scale = q_bqhd.shape[-1] ** -0.5 if scale is None else float(scale)
-    out_bqhd = _sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, bool(causal), scale, fused)
+    out_bqhd = _sm90(q_bqhd, k_bkhd, v_bkhd, bias, mask, bool(causal), scale, fused, persistent)
     if mask is not None:  # rows with no key to attend: zeros, as in every implementation
         target = (q_bqhd.shape[0], q_bqhd.shape[2], q_bqhd.shape[1], k_bkhd.shape[1])
         attended_bhq = jnp.any(jnp.broadcast_to(jnp.asarray(mask, bool), target), axis=-1)
