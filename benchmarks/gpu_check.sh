@@ -14,7 +14,7 @@
 # kernels/flash_attention_sm90_bwd.py; the persistent forward grid), each of the Evoformer's
 # attention calls (head_dim 32, with their masks; sm90 with each backward) and one Evoformer block
 # with auto's attention and with sm90. The variants' GPU tests are in sm90_tests; the tuner takes
-# the fused backward only once they pass (SM90_FUSED_GPU_TESTED).
+# them only once they pass (SM90_FUSED_GPU_TESTED, SM90_PERSISTENT_GPU_TESTED).
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
 # attention_gpu_variants.json, attention_evoformer_gpu.json, mfu_gpu_350m.json, mfu_gpu_1b.json,
 # evoformer_gpu.json (7 files; the device tool returns at most 8): the benchmarks' markdown tables

@@ -484,6 +484,16 @@ def _check_blocks(block_q, block_kv, stages):
 # at head_dim 128, seq 4096 (benchmarks/results/sm90_tuning_h200.json). (block_kv, stages) with
 # 2 x 64 query rows per CTA (a bias ring takes shared memory, so smaller key tiles with it).
 FWD_CANDIDATES = {False: ((128, 2), (128, 3), (64, 2), (64, 4)), True: ((64, 2), (64, 3), (64, 4), (128, 2))}
+# The persistent grid joins them, at the first two configurations, once a GPU run of
+# tests/test_flash_sm90.py -m gpu has passed it: until then it is taken only when asked for.
+SM90_PERSISTENT_GPU_TESTED = False
+
+
+def fwd_candidates(biased: bool) -> tuple:
+    """The forward configurations the tuner may pick from: (block_kv, stages) or, once GPU-tested,
+    (block_kv, stages, True) for the persistent grid."""
+    plain = FWD_CANDIDATES[biased]
+    return plain + (tuple(c + (True,) for c in plain[:2]) if SM90_PERSISTENT_GPU_TESTED else ())
 
 
 def _concrete(shape, dtype, seed):
@@ -510,15 +520,17 @@ def _tuned(pass_name, q, k, bias, causal, candidates, make_run, *, interpret, tu
 
 
 def _forward_config(q, k, v, bias, causal, scale, block_q, interpret, tuner=None, key_bias=None):
-    """(block_kv, stages) for the forward kernel on inputs shaped like these."""
+    """(block_kv, stages) or (block_kv, stages, persistent) for the forward kernel on inputs shaped
+    like these."""
     def make_run(config):
         args = [_concrete(x.shape, x.dtype, i) for i, x in enumerate((q, k, v))]
         b = None if bias is None else _concrete(bias.shape, q.dtype, 3)
         kb = None if key_bias is None else jnp.zeros(key_bias.shape, jnp.float32)
+        ctas = _persistent_ctas(len(config) > 2 and config[2], interpret)
         return lambda: _forward(*args, b, kb, causal=causal, scale=scale, block_q=block_q, block_kv=config[0],
-                                stages=config[1], interpret=interpret)
+                                stages=config[1], interpret=interpret, persistent=ctas)
 
-    return _tuned("fwd", q, k, bias, causal, FWD_CANDIDATES[bias is not None], make_run, interpret=interpret,
+    return _tuned("fwd", q, k, bias, causal, fwd_candidates(bias is not None), make_run, interpret=interpret,
                   tuner=tuner, key_bias=key_bias)
 
 
@@ -534,7 +546,7 @@ def _persistent_ctas(persistent, interpret) -> int:
 
 
 def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, scale=None, block_q=64, block_kv=None,
-                         stages=None, return_lse=False, persistent=False, interpret=False):
+                         stages=None, return_lse=False, persistent=None, interpret=False):
     """softmax(q k^T * scale + bias) v on an sm90 GPU, forward only.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (kv_heads
@@ -548,14 +560,17 @@ def flash_attention_sm90(q, k, v, *, bias=None, key_bias=None, causal=False, sca
     the measured best for this shape class on an sm90 GPU (``sm90_tuning``), else the defaults.
     ``persistent=True`` runs one CTA per SM, each looping over query tiles (the longest first when
     causal), so the producer loads a tile's keys while the consumers finish the one before; a number
-    sets the CTA count. It has not yet run on a GPU, so it is off unless asked for.
+    sets the CTA count; None leaves it to the tuner with block_kv and stages. It has not yet run on a
+    GPU, so the tuner does not consider it (``SM90_PERSISTENT_GPU_TESTED``) and it is off unless
+    asked for.
     ``interpret=True`` runs the kernel in jax's Mosaic GPU interpreter on any host (slow; tests).
     """
     check_sm90_inputs(q, k, v, bias, causal, key_bias)
-    persistent = _persistent_ctas(persistent, interpret)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if block_kv is None and stages is None and not interpret:
-        block_kv, stages = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False, key_bias=key_bias)
+    if block_kv is None and stages is None and persistent is None and not interpret:
+        config = _forward_config(q, k, v, bias, bool(causal), scale, block_q, False, key_bias=key_bias)
+        block_kv, stages, persistent = config[0], config[1], len(config) > 2 and config[2]
+    persistent = _persistent_ctas(persistent, interpret)
     default_kv, default_stages = FWD_CANDIDATES[bias is not None][0]
     block_kv = default_kv if block_kv is None else block_kv
     stages = default_stages if stages is None else stages

@@ -152,6 +152,35 @@ def test_persistent_forward_in_gpu_interpret_mode_matches_float32_reference(caus
     np.testing.assert_allclose(lse2, _reference_lse2(q, k, v, bias, causal), rtol=1e-3, atol=1e-3)
 
 
+def test_persistent_joins_the_forward_candidates_once_gpu_tested(monkeypatch):
+    """Until a GPU run passes it, the tuner never tries the persistent grid; then it tries it at the
+    first two configurations, and the configuration it would time runs the persistent kernel."""
+    assert all(len(c) == 2 for c in kernel.fwd_candidates(False) + kernel.fwd_candidates(True))
+    monkeypatch.setattr(kernel, "SM90_PERSISTENT_GPU_TESTED", True)
+    seen = {}
+
+    def spy_tuned(pass_name, q, k, bias, causal, candidates, make_run, **kwargs):
+        seen["candidates"] = candidates
+        chosen = next(c for c in candidates if len(c) > 2)
+        seen["out"] = make_run(chosen)()
+        return chosen
+
+    monkeypatch.setattr(kernel, "_tuned", spy_tuned)
+    real_forward, grids = kernel._forward, []
+
+    def spy_forward(*args, persistent=0, **kwargs):
+        grids.append(persistent)
+        return real_forward(*args, persistent=persistent, **kwargs)
+
+    monkeypatch.setattr(kernel, "_forward", spy_forward)
+    q = jnp.zeros((1, 200, 2, 64), jnp.bfloat16)
+    config = kernel._forward_config(q, q, q, None, True, 0.125, 64, True)
+    assert config == (128, 2, True) and (128, 3, True) in seen["candidates"] and len(seen["candidates"]) == 6
+    assert grids == [2]   # the interpreter's persistent grid: 2 CTAs for 4 query tiles
+    timed = [kernel._concrete(q.shape, q.dtype, i) for i in range(3)]  # what the tuner times on
+    assert _rel_err(seen["out"][0], _reference(*timed, None, None, True, scale=0.125)) < 1e-2
+
+
 @pytest.mark.parametrize("persistent", [-1, 1.5, "yes"])
 def test_persistent_takes_a_bool_or_a_cta_count(persistent):
     q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
@@ -249,11 +278,12 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_
     mask = jnp.asarray(r.random(mask_shape) < 0.8).at[0, :, :, 0].set(True).at[1].set(False)
     do = jnp.asarray(r.normal(size=q.shape), jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v, b: adapter.sm90_attention(q, k, v, bias=b, mask=mask, causal=True,
-                                                                 fused=fused, persistent=bool(fused)), q, k, v, bias)
+                                                                 fused=fused, persistent=True if fused else None),
+                       q, k, v, bias)
     grads = vjp(do)
     per_key = mask_shape[2] == 1
     assert seen == [((1, 2, 70, 70), (2, 70)) if per_key else ((2, 2, 70, 70), None)] * 2  # forward, backward
-    assert fused_seen == [fused] and persistent_seen == [bool(fused)]
+    assert fused_seen == [fused] and persistent_seen == [True if fused else None]
     assert bool(jnp.all(out[1] == 0))  # batch row 1 attends to nothing
     assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
     assert _rel_err(out[0], _reference(q, k, v, bias, mask, causal=True)[0]) < 1e-2

@@ -90,7 +90,7 @@ _sm90.defvjp(_sm90_fwd, _sm90_bwd)
 
 
 def sm90_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None, fused=None,
-                   persistent=False):
+                   persistent=None):
     """Front-door attention on the sm90 kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K].
     ``fused`` picks the backward (``flash_attention_sm90_bwd``'s: None, the tuned or default one) and
     ``persistent`` the forward's grid (``flash_attention_sm90``'s)."""
