@@ -518,9 +518,10 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, key_bias=No
     ``out`` and ``lse2`` come from ``flash_attention_sm90(..., return_lse=True)`` on the same
     inputs (``key_bias`` too: it gets no gradient); ``dout`` is the output's cotangent. dq, dk, dv
     in the inputs' dtypes; dbias in the bias's shape and dtype (None without a bias or with
-    ``bias_grad=False``), summed over what the bias broadcast. ``fused=True`` forms dQ inside the
-    dK/dV kernel with float32 TMA reduce-adds instead of in a dQ kernel of its own (5 tile products
-    instead of 7; see the module docstring; a ValueError where its shared memory does not fit).
+    ``bias_grad=False``), summed over what the bias broadcast. ``fused=True`` forms dQ (and dbias)
+    inside the dK/dV kernel with float32 TMA reduce-adds instead of in kernels of their own (5 tile
+    products instead of 7, or 9 with a bias gradient; see the module docstring; a ValueError where
+    its shared memory does not fit, ``fused_fits``).
     ``stages`` and ``fused`` left None are the measured best on an sm90 GPU (``sm90_tuning``), else
     the default (``BWD_CANDIDATES``: unfused, 3 stages without a bias, 2 with one; fused: 2).
     ``interpret=True`` runs the kernels in jax's Mosaic GPU interpreter.
