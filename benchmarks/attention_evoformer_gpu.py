@@ -135,7 +135,7 @@ def sm90_sweep(name, batch, seq, heads, biased, runs, interpret=False):
     out, lse2 = jax.jit(lambda q, k, v, b, kb: sm.flash_attention_sm90(
         q, k, v, bias=b, key_bias=kb, block_kv=64, stages=2, return_lse=True, interpret=interpret))(
         q, k, v, kernel_bias, key_bias)
-    configs = smb.BWD_CANDIDATES[True] + smb.BWD_CANDIDATES[False] + smb.FUSED_CANDIDATES[kernel_bias is not None]
+    configs = smb.BWD_CANDIDATES[True] + smb.BWD_CANDIDATES[False] + smb.FUSED_CANDIDATES
     for stages, fused in dict.fromkeys(configs):
         fn = jax.jit(lambda q, k, v, o, l2, do, b, kb, stages=stages, fused=fused: smb.flash_attention_sm90_bwd(
             q, k, v, o, l2, do, bias=b, key_bias=kb, stages=stages, bias_grad=b is not None, fused=fused,

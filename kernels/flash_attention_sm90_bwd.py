@@ -50,13 +50,13 @@ from sciscale_jax.kernels.flash_attention_sm90 import (
 # has passed it (``SM90_FUSED_GPU_TESTED``): until then it is taken only when asked for.
 SM90_FUSED_GPU_TESTED = False
 BWD_CANDIDATES = {False: ((3, False), (2, False)), True: ((2, False), (3, False))}
-FUSED_CANDIDATES = {False: ((2, True),), True: ((2, True),)}
+FUSED_CANDIDATES = ((2, True),)  # with or without a bias
 _SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on an H100/H200
 
 
 def bwd_candidates(biased: bool) -> tuple:
     """The backward configurations the tuner may pick from: the fused ones once GPU-tested."""
-    return BWD_CANDIDATES[biased] + (FUSED_CANDIDATES[biased] if SM90_FUSED_GPU_TESTED else ())
+    return BWD_CANDIDATES[biased] + (FUSED_CANDIDATES if SM90_FUSED_GPU_TESTED else ())
 
 
 def fused_fits(head_dim, itemsize, *, has_bias, has_key_bias, stages, bias_grad=True, block_q=64,
@@ -129,9 +129,9 @@ def _copy_query_rows(pl, plgpu, refs, dsts, b, h, start, size, barrier):
 def _bwd_kernels(q, k, v, bias, do, lse2, delta, *, causal, scale, kv_len, block_q, block_kv, stages,
                  bias_grad, interpret, key_bias=None, fused=False):
     """dq [B, Qp, H, D], dk, dv [B, Kp, Hkv, D] and dbias [Bb, Hb, Qp, Kp] (None unless bias_grad),
-    in q's dtype (dbias summed in float32 and rounded once, or left float32 when fused), on padded inputs: q, do
-    [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or [Bb, Hb, Qp, Kp] in q's dtype; lse2, delta
-    [B, H, Qp] float32; key_bias None or [Bk, Kp] float32 (no gradient)."""
+    in q's dtype (dbias summed in float32 and rounded once, or left float32 when fused), on padded
+    inputs: q, do [B, Qp, H, D]; k, v [B, Kp, Hkv, D]; bias None or [Bb, Hb, Qp, Kp] in q's dtype;
+    lse2, delta [B, H, Qp] float32; key_bias None or [Bk, Kp] float32 (no gradient)."""
     pl, plgpu = _mosaic_gpu()
     ops = _Ops(interpret)
     batch, q_pad, heads, head_dim = q.shape
@@ -535,7 +535,7 @@ def flash_attention_sm90_bwd(q, k, v, out, lse2, dout, *, bias=None, key_bias=No
                                          bias_grad, False, key_bias=key_bias)
     fused = bool(fused)
     if stages is None:
-        stages = FUSED_CANDIDATES[bias is not None][0][0] if fused else BWD_CANDIDATES[bias is not None][0][0]
+        stages = FUSED_CANDIDATES[0][0] if fused else BWD_CANDIDATES[bias is not None][0][0]
     _check_blocks(block_q, block_kv, stages)
     if fused and not _fits(q, bias, key_bias, stages, block_q, block_kv, bias_grad):
         raise ValueError(f"the fused sm90 backward does not fit shared memory at head_dim {q.shape[-1]}, "

@@ -294,37 +294,6 @@ def test_front_door_gradients_through_the_interpreted_kernels(monkeypatch, mask_
     assert bool(jnp.all(grads[0][1] == 0)) and bool(jnp.all(grads[1][1] == 0))
 
 
-@pytest.mark.parametrize("head_dim, bias_shape", [(128, (1, 2, 130, 200)), (32, None)])
-def test_key_bias_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape):
-    """With a key bias (per batch row and key, read per key tile) the forward and the three
-    backward kernels pass Mosaic GPU's lowering for CUDA, head_dim 128's shared memory included."""
-    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
-    lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
-    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16)
-    key_bias = jax.ShapeDtypeStruct((2, 200), jnp.float32)
-    fwd = jax.jit(lambda q, k, v, b, kb: kernel.flash_attention_sm90(q, k, v, bias=b, key_bias=kb))
-    assert "mosaic_gpu" in fwd.trace(q, kv, kv, bias, key_bias).lower(lowering_platforms=("cuda",)).as_text()
-    bwd = jax.jit(lambda q, k, v, b, kb, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
-                                                                                   key_bias=kb))
-    text = bwd.trace(q, kv, kv, bias, key_bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= (3 if bias_shape else 2)
-
-
-@pytest.mark.parametrize("head_dim", [128, 96, 32])
-def test_backward_lowers_to_mosaic_gpu_for_cuda(head_dim):
-    """The three backward kernels with a broadcast bias (at head_dim 128 the largest shared-memory
-    use; 96 and 32 take a 64-byte swizzle) pass Mosaic GPU's lowering for a CUDA target,
-    shared-memory budget included."""
-    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
-    lse = jax.ShapeDtypeStruct((2, 2, 130), jnp.float32)
-    bias = jax.ShapeDtypeStruct((1, 2, 130, 200), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v, b, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b))
-    text = fn.trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 3
-
-
 def _lower_backward(head_dim, bias_shape=None, key_bias=False, **kwargs):
     """The backward's lowering for a CUDA target (text), on any host."""
     q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
@@ -335,6 +304,28 @@ def _lower_backward(head_dim, bias_shape=None, key_bias=False, **kwargs):
     fn = jax.jit(lambda q, k, v, b, kb, o, l, do: backward.flash_attention_sm90_bwd(q, k, v, o, l, do, bias=b,
                                                                                     key_bias=kb, **kwargs))
     return fn.trace(q, kv, kv, bias, kb, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("head_dim, bias_shape", [(128, (1, 2, 130, 200)), (32, None)])
+def test_key_bias_lowers_to_mosaic_gpu_for_cuda(head_dim, bias_shape):
+    """With a key bias (per batch row and key, read per key tile) the forward and the three
+    backward kernels pass Mosaic GPU's lowering for CUDA, head_dim 128's shared memory included."""
+    q = jax.ShapeDtypeStruct((2, 130, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 1, head_dim), jnp.bfloat16)
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16)
+    key_bias = jax.ShapeDtypeStruct((2, 200), jnp.float32)
+    fwd = jax.jit(lambda q, k, v, b, kb: kernel.flash_attention_sm90(q, k, v, bias=b, key_bias=kb))
+    assert "mosaic_gpu" in fwd.trace(q, kv, kv, bias, key_bias).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lower_backward(head_dim, bias_shape, key_bias=True)
+    assert text.count("mosaic_gpu") >= (3 if bias_shape else 2)
+
+
+@pytest.mark.parametrize("head_dim", [128, 96, 32])
+def test_backward_lowers_to_mosaic_gpu_for_cuda(head_dim):
+    """The three backward kernels with a broadcast bias (at head_dim 128 the largest shared-memory
+    use; 96 and 32 take a 64-byte swizzle) pass Mosaic GPU's lowering for a CUDA target,
+    shared-memory budget included."""
+    assert _lower_backward(head_dim, (1, 2, 130, 200)).count("mosaic_gpu") >= 3
 
 
 @pytest.mark.parametrize("head_dim, bias_shape, key_bias, bias_grad", [
