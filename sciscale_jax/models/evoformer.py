@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from sciscale_jax import attention, remat
+from sciscale_jax import attention, parallel, remat
 from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
 from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
@@ -148,10 +148,19 @@ class EvoformerBlock(nnx.Module):
             return module(*args)
         return jax.checkpoint(lambda *a: module(*a), policy=jax.checkpoint_policies.nothing_saveable)(*args)
 
+    def _streams(self, m_bsrc, z_brrc):
+        """Constrain m and z by the rule table: the batch over the data axes, as the loop places the
+        batch. Without it GSPMD may meet a ZeRO-3 weight split over ``data`` by gathering the
+        activations over the batch instead of the weight. Without a mesh, a no-op."""
+        rules = self.config.sharding
+        m_bsrc = parallel.with_logical_constraint(m_bsrc, (ax.BATCH, ax.MSA_SEQ, ax.RES, ax.EMBED), rules)
+        return m_bsrc, parallel.with_logical_constraint(z_brrc, (ax.BATCH, ax.RES, None, ax.PAIR), rules)
+
     def __call__(self, m_bsrc, z_brrc, msa_mask_bsr, pair_mask_brr, key=None):
         """(m, z) -> (m, z) after one block; ``key`` turns dropout on."""
         cfg, up = self.config, self._update
         keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
+        m_bsrc, z_brrc = self._streams(m_bsrc, z_brrc)
         m = checkpoint_name(m_bsrc, remat.LAYER_INPUT)
         z = checkpoint_name(z_brrc, remat.LAYER_INPUT)
         row = checkpoint_name(up(self.msa_row_attention_with_pair_bias, m, z, msa_mask_bsr), remat.ATTN_OUT)
@@ -169,7 +178,7 @@ class EvoformerBlock(nnx.Module):
         end = checkpoint_name(up(self.triangle_attention_ending_node, z, pair_mask_brr), remat.ATTN_OUT)
         z = z + shared_dropout(end, cfg.pair_dropout, keys[4], 2)
         z = z + checkpoint_name(up(self.pair_transition, z), remat.MLP_OUT)
-        return m, z
+        return self._streams(m, z)
 
 
 class EvoformerStack(nnx.Module):
