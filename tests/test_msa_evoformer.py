@@ -68,7 +68,7 @@ def test_zero3_gathers_weights_not_the_batch():
     """ZeRO-3 on mesh data=8: the step stays data parallel. Each weight split over ``data`` is
     gathered at use; the activations keep their batch split. Before the blocks constrained m and z,
     GSPMD gathered the activations over the batch instead (every example on every device: 2.6x
-    ZeRO-0's peak in benchmarks/planner_accuracy.py #21, 2.6x its temporaries here). Reference:
+    ZeRO-0's peak in benchmarks/planner_accuracy.py #21, 3.1x its temporaries here). Reference:
     the same step at ZeRO-0, and the parameter bytes."""
     model_cfg = RECIPE.make_config(**{**TINY, **ONE_BLOCK})
     out = {}
