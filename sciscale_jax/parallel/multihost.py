@@ -19,7 +19,8 @@ process's devices. This module holds the three pieces a run needs on top of that
   ``jax.make_array_from_process_local_data``. A source with ``batch_rows(step, start, stop)``
   (every shipped recipe's) builds just those rows; otherwise the slice is cut from
   ``batch(step)``. Either way the global batch is the one the single-process run sees,
-  whatever the process count.
+  whatever the process count. :func:`place_batch` places a batch every process holds whole
+  (the fixed evaluation batches) the same way.
 """
 
 from __future__ import annotations
@@ -183,6 +184,18 @@ def global_batch(source, step: int, shardings: dict, shapes: dict) -> dict:
     index = {k: local_index(shardings[k], shapes[k]) for k in shardings}
     local = local_batch(source, step, index)
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], tuple(shapes[k])) for k in shardings}
+
+
+def place_batch(batch: dict, shardings: dict) -> dict:
+    """A batch every process holds whole (numpy), placed by ``shardings``: ``jax.device_put`` in one
+    process; in several, each process puts only the part its devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v[local_index(shardings[k], v.shape)], v.shape)
+    return out
 
 
 def local_batch(source, step: int, index: dict) -> dict:

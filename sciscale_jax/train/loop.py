@@ -141,6 +141,30 @@ def evaluate(metrics_step, params, rest, batches) -> dict:
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
+def eval_batches(batches, place, recipe, rows: int):
+    """The evaluation batches as the train step takes its batch: each cut into pieces of ``rows``
+    rows (the training microbatch, so no device holds more examples at once than in training;
+    a batch whose row count ``rows`` does not divide stays whole) and, with a ``place``ment,
+    split over the data-parallel devices by the recipe's batch axes, each process putting only
+    its devices' rows (a field that does not split evenly is replicated). Unplaced, every device
+    would evaluate every row. A generator: each piece is placed when it is evaluated. Metrics
+    are sums and counts, so the pieces add up exactly."""
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        step = rows if rows and n % rows == 0 else n
+        for start in range(0, n, step):
+            piece = {k: v[start:start + step] for k, v in batch.items()}
+            yield piece if place is None else multihost.place_batch(piece, {
+                k: _batch_sharding(recipe, k, v, place) for k, v in piece.items()})
+
+
+def _batch_sharding(recipe, field, x, place):
+    try:
+        return parallel.batch_sharding(x.shape, recipe.axes_of(field, x.ndim), place.rules, place.mesh)
+    except ValueError:  # no axes for an evaluation-only field, or sizes that do not split over the mesh
+        return jax.sharding.NamedSharding(place.mesh, jax.sharding.PartitionSpec())
+
+
 def validation_metrics(recipe, metrics_step, params, rest, batches) -> dict:
     """``val_<name>`` for the recipe's metrics and what its ``summarize`` derives from them."""
     means = evaluate(metrics_step, params, rest, batches)
@@ -241,28 +265,29 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         if resume:
             state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-        return _train_locked(cfg, recipe, mesh, step, jit_kw, state, batch_at, graphdef, data, ckpt,
+        return _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt,
                              out_dir, progress, stop, offload)
 
 
-def _train_locked(cfg, recipe, mesh, step, jit_kw, state, batch_at, graphdef, data, ckpt, out_dir,
+def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt, out_dir,
                   progress, stop, offload):
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
         metrics_fn = recipe.metrics_fn()
         eval_step = make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
+        evals = lambda: eval_batches(data.eval, place, recipe, cfg.batch_size // cfg.grad_accum)  # noqa: E731
         metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-        state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, data, batch_at, ckpt,
+        state, train_loss, t0 = _loop(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt,
                                       metrics_log, progress, stop)
         if stop.requested:  # saved at a step boundary: say where to resume from
             raise RunInterrupted(stop.signum, f"stopped by {stop.name} after step {int(state.step)}; checkpoint "
                                               f"{int(state.step)} saved in {ckpt.directory}; continue with --resume "
                                               f"--out {out_dir}")
-        val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
+        val = validation_metrics(recipe, eval_fn, state.params, state.rest, evals())
     metrics_log.write({"step": int(state.step), **val})
     return {
         "steps": int(state.step), "train_loss": train_loss, **val, "validation": val,
@@ -311,8 +336,9 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
                            offload=offload, **placement_kwargs)
 
 
-def _loop(cfg, recipe, compiled, eval_fn, state, data, batch_at, ckpt, metrics_log, progress, stop=None):
-    """Steps from ``state.step`` to ``cfg.steps``: log, evaluate and checkpoint on their intervals."""
+def _loop(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics_log, progress, stop=None):
+    """Steps from ``state.step`` to ``cfg.steps``: log, evaluate (on ``evals()``) and checkpoint on their
+    intervals."""
     start = int(state.step)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=recipe.name, dynamic_ncols=True)
@@ -328,7 +354,7 @@ def _loop(cfg, recipe, compiled, eval_fn, state, data, batch_at, ckpt, metrics_l
             bar.set_postfix(loss=f"{train_loss:.3f}")
             metrics_log.write({"step": done, **m, "time": time.perf_counter() - t0})
         if done % cfg.eval_every == 0 and done != cfg.steps:
-            val = validation_metrics(recipe, eval_fn, state.params, state.rest, data.eval)
+            val = validation_metrics(recipe, eval_fn, state.params, state.rest, evals())
             metrics_log.write({"step": done, **val})
             if multihost.is_primary():
                 bar.write(f"step {done}: train loss {train_loss:.4f}  "
