@@ -1,5 +1,5 @@
 """msa-evoformer: the Evoformer recipe trains through the shared loop, resumes bit-identically,
-runs on a data x fsdp mesh with ZeRO-3 like on one device (gathering weights, never the batch),
+runs on a data x fsdp x tensor mesh with ZeRO-3 like on one device (gathering weights, never the batch),
 and scores the profile baseline on the same positions as the model."""
 
 import re
@@ -46,7 +46,9 @@ def test_trains_and_resumes_bit_identically(tmp_path):
 def test_mesh_with_zero3_matches_one_device(tmp_path):
     no_dropout = dict(ONE_BLOCK, msa_dropout=0.0, pair_dropout=0.0)
     one = _run(tmp_path, "one", steps=2, model=no_dropout)
-    mesh = _run(tmp_path, "mesh", steps=2, mesh="data=2,fsdp=2", zero=3, model=no_dropout)
+    mesh = _run(tmp_path, "mesh", steps=2, mesh="data=2,fsdp=2,tensor=2", zero=3, model=no_dropout)
+    row = mesh["state"].params["evoformer"]["evoformer_stack"]["blocks"][0]["msa_row_attention_with_pair_bias"]
+    assert row["attention"]["query_w"].sharding.spec[1] == "tensor"  # heads split (Megatron), c_m by ZeRO-3
     for a, b in zip(_leaves(one), _leaves(mesh), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 

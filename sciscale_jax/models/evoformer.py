@@ -225,7 +225,7 @@ class MaskedMsaHead(nnx.Module):
     """Masked-MSA logits: Linear(c_m -> 23), 'final' (zero) init."""
 
     def __init__(self, config: EvoformerConfig, *, rngs: nnx.Rngs):
-        self.logits = Linear(config.c_m, config.msa_classes, (ax.EMBED, ax.VOCAB), kind="final", rngs=rngs,
+        self.logits = Linear(config.c_m, config.msa_classes, (ax.EMBED, None), kind="final", rngs=rngs,
                              param_dtype=config.param_dtype, dtype=config.dtype)
 
     def __call__(self, m_bsrc):
