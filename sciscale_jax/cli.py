@@ -248,7 +248,7 @@ def _plan(recipe, rest, show_help: bool) -> int:
     from sciscale_jax.memory.measure import report_from_analysis
     from sciscale_jax.train import TrainConfig
     from sciscale_jax.train.abstract import abstract_run
-    from sciscale_jax.train.plan import plan
+    from sciscale_jax.train.plan import plan, plan_configs
 
     parser = plan_parser(recipe)
     if show_help:
@@ -273,10 +273,7 @@ def _plan(recipe, rest, show_help: bool) -> int:
     print(planner.format_plans(recipe.name, plans, base, budget, args.devices))
     if args.verify:
         best = plans[0]
-        run = abstract_run(recipe, dataclasses.replace(model_cfg, remat=best.remat, attention=best.attention,
-                                                       precision=best.precision),
-                           dataclasses.replace(train_cfg, mesh=best.mesh, zero=best.zero, grad_accum=best.grad_accum,
-                                               offload=best.offload))
+        run = abstract_run(recipe, *plan_configs(model_cfg, train_cfg, best.settings()))  # the schedule too
         compiled = report_from_analysis(run.compile().memory_analysis()).peak_bytes
         host = host_counted_on_device(best.predicted.offloaded_bytes if best.predicted is not None else 0)
         compiled -= host  # the CPU backend counts offloaded (pinned-host) bytes on device

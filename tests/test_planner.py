@@ -281,7 +281,7 @@ def test_best_first_walk_orders_as_a_full_screen_and_traces_less():
     full = []
     for s in settings:
         try:
-            cfg, tc = train_plan._configs(model_cfg, train_cfg, s)
+            cfg, tc = train_plan.plan_configs(model_cfg, train_cfg, s)
             train_plan._check(recipe, cfg, tc)
             state = states(cfg, tc)
         except ValueError:
@@ -353,16 +353,27 @@ def test_pipeline_schedules_are_enumerated_and_priced():
     assert acts["1f1b"] == acts["zbh1"] == int(micro * (10 + p * 100 * 4 / p))
 
 
-def test_cli_plan_prints_commands_that_parse(capsys):
+def test_cli_plan_prints_commands_that_parse(capsys, monkeypatch):
     """The printed ``sciscale train`` line is ready to run: boolean model flags come out as
-    ``--scan-layers`` (not ``--scan-layers True``), and the chosen pipeline schedule is in it."""
+    ``--scan-layers`` (not ``--scan-layers True``), and the chosen pipeline schedule is in it;
+    ``--verify`` compiles that plan, schedule included (it compiled the default 1F1B before)."""
+    from sciscale_jax.train import abstract
+
     argv = ["--scan-layers", "--layers", "4", "--embed-dim", "32", "--heads", "2", "--mlp-dim", "96",
             "--batch-size", "8", "--seq-len", "32", "--mesh", "pipeline=2,data=4", "--zero", "0", "--remat", "none",
             "--attention", "xla", "--precision", "fp32", "--grad-accum", "1", "--offload", ""]
+    compiled = []
+    real = abstract.abstract_run
+    monkeypatch.setattr(abstract, "abstract_run", lambda r, m, t: compiled.append((m, t)) or real(r, m, t))
     assert cli.main(["plan", "protein-mlm", "--devices", "8", "--memory", "1GiB", "--no-confirm", "--top", "1",
-                     *argv]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("sciscale train"))
+                     "--verify", *argv]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("sciscale train"))
     assert "--scan-layers --" in line + " --" and "True" not in line
     _, model_cfg, train_cfg = cli.build_configs(line.split()[2:])
     assert model_cfg.scan_layers and train_cfg.mesh == "pipeline=2,data=4"
     assert train_cfg.pipeline_schedule == "zbh1"  # the smallest bubble at equal memory
+    assert "verify (plan 1 compiled" in out
+    verified_model, verified = compiled[-1]
+    assert verified.pipeline_schedule == "zbh1" and verified.mesh == train_cfg.mesh
+    assert verified_model.scan_layers and verified_model.remat == model_cfg.remat

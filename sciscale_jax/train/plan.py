@@ -120,7 +120,8 @@ class _States:
         return self.cache[key]
 
 
-def _configs(model_config, train_config, s: dict):
+def plan_configs(model_config, train_config, s: dict):
+    """(model config, train config) of one mix (a ``Plan.settings()`` dict) over the given ones."""
     cfg = dataclasses.replace(model_config, remat=s["remat"], attention=s["attention"], precision=s["precision"])
     tc = dataclasses.replace(train_config, mesh=s["mesh"], zero=s["zero"], grad_accum=s["grad_accum"],
                              offload=s["offload"])
@@ -183,7 +184,7 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
 
     for s in settings:
         try:
-            cfg, tc = _configs(model_config, train_config, s)
+            cfg, tc = plan_configs(model_config, train_config, s)
             _check(recipe, cfg, tc)
             state = states(cfg, tc)
             key, exact, timed = timing(s, cfg, tc, state, False)
@@ -262,7 +263,7 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
             continue
         if confirm and confirmed is None and tries < max(top, 3):
             tries += 1
-            cfg, tc = _configs(model_config, train_config, p.settings())
+            cfg, tc = plan_configs(model_config, train_config, p.settings())
             try:
                 est = estimate(recipe, cfg, tc)
             except Exception as err:  # noqa: BLE001 -- a mix the compiler refuses is skipped, not fatal
