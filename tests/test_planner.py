@@ -24,6 +24,7 @@ from sciscale_jax.train import TrainConfig
 from sciscale_jax.train.abstract import abstract_run
 from sciscale_jax.train.estimate import estimate
 from sciscale_jax.train.plan import plan
+from sciscale_jax.train.plan import plan_configs as train_plan_configs
 
 TINY = dict(num_layers=3, embed_dim=32, num_heads=2, mlp_dim=96)
 
@@ -377,3 +378,29 @@ def test_cli_plan_prints_commands_that_parse(capsys, monkeypatch):
     verified_model, verified = compiled[-1]
     assert verified.pipeline_schedule == "zbh1" and verified.mesh == train_cfg.mesh
     assert verified_model.scan_layers and verified_model.remat == model_cfg.remat
+
+
+def test_evoformer_chunking_and_module_remat_are_chosen_only_where_needed():
+    """The Evoformer's own switches (chunk size, sub-module remat) join the enumeration: with room
+    to spare the top plan leaves them off (equal modelled time: the cheaper values win); with a
+    budget between the compiled peak without them and the peak with both, the top plan turns one
+    on, its printed flags parse back to it, and its own compiled step fits the budget."""
+    evo = dict(c_m=16, c_z=8, msa_heads=2, msa_head_dim=8, pair_heads=2, pair_head_dim=4, opm_channels=4,
+               tri_mul_channels=8, num_blocks=2, num_seq=8)
+    recipe, model_cfg, train_cfg = _configs("msa-evoformer", evo, dict(batch_size=2, seq_len=32))
+    fixed = {"remat": "none", "attention": "xla", "precision": "fp32", "grad_accum": 1, "offload": ""}
+    roomy = plan(recipe, model_cfg, train_cfg, devices=1, budget=2 ** 40, fixed=fixed, top=1, confirm=False)
+    assert roomy[0].model_switches == (("chunk_size", None), ("remat_modules", False))
+    plain = estimate(recipe, model_cfg, train_cfg).peak_bytes
+    lean = estimate(recipe, dataclasses.replace(model_cfg, chunk_size=8, remat_modules=True), train_cfg).peak_bytes
+    assert lean < 0.8 * plain, (lean, plain)
+    budget = (lean + plain) // 2
+    best = plan(recipe, model_cfg, train_cfg, devices=1, budget=budget, fixed=fixed, top=1)[0]
+    assert best.predicted is not None and best.peak_bytes <= budget
+    switches = dict(best.model_switches)
+    assert switches["chunk_size"] is not None or switches["remat_modules"]
+    _, parsed, _ = cli.build_configs(["msa-evoformer", *" ".join(best.flags()).split()])
+    assert (parsed.chunk_size, parsed.remat_modules) == (switches["chunk_size"], switches["remat_modules"])
+    cfg, tc = train_plan_configs(model_cfg, train_cfg, best.settings())
+    assert (cfg.chunk_size, cfg.remat_modules) == (switches["chunk_size"], switches["remat_modules"])
+    assert _compiled_peak(recipe, cfg, tc) <= budget

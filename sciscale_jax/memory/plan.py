@@ -2,8 +2,10 @@
 
 ``enumerate_settings`` lists the mixes of mesh shape (data / fsdp x tensor, data x dap for
 models with Dynamic Axial Parallelism, pipeline x data for recipes with pipeline stages), ZeRO
-stage, remat policy, attention implementation, precision, gradient accumulation and
-optimizer-state offload (every switch the caller did not fix). ``step_time`` gives one mix its
+stage, remat policy, attention implementation, precision, gradient accumulation,
+optimizer-state offload and the switches of some model families (``MODEL_SWITCHES``: the
+Evoformer's chunk size and sub-module remat) where the model has them (every switch the caller
+did not fix). ``step_time`` gives one mix its
 modelled step time and ``screened_parts`` its per-device memory parts from a description of
 the model (state bytes as the loop places them, per-example residual bytes per layer, FLOPs);
 ``train.plan`` measures those descriptions for a recipe, ranks the mixes and confirms the best
@@ -47,9 +49,15 @@ PLAN_PRECISION = ("fp32", "bf16")
 PLAN_OFFLOAD = ("", "opt_state")
 PLAN_SCHEDULES = ("gpipe", "1f1b", "zbh1")  # on pipeline meshes (interleaved needs --virtual-stages: give it)
 PIPELINE_ZERO = (0, 1)  # ZeRO stages enumerated with a pipeline axis
+# Switches of some model families, enumerated where the model config has the field; each lists
+# its values cheapest first (at equal modelled time the planner prefers the earlier value: the
+# model counts matrix products, not the loop overhead of chunking). The Evoformer's: chunking of
+# every sub-module (recomputed per chunk in the backward pass) and sub-module remat.
+MODEL_SWITCHES = {"chunk_size": (None, 32, 8), "remat_modules": (False, True)}
 # The switches ``plan`` enumerates, by config: (model or train, field).
 SWITCHES = {"remat": "model", "attention": "model", "precision": "model", "mesh": "train", "zero": "train",
-            "grad_accum": "train", "offload": "train", "pipeline_schedule": "train"}
+            "grad_accum": "train", "offload": "train", "pipeline_schedule": "train",
+            **{name: "model" for name in MODEL_SWITCHES}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,7 @@ class Plan:
     comm_bytes: float                # per device per step
     predicted: Estimate | None = None
     pipeline_schedule: str = ""      # on pipeline meshes only
+    model_switches: tuple = ()       # (name, value) of the MODEL_SWITCHES the model has
 
     @property
     def screen_bytes(self) -> int:
@@ -94,19 +103,23 @@ class Plan:
     def settings(self) -> dict:
         return {"mesh": self.mesh, "zero": self.zero, "remat": self.remat, "attention": self.attention,
                 "precision": self.precision, "grad_accum": self.grad_accum, "offload": self.offload,
-                "pipeline_schedule": self.pipeline_schedule}
+                "pipeline_schedule": self.pipeline_schedule, **dict(self.model_switches)}
 
     def flags(self) -> list[str]:
         out = []
         for name, value in self.settings().items():
-            if value == "" or (name == "zero" and not self.mesh):  # one device: no mesh, no ZeRO
-                continue
-            out.append(f"--{name.replace('_', '-')} {value}")
+            if value == "" or value is None or value is False or (name == "zero" and not self.mesh):
+                continue  # unset, off, or one device (no mesh, no ZeRO)
+            out.append(f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}"))
         return out
 
     def describe(self) -> str:
         s = self.settings()
-        return ", ".join(f"{k}={v}" for k, v in s.items() if v not in ("", None))
+        return ", ".join(f"{k}={v}" for k, v in s.items() if v not in ("", None) and v is not False)
+
+    def switch_cost(self) -> int:
+        """How far down each model switch's list of values (``MODEL_SWITCHES``) this mix went."""
+        return sum(MODEL_SWITCHES[k].index(v) for k, v in self.model_switches if v in MODEL_SWITCHES[k])
 
 
 def parse_bytes(text: str) -> int:
@@ -156,8 +169,9 @@ def candidate_meshes(devices: int, *, dap: bool = False, pipeline_layers: int = 
 
 
 def enumerate_settings(train_config, devices: int, fixed: dict, *, dap: bool = False,
-                       pipeline_layers: int = 0) -> list[dict]:
-    """Every mix of the switches not in ``fixed`` (name -> value)."""
+                       pipeline_layers: int = 0, model_switches=()) -> list[dict]:
+    """Every mix of the switches not in ``fixed`` (name -> value); ``model_switches`` names the
+    ``MODEL_SWITCHES`` the model has."""
     meshes = candidate_meshes(devices, dap=dap, pipeline_layers=pipeline_layers)
     if "mesh" in fixed:
         meshes = [(fixed["mesh"], fixed.get("zero", z)) for z in (range(4) if "zero" not in fixed else (0,))]
@@ -170,6 +184,7 @@ def enumerate_settings(train_config, devices: int, fixed: dict, *, dap: bool = F
         "precision": [fixed["precision"]] if "precision" in fixed else list(PLAN_PRECISION),
         "grad_accum": [fixed["grad_accum"]] if "grad_accum" in fixed else accum,
         "offload": [fixed["offload"]] if "offload" in fixed else list(PLAN_OFFLOAD),
+        **{k: [fixed[k]] if k in fixed else list(MODEL_SWITCHES[k]) for k in model_switches},
     }
     schedules = [fixed["pipeline_schedule"]] if "pipeline_schedule" in fixed else list(PLAN_SCHEDULES)
     out = []

@@ -4,10 +4,11 @@
 (``memory.plan.enumerate_settings``: mesh shape with data / fsdp / tensor axes, DAP for models
 that support it, pipeline stages for recipes with ``Recipe.pipeline`` and a scanned layer
 stack; ZeRO stage, remat policy, attention, precision, accumulation, optimizer-state offload,
-and on pipeline meshes the schedule),
+on pipeline meshes the schedule, and the model's own switches where it has them: the
+Evoformer's chunk size and sub-module remat, ``memory.plan.MODEL_SWITCHES``),
 ranks them by the stated step-time model (``memory.plan.step_time``) and screens them against
 the budget (``memory.plan.screened_parts``) from descriptions measured once per remat /
-attention / precision (state bytes as the loop places them; residual bytes and matrix-product
+attention / precision / model switches (state bytes as the loop places them; residual bytes and matrix-product
 FLOPs of one example at depth k and 2k from one trace each), walking the mixes fastest first
 and tracing a description only when the walk reaches a mix that needs it. The best that fit
 are confirmed with ``train.estimate.estimate`` (compiled probes: the figure it prints).
@@ -30,8 +31,9 @@ from sciscale_jax.train.estimate import estimate, loss_profile
 
 
 class _Profiles:
-    """Per-example residual bytes and FLOPs by (remat, attention, precision), each measured when
-    first asked for: one trace of the loss's forward and backward passes at depth k, one at 2k.
+    """Per-example residual bytes and FLOPs by (remat, attention, precision, model switches), each
+    measured when first asked for: one trace of the loss's forward and backward passes at depth
+    k, one at 2k. Model switches are ``((name, value), ...)`` of ``memory.plan.MODEL_SWITCHES``.
 
     The FLOPs count matrix products, so they depend on the remat policy and attention but not on
     the precision (``flops`` takes them from whichever precision was measured, preferring
@@ -42,8 +44,8 @@ class _Profiles:
         self.recipe, self.model_config, self.train_config = recipe, model_config, train_config
         self.precisions, self.cache = list(precisions), {}
 
-    def __call__(self, remat: str, attention: str, precision: str) -> dict:
-        key = (remat, attention, precision)
+    def __call__(self, remat: str, attention: str, precision: str, switches: tuple = ()) -> dict:
+        key = (remat, attention, precision, switches)
         if key not in self.cache:
             try:
                 self.cache[key] = self._measure(*key)
@@ -53,9 +55,9 @@ class _Profiles:
             raise self.cache[key]
         return self.cache[key]
 
-    def _measure(self, remat, attention, precision):
+    def _measure(self, remat, attention, precision, switches):
         cfg = dataclasses.replace(self.model_config, remat=remat, attention=attention, precision=precision,
-                                  sharding=None)
+                                  sharding=None, **dict(switches))
         one = dataclasses.replace(self.train_config, batch_size=1, grad_accum=1, mesh="", zero=0, offload="")
         k1, k2 = mem.probe_depths(cfg)
         saved, flops = {}, {}
@@ -65,7 +67,7 @@ class _Profiles:
         layer = (saved[k2] - saved[k1]) / (k2 - k1)
         recompute = 0.0
         if remat != "none":
-            recompute = self("none", attention, precision)["layer"] * k1  # one group rebuilt at a time
+            recompute = self("none", attention, precision, switches)["layer"] * k1  # one group rebuilt at a time
         layer_flops = (flops[k2] - flops[k1]) / (k2 - k1)
         return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "depth": depth,
                 "flops": flops[k1] + layer_flops * (depth - k1)}
@@ -76,17 +78,17 @@ class _Profiles:
                 return prof
         return None
 
-    def known_flops(self, remat: str, attention: str) -> float | None:
-        prof = self._known(lambda k: k[:2] == (remat, attention))
+    def known_flops(self, remat: str, attention: str, switches: tuple = ()) -> float | None:
+        prof = self._known(lambda k: k[:2] == (remat, attention) and k[3] == switches)
         return None if prof is None else prof["flops"]
 
-    def flops(self, remat: str, attention: str, precision: str) -> float:
+    def flops(self, remat: str, attention: str, precision: str, switches: tuple = ()) -> float:
         """FLOPs of one example's forward and backward passes (traced at ``precisions[0]`` if
         that precision is among the choices, else at ``precision``)."""
-        known = self.known_flops(remat, attention)
+        known = self.known_flops(remat, attention, switches)
         if known is not None:
             return known
-        return self(remat, attention, self.precisions[0] if self.precisions else precision)["flops"]
+        return self(remat, attention, self.precisions[0] if self.precisions else precision, switches)["flops"]
 
     def known_carry(self, precision: str) -> float | None:
         prof = self._known(lambda k: k[0] == "full" and k[2] == precision)
@@ -122,7 +124,8 @@ class _States:
 
 def plan_configs(model_config, train_config, s: dict):
     """(model config, train config) of one mix (a ``Plan.settings()`` dict) over the given ones."""
-    cfg = dataclasses.replace(model_config, remat=s["remat"], attention=s["attention"], precision=s["precision"])
+    cfg = dataclasses.replace(model_config, remat=s["remat"], attention=s["attention"], precision=s["precision"],
+                              **{k: s[k] for k in mplan.MODEL_SWITCHES if k in s})
     tc = dataclasses.replace(train_config, mesh=s["mesh"], zero=s["zero"], grad_accum=s["grad_accum"],
                              offload=s["offload"])
     if s.get("pipeline_schedule"):
@@ -145,37 +148,62 @@ def _check(recipe, cfg, tc) -> None:
         raise ValueError(f"batch_size={tc.batch_size} does not split over {sizes['dp']} x {tc.grad_accum}")
 
 
-def _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen: list):
+def _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen: list, budget=None):
     """Every valid mix as a screened Plan, in ``_rank`` order, measuring only what the order needs.
 
-    A best-first walk over lower bounds of the step time: a mix whose remat policy has not been
-    traced yet takes the FLOPs of the same attention without remat (recomputation only adds
-    matrix products), and a precision whose layer input is not yet known counts no
+    A best-first walk over lower bounds of the step time: a mix whose remat policy or model
+    switches have not been traced yet takes the FLOPs of the same attention without remat and
+    with each model switch at its cheapest value (recomputation, of a layer, a sub-module or a
+    chunk, only adds matrix products), and a precision whose layer input is not yet known counts no
     tensor-parallel traffic. Reaching a bound traces what it stood for and puts the mix back at
     its exact time; reaching an exact time screens the mix (its residual profile) with every
-    other mix of the same (time, accumulation), sorted by peak. The profiles of slow mixes are
-    traced only if the walk gets to them; the order is the one a full screen would give. Each
-    Plan is also appended to ``seen``.
+    other mix of the same (time, accumulation, model-switch cost), sorted by peak. The profiles
+    of slow mixes are traced only if the walk gets to them; the order is the one a full screen
+    would give. With a ``budget`` a model switch is a fallback: a mix is left out (and, where the
+    walk allows, never traced) where the same mix with every model switch at the same or a
+    cheaper value fits.
+    Each Plan is also appended to ``seen``.
     """
     remats = {s["remat"] for s in settings}
     base_remat = "none" if "none" in remats else None
+    names = [k for k in mplan.MODEL_SWITCHES if any(k in s for s in settings)]
+    switches_of = lambda s: tuple((k, s[k]) for k in names)  # noqa: E731
+    order = lambda k, v: mplan.MODEL_SWITCHES[k].index(v) if v in mplan.MODEL_SWITCHES[k] else -1  # noqa: E731
+    base_switches = tuple((k, min({s[k] for s in settings}, key=lambda v: order(k, v))) for k in names)
+    cost = lambda s: sum(max(0, order(k, v)) for k, v in switches_of(s))  # noqa: E731
+    others = lambda s: tuple(sorted((k, v) for k, v in s.items() if k not in names))  # noqa: E731
+    fits = {}  # the mix without model switches -> the model switches with which it fits the budget
+
+    def superfluous(s) -> bool:
+        """A fitting variant of the same mix with every switch at the same or a cheaper value."""
+        mine = switches_of(s)
+        return any(other != mine and all(order(k, a) <= order(k, b) for (k, a), (_, b) in zip(other, mine))
+                   for other in fits.get(others(s), ()))
     heap, count = [], itertools.count()
 
-    def timing(s, cfg, tc, state, resolve: bool):
-        """((time, accumulation), exact, (seconds, FLOPs, bytes)); ``resolve`` traces what the
-        exact time needs, otherwise a lower bound stands in for what is not yet known."""
-        exact = True
-        flops = profiles.known_flops(s["remat"], s["attention"])
+    def timing(s, cfg, tc, state, level: int):
+        """((time, accumulation), exact, (seconds, FLOPs, bytes)). ``level`` 0: lower bounds stand
+        in for what is not yet known; 1: traced, except that a mix with model switches off their
+        cheapest values is bounded by the same mix at the cheapest values (traced if need be); 2:
+        traced."""
+        exact, switches = True, switches_of(s)
+        flops = profiles.known_flops(s["remat"], s["attention"], switches)
         if flops is None:
-            if resolve or base_remat is None or s["remat"] == base_remat:
-                flops = profiles.flops(s["remat"], s["attention"], s["precision"])
+            bound_remat = s["remat"] if base_remat is None else base_remat
+            same = profiles.known_flops(s["remat"], s["attention"], base_switches)
+            if level == 1 and switches != base_switches:
+                flops, exact = profiles.flops(s["remat"], s["attention"], s["precision"], base_switches), False
+            elif level or (s["remat"], switches) == (bound_remat, base_switches):
+                flops = profiles.flops(s["remat"], s["attention"], s["precision"], switches)
+            elif same is not None:
+                flops, exact = same, False
             else:
-                flops, exact = profiles.flops(base_remat, s["attention"], s["precision"]), False
+                flops, exact = profiles.flops(bound_remat, s["attention"], s["precision"], base_switches), False
         carry = 0.0
         sizes = mem.mesh_sizes(tc.mesh)
         if sizes["tp"] * sizes["dap"] > 1 or sizes["pp"] > 1:
             carry = profiles.known_carry(s["precision"])
-            if carry is None and resolve:
+            if carry is None and level:
                 carry = profiles.carry(s["attention"], s["precision"])
             elif carry is None:
                 carry, exact = 0.0, False
@@ -187,34 +215,41 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
             cfg, tc = plan_configs(model_config, train_config, s)
             _check(recipe, cfg, tc)
             state = states(cfg, tc)
-            key, exact, timed = timing(s, cfg, tc, state, False)
+            key, exact, timed = timing(s, cfg, tc, state, 0)
         except ValueError:
             continue
-        heapq.heappush(heap, (key, exact, next(count), (s, cfg, tc, state, timed)))
+        heapq.heappush(heap, (key, cost(s), exact, next(count), (s, cfg, tc, state, timed, 0)))
 
     while heap:
-        key, exact, _, entry = heapq.heappop(heap)
-        s, cfg, tc, state, timed = entry
+        key, c, exact, _, entry = heapq.heappop(heap)
+        s, cfg, tc, state, timed, level = entry
+        if superfluous(s):
+            continue
         if not exact:
             try:
-                key, _, timed = timing(s, cfg, tc, state, True)
+                key, exact, timed = timing(s, cfg, tc, state, level + 1)
             except ValueError:
                 continue
-            heapq.heappush(heap, (key, True, next(count), (s, cfg, tc, state, timed)))
+            heapq.heappush(heap, (key, c, exact, next(count), (s, cfg, tc, state, timed, level + 1)))
             continue
         tie = [entry]
-        while heap and heap[0][0] == key and heap[0][1]:
-            tie.append(heapq.heappop(heap)[3])
+        while heap and heap[0][:3] == (key, c, True):
+            tie.append(heapq.heappop(heap)[4])
         group = []
-        for s, cfg, tc, state, (seconds, total, comm) in tie:
+        for s, cfg, tc, state, (seconds, total, comm), _ in tie:
+            if superfluous(s):
+                continue
             try:
-                prof = profiles(s["remat"], s["attention"], s["precision"])
+                prof = profiles(s["remat"], s["attention"], s["precision"], switches_of(s))
             except ValueError:
                 continue
             parts = mplan.screened_parts(s, state, prof, tc, np.dtype(cfg.param_dtype).itemsize)
-            group.append(mplan.Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"],
-                                    s["grad_accum"], s["offload"], parts, seconds, total, comm,
-                                    pipeline_schedule=s["pipeline_schedule"]))
+            p = mplan.Plan(s["mesh"], s["zero"], s["remat"], s["attention"], s["precision"], s["grad_accum"],
+                           s["offload"], parts, seconds, total, comm, pipeline_schedule=s["pipeline_schedule"],
+                           model_switches=switches_of(s))
+            if budget is not None and names and p.screen_bytes <= budget:
+                fits.setdefault(others(s), []).append(switches_of(s))
+            group.append(p)
         group.sort(key=_rank)
         seen.extend(group)
         yield from group
@@ -227,8 +262,10 @@ def _mix(p) -> tuple:
 
 def _rank(p) -> tuple:
     """Fastest first; among equal modelled times, fewer accumulation steps (the model charges them
-    nothing, a device does: smaller microbatches run less efficiently), then the smaller peak."""
-    return (round(p.step_seconds, 12), p.grad_accum, p.screen_bytes)
+    nothing, a device does: smaller microbatches run less efficiently), then model switches at
+    their cheaper values (no chunking before chunking, larger chunks before smaller: the model
+    counts no loop overhead either), then the smaller peak."""
+    return (round(p.step_seconds, 12), p.grad_accum, p.switch_cost(), p.screen_bytes)
 
 
 def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed: dict | None = None,
@@ -252,13 +289,14 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
                                                       and getattr(model_config, "scan_layers", False)) else 0
     settings = mplan.enumerate_settings(train_config, devices, fixed,
                                         dap=getattr(model_config, "supports_dap", False),
-                                        pipeline_layers=pipeline_layers)
+                                        pipeline_layers=pipeline_layers,
+                                        model_switches=[k for k in mplan.MODEL_SWITCHES if hasattr(model_config, k)])
     # FLOPs are traced at a reduced precision first: the mixes most likely to come first
     precisions = sorted(dict.fromkeys(s["precision"] for s in settings), key=lambda p: p == "fp32")
     profiles, states = _Profiles(recipe, model_config, train_config, precisions), _States(recipe)
     seen, out, confirmed, tries = [], [], None, 0
     listed = set()  # a mix listed once: the same mix with more accumulation steps is no alternative
-    for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen):
+    for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen, budget):
         if p.screen_bytes > budget or _mix(p) in listed:
             continue
         if confirm and confirmed is None and tries < max(top, 3):
