@@ -3,7 +3,7 @@
 For each configuration (four recipes: protein-mlm and smiles-lm Transformers, msa-evoformer,
 weather-vit; remat none/selective/full, attention xla/chunked, fp32/bf16, ZeRO 0-3,
 data/fsdp/tensor/dap/pipeline meshes on 8 CPU devices, gradient accumulation, optimizer-state
-offload, optimizers) the run's train step is built
+offload, optimizers, the Evoformer's sub-module remat and chunking) the run's train step is built
 and compiled as ``sciscale train`` would (``train.abstract.abstract_run``: the loop's own step
 builder, placement and jit shardings) and XLA's compiled memory analysis gives the true peak
 per device. The estimate's two methods are set beside it: "compile" (two shallow compiled
@@ -69,6 +69,8 @@ CONFIGS = [
     ("protein-mlm", dict(scan_layers=True, num_layers=8), dict(batch_size=16, seq_len=128, mesh="pipeline=2,data=4")),
     ("smiles-lm", dict(scan_layers=True, remat="full", num_layers=8),
      dict(batch_size=16, seq_len=64, mesh="pipeline=2,data=4", pipeline_schedule="gpipe", microbatches=4)),
+    ("msa-evoformer", dict(remat_modules=True), dict(batch_size=8, seq_len=32, mesh="data=8")),
+    ("msa-evoformer", dict(chunk_size=8), dict(batch_size=2, seq_len=48, mesh="")),
 ]
 
 

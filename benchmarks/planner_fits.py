@@ -40,12 +40,16 @@ ROWS = [
 ]
 BUDGET = "80GB"
 _PLAN = re.compile(r"^(\d+)\. peak ([\d.]+) (GiB|MiB) per device \[([^\]]+)\].*step ~([\d.]+) ms")
-_MIX = ("remat", "attention", "precision", "grad-accum", "mesh", "zero", "offload")
+_MIX = ("remat", "attention", "precision", "grad-accum", "mesh", "zero", "offload", "chunk-size", "remat-modules")
 
 
 def _mix(command: str) -> str:
-    flags = dict(re.findall(r"--([\w-]+) (\S+)", command))
-    return ", ".join(f"{k} {flags[k]}" for k in _MIX if k in flags)
+    words, flags = command.split(), {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            flags[word[2:]] = value
+    return ", ".join(k if flags[k] is None else f"{k} {flags[k]}" for k in _MIX if k in flags)
 
 
 def measure(index: int) -> dict:
