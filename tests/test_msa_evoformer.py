@@ -2,7 +2,6 @@
 runs on a data x fsdp x tensor mesh with ZeRO-3 like on one device (gathering weights, never the batch),
 and scores the profile baseline on the same positions as the model."""
 
-import re
 import shutil
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from sciscale_jax.recipes import get_recipe
 from sciscale_jax.train import TrainConfig, train
 from sciscale_jax.train.abstract import abstract_run
+from test_zero_train_step import collective_bytes
 
 RECIPE = get_recipe("msa-evoformer")
 TINY = dict(c_m=16, c_z=8, msa_heads=2, msa_head_dim=4, pair_heads=2, pair_head_dim=4, opm_channels=4,
@@ -53,19 +53,6 @@ def test_mesh_with_zero3_matches_one_device(tmp_path):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
-BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
-
-
-def _gathered_bytes(hlo: str) -> int:
-    """Per-device bytes of the results of every all-gather in compiled HLO."""
-    total = 0
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%\S+ = (.*?) all-gather(?:-start)?\(", line)
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)) if m else ():
-            total += BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-    return total
-
-
 def test_zero3_gathers_weights_not_the_batch():
     """ZeRO-3 on mesh data=8: the step stays data parallel. Each weight split over ``data`` is
     gathered at use; the activations keep their batch split. Before the blocks constrained m and z,
@@ -78,7 +65,7 @@ def test_zero3_gathers_weights_not_the_batch():
         cfg = TrainConfig(batch_size=8, seq_len=16, mesh="data=8", zero=zero)
         run = abstract_run(RECIPE, model_cfg, cfg)
         compiled = run.compile()
-        out[zero] = compiled.memory_analysis().temp_size_in_bytes, _gathered_bytes(compiled.as_text())
+        out[zero] = compiled.memory_analysis().temp_size_in_bytes, collective_bytes(compiled.as_text(), "all-gather")
     params = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(run.state.params))
     assert out[0][1] == 0, out
     assert out[3][1] <= 2 * params, (out, params)      # weights, gathered for the forward and the backward

@@ -118,8 +118,18 @@ class Plan:
         return ", ".join(f"{k}={v}" for k, v in s.items() if v not in ("", None) and v is not False)
 
     def switch_cost(self) -> int:
-        """How far down each model switch's list of values (``MODEL_SWITCHES``) this mix went."""
-        return sum(MODEL_SWITCHES[k].index(v) for k, v in self.model_switches if v in MODEL_SWITCHES[k])
+        return switch_cost(self.model_switches)
+
+
+def switch_order(name: str, value) -> int:
+    """Where ``value`` stands in ``MODEL_SWITCHES[name]`` (cheapest 0); -1 for a value not listed
+    (one the caller fixed)."""
+    return MODEL_SWITCHES[name].index(value) if value in MODEL_SWITCHES[name] else -1
+
+
+def switch_cost(switches) -> int:
+    """How far down each model switch's list of values a mix went (``((name, value), ...)``)."""
+    return sum(max(0, switch_order(k, v)) for k, v in switches)
 
 
 def parse_bytes(text: str) -> int:

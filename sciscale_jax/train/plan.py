@@ -168,9 +168,8 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
     base_remat = "none" if "none" in remats else None
     names = [k for k in mplan.MODEL_SWITCHES if any(k in s for s in settings)]
     switches_of = lambda s: tuple((k, s[k]) for k in names)  # noqa: E731
-    order = lambda k, v: mplan.MODEL_SWITCHES[k].index(v) if v in mplan.MODEL_SWITCHES[k] else -1  # noqa: E731
+    order = mplan.switch_order
     base_switches = tuple((k, min({s[k] for s in settings}, key=lambda v: order(k, v))) for k in names)
-    cost = lambda s: sum(max(0, order(k, v)) for k, v in switches_of(s))  # noqa: E731
     others = lambda s: tuple(sorted((k, v) for k, v in s.items() if k not in names))  # noqa: E731
     fits = {}  # the mix without model switches -> the model switches with which it fits the budget
 
@@ -218,7 +217,8 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
             key, exact, timed = timing(s, cfg, tc, state, 0)
         except ValueError:
             continue
-        heapq.heappush(heap, (key, cost(s), exact, next(count), (s, cfg, tc, state, timed, 0)))
+        heapq.heappush(heap, (key, mplan.switch_cost(switches_of(s)), exact, next(count),
+                              (s, cfg, tc, state, timed, 0)))
 
     while heap:
         key, c, exact, _, entry = heapq.heappop(heap)
