@@ -54,7 +54,8 @@ def _add_config_flags(parser, cls, defaults: dict, prefix: str, default_group: s
         text = field.metadata.get("help", "")
         help_text = f"{text} (default: {shown})" if text else f"default: {shown}"
         kind = hints[field.name]
-        kw = dict(dest=f"{prefix}.{field.name}", default=None, help=help_text,
+        # absent flags stay out of the namespace, so ``--x none`` (None) differs from "not given"
+        kw = dict(dest=f"{prefix}.{field.name}", default=argparse.SUPPRESS, help=help_text,
                   metavar=getattr(kind, "__name__", "str").upper())
         choices = field.metadata.get("choices")
         if callable(choices):
@@ -85,8 +86,8 @@ def _optional(base):
 
 
 def _picked(args, prefix: str) -> dict:
-    return {k.split(".", 1)[1]: v for k, v in vars(args).items()
-            if k.startswith(prefix + ".") and v is not None}
+    """The ``<prefix>.<field>`` flags given on the command line (``none`` included, as None)."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(prefix + ".")}
 
 
 def _base_parser() -> argparse.ArgumentParser:
