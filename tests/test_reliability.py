@@ -200,10 +200,10 @@ def test_cli_sigint_from_outside_exits_130_with_one_line(tmp_path):
     """Fast kill test: Ctrl-C at a random moment of a long CLI run."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sciscale_jax.cli", "train", "protein-mlm", "--out", str(out),
-                             "--steps", "100000", *CLI_ARGS, "--save-every", "50", "--log-every", "1000"],
+                             "--steps", "100000", *CLI_ARGS, "--save-every", "5", "--log-every", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
-    while not (out / "checkpoints" / "50").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "checkpoints" / "10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
