@@ -118,7 +118,7 @@ class _Ops:
         """A vector from shared memory, laid out to broadcast against a WGMMA tile."""
         if self.interpret:
             return ref[...]
-        if _LOAD_TAKES_INDEX:  # jax 0.10; from 0.11 the index is optional and passing one deprecated
+        if _LOAD_TAKES_INDEX:  # jax 0.10 (see _load_takes_index)
             return self.plgpu.load(ref, (), layout=layout)
         return self.plgpu.load(ref, layout=layout)
 
@@ -157,12 +157,16 @@ class _Ops:
 
 
 def _load_takes_index() -> bool:
+    """Whether ``plgpu.load`` needs an index: jax 0.10 requires one, 0.11 makes it optional (and
+    deprecates passing it), 0.12 has no such parameter."""
+    import inspect
+
     try:
-        import inspect
         _, plgpu = _mosaic_gpu()
-        return inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+        idx = inspect.signature(plgpu.load).parameters.get("idx")
     except Exception:  # noqa: BLE001 - no Mosaic GPU: never called
         return True
+    return idx is not None and idx.default is inspect.Parameter.empty
 
 
 _LOAD_TAKES_INDEX = _load_takes_index()
