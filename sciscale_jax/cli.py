@@ -63,7 +63,8 @@ def _add_config_flags(parser, cls, defaults: dict, prefix: str, default_group: s
         if choices is not None:
             kw["choices"] = tuple(choices)
             kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
-        if kind is bool:
+        if kind is bool:  # --x / --no-x take no value (a metavar there is deprecated from Python 3.12)
+            kw.pop("metavar")
             group.add_argument(_flag(field), action=argparse.BooleanOptionalAction, **kw)
         elif kind in (int, float, str):
             group.add_argument(_flag(field), type=kind, **kw)
