@@ -81,6 +81,24 @@ def test_front_door_check_refuses_without_an_sm90_gpu():
         adapter.sm90_attention(q, q, q)
 
 
+def _load_jax_0_10(src, idx, *, layout=None): ...
+def _load_jax_0_11(src, idx=None, *, layout=None): ...
+def _load_jax_0_12(src, *, layout=None, optimized=True): ...
+
+
+@pytest.mark.parametrize("load, takes_index", [(_load_jax_0_10, True), (_load_jax_0_11, False),
+                                               (_load_jax_0_12, False)])
+def test_load_index_probe_reads_each_jax_signature(monkeypatch, load, takes_index):
+    """``plgpu.load``'s signature across jax versions (0.12 has no ``idx``; the probe once read
+    that as 'required', and every kernel failed to lower there)."""
+    class FakeMosaicGpu:
+        pass
+
+    FakeMosaicGpu.load = staticmethod(load)
+    monkeypatch.setattr(kernel, "_mosaic_gpu", lambda: (None, FakeMosaicGpu))
+    assert kernel._load_takes_index() is takes_index
+
+
 @pytest.mark.parametrize("causal, bias_shape, head_dim, q_len, kv_len, kv_heads", [
     (False, None, 128, 256, 256, 2),
     (True, None, 64, 300, 300, 1),
