@@ -1,18 +1,9 @@
-"""Wall-clock timing shared by the benchmark scripts: median of timed runs after compile and warm-up."""
+"""Wall-clock timing shared by the benchmark scripts: median of timed runs after compile and warm-up
+(the same measurement the sm90 tuner makes, ``sciscale_jax.kernels.sm90_tuning.median_seconds``)."""
 
-import statistics
-import time
-
-import jax
+from sciscale_jax.kernels import sm90_tuning
 
 
 def median_seconds(fn, args, runs: int) -> float:
     """Median wall time of ``fn(*args)`` over ``runs`` calls, after one compiling and one warm-up call."""
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return sm90_tuning.median_seconds(lambda: fn(*args), runs)

@@ -35,6 +35,8 @@ def cache_path() -> str | None:
 
 
 def median_seconds(fn: Callable[[], object], runs: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``runs`` calls, after one compiling and one warm-up call
+    (the benchmarks time with it too: ``benchmarks/timing.py``)."""
     jax.block_until_ready(fn())  # compile
     jax.block_until_ready(fn())  # warm-up
     times = []
