@@ -416,6 +416,20 @@ def check_flash(q, k, v, bias=None, mask=None):
         raise ValueError(f"bias dtype {bias.dtype} is not one of float32, bfloat16, float16")
     if mask is not None and jnp.dtype(mask.dtype) != jnp.dtype(bool):
         raise ValueError(f"mask must be boolean (True = attend); got {mask.dtype}")
+    if jax.default_backend() in ("gpu", "cuda", "rocm") and not _triton_available():
+        raise ValueError(f"the flash kernel on GPU needs Pallas's Triton backend, which jax "
+                         f"{jax.__version__} does not have (deprecated since jax 0.11); use impl='sm90' "
+                         f"(H100/H200), 'cudnn' or 'chunked'")
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether this jax still has Pallas's Triton backend (deprecated in jax 0.11, to be removed)."""
+    try:
+        from jax.experimental.pallas import triton as pltriton
+    except ImportError:
+        return False
+    return hasattr(pltriton, "CompilerParams")
 
 
 def flash_supported(q, k, v, bias=None, mask=None) -> bool:

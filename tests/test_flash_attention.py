@@ -191,6 +191,25 @@ def test_flash_supported():
     assert not flash_supported(big, big, big)
 
 
+def test_gpu_without_pallas_triton_refuses_flash_and_auto_passes_it_over(monkeypatch):
+    """A jax without Pallas's Triton backend (deprecated in 0.11): impl="flash" on a GPU fails in
+    one line before tracing, and auto, which would take flash for a float32 pair bias on a GPU it
+    has no measurements for, takes another implementation."""
+    from sciscale_jax.attention import core
+    from sciscale_jax.kernels import flash_attention as kernel
+
+    q, k, v, _, _ = _inputs(8, 1, 8, 8, 4, 2, 8)
+    bias = jnp.ones((1, 4, 8, 8), jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(core, "_device_kind", lambda: "a GPU without measurements")
+    assert core.resolve_impl(q, k, v, bias=bias) == "flash"
+    monkeypatch.setattr(kernel, "_triton_available", lambda: False)
+    with pytest.raises(ValueError, match="needs Pallas's Triton backend"):
+        core.dot_product_attention(q, k, v, bias=bias, impl="flash")
+    assert not flash_supported(q, k, v, bias=bias)
+    assert core.resolve_impl(q, k, v, bias=bias) in ("xla", "chunked")
+
+
 def test_lowers_to_triton_for_gpu():
     """Cross-platform lowering runs the Pallas->Triton lowering of all three kernels on CPU, for an
     abstract H100 (jax >= 0.11 asks for a target device where no GPU is present)."""
