@@ -175,7 +175,10 @@ _LOAD_TAKES_INDEX = _load_takes_index()
 def _interpret_params(interpret: bool):
     if not interpret:
         return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public path yet
+    _, plgpu = _mosaic_gpu()
+    if hasattr(plgpu, "InterpretGPUParams"):  # public from jax 0.12
+        return plgpu.InterpretGPUParams()
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # jax 0.10-0.11
     return InterpretGPUParams()
 
 
