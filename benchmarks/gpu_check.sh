@@ -4,9 +4,9 @@
 # timeout_s=600 and carry [".gpu_wheels"], keeping the rest of the 15-minute budget for a rerun of
 # what failed:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# Installs the project (and, where the gitignored folder .gpu_wheels/ was carried (built by
-# benchmarks/gpu_wheels.sh on a machine that reaches PyPI), tokamax and
-# the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention steps only),
+# Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
+# the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention steps only;
+# benchmarks/gpu_wheels.sh builds that folder on a machine that reaches PyPI),
 # runs the GPU-marked tests with JAX_PLATFORMS=cuda (the sm90 Mosaic GPU kernels' apart) and the
 # Evoformer tests, then the benchmarks: end-to-end MFU of the protein Transformer at 350M and 1B
 # parameters, attention kernels at head_dim 128 (sm90 and cuDNN without a bias; sm90, our Triton
