@@ -170,6 +170,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
         """``mask_bs``: True for real tokens (padding keys are never attended)."""
+        x_bse = self.hidden(tokens_bs, mask_bs=mask_bs, dropout_key=dropout_key)
+        logits_bsv = self.lm_head(x_bse).astype(jnp.float32)
+        return checkpoint_name(logits_bsv, remat.LOGITS)
+
+    def hidden(self, tokens_bs, *, mask_bs=None, dropout_key=None):
+        """The final layer's normalised hidden states [batch, seq, embed], the input of the LM head:
+        per-token (per-residue) embeddings, as protein language models are used downstream."""
         cfg = self.config
         if tokens_bs.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens_bs.shape}")
@@ -181,5 +188,4 @@ class Transformer(nnx.Module):
         x_bse = jnp.take(self.embed[...], tokens_bs, axis=0).astype(cfg.dtype)
         keys = layer_keys(dropout_key, cfg.num_layers, cfg.dropout > 0.0)
         x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, policy=cfg.remat, keys=keys)
-        logits_bsv = self.lm_head(self.final_norm(x_bse)).astype(jnp.float32)
-        return checkpoint_name(logits_bsv, remat.LOGITS)
+        return self.final_norm(x_bse)
