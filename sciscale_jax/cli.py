@@ -1,4 +1,5 @@
-"""The ``sciscale`` command: ``sciscale train <recipe> [flags]`` and ``sciscale recipes``.
+"""The ``sciscale`` command: ``sciscale train <recipe> [flags]``, ``sciscale plan <recipe> [flags]``,
+``sciscale eval <run_dir>`` and ``sciscale recipes``.
 
 Flags are generated from the dataclasses: the recipe's model config (its own fields and the
 technique switches it inherits) and ``TrainConfig``. A field's metadata may rename its flag
@@ -104,6 +105,16 @@ def _base_parser() -> argparse.ArgumentParser:
                         description="`sciscale plan <recipe> --devices N --memory 80GiB [flags]`")
     pl.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
     pl.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
+    e = sub.add_parser("eval", help="evaluate a trained run's checkpoint",
+                       description="Restore a run's newest readable checkpoint (or --step) on one device and print its "
+                                   "validation metrics beside the recipe's baselines, then the recipe's report.")
+    e.add_argument("run_dir", help="the --out of a `sciscale train` run")
+    e.add_argument("--step", type=int, help="evaluate this checkpoint (default: the newest readable one)")
+    e.add_argument("--attention", help="attention implementation to evaluate with (default: the run's; "
+                                       "ring and ulysses become auto)")
+    e.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    e.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
+    e.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -185,15 +196,53 @@ def _train(recipe, args) -> int:
     print(result["memory"].format("train step memory per device"))
     print(f"parameters {result['param_bytes'] / mib:.2f} MiB, optimizer state {result['opt_state_bytes'] / mib:.2f} MiB")
     print(f"final train loss {result['train_loss']:.4f}")
-    val = {k[4:]: v for k, v in result["validation"].items()}
-    first = [k for k in ("loss", "ppl", "accuracy") if k in val]
-    print("validation " + ", ".join(f"{k} {val[k]:.4f}" for k in first + sorted(set(val) - set(first))))
-    for name, value in result["baselines"].items():
-        print(f"baseline {name}: {value:.4f}")
+    _print_figures(result["validation"], result["baselines"])
     print(f"checkpoints in {result['checkpoint_dir']} (step {result['steps']}); metrics in {out}/metrics.jsonl")
     for line in recipe.report(model_cfg, train_cfg, result["state"]) if recipe.report else ():
         print(line)
     return 0
+
+
+def _print_figures(validation: dict, baselines: dict) -> None:
+    val = {k[4:]: v for k, v in validation.items()}
+    first = [k for k in ("loss", "ppl", "accuracy") if k in val]
+    print("validation " + ", ".join(f"{k} {val[k]:.4f}" for k in first + sorted(set(val) - set(first))))
+    for name, value in baselines.items():
+        print(f"baseline {name}: {value:.4f}")
+
+
+def _eval(args) -> int:
+    """``sciscale eval RUN_DIR``: a checkpoint's validation figures, baselines and report."""
+    import json
+
+    from sciscale_jax.recipes import load_run
+
+    if args.json:
+        _check_writable(args.json)
+    overrides = {} if args.attention is None else {"attention": args.attention}
+    run = load_run(args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr), **overrides)
+    data = run.recipe.build_data(run.train_config, run.model_config)
+    validation = run.evaluate(data)
+    print(f"run {args.run_dir}: {run.recipe.name}, checkpoint step {run.step}")
+    _print_figures(validation, dict(data.baselines))
+    if run.recipe.report is not None and not args.no_report:
+        for line in run.recipe.report(run.model_config, run.train_config, run.state()):
+            print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"run_dir": str(args.run_dir), "recipe": run.recipe.name, "step": run.step,
+                       "validation": validation, "baselines": dict(data.baselines)}, f, indent=1)
+    return 0
+
+
+def _check_writable(path) -> None:
+    """UsageError in one line if ``path`` cannot be written (checked before any work)."""
+    import os
+    import pathlib
+
+    parent = pathlib.Path(path).absolute().parent
+    if pathlib.Path(path).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--json {path}: cannot write a file there")
 
 
 def _plan_devices_early(argv) -> None:
@@ -296,6 +345,10 @@ def main(argv=None) -> int:
     try:
         from sciscale_jax.recipes import RECIPES, get_recipe
 
+        if args.command == "eval":
+            if rest:
+                base.error(f"unrecognized arguments: {' '.join(rest)}")
+            return _eval(args)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -217,24 +217,7 @@ class Checkpointer:
 
         Raises ValueError (not damage) when its arrays have other shapes or dtypes than the run.
         """
-        item = self.directory / str(step) / "default"
-        if not item.is_dir():
-            return f"it has no {item.name}/ folder"
-        try:
-            with _quiet_orbax():
-                meta = ocp.StandardCheckpointer().metadata(item)
-            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-            saved = _signature(tree)
-        except Exception:
-            return "its metadata is missing or unreadable"
-        expected = _signature(abstract)
-        if saved != expected:
-            diff = [f"{k}: saved {saved.get(k, 'absent')}, run {expected.get(k, 'absent')}"
-                    for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
-            raise ValueError(f"checkpoint {self.directory / str(step)} was saved by a different model or optimizer "
-                             f"({len(diff)} arrays differ, e.g. {diff[0]}); choose another --out or the matching "
-                             "settings")
-        return None
+        return _check_item(self.directory / str(step), abstract)
 
     def move_aside(self, step: int) -> pathlib.Path:
         """Rename step folder ``step`` to ``<step>.damaged-<UTC time>`` (Orbax then ignores it); its new path."""
@@ -252,6 +235,79 @@ class Checkpointer:
     def close(self):
         with _quiet_orbax():
             self.manager.close()
+
+
+def _check_item(step_dir: pathlib.Path, abstract, only: tuple[str, ...] = (),
+                hint: str = "choose another --out or the matching settings") -> str | None:
+    """None if checkpoint folder ``step_dir`` looks complete and its arrays match ``abstract`` (those
+    under the top-level keys ``only``, if given); else what is wrong with it. A shape or dtype
+    mismatch is a ValueError (another model or optimizer), not damage."""
+    item = step_dir / "default"
+    if not item.is_dir():
+        return f"it has no {item.name}/ folder"
+    try:
+        with _quiet_orbax():
+            meta = ocp.StandardCheckpointer().metadata(item)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        saved = _signature(tree)
+    except Exception:
+        return "its metadata is missing or unreadable"
+    expected = _signature(abstract)
+    if only:
+        saved = {k: v for k, v in saved.items() if k.split("/")[0] in only}
+    if saved != expected:
+        diff = [f"{k}: saved {saved.get(k, 'absent')}, run {expected.get(k, 'absent')}"
+                for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+        raise ValueError(f"checkpoint {step_dir} was saved by a different model or optimizer "
+                         f"({len(diff)} arrays differ, e.g. {diff[0]}); {hint}")
+    return None
+
+
+def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) -> tuple[int, dict, dict]:
+    """``(step, params, rest)`` from ``step`` or the newest readable checkpoint of ``run_dir``; the
+    optimizer state is not read.
+
+    ``params`` and ``rest`` (arrays or ``ShapeDtypeStruct``s with shardings) give the structure,
+    dtypes and placement. Read-only, so a run still training in the directory is left alone: a
+    damaged checkpoint is skipped with one line through ``log``, never moved aside (with ``step``
+    given it is an error). ``FileNotFoundError`` names the steps there are; ``CheckpointError``
+    when none is readable; ``ValueError`` when the checkpoint holds a different model.
+    """
+    directory = pathlib.Path(run_dir).absolute() / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) \
+        if directory.is_dir() else []
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} under {directory}; there are: {steps or 'none'}")
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    target = {"params": params, "rest": rest}
+    abstract = _drop_empty(abstract_like(target))
+    skipped = []
+    for candidate in [step] if step is not None else steps[::-1]:
+        step_dir = directory / str(candidate)
+        problem = _check_item(step_dir, abstract, only=("params", "rest"),
+                              hint="load it with the settings it was trained with")
+        if problem is None:
+            try:
+                reader = ocp.PyTreeCheckpointer()
+                try:
+                    with _quiet_orbax():
+                        restored = reader.restore(step_dir / "default", args=ocp.args.PyTreeRestore(
+                            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                            partial_restore=True))
+                finally:
+                    reader.close()
+                restored = _refill_empty(restored, abstract_like(target))
+                return candidate, restored["params"], restored["rest"]
+            except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
+                _mute_teardown_noise()
+                detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
+                problem = f"its array data cannot be read back: {detail}"
+        if step is not None:
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
+        skipped.append(str(candidate))
+        log(f"checkpoint {candidate} is damaged ({problem}); trying an older one")
+    raise CheckpointError(f"no readable checkpoint under {directory} (damaged: {', '.join(skipped)})")
 
 
 def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,

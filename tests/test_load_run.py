@@ -1,0 +1,159 @@
+"""A trained run back as a model: ``load_run`` and ``sciscale eval``.
+
+Reference runs are trained once per module (tiny protein-mlm, 6 steps, checkpoints and
+evaluations at 3 and 6). The loaded model must hold the checkpoint's arrays bit for bit, and
+its evaluation must reproduce the validation figures the training loop logged in
+``metrics.jsonl`` at that step; a run trained on a mesh loads onto one device.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sciscale_jax import cli
+from sciscale_jax.models import TransformerConfig
+from sciscale_jax.recipes import get_recipe, load_run
+from sciscale_jax.train import TrainConfig, split_model, train
+from sciscale_jax.train.checkpoint import CheckpointError
+
+RECIPE = get_recipe("protein-mlm")
+MODEL = TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
+CFG = TrainConfig(steps=6, batch_size=4, seq_len=32, save_every=3, eval_every=3, log_every=1, warmup_steps=2, seed=3)
+
+
+def _logged_validation(run_dir) -> dict:
+    """{step: {val_*: value}} as the training loop wrote them."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val_loss" in record:
+            out[record["step"]] = {k: v for k, v in record.items() if k.startswith("val_")}
+    return out
+
+
+def _equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load") / "run"
+    result = train(RECIPE, MODEL, CFG, out, progress=False, log=lambda *_: None)
+    return out, result["state"]
+
+
+def test_loaded_model_holds_the_checkpoint_and_reproduces_the_logged_validation(reference):
+    out, state = reference
+    run = load_run(out, log=lambda *_: None)
+    assert run.step == 6 and run.recipe is RECIPE and run.model_config == MODEL and run.train_config == CFG
+    _, params, rest = split_model(run.model)
+    _equal(params, state.params)
+    _equal(rest, state.rest)
+    assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(params))
+    logged = _logged_validation(out)
+    assert sorted(logged) == [3, 6]
+    for step in (6, 3):
+        figures = load_run(out, step=step, log=lambda *_: None).evaluate()
+        assert figures.keys() == logged[step].keys()
+        for name, value in logged[step].items():
+            assert figures[name] == pytest.approx(value, rel=1e-6), (step, name)
+    assert logged[3]["val_loss"] != pytest.approx(logged[6]["val_loss"], rel=1e-3)  # the steps are told apart
+    tokens = np.random.default_rng(0).integers(4, 29, (2, 11)).astype(np.int32)
+    fresh = RECIPE.build_model(MODEL, nnx.Rngs(0))
+    nnx.update(fresh, nnx.State(nnx.to_pure_dict(nnx.state(run.model))))  # an independent copy of the weights
+    np.testing.assert_array_equal(run.model(tokens), fresh(tokens))
+    hidden = run.model.hidden(tokens)  # per-token embeddings: what the LM head reads
+    assert hidden.shape == (2, 11, MODEL.embed_dim)
+    np.testing.assert_array_equal(run.model.lm_head(hidden).astype(np.float32), run.model(tokens))
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_left_in_place(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    for data in (p for p in (out / "checkpoints" / "6").rglob("*") if p.is_file() and p.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[:40])  # every data file: which one holds the parameters varies
+    logged = []
+    run = load_run(out, log=logged.append)
+    assert run.step == 3
+    assert len(logged) == 1 and logged[0].startswith("checkpoint 6 is damaged") and "\n" not in logged[0]
+    assert (out / "checkpoints" / "6").is_dir()  # read-only: nothing renamed under a run that may be live
+    with pytest.raises(CheckpointError, match="checkpoint .*6 is damaged"):
+        load_run(out, step=6, log=lambda *_: None)
+
+
+def test_bad_requests_are_refused_in_one_line(reference, tmp_path):
+    out = reference[0]
+    cases = [
+        (lambda: load_run(tmp_path), ValueError, "no readable run_config.json"),
+        (lambda: load_run(tmp_path / "absent"), ValueError, "is not a directory"),
+        (lambda: load_run(out, step=4), FileNotFoundError, r"no checkpoint 4 .*there are: \[1, 3, 6\]"),
+        (lambda: load_run(out, embed_dim=64, log=lambda *_: None), ValueError, "saved by a different model"),
+        (lambda: load_run(out, attention="nope"), ValueError, "unknown attention implementation 'nope'"),
+    ]
+    odd = tmp_path / "odd"
+    shutil.copytree(out, odd)
+    saved = json.loads((odd / "run_config.json").read_text())
+    saved["model"]["wings"] = 2
+    (odd / "run_config.json").write_text(json.dumps(saved))
+    cases.append((lambda: load_run(odd), ValueError, "model settings this version does not know: wings"))
+    for call, error, match in cases:
+        with pytest.raises(error, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_run_trained_on_a_mesh_loads_on_one_device(tmp_path):
+    """Parameters sharded over fsdp with ZeRO-3, restored whole onto one device."""
+    out = tmp_path / "mesh"
+    result = train(RECIPE, MODEL, dataclasses.replace(CFG, mesh="data=2,fsdp=2", zero=3), out, progress=False,
+                   log=lambda *_: None)
+    assert any(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(result["state"].params))
+    run = load_run(out, log=lambda *_: None)
+    _, params, _ = split_model(run.model)
+    _equal(params, jax.device_get(result["state"].params))
+    assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(params))
+    figures = run.evaluate()
+    for name, value in _logged_validation(out)[6].items():  # evaluated sharded there, on one device here
+        assert figures[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_mesh_only_settings_are_dropped_for_one_device(reference, tmp_path):
+    """A run saved with ring attention and an fsdp rule table (both need the training mesh)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    saved = json.loads((out / "run_config.json").read_text())
+    saved["model"].update(attention="ring", sharding="fsdp")
+    (out / "run_config.json").write_text(json.dumps(saved))
+    logged = []
+    run = load_run(out, log=logged.append)
+    assert run.model_config.attention == "auto" and run.model_config.sharding is None
+    assert logged == ["sharding='fsdp' needs the training mesh; loading with sharding=None",
+                      "attention='ring' needs the training mesh; loading with attention='auto'"]
+    assert load_run(out, attention="chunked", log=lambda *_: None).model_config.attention == "chunked"
+    _equal(split_model(run.model)[1], reference[1].params)
+
+
+def test_cli_eval_prints_and_writes_the_step_figures(reference, tmp_path, capsys):
+    out = reference[0]
+    target = tmp_path / "eval.json"
+    assert cli.main(["eval", str(out), "--step", "3", "--json", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert f"run {out}: protein-mlm, checkpoint step 3" in printed
+    assert "validation loss " in printed and "baseline unigram_loss" in printed
+    written = json.loads(target.read_text())
+    assert written["step"] == 3
+    assert written["validation"]["val_loss"] == pytest.approx(_logged_validation(out)[3]["val_loss"], rel=1e-6)
+    assert set(written["baselines"]) >= {"unigram_loss", "context_free_loss"}
+    for argv, match in ((["eval", str(tmp_path)], "no readable run_config.json"),
+                        (["eval", str(out), "--step", "5"], "no checkpoint 5"),
+                        (["eval", str(out), "--json", str(tmp_path / "no" / "x.json")], "cannot write a file there"),
+                        (["eval", str(out), "--bogus"], "unrecognized arguments: --bogus")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err, argv
