@@ -105,16 +105,11 @@ def _base_parser() -> argparse.ArgumentParser:
                         description="`sciscale plan <recipe> --devices N --memory 80GiB [flags]`")
     pl.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
     pl.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
-    e = sub.add_parser("eval", help="evaluate a trained run's checkpoint",
-                       description="Restore a run's newest readable checkpoint (or --step) on one device and print its "
-                                   "validation metrics beside the recipe's baselines, then the recipe's report.")
-    e.add_argument("run_dir", help="the --out of a `sciscale train` run")
-    e.add_argument("--step", type=int, help="evaluate this checkpoint (default: the newest readable one)")
-    e.add_argument("--attention", help="attention implementation to evaluate with (default: the run's; "
-                                       "ring and ulysses become auto)")
-    e.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    e.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
-    e.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    e = sub.add_parser("eval", help="evaluate a trained run's checkpoint", add_help=False,
+                       description="`sciscale eval <run_dir> [--step N] [model flags]`; "
+                                   "`sciscale eval <run_dir> --help` lists the flags")
+    e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
+    e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
     return p
 
 
@@ -211,26 +206,54 @@ def _print_figures(validation: dict, baselines: dict) -> None:
         print(f"baseline {name}: {value:.4f}")
 
 
-def _eval(args) -> int:
-    """``sciscale eval RUN_DIR``: a checkpoint's validation figures, baselines and report."""
+def eval_parser(recipe, run_model: dict | None = None) -> argparse.ArgumentParser:
+    """``sciscale eval <run_dir>``: the checkpoint, the output, then the recipe's model flags, each
+    given one replacing the run's setting (one that changes the parameters is refused)."""
+    p = _Parser(prog="sciscale eval <run_dir>",
+                description=f"Restore a {recipe.name} run's newest readable checkpoint (or --step) on one device; "
+                            "print its validation metrics beside the recipe's baselines, then the recipe's report. "
+                            "Model flags given replace the run's settings (e.g. --attention chunked).")
+    p.add_argument("--step", type=int, help="evaluate this checkpoint (default: the newest readable one)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    p.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    _add_config_flags(p, recipe.config_class, run_model or {}, "model", "model (defaults: the run's)", {})
+    return p
+
+
+def _eval(run_dir, rest, show_help: bool) -> int:
+    """``sciscale eval <run_dir>``: a checkpoint's validation figures, baselines and report."""
     import json
 
-    from sciscale_jax.recipes import load_run
+    from sciscale_jax.recipes import get_recipe, load_run
+    from sciscale_jax.train.load import read_run_config
 
+    if run_dir is None:
+        if show_help:
+            print("usage: sciscale eval <run_dir> [--step N] [--json FILE] [--no-report] [model flags]   "
+                  "(`sciscale eval <run_dir> --help` lists them)")
+            return 0
+        raise UsageError("eval: the run directory is missing (the --out of a `sciscale train` run)")
+    saved = read_run_config(run_dir)
+    recipe = get_recipe(saved["recipe"])
+    parser = eval_parser(recipe, saved["model"])
+    if show_help:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(rest)
     if args.json:
         _check_writable(args.json)
-    overrides = {} if args.attention is None else {"attention": args.attention}
-    run = load_run(args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr), **overrides)
+    run = load_run(run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr), **_picked(args, "model"))
     data = run.recipe.build_data(run.train_config, run.model_config)
     validation = run.evaluate(data)
-    print(f"run {args.run_dir}: {run.recipe.name}, checkpoint step {run.step}")
+    print(f"run {run_dir}: {run.recipe.name}, checkpoint step {run.step}")
     _print_figures(validation, dict(data.baselines))
     if run.recipe.report is not None and not args.no_report:
         for line in run.recipe.report(run.model_config, run.train_config, run.state()):
             print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"run_dir": str(args.run_dir), "recipe": run.recipe.name, "step": run.step,
+            json.dump({"run_dir": str(run_dir), "recipe": run.recipe.name, "step": run.step,
                        "validation": validation, "baselines": dict(data.baselines)}, f, indent=1)
     return 0
 
@@ -346,9 +369,7 @@ def main(argv=None) -> int:
         from sciscale_jax.recipes import RECIPES, get_recipe
 
         if args.command == "eval":
-            if rest:
-                base.error(f"unrecognized arguments: {' '.join(rest)}")
-            return _eval(args)
+            return _eval(args.run_dir, rest, args.help)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -150,7 +150,15 @@ def test_cli_eval_prints_and_writes_the_step_figures(reference, tmp_path, capsys
     assert written["step"] == 3
     assert written["validation"]["val_loss"] == pytest.approx(_logged_validation(out)[3]["val_loss"], rel=1e-6)
     assert set(written["baselines"]) >= {"unigram_loss", "context_free_loss"}
+    # a model flag replaces the run's setting: chunked attention computes the same figures
+    assert cli.main(["eval", str(out), "--step", "3", "--attention", "chunked", "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["validation"]["val_loss"] == pytest.approx(written["validation"]["val_loss"],
+                                                                                      rel=1e-5)
+    assert cli.main(["eval", str(out), "--help"]) == 0
+    assert "--embed-dim INT       default: 32" in capsys.readouterr().out  # the run's value, not the recipe's
     for argv, match in ((["eval", str(tmp_path)], "no readable run_config.json"),
+                        (["eval"], "the run directory is missing"),
+                        (["eval", str(out), "--embed-dim", "64"], "load it with the settings it was trained with"),
                         (["eval", str(out), "--step", "5"], "no checkpoint 5"),
                         (["eval", str(out), "--json", str(tmp_path / "no" / "x.json")], "cannot write a file there"),
                         (["eval", str(out), "--bogus"], "unrecognized arguments: --bogus")):
