@@ -94,6 +94,8 @@ def test_bad_requests_are_refused_in_one_line(reference, tmp_path):
         (lambda: load_run(out, step=4), FileNotFoundError, r"no checkpoint 4 .*there are: \[1, 3, 6\]"),
         (lambda: load_run(out, embed_dim=64, log=lambda *_: None), ValueError, "saved by a different model"),
         (lambda: load_run(out, attention="nope"), ValueError, "unknown attention implementation 'nope'"),
+        (lambda: load_run(out, wings=2), ValueError, "protein-mlm models have no setting wings"),
+        (lambda: load_run(out, attention="ring"), ValueError, "attention='ring' needs a mesh"),
     ]
     odd = tmp_path / "odd"
     shutil.copytree(out, odd)

@@ -21,6 +21,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sciscale_jax.train import rundir
@@ -43,9 +44,9 @@ class TrainedRun:
 
     def state(self) -> TrainState:
         """The model's variables as a ``TrainState`` without optimizer state (what a recipe's
-        ``report`` and ``make_eval_step`` take)."""
+        ``report`` takes)."""
         _, params, rest = split_model(self.model)
-        return TrainState(jax.numpy.asarray(self.step, jax.numpy.int32), params, rest, None)
+        return TrainState(jnp.asarray(self.step, jnp.int32), params, rest, None)
 
     def evaluate(self, data=None) -> dict:
         """``val_<name>`` of the recipe's metrics over its evaluation batches (``data``: the
@@ -92,15 +93,18 @@ def load_trained(recipe, run_dir, *, step: int | None = None, log=print, **model
         raise ValueError(f"{run_dir} holds a {saved['recipe']!r} run, not {recipe.name!r}")
     train_config = _config(TrainConfig, saved["train"], "train", run_dir)
     model_config = _config(recipe.config_class, saved["model"], "model", run_dir)
-    one_device = {}
-    if getattr(model_config, "sharding", None) is not None:
-        one_device["sharding"] = None
-    if getattr(model_config, "attention", None) in MESH_ATTENTION:
-        one_device["attention"] = "auto"
-    for name, value in one_device.items():
-        if name not in model_overrides:
-            log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={value!r}")
-    model_config = dataclasses.replace(model_config, **{**one_device, **model_overrides})
+    unknown = sorted(set(model_overrides) - {f.name for f in dataclasses.fields(model_config)})
+    if unknown:
+        raise ValueError(f"{recipe.name} models have no setting {', '.join(unknown)}")
+    model_config = dataclasses.replace(model_config, **model_overrides)
+    for name, needs_mesh, value in (("sharding", lambda v: v is not None, None),
+                                    ("attention", lambda v: v in MESH_ATTENTION, "auto")):
+        if not needs_mesh(getattr(model_config, name, None)):
+            continue
+        if name in model_overrides:
+            raise ValueError(f"{name}={model_overrides[name]!r} needs a mesh; a trained run loads on one device")
+        log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={value!r}")
+        model_config = dataclasses.replace(model_config, **{name: value})
 
     abstract = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
     graphdef, params, rest = split_model(abstract)
