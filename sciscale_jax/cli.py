@@ -1,5 +1,5 @@
 """The ``sciscale`` command: ``sciscale train <recipe> [flags]``, ``sciscale plan <recipe> [flags]``,
-``sciscale eval <run_dir>`` and ``sciscale recipes``.
+``sciscale eval <run_dir>``, ``sciscale embed <run_dir>`` and ``sciscale recipes``.
 
 Flags are generated from the dataclasses: the recipe's model config (its own fields and the
 technique switches it inherits) and ``TrainConfig``. A field's metadata may rename its flag
@@ -110,6 +110,15 @@ def _base_parser() -> argparse.ArgumentParser:
                                    "`sciscale eval <run_dir> --help` lists the flags")
     e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
     e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
+    em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA)",
+                        description="Restore a run's newest readable checkpoint (or --step) on one device and save "
+                                    "its embeddings of --input to --out (.npz).")
+    em.add_argument("run_dir", help="the --out of a `sciscale train` run")
+    em.add_argument("--input", required=True, metavar="FILE", help="inputs (protein-mlm: a FASTA file)")
+    em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
+    em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
+    em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
+    em.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -258,14 +267,43 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     return 0
 
 
-def _check_writable(path) -> None:
+def _embed(args) -> int:
+    """``sciscale embed <run_dir> --input F --out X.npz``: the recipe's embeddings of F, saved."""
+    import pathlib
+
+    import numpy as np
+
+    from sciscale_jax.recipes import get_recipe, load_run
+    from sciscale_jax.train.load import read_run_config
+
+    recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
+    if recipe.embed is None:
+        raise ValueError(f"recipe {recipe.name!r} has no embeddings to save (protein-mlm has)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} must be positive")
+    if not pathlib.Path(args.input).is_file():
+        raise UsageError(f"--input {args.input}: no such file")
+    _check_writable(args.out, "--out")
+    run = load_run(args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr))
+    arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size)
+    out = pathlib.Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "wb") as f:  # written whole, then renamed: a killed run leaves no half file
+        np.savez(f, **arrays)
+    partial.replace(out)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    print(f"run {args.run_dir}: {recipe.name}, checkpoint step {run.step}; wrote {out} ({shapes})")
+    return 0
+
+
+def _check_writable(path, flag: str = "--json") -> None:
     """UsageError in one line if ``path`` cannot be written (checked before any work)."""
     import os
     import pathlib
 
     parent = pathlib.Path(path).absolute().parent
     if pathlib.Path(path).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--json {path}: cannot write a file there")
+        raise UsageError(f"{flag} {path}: cannot write a file there")
 
 
 def _plan_devices_early(argv) -> None:
@@ -370,6 +408,10 @@ def main(argv=None) -> int:
 
         if args.command == "eval":
             return _eval(args.run_dir, rest, args.help)
+        if args.command == "embed":
+            if rest:
+                base.error(f"unrecognized arguments: {' '.join(rest)}")
+            return _embed(args)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -167,3 +167,60 @@ def test_cli_eval_prints_and_writes_the_step_figures(reference, tmp_path, capsys
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err, argv
+
+
+def _fasta(path, records):
+    path.write_text("".join(f">{name} some description\n{seq[:30]}\n{seq[30:]}\n" for name, seq in records))
+    return path
+
+
+def test_cli_embed_equals_each_protein_run_alone(reference, tmp_path, capsys):
+    """Embeddings of a FASTA file, batched with padding under a key mask, equal each protein's hidden
+    states computed alone without padding (a mask that let padding in would change them)."""
+    from sciscale_jax.data import ProteinTokenizer
+    from sciscale_jax.data.protein import STANDARD
+
+    rng = np.random.default_rng(5)
+    lengths = (3, 20, 62, 45, 11)  # 62 residues + cls/eos = max_len 64
+    records = [(f"p{i}", "".join(rng.choice(list(STANDARD), n))) for i, n in enumerate(lengths)]
+    target = tmp_path / "emb.npz"
+    argv = ["embed", str(reference[0]), "--input", str(_fasta(tmp_path / "in.fa", records)), "--out", str(target),
+            "--batch-size", "2"]
+    assert cli.main(argv) == 0
+    assert "checkpoint step 6" in capsys.readouterr().out
+    saved = np.load(target)
+    assert list(saved["names"]) == [name for name, _ in records]
+    np.testing.assert_array_equal(saved["offsets"], np.cumsum((0,) + lengths))
+    model = load_run(reference[0], log=lambda *_: None).model
+    tok = ProteinTokenizer()
+    for i, (_, seq) in enumerate(records):
+        alone = np.asarray(model.hidden(tok.encode(seq, add_special=True)[None]))[0, 1:-1]
+        rows = saved["per_residue"][saved["offsets"][i]:saved["offsets"][i + 1]]
+        np.testing.assert_allclose(rows, alone, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(saved["mean"][i], alone.mean(0), rtol=1e-5, atol=1e-5)
+    assert np.abs(saved["mean"][0] - saved["mean"][1]).max() > 1e-3  # proteins told apart
+
+
+def test_cli_embed_refuses_bad_input_before_writing(reference, tmp_path, capsys):
+    out = reference[0]
+    other = tmp_path / "weather"
+    other.mkdir()
+    (other / "run_config.json").write_text(json.dumps({"recipe": "weather-vit", "model": {}, "train": {}}))
+    good = _fasta(tmp_path / "good.fa", [("a", "MKTAYIAKQR")])
+    target = tmp_path / "e.npz"
+    for argv, match in (
+            (["embed", str(out), "--input", str(_fasta(tmp_path / "j.fa", [("x1", "MKJAY")])), "--out", str(target)],
+             "record 'x1': unknown residue symbols ['J']"),
+            (["embed", str(out), "--input", str(_fasta(tmp_path / "long.fa", [("big", "A" * 63)])), "--out",
+              str(target)], "record 'big': 63 residues + cls/eos exceed the model's max_len=64"),
+            (["embed", str(out), "--input", str(_fasta(tmp_path / "empty.fa", [])), "--out", str(target)],
+             "holds no protein sequences"),
+            (["embed", str(out), "--input", str(tmp_path / "absent.fa"), "--out", str(target)], "no such file"),
+            (["embed", str(out), "--input", str(good), "--out", str(tmp_path / "no" / "e.npz")],
+             "--out " + str(tmp_path / "no" / "e.npz") + ": cannot write a file there"),
+            (["embed", str(other), "--input", str(good), "--out", str(target)],
+             "recipe 'weather-vit' has no embeddings to save")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err, (argv, err)
+    assert not target.exists() and not list(tmp_path.glob("*.partial"))

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -189,3 +190,33 @@ class Transformer(nnx.Module):
         keys = layer_keys(dropout_key, cfg.num_layers, cfg.dropout > 0.0)
         x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, policy=cfg.remat, keys=keys)
         return self.final_norm(x_bse)
+
+
+def hidden_states(model: Transformer, sequences, *, batch_size: int = 16, bucket: int = 64,
+                  pad_id: int = 0) -> list[np.ndarray]:
+    """``model.hidden`` of each int sequence in ``sequences``: a list of float32 [len, embed].
+
+    Sequences are sorted by length and run ``batch_size`` at a time, padded with ``pad_id`` to a
+    multiple of ``bucket`` (at most ``max_len``) under a key mask, so padding changes no state
+    of a real token and a file of many lengths compiles only a few programs.
+    """
+    cfg = model.config
+    lengths = [len(s) for s in sequences]
+    if min(lengths, default=1) < 1 or max(lengths, default=0) > cfg.max_len:
+        i = next(i for i, n in enumerate(lengths) if n < 1 or n > cfg.max_len)
+        raise ValueError(f"sequence {i} has {lengths[i]} tokens; the model takes 1 to max_len={cfg.max_len}")
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).hidden(tokens, mask_bs=mask))
+    out = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = min(cfg.max_len, -(-max(lengths[i] for i in rows) // bucket) * bucket)
+        tokens = np.full((len(rows), width), pad_id, np.int32)
+        for r, i in enumerate(rows):
+            tokens[r, :lengths[i]] = sequences[i]
+        real = np.arange(width)[None, :] < np.asarray([lengths[i] for i in rows])[:, None]
+        states = np.asarray(run(state, tokens, real), np.float32)
+        for r, i in enumerate(rows):
+            out[i] = states[r, :lengths[i]]
+    return out

@@ -18,6 +18,9 @@ A recipe owns its model and everything that depends on what the model is; ``trai
 - ``report(model_config, train_config, state) -> list[str]``: optional figures of the trained
   model that the loop does not compute (smiles-lm: sampled molecules scored by RDKit), printed
   by ``sciscale train`` after training;
+- ``embed`` (optional): ``(model_config, model, path, batch_size) -> {name: array}``, the trained
+  model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
+  FASTA file), saved by ``sciscale embed``;
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.
@@ -59,6 +62,7 @@ class Recipe:
     check: Callable | None = None          # (model_config, train_config, data) -> None or ValueError
     report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
     pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
+    embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
 
     def metrics_fn(self) -> Callable:
         """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""

@@ -19,14 +19,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from sciscale_jax.data import ProteinTokenizer, load_proteins, split_by_sequence
+from sciscale_jax.data.protein import read_fasta
 from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, table_accuracy, table_nll,
                                    unigram_log_probs)
 from sciscale_jax.losses import mlm_loss
-from sciscale_jax.models import Transformer, TransformerConfig
+from sciscale_jax.models import Transformer, TransformerConfig, hidden_states
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.transformer_stages import MLM
 
@@ -119,6 +121,32 @@ def check(model_cfg, train_cfg, data) -> None:  # seq_len vs max_len: train.vali
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the data's {data.vocab_size}")
 
 
+def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
+    """Per-residue and mean embeddings of the proteins in FASTA file ``path``, as ESM's are used:
+    the final hidden states (``Transformer.hidden``) of ``cls`` + residues + ``eos``, with the two
+    special tokens dropped. Returns ``names`` [N], ``mean`` [N, embed] (over each protein's
+    residues), ``per_residue`` [sum of lengths, embed] and ``offsets`` [N + 1] (protein i's rows
+    are ``per_residue[offsets[i]:offsets[i + 1]]``). One-line ValueError for an empty file, an
+    unknown residue or a protein longer than the model takes, naming the record."""
+    records = [(name, seq.upper()) for name, seq in read_fasta(path) if seq]
+    if not records:
+        raise ValueError(f"{path} holds no protein sequences (empty, or FASTA headers without sequences)")
+    tok, ids = ProteinTokenizer(), []
+    for name, seq in records:
+        try:
+            ids.append(tok.encode(seq, add_special=True))
+        except ValueError as err:
+            raise ValueError(f"{path}, record {name!r}: {err}") from None
+        if len(ids[-1]) > model_cfg.max_len:
+            raise ValueError(f"{path}, record {name!r}: {len(seq)} residues + cls/eos exceed the model's "
+                             f"max_len={model_cfg.max_len}")
+    residues = [h[1:-1] for h in hidden_states(model, ids, batch_size=batch_size, pad_id=tok.pad_id)]
+    return {"names": np.asarray([name for name, _ in records]),
+            "mean": np.stack([r.mean(axis=0) for r in residues]),
+            "per_residue": np.concatenate(residues),
+            "offsets": np.cumsum([0] + [len(r) for r in residues])}
+
+
 RECIPE = Recipe(
     name="protein-mlm",
     description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer",
@@ -135,4 +163,5 @@ RECIPE = Recipe(
     batch_axes={"*": ("batch", "seq")},
     pipeline=MLM,
     check=check,
+    embed=embed,
 )
