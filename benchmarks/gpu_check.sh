@@ -54,7 +54,12 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, time, record failure
   [ "$rc" -eq 0 ] || status=1
 }
 
-step install 15 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+# pyproject's license is an SPDX string, which setuptools < 77 cannot read; where the machine's
+# setuptools is older, the install retries with this copy's pyproject in the older table form.
+step install 15 env PY="$PY" bash -c '"$PY" -m pip install -q --no-deps --no-build-isolation -e . && exit 0
+  echo "install: retrying with the license as a table (setuptools $("$PY" -c "import setuptools as s; print(s.__version__)"))"
+  sed -i "s/^license = \"Apache-2.0\"$/license = { text = \"Apache-2.0\" }/" pyproject.toml
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e .'
 TOKAMAX_SITE=/tmp/tokamax_site
 if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
   step wheels 10 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
