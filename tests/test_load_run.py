@@ -1,9 +1,10 @@
-"""A trained run back as a model: ``load_run`` and ``sciscale eval``.
+"""A trained run back as a model: ``load_run``, ``sciscale eval`` and ``sciscale embed``.
 
 Reference runs are trained once per module (tiny protein-mlm, 6 steps, checkpoints and
 evaluations at 3 and 6). The loaded model must hold the checkpoint's arrays bit for bit, and
 its evaluation must reproduce the validation figures the training loop logged in
-``metrics.jsonl`` at that step; a run trained on a mesh loads onto one device.
+``metrics.jsonl`` at that step; a run trained on a mesh loads onto one device; batched, padded
+embeddings must equal each protein's hidden states computed alone.
 """
 
 import dataclasses
