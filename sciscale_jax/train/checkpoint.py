@@ -174,9 +174,7 @@ class Checkpointer:
         return removed
 
     def _steps_on_disk(self) -> list[int]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        return _step_folders(self.directory)
 
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
         """Restore ``step``, or the newest intact checkpoint, into the structure, dtypes and shardings of ``target``.
@@ -200,9 +198,7 @@ class Checkpointer:
                         restored = self.manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
                     return TrainState(**_refill_empty(restored, target_tree))
                 except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
-                    _mute_teardown_noise()
-                    detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
-                    problem = f"its array data cannot be read back: {detail}"
+                    problem = _unreadable(err)
             if step is not None or jax.process_count() > 1:  # processes must not rename folders under each other
                 raise CheckpointError(f"checkpoint {path} is damaged: {problem}"
                                       + ("; move it aside and resume" if step is None else ""))
@@ -235,6 +231,20 @@ class Checkpointer:
     def close(self):
         with _quiet_orbax():
             self.manager.close()
+
+
+def _step_folders(directory: pathlib.Path) -> list[int]:
+    """The step numbers of the checkpoint folders under ``directory``, ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _unreadable(err: Exception) -> str:
+    """What is wrong with a checkpoint whose arrays failed to read back with ``err`` (one line)."""
+    _mute_teardown_noise()
+    detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
+    return f"its array data cannot be read back: {detail}"
 
 
 def _check_item(step_dir: pathlib.Path, abstract, only: tuple[str, ...] = (),
@@ -274,14 +284,13 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
     when none is readable; ``ValueError`` when the checkpoint holds a different model.
     """
     directory = pathlib.Path(run_dir).absolute() / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) \
-        if directory.is_dir() else []
+    steps = _step_folders(directory)
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint {step} under {directory}; there are: {steps or 'none'}")
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    target = {"params": params, "rest": rest}
-    abstract = _drop_empty(abstract_like(target))
+    target = abstract_like({"params": params, "rest": rest})
+    abstract = _drop_empty(target)
     skipped = []
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = directory / str(candidate)
@@ -297,12 +306,10 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
                             partial_restore=True))
                 finally:
                     reader.close()
-                restored = _refill_empty(restored, abstract_like(target))
+                restored = _refill_empty(restored, target)
                 return candidate, restored["params"], restored["rest"]
             except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
-                _mute_teardown_noise()
-                detail = (str(err).splitlines() or [""])[0].split(" See full")[0][:120]
-                problem = f"its array data cannot be read back: {detail}"
+                problem = _unreadable(err)
         if step is not None:
             raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
         skipped.append(str(candidate))
