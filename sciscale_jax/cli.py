@@ -234,8 +234,8 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     """``sciscale eval <run_dir>``: a checkpoint's validation figures, baselines and report."""
     import json
 
-    from sciscale_jax.recipes import get_recipe, load_run
-    from sciscale_jax.train.load import read_run_config
+    from sciscale_jax.recipes import get_recipe
+    from sciscale_jax.train.load import load_trained, read_run_config
 
     if run_dir is None:
         if show_help:
@@ -252,7 +252,8 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     args = parser.parse_args(rest)
     if args.json:
         _check_writable(args.json)
-    run = load_run(run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr), **_picked(args, "model"))
+    run = load_trained(recipe, run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr),
+                       **_picked(args, "model"))
     data = run.recipe.build_data(run.train_config, run.model_config)
     validation = run.evaluate(data)
     print(f"run {run_dir}: {run.recipe.name}, checkpoint step {run.step}")
@@ -273,8 +274,8 @@ def _embed(args) -> int:
 
     import numpy as np
 
-    from sciscale_jax.recipes import get_recipe, load_run
-    from sciscale_jax.train.load import read_run_config
+    from sciscale_jax.recipes import get_recipe
+    from sciscale_jax.train.load import load_trained, read_run_config
 
     recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
     if recipe.embed is None:
@@ -284,7 +285,7 @@ def _embed(args) -> int:
     if not pathlib.Path(args.input).is_file():
         raise UsageError(f"--input {args.input}: no such file")
     _check_writable(args.out, "--out")
-    run = load_run(args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr))
+    run = load_trained(recipe, args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr))
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size)
     out = pathlib.Path(args.out)
     partial = out.with_name(out.name + ".partial")

@@ -26,8 +26,8 @@ from flax import nnx
 
 from sciscale_jax.train import rundir
 from sciscale_jax.train.checkpoint import restore_model
-from sciscale_jax.train.loop import TrainConfig, eval_batches, validation_metrics
-from sciscale_jax.train.step import TrainState, make_eval_step, split_model
+from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
+from sciscale_jax.train.step import TrainState, split_model
 from sciscale_jax.train.validate import MESH_ATTENTION
 
 
@@ -55,8 +55,7 @@ class TrainedRun:
         if data is None:
             data = self.recipe.build_data(self.train_config, self.model_config)
         graphdef, params, rest = split_model(self.model)
-        metrics_fn = self.recipe.metrics_fn()
-        eval_fn = jax.jit(make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch)))
+        eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
         rows = self.train_config.batch_size // self.train_config.grad_accum
         return validation_metrics(self.recipe, eval_fn, params, rest, eval_batches(data.eval, None, self.recipe, rows))
 

@@ -141,6 +141,12 @@ def evaluate(metrics_step, params, rest, batches) -> dict:
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
+def recipe_eval_step(recipe, graphdef):
+    """``(params, rest, batch) -> {name: (sum, count)}``: the recipe's evaluation metrics, no dropout."""
+    metrics_fn = recipe.metrics_fn()
+    return make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
+
+
 def eval_batches(batches, place, recipe, rows: int):
     """The evaluation batches as the train step takes its batch: each cut into pieces of ``rows``
     rows (the training microbatch, so no device holds more examples at once than in training;
@@ -274,8 +280,7 @@ def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, d
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
-        metrics_fn = recipe.metrics_fn()
-        eval_step = make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
+        eval_step = recipe_eval_step(recipe, graphdef)
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
