@@ -405,15 +405,16 @@ def test_cli_plan_keeps_a_switch_given_as_none(monkeypatch, capsys):
 def test_evoformer_chunking_and_module_remat_are_chosen_only_where_needed():
     """The Evoformer's own switches (chunk size, sub-module remat) join the enumeration: with room
     to spare the top plan leaves them off (equal modelled time: the cheaper values win); with a
-    budget of 60% of the compiled peak without them (both on: about 30% by the estimate), the top
-    plan turns one on, its printed flags parse back to it, and its own compiled step fits."""
+    budget of 80% of the compiled peak without them (the plain mix's estimate is about 90% of it,
+    chunk size 8 about 74%), the top plan turns one on, its printed flags parse back to it, and
+    its own compiled step fits. One block: the probes trace two and three anyway."""
     evo = dict(c_m=16, c_z=8, msa_heads=2, msa_head_dim=8, pair_heads=2, pair_head_dim=4, opm_channels=4,
-               tri_mul_channels=8, num_blocks=2, num_seq=8)
+               tri_mul_channels=8, num_blocks=1, num_seq=8)
     recipe, model_cfg, train_cfg = _configs("msa-evoformer", evo, dict(batch_size=2, seq_len=32))
     fixed = {"remat": "none", "attention": "xla", "precision": "fp32", "grad_accum": 1, "offload": ""}
     roomy = plan(recipe, model_cfg, train_cfg, devices=1, budget=2 ** 40, fixed=fixed, top=1, confirm=False)
     assert roomy[0].model_switches == (("chunk_size", None), ("remat_modules", False))
-    budget = int(0.6 * _compiled_peak(recipe, model_cfg, train_cfg))  # the plain mix does not fit
+    budget = int(0.8 * _compiled_peak(recipe, model_cfg, train_cfg))  # the plain mix does not fit
     best = plan(recipe, model_cfg, train_cfg, devices=1, budget=budget, fixed=fixed, top=1)[0]
     assert best.predicted is not None and best.peak_bytes <= budget
     switches = dict(best.model_switches)
