@@ -94,11 +94,11 @@ def test_loop_zero2_reduce_scatters_gradients_and_matches_one_device(tmp_path):
 
 
 def test_evaluation_splits_like_the_training_batch():
-    """On mesh data=8 with grad_accum=2 the loop evaluates pieces of batch/accum rows, split over
-    the data devices (1 row each here), as the train step takes its batch; the metrics equal a
-    one-device evaluation of the whole batches, and the compiled evaluation holds a fraction
-    of the temporaries of the same evaluation with the whole batch on every device (how the
-    loop evaluated before)."""
+    """On mesh data=8 with grad_accum=2 the loop evaluates each batch as pieces of batch/accum
+    rows (scanned over in one call), each split over the data devices (1 row each here), as the
+    train step takes its batch; the metrics equal a one-device evaluation of the whole batches,
+    and the compiled evaluation holds a fraction of the temporaries of the same evaluation with
+    the whole batch on every device (how the loop evaluated before pieces)."""
     import dataclasses
 
     import optax
@@ -107,12 +107,13 @@ def test_evaluation_splits_like_the_training_batch():
     from sciscale_jax import parallel
     from sciscale_jax.models import Transformer
     from sciscale_jax.train import init_train_state, plan_placement
-    from sciscale_jax.train.loop import eval_batches, evaluate
+    from sciscale_jax.train.loop import eval_batches, evaluate, over_pieces
     from sciscale_jax.train.step import make_eval_step
 
     recipe = get_recipe("protein-mlm")
     tc = TrainConfig(batch_size=16, seq_len=32, grad_accum=2, mesh="data=8")
     whole = recipe.build_data(tc).eval[:2]
+    rows = len(next(iter(whole[0].values())))
     cfg = dataclasses.replace(MODEL, sharding="dp")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tx = optax.adamw(1e-3)
@@ -120,20 +121,22 @@ def test_evaluation_splits_like_the_training_batch():
     place = plan_placement("data=8", None, 0, state, parallel.param_axes(model), tx, whole[0],
                            model_sharding=cfg.sharding, batch_axes=recipe.axes_of)
     metrics = recipe.metrics_fn()
-    eval_fn = jax.jit(make_eval_step(graphdef, lambda m, b, _k: metrics(m, b)))
-    pieces = list(eval_batches(whole, place, recipe, tc.batch_size // tc.grad_accum))
-    assert len(pieces) == 2 * len(whole) * len(next(iter(whole[0].values()))) // tc.batch_size
-    for piece in pieces:
-        for x in piece.values():
-            assert x.shape[0] == 8 and x.sharding.shard_shape(x.shape)[0] == 1
+    plain_fn = make_eval_step(graphdef, lambda m, b, _k: metrics(m, b))
+    eval_fn = jax.jit(over_pieces(plain_fn))
+    batches = list(eval_batches(whole, place, recipe, tc.batch_size // tc.grad_accum))
+    assert len(batches) == len(whole)
+    for batch in batches:
+        for x in batch.values():
+            assert x.shape[:2] == (2 * rows // tc.batch_size, 8)
+            assert x.sharding.shard_shape(x.shape)[:2] == (x.shape[0], 1)
     params = jax.device_put(state.params, place.state.params)
     with jax.set_mesh(place.mesh):
-        split = evaluate(eval_fn, params, state.rest, pieces)
+        split = evaluate(eval_fn, params, state.rest, batches)
         replicated = jax.device_put(whole[0], jax.sharding.NamedSharding(place.mesh, jax.sharding.PartitionSpec()))
-        temp = {name: eval_fn.lower(params, state.rest, b).compile().memory_analysis().temp_size_in_bytes
-                for name, b in (("piece", pieces[0]), ("whole", replicated))}
-    one = evaluate(jax.jit(make_eval_step(graphdef, lambda m, b, _k: metrics(m, b))), state.params, state.rest,
-                   whole)  # no mesh: the model's constraints are no-ops, every row on one device
+        temp = {"piece": eval_fn.lower(params, state.rest, batches[0]).compile().memory_analysis().temp_size_in_bytes,
+                "whole": jax.jit(plain_fn).lower(params, state.rest, replicated).compile().memory_analysis()
+                .temp_size_in_bytes}
+    one = evaluate(jax.jit(plain_fn), state.params, state.rest, whole)  # no mesh: every row on one device
     assert split.keys() == one.keys()
     for name in one:
         assert split[name] == pytest.approx(one[name], rel=1e-5), name

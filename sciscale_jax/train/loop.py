@@ -20,6 +20,8 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
@@ -130,14 +132,24 @@ def _decay_kwargs(name: str, weight_decay: float) -> dict:
 def evaluate(metrics_step, params, rest, batches) -> dict:
     """Mean of each metric over ``batches``: ``metrics_step(params, rest, batch)`` returns
     ``{name: (sum, count)}`` (or one ``(sum, count)``, read as the loss); sums and counts are
-    added over the batches before dividing."""
+    added in float64 over the batches before dividing. One batch is computed while the next is
+    prepared: each result is fetched after the following batch has been dispatched."""
     totals = {}
-    for batch in batches:
-        out = jax.device_get(metrics_step(params, rest, batch))
+
+    def add(out):
         out = out if isinstance(out, dict) else {"loss": out}
         for name, (s, n) in out.items():
             t = totals.setdefault(name, [0.0, 0.0])
             t[0], t[1] = t[0] + float(s), t[1] + float(n)
+
+    pending = None
+    for batch in batches:
+        out = metrics_step(params, rest, batch)
+        if pending is not None:
+            add(jax.device_get(pending))
+        pending = out
+    if pending is not None:
+        add(jax.device_get(pending))
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
@@ -147,28 +159,51 @@ def recipe_eval_step(recipe, graphdef):
     return make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
 
 
+def over_pieces(metrics_step):
+    """``(params, rest, pieces) -> metrics`` of ``metrics_step`` summed over the leading axis of
+    every field of ``pieces`` (an evaluation batch cut by :func:`eval_batches`), with
+    ``lax.scan``: one call per evaluation batch, one piece's activations live at a time."""
+
+    def step(params, rest, pieces):
+        first = jax.tree.map(lambda x: x[0], pieces)
+        shapes = jax.eval_shape(metrics_step, params, rest, first)
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        def body(total, piece):
+            return jax.tree.map(jnp.add, total, metrics_step(params, rest, piece)), None
+
+        return jax.lax.scan(body, zero, pieces)[0]
+
+    return step
+
+
 def eval_batches(batches, place, recipe, rows: int):
-    """The evaluation batches as the train step takes its batch: each cut into pieces of ``rows``
-    rows (the training microbatch, so no device holds more examples at once than in training;
-    a batch whose row count ``rows`` does not divide stays whole) and, with a ``place``ment,
-    split over the data-parallel devices by the recipe's batch axes, each process putting only
-    its devices' rows (a field that does not split evenly is replicated). Unplaced, every device
-    would evaluate every row. A generator: each piece is placed when it is evaluated. Metrics
-    are sums and counts, so the pieces add up exactly."""
+    """The evaluation batches as the train step takes its batch, for :func:`over_pieces`: each
+    field reshaped to ``[pieces, rows, ...]``, pieces of ``rows`` rows (the training microbatch,
+    so no device holds more examples' activations at once than in training; a batch whose row
+    count ``rows`` does not divide is one piece) and, with a ``place``ment, each piece split over
+    the data-parallel devices by the recipe's batch axes, each process putting only its devices'
+    rows (a field that does not split evenly is replicated). Unplaced, every device would
+    evaluate every row. A generator: each batch is placed when it is evaluated. Metrics are sums
+    and counts, so the pieces add up exactly."""
     for batch in batches:
+        batch = {k: np.asarray(v) for k, v in batch.items()}
         n = len(next(iter(batch.values())))
-        step = rows if rows and n % rows == 0 else n
-        for start in range(0, n, step):
-            piece = {k: v[start:start + step] for k, v in batch.items()}
-            yield piece if place is None else multihost.place_batch(piece, {
-                k: _batch_sharding(recipe, k, v, place) for k, v in piece.items()})
+        if rows and n % rows == 0 and all(len(v) == n for v in batch.values()):
+            pieces = {k: v.reshape(n // rows, rows, *v.shape[1:]) for k, v in batch.items()}
+        else:
+            pieces = {k: v[None] for k, v in batch.items()}
+        yield pieces if place is None else multihost.place_batch(pieces, {
+            k: _piece_sharding(recipe, k, v[0], place) for k, v in pieces.items()})
 
 
-def _batch_sharding(recipe, field, x, place):
+def _piece_sharding(recipe, field, piece, place):
+    """The sharding of a field's stacked pieces: one piece's batch sharding under a leading unsplit axis."""
     try:
-        return parallel.batch_sharding(x.shape, recipe.axes_of(field, x.ndim), place.rules, place.mesh)
+        spec = parallel.batch_sharding(piece.shape, recipe.axes_of(field, piece.ndim), place.rules, place.mesh).spec
     except ValueError:  # no axes for an evaluation-only field, or sizes that do not split over the mesh
-        return jax.sharding.NamedSharding(place.mesh, jax.sharding.PartitionSpec())
+        spec = jax.sharding.PartitionSpec()
+    return jax.sharding.NamedSharding(place.mesh, jax.sharding.PartitionSpec(None, *spec))
 
 
 def validation_metrics(recipe, metrics_step, params, rest, batches) -> dict:
@@ -280,7 +315,7 @@ def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, d
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
-        eval_step = recipe_eval_step(recipe, graphdef)
+        eval_step = over_pieces(recipe_eval_step(recipe, graphdef))
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)
