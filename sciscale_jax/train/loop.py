@@ -35,7 +35,9 @@ from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
-from sciscale_jax.train.step import accumulating_grad_fn, init_train_state, make_eval_step, make_train_step, make_zeroth_order_step
+from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
+from sciscale_jax.train.step import (TrainState, accumulating_grad_fn, init_train_state, make_eval_step, make_train_step,
+                                     make_zeroth_order_step, split_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,16 @@ def evaluate(metrics_step, params, rest, batches) -> dict:
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
+def sharded_init(build, tx, shardings) -> TrainState:
+    """The ``TrainState`` of ``build()`` (a fresh model) and ``tx.init``, computed by one jitted
+    program whose outputs have ``shardings``: each device computes and holds only its shards of
+    the parameters and optimizer state (with ZeRO-3 or FSDP, a fraction of the whole). The values
+    are the eager initialisation's (jax's random bits do not depend on the sharding), up to
+    float rounding of the initialisers' arithmetic compiled as one program."""
+    with _whole_count_updates():
+        return jax.jit(lambda: init_train_state(build(), tx)[1], out_shardings=shardings)()
+
+
 def recipe_eval_step(recipe, graphdef):
     """``(params, rest, batch) -> {name: (sum, count)}``: the recipe's evaluation metrics, no dropout."""
     metrics_fn = recipe.metrics_fn()
@@ -249,7 +261,10 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if mesh_config is not None and model_config.sharding is None:  # activations follow the parameters' rules
         model_config = dataclasses.replace(model_config, sharding=pick_strategy(mesh_config))
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
-    model = recipe.build_model(model_config, nnx.Rngs(cfg.seed))
+    build = lambda: recipe.build_model(model_config, nnx.Rngs(cfg.seed))  # noqa: E731  (fresh Rngs per call)
+    # On a mesh the model is built abstractly here and initialised below by one jitted program
+    # straight into its shards, so no device ever holds more of the state than its shards.
+    model = build() if mesh_config is None else eval_shape_module(build)
     policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
@@ -258,7 +273,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     example = data.train.batch(0)
     validate.check_data(data, getattr(model_config, "vocab_size", None), example)  # fields, dtypes, id ranges
     validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
-    graphdef, state = init_train_state(model, tx)
+    if mesh_config is None:
+        graphdef, state = init_train_state(model, tx)
+    else:
+        graphdef, params, rest = split_model(model)
+        state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, rest, jax.eval_shape(tx.init, params))
     del model
     pipeline_run.check_layers(recipe, cfg, state.params)  # layers >= stages x virtual stages
     evaluations = zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # per ZO step
@@ -275,7 +294,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       _evaluation_bar(evaluations, progress, tx),
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
     if place is not None:
-        mesh, state = place.mesh, jax.device_put(state, place.state)
+        mesh, state = place.mesh, sharded_init(build, tx, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
     batch_at = lambda s: put_batch(data.train.batch(s))  # noqa: E731
