@@ -99,6 +99,7 @@ def test_evoformer_interleaved_deeper_matches_single_device():
     check("interleaved", 4, 4, 2, 1, num_blocks=9, grad_tol=1e-4)  # 9 blocks over 8 virtual stages (2 + 1 x 7)
 
 
+@pytest.mark.slow  # the key's path through the pipeline runs fast on the Transformer (test_pipeline_model.py)
 def test_evoformer_dropout_keys_reach_every_stage():
     """With a step key the pipelined Evoformer draws dropout: the same key gives the same loss and
     gradients, another key another loss (one compiled function)."""
