@@ -119,7 +119,7 @@ def test_family_trains_resumes_and_reports_its_metric(tmp_path):
     assert full["val_mse"] < 0.9 * full["baselines"]["predict_zero_mse"]  # it learned something
     logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_mae" in r for r in logged)
-    _train(tmp_path, "split")  # then as if killed after the step-4 checkpoint: drop step 6
+    shutil.copytree(tmp_path / "full", tmp_path / "split")  # the same run, as if killed after its step-4 checkpoint
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "6")
     resumed = _train(tmp_path, "split", resume=True)
     for a, b in zip(_leaves(full["state"]), _leaves(resumed["state"])):
