@@ -151,34 +151,25 @@ def test_mesh_runs_initialise_straight_into_their_shards():
     then split). The values are the eager initialisation's, up to float rounding."""
     import dataclasses
 
-    import optax
     from flax import nnx
 
-    from sciscale_jax import parallel
-    from sciscale_jax.train import init_train_state, plan_placement
-    from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
-    from sciscale_jax.train.loop import sharded_init
-    from sciscale_jax.train.step import TrainState, split_model
+    from sciscale_jax.train import init_train_state
+    from sciscale_jax.train.abstract import abstract_run
+    from sciscale_jax.train.loop import build_optimizer, init_program, sharded_init
 
     recipe = get_recipe("protein-mlm")
-    cfg = dataclasses.replace(MODEL, embed_dim=64, mlp_dim=256, num_layers=2, sharding="dp")
-    build = lambda: recipe.build_model(cfg, nnx.Rngs(3))  # noqa: E731
-    tx = optax.adamw(1e-3)
-    graphdef, eager = init_train_state(build(), tx)
-    model = eval_shape_module(build)
-    _, params, rest = split_model(model)
-    abstract = TrainState(jax.ShapeDtypeStruct((), np.int32), params, rest, jax.eval_shape(tx.init, params))
-    example = {k: np.zeros((8, 16), np.int32) for k in ("inputs", "targets")}
-    place = plan_placement("data=8", None, 3, abstract, parallel.param_axes(model), tx, example,
-                           model_sharding=cfg.sharding, batch_axes=recipe.axes_of)
-    state = sharded_init(build, tx, place.state)
-    for x, want, sh in zip(jax.tree.leaves(state), jax.tree.leaves(eager), jax.tree.leaves(place.state), strict=True):
+    tc = TrainConfig(batch_size=8, seq_len=16, mesh="data=8", zero=3, seed=3)
+    run = abstract_run(recipe, dataclasses.replace(MODEL, embed_dim=64, mlp_dim=256, num_layers=2), tc)
+    build = lambda: recipe.build_model(run.model_config, nnx.Rngs(tc.seed))  # noqa: E731  (as the loop builds it)
+    tx = build_optimizer(tc)
+    _, eager = init_train_state(build(), tx)
+    state = sharded_init(build, tx, run.place.state)
+    for x, want, sh in zip(jax.tree.leaves(state), jax.tree.leaves(eager), jax.tree.leaves(run.place.state),
+                           strict=True):
         assert x.sharding == sh and x.shape == want.shape and x.dtype == want.dtype
         np.testing.assert_allclose(np.asarray(x), np.asarray(want), rtol=1e-6, atol=1e-7)
     whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eager))
-    with _whole_count_updates():
-        fn = jax.jit(lambda: init_train_state(build(), tx)[1], out_shardings=place.state)
-        memory = fn.lower().compile().memory_analysis()
-    # measured: 203,760 output and 98,436 temporary bytes per device of 1,625,864 in all
+    memory = init_program(build, tx, run.place.state).lower().compile().memory_analysis()
+    # measured: 203,772 output and 98,436 temporary bytes per device of 1,625,868 in all
     assert memory.output_size_in_bytes < 0.2 * whole, (memory.output_size_in_bytes, whole)
     assert memory.temp_size_in_bytes < 0.2 * whole, (memory.temp_size_in_bytes, whole)

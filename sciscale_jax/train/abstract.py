@@ -23,7 +23,7 @@ from sciscale_jax import axes as ax
 from sciscale_jax import optim, parallel, precision, remat
 from sciscale_jax.memory.measure import analysis_options
 from sciscale_jax.parallel import offload as host_offload
-from sciscale_jax.train.step import TrainState, split_model
+from sciscale_jax.train.step import TrainState, abstract_train_state, split_model
 
 # Logical batch axes and the run sizes they take (any other axis keeps the tiny batch's size).
 _AXIS_SIZE = {ax.BATCH: lambda t, m: t.batch_size, ax.SEQ: lambda t, m: t.seq_len,
@@ -164,7 +164,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
         tx = precision.dynamic_loss_scaling(tx)
-    state = TrainState(jax.ShapeDtypeStruct((), np.int32), params, rest, jax.eval_shape(tx.init, params))
+    state = abstract_train_state(params, rest, tx)
     batch = abstract_batch(recipe, model_config, cfg)
     pipeline_run.check_layers(recipe, cfg, params)
     place = None

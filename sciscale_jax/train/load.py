@@ -26,7 +26,7 @@ from flax import nnx
 
 from sciscale_jax.train import rundir
 from sciscale_jax.train.checkpoint import restore_model
-from sciscale_jax.train.loop import TrainConfig, eval_batches, over_pieces, recipe_eval_step, validation_metrics
+from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
 from sciscale_jax.train.step import TrainState, split_model
 from sciscale_jax.train.validate import MESH_ATTENTION
 
@@ -55,7 +55,7 @@ class TrainedRun:
         if data is None:
             data = self.recipe.build_data(self.train_config, self.model_config)
         graphdef, params, rest = split_model(self.model)
-        eval_fn = jax.jit(over_pieces(recipe_eval_step(self.recipe, graphdef)))
+        eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
         rows = self.train_config.batch_size // self.train_config.grad_accum
         return validation_metrics(self.recipe, eval_fn, params, rest, eval_batches(data.eval, None, self.recipe, rows))
 

@@ -36,8 +36,8 @@ from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
-from sciscale_jax.train.step import (TrainState, accumulating_grad_fn, init_train_state, make_eval_step, make_train_step,
-                                     make_zeroth_order_step, split_model)
+from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
+                                     make_eval_step, make_train_step, make_zeroth_order_step, split_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,20 +155,30 @@ def evaluate(metrics_step, params, rest, batches) -> dict:
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
+def init_program(build, tx, shardings):
+    """The jitted program :func:`sharded_init` runs (lower and compile it to see what each device holds)."""
+
+    def init():
+        with _whole_count_updates():  # traced in time linear in the model's size
+            return init_train_state(build(), tx)[1]
+
+    return jax.jit(init, out_shardings=shardings)
+
+
 def sharded_init(build, tx, shardings) -> TrainState:
     """The ``TrainState`` of ``build()`` (a fresh model) and ``tx.init``, computed by one jitted
     program whose outputs have ``shardings``: each device computes and holds only its shards of
     the parameters and optimizer state (with ZeRO-3 or FSDP, a fraction of the whole). The values
     are the eager initialisation's (jax's random bits do not depend on the sharding), up to
     float rounding of the initialisers' arithmetic compiled as one program."""
-    with _whole_count_updates():
-        return jax.jit(lambda: init_train_state(build(), tx)[1], out_shardings=shardings)()
+    return init_program(build, tx, shardings)()
 
 
 def recipe_eval_step(recipe, graphdef):
-    """``(params, rest, batch) -> {name: (sum, count)}``: the recipe's evaluation metrics, no dropout."""
+    """``(params, rest, pieces) -> {name: (sum, count)}``: the recipe's evaluation metrics, no
+    dropout, summed over an evaluation batch's pieces (:func:`eval_batches`, :func:`over_pieces`)."""
     metrics_fn = recipe.metrics_fn()
-    return make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch))
+    return over_pieces(make_eval_step(graphdef, lambda model, batch, _key: metrics_fn(model, batch)))
 
 
 def over_pieces(metrics_step):
@@ -277,7 +287,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         graphdef, state = init_train_state(model, tx)
     else:
         graphdef, params, rest = split_model(model)
-        state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, rest, jax.eval_shape(tx.init, params))
+        state = abstract_train_state(params, rest, tx)
     del model
     pipeline_run.check_layers(recipe, cfg, state.params)  # layers >= stages x virtual stages
     evaluations = zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # per ZO step
@@ -334,7 +344,7 @@ def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, d
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
         compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
-        eval_step = over_pieces(recipe_eval_step(recipe, graphdef))
+        eval_step = recipe_eval_step(recipe, graphdef)
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
         eval_fn = jax.jit(eval_step)

@@ -56,6 +56,12 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
 
+def abstract_train_state(params, rest, tx: optax.GradientTransformation) -> TrainState:
+    """The ``TrainState`` :func:`init_train_state` would build, as ``jax.ShapeDtypeStruct``s, from
+    abstract ``params`` and ``rest`` (a model built by ``nnx.eval_shape``, split)."""
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, rest, jax.eval_shape(tx.init, params))
+
+
 def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
     """Plain reverse-mode gradients of the token-mean loss, times ``loss_scale`` (fp16)."""
 
