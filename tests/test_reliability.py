@@ -27,7 +27,7 @@ from sciscale_jax import cli
 from sciscale_jax.models import Transformer, TransformerConfig
 from sciscale_jax.parallel import ParallelConfig, make_mesh
 from sciscale_jax.recipes import get_recipe
-from sciscale_jax.train import Checkpointer, TrainConfig, build_optimizer, init_train_state, train
+from sciscale_jax.train import Checkpointer, TrainConfig, build_optimizer, init_train_state, loop, train
 from sciscale_jax.train.checkpoint import CheckpointError, check_run_dir
 from sciscale_jax.train.rundir import RunLock, keep_schedule
 from sciscale_jax.train.signals import RunInterrupted
@@ -353,3 +353,28 @@ def test_resume_onto_a_mesh_smaller_than_the_devices(reference, tmp_path):
                  result["state"].params, reference[1].params)
     with pytest.raises(ValueError, match=r"data=3 has 3 devices but 8 devices are available; .*CUDA_VISIBLE_DEVICES"):
         make_mesh(ParallelConfig(data=3))
+
+
+@pytest.mark.parametrize("mesh", ["", "data=2,fsdp=2"])
+def test_resume_reads_the_checkpoint_without_initialising_a_state(reference, tmp_path, monkeypatch, mesh):
+    """A resumed run reads its checkpoint straight onto the abstract state (shapes, dtypes,
+    shardings): no initialisation runs first, so resuming needs no second copy of the state."""
+    out = _copy(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "6")
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("a resumed run initialised a state")
+
+    monkeypatch.setattr(loop, "init_train_state", refuse)
+    monkeypatch.setattr(loop, "sharded_init", refuse)
+    targets, restore = [], Checkpointer.restore
+    monkeypatch.setattr(Checkpointer, "restore", lambda self, target, step=None: (
+        targets.append(jax.tree.leaves(target)), restore(self, target, step))[1])
+    result = _train(out, cfg=dataclasses.replace(CFG, mesh=mesh), resume=True)
+    assert len(targets) == 1 and targets[0] and all(isinstance(x, jax.ShapeDtypeStruct) for x in targets[0])
+    assert all(x.sharding is not None for x in targets[0])
+    if not mesh:
+        _equal(result["state"], reference[1])
+    else:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6),
+                     result["state"].params, reference[1].params)

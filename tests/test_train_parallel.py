@@ -45,15 +45,18 @@ def test_bad_mesh_is_refused_before_anything_is_written(tmp_path):
         TrainConfig(zero=2)
 
 
-def test_host_offload_keeps_state_on_host_and_trains_identically(tmp_path):
-    plain = _run(tmp_path / "plain", 3, mesh="data=8")
+def test_host_offload_keeps_state_on_host_trains_identically_and_resumes_onto_the_host(tmp_path):
+    plain = _run(tmp_path / "plain", 6, mesh="data=8")
     offloaded = _run(tmp_path / "offload", 3, mesh="data=8", offload="opt_state,params")
-    state = offloaded["state"]
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves((state.params, state.opt_state))}
-    assert kinds == {"pinned_host"}
+    resumed = _run(tmp_path / "offload", 6, mesh="data=8", offload="opt_state,params")  # read onto the host
+    for run in (offloaded, resumed):
+        state = run["state"]
+        kinds = {x.sharding.memory_kind for x in jax.tree.leaves((state.params, state.opt_state))}
+        assert kinds == {"pinned_host"}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(plain["state"].params)} == {"device"}
-    _close(offloaded["state"].params, plain["state"].params, rtol=1e-5)
-    assert offloaded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
+    assert resumed["steps"] == 6
+    _close(resumed["state"].params, plain["state"].params, rtol=1e-5)
+    assert resumed["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="unknown \\['gradients'\\]"):
         TrainConfig(offload="gradients")
 

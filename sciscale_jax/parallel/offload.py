@@ -80,10 +80,14 @@ def memory_shardings(tree, kind: str, mesh=None):
 
 
 def place(tree, kind: str, mesh=None):
-    """Outside jit: move every leaf to memory ``kind`` ("pinned_host" or "device")."""
+    """Outside jit: move every leaf to memory ``kind`` ("pinned_host" or "device"). Abstract
+    leaves (``jax.ShapeDtypeStruct``s, e.g. a restore target) come back abstract, in that memory."""
     if kind == HOST_MEMORY:
         check_host_memory()
-    return jax.device_put(tree, memory_shardings(tree, kind, mesh))
+    shardings = memory_shardings(tree, kind, mesh)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.device_put(tree, shardings)
 
 
 def to_device(tree):

@@ -174,6 +174,13 @@ def sharded_init(build, tx, shardings) -> TrainState:
     return init_program(build, tx, shardings)()
 
 
+def _with_shardings(abstract, shardings):
+    """``ShapeDtypeStruct``s of ``abstract`` carrying ``shardings`` (a tree like it, or one for every leaf)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def recipe_eval_step(recipe, graphdef):
     """``(params, rest, pieces) -> {name: (sum, count)}``: the recipe's evaluation metrics, no
     dropout, summed over an evaluation batch's pieces (:func:`eval_batches`, :func:`over_pieces`)."""
@@ -273,8 +280,9 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
     build = lambda: recipe.build_model(model_config, nnx.Rngs(cfg.seed))  # noqa: E731  (fresh Rngs per call)
     # On a mesh the model is built abstractly here and initialised below by one jitted program
-    # straight into its shards, so no device ever holds more of the state than its shards.
-    model = build() if mesh_config is None else eval_shape_module(build)
+    # straight into its shards, so no device ever holds more of the state than its shards. A
+    # resumed run is never initialised: its checkpoint is read straight onto the abstract state.
+    model = build() if mesh_config is None and not resume else eval_shape_module(build)
     policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
@@ -283,7 +291,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     example = data.train.batch(0)
     validate.check_data(data, getattr(model_config, "vocab_size", None), example)  # fields, dtypes, id ranges
     validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
-    if mesh_config is None:
+    if mesh_config is None and not resume:
         graphdef, state = init_train_state(model, tx)
     else:
         graphdef, params, rest = split_model(model)
@@ -303,8 +311,13 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
                       _evaluation_bar(evaluations, progress, tx),
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
+    if resume:  # the restore target: shapes, dtypes and this run's shardings
+        where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state = _with_shardings(state, where)
     if place is not None:
-        mesh, state = place.mesh, sharded_init(build, tx, place.state)
+        mesh = place.mesh
+        if not resume:
+            state = sharded_init(build, tx, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
     batch_at = lambda s: put_batch(data.train.batch(s))  # noqa: E731
