@@ -27,6 +27,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+MESH_LOAD_HELP = ("load the weights sharded over this mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (any axes but pipeline; "
+                  "any mesh, whatever the run trained on); default: one device")
+
+
 def _flag(field: dataclasses.Field) -> str:
     return "--" + field.metadata.get("flag", field.name).replace("_", "-")
 
@@ -111,13 +115,14 @@ def _base_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
     e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
     em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA)",
-                        description="Restore a run's newest readable checkpoint (or --step) on one device and save "
-                                    "its embeddings of --input to --out (.npz).")
+                        description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
+                                    "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
     em.add_argument("--input", required=True, metavar="FILE", help="inputs (protein-mlm: a FASTA file)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
+    em.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     em.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -219,11 +224,13 @@ def eval_parser(recipe, run_model: dict | None = None) -> argparse.ArgumentParse
     """``sciscale eval <run_dir>``: the checkpoint, the output, then the recipe's model flags, each
     given one replacing the run's setting (one that changes the parameters is refused)."""
     p = _Parser(prog="sciscale eval <run_dir>",
-                description=f"Restore a {recipe.name} run's newest readable checkpoint (or --step) on one device; "
+                description=f"Restore a {recipe.name} run's newest readable checkpoint (or --step) on one device "
+                            "(or sharded over --mesh); "
                             "print its validation metrics beside the recipe's baselines, then the recipe's report. "
                             "Model flags given replace the run's settings (e.g. --attention chunked).")
     p.add_argument("--step", type=int, help="evaluate this checkpoint (default: the newest readable one)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    p.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     _add_config_flags(p, recipe.config_class, run_model or {}, "model", "model (defaults: the run's)", {})
@@ -252,7 +259,7 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     args = parser.parse_args(rest)
     if args.json:
         _check_writable(args.json)
-    run = load_trained(recipe, run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr),
+    run = load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=lambda line: print(line, file=sys.stderr),
                        **_picked(args, "model"))
     data = run.recipe.build_data(run.train_config, run.model_config)
     validation = run.evaluate(data)
@@ -285,7 +292,8 @@ def _embed(args) -> int:
     if not pathlib.Path(args.input).is_file():
         raise UsageError(f"--input {args.input}: no such file")
     _check_writable(args.out, "--out")
-    run = load_trained(recipe, args.run_dir, step=args.step, log=lambda line: print(line, file=sys.stderr))
+    run = load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh,
+                       log=lambda line: print(line, file=sys.stderr))
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size)
     out = pathlib.Path(args.out)
     partial = out.with_name(out.name + ".partial")

@@ -97,6 +97,13 @@ def test_bad_requests_are_refused_in_one_line(reference, tmp_path):
         (lambda: load_run(out, attention="nope"), ValueError, "unknown attention implementation 'nope'"),
         (lambda: load_run(out, wings=2), ValueError, "protein-mlm models have no setting wings"),
         (lambda: load_run(out, attention="ring"), ValueError, "attention='ring' needs a mesh"),
+        (lambda: load_run(out, mesh="fsdp=2", attention="ring"), ValueError,
+         "attention='ring' needs a mesh with a sequence axis; loading onto mesh='fsdp=2'"),
+        (lambda: load_run(out, mesh="pipeline=2"), ValueError, "not a pipeline axis"),
+        (lambda: load_run(out, mesh="data=3"), ValueError, "data=3 has 3 devices but 8"),
+        (lambda: load_run(out, mesh="tensor=4"), ValueError,  # the model has 2 heads
+         r"loading onto mesh='tensor=4': .*\['attn'\].* dimension 1 of size 2 is not divisible by tensor=4"),
+        (lambda: load_run(out, mesh="dap=2"), ValueError, "does not support Dynamic Axial Parallelism"),
     ]
     odd = tmp_path / "odd"
     shutil.copytree(out, odd)
@@ -126,6 +133,40 @@ def test_run_trained_on_a_mesh_loads_on_one_device(tmp_path):
         assert figures[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
 
 
+def test_run_loads_sharded_onto_any_mesh_and_evaluates_as_logged(reference, tmp_path, capsys):
+    """A one-device run loaded into shards on data x fsdp x tensor: each device holds about a
+    quarter of the weights, the arrays are the checkpoint's, the model computes what it computes
+    on one device, and `sciscale eval --mesh` (batches split over data x fsdp) reproduces the
+    figures the training loop logged."""
+    out, state = reference
+    logged = []
+    run = load_run(out, mesh="data=2,fsdp=2,tensor=2", log=logged.append)
+    assert logged == [] and run.model_config.sharding == "fsdp_tp" and run.mesh.size == 8
+    _, params, rest = split_model(run.model)
+    _equal(params, state.params)
+    _equal(rest, state.rest)
+    assert params["layers"][0]["mlp"]["wi"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    first = jax.devices()[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards if s.device == first)
+    whole = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert 0.25 <= held / whole < 0.27, held / whole  # matrices split 4 ways (fsdp x tensor), norm scales 2 ways
+    tokens = np.random.default_rng(1).integers(4, 29, (4, 16)).astype(np.int32)
+    alone = load_run(out, log=lambda *_: None).model(tokens)
+    np.testing.assert_allclose(run.model(tokens), alone, rtol=1e-5, atol=1e-5)  # XLA places the activations
+    with run.on_mesh():  # the activations follow the rule table: batch over data x fsdp
+        np.testing.assert_allclose(jax.jit(lambda m, t: m(t))(run.model, tokens), alone, rtol=1e-5, atol=1e-5)
+    target = tmp_path / "eval.json"
+    assert cli.main(["eval", str(out), "--mesh", "data=2,fsdp=2,tensor=2", "--json", str(target), "--no-report"]) == 0
+    assert "checkpoint step 6" in capsys.readouterr().out
+    figures = json.loads(target.read_text())["validation"]
+    logged = _logged_validation(out)[6]
+    assert figures.keys() == logged.keys()
+    for name, value in logged.items():  # evaluated on one device there, split over 8 here
+        assert figures[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert cli.main(["eval", str(out), "--mesh", "pipeline=8"]) == 2
+    assert "not a pipeline axis" in capsys.readouterr().err
+
+
 def test_mesh_only_settings_are_dropped_for_one_device(reference, tmp_path):
     """A run saved with ring attention and an fsdp rule table (both need the training mesh)."""
     out = tmp_path / "run"
@@ -140,6 +181,14 @@ def test_mesh_only_settings_are_dropped_for_one_device(reference, tmp_path):
                       "attention='ring' needs the training mesh; loading with attention='auto'"]
     assert load_run(out, attention="chunked", log=lambda *_: None).model_config.attention == "chunked"
     _equal(split_model(run.model)[1], reference[1].params)
+    # onto a mesh: ring attention stays where there is a sequence axis; the rule table is the mesh's
+    logged.clear()
+    run = load_run(out, mesh="fsdp=2,sequence=4", log=logged.append)
+    assert (run.model_config.attention, run.model_config.sharding, logged) == ("ring", "fsdp", [])
+    run = load_run(out, mesh="data=4,tensor=2", log=logged.append)
+    assert (run.model_config.attention, run.model_config.sharding) == ("auto", "tp")
+    assert logged == ["sharding='fsdp' was for the training mesh; loading onto mesh='data=4,tensor=2' with "
+                      "sharding='tp'", "attention='ring' needs the training mesh; loading with attention='auto'"]
 
 
 def test_cli_eval_prints_and_writes_the_step_figures(reference, tmp_path, capsys):
@@ -200,6 +249,9 @@ def test_cli_embed_equals_each_protein_run_alone(reference, tmp_path, capsys):
         np.testing.assert_allclose(rows, alone, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(saved["mean"][i], alone.mean(0), rtol=1e-5, atol=1e-5)
     assert np.abs(saved["mean"][0] - saved["mean"][1]).max() > 1e-3  # proteins told apart
+    sharded = tmp_path / "sharded.npz"  # the weights split over 4 devices: the same embeddings
+    assert cli.main(argv[:-3] + [str(sharded), "--batch-size", "2", "--mesh", "fsdp=4"]) == 0
+    np.testing.assert_allclose(np.load(sharded)["per_residue"], saved["per_residue"], rtol=1e-5, atol=1e-5)
 
 
 def test_cli_embed_refuses_bad_input_before_writing(reference, tmp_path, capsys):

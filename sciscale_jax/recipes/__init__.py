@@ -15,15 +15,16 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def load_run(run_dir, *, step: int | None = None, log=print, **model_overrides):
-    """The trained model of a ``sciscale train`` run directory, on one device: a
-    ``sciscale_jax.train.load.TrainedRun`` (``.model``, ``.model_config``, ``.train_config``,
-    ``.step``, ``.recipe``). ``step``: that checkpoint instead of the newest readable one;
-    ``model_overrides``: settings that keep the parameters (``attention="chunked"``, ``remat``)."""
+def load_run(run_dir, *, step: int | None = None, mesh: str | None = None, log=print, **model_overrides):
+    """The trained model of a ``sciscale train`` run directory, on one device or sharded over
+    ``mesh`` (``"fsdp=8"``, ``"fsdp=4,tensor=2"``): a ``sciscale_jax.train.load.TrainedRun``
+    (``.model``, ``.model_config``, ``.train_config``, ``.step``, ``.recipe``, ``.mesh``).
+    ``step``: that checkpoint instead of the newest readable one; ``model_overrides``: settings
+    that keep the parameters (``attention="chunked"``, ``remat``)."""
     from sciscale_jax.train.load import load_trained, read_run_config
 
     recipe = get_recipe(read_run_config(run_dir)["recipe"])
-    return load_trained(recipe, run_dir, step=step, log=log, **model_overrides)
+    return load_trained(recipe, run_dir, step=step, mesh=mesh, log=log, **model_overrides)
 
 
 __all__ = ["Data", "RECIPES", "Recipe", "get_recipe", "load_run"]

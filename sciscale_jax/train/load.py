@@ -3,19 +3,24 @@
 A run directory holds ``run_config.json`` (the recipe, model and run settings) and Orbax
 checkpoints of the whole train state. Loading rebuilds the model config and the model from
 the saved settings (abstractly: no weights are initialised), reads the parameters and other
-model variables of the newest readable checkpoint (or a given step) onto one device, and
-returns the model with them, never reading the optimizer state. The directory is only read,
-so a run may still be training in it.
+model variables of the newest readable checkpoint (or a given step) onto one device, or with
+``mesh="fsdp=8"`` (any mesh without a pipeline axis, whatever mesh the run trained on) straight
+into their shards on that mesh, so a model too large for one device loads; it returns the model
+with them, never reading the optimizer state. The directory is only read, so a run may still
+be training in it.
 
-Settings that only make sense on the training mesh are dropped for one device, each named in
-one line: a ``sharding`` rule table, and sequence-split attention (``ring``, ``ulysses``, which
-compute exact attention) becomes ``auto``. ``model_overrides`` replace settings that do not
-change the parameters (``attention="chunked"`` for long inputs, ``remat``, ``dropout``); one
-that does is refused in one line naming an array that differs.
+Settings that only make sense on the training mesh are dropped, each named in one line: on one
+device a ``sharding`` rule table, and on a mesh without a ``sequence`` axis sequence-split
+attention (``ring``, ``ulysses``, which compute exact attention) becomes ``auto``; on a mesh the
+rule table is the one the mesh's shape picks (as ``sciscale train`` picks it) unless
+``sharding=`` is given. ``model_overrides`` replace settings that do not change the parameters
+(``attention="chunked"`` for long inputs, ``remat``, ``dropout``); one that does is refused in
+one line naming an array that differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from typing import Any
@@ -24,9 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sciscale_jax import parallel
+from sciscale_jax.parallel import dap
 from sciscale_jax.train import rundir
 from sciscale_jax.train.checkpoint import restore_model
 from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
+from sciscale_jax.train.sharding import pick_strategy
 from sciscale_jax.train.step import TrainState, split_model
 from sciscale_jax.train.validate import MESH_ATTENTION
 
@@ -36,11 +44,19 @@ class TrainedRun:
     """A model restored from a run directory, with the settings it was trained with."""
 
     recipe: Any                  # sciscale_jax.recipes.Recipe
-    model: nnx.Module            # holds the checkpoint's parameters, on one device
+    model: nnx.Module            # holds the checkpoint's parameters, on one device or sharded over ``mesh``
     model_config: Any            # the recipe's config class, as used to build ``model``
     train_config: TrainConfig    # as saved (its mesh was the training run's)
     step: int                    # the checkpoint's step
     run_dir: pathlib.Path
+    mesh: jax.sharding.Mesh | None = None  # where the parameters are sharded (None: one device)
+    rules: tuple | None = None   # the rule table the parameters, batches and activations follow on ``mesh``
+
+    def on_mesh(self):
+        """A context in which the model's activation constraints apply (``jax.set_mesh(self.mesh)``;
+        nothing on one device). Outside it the sharded model still runs: XLA then places the
+        activations itself."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def state(self) -> TrainState:
         """The model's variables as a ``TrainState`` without optimizer state (what a recipe's
@@ -51,13 +67,25 @@ class TrainedRun:
     def evaluate(self, data=None) -> dict:
         """``val_<name>`` of the recipe's metrics over its evaluation batches (``data``: the
         recipe's ``build_data`` for the saved settings unless given), cut into the training
-        microbatch as the training loop evaluates them."""
+        microbatch as the training loop evaluates them (on a mesh, each piece split over its data
+        axes by the recipe's batch axes)."""
         if data is None:
             data = self.recipe.build_data(self.train_config, self.model_config)
         graphdef, params, rest = split_model(self.model)
-        eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
         rows = self.train_config.batch_size // self.train_config.grad_accum
-        return validation_metrics(self.recipe, eval_fn, params, rest, eval_batches(data.eval, None, self.recipe, rows))
+        place = None if self.mesh is None else _EvalPlacement(self.mesh, self.rules)
+        with self.on_mesh():
+            eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
+            return validation_metrics(self.recipe, eval_fn, params, rest,
+                                      eval_batches(data.eval, place, self.recipe, rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalPlacement:
+    """What ``eval_batches`` reads of a training ``Placement``: the mesh and the rule table."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
 
 
 def read_run_config(run_dir) -> dict:
@@ -81,11 +109,14 @@ def _config(cls, saved: dict, what: str, run_dir):
     return cls(**saved)  # fields added since the run was saved take their defaults
 
 
-def load_trained(recipe, run_dir, *, step: int | None = None, log=print, **model_overrides) -> TrainedRun:
+def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None = None, log=print,
+                 **model_overrides) -> TrainedRun:
     """The model of ``run_dir`` (trained with ``recipe``) with the weights of checkpoint ``step``
-    (default: the newest readable one), on one device. See the module docstring."""
+    (default: the newest readable one), on one device or, with ``mesh`` (``"fsdp=4,tensor=2"``),
+    sharded over that mesh. See the module docstring."""
     if jax.process_count() > 1:
         raise ValueError(f"loading a trained run is for one process; this job has {jax.process_count()}")
+    mesh_config = _mesh_config(mesh) if mesh else None
     run_dir = pathlib.Path(run_dir)
     saved = read_run_config(run_dir)
     if saved["recipe"] != recipe.name:
@@ -96,20 +127,58 @@ def load_trained(recipe, run_dir, *, step: int | None = None, log=print, **model
     if unknown:
         raise ValueError(f"{recipe.name} models have no setting {', '.join(unknown)}")
     model_config = dataclasses.replace(model_config, **model_overrides)
-    for name, needs_mesh, value in (("sharding", lambda v: v is not None, None),
-                                    ("attention", lambda v: v in MESH_ATTENTION, "auto")):
-        if not needs_mesh(getattr(model_config, name, None)):
+    sizes = mesh_config.sizes() if mesh_config is not None else {}
+    if mesh_config is not None and model_overrides.get("sharding") is None and hasattr(model_config, "sharding"):
+        picked = pick_strategy(mesh_config)  # the saved table was the training mesh's
+        if model_config.sharding not in (None, picked):
+            log(f"sharding={model_config.sharding!r} was for the training mesh; loading onto mesh={mesh!r} "
+                f"with sharding={picked!r}")
+        model_config = dataclasses.replace(model_config, sharding=picked)
+
+    def missing_mesh(name, value):  # what this setting needs that the mesh loaded onto lacks, or None
+        if name == "sharding":
+            return "a mesh (mesh=..., --mesh on the command line)" if value is not None and not sizes else None
+        axis = MESH_ATTENTION.get(value)
+        return f"a mesh with a {axis} axis" if axis is not None and sizes.get(axis, 1) == 1 else None
+
+    for name, fallback in (("sharding", None), ("attention", "auto")):
+        needs = missing_mesh(name, getattr(model_config, name, None))
+        if needs is None:
             continue
         if name in model_overrides:
-            raise ValueError(f"{name}={model_overrides[name]!r} needs a mesh; a trained run loads on one device")
-        log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={value!r}")
-        model_config = dataclasses.replace(model_config, **{name: value})
+            raise ValueError(f"{name}={model_overrides[name]!r} needs {needs}; loading onto "
+                             + (f"mesh={mesh!r}" if sizes else "one device"))
+        log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={fallback!r}")
+        model_config = dataclasses.replace(model_config, **{name: fallback})
+    if mesh_config is not None:
+        dap.check_dap(sizes, getattr(model_config, "attention", "xla"), getattr(model_config, "supports_dap", False),
+                      f"{recipe.name} model")
 
     abstract = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
     graphdef, params, rest = split_model(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)  # noqa: E731
-    found, params, rest = restore_model(run_dir, jax.tree.map(on_device, params), jax.tree.map(on_device, rest),
-                                        step, log=log)
+    device_mesh, rules = None, None
+    if mesh_config is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        param_sh, rest_sh = (jax.tree.map(lambda _: device, t) for t in (params, rest))
+    else:
+        device_mesh = parallel.make_mesh(mesh_config)
+        rules = parallel.rules_for(getattr(model_config, "sharding", None) or pick_strategy(mesh_config))
+        try:
+            param_sh = parallel.train_shardings(params, parallel.param_axes(abstract), rules, device_mesh, 0).params
+        except ValueError as err:  # a size that does not split over the mesh
+            raise ValueError(f"loading onto mesh={mesh!r}: {err}") from None
+        rest_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec()), rest)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    found, params, rest = restore_model(run_dir, jax.tree.map(place, params, param_sh),
+                                        jax.tree.map(place, rest, rest_sh), step, log=log)
     model = nnx.merge(graphdef, params, rest)
-    return TrainedRun(recipe, model, model_config, train_config, found, run_dir)
+    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, rules)
+
+
+def _mesh_config(mesh: str) -> parallel.ParallelConfig:
+    """The mesh a run loads onto, resolved against this machine's devices (ValueError, one line)."""
+    config = parallel.ParallelConfig.parse(mesh).resolve(jax.device_count())
+    if config.pipeline > 1:
+        raise ValueError(f"mesh={mesh!r}: a trained run loads onto data, fsdp, dap, sequence and tensor axes, "
+                         "not a pipeline axis (pipelining is for training); use fsdp=N to split the weights")
+    return config
