@@ -147,7 +147,7 @@ def train_parser(recipe) -> argparse.ArgumentParser:
 def _add_distributed_flags(parser) -> None:
     g = parser.add_argument_group("multi-process (jax.distributed; run one process per host or per GPU)")
     g.add_argument("--distributed", action="store_true",
-                   help="join a jax.distributed job before training; without the three flags below the job is "
+                   help="join a jax.distributed job first (eval: with --mesh over every process's devices); without the three flags below the job is "
                         "detected from the environment (Slurm, Open MPI, TPU pods, JobSet)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves the job")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
@@ -233,6 +233,7 @@ def eval_parser(recipe, run_model: dict | None = None) -> argparse.ArgumentParse
     p.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    _add_distributed_flags(p)
     _add_config_flags(p, recipe.config_class, run_model or {}, "model", "model (defaults: the run's)", {})
     return p
 
@@ -257,17 +258,29 @@ def _eval(run_dir, rest, show_help: bool) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(rest)
-    if args.json:
+    if args.distributed and not args.mesh:
+        raise UsageError("--distributed needs --mesh over every process's devices (e.g. --mesh fsdp=N)")
+    start_distributed(args)  # before anything touches a device
+    import jax
+
+    primary = jax.process_index() == 0  # every process evaluates its shards; process 0 reports
+    if args.json and primary:
         _check_writable(args.json)
-    run = load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=lambda line: print(line, file=sys.stderr),
-                       **_picked(args, "model"))
+    run = load_trained(recipe, run_dir, step=args.step, mesh=args.mesh,
+                       log=lambda line: print(line, file=sys.stderr) if primary else None, **_picked(args, "model"))
     data = run.recipe.build_data(run.train_config, run.model_config)
     validation = run.evaluate(data)
+    if not primary:
+        return 0
     print(f"run {run_dir}: {run.recipe.name}, checkpoint step {run.step}")
     _print_figures(validation, dict(data.baselines))
     if run.recipe.report is not None and not args.no_report:
-        for line in run.recipe.report(run.model_config, run.train_config, run.state()):
-            print(line)
+        if jax.process_count() > 1:
+            print(f"{run.recipe.name}'s report runs in one process: skipped here (sciscale eval without "
+                  "--distributed gives it)", file=sys.stderr)
+        else:
+            for line in run.recipe.report(run.model_config, run.train_config, run.state()):
+                print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"run_dir": str(run_dir), "recipe": run.recipe.name, "step": run.step,

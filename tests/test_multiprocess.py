@@ -175,6 +175,31 @@ def test_two_processes_build_a_hybrid_mesh_a_global_batch_and_a_checkpoint(tmp_p
     np.testing.assert_array_equal(np.asarray(got.opt_state["mu"]), 2 * w)
 
 
+def test_two_processes_evaluate_a_checkpoint_as_the_training_run_logged_it(tmp_path):
+    """`sciscale eval --distributed --mesh`: each of 2 processes reads its devices' shards of a
+    checkpoint written by a 1-process run and evaluates its rows; process 0 reports the figures
+    the training loop logged."""
+    run, target = tmp_path / "run", tmp_path / "eval.json"
+    _single(run, "--steps", "2")
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert logged["step"] == 2 and "val_loss" in logged
+
+    def argv(i, port):
+        return [sys.executable, "-m", "sciscale_jax.cli", "eval", str(run), "--mesh", "data=2,fsdp=2,tensor=2",
+                "--json", str(target), "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                "2", "--process-id", str(i), "--distributed-timeout", "120"]
+
+    procs = _launch(argv)
+    outs = _wait(procs, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    assert "checkpoint step 2" in outs[0] and "checkpoint step 2" not in outs[1]  # process 0 alone reports
+    figures = json.loads(target.read_text())["validation"]
+    assert figures.keys() == {k for k in logged if k.startswith("val_")}
+    for name, value in figures.items():  # 1 process x 8 devices there, 2 x 4 here
+        assert value == pytest.approx(logged[name], rel=1e-5, abs=1e-7), name
+    assert cli.main(["eval", str(run), "--distributed"]) == 2  # refused before joining a job
+
+
 def test_unreachable_coordinator_and_wrong_process_count_fail_with_one_line_in_time(tmp_path):
     port = _free_port()
     # process 1 of 2 with nobody serving the coordinator; then process 0 of a job of 3 that only it joins

@@ -5,7 +5,8 @@ checkpoints of the whole train state. Loading rebuilds the model config and the 
 the saved settings (abstractly: no weights are initialised), reads the parameters and other
 model variables of the newest readable checkpoint (or a given step) onto one device, or with
 ``mesh="fsdp=8"`` (any mesh without a pipeline axis, whatever mesh the run trained on) straight
-into their shards on that mesh, so a model too large for one device loads; it returns the model
+into their shards on that mesh, so a model too large for one device loads (in a multi-process
+job every process loads its devices' shards of a mesh over all of them); it returns the model
 with them, never reading the optimizer state. The directory is only read, so a run may still
 be training in it.
 
@@ -114,8 +115,9 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     """The model of ``run_dir`` (trained with ``recipe``) with the weights of checkpoint ``step``
     (default: the newest readable one), on one device or, with ``mesh`` (``"fsdp=4,tensor=2"``),
     sharded over that mesh. See the module docstring."""
-    if jax.process_count() > 1:
-        raise ValueError(f"loading a trained run is for one process; this job has {jax.process_count()}")
+    if jax.process_count() > 1 and not mesh:
+        raise ValueError(f"a job of {jax.process_count()} processes loads a trained run onto a mesh over all its "
+                         f"{jax.device_count()} devices: pass mesh=..., e.g. mesh='fsdp={jax.device_count()}'")
     mesh_config = _mesh_config(mesh) if mesh else None
     run_dir = pathlib.Path(run_dir)
     saved = read_run_config(run_dir)
