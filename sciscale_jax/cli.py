@@ -114,11 +114,13 @@ def _base_parser() -> argparse.ArgumentParser:
                                    "`sciscale eval <run_dir> --help` lists the flags")
     e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
     e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
-    em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA)",
+    em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA; "
+                                         "msa-evoformer: an alignment)",
                         description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
-    em.add_argument("--input", required=True, metavar="FILE", help="inputs (protein-mlm: a FASTA file)")
+    em.add_argument("--input", required=True, metavar="FILE", help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm or "
+                                                                    "aligned FASTA file, query first)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
@@ -299,7 +301,7 @@ def _embed(args) -> int:
 
     recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
     if recipe.embed is None:
-        raise ValueError(f"recipe {recipe.name!r} has no embeddings to save (protein-mlm has)")
+        raise ValueError(f"recipe {recipe.name!r} has no embeddings to save (protein-mlm and msa-evoformer have)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be positive")
     if not pathlib.Path(args.input).is_file():

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from sciscale_jax.recipes import get_recipe
+from sciscale_jax import cli
+from sciscale_jax.data.msa import AMINO
+from sciscale_jax.recipes import get_recipe, load_run
 from sciscale_jax.train import TrainConfig, train
 from sciscale_jax.train.abstract import abstract_run
 from test_zero_train_step import collective_bytes
@@ -47,6 +49,72 @@ def test_trains_and_resumes_bit_identically(tmp_path):
     assert resumed["steps"] == 4
     for a, b in zip(_leaves(full), _leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    # the trained trunk's representations of an alignment file, saved by `sciscale embed`
+    target, rows = tmp_path / "emb.npz", _alignment(np.random.default_rng(2), 8, 10)
+    assert cli.main(["embed", str(tmp_path / "full"), "--input", str(_afa(tmp_path / "a.afa", rows)),
+                     "--out", str(target)]) == 0
+    saved = np.load(target)
+    assert saved["single"].shape == (10, TINY["c_m"]) and saved["pair"].shape == (10, 10, TINY["c_z"])
+    assert str(saved["query"]) == rows[0] and list(saved["rows"]) == list(range(TINY["num_seq"]))
+    model = load_run(tmp_path / "full", log=lambda *_: None).model
+    direct = RECIPE.embed(model.config, model, tmp_path / "a.afa")
+    np.testing.assert_allclose(saved["pair"], direct["pair"], rtol=1e-6, atol=1e-6)
+
+
+def _alignment(rng, n, length):
+    """``n`` aligned rows over ``length`` columns: a query without gaps and homologues of it."""
+    query = rng.choice(list(AMINO), length)
+    rows = ["".join(query)]
+    for _ in range(n - 1):
+        row = np.where(rng.random(length) < 0.3, rng.choice(list(AMINO + "-"), length), query)
+        rows.append("".join(row))
+    return rows
+
+
+def _afa(path, rows):
+    path.write_text("".join(f">s{i}\n{row}\n" for i, row in enumerate(rows)))
+    return path
+
+
+def test_embed_reads_the_query_row_and_the_pair_of_the_trunk(tmp_path):
+    """`sciscale embed` for msa-evoformer: the query row of the final MSA representation and the
+    pair representation depend on the other rows only as a set (the Evoformer is equivariant in
+    the MSA rows), not on columns where the query has a gap, and not on rows past num_seq; they
+    do change with the residues of another row used, so that row is read."""
+    from flax import nnx
+
+    cfg = RECIPE.make_config(**{**TINY, **ONE_BLOCK, "msa_dropout": 0.0, "pair_dropout": 0.0})
+    model = RECIPE.build_model(cfg, nnx.Rngs(4))
+    # AlphaFold zero-initialises output projections: a fresh trunk passes each MSA row through
+    # untouched, so every weight is perturbed for the rows to interact
+    rng = np.random.default_rng(5)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype),
+                                   nnx.state(model, nnx.Param)))
+    rows = _alignment(np.random.default_rng(3), 8, 12)  # num_seq = 6: rows 6 and 7 are past it
+    base = RECIPE.embed(cfg, model, _afa(tmp_path / "base.afa", rows))
+    assert str(base["query"]) == rows[0] and list(base["rows"]) == list(range(6))
+    assert base["single"].shape == (12, cfg.c_m) and base["pair"].shape == (12, 12, cfg.c_z)
+
+    def same(variant, name):
+        got = RECIPE.embed(cfg, model, _afa(tmp_path / f"{name}.afa", variant))
+        for key in ("single", "pair"):
+            np.testing.assert_allclose(got[key], base[key], rtol=1e-5, atol=1e-5, err_msg=f"{name}: {key}")
+        return got
+
+    same([rows[0], rows[3], rows[1], rows[5], rows[2], rows[4], *rows[6:]], "permuted")
+    same(rows[:6] + [rows[7][::-1]], "past_num_seq")
+    inserts = [rows[0][:4] + "---" + rows[0][4:]] + [r[:4] + "KLM" + r[4:] for r in rows[1:]]
+    same(inserts, "query_gap_columns")
+    changed = rows[:2] + ["".join("W" if c != "W" else "A" for c in rows[2])] + rows[3:]
+    other = RECIPE.embed(cfg, model, _afa(tmp_path / "changed.afa", changed))
+    assert np.abs(other["single"] - base["single"]).max() > 1e-3
+    assert np.abs(other["pair"] - base["pair"]).max() > 1e-3
+    (tmp_path / "gaps.afa").write_text(">q\n----\n>s\nACDE\n")
+    (tmp_path / "text.txt").write_text("not an alignment\n")
+    for name, match in (("gaps.afa", "the query .* has no residues"), ("text.txt", "not a Stockholm or aligned FASTA")):
+        with pytest.raises(ValueError, match=match) as info:
+            RECIPE.embed(cfg, model, tmp_path / name)
+        assert "\n" not in str(info.value)
 
 
 def test_mesh_with_zero3_matches_one_device(tmp_path):

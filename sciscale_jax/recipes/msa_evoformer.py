@@ -149,6 +149,38 @@ def check(model_cfg, train_cfg, data) -> None:
         raise ValueError(f"msa_classes={model_cfg.msa_classes} must be {msa_data.NUM_CLASSES} (AlphaFold's MSA tokens)")
 
 
+def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
+    """The trained trunk's representations of the alignment in ``path`` (Stockholm or aligned
+    FASTA; row 0 is the query), what AlphaFold-style models hand on to structure and contact
+    heads. The query's columns are kept (a column where the query has a gap is dropped, as in a
+    query-centred A3M) and the query with the next ``num_seq - 1`` rows (search tools list hits
+    best first) is run uncorrupted through the embedder and the Evoformer stack. Returns
+    ``query`` (the query's residues, a string of length L), ``single`` [L, c_m] (the query row of
+    the final MSA representation, which AlphaFold's structure module reads), ``pair`` [L, L, c_z]
+    and ``rows`` (the alignment rows used). One alignment per file, so ``batch_size`` is unused.
+    One-line ValueError for a file that is not an alignment or a query without residues."""
+    del batch_size
+    a = msa_data.read_alignment(path)
+    cols = np.flatnonzero(a[0] != msa_data.GAP_ID)
+    if not len(cols):
+        raise ValueError(f"{path}: the query (row 0) has no residues, only gaps")
+    msa = a[:model_cfg.num_seq, cols].astype(np.int32)[None]  # [1, S, L]
+    s, r = msa.shape[1:]
+    graphdef, state = nnx.split(model)
+
+    def run(state, msa):
+        trunk = nnx.merge(graphdef, state).evoformer
+        feat = jax.nn.one_hot(msa, msa_data.NUM_CLASSES, dtype=model_cfg.dtype)
+        out = trunk(feat[:, 0], feat, jnp.arange(r, dtype=jnp.int32)[None], jnp.ones((1, s, r), jnp.float32),
+                    jnp.ones((1, r), jnp.float32))
+        return out["msa"][0, 0].astype(jnp.float32), out["pair"][0].astype(jnp.float32)
+
+    single, pair = jax.jit(run)(state, msa)
+    letters = np.array(list(msa_data.AMINO + "X-"))
+    return {"query": np.asarray("".join(letters[msa[0, 0]])), "single": np.asarray(single), "pair": np.asarray(pair),
+            "rows": np.arange(s)}
+
+
 RECIPE = Recipe(
     name="msa-evoformer",
     description="AlphaFold 2 Evoformer, masked-MSA objective on alignments shipped in pyhmmer/pyfamsa",
@@ -160,6 +192,7 @@ RECIPE = Recipe(
     summarize=summarize,
     check=check,
     pipeline=PIPELINE,
+    embed=embed,
     batch_axes={"msa": (BATCH, MSA_SEQ, RES), "target": (BATCH, MSA_SEQ, RES), "bert_mask": (BATCH, MSA_SEQ, RES),
                 "mask_token": (BATCH, MSA_SEQ, RES), "profile_logp": (BATCH, MSA_SEQ, RES),
                 "msa_mask": (BATCH, MSA_SEQ, RES), "seq_mask": (BATCH, RES), "residue_index": (BATCH, RES)},
