@@ -119,8 +119,9 @@ def _base_parser() -> argparse.ArgumentParser:
                         description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
-    em.add_argument("--input", required=True, metavar="FILE", help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm or "
-                                                                    "aligned FASTA file, query first)")
+    em.add_argument("--input", required=True, metavar="FILE",
+                    help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm or aligned FASTA file, "
+                         "query first)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
@@ -149,8 +150,9 @@ def train_parser(recipe) -> argparse.ArgumentParser:
 def _add_distributed_flags(parser) -> None:
     g = parser.add_argument_group("multi-process (jax.distributed; run one process per host or per GPU)")
     g.add_argument("--distributed", action="store_true",
-                   help="join a jax.distributed job first (eval: with --mesh over every process's devices); without the three flags below the job is "
-                        "detected from the environment (Slurm, Open MPI, TPU pods, JobSet)")
+                   help="join a jax.distributed job first (eval: with --mesh over every process's devices); without "
+                        "the three flags below the job is detected from the environment (Slurm, Open MPI, TPU pods, "
+                        "JobSet)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves the job")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
