@@ -33,6 +33,7 @@ from flax import nnx
 from sciscale_jax import parallel
 from sciscale_jax.parallel import dap
 from sciscale_jax.train import rundir
+from sciscale_jax.train.abstract import eval_shape_module
 from sciscale_jax.train.checkpoint import restore_model
 from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
 from sciscale_jax.train.sharding import pick_strategy
@@ -128,35 +129,13 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     unknown = sorted(set(model_overrides) - {f.name for f in dataclasses.fields(model_config)})
     if unknown:
         raise ValueError(f"{recipe.name} models have no setting {', '.join(unknown)}")
-    model_config = dataclasses.replace(model_config, **model_overrides)
-    sizes = mesh_config.sizes() if mesh_config is not None else {}
-    if mesh_config is not None and model_overrides.get("sharding") is None and hasattr(model_config, "sharding"):
-        picked = pick_strategy(mesh_config)  # the saved table was the training mesh's
-        if model_config.sharding not in (None, picked):
-            log(f"sharding={model_config.sharding!r} was for the training mesh; loading onto mesh={mesh!r} "
-                f"with sharding={picked!r}")
-        model_config = dataclasses.replace(model_config, sharding=picked)
-
-    def missing_mesh(name, value):  # what this setting needs that the mesh loaded onto lacks, or None
-        if name == "sharding":
-            return "a mesh (mesh=..., --mesh on the command line)" if value is not None and not sizes else None
-        axis = MESH_ATTENTION.get(value)
-        return f"a mesh with a {axis} axis" if axis is not None and sizes.get(axis, 1) == 1 else None
-
-    for name, fallback in (("sharding", None), ("attention", "auto")):
-        needs = missing_mesh(name, getattr(model_config, name, None))
-        if needs is None:
-            continue
-        if name in model_overrides:
-            raise ValueError(f"{name}={model_overrides[name]!r} needs {needs}; loading onto "
-                             + (f"mesh={mesh!r}" if sizes else "one device"))
-        log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={fallback!r}")
-        model_config = dataclasses.replace(model_config, **{name: fallback})
+    model_config = _settings_for_mesh(dataclasses.replace(model_config, **model_overrides), model_overrides,
+                                      mesh_config, mesh, log)
     if mesh_config is not None:
-        dap.check_dap(sizes, getattr(model_config, "attention", "xla"), getattr(model_config, "supports_dap", False),
-                      f"{recipe.name} model")
+        dap.check_dap(mesh_config.sizes(), getattr(model_config, "attention", "xla"),
+                      getattr(model_config, "supports_dap", False), f"{recipe.name} model")
 
-    abstract = nnx.eval_shape(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
+    abstract = eval_shape_module(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
     graphdef, params, rest = split_model(abstract)
     device_mesh, rules = None, None
     if mesh_config is None:
@@ -175,6 +154,38 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
                                         jax.tree.map(place, rest, rest_sh), step, log=log)
     model = nnx.merge(graphdef, params, rest)
     return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, rules)
+
+
+def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | None, log):
+    """``model_config`` with the settings of the training mesh that the mesh loaded onto
+    (``mesh_config``, None: one device) cannot take replaced, one line through ``log`` each: the
+    rule table becomes the one this mesh picks (None on one device), sequence-split attention
+    without a ``sequence`` axis ``auto``. A replacement asked for in ``overrides`` that this mesh
+    cannot take is a ValueError."""
+    sizes = mesh_config.sizes() if mesh_config is not None else {}
+    if mesh_config is not None and overrides.get("sharding") is None and hasattr(model_config, "sharding"):
+        picked = pick_strategy(mesh_config)  # the saved table was the training mesh's
+        if model_config.sharding not in (None, picked):
+            log(f"sharding={model_config.sharding!r} was for the training mesh; loading onto mesh={mesh!r} "
+                f"with sharding={picked!r}")
+        model_config = dataclasses.replace(model_config, sharding=picked)
+
+    def missing(name, value):  # what this setting needs that the mesh loaded onto lacks, or None
+        if name == "sharding":
+            return "a mesh (mesh=..., --mesh on the command line)" if value is not None and not sizes else None
+        axis = MESH_ATTENTION.get(value)
+        return f"a mesh with a {axis} axis" if axis is not None and sizes.get(axis, 1) == 1 else None
+
+    for name, fallback in (("sharding", None), ("attention", "auto")):
+        needs = missing(name, getattr(model_config, name, None))
+        if needs is None:
+            continue
+        if name in overrides:
+            raise ValueError(f"{name}={overrides[name]!r} needs {needs}; loading onto "
+                             + (f"mesh={mesh!r}" if sizes else "one device"))
+        log(f"{name}={getattr(model_config, name)!r} needs the training mesh; loading with {name}={fallback!r}")
+        model_config = dataclasses.replace(model_config, **{name: fallback})
+    return model_config
 
 
 def _mesh_config(mesh: str) -> parallel.ParallelConfig:
