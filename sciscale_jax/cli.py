@@ -115,13 +115,13 @@ def _base_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
     e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
     em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA; "
-                                         "msa-evoformer: an alignment)",
+                                         "msa-evoformer: an alignment; smiles-lm: SMILES)",
                         description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
     em.add_argument("--input", required=True, metavar="FILE",
                     help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm or aligned FASTA file, "
-                         "query first)")
+                         "query first; smiles-lm: a .smi, .csv or .gz file of SMILES, first column)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
@@ -298,12 +298,13 @@ def _embed(args) -> int:
 
     import numpy as np
 
-    from sciscale_jax.recipes import get_recipe
+    from sciscale_jax.recipes import RECIPES, get_recipe
     from sciscale_jax.train.load import load_trained, read_run_config
 
     recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
     if recipe.embed is None:
-        raise ValueError(f"recipe {recipe.name!r} has no embeddings to save (protein-mlm and msa-evoformer have)")
+        having = ", ".join(r.name for r in RECIPES.values() if r.embed is not None)
+        raise ValueError(f"recipe {recipe.name!r} has no embeddings to save ({having} have)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be positive")
     if not pathlib.Path(args.input).is_file():

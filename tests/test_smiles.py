@@ -13,7 +13,7 @@ from flax import nnx
 
 from sciscale_jax import cli
 from sciscale_jax.data import smiles as sm
-from sciscale_jax.recipes import smiles_lm
+from sciscale_jax.recipes import load_run, smiles_lm
 from sciscale_jax.train import TrainConfig, train
 
 rdkit = pytest.importorskip("rdkit", reason='smiles-lm needs rdkit: pip install -e ".[chem]"')
@@ -269,6 +269,50 @@ def _train(tmp_path, name, steps=4, resume=False, model=(), **over):
     return train(recipe, model_cfg, cfg, tmp_path / name, resume=resume, progress=False, log=lambda *_: None)
 
 
+# ethanol, phenol and acetic acid twice each (the last as its sodium salt), paracetamol
+MOLECULES = ["CCO", "OCC", "c1ccccc1O", "Oc1ccccc1", "CC(=O)Nc1ccc(O)cc1", "CC(=O)O", "[Na+].[O-]C(=O)C"]
+
+
+def _smi(path, smiles):
+    path.write_text("SMILES name\n" + "".join(f"{s} m{i}\n" for i, s in enumerate(smiles)))
+    return path
+
+
+def test_embed_gives_one_representation_per_molecule_whatever_its_smiles(tmp_path, monkeypatch):
+    """Molecules are curated and written as the training corpus is, so two SMILES of one molecule
+    (and a salt of it) get the same representation; batched and padded, each equals the
+    molecule's hidden states computed alone; what the model cannot read is refused in one line."""
+    recipe, model_cfg, _ = cli.build_configs(["smiles-lm", *TINY])
+    model = recipe.build_model(model_cfg, nnx.Rngs(0))
+    out = smiles_lm.embed(model_cfg, model, _smi(tmp_path / "m.smi", MOLECULES), batch_size=2)
+    assert list(out["smiles"]) == MOLECULES and out["mean"].shape == (len(MOLECULES), model_cfg.embed_dim)
+    canonical = list(out["canonical"])
+    assert canonical[0] == canonical[1] == "CCO" and canonical[2] == canonical[3] and canonical[5] == canonical[6]
+    assert canonical[2] == "OC1=CC=CC=C1"  # the run's Kekulé form
+    tok = smiles_lm.tokenizer_of(model_cfg)
+    for i, form in enumerate(canonical):
+        ids = tok.encode(form)
+        alone = np.asarray(model.hidden(ids[None]))[0]
+        rows = out["per_token"][out["offsets"][i]:out["offsets"][i + 1]]
+        np.testing.assert_allclose(rows, alone[1:-1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["last"][i], alone[-1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["mean"][i], alone[1:-1].mean(0), rtol=1e-5, atol=1e-5)
+    assert np.abs(out["last"][0] - out["last"][2]).max() > 1e-3  # molecules told apart
+    bad = {"C1CC": "RDKit cannot parse it, or it lies outside the training corpus",
+           "C[Si](C)(C)C": "RDKit cannot parse it, or it lies outside the training corpus"}
+    for smiles, match in bad.items():
+        with pytest.raises(ValueError, match=match) as info:
+            smiles_lm.embed(model_cfg, model, _smi(tmp_path / "bad.smi", ["CCO", smiles]))
+        assert "molecule 2" in str(info.value) and "\n" not in str(info.value)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="molecule 1 .* 22 tokens with bos/eos exceed the model's max_len=16"):
+        smiles_lm.embed(dataclasses.replace(model_cfg, max_len=16), model, _smi(tmp_path / "long.smi", ["C" * 20]))
+    monkeypatch.setattr(smiles_lm, "tokenizer_of", lambda cfg: sm.SmilesTokenizer([t for t in tok.tokens[4:] if t != "O"]))
+    with pytest.raises(ValueError, match=r"molecule 1 \('CCO'\): tokens \['O'\] never occur in the training split"):
+        smiles_lm.embed(model_cfg, model, _smi(tmp_path / "o.smi", ["CCO"]))
+
+
 def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
@@ -280,6 +324,15 @@ def test_recipe_resumes_bit_identically_with_full_remat(tmp_path):
     resumed = _train(tmp_path, "split", resume=True, model=["--remat", "full"])
     for a, b in zip(_leaves(full["state"]), _leaves(resumed["state"])):
         np.testing.assert_array_equal(a, b)
+    # the trained model's molecule representations, saved by `sciscale embed`
+    target = tmp_path / "emb.npz"
+    assert cli.main(["embed", str(tmp_path / "full"), "--input", str(_smi(tmp_path / "m.smi", MOLECULES)),
+                     "--out", str(target), "--batch-size", "4"]) == 0
+    saved = np.load(target)
+    assert saved["mean"].shape == saved["last"].shape == (len(MOLECULES), 32)
+    loaded = load_run(tmp_path / "full", log=lambda *_: None)
+    direct = smiles_lm.embed(loaded.model_config, loaded.model, tmp_path / "m.smi", batch_size=4)
+    np.testing.assert_allclose(saved["last"], direct["last"], rtol=1e-6, atol=1e-6)
     plain = _train(tmp_path, "plain")  # remat changes memory, not the math
     for a, b in zip(_leaves(full["state"]), _leaves(plain["state"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -20,8 +20,8 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   by ``sciscale train`` after training;
 - ``embed`` (optional): ``(model_config, model, path, batch_size) -> {name: array}``, the trained
   model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
-  FASTA file; msa-evoformer: the single and pair representations of an alignment), saved by
-  ``sciscale embed``;
+  FASTA file; msa-evoformer: the single and pair representations of an alignment; smiles-lm:
+  molecule representations of a SMILES file), saved by ``sciscale embed``;
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.

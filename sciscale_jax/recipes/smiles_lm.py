@@ -38,7 +38,7 @@ from flax import nnx
 
 from sciscale_jax.data import smiles as sm
 from sciscale_jax.losses import causal_lm_loss
-from sciscale_jax.models import Transformer, TransformerConfig, decode
+from sciscale_jax.models import Transformer, TransformerConfig, decode, hidden_states
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.transformer_stages import CAUSAL_LM
 
@@ -98,6 +98,22 @@ class Corpus:
     train_canonical: tuple = ()  # the training molecules as canonical aromatic SMILES, for novelty
 
 
+def _split(molecules: int, val_fraction: float, form: str, corpus: str) -> tuple[list, list]:
+    """(train, validation) pairs of (SMILES in ``form``, aromatic canonical SMILES) of the corpus."""
+    paths, limit = (None, 0) if corpus == "rdkit" else (sm.moses_smiles_files(), molecules)
+    aromatic = sm.load_molecules(paths, limit=limit)
+    smiles = aromatic if form == "aromatic" else sm.load_molecules(paths, form=form, limit=limit)
+    if molecules:
+        smiles, aromatic = smiles[:molecules], aromatic[:molecules]
+    return sm.split_by_hash(list(zip(smiles, aromatic)), val_fraction, keys=aromatic)
+
+
+def tokenizer_of(model_cfg) -> sm.SmilesTokenizer:
+    """The tokenizer a run with ``model_cfg`` trained with (its vocabulary is the training split's)."""
+    train, _ = _split(model_cfg.molecules, model_cfg.val_fraction, model_cfg.smiles_form, model_cfg.corpus)
+    return sm.SmilesTokenizer.from_smiles([s for s, _ in train])
+
+
 def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
                  form: str = "kekule", corpus: str = "rdkit") -> Corpus:
     """Load, split and tokenize the corpus ("rdkit" or "moses"); fit the n-gram baselines and keep
@@ -106,12 +122,7 @@ def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ng
     The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
     MOSES is read only as far as its first ``molecules`` distinct molecules (0: all of it).
     """
-    paths, limit = (None, 0) if corpus == "rdkit" else (sm.moses_smiles_files(), molecules)
-    aromatic = sm.load_molecules(paths, limit=limit)
-    smiles = aromatic if form == "aromatic" else sm.load_molecules(paths, form=form, limit=limit)
-    if molecules:
-        smiles, aromatic = smiles[:molecules], aromatic[:molecules]
-    train, val = sm.split_by_hash(list(zip(smiles, aromatic)), val_fraction, keys=aromatic)
+    train, val = _split(molecules, val_fraction, form, corpus)
     tok = sm.SmilesTokenizer.from_smiles([s for s, _ in train])
     fits = lambda pair: len(sm.tokenize(pair[0])) + 2 <= seq_len  # noqa: E731
     kept_pairs = [p for p in train if fits(p)]
@@ -307,6 +318,44 @@ def format_figures(fig: dict) -> list[str]:
     return lines + ["examples: " + "  ".join(fig["examples"])]
 
 
+def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
+    """Molecule representations from the trained model, as chemical language models are used as
+    featurisers: each molecule of the SMILES file ``path`` (.smi, .csv or .gz; first column) is
+    curated and written as the training corpus is (largest fragment, neutralised, canonical, in
+    the run's ``smiles_form``), so any SMILES of one molecule gives one result, and run as
+    ``bos`` + tokens + ``eos`` through the model (batched and padded under a key mask, as
+    ``hidden_states`` does). Returns ``smiles`` [N] (as read), ``canonical`` [N] (as run),
+    ``mean`` [N, embed] (over the molecule's tokens), ``last`` [N, embed] (the state at ``eos``:
+    a causal model's summary of the whole molecule), ``per_token`` [total tokens, embed] and
+    ``offsets`` [N + 1]. One-line ValueError naming the molecule for one RDKit cannot parse or
+    the corpus would leave out, a token the training split never had, or one longer than
+    ``max_len``."""
+    smiles = sm.read_smiles_file(path)
+    if not smiles:
+        raise ValueError(f"{path} holds no SMILES")
+    tok, ids, forms = tokenizer_of(model_cfg), [], []
+    for i, raw in enumerate(smiles):
+        curated = sm.curate(raw)
+        if curated is None:
+            raise ValueError(f"{path}, molecule {i + 1} ({raw!r}): RDKit cannot parse it, or it lies outside the "
+                             f"training corpus (elements {' '.join(sorted(sm.ALLOWED_ELEMENTS))}, neutral, at most "
+                             f"{sm.MAX_HEAVY_ATOMS} heavy atoms)")
+        form = sm.to_form(curated, model_cfg.smiles_form)
+        unseen = sorted({t for t in sm.tokenize(form) if t not in tok.tokens})
+        if unseen:
+            raise ValueError(f"{path}, molecule {i + 1} ({raw!r}): tokens {unseen} never occur in the training split")
+        forms.append(form)
+        ids.append(tok.encode(form))
+        if len(ids[-1]) > model_cfg.max_len:
+            raise ValueError(f"{path}, molecule {i + 1} ({raw!r}): {len(ids[-1])} tokens with bos/eos exceed the "
+                             f"model's max_len={model_cfg.max_len}")
+    states = hidden_states(model, ids, batch_size=batch_size, pad_id=tok.pad_id)
+    atoms = [h[1:-1] for h in states]
+    return {"smiles": np.asarray(smiles), "canonical": np.asarray(forms),
+            "mean": np.stack([a.mean(axis=0) for a in atoms]), "last": np.stack([h[-1] for h in states]),
+            "per_token": np.concatenate(atoms), "offsets": np.cumsum([0] + [len(a) for a in atoms])}
+
+
 RECIPE = Recipe(
     name="smiles-lm",
     description="GPT-style SMILES language model on ~15,500 curated molecules shipped in rdkit (NCI, WEHI, ChEMBL)",
@@ -325,4 +374,5 @@ RECIPE = Recipe(
     pipeline=CAUSAL_LM,
     check=check,
     report=report,
+    embed=embed,
 )
