@@ -2,6 +2,7 @@
 generation metrics against hand-made lists, greedy sampling against a plain decoding loop, and the
 recipe trained through the CLI and the train loop under the shared technique flags."""
 
+import dataclasses
 import math
 import re
 import shutil
@@ -304,11 +305,10 @@ def test_embed_gives_one_representation_per_molecule_whatever_its_smiles(tmp_pat
         with pytest.raises(ValueError, match=match) as info:
             smiles_lm.embed(model_cfg, model, _smi(tmp_path / "bad.smi", ["CCO", smiles]))
         assert "molecule 2" in str(info.value) and "\n" not in str(info.value)
-    import dataclasses
-
     with pytest.raises(ValueError, match="molecule 1 .* 22 tokens with bos/eos exceed the model's max_len=16"):
         smiles_lm.embed(dataclasses.replace(model_cfg, max_len=16), model, _smi(tmp_path / "long.smi", ["C" * 20]))
-    monkeypatch.setattr(smiles_lm, "tokenizer_of", lambda cfg: sm.SmilesTokenizer([t for t in tok.tokens[4:] if t != "O"]))
+    without_o = sm.SmilesTokenizer([t for t in tok.tokens[4:] if t != "O"])  # a vocabulary that lacks oxygen
+    monkeypatch.setattr(smiles_lm, "tokenizer_of", lambda cfg: without_o)
     with pytest.raises(ValueError, match=r"molecule 1 \('CCO'\): tokens \['O'\] never occur in the training split"):
         smiles_lm.embed(model_cfg, model, _smi(tmp_path / "o.smi", ["CCO"]))
 
