@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from sciscale_jax import parallel
+from sciscale_jax import optim, parallel
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.train.sharding import compile_train_step, plan_placement, resolve_strategy
 from sciscale_jax.train.step import init_train_state, make_train_step
@@ -69,6 +69,34 @@ def collective_bytes(hlo: str, op: str) -> int:
 
 def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,mesh_spec,zero", [("adafactor", "fsdp=8", 0), ("adafactor", "data=2,fsdp=4", 1),
+                                                  ("sm3", "fsdp=4,tensor=2", 0), ("adam_mini", "fsdp=4,tensor=2", 1)])
+def test_optimizer_state_shaped_unlike_its_parameter_is_placed_where_it_divides(name, mesh_spec, zero):
+    """Optimizer state of other shapes than its parameter: Adafactor's factored moments and the
+    (1,)-shaped placeholders it keeps beside a vector's full moment, Adam-mini's block-reduced
+    second moments, SM3's per-axis accumulators (not a tree shaped like the parameters). The
+    placeholders and Adam-mini's moments used to take their parameter's sharding and every such
+    FSDP/TP run failed at initialisation (IndivisibleError); SM3 failed on any mesh. Each
+    sharding must split its leaf; a moment shaped like its parameter keeps the parameter's
+    layout; the jitted init with these shardings computes the optimizer's own init."""
+    tx = optim.get_optimizer(name, 1e-3)
+    _, _, state, place, _ = _setup(mesh_spec, zero, tx)
+    shapes = jax.eval_shape(tx.init, state.params)
+    for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(place.state.opt_state), strict=True):
+        s.shard_shape(x.shape)  # raises where the sharding does not split the leaf
+    norm = ("layers", 0, "mlp_norm", "scale")
+    assert not place.state.params["layers"][0]["mlp_norm"]["scale"].is_fully_replicated
+    paths = [tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(shapes)]
+    like_norm = [s for p, x, s in zip(paths, jax.tree.leaves(shapes), jax.tree.leaves(place.state.opt_state))
+                 if p[-len(norm):] == norm and x.shape == (CFG.embed_dim,)]
+    assert like_norm and all(not s.is_fully_replicated for s in like_norm)
+    with jax.set_mesh(place.mesh):
+        opt_state = jax.jit(tx.init, out_shardings=place.state.opt_state)(state.params)
+    for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(tx.init(state.params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _data8():

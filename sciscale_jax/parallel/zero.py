@@ -100,15 +100,46 @@ def train_shardings(params, param_axes, rules, mesh, stage: int, optimizer=None)
         opt_shapes = jax.eval_shape(optimizer.init, params)
         replicated = NamedSharding(mesh, P())
 
-        def opt_leaf(x, s):  # a leaf of another rank (Adafactor's factored moments) has no param layout
-            s = s if len(s.spec) <= len(x.shape) else replicated
+        def opt_leaf(x, s):  # a leaf of another rank or size (Adafactor's factored moments and
+            # the (1,)-shaped placeholders it keeps for unfactored vectors) has no param layout
+            s = s if _splits(x.shape, s) else replicated
             return stage_sharding(s, x.shape, stage, "opt_state")
 
-        opt = optax.tree_map_params(
-            optimizer, opt_leaf, opt_shapes, model,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        try:
+            opt = optax.tree_map_params(
+                optimizer, opt_leaf, opt_shapes, model,
+                transform_non_params=lambda _: replicated,
+                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        except (ValueError, TypeError):  # per-parameter state not shaped like the params tree (SM3's
+            opt = _by_key_path(opt_shapes, model, opt_leaf, replicated)  # per-axis accumulators)
     return TrainShardings(per_kind["params"], per_kind["grads"], opt)
+
+
+def _by_key_path(state, shardings, leaf_fn, other):
+    """Shardings of the optimizer ``state`` matched to the parameters' ``shardings`` by key path: a
+    leaf whose path ends with a parameter's path gets ``leaf_fn(leaf, that sharding)``, others
+    ``other``."""
+    by_path = dict(jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
+
+    def one(path, leaf):
+        for start in range(len(path)):
+            if tuple(path[start:]) in by_path:
+                return leaf_fn(leaf, by_path[tuple(path[start:])])
+        return other
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _splits(shape, sharding: NamedSharding) -> bool:
+    """Whether ``sharding``'s spec fits an array of ``shape``: no more entries than dimensions,
+    each dimension divisible by its mesh axes."""
+    if len(sharding.spec) > len(shape):
+        return False
+    try:
+        check_divisible(shape, sharding.spec, sharding.mesh, "optimizer state")
+    except ValueError:
+        return False
+    return True
 
 
 def batch_sharding(shape, axes, rules, mesh) -> NamedSharding:
