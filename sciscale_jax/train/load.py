@@ -37,7 +37,7 @@ from sciscale_jax.train.abstract import eval_shape_module
 from sciscale_jax.train.checkpoint import restore_model
 from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
 from sciscale_jax.train.sharding import pick_strategy
-from sciscale_jax.train.step import TrainState, split_model
+from sciscale_jax.train.step import TrainState, split_model, with_shardings
 from sciscale_jax.train.validate import MESH_ATTENTION
 
 
@@ -51,8 +51,8 @@ class TrainedRun:
     train_config: TrainConfig    # as saved (its mesh was the training run's)
     step: int                    # the checkpoint's step
     run_dir: pathlib.Path
-    mesh: jax.sharding.Mesh | None = None  # where the parameters are sharded (None: one device)
-    rules: tuple | None = None   # the rule table the parameters, batches and activations follow on ``mesh``
+    mesh: jax.sharding.Mesh | None = None  # where the parameters are sharded by ``model_config.sharding``'s
+                                           # rule table (None: one device)
 
     def on_mesh(self):
         """A context in which the model's activation constraints apply (``jax.set_mesh(self.mesh)``;
@@ -75,7 +75,7 @@ class TrainedRun:
             data = self.recipe.build_data(self.train_config, self.model_config)
         graphdef, params, rest = split_model(self.model)
         rows = self.train_config.batch_size // self.train_config.grad_accum
-        place = None if self.mesh is None else _EvalPlacement(self.mesh, self.rules)
+        place = None if self.mesh is None else _EvalPlacement(self.mesh, parallel.rules_for(self.model_config.sharding))
         with self.on_mesh():
             eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
             return validation_metrics(self.recipe, eval_fn, params, rest,
@@ -137,23 +137,21 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
 
     abstract = eval_shape_module(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
     graphdef, params, rest = split_model(abstract)
-    device_mesh, rules = None, None
+    device_mesh = None
     if mesh_config is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        param_sh, rest_sh = (jax.tree.map(lambda _: device, t) for t in (params, rest))
+        param_sh = rest_sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     else:
         device_mesh = parallel.make_mesh(mesh_config)
-        rules = parallel.rules_for(getattr(model_config, "sharding", None) or pick_strategy(mesh_config))
+        rules = parallel.rules_for(model_config.sharding)
         try:
             param_sh = parallel.train_shardings(params, parallel.param_axes(abstract), rules, device_mesh, 0).params
         except ValueError as err:  # a size that does not split over the mesh
             raise ValueError(f"loading onto mesh={mesh!r}: {err}") from None
-        rest_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec()), rest)
-    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    found, params, rest = restore_model(run_dir, jax.tree.map(place, params, param_sh),
-                                        jax.tree.map(place, rest, rest_sh), step, log=log)
+        rest_sh = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
+    found, params, rest = restore_model(run_dir, with_shardings(params, param_sh), with_shardings(rest, rest_sh),
+                                        step, log=log)
     model = nnx.merge(graphdef, params, rest)
-    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, rules)
+    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh)
 
 
 def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | None, log):
@@ -163,7 +161,7 @@ def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | N
     without a ``sequence`` axis ``auto``. A replacement asked for in ``overrides`` that this mesh
     cannot take is a ValueError."""
     sizes = mesh_config.sizes() if mesh_config is not None else {}
-    if mesh_config is not None and overrides.get("sharding") is None and hasattr(model_config, "sharding"):
+    if mesh_config is not None and overrides.get("sharding") is None:
         picked = pick_strategy(mesh_config)  # the saved table was the training mesh's
         if model_config.sharding not in (None, picked):
             log(f"sharding={model_config.sharding!r} was for the training mesh; loading onto mesh={mesh!r} "

@@ -37,7 +37,8 @@ from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
 from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
-                                     make_eval_step, make_train_step, make_zeroth_order_step, split_model)
+                                     make_eval_step, make_train_step, make_zeroth_order_step, split_model,
+                                     with_shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +175,6 @@ def sharded_init(build, tx, shardings) -> TrainState:
     return init_program(build, tx, shardings)()
 
 
-def _with_shardings(abstract, shardings):
-    """``ShapeDtypeStruct``s of ``abstract`` carrying ``shardings`` (a tree like it, or one for every leaf)."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, abstract)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
 def recipe_eval_step(recipe, graphdef):
     """``(params, rest, pieces) -> {name: (sum, count)}``: the recipe's evaluation metrics, no
     dropout, summed over an evaluation batch's pieces (:func:`eval_batches`, :func:`over_pieces`)."""
@@ -313,7 +307,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
     if resume:  # the restore target: shapes, dtypes and this run's shardings
         where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        state = _with_shardings(state, where)
+        state = with_shardings(state, where)
     if place is not None:
         mesh = place.mesh
         if not resume:

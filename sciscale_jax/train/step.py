@@ -62,6 +62,14 @@ def abstract_train_state(params, rest, tx: optax.GradientTransformation) -> Trai
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, rest, jax.eval_shape(tx.init, params))
 
 
+def with_shardings(abstract, shardings):
+    """``jax.ShapeDtypeStruct``s of the tree ``abstract`` carrying ``shardings`` (a tree like it, or
+    one sharding for every leaf): a restore target."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
     """Plain reverse-mode gradients of the token-mean loss, times ``loss_scale`` (fp16)."""
 
