@@ -120,8 +120,9 @@ def _base_parser() -> argparse.ArgumentParser:
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
     em.add_argument("--input", required=True, metavar="FILE",
-                    help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm or aligned FASTA file, "
-                         "query first; smiles-lm: a .smi, .csv or .gz file of SMILES, first column)")
+                    help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm, A3M or aligned FASTA "
+                         "file, query first; smiles-lm: a .smi, .csv or .txt file of SMILES, first column; "
+                         "each may be .gz)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
@@ -272,7 +273,7 @@ def _eval(run_dir, rest, show_help: bool) -> int:
         _check_writable(args.json)
     run = load_trained(recipe, run_dir, step=args.step, mesh=args.mesh,
                        log=lambda line: print(line, file=sys.stderr) if primary else None, **_picked(args, "model"))
-    data = run.recipe.build_data(run.train_config, run.model_config)
+    data = run.build_data()
     validation = run.evaluate(data)
     if not primary:
         return 0

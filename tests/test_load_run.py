@@ -17,13 +17,12 @@ import pytest
 from flax import nnx
 
 from sciscale_jax import cli
-from sciscale_jax.models import TransformerConfig
 from sciscale_jax.recipes import get_recipe, load_run
 from sciscale_jax.train import TrainConfig, split_model, train
 from sciscale_jax.train.checkpoint import CheckpointError
 
 RECIPE = get_recipe("protein-mlm")
-MODEL = TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
+MODEL = RECIPE.config_class(vocab_size=32, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
 CFG = TrainConfig(steps=6, batch_size=4, seq_len=32, save_every=3, eval_every=3, log_every=1, warmup_steps=2, seed=3)
 
 

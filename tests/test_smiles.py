@@ -480,8 +480,10 @@ def test_moses_corpus_without_molsets_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moses" else real(name, *a))
     with pytest.raises(ImportError, match=r"pip install molsets --no-deps"):
         smiles_lm.build_corpus(64, molecules=100, corpus="moses")
-    with pytest.raises(ValueError, match="corpus='zinc'"):
-        smiles_lm.SmilesLMConfig(vocab_size=64, corpus="zinc")
+    with pytest.raises(ValueError, match="corpus=''"):
+        smiles_lm.SmilesLMConfig(vocab_size=64, corpus="")
+    with pytest.raises(ValueError, match="^--corpus zinc: no such file or folder$"):  # neither shipped nor a path
+        smiles_lm.build_corpus(64, molecules=100, corpus="zinc")
 
 
 def test_moses_corpus_reads_only_its_first_molecules(tmp_path, monkeypatch):

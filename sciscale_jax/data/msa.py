@@ -30,6 +30,7 @@ import zlib
 
 import numpy as np
 
+from sciscale_jax.data import files
 from sciscale_jax.data.rows import check_rows
 
 AMINO = "ARNDCQEGHILKMFPSTWYV"
@@ -51,13 +52,16 @@ def _package_data(package: str, extra: str) -> pathlib.Path:
     return pathlib.Path(spec.origin).parent / "tests" / "data"
 
 
+ALIGNMENT_SUFFIXES = tuple(s + gz for gz in ("", ".gz") for s in (".sto", ".stk", ".afa", ".fasta", ".fa", ".a3m"))
+
+
 def read_alignment(path) -> np.ndarray:
-    """int8 tokens [rows, columns] of a Stockholm (.sto) or aligned FASTA (.afa/.fasta) file."""
+    """int8 tokens [rows, columns] of a Stockholm (.sto), aligned FASTA (.afa/.fasta) or A3M
+    (.a3m) file, each possibly gzip-compressed. In A3M (HHblits, ColabFold), and in a FASTA file
+    whose rows differ in length, lower-case letters are insertions relative to the query and
+    '.' their gaps: they are dropped, so every row runs over the query's columns."""
     path = pathlib.Path(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text alignment file") from None
+    text = files.read_text(path, "text alignment")
     rows: dict[str, list[str]] = {}
     if text.startswith("# STOCKHOLM"):
         blocks = [b for b in text.split("\n//") if b.strip()]
@@ -83,6 +87,8 @@ def read_alignment(path) -> np.ndarray:
             elif line.strip() and name is not None:
                 rows[name].append(line.strip())
         seqs = ["".join(parts) for parts in rows.values()]
+        if path.name.endswith((".a3m", ".a3m.gz")) or len({len(x) for x in seqs}) > 1:
+            seqs = ["".join(c for c in x if not (c.islower() or c == ".")) for x in seqs]
     else:
         raise ValueError(f"{path}: not a Stockholm or aligned FASTA file (first line {text[:40]!r})")
     lengths = {len(s) for s in seqs}
@@ -90,6 +96,24 @@ def read_alignment(path) -> np.ndarray:
         raise ValueError(f"{path}: rows of an alignment must be non-empty and of one length; got {sorted(lengths)[:5]}")
     codes = np.frombuffer("".join(seqs).encode("ascii", "replace"), np.uint8) & 127
     return _LOOKUP[codes].reshape(len(seqs), -1)
+
+
+def family_name(path) -> str:
+    """An alignment file's family name: its name up to the first '.' (``PF00069.a3m.gz`` ->
+    ``PF00069``)."""
+    return pathlib.Path(path).name.split(".")[0]
+
+
+def read_alignments(paths) -> dict[str, np.ndarray]:
+    """family name -> int8 tokens [rows, columns] of the user's alignment files; ValueError in one
+    line for two files of one family name."""
+    out, seen = {}, {}
+    for path in paths:
+        name = family_name(path)
+        if name in seen:
+            raise ValueError(f"alignments {seen[name]} and {path} have the same family name {name!r}")
+        seen[name], out[name] = path, read_alignment(path)
+    return out
 
 
 def load_alignments(include_pyfamsa: bool = True) -> dict[str, np.ndarray]:
@@ -221,6 +245,23 @@ def split_families(alignments: dict[str, np.ndarray], held_out: tuple[str, ...])
         raise ValueError(f"held-out alignment(s) {missing} not among {sorted(alignments)}")
     return ({k: v for k, v in alignments.items() if k not in held_out},
             {k: v for k, v in alignments.items() if k in held_out})
+
+
+def pick_held_out(names, val_fraction: float = 0.1) -> tuple[str, ...]:
+    """The families held out for validation when none are named: those whose name's CRC32 falls in
+    the lowest ``val_fraction`` of buckets, at least one and never all (ValueError for fewer than
+    two families). Independent of the order the files are listed in."""
+    names = sorted(names)
+    if len(names) < 2:
+        raise ValueError(f"{len(names)} alignment family given ({', '.join(names)}): training and validation need "
+                         "at least two, whole families being held out")
+    bucket = {n: zlib.crc32(n.encode()) % 10_000 for n in names}
+    held = [n for n in names if bucket[n] < val_fraction * 10_000]
+    if not held:
+        held = [min(names, key=lambda n: (bucket[n], n))]
+    if len(held) == len(names):
+        held.remove(max(held, key=lambda n: (bucket[n], n)))
+    return tuple(held)
 
 
 def alignment_hash(a: np.ndarray) -> int:

@@ -18,6 +18,8 @@ import zlib
 
 import numpy as np
 
+from sciscale_jax.data import files
+
 SPECIALS = ("<pad>", "<mask>", "<cls>", "<eos>")
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 EXTRA = "XBZUO"
@@ -62,19 +64,14 @@ class ProteinTokenizer:
 
 
 def read_fasta(path) -> list[tuple[str, str]]:
-    """(name, sequence) pairs from a FASTA file, with a trailing stop '*' removed.
+    """(name, sequence) pairs from a FASTA file (gzip-compressed when it ends in ``.gz``), with a
+    trailing stop '*' removed.
 
-    ValueError naming the path for a file that is not text, or whose first non-empty line
-    is not a ``>`` header.
+    ValueError naming the path for a missing file, a file that is not text, or one whose first
+    non-empty line is not a ``>`` header.
     """
     path = pathlib.Path(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a FASTA text file (byte {err.object[err.start]:#04x} at offset "
-                         f"{err.start} is not UTF-8 text)") from None
-    if "\x00" in text:
-        raise ValueError(f"{path} is not a FASTA text file (it holds NUL bytes)")
+    text = files.read_text(path, "FASTA text")
     records, name, chunks = [], None, []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -44,6 +43,8 @@ import sys
 import zlib
 
 import numpy as np
+
+from sciscale_jax.data import files
 
 SMILES_REGEX = re.compile(r"(\[[^\]]+\]|Br|Cl|%\d{2}|[BCNOPSFI]|[bcnops]|[0-9]|[-=#$:/\\().+*~@?>]|.)")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -119,11 +120,21 @@ def rdkit_smiles_files() -> list[pathlib.Path]:
     return paths
 
 
+SMILES_SUFFIXES = (".smi", ".csv", ".txt", ".smi.gz", ".csv.gz", ".txt.gz")
+
+
+def user_smiles_files(spec: str) -> list[pathlib.Path]:
+    """The SMILES files a ``--corpus`` of comma-separated files and folders names (a folder: its
+    ``SMILES_SUFFIXES`` files); ValueError in one line for a path that does not exist."""
+    return files.expand(spec, SMILES_SUFFIXES, "--corpus")
+
+
 def read_smiles_file(path) -> list[str]:
-    """The first column of a .smi (whitespace) or .csv / .csv.gz (comma, quoted) file; '#' lines
-    and a header whose first field is ``SMILES`` are skipped."""
+    """The first column of a .smi / .txt (whitespace) or .csv (comma, quoted) file, each possibly
+    gzip-compressed; '#' lines and a header whose first field is ``SMILES`` are skipped. ValueError
+    in one line naming the path for a missing or non-text file."""
     name = str(path)
-    text = gzip.open(path, "rt").read() if name.endswith(".gz") else pathlib.Path(path).read_text()
+    text = files.read_text(path, "SMILES text")
     comma = name.endswith((".csv", ".csv.gz"))
     out = []
     for line in text.splitlines():

@@ -7,7 +7,8 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   (``sciscale_jax.models.stack.Techniques``); the CLI generates the model flags from it;
 - ``build_model(config, rngs) -> nnx.Module``;
 - ``build_data(train_config, model_config) -> Data``: training batches as a pure function of
-  the step, fixed evaluation batches, the baselines to print beside the model's figures;
+  the step, fixed evaluation batches, the baselines to print beside the model's figures, and
+  the fingerprints of the user's data files it read (``Data.sources``), which the run records;
 - ``loss_fn(model, batch, key) -> (sum, count)`` for training (``key`` None: no dropout);
 - ``eval_fn(model, batch) -> {name: (sum, count)}``: evaluation metrics, summed over the
   evaluation batches and reported as ``val_<name>`` = sum / count (default: the loss);
@@ -41,6 +42,9 @@ class Data:
     eval: list            # fixed evaluation batches
     vocab_size: int | None = None
     baselines: dict = dataclasses.field(default_factory=dict)  # name -> value printed beside the model's
+    sources: dict = dataclasses.field(default_factory=dict)    # {path: sha256} of the user's files read
+                                                               # (``data.files.fingerprints``), recorded by the run
+    summary: str = ""     # one line on what the data is (the user's files: how many records, the split), logged
 
 
 def _identity(means: dict) -> dict:
@@ -64,6 +68,8 @@ class Recipe:
     report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
     pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
+    vocabulary_from_data: bool = False     # the tokenizer is built from the training data, so loading a
+                                           # run re-reads it (``train.load`` refuses changed data files)
 
     def metrics_fn(self) -> Callable:
         """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""

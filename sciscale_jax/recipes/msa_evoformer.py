@@ -1,7 +1,10 @@
 """msa-evoformer: AlphaFold 2's Evoformer trained with AlphaFold's masked-MSA objective on real alignments.
 
 Data (``sciscale_jax.data.msa``): the alignments shipped in pyhmmer and pyfamsa, with whole
-families held out for validation (the adenovirus fiber family by default). Each step draws
+families held out for validation (the adenovirus fiber family by default), or your alignments
+(``--alignments``: Stockholm, aligned FASTA or A3M files and folders of them, one family per
+file, held out by ``--held-out`` or by a hash of the family names; a run records each file's
+SHA-256). Each step draws
 query-centred crops of ``seq_len`` residues and ``num_seq`` rows and corrupts 15% of the MSA
 positions as AlphaFold does (70% mask token, 10% uniform, 10% profile, 10% kept); the loss is
 the cross-entropy of AlphaFold's masked-MSA head on every selected position.
@@ -25,6 +28,7 @@ import optax
 from flax import nnx
 
 from sciscale_jax.axes import BATCH, MSA_SEQ, RES
+from sciscale_jax.data import files
 from sciscale_jax.data import msa as msa_data
 from sciscale_jax.models.evoformer import Evoformer, EvoformerConfig
 from sciscale_jax.parallel import PipelineStages
@@ -38,6 +42,19 @@ class MsaEvoformerConfig(EvoformerConfig):
     """An Evoformer sized for the masked-MSA task; the MSA rows each step draws are ``num_seq``."""
 
     num_seq: int = dataclasses.field(default=16, metadata={"help": "MSA rows per example (row 0: the query)"})
+    alignments: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "your alignments: Stockholm, aligned FASTA or A3M files (.gz read too) or folders "
+        "of them, comma-separated, one family per file, row 0 the query; '': the five shipped in pyhmmer/pyfamsa"})
+    held_out: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "families (file names up to the first '.') held out for validation, "
+        "comma-separated; '': adeno_fiber for the shipped alignments, else about a tenth of the families by a "
+        "hash of their names (at least one)"})
+
+    def __post_init__(self):
+        for name in ("alignments", "held_out"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a comma-separated string")
+        super().__post_init__()
 
 
 class MsaEvoformer(nnx.Module):
@@ -132,16 +149,34 @@ def _profile_accuracy(batches) -> float:
     return hit / max(total, 1.0)
 
 
+def read_families(model_cfg) -> tuple[dict, tuple, dict]:
+    """(alignments by family, the held-out families, ``{path: sha256}`` of the user's files read)."""
+    named = tuple(n.strip() for n in model_cfg.held_out.split(",") if n.strip())
+    if not model_cfg.alignments:
+        return msa_data.load_alignments(), named or HELD_OUT, {}
+    paths = files.expand(model_cfg.alignments, msa_data.ALIGNMENT_SUFFIXES, "--alignments")
+    alignments = msa_data.read_alignments(paths)
+    held = named or msa_data.pick_held_out(alignments)
+    if set(held) >= set(alignments):
+        raise ValueError(f"--held-out {','.join(held)} leaves no family to train on")
+    return alignments, held, files.fingerprints(paths)
+
+
 def build_data(train_cfg, model_cfg) -> Data:
-    train_al, held = msa_data.split_families(msa_data.load_alignments(), HELD_OUT)
+    alignments, held_out, sources = read_families(model_cfg)
+    train_al, held = msa_data.split_families(alignments, held_out)
     kw = dict(batch_size=train_cfg.batch_size, num_seq=model_cfg.num_seq, num_res=train_cfg.seq_len)
     train = msa_data.MSABatches(train_al, seed=train_cfg.seed, **kw)
     evals = msa_data.MSABatches(held, seed=train_cfg.seed, **kw).eval_batches(max(1, 256 // train_cfg.batch_size))
     n = sum(float((b["mask_token"] * b["msa_mask"]).sum()) for b in evals)
     profile = -sum(float((b["profile_logp"] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n
+    summary = ""
+    if sources:
+        summary = (f"data: {len(alignments)} alignment families from --alignments; training on "
+                   f"{', '.join(sorted(train_al))}; held out {', '.join(sorted(held))}")
     return Data(train=train, eval=evals, vocab_size=msa_data.NUM_CLASSES,
                 baselines={"profile_loss": profile, "profile_acc": _profile_accuracy(evals),
-                           "masked_positions": n})
+                           "masked_positions": n}, sources=sources, summary=summary)
 
 
 def check(model_cfg, train_cfg, data) -> None:
@@ -150,7 +185,7 @@ def check(model_cfg, train_cfg, data) -> None:
 
 
 def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
-    """The trained trunk's representations of the alignment in ``path`` (Stockholm or aligned
+    """The trained trunk's representations of the alignment in ``path`` (Stockholm, A3M or aligned
     FASTA; row 0 is the query), what AlphaFold-style models hand on to structure and contact
     heads. The query's columns are kept (a column where the query has a gap is dropped, as in a
     query-centred A3M) and the query with the next ``num_seq - 1`` rows (search tools list hits
@@ -183,7 +218,7 @@ def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
 
 RECIPE = Recipe(
     name="msa-evoformer",
-    description="AlphaFold 2 Evoformer, masked-MSA objective on alignments shipped in pyhmmer/pyfamsa",
+    description="AlphaFold 2 Evoformer, masked-MSA objective on alignments shipped in pyhmmer/pyfamsa, or yours",
     config_class=MsaEvoformerConfig,
     build_model=lambda config, rngs: MsaEvoformer(config, rngs=rngs),
     build_data=build_data,

@@ -1,7 +1,11 @@
-"""protein-mlm: an ESM-style masked language model on real bacterial proteins.
+"""protein-mlm: an ESM-style masked language model on real bacterial proteins, or on yours.
 
-Data: the 2,100 proteins of one genome shipped in pyhmmer (``sciscale_jax.data.protein``),
-split by sequence hash into train and validation. Training counts every chosen position
+Data: the 2,100 proteins of one genome shipped in pyhmmer (``sciscale_jax.data.protein``), or
+the proteins of your FASTA files (``--data``: comma-separated files and folders, plain or
+gzip-compressed; symbols outside the residue alphabet read as X), split by sequence hash into
+train and validation (``--val-fraction``; identical sequences never straddle the split). A run
+records the SHA-256 of every file it read, so resuming or evaluating it on changed files is
+refused. Training counts every chosen position
 (BERT's objective); evaluation scores the positions replaced by the mask token, where the
 residue is hidden and only context can beat the residue frequencies, and reports kept and
 randomised positions apart (there the visible token gives most of the answer away).
@@ -15,6 +19,7 @@ proteins. Defaults finish on 2 CPU cores in a few minutes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -23,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sciscale_jax.data import ProteinTokenizer, load_proteins, split_by_sequence
+from sciscale_jax.data import ProteinTokenizer, files, load_proteins, split_by_sequence
 from sciscale_jax.data.protein import read_fasta
 from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, table_accuracy, table_nll,
                                    unigram_log_probs)
@@ -36,6 +41,37 @@ EVAL_MIN_MASKED = 20_000     # mask-replaced validation targets, over as many co
 TABLE_MIN_CHOSEN = 100_000   # chosen training positions counted into the context-free table
 TABLE_MAX_BATCHES = 2_000    # ... unless that takes more training batches (tiny test runs)
 EVAL_MIN_TOKENS = 2048       # tokens per evaluation batch (rows are a multiple of batch_size)
+FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProteinMLMConfig(TransformerConfig):
+    """The Transformer plus where this recipe's proteins come from."""
+
+    data: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "FASTA files or folders of them, comma-separated (.gz read too); "
+        "'': the 2,100 proteins shipped in pyhmmer"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={
+        "group": "data", "help": "share of distinct sequences held out (by hash)"})
+
+    def __post_init__(self):
+        if not isinstance(self.data, str):
+            raise ValueError(f"data={self.data!r} must be a string of comma-separated paths")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
+            raise ValueError(f"val_fraction={self.val_fraction!r} must lie in (0, 1)")
+        super().__post_init__()
+
+
+def read_proteins(model_cfg=None) -> tuple[list[str], dict[str, str]]:
+    """The proteins a run trains and validates on, and ``{path: sha256}`` of the user's files read
+    (empty for the shipped corpus). ``model_cfg`` may be any config (a plain ``TransformerConfig``
+    or None: the shipped corpus)."""
+    spec = getattr(model_cfg, "data", "")
+    if not spec:
+        return load_proteins(), {}
+    paths = files.expand(spec, FASTA_SUFFIXES, "--data")
+    sequences = [seq for path in paths for seq in load_proteins(path)]
+    return sequences, files.fingerprints(paths)
 
 
 def _token_nll_and_hits(model, batch):
@@ -106,14 +142,23 @@ def baselines(train: MLMBatches, evals: list, train_ids, tok) -> dict:
 
 def build_data(train_cfg, model_cfg=None) -> Data:
     tok = ProteinTokenizer(unknown="x")
-    train_seqs, val_seqs = split_by_sequence(load_proteins(), val_fraction=0.1)
+    sequences, sources = read_proteins(model_cfg)
+    train_seqs, val_seqs = split_by_sequence(sequences, val_fraction=getattr(model_cfg, "val_fraction", 0.1))
+    if not train_seqs or not val_seqs:
+        raise ValueError(f"{len(sequences)} protein(s) split into {len(train_seqs)} for training and "
+                         f"{len(val_seqs)} for validation: give more sequences or another --val-fraction")
     train_ids = [tok.encode(s, add_special=True) for s in train_seqs]
     val_ids = [tok.encode(s, add_special=True) for s in val_seqs]
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
     train = MLMBatches(train_ids, tok, **kw)
     rows = train_cfg.batch_size * max(1, EVAL_MIN_TOKENS // (train_cfg.batch_size * train_cfg.seq_len))
     evals = MLMBatches(val_ids, tok, **kw).eval_batches(min_masked=EVAL_MIN_MASKED, rows=rows)
-    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines(train, evals, train_ids, tok))
+    summary = ""
+    if sources:
+        summary = (f"data: {len(sequences)} proteins from {len(sources)} file(s) of --data: {len(train_seqs)} for "
+                   f"training, {len(val_seqs)} held out")
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines(train, evals, train_ids, tok),
+                sources=sources, summary=summary)
 
 
 def check(model_cfg, train_cfg, data) -> None:  # seq_len vs max_len: train.validate.check_run
@@ -149,12 +194,12 @@ def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
 
 RECIPE = Recipe(
     name="protein-mlm",
-    description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer",
+    description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer, or your FASTA files",
     # 29 tokens padded to 32 rows, so the embedding splits over tensor-parallel meshes.
     model_defaults=dict(vocab_size=32, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=1024, causal=False),
     train_defaults=dict(steps=300, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=30,
                         eval_every=100, save_every=100),
-    config_class=TransformerConfig,
+    config_class=ProteinMLMConfig,
     build_model=lambda config, rngs: Transformer(config, rngs=rngs),
     build_data=build_data,
     loss_fn=mlm_loss,

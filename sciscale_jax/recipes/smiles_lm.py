@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sciscale_jax.data import files
 from sciscale_jax.data import smiles as sm
 from sciscale_jax.losses import causal_lm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, decode, hidden_states
@@ -51,9 +52,10 @@ class SmilesLMConfig(TransformerConfig):
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
     corpus: str = dataclasses.field(default="rdkit", metadata={
-        "choices": ("rdkit", "moses"), "help": "molecules shipped in rdkit, or the MOSES set from the optional "
-        "molsets wheel (pip install molsets --no-deps; ~1.76M molecules, so first use canonicalises for a "
-        "long while: --molecules N reads the first N)"})
+        "help": "'rdkit': molecules shipped in rdkit; 'moses': the MOSES set from the optional molsets wheel "
+        "(pip install molsets --no-deps; ~1.76M molecules, so first use canonicalises for a long while: "
+        "--molecules N reads the first N); else your SMILES files or folders of them, comma-separated "
+        "(.smi, .csv, .txt, or those .gz; the first column), curated as the shipped ones"})
     smiles_form: str = dataclasses.field(default="kekule", metadata={
         "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
@@ -68,8 +70,8 @@ class SmilesLMConfig(TransformerConfig):
     def __post_init__(self):
         if not isinstance(self.molecules, int) or self.molecules < 0:
             raise ValueError(f"molecules={self.molecules!r} must be a non-negative integer")
-        if self.corpus not in ("rdkit", "moses"):
-            raise ValueError(f"corpus={self.corpus!r} must be 'rdkit' or 'moses'")
+        if not isinstance(self.corpus, str) or not self.corpus.strip():
+            raise ValueError(f"corpus={self.corpus!r} must be 'rdkit', 'moses' or paths of SMILES files")
         if self.smiles_form not in sm.SMILES_FORMS:
             raise ValueError(f"smiles_form={self.smiles_form!r} must be one of {sm.SMILES_FORMS}")
         if not isinstance(self.pack, bool):
@@ -98,10 +100,24 @@ class Corpus:
     train_canonical: tuple = ()  # the training molecules as canonical aromatic SMILES, for novelty
 
 
+def corpus_files(corpus: str) -> list | None:
+    """The SMILES files of ``corpus`` ("rdkit": None, the shipped files; "moses"; or the user's
+    comma-separated files and folders)."""
+    if corpus == "rdkit":
+        return None
+    if corpus == "moses":
+        return sm.moses_smiles_files()
+    return sm.user_smiles_files(corpus)
+
+
 def _split(molecules: int, val_fraction: float, form: str, corpus: str) -> tuple[list, list]:
     """(train, validation) pairs of (SMILES in ``form``, aromatic canonical SMILES) of the corpus."""
-    paths, limit = (None, 0) if corpus == "rdkit" else (sm.moses_smiles_files(), molecules)
+    paths = corpus_files(corpus)
+    limit = 0 if paths is None else molecules
     aromatic = sm.load_molecules(paths, limit=limit)
+    if not aromatic:
+        raise ValueError(f"--corpus {corpus}: no molecule survived curation (organic elements, neutral after "
+                         "neutralising; the first column of each line must be a SMILES string)")
     smiles = aromatic if form == "aromatic" else sm.load_molecules(paths, form=form, limit=limit)
     if molecules:
         smiles, aromatic = smiles[:molecules], aromatic[:molecules]
@@ -116,7 +132,7 @@ def tokenizer_of(model_cfg) -> sm.SmilesTokenizer:
 
 def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
                  form: str = "kekule", corpus: str = "rdkit") -> Corpus:
-    """Load, split and tokenize the corpus ("rdkit" or "moses"); fit the n-gram baselines and keep
+    """Load, split and tokenize the corpus ("rdkit", "moses" or SMILES files); fit the n-gram baselines and keep
     the best on validation.
 
     The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
@@ -151,7 +167,15 @@ def build_data(train_cfg, model_cfg) -> Data:
     evals = sm.CausalLMBatches(enc_val, tok.pad_id, **kw).eval_batches()
     baselines = {"unigram_ppl": sm.unigram_perplexity(enc_train, enc_val, tok.vocab_size),
                  f"ngram{corpus.ngram.n}_ppl": corpus.ngram.perplexity(enc_val)}
-    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines)
+    paths = corpus_files(model_cfg.corpus)
+    sources = files.fingerprints(paths) if model_cfg.corpus not in ("rdkit", "moses") else {}
+    summary = ""
+    if sources:
+        summary = (f"data: {len(corpus.train_smiles) + len(corpus.val_smiles) + corpus.dropped} curated molecules "
+                   f"from {len(sources)} file(s) of --corpus: {len(corpus.train_smiles)} for training, "
+                   f"{len(corpus.val_smiles)} held out, {corpus.dropped} longer than seq_len left out")
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines, sources=sources,
+                summary=summary)
 
 
 def summarize(means: dict) -> dict:
@@ -375,4 +399,5 @@ RECIPE = Recipe(
     check=check,
     report=report,
     embed=embed,
+    vocabulary_from_data=True,
 )

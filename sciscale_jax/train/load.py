@@ -10,6 +10,12 @@ job every process loads its devices' shards of a mesh over all of them); it retu
 with them, never reading the optimizer state. The directory is only read, so a run may still
 be training in it.
 
+A run that trained on the user's own data files recorded their SHA-256 (``data_files``):
+evaluating it on the same paths after they changed is refused in one line (a path given
+anew, ``data=...``, is the user's choice), and so is loading a run of a recipe whose
+vocabulary is built from its training data (``Recipe.vocabulary_from_data``) once those
+files are gone or changed.
+
 Settings that only make sense on the training mesh are dropped, each named in one line: on one
 device a ``sharding`` rule table, and on a mesh without a ``sequence`` axis sequence-split
 attention (``ring``, ``ulysses``, which compute exact attention) becomes ``auto``; on a mesh the
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sciscale_jax import parallel
+from sciscale_jax.data import files
 from sciscale_jax.parallel import dap
 from sciscale_jax.train import rundir
 from sciscale_jax.train.abstract import eval_shape_module
@@ -53,6 +60,8 @@ class TrainedRun:
     run_dir: pathlib.Path
     mesh: jax.sharding.Mesh | None = None  # where the parameters are sharded by ``model_config.sharding``'s
                                            # rule table (None: one device)
+    data_files: dict = dataclasses.field(default_factory=dict)  # {path: sha256} of the user's data files
+                                                                # the run trained on (empty: shipped data)
 
     def on_mesh(self):
         """A context in which the model's activation constraints apply (``jax.set_mesh(self.mesh)``;
@@ -72,7 +81,7 @@ class TrainedRun:
         microbatch as the training loop evaluates them (on a mesh, each piece split over its data
         axes by the recipe's batch axes)."""
         if data is None:
-            data = self.recipe.build_data(self.train_config, self.model_config)
+            data = self.build_data()
         graphdef, params, rest = split_model(self.model)
         rows = self.train_config.batch_size // self.train_config.grad_accum
         place = None if self.mesh is None else _EvalPlacement(self.mesh, parallel.rules_for(self.model_config.sharding))
@@ -80,6 +89,18 @@ class TrainedRun:
             eval_fn = jax.jit(recipe_eval_step(self.recipe, graphdef))
             return validation_metrics(self.recipe, eval_fn, params, rest,
                                       eval_batches(data.eval, place, self.recipe, rows))
+
+
+    def build_data(self):
+        """The recipe's data for the run's settings; ValueError in one line if a file the run
+        trained on is read again but its bytes have changed since."""
+        data = self.recipe.build_data(self.train_config, self.model_config)
+        changed = [f"{path} (sha256 {self.data_files[path][:12]}... when the run trained, {digest[:12]}... now)"
+                   for path, digest in sorted(data.sources.items())
+                   if path in self.data_files and self.data_files[path] != digest]
+        if changed:
+            raise ValueError(f"{self.run_dir} trained on other data: {'; '.join(changed)} changed since")
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +147,11 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
         raise ValueError(f"{run_dir} holds a {saved['recipe']!r} run, not {recipe.name!r}")
     train_config = _config(TrainConfig, saved["train"], "train", run_dir)
     model_config = _config(recipe.config_class, saved["model"], "model", run_dir)
+    data_files = saved.get("data_files") or {}
+    changed = files.changed(data_files) if recipe.vocabulary_from_data else []
+    if changed:
+        raise ValueError(f"{recipe.name} builds its vocabulary from the training data, which is not as {run_dir} "
+                         f"trained on it: {'; '.join(changed)}")
     unknown = sorted(set(model_overrides) - {f.name for f in dataclasses.fields(model_config)})
     if unknown:
         raise ValueError(f"{recipe.name} models have no setting {', '.join(unknown)}")
@@ -151,7 +177,7 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     found, params, rest = restore_model(run_dir, with_shardings(params, param_sh), with_shardings(rest, rest_sh),
                                         step, log=log)
     model = nnx.merge(graphdef, params, rest)
-    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh)
+    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files)
 
 
 def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | None, log):

@@ -262,6 +262,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
     pipeline_run.check_run(recipe, model_config, cfg)  # a pipeline axis: stages, schedule, microbatches
     data = recipe.build_data(cfg, model_config)
+    if data.summary:
+        log(data.summary)
     if recipe.check is not None:
         recipe.check(model_config, cfg, data)
     given_config = model_config  # saved as given: a resumed run may pick another mesh
@@ -328,6 +330,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             jit_kw["in_shardings"] = (placed, jit_kw["in_shardings"][1])
     # Every check above runs before anything in out_dir is written.
     run_config = {"recipe": recipe.name, "model": given_config.to_dict(), "train": cfg.to_dict()}
+    if data.sources:  # the user's data files by SHA-256: resuming on changed files is refused below
+        run_config["data_files"] = dict(data.sources)
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
     lock = rundir.RunLock(out_dir) if primary else contextlib.nullcontext()
     with lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
