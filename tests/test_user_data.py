@@ -225,6 +225,14 @@ def test_smiles_lm_trains_on_smiles_files_and_loads_only_with_its_vocabulary_unc
     assert int(counts.group(2)) + int(counts.group(3)) + int(counts.group(4)) == 300
     assert set(_saved(run)["data_files"]) == {str((folder / n).resolve()) for n in ("a.smi", "b.csv.gz")}
 
+    # A run started from this one must number its tokens alike: half the corpus counts them otherwise.
+    assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "tuned"), "--corpus", str(folder / "a.smi"),
+                     "--init-from", str(run), *SMILES_TINY, "--steps", "2"]) == 2
+    err = _one_line_error(capsys)
+    assert re.search(r"--init-from .*: its vocabulary \(\d+ tokens\) is not this run's \(\d+; first difference at id "
+                     r"\d+\): smiles-lm builds it from the training data", err), err
+    assert not (tmp_path / "tuned").exists()
+
     query = tmp_path / "q.smi"
     query.write_text("CCO\nOCC\n")
     assert cli.main(["embed", str(run), "--input", str(query), "--out", str(tmp_path / "e.npz")]) == 0

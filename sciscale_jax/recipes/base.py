@@ -23,6 +23,9 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
   FASTA file; msa-evoformer: the single and pair representations of an alignment; smiles-lm:
   molecule representations of a SMILES file), saved by ``sciscale embed``;
+- ``vocabulary`` (optional): ``(model_config) -> tokens by id`` for a recipe whose tokenizer is
+  built from its training data (smiles-lm), so loading a run re-reads that data and a run
+  started from another's parameters (``init_from``) must have the same tokens;
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.
@@ -68,8 +71,9 @@ class Recipe:
     report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
     pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
-    vocabulary_from_data: bool = False     # the tokenizer is built from the training data, so loading a
-                                           # run re-reads it (``train.load`` refuses changed data files)
+    vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
+                                           # training data: loading a run re-reads that data (changed files
+                                           # are refused) and --init-from needs the same tokens
 
     def metrics_fn(self) -> Callable:
         """``(model, batch) -> {name: (sum, count)}``: ``eval_fn``, or the loss alone."""

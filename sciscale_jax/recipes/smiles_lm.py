@@ -399,5 +399,5 @@ RECIPE = Recipe(
     check=check,
     report=report,
     embed=embed,
-    vocabulary_from_data=True,
+    vocabulary=lambda model_cfg: tokenizer_of(model_cfg).tokens,
 )

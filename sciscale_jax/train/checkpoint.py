@@ -278,7 +278,7 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
     optimizer state is not read.
 
     ``params`` and ``rest`` (arrays or ``ShapeDtypeStruct``s with shardings) give the structure,
-    dtypes and placement. Read-only, so a run still training in the directory is left alone: a
+    dtypes and placement; ``rest=None`` reads the parameters alone (and returns None for it). Read-only, so a run still training in the directory is left alone: a
     damaged checkpoint is skipped with one line through ``log``, never moved aside (with ``step``
     given it is an error). ``FileNotFoundError`` names the steps there are; ``CheckpointError``
     when none is readable; ``ValueError`` when the checkpoint holds a different model.
@@ -289,12 +289,12 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
         raise FileNotFoundError(f"no checkpoint {step} under {directory}; there are: {steps or 'none'}")
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    target = abstract_like({"params": params, "rest": rest})
+    target = abstract_like({"params": params} if rest is None else {"params": params, "rest": rest})
     abstract = _drop_empty(target)
     skipped = []
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = directory / str(candidate)
-        problem = _check_item(step_dir, abstract, only=("params", "rest"),
+        problem = _check_item(step_dir, abstract, only=tuple(target),
                               hint="load it with the settings it was trained with")
         if problem is None:
             try:
@@ -307,7 +307,7 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
                 finally:
                     reader.close()
                 restored = _refill_empty(restored, target)
-                return candidate, restored["params"], restored["rest"]
+                return candidate, restored["params"], restored.get("rest")
             except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
                 problem = _unreadable(err)
         if step is not None:

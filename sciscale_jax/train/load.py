@@ -13,7 +13,7 @@ be training in it.
 A run that trained on the user's own data files recorded their SHA-256 (``data_files``):
 evaluating it on the same paths after they changed is refused in one line (a path given
 anew, ``data=...``, is the user's choice), and so is loading a run of a recipe whose
-vocabulary is built from its training data (``Recipe.vocabulary_from_data``) once those
+vocabulary is built from its training data (``Recipe.vocabulary``) once those
 files are gone or changed.
 
 Settings that only make sense on the training mesh are dropped, each named in one line: on one
@@ -148,7 +148,7 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     train_config = _config(TrainConfig, saved["train"], "train", run_dir)
     model_config = _config(recipe.config_class, saved["model"], "model", run_dir)
     data_files = saved.get("data_files") or {}
-    changed = files.changed(data_files) if recipe.vocabulary_from_data else []
+    changed = files.changed(data_files) if recipe.vocabulary is not None else []
     if changed:
         raise ValueError(f"{recipe.name} builds its vocabulary from the training data, which is not as {run_dir} "
                          f"trained on it: {'; '.join(changed)}")

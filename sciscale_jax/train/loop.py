@@ -6,7 +6,9 @@ the compiled step, where the checkpoint went). The loop never names a model or a
 recipe (``sciscale_jax.recipes.base.Recipe``) builds the model, the data, the loss and the
 metrics, and says which logical axes each batch field has. Batches are a pure function of
 (seed, step) and dropout keys of the step, so ``resume=True`` continues exactly where a
-killed run left off.
+killed run left off. ``init_from`` starts a new run (step 0, fresh optimizer state) from the
+parameters of another run of the same recipe, read straight into this run's placement: the
+pretrain-then-fine-tune workflow.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import pipeline as pipeline_run
 from sciscale_jax.train import rundir, validate, zo_budget
-from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir, restore_model
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
@@ -76,6 +78,11 @@ class TrainConfig:
         "group": "distribution", "help": "model chunks per pipeline device (schedule interleaved)"})
     schedule_steps: int = dataclasses.field(default=0, metadata={
         "help": "length of the warm-up + cosine schedule; 0: steps (kept when a resumed run adds steps)"})
+    init_from: str = dataclasses.field(default="", metadata={
+        "help": "start from the parameters of this run directory (the same recipe and model shapes; "
+                "step 0, fresh optimizer state), e.g. to fine-tune on --data"})
+    init_step: int = dataclasses.field(default=0, metadata={
+        "help": "the --init-from checkpoint to start from; 0: its newest readable one (saved as the one used)"})
 
     def __post_init__(self):
         _validate.train_config(self)  # integers, finite numbers, known optimizer
@@ -97,6 +104,8 @@ class TrainConfig:
         if self.zero and not self.mesh:
             raise ValueError(f"zero={self.zero} needs a mesh (--mesh data=N,...)")
         pipeline_run.check_config(self)
+        if not isinstance(self.init_from, str) or self.init_step < 0 or (self.init_step and not self.init_from):
+            raise ValueError(f"init_step={self.init_step} must be >= 0 and needs init_from (got {self.init_from!r})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,23 +165,60 @@ def evaluate(metrics_step, params, rest, batches) -> dict:
     return {name: s / max(n, 1e-30) if n else float("nan") for name, (s, n) in totals.items()}
 
 
-def init_program(build, tx, shardings):
-    """The jitted program :func:`sharded_init` runs (lower and compile it to see what each device holds)."""
+def init_program(build, tx, shardings, given_params: bool = False):
+    """The jitted program :func:`sharded_init` runs (lower and compile it to see what each device
+    holds); with ``given_params`` it takes the parameters as its argument."""
 
-    def init():
+    def init(params=None):
         with _whole_count_updates():  # traced in time linear in the model's size
-            return init_train_state(build(), tx)[1]
+            if params is None:
+                return init_train_state(build(), tx)[1]
+            graphdef, _, rest = split_model(build())  # the fresh parameters are dead code
+            return init_train_state(nnx.merge(graphdef, params, rest), tx)[1]
 
-    return jax.jit(init, out_shardings=shardings)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0 if given_params else ())
 
 
-def sharded_init(build, tx, shardings) -> TrainState:
-    """The ``TrainState`` of ``build()`` (a fresh model) and ``tx.init``, computed by one jitted
-    program whose outputs have ``shardings``: each device computes and holds only its shards of
-    the parameters and optimizer state (with ZeRO-3 or FSDP, a fraction of the whole). The values
-    are the eager initialisation's (jax's random bits do not depend on the sharding), up to
-    float rounding of the initialisers' arithmetic compiled as one program."""
-    return init_program(build, tx, shardings)()
+def sharded_init(build, tx, shardings, params=None) -> TrainState:
+    """The ``TrainState`` of ``build()`` (a fresh model, or its other variables with ``params``)
+    and ``tx.init``, computed by one jitted program whose outputs have ``shardings``: each device
+    computes and holds only its shards of the parameters and optimizer state (with ZeRO-3 or
+    FSDP, a fraction of the whole). The values are the eager initialisation's (jax's random bits
+    do not depend on the sharding), up to float rounding of the initialisers' arithmetic compiled
+    as one program."""
+    if params is None:
+        return init_program(build, tx, shardings)()
+    return init_program(build, tx, shardings, given_params=True)(params)
+
+
+def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) -> tuple[int, dict]:
+    """``(step, params)`` of ``cfg.init_from``'s checkpoint ``cfg.init_step`` (0: its newest
+    readable one), read onto ``target`` (ShapeDtypeStructs carrying this run's shardings); the
+    other run must be of ``recipe``, its parameters of the same shapes and dtypes (ValueError in
+    one line naming an array that differs) and, for a recipe whose vocabulary comes from its data,
+    its tokens the same as ``model_config``'s."""
+    saved = rundir.saved_config(cfg.init_from)
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"--init-from {cfg.init_from}: not a `sciscale train` run directory (no readable "
+                         f"{rundir.CONFIG_FILE})")
+    if saved.get("recipe") != recipe.name:
+        raise ValueError(f"--init-from {cfg.init_from} holds a {saved.get('recipe')!r} run, not {recipe.name!r}")
+    if recipe.vocabulary is not None:  # token ids mean what they meant in the other run
+        theirs = recipe.vocabulary(recipe.config_class(**saved["model"]))
+        ours = recipe.vocabulary(model_config)
+        if theirs != ours:
+            at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise ValueError(f"--init-from {cfg.init_from}: its vocabulary ({len(theirs)} tokens) is not this run's "
+                             f"({len(ours)}; first difference at id {at}): {recipe.name} builds it from the "
+                             "training data, so start from a run with the same data settings")
+    try:
+        found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log)
+    except FileNotFoundError as err:
+        raise ValueError(f"--init-from: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"--init-from: {err}".replace("load it with the settings it was trained with",
+                                                        "start from a run of the same model shapes")) from None
+    return found, params
 
 
 def recipe_eval_step(recipe, graphdef):
@@ -259,6 +305,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                          f"{jax.device_count()} devices, e.g. --mesh data={jax.device_count()}")
     rundir.preflight(out_dir, resume=resume)  # --out usable; --resume needs a checkpoint; writes nothing
     cfg = rundir.keep_schedule(out_dir, train_config, resume=resume)  # extending keeps the schedule
+    cfg = rundir.keep_init(out_dir, cfg, resume=resume)  # and where its parameters started
     validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
     pipeline_run.check_run(recipe, model_config, cfg)  # a pipeline axis: stages, schedule, microbatches
     data = recipe.build_data(cfg, model_config)
@@ -278,7 +325,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     # On a mesh the model is built abstractly here and initialised below by one jitted program
     # straight into its shards, so no device ever holds more of the state than its shards. A
     # resumed run is never initialised: its checkpoint is read straight onto the abstract state.
-    model = build() if mesh_config is None and not resume else eval_shape_module(build)
+    initialise = not resume and not cfg.init_from  # else the parameters are read from a checkpoint
+    model = build() if mesh_config is None and initialise else eval_shape_module(build)
     policy = precision.get_policy(model_config.precision)
     tx = build_optimizer(cfg)
     if policy.loss_scaling:
@@ -287,7 +335,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     example = data.train.batch(0)
     validate.check_data(data, getattr(model_config, "vocab_size", None), example)  # fields, dtypes, id ranges
     validate.check_loss_fields(recipe.loss_fn, model, example)  # a field the loss reads is present
-    if mesh_config is None and not resume:
+    if mesh_config is None and initialise:
         graphdef, state = init_train_state(model, tx)
     else:
         graphdef, params, rest = split_model(model)
@@ -307,12 +355,17 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
                       _evaluation_bar(evaluations, progress, tx),
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
+    where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if resume:  # the restore target: shapes, dtypes and this run's shardings
-        where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         state = with_shardings(state, where)
+    elif cfg.init_from:  # another run's parameters, read straight into this run's placement
+        found, params = read_init_params(recipe, model_config, cfg, with_shardings(state, where).params, log)
+        log(f"parameters from {cfg.init_from}, checkpoint {found}")
+        cfg = dataclasses.replace(cfg, init_step=found)  # saved in run_config.json as the one used
+        state = sharded_init(build, tx, where, params)
     if place is not None:
         mesh = place.mesh
-        if not resume:
+        if initialise:
             state = sharded_init(build, tx, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))

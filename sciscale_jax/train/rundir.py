@@ -69,6 +69,18 @@ def keep_schedule(run_dir, train_config, *, resume: bool):
     return dataclasses.replace(train_config, schedule_steps=length)
 
 
+def keep_init(run_dir, train_config, *, resume: bool):
+    """``train_config`` with the saved run's ``init_from`` / ``init_step`` when resuming without
+    them (a resumed run reads its own checkpoint; the record of where it started stays)."""
+    if not resume or train_config.init_from:
+        return train_config
+    saved = (saved_config(run_dir) or {}).get("train", {})
+    init_from, init_step = saved.get("init_from"), saved.get("init_step")
+    if not isinstance(init_from, str) or not init_from or not isinstance(init_step, int):
+        return train_config
+    return dataclasses.replace(train_config, init_from=init_from, init_step=init_step)
+
+
 class RunLock:
     """Exclusive lock on a run directory for the life of a run (context manager)."""
 
