@@ -183,7 +183,8 @@ def test_msa_evoformer_trains_on_alignment_files_and_refuses_them_changed(tmp_pa
     for batch in data.eval[:2]:
         for target, seq_mask in zip(batch["target"][:, 0], batch["seq_mask"]):
             crop = target[seq_mask > 0]
-            assert any(np.array_equal(crop, row[i:i + len(crop)]) for row in rows for i in range(len(row) - len(crop) + 1))
+            assert any(np.array_equal(crop, row[i:i + len(crop)])
+                       for row in rows for i in range(len(row) - len(crop) + 1))
 
     before = (_saved(run), _checkpoints(run))
     luxc = folder / "LuxC.sto"

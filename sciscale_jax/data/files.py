@@ -57,9 +57,8 @@ def changed(recorded: dict[str, str]) -> list[str]:
     for path, digest in sorted(recorded.items()):
         if not pathlib.Path(path).is_file():
             out.append(f"{path} is gone")
-        elif sha256(path) != digest:
-            out.append(f"{path} changed (sha256 {digest[:12]}... when the run trained, "
-                       f"{sha256(path)[:12]}... now)")
+        elif (now := sha256(path)) != digest:
+            out.append(f"{path} changed (sha256 {digest[:12]}... when the run trained, {now[:12]}... now)")
     return out
 
 

@@ -4,10 +4,10 @@ Data (``sciscale_jax.data.msa``): the alignments shipped in pyhmmer and pyfamsa,
 families held out for validation (the adenovirus fiber family by default), or your alignments
 (``--alignments``: Stockholm, aligned FASTA or A3M files and folders of them, one family per
 file, held out by ``--held-out`` or by a hash of the family names; a run records each file's
-SHA-256). Each step draws
-query-centred crops of ``seq_len`` residues and ``num_seq`` rows and corrupts 15% of the MSA
-positions as AlphaFold does (70% mask token, 10% uniform, 10% profile, 10% kept); the loss is
-the cross-entropy of AlphaFold's masked-MSA head on every selected position.
+SHA-256). Each step draws query-centred crops of ``seq_len`` residues and ``num_seq`` rows and
+corrupts 15% of the MSA positions as AlphaFold does (70% mask token, 10% uniform, 10% profile,
+10% kept); the loss is the cross-entropy of AlphaFold's masked-MSA head on every selected
+position.
 
 The model sees the corrupted MSA (one-hot, 23 classes) and, as ``target_feat``, the corrupted
 query row (row 0 of the MSA, so the true query residue is never visible where it is masked).
@@ -152,14 +152,15 @@ def _profile_accuracy(batches) -> float:
 def read_families(model_cfg) -> tuple[dict, tuple, dict]:
     """(alignments by family, the held-out families, ``{path: sha256}`` of the user's files read)."""
     named = tuple(n.strip() for n in model_cfg.held_out.split(",") if n.strip())
-    if not model_cfg.alignments:
-        return msa_data.load_alignments(), named or HELD_OUT, {}
-    paths = files.expand(model_cfg.alignments, msa_data.ALIGNMENT_SUFFIXES, "--alignments")
-    alignments = msa_data.read_alignments(paths)
-    held = named or msa_data.pick_held_out(alignments)
+    if model_cfg.alignments:
+        paths = files.expand(model_cfg.alignments, msa_data.ALIGNMENT_SUFFIXES, "--alignments")
+        alignments, sources = msa_data.read_alignments(paths), files.fingerprints(paths)
+        held = named or msa_data.pick_held_out(alignments)
+    else:
+        alignments, sources, held = msa_data.load_alignments(), {}, named or HELD_OUT
     if set(held) >= set(alignments):
         raise ValueError(f"--held-out {','.join(held)} leaves no family to train on")
-    return alignments, held, files.fingerprints(paths)
+    return alignments, held, sources
 
 
 def build_data(train_cfg, model_cfg) -> Data:

@@ -5,10 +5,10 @@ the proteins of your FASTA files (``--data``: comma-separated files and folders,
 gzip-compressed; symbols outside the residue alphabet read as X), split by sequence hash into
 train and validation (``--val-fraction``; identical sequences never straddle the split). A run
 records the SHA-256 of every file it read, so resuming or evaluating it on changed files is
-refused. Training counts every chosen position
-(BERT's objective); evaluation scores the positions replaced by the mask token, where the
-residue is hidden and only context can beat the residue frequencies, and reports kept and
-randomised positions apart (there the visible token gives most of the answer away).
+refused. Training counts every chosen position (BERT's objective); evaluation scores the
+positions replaced by the mask token, where the residue is hidden and only context can beat
+the residue frequencies, and reports kept and randomised positions apart (there the visible
+token gives most of the answer away).
 
 Baselines, on the same positions: the unigram of the training split's residues, and the
 context-free table P(target | input token) counted on training batches. A model below the

@@ -167,8 +167,8 @@ def build_data(train_cfg, model_cfg) -> Data:
     evals = sm.CausalLMBatches(enc_val, tok.pad_id, **kw).eval_batches()
     baselines = {"unigram_ppl": sm.unigram_perplexity(enc_train, enc_val, tok.vocab_size),
                  f"ngram{corpus.ngram.n}_ppl": corpus.ngram.perplexity(enc_val)}
-    paths = corpus_files(model_cfg.corpus)
-    sources = files.fingerprints(paths) if model_cfg.corpus not in ("rdkit", "moses") else {}
+    shipped = model_cfg.corpus in ("rdkit", "moses")
+    sources = {} if shipped else files.fingerprints(corpus_files(model_cfg.corpus))
     summary = ""
     if sources:
         summary = (f"data: {len(corpus.train_smiles) + len(corpus.val_smiles) + corpus.dropped} curated molecules "

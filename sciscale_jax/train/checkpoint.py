@@ -278,10 +278,11 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
     optimizer state is not read.
 
     ``params`` and ``rest`` (arrays or ``ShapeDtypeStruct``s with shardings) give the structure,
-    dtypes and placement; ``rest=None`` reads the parameters alone (and returns None for it). Read-only, so a run still training in the directory is left alone: a
-    damaged checkpoint is skipped with one line through ``log``, never moved aside (with ``step``
-    given it is an error). ``FileNotFoundError`` names the steps there are; ``CheckpointError``
-    when none is readable; ``ValueError`` when the checkpoint holds a different model.
+    dtypes and placement; ``rest=None`` reads the parameters alone (and returns None for it).
+    Read-only, so a run still training in the directory is left alone: a damaged checkpoint is
+    skipped with one line through ``log``, never moved aside (with ``step`` given it is an error).
+    ``FileNotFoundError`` names the steps there are; ``CheckpointError`` when none is readable;
+    ``ValueError`` when the checkpoint holds a different model.
     """
     directory = pathlib.Path(run_dir).absolute() / "checkpoints"
     steps = _step_folders(directory)
