@@ -20,7 +20,7 @@ from flax import nnx
 
 from sciscale_jax import cli
 from sciscale_jax.recipes import get_recipe, load_run
-from sciscale_jax.train import TrainConfig, train
+from sciscale_jax.train import TrainConfig, rundir, train
 
 RECIPE = get_recipe("protein-mlm")
 MODEL = RECIPE.make_config(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
@@ -63,11 +63,21 @@ def test_a_run_starts_from_another_runs_parameters(source, tmp_path, mesh, zero)
     if mesh:  # ZeRO-3 on 8 devices: every weight matrix arrives split, none whole on each device
         matrices = [x for x in jax.tree.leaves(result["state"].params) if x.ndim == 2]
         assert matrices and all(x.addressable_shards[0].data.size < x.size for x in matrices)
-    else:  # resumed without --init-from: the record of where it started is kept
-        more = TrainConfig(**{**cfg.to_dict(), "steps": 2, "init_from": "", "init_step": 0})
+    else:  # resumed by the same command with more steps: the record of where it started is kept
+        more = TrainConfig(**{**cfg.to_dict(), "steps": 2})
         train(RECIPE, MODEL, more, tmp_path / "tuned", resume=True, progress=False, log=lambda *_: None)
         saved = json.loads((tmp_path / "tuned" / "run_config.json").read_text())["train"]
         assert (saved["steps"], saved["init_from"], saved["init_step"]) == (2, str(source), 4)
+
+
+def test_a_resumed_run_keeps_the_record_of_where_it_started(tmp_path):
+    (tmp_path / "run_config.json").write_text(json.dumps({"train": {"init_from": "/runs/a", "init_step": 600}}))
+    kept = [rundir.keep_init(tmp_path, TrainConfig(init_from=f, init_step=s), resume=True)
+            for f, s in (("", 0), ("/runs/a", 0), ("/runs/a", 600))]
+    assert all((c.init_from, c.init_step) == ("/runs/a", 600) for c in kept)
+    for other in (TrainConfig(init_from="/runs/b"), TrainConfig(init_from="/runs/a", init_step=300)):
+        assert rundir.keep_init(tmp_path, other, resume=True) == other  # left for check_run_dir to refuse
+    assert rundir.keep_init(tmp_path, TrainConfig(), resume=False) == TrainConfig()
 
 
 def test_bad_init_from_is_refused_in_one_line_before_anything_is_written(source, tmp_path, capsys):

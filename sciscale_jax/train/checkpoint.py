@@ -273,7 +273,8 @@ def _check_item(step_dir: pathlib.Path, abstract, only: tuple[str, ...] = (),
     return None
 
 
-def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) -> tuple[int, dict, dict]:
+def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
+                  hint: str = "load it with the settings it was trained with") -> tuple[int, dict, dict]:
     """``(step, params, rest)`` from ``step`` or the newest readable checkpoint of ``run_dir``; the
     optimizer state is not read.
 
@@ -282,7 +283,7 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
     Read-only, so a run still training in the directory is left alone: a damaged checkpoint is
     skipped with one line through ``log``, never moved aside (with ``step`` given it is an error).
     ``FileNotFoundError`` names the steps there are; ``CheckpointError`` when none is readable;
-    ``ValueError`` when the checkpoint holds a different model.
+    ``ValueError`` when the checkpoint holds a different model (its message ends with ``hint``).
     """
     directory = pathlib.Path(run_dir).absolute() / "checkpoints"
     steps = _step_folders(directory)
@@ -295,8 +296,7 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print) 
     skipped = []
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = directory / str(candidate)
-        problem = _check_item(step_dir, abstract, only=tuple(target),
-                              hint="load it with the settings it was trained with")
+        problem = _check_item(step_dir, abstract, only=tuple(target), hint=hint)
         if problem is None:
             try:
                 reader = ocp.PyTreeCheckpointer()

@@ -90,7 +90,6 @@ class TrainedRun:
             return validation_metrics(self.recipe, eval_fn, params, rest,
                                       eval_batches(data.eval, place, self.recipe, rows))
 
-
     def build_data(self):
         """The recipe's data for the run's settings; ValueError in one line if a file the run
         trained on is read again but its bytes have changed since."""

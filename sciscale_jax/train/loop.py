@@ -212,12 +212,10 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
                              f"({len(ours)}; first difference at id {at}): {recipe.name} builds it from the "
                              "training data, so start from a run with the same data settings")
     try:
-        found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log)
-    except FileNotFoundError as err:
+        found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log,
+                                         hint="start from a run of the same model shapes")
+    except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"--init-from: {err}") from None
-    except ValueError as err:
-        raise ValueError(f"--init-from: {err}".replace("load it with the settings it was trained with",
-                                                        "start from a run of the same model shapes")) from None
     return found, params
 
 

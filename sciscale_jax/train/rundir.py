@@ -70,13 +70,16 @@ def keep_schedule(run_dir, train_config, *, resume: bool):
 
 
 def keep_init(run_dir, train_config, *, resume: bool):
-    """``train_config`` with the saved run's ``init_from`` / ``init_step`` when resuming without
-    them (a resumed run reads its own checkpoint; the record of where it started stays)."""
-    if not resume or train_config.init_from:
+    """``train_config`` with the saved run's ``init_from`` / ``init_step`` when resuming with them
+    left out or the same (a resumed run reads its own checkpoint; the record of where it started
+    stays). Other values are kept, so ``check_run_dir`` refuses them as a different run."""
+    if not resume:
         return train_config
     saved = (saved_config(run_dir) or {}).get("train", {})
     init_from, init_step = saved.get("init_from"), saved.get("init_step")
     if not isinstance(init_from, str) or not init_from or not isinstance(init_step, int):
+        return train_config
+    if train_config.init_from not in ("", init_from) or train_config.init_step not in (0, init_step):
         return train_config
     return dataclasses.replace(train_config, init_from=init_from, init_step=init_step)
 
