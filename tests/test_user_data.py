@@ -84,7 +84,7 @@ def test_protein_mlm_trains_on_fasta_files_and_refuses_them_changed(tmp_path, ca
     assert (_saved(run), _checkpoints(run)) == before  # nothing on disk changed
     assert cli.main(["eval", str(run)]) == 2
     err = _one_line_error(capsys)
-    assert re.search(r"trained on other data: .*b\.faa \(sha256 \w{12}\.\.\. when the run trained", err), err
+    assert re.search(r"trained on other data: .*b\.faa changed \(sha256 \w{12}\.\.\. when the run trained", err), err
     # Evaluating on data the user names anew is their choice: the held-out part of a.fasta.gz.
     assert cli.main(["eval", str(run), "--data", str(data / "a.fasta.gz")]) == 0
     assert "validation loss" in capsys.readouterr().out

@@ -51,13 +51,22 @@ def fingerprints(paths) -> dict[str, str]:
     return {str(pathlib.Path(p).resolve()): sha256(p) for p in paths}
 
 
-def changed(recorded: dict[str, str]) -> list[str]:
-    """One phrase per recorded file that is missing or whose bytes differ now (empty: all unchanged)."""
+def changed(recorded: dict[str, str], read: dict[str, str] | None = None) -> list[str]:
+    """One phrase per recorded file that is missing or whose bytes differ now (empty: all unchanged).
+    With ``read`` (the ``{path: sha256}`` of files just read) only the paths in both are compared,
+    by the digests given: nothing is hashed again."""
     out = []
     for path, digest in sorted(recorded.items()):
-        if not pathlib.Path(path).is_file():
+        if read is not None:
+            if path not in read:
+                continue
+            now = read[path]
+        elif not pathlib.Path(path).is_file():
             out.append(f"{path} is gone")
-        elif (now := sha256(path)) != digest:
+            continue
+        else:
+            now = sha256(path)
+        if now != digest:
             out.append(f"{path} changed (sha256 {digest[:12]}... when the run trained, {now[:12]}... now)")
     return out
 

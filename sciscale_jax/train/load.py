@@ -94,11 +94,9 @@ class TrainedRun:
         """The recipe's data for the run's settings; ValueError in one line if a file the run
         trained on is read again but its bytes have changed since."""
         data = self.recipe.build_data(self.train_config, self.model_config)
-        changed = [f"{path} (sha256 {self.data_files[path][:12]}... when the run trained, {digest[:12]}... now)"
-                   for path, digest in sorted(data.sources.items())
-                   if path in self.data_files and self.data_files[path] != digest]
+        changed = files.changed(self.data_files, data.sources)
         if changed:
-            raise ValueError(f"{self.run_dir} trained on other data: {'; '.join(changed)} changed since")
+            raise ValueError(f"{self.run_dir} trained on other data: {'; '.join(changed)}")
         return data
 
 
