@@ -115,14 +115,16 @@ def _base_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", nargs="?", help="the --out of a `sciscale train` run")
     e.add_argument("-h", "--help", action="store_true", help="show the flags and exit")
     em = sub.add_parser("embed", help="a trained run's representations of the inputs in a file (protein-mlm: FASTA; "
-                                         "msa-evoformer: an alignment; smiles-lm: SMILES)",
+                                         "msa-evoformer: an alignment; smiles-lm: SMILES; weather-vit: its "
+                                         "forecasts of Zarr/NetCDF fields)",
                         description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
     em.add_argument("run_dir", help="the --out of a `sciscale train` run")
     em.add_argument("--input", required=True, metavar="FILE",
                     help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm, A3M or aligned FASTA "
                          "file, query first; smiles-lm: a .smi, .csv or .txt file of SMILES, first column; "
-                         "each may be .gz)")
+                         "each may be .gz; weather-vit: Zarr stores or NetCDF files, comma-separated, holding the "
+                         "run's channels on its grid)")
     em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
@@ -308,8 +310,9 @@ def _embed(args) -> int:
         raise ValueError(f"recipe {recipe.name!r} has no embeddings to save ({having} have)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be positive")
-    if not pathlib.Path(args.input).is_file():
-        raise UsageError(f"--input {args.input}: no such file")
+    for part in (p.strip() for p in args.input.split(",")):
+        if part and not pathlib.Path(part).expanduser().exists():
+            raise UsageError(f"--input {part}: no such file or folder")
     _check_writable(args.out, "--out")
     run = load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh,
                        log=lambda line: print(line, file=sys.stderr))

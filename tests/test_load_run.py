@@ -271,7 +271,7 @@ def test_cli_embed_refuses_bad_input_before_writing(reference, tmp_path, capsys)
             (["embed", str(out), "--input", str(good), "--out", str(tmp_path / "no" / "e.npz")],
              "--out " + str(tmp_path / "no" / "e.npz") + ": cannot write a file there"),
             (["embed", str(other), "--input", str(good), "--out", str(target)],
-             "recipe 'weather-vit' has no embeddings to save")):
+             "no checkpoint under " + str(other / "checkpoints"))):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err, (argv, err)

@@ -126,6 +126,10 @@ class WeatherData:
     def val(self) -> np.ndarray:
         return self.fields[self.config.train_trajectories:]
 
+    @property
+    def interval_hours(self) -> int:
+        return self.config.interval_hours
+
 
 # --- the cache ----------------------------------------------------------------------------------------------
 
@@ -363,6 +367,15 @@ def zonal_climatology(trajectories: np.ndarray) -> np.ndarray:
     """
     mean = trajectories.astype(np.float64).mean(axis=(0, 1, 4), keepdims=True)[0, 0]
     return np.broadcast_to(mean, trajectories.shape[2:]).astype(np.float32)
+
+
+def time_mean_climatology(trajectories: np.ndarray) -> np.ndarray:
+    """Mean over trajectories and times of [N, T, V, lat, lon] -> [V, lat, lon], per grid point (float32).
+
+    For real fields, whose climate varies with longitude; it keeps the seasonal and daily cycles
+    in the anomalies (WeatherBench 2's climatology is per day of year and hour instead).
+    """
+    return trajectories.astype(np.float64).mean(axis=(0, 1)).astype(np.float32)
 
 
 class Normalizer:

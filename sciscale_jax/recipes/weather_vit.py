@@ -1,18 +1,21 @@
-"""weather-vit: a ClimaX-style vision transformer forecasting a simulated Held-Suarez atmosphere.
+"""weather-vit: a ClimaX-style vision transformer forecasting a simulated atmosphere, or your fields.
 
 Data (``sciscale_jax.data.weather``): trajectories of a T21 Held-Suarez atmosphere simulated
 by dinosaur on first use and cached; 8 channels (geopotential, temperature, winds on sigma
 levels, surface pressure) on a 32 x 64 equiangular grid every 6 hours. Whole trajectories are
-held out for validation. Each channel is normalized by its mean and standard deviation over
-the training trajectories.
+held out for validation. Or, with ``data`` (``sciscale_jax.data.gridded``), the ``channels`` of
+the user's Zarr or NetCDF fields (ERA5, WeatherBench 2), the last states in time held out. Each
+channel is normalized by its mean and standard deviation over the training states.
 
 The model (``sciscale_jax.models.climax``) maps the state at t to the state at t + lead and
 trains on latitude-weighted MSE over all channels (normalized units). Evaluation, on every
-pair of the held-out trajectories: latitude-weighted RMSE per channel in physical units (the
+pair of the held-out states: latitude-weighted RMSE per channel in physical units (the
 square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
-correlation (ACC, per state then averaged) against the zonal-mean climatology of the training
-trajectories; baselines on the same pairs: persistence (the input state) and climatology.
-``rollout`` runs the model autoregressively and scores every lead time the same way.
+correlation (ACC, per state then averaged) against the climatology of the training states
+(zonal mean for the zonally symmetric simulation, per grid point for the user's fields);
+baselines on the same pairs: persistence (the input state) and climatology. ``rollout`` runs
+the model autoregressively and scores every lead time the same way; ``forecast`` (``sciscale
+embed``) writes the trained model's forecasts of every state of a store.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sciscale_jax.axes import BATCH
+from sciscale_jax.data import gridded
 from sciscale_jax.data import weather as wx
 from sciscale_jax.models.climax import ClimaX, ClimaXConfig
 from sciscale_jax.recipes.base import Data, Recipe
@@ -35,9 +39,21 @@ FIELD = (BATCH, None, None, None)
 
 @dataclasses.dataclass(frozen=True)
 class WeatherViTConfig(ClimaXConfig):
-    """The ClimaX model plus the choices of the simulated data and the forecast lead."""
+    """The ClimaX model plus the forecast lead and the data: the simulation, or the user's fields."""
 
+    num_vars: int = dataclasses.field(default=0, metadata={
+        "help": "input and output channels (0: one per channel of the data)"})
     lead_steps: int = dataclasses.field(default=1, metadata={"help": "forecast lead in recorded intervals"})
+    data: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "your gridded fields: Zarr stores or NetCDF files, comma-separated "
+                                 "('': the Held-Suarez simulation)"})
+    channels: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "with --data: the channels, comma-separated, each a variable or variable@level "
+                                 "(geopotential@500,temperature@850,2m_temperature)"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={
+        "group": "data", "help": "with --data: the last share of the states held out"})
+    val_start: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "with --data: hold out the states from this date on (2018-01-01) instead"})
     truncation: int = dataclasses.field(default=21, metadata={
         "group": "data", "choices": tuple(wx.GAUSSIAN_NODES), "help": "spectral truncation of the simulation"})
     sim_layers: int = dataclasses.field(default=8, metadata={"group": "data", "help": "sigma levels simulated"})
@@ -45,7 +61,8 @@ class WeatherViTConfig(ClimaXConfig):
     spinup_days: float = dataclasses.field(default=25.0, metadata={"group": "data"})
     trajectory_days: float = dataclasses.field(default=25.0, metadata={
         "group": "data", "help": "days recorded per trajectory"})
-    interval_hours: int = dataclasses.field(default=6, metadata={"group": "data", "help": "hours between states"})
+    interval_hours: int = dataclasses.field(default=6, metadata={
+        "group": "data", "help": "hours between states (with --data: a multiple of the data's spacing)"})
     train_trajectories: int = dataclasses.field(default=4, metadata={"group": "data"})
     val_trajectories: int = dataclasses.field(default=2, metadata={"group": "data"})
     data_seed: int = dataclasses.field(default=0, metadata={"group": "data", "help": "seed of the simulation"})
@@ -55,9 +72,32 @@ class WeatherViTConfig(ClimaXConfig):
     def __post_init__(self):
         if not isinstance(self.lead_steps, int) or isinstance(self.lead_steps, bool) or self.lead_steps <= 0:
             raise ValueError(f"lead_steps={self.lead_steps!r} must be a positive integer")
-        self.data_config()  # ValueError for a bad simulation setting
-        if self.num_vars != len(wx.VARIABLES):
-            raise ValueError(f"num_vars={self.num_vars} must equal the {len(wx.VARIABLES)} channels of the weather data")
+        if self.data:
+            if not isinstance(self.interval_hours, int) or isinstance(self.interval_hours, bool) \
+                    or self.interval_hours <= 0:
+                raise ValueError(f"interval_hours={self.interval_hours!r} must be a positive integer")
+            if not self.channels:
+                raise ValueError("--data needs --channels: the variables to forecast, e.g. "
+                                 "geopotential@500,temperature@850,2m_temperature")
+            gridded.parse_channels(self.channels)
+            if not 0.0 < self.val_fraction < 1.0:
+                raise ValueError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+            if self.val_start:
+                try:
+                    np.datetime64(self.val_start, "s")
+                except ValueError:
+                    raise ValueError(f"val_start={self.val_start!r} is not a date (e.g. 2018-01-01)") from None
+        elif self.channels or self.val_start:
+            raise ValueError("--channels and --val-start choose from your --data; the simulation has its own "
+                             f"{len(wx.VARIABLES)} channels")
+        else:
+            self.data_config()  # ValueError for a bad simulation setting
+        channels = len(self.variables)
+        if self.num_vars == 0:
+            object.__setattr__(self, "num_vars", channels)
+        elif self.num_vars != channels:
+            raise ValueError(f"num_vars={self.num_vars} must equal the {channels} channels of the weather data "
+                             "(or 0: as many)")
         super().__post_init__()
 
     def data_config(self) -> wx.WeatherDataConfig:
@@ -69,6 +109,8 @@ class WeatherViTConfig(ClimaXConfig):
 
     @property
     def variables(self) -> tuple:
+        if self.data:
+            return tuple(c.name for c in gridded.parse_channels(self.channels))
         return tuple(name for _, _, name in wx.channel_levels(self.sim_layers))
 
 
@@ -130,31 +172,38 @@ def summarize(means: dict) -> dict:
 class Prepared:
     """What evaluation and rollouts need beyond the batches."""
 
-    weather: wx.WeatherData
+    weather: wx.WeatherData | gridded.FieldData  # .train, .val, .variables, .lat, .interval_hours
     normalizer: wx.Normalizer
-    val_norm: np.ndarray     # held-out trajectories, normalized
+    val_norm: np.ndarray     # held-out states, normalized
     clim_norm: np.ndarray    # [V, lat, lon] climatology, normalized
+    clim: np.ndarray         # [V, lat, lon] climatology in physical units
 
 
 def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
-    weather = wx.load_weather(model_cfg.data_config(), model_cfg.cache_dir or None, log=log)
+    """The simulation (zonal-mean climatology) or the user's fields (time-mean climatology per grid point)."""
+    if model_cfg.data:
+        weather = gridded.read_fields(model_cfg.data, model_cfg.channels, interval_hours=model_cfg.interval_hours,
+                                      val_fraction=model_cfg.val_fraction, val_start=model_cfg.val_start,
+                                      min_states=model_cfg.lead_steps + 1)
+        clim = wx.time_mean_climatology(weather.train)
+    else:
+        weather = wx.load_weather(model_cfg.data_config(), model_cfg.cache_dir or None, log=log)
+        clim = wx.zonal_climatology(weather.train)
     norm = wx.Normalizer(weather.train)
-    clim = norm(wx.zonal_climatology(weather.train))
-    return Prepared(weather, norm, norm(weather.val), clim)
+    return Prepared(weather, norm, norm(weather.val), norm(clim), clim)
 
 
 def baselines(prep: Prepared, lead_steps: int) -> dict:
     """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC."""
     val, lat = prep.weather.val, prep.weather.lat
     x, y = val[:, :-lead_steps], val[:, lead_steps:]
-    clim_phys = wx.zonal_climatology(prep.weather.train)
     std = prep.normalizer.std.astype(np.float64)[:, None, None]
     xn, yn = x / std, y / std  # normalized differences; the mean cancels
     out = {"persistence_loss": float(wx.lat_weighted_mse(xn, yn, lat).mean()),
-           "climatology_loss": float(wx.lat_weighted_mse(np.broadcast_to(clim_phys, y.shape) / std, yn, lat).mean())}
+           "climatology_loss": float(wx.lat_weighted_mse(np.broadcast_to(prep.clim, y.shape) / std, yn, lat).mean())}
     pers = wx.lat_weighted_mse(x, y, lat)
-    clim = wx.lat_weighted_mse(np.broadcast_to(clim_phys, y.shape), y, lat)
-    acc = wx.lat_weighted_acc(x, y, clim_phys, lat)
+    clim = wx.lat_weighted_mse(np.broadcast_to(prep.clim, y.shape), y, lat)
+    acc = wx.lat_weighted_acc(x, y, prep.clim, lat)
     for i, name in enumerate(prep.weather.variables):
         out[f"persistence_rmse_{name}"] = math.sqrt(pers[i])
         out[f"climatology_rmse_{name}"] = math.sqrt(clim[i])
@@ -164,23 +213,61 @@ def baselines(prep: Prepared, lead_steps: int) -> dict:
 
 def build_data(train_cfg, model_cfg) -> Data:
     prep = prepare(model_cfg)
-    kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=model_cfg.interval_hours,
+    kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=prep.weather.interval_hours,
               batch_size=train_cfg.batch_size, seed=train_cfg.seed)
     train = wx.ForecastBatches(prep.normalizer(prep.weather.train), **kw)
     train.prepared = prep  # for rollouts after training
     evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches(
         {"clim": prep.clim_norm, "scale": prep.normalizer.std})
-    return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps))
+    user = isinstance(prep.weather, gridded.FieldData)
+    return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps),
+                sources=prep.weather.sources if user else {}, summary=prep.weather.summary() if user else "")
+
+
+def _check_grid(model_cfg, variables, lat, lon, what: str) -> None:
+    if tuple(variables) != model_cfg.variables or (len(lat), len(lon)) != (model_cfg.lat, model_cfg.lon):
+        hint = f" (pass --lat {len(lat)} --lon {len(lon)})" if (len(lat), len(lon)) != (model_cfg.lat, model_cfg.lon) \
+            else ""
+        raise ValueError(f"{what} has channels {tuple(variables)} on ({len(lat)}, {len(lon)}) but the model expects "
+                         f"{model_cfg.variables} on ({model_cfg.lat}, {model_cfg.lon}){hint}")
+    expected = -90.0 + (np.arange(model_cfg.lat) + 0.5) * 180.0 / model_cfg.lat
+    if not np.allclose(lat, expected, atol=1e-4):
+        raise ValueError(f"{what}'s latitudes ({lat[0]:g} to {lat[-1]:g}) are not the equiangular cell centres "
+                         f"the loss weights assume ({expected[0]:g} to {expected[-1]:g}); regrid them, e.g. to "
+                         "WeatherBench 2's 64 x 32 equiangular conservative grid")
 
 
 def check(model_cfg, train_cfg, data) -> None:
     weather = data.train.prepared.weather
-    if tuple(weather.variables) != model_cfg.variables or weather.fields.shape[-2:] != (model_cfg.lat, model_cfg.lon):
-        raise ValueError(f"the weather data has channels {weather.variables} on {weather.fields.shape[-2:]} but "
-                         f"the model expects {model_cfg.variables} on ({model_cfg.lat}, {model_cfg.lon})")
-    expected = -90.0 + (np.arange(model_cfg.lat) + 0.5) * 180.0 / model_cfg.lat
-    if not np.allclose(weather.lat, expected, atol=1e-6):
-        raise ValueError("the weather data's latitudes are not the equiangular cell centres the loss weights assume")
+    _check_grid(model_cfg, weather.variables, weather.lat, weather.lon, "the weather data")
+
+
+def forecast(model_cfg, model, path, batch_size: int = 16) -> dict:
+    """The trained model's forecasts at its lead from every state of the Zarr/NetCDF stores ``path``
+    (comma-separated; the run's channels and grid, any spacing in time), for ``sciscale embed``.
+
+    Normalized by the statistics of the run's training data (read again). Returns ``forecast``
+    [T, V, lat, lon] in the stores' units, ``time`` (the states forecast from), ``valid_time``
+    (``time`` + the lead), ``lead_hours``, ``variables``, ``lat`` and ``lon``.
+    """
+    prep = prepare(model_cfg, log=lambda *_: None)
+    channels = model_cfg.channels if model_cfg.data else ",".join(model_cfg.variables)
+    series = gridded.read_series(path, channels, interval_hours=None, what="--input")
+    _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
+    hours = model_cfg.lead_steps * prep.weather.interval_hours
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32)))
+    x = prep.normalizer(series.values)
+    mean, std = prep.normalizer.mean[:, None, None], prep.normalizer.std[:, None, None]
+    out = []
+    for s in range(0, len(x), batch_size):
+        chunk = x[s:s + batch_size]
+        pad = batch_size - len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+        out.append(np.asarray(step(params, rest, padded), np.float32)[:len(chunk)] * std + mean)
+    return {"forecast": np.concatenate(out), "time": series.times,
+            "valid_time": series.times + np.timedelta64(hours, "h"), "lead_hours": np.asarray(hours),
+            "variables": np.asarray(model_cfg.variables), "lat": series.lat, "lon": series.lon}
 
 
 # --- autoregressive rollouts --------------------------------------------------------------------------------
@@ -206,7 +293,7 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
         raise ValueError(f"held-out trajectories of {t} states are too short for {max_steps} steps of lead "
                          f"{lead_steps}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    hours = lead_steps * prep.weather.config.interval_hours
+    hours = lead_steps * prep.weather.interval_hours
     step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32)))
     std = prep.normalizer.std.astype(np.float64)
     lat, names = prep.weather.lat, prep.weather.variables
@@ -232,7 +319,8 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
 
 RECIPE = Recipe(
     name="weather-vit",
-    description="ClimaX-style ViT forecasting a Held-Suarez atmosphere simulated by dinosaur (T21, 8 channels)",
+    description="ClimaX-style ViT forecasting a Held-Suarez atmosphere simulated by dinosaur, or your "
+                "Zarr/NetCDF fields",
     config_class=WeatherViTConfig,
     model_defaults=dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=256, patch_size=4),
     train_defaults=dict(steps=400, batch_size=16, learning_rate=2e-3, warmup_steps=40, eval_every=200,
@@ -244,4 +332,5 @@ RECIPE = Recipe(
     summarize=summarize,
     batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "lead": (BATCH,), "valid": (BATCH,), "scale": (BATCH, None)},
     check=check,
+    embed=forecast,
 )

@@ -1,0 +1,262 @@
+"""weather-vit on the user's own gridded fields (Zarr / NetCDF through xarray): the reader picks,
+orients, thins and splits exactly the values written; bad stores are refused in one line; a run
+records what it read and refuses to resume or evaluate on changed values; ``sciscale embed``
+writes the trained model's forecasts."""
+
+import json
+import math
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from sciscale_jax import cli
+from sciscale_jax.data import gridded
+from sciscale_jax.recipes import load_run, weather_vit
+
+xr = pytest.importorskip("xarray", reason='gridded fields need xarray: pip install -e ".[weather]"')
+pytest.importorskip("zarr", reason='Zarr stores need zarr: pip install -e ".[weather]"')
+pd = pytest.importorskip("pandas")
+
+LAT = -90.0 + (np.arange(8) + 0.5) * 22.5   # equiangular cell centres, south to north
+LON = np.arange(16) * 22.5
+LEVELS = [250, 500, 850]
+
+
+def _fields(times=24, hours=3, seed=0):
+    """Smooth random fields: geopotential [T, level, lat, lon] and 2m temperature [T, lat, lon], float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(times)[:, None, None]
+    base = np.sin(np.radians(LAT))[None, :, None] + np.cos(np.radians(LON))[None, None, :]
+    z = np.stack([5e4 + 1e3 * k + 300 * np.sin(0.3 * t + k) * base + rng.normal(0, 30, (times, 8, 16))
+                  for k in range(3)], axis=1).astype(np.float32)
+    t2 = (280 + 10 * base + 2 * np.cos(0.2 * t) + rng.normal(0, 0.5, (times, 8, 16))).astype(np.float32)
+    return pd.date_range("2020-01-01", periods=times, freq=f"{hours}h"), z, t2
+
+
+def _dataset(times, z, t2):
+    """As ERA5 is stored: latitudes north to south, longitudes from -180, the level between lat and lon."""
+    lon_order = np.argsort((LON + 180) % 360 - 180)
+    lon = ((LON + 180) % 360 - 180)[lon_order]
+    zz = z.transpose(0, 2, 1, 3)[:, ::-1][..., lon_order]        # [T, lat (N->S), level, lon]
+    tt = t2[:, ::-1][..., lon_order]
+    ds = xr.Dataset({"geopotential": (("time", "latitude", "pressure_level", "longitude"), zz, {"units": "m2/s2"}),
+                     "2m_temperature": (("time", "latitude", "longitude"), tt, {"units": "K"})},
+                    coords={"time": times, "pressure_level": LEVELS, "latitude": LAT[::-1], "longitude": lon})
+    return ds
+
+
+def _write(ds, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's note on consolidated metadata in format 3
+        if str(path).endswith(".nc"):
+            ds.to_netcdf(path)
+        else:
+            ds.to_zarr(path, mode="w")
+    return path
+
+
+def _lon_sorted(a):
+    """The source's longitudes as the reader returns them: ascending from -180."""
+    return a[..., np.argsort((LON + 180) % 360 - 180)]
+
+
+def test_reader_picks_orients_thins_and_splits_the_values_written(tmp_path):
+    times, z, t2 = _fields(times=24, hours=3)
+    store = _write(_dataset(times, z, t2), tmp_path / "era.zarr")
+    f = gridded.read_fields(str(store), "2m_temperature, geopotential@500", interval_hours=6, val_fraction=0.25)
+    # every second 3-hourly state; 12 states, the last 3 held out
+    want = np.stack([t2, z[:, 1]], axis=1)[::2]
+    np.testing.assert_array_equal(np.concatenate([f.train[0], f.val[0]]), _lon_sorted(want))
+    assert f.train.shape == (1, 9, 2, 8, 16) and f.val.shape == (1, 3, 2, 8, 16)
+    np.testing.assert_array_equal(f.lat, LAT)
+    assert np.all(np.diff(f.lon) > 0) and f.lon[0] == -180.0
+    assert f.variables == ("2m_temperature", "geopotential@500") and f.units == ("K", "m2/s2")
+    assert f.interval_hours == 6 and str(f.times[9]) == "2020-01-03T06:00:00"
+    assert "12 states of 2 channel(s) on 8 x 16 every 6 h" in f.summary()
+    assert "2020-01-01T00 to 2020-01-03T00 for training, 2020-01-03T06 to 2020-01-03T18 held out" in f.summary()
+    g = gridded.read_fields(str(store), "geopotential@850", interval_hours=3, val_start="2020-01-03T12")
+    np.testing.assert_array_equal(g.train[0, :, 0], _lon_sorted(z[:20, 2]))  # 2020-01-03T12 is state 20
+    np.testing.assert_array_equal(g.val[0, :, 0], _lon_sorted(z[20:, 2]))
+
+
+def test_zarr_netcdf_and_stores_joined_in_time_read_alike(tmp_path):
+    times, z, t2 = _fields(times=16, hours=6)
+    ds = _dataset(times, z, t2)
+    zarr_store = _write(ds, tmp_path / "all.zarr")
+    nc = _write(ds, tmp_path / "all.nc")  # NetCDF-3 through scipy where netCDF4 is absent
+    late = _write(ds.isel(time=slice(8, None)), tmp_path / "late.zarr")   # given first: joined by time
+    early = _write(ds.isel(time=slice(0, 8)), tmp_path / "early.nc")
+    channels = "geopotential@250,2m_temperature"
+    read = [gridded.read_fields(spec, channels, interval_hours=6, val_fraction=0.25)
+            for spec in (str(zarr_store), str(nc), f"{late},{early}")]
+    for other in read[1:]:
+        np.testing.assert_array_equal(other.train, read[0].train)
+        np.testing.assert_array_equal(other.val, read[0].val)
+        np.testing.assert_array_equal(other.times, read[0].times)
+    # the fingerprint is of the values read, not of the files: the same for Zarr and NetCDF, and
+    # for the store rechunked, different once one value changes
+    assert list(read[0].sources.values()) == list(read[1].sources.values())
+    assert set(read[2].sources) == {str(late.resolve()), str(early.resolve())}
+    rechunked = _write(ds.chunk({"time": 3}), tmp_path / "rechunked.zarr")
+    assert list(gridded.read_fields(str(rechunked), channels).sources.values()) == list(read[0].sources.values())
+    changed = ds.copy(deep=True)
+    changed["2m_temperature"][5, 3, 7] += 0.01
+    assert (list(gridded.read_fields(str(_write(changed, tmp_path / "changed.zarr")), channels).sources.values())
+            != list(read[0].sources.values()))
+
+
+def _broken(tmp_path, kind):
+    times, z, t2 = _fields(times=12, hours=6)
+    ds = _dataset(times, z, t2)
+    if kind == "nan":
+        ds["2m_temperature"][7, 2, 3] = np.nan
+    elif kind == "gap":
+        ds = ds.isel(time=[0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11])
+    elif kind == "repeat":
+        ds = ds.isel(time=[0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    elif kind == "numbers":
+        ds = ds.assign_coords(time=np.arange(12.0))
+    elif kind == "member":
+        ds = xr.concat([ds, ds], dim="member")
+    elif kind == "12h":
+        ds = ds.isel(time=slice(0, None, 2))
+    elif kind == "poles":
+        ds = ds.assign_coords(latitude=np.linspace(90, -90, 8))
+    return str(_write(ds, tmp_path / f"{kind}.zarr"))
+
+
+@pytest.mark.parametrize("kind, channels, match", [
+    ("nan", "2m_temperature", r"channel 2m_temperature has missing values \(NaN\) at 2020-01-02T18:00:00; fill"),
+    ("gap", "2m_temperature", "not evenly spaced: 2020-01-02T00:00:00 follows 2020-01-01T12:00:00 after 12 h "
+                              "where the spacing is 6 h"),
+    ("repeat", "2m_temperature", "time 2020-01-01T12:00:00 does not come after 2020-01-01T12:00:00"),
+    ("numbers", "2m_temperature", "time is float64, not datetimes"),
+    ("member", "2m_temperature", r"has dimension 'member' \(size 2\) besides time, level, latitude and longitude"),
+    ("12h", "2m_temperature", r"interval_hours=6 is not a multiple of the data's 12 h spacing \(pass "
+                              "--interval-hours 12"),
+    ("ok", "temperature@850", r"has no variable 'temperature' \(it has 2m_temperature, geopotential\)"),
+    ("ok", "geopotential", r"has levels \(250, 500, 850\): name one, e.g. geopotential@250"),
+    ("ok", "geopotential@700", r"has no level 700 \(it has 250, 500, 850\)"),
+    ("ok", "2m_temperature@2", "has no levels, but the channel 2m_temperature@2 names one"),
+    ("ok", "2m_temperature,2m_temperature", "channel 2m_temperature is named twice"),
+    ("ok", "geopotential@high", "the level after '@' must be a number"),
+])
+def test_bad_stores_are_refused_in_one_line(tmp_path, kind, channels, match):
+    with pytest.raises(ValueError, match=match) as err:
+        gridded.read_fields(_broken(tmp_path, kind), channels)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_unreadable_stores_and_short_series_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a store")
+    (tmp_path / "empty").mkdir()
+    for spec, match in ((str(tmp_path / "absent.zarr"), "absent.zarr: no such file or folder"),
+                        (str(tmp_path / "notes.txt"), "notes.txt is not a Zarr store or NetCDF file xarray can read"),
+                        (str(tmp_path / "empty"), "empty is not a Zarr store or NetCDF file xarray can read")):
+        with pytest.raises(ValueError, match=match) as err:
+            gridded.read_fields(spec, "2m_temperature")
+        assert "\n" not in str(err.value)
+    store = _broken(tmp_path, "ok")
+    with pytest.raises(ValueError, match="2 training and 10 held-out states .* each side needs at least 3"):
+        gridded.read_fields(store, "2m_temperature", val_start="2020-01-01T12", min_states=3)
+    with pytest.raises(ValueError, match="val_start='soon' is not a date"):
+        gridded.read_fields(store, "2m_temperature", val_start="soon")
+
+
+# --- the recipe -------------------------------------------------------------------------------------------------
+
+MODEL = ["--lat", "8", "--lon", "16", "--patch-size", "4", "--layers", "2", "--heads", "2", "--embed-dim", "16",
+         "--mlp-dim", "32", "--batch-size", "4", "--warmup-steps", "1", "--no-progress"]
+
+
+def test_config_refusals():
+    make = weather_vit.RECIPE.make_config
+    with pytest.raises(ValueError, match="--data needs --channels"):
+        make(data="x.zarr")
+    with pytest.raises(ValueError, match="--channels and --val-start choose from your --data"):
+        make(channels="2m_temperature")
+    with pytest.raises(ValueError, match="num_vars=3 must equal the 2 channels"):
+        make(data="x.zarr", channels="a,b", num_vars=3)
+    with pytest.raises(ValueError, match="val_fraction=1.0 must lie strictly between 0 and 1"):
+        make(data="x.zarr", channels="a", val_fraction=1.0)
+    with pytest.raises(ValueError, match="val_start='May' is not a date"):
+        make(data="x.zarr", channels="a", val_start="May")
+    assert make(data="x.zarr", channels="a@500,b").num_vars == 2
+    assert make().num_vars == 8  # the simulation's channels
+    assert make(data="x.zarr", channels="a", lon=8).lon == 8  # the simulation's grid limits do not apply
+
+
+def test_recipe_refuses_a_grid_it_cannot_weight(tmp_path):
+    store = _broken(tmp_path, "poles")
+    with pytest.raises(ValueError, match=r"latitudes \(-90 to 90\) are not the equiangular cell centres"):
+        cli.main(["train", "weather-vit", "--data", store, "--channels", "2m_temperature", "--val-fraction", "0.25",
+                  "--out", str(tmp_path / "run"), "--steps", "1", *MODEL, "--debug"])
+    with pytest.raises(ValueError, match=r"on \(8, 16\) but the model expects .* \(pass --lat 8 --lon 16\)"):
+        cli.main(["train", "weather-vit", "--data", _broken(tmp_path, "ok"), "--channels", "2m_temperature",
+                  "--val-fraction", "0.25", "--out", str(tmp_path / "run2"), "--steps", "1", *MODEL[4:], "--debug"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def _rmse_plain(x, y):
+    """sqrt of the mean over pairs of the cos(lat)-weighted mean squared difference, by loops over pairs."""
+    w = np.cos(np.radians(LAT))
+    w = w / w.mean()
+    total = 0.0
+    for a, b in zip(x, y):
+        total += float(np.mean(w[:, None] * (a.astype(np.float64) - b) ** 2))
+    return math.sqrt(total / len(x))
+
+
+def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
+    times, z, t2 = _fields(times=24, hours=6)
+    ds = _dataset(times, z, t2)
+    store = _write(ds, tmp_path / "era.zarr")
+    run = tmp_path / "run"
+    argv = ["train", "weather-vit", "--data", str(store), "--channels", "geopotential@500,2m_temperature",
+            "--val-fraction", "0.25", "--out", str(run), "--steps", "2", "--eval-every", "100", *MODEL]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("data: 24 states of 2 channel(s) on 8 x 16 every 6 h from 1 store(s) of --data: 2020-01-01T00 to "
+            "2020-01-05T06 for training, 2020-01-05T12 to 2020-01-06T18 held out") in out
+    # the persistence baseline in physical units on the 5 held-out pairs, written plainly
+    val = _lon_sorted(np.stack([z[:, 1], t2], axis=1)[18:])
+    for i, name in enumerate(("geopotential@500", "2m_temperature")):
+        shown = float(out.split(f"baseline persistence_rmse_{name}: ")[1].split()[0])
+        assert shown == pytest.approx(_rmse_plain(val[:-1, i], val[1:, i]), rel=1e-3)
+    saved = json.loads((run / "run_config.json").read_text())
+    assert list(saved["data_files"]) == [str(store.resolve())]
+
+    # forecasts of every state of a store: the loaded model on the inputs normalized by the
+    # training states' mean and standard deviation, turned back into physical units
+    nc = _write(ds.isel(time=slice(0, 6)), tmp_path / "six.nc")
+    target = tmp_path / "forecast.npz"
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(target), "--batch-size", "4"]) == 0
+    got = np.load(target)
+    assert got["forecast"].shape == (6, 2, 8, 16) and int(got["lead_hours"]) == 6
+    assert str(got["valid_time"][0]) == "2020-01-01T06:00:00" and list(got["variables"]) == [
+        "geopotential@500", "2m_temperature"]
+    train = _lon_sorted(np.stack([z[:, 1], t2], axis=1)[:18]).astype(np.float64)
+    mean, std = train.mean(axis=(0, 2, 3))[:, None, None], train.std(axis=(0, 2, 3))[:, None, None]
+    model = load_run(run, log=lambda *_: None).model
+    x = ((_lon_sorted(np.stack([z[:6, 1], t2[:6]], axis=1)) - mean) / std).astype(np.float32)
+    want = np.asarray(model(x, np.full(6, 6.0, np.float32))) * std + mean
+    np.testing.assert_allclose(got["forecast"], want, rtol=1e-5, atol=1e-3 * std.max())
+
+    # one value changed in the store: resuming and evaluating are refused, nothing is overwritten
+    changed = ds.copy(deep=True)
+    changed["2m_temperature"][3, 2, 2] += 0.5
+    _write(changed, tmp_path / "changed.zarr")
+    shutil.rmtree(store)
+    shutil.copytree(tmp_path / "changed.zarr", store)
+    before = (run / "run_config.json").read_text()
+    assert cli.main([*argv[:-len(MODEL) - 4], "--steps", "3", "--eval-every", "100", *MODEL, "--resume"]) == 2
+    assert "data_files" in capsys.readouterr().err
+    assert cli.main(["eval", str(run)]) == 2
+    assert "trained on other data: " + str(store.resolve()) + " changed" in capsys.readouterr().err
+    assert (run / "run_config.json").read_text() == before and not (run / "checkpoints" / "3").exists()
+    shutil.rmtree(store)
+    _write(ds, store)
+    assert cli.main([*argv[:-len(MODEL) - 4], "--steps", "3", "--eval-every", "100", *MODEL, "--resume"]) == 0
+    assert (run / "checkpoints" / "3").exists()
