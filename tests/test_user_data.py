@@ -233,6 +233,16 @@ def test_smiles_lm_trains_on_smiles_files_and_loads_only_with_its_vocabulary_unc
     assert re.search(r"--init-from .*: its vocabulary \(\d+ tokens\) is not this run's \(\d+; first difference at id "
                      r"\d+\): smiles-lm builds it from the training data", err), err
     assert not (tmp_path / "tuned").exists()
+    future = tmp_path / "future"  # a run saved by a later version, with a setting this one does not know
+    shutil.copytree(run, future)
+    saved = _saved(future)
+    saved["model"]["new_knob"] = 1
+    (future / "run_config.json").write_text(json.dumps(saved))
+    assert cli.main(["train", "smiles-lm", "--out", str(tmp_path / "tuned"), "--corpus", str(folder),
+                     "--init-from", str(future), *SMILES_TINY, "--steps", "2"]) == 2
+    err = _one_line_error(capsys)
+    assert "its model settings cannot be read" in err and "new_knob" in err, err
+    assert not (tmp_path / "tuned").exists()
 
     query = tmp_path / "q.smi"
     query.write_text("CCO\nOCC\n")

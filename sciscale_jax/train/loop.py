@@ -204,7 +204,10 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
     if saved.get("recipe") != recipe.name:
         raise ValueError(f"--init-from {cfg.init_from} holds a {saved.get('recipe')!r} run, not {recipe.name!r}")
     if recipe.vocabulary is not None:  # token ids mean what they meant in the other run
-        theirs = recipe.vocabulary(recipe.config_class(**saved["model"]))
+        try:
+            theirs = recipe.vocabulary(recipe.config_class(**saved["model"]))
+        except (TypeError, ValueError) as err:  # settings this version does not know or refuses
+            raise ValueError(f"--init-from {cfg.init_from}: its model settings cannot be read: {err}") from None
         ours = recipe.vocabulary(model_config)
         if theirs != ours:
             at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
