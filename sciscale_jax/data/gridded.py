@@ -85,6 +85,14 @@ class FieldData:
     sources: dict            # {absolute store path: sha256 of the values read from it}
     units: tuple = ()        # each channel's ``units`` attribute ('' where none)
 
+    @property
+    def train_times(self) -> np.ndarray:
+        return self.times[:self.train.shape[1]]
+
+    @property
+    def val_times(self) -> np.ndarray:
+        return self.times[self.train.shape[1]:]
+
     def summary(self) -> str:
         n_train, n_val = self.train.shape[1], self.val.shape[1]
 
@@ -280,3 +288,48 @@ def read_fields(spec: str, channels, *, interval_hours: int = 6, val_fraction: f
     return FieldData(train=values[None, :n_train], val=values[None, n_train:],
                      variables=tuple(c.name for c in channels), lat=series.lat, lon=series.lon,
                      interval_hours=interval_hours, times=times, sources=series.sources, units=series.units)
+
+
+def day_of_year(times) -> np.ndarray:
+    """0-based day of the year (0..365) of datetime64 values."""
+    times = np.asarray(times)
+    return (times.astype("datetime64[D]") - times.astype("datetime64[Y]")).astype(np.int64)
+
+
+def hour_of_day(times) -> np.ndarray:
+    times = np.asarray(times)
+    return ((times - times.astype("datetime64[D]")) // np.timedelta64(1, "h")).astype(np.int64)
+
+
+def seasonal_climatology(values, times, at, *, window_days: int = 30) -> np.ndarray:
+    """The climatology of each time in ``at`` from states ``values`` [T, V, lat, lon] at ``times``:
+    the mean of the states at the same hour of the day whose day of the year lies within
+    ``window_days`` of its day (on a 366-day circle), as WeatherBench 2's per-day-of-year, per-hour
+    climatology smoothed over a 61-day window; float32 [len(at), V, lat, lon]. A time whose window
+    holds no state (its hour never recorded) gets the mean of all states."""
+    values = np.asarray(values)
+    days, hours = day_of_year(times), hour_of_day(times)
+    at_days, at_hours = day_of_year(at), hour_of_day(at)
+    w = int(window_days)
+    if not 0 <= w < 183:
+        raise ValueError(f"window_days={window_days} must lie in [0, 182]")
+    out = np.empty((len(at), *values.shape[1:]), np.float32)
+    overall = values.astype(np.float64).mean(axis=0)
+    for hour in np.unique(at_hours):
+        sums = np.zeros((366, *values.shape[1:]), np.float64)
+        counts = np.zeros(366, np.int64)
+        pick = hours == hour
+        np.add.at(sums, days[pick], values[pick].astype(np.float64))
+        np.add.at(counts, days[pick], 1)
+        # window sums on the circle: cumulative sums over the days padded by w on each side
+        ring = np.concatenate([sums[366 - w:], sums, sums[:w]]) if w else sums
+        ring_counts = np.concatenate([counts[366 - w:], counts, counts[:w]]) if w else counts
+        csum = np.concatenate([np.zeros((1, *sums.shape[1:])), np.cumsum(ring, axis=0)])
+        ccount = np.concatenate([[0], np.cumsum(ring_counts)])
+        rows = np.flatnonzero(at_hours == hour)
+        d = at_days[rows]
+        total, n = csum[d + 2 * w + 1] - csum[d], ccount[d + 2 * w + 1] - ccount[d]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / n.reshape(-1, *([1] * (values.ndim - 1)))
+        out[rows] = np.where((n > 0).reshape(-1, *([1] * (values.ndim - 1))), mean, overall)
+    return out

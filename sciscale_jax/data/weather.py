@@ -424,8 +424,9 @@ class ForecastBatches:
         rng = np.random.default_rng((self.seed, step))
         return self._gather(rng.integers(0, len(self.pairs), self.batch_size)[start:stop])
 
-    def eval_batches(self, extra: dict | None = None) -> list[dict]:
-        """Every pair once; ``extra`` maps a field name to one array broadcast over the batch."""
+    def eval_batches(self, extra: dict | None = None, targets: dict | None = None) -> list[dict]:
+        """Every pair once; ``extra`` maps a field name to one array broadcast over the batch,
+        ``targets`` to an array per state [N, T, ...] taken at each pair's target state."""
         out, b = [], self.batch_size
         for start in range(0, len(self.pairs), b):
             idx = np.arange(start, min(start + b, len(self.pairs)))
@@ -434,6 +435,9 @@ class ForecastBatches:
                 valid[len(idx):] = 0.0
                 idx = np.concatenate([idx, np.full(b - len(idx), idx[-1])])
             batch = {**self._gather(idx), "valid": valid}
+            for name, per_state in (targets or {}).items():
+                target = self.pairs[idx, 0], self.pairs[idx, 1] + self.lead_steps
+                batch[name] = np.ascontiguousarray(per_state[target])
             for name, value in (extra or {}).items():
                 batch[name] = np.broadcast_to(value, (b, *np.shape(value))).copy()
             out.append(batch)

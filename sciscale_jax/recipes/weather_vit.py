@@ -12,10 +12,10 @@ trains on latitude-weighted MSE over all channels (normalized units). Evaluation
 pair of the held-out states: latitude-weighted RMSE per channel in physical units (the
 square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
 correlation (ACC, per state then averaged) against the climatology of the training states
-(zonal mean for the zonally symmetric simulation, per grid point for the user's fields);
-baselines on the same pairs: persistence (the input state) and climatology. ``rollout`` runs
-the model autoregressively and scores every lead time the same way; ``forecast`` (``sciscale
-embed``) writes the trained model's forecasts of every state of a store.
+(zonal mean for the zonally symmetric simulation; per day of year and hour for the user's
+fields); baselines on the same pairs: persistence (the input state) and climatology.
+``rollout`` runs the model autoregressively and scores every lead time the same way;
+``forecast`` (``sciscale embed``) writes the trained model's forecasts of every state of a store.
 """
 
 from __future__ import annotations
@@ -174,36 +174,48 @@ class Prepared:
 
     weather: wx.WeatherData | gridded.FieldData  # .train, .val, .variables, .lat, .interval_hours
     normalizer: wx.Normalizer
-    val_norm: np.ndarray     # held-out states, normalized
-    clim_norm: np.ndarray    # [V, lat, lon] climatology, normalized
-    clim: np.ndarray         # [V, lat, lon] climatology in physical units
+    val_norm: np.ndarray     # held-out states [N, T, V, lat, lon], normalized
+    clim_norm: np.ndarray    # the climatology of each held-out state [N, T, V, lat, lon], normalized
+    clim: np.ndarray         # the same in physical units
+    climatology: str = "zonal mean of the training trajectories"  # what ``clim`` is
 
 
 def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
-    """The simulation (zonal-mean climatology) or the user's fields (time-mean climatology per grid point)."""
+    """The simulation, whose climate is zonally symmetric and constant (zonal-mean climatology),
+    or the user's fields: the per-day-of-year, per-hour climatology of the training states
+    (``gridded.seasonal_climatology``, 61-day window) when they span a year, else their time mean
+    per grid point."""
     if model_cfg.data:
         weather = gridded.read_fields(model_cfg.data, model_cfg.channels, interval_hours=model_cfg.interval_hours,
                                       val_fraction=model_cfg.val_fraction, val_start=model_cfg.val_start,
                                       min_states=model_cfg.lead_steps + 1)
-        clim = wx.time_mean_climatology(weather.train)
+        times = weather.train_times
+        if times[-1] - times[0] >= np.timedelta64(365, "D"):
+            clim = gridded.seasonal_climatology(weather.train[0], times, weather.val_times)[None]
+            kind = "per day of year and hour of the training states (61-day window)"
+        else:
+            clim = np.broadcast_to(wx.time_mean_climatology(weather.train), weather.val.shape)
+            kind = "time mean of the training states per grid point (they span less than a year)"
     else:
         weather = wx.load_weather(model_cfg.data_config(), model_cfg.cache_dir or None, log=log)
-        clim = wx.zonal_climatology(weather.train)
+        clim = np.broadcast_to(wx.zonal_climatology(weather.train), weather.val.shape)
+        kind = Prepared.climatology
     norm = wx.Normalizer(weather.train)
-    return Prepared(weather, norm, norm(weather.val), norm(clim), clim)
+    return Prepared(weather, norm, norm(weather.val), norm(clim), clim, kind)
 
 
 def baselines(prep: Prepared, lead_steps: int) -> dict:
     """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC."""
     val, lat = prep.weather.val, prep.weather.lat
     x, y = val[:, :-lead_steps], val[:, lead_steps:]
+    clim_y = prep.clim[:, lead_steps:]  # the climatology of each target state
     std = prep.normalizer.std.astype(np.float64)[:, None, None]
     xn, yn = x / std, y / std  # normalized differences; the mean cancels
     out = {"persistence_loss": float(wx.lat_weighted_mse(xn, yn, lat).mean()),
-           "climatology_loss": float(wx.lat_weighted_mse(np.broadcast_to(prep.clim, y.shape) / std, yn, lat).mean())}
+           "climatology_loss": float(wx.lat_weighted_mse(clim_y / std, yn, lat).mean())}
     pers = wx.lat_weighted_mse(x, y, lat)
-    clim = wx.lat_weighted_mse(np.broadcast_to(prep.clim, y.shape), y, lat)
-    acc = wx.lat_weighted_acc(x, y, prep.clim, lat)
+    clim = wx.lat_weighted_mse(clim_y, y, lat)
+    acc = wx.lat_weighted_acc(x, y, clim_y, lat)
     for i, name in enumerate(prep.weather.variables):
         out[f"persistence_rmse_{name}"] = math.sqrt(pers[i])
         out[f"climatology_rmse_{name}"] = math.sqrt(clim[i])
@@ -217,11 +229,12 @@ def build_data(train_cfg, model_cfg) -> Data:
               batch_size=train_cfg.batch_size, seed=train_cfg.seed)
     train = wx.ForecastBatches(prep.normalizer(prep.weather.train), **kw)
     train.prepared = prep  # for rollouts after training
-    evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches(
-        {"clim": prep.clim_norm, "scale": prep.normalizer.std})
+    evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches({"scale": prep.normalizer.std},
+                                                                 targets={"clim": prep.clim_norm})
     user = isinstance(prep.weather, gridded.FieldData)
+    summary = f"{prep.weather.summary()}; climatology: {prep.climatology}" if user else ""
     return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps),
-                sources=prep.weather.sources if user else {}, summary=prep.weather.summary() if user else "")
+                sources=prep.weather.sources if user else {}, summary=summary)
 
 
 def _check_grid(model_cfg, variables, lat, lon, what: str) -> None:
@@ -307,7 +320,7 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
             state = np.asarray(step(params, rest, state))
             truth = np.stack([val[i, j + k * lead_steps] for i, j in chunk])
             preds = {"model": state[:len(chunk)], "persistence": x0,
-                     "climatology": np.broadcast_to(prep.clim_norm, truth.shape)}
+                     "climatology": np.stack([prep.clim_norm[i, j + k * lead_steps] for i, j in chunk])}
             for name, pred in preds.items():
                 se[name][k - 1] += wx.lat_weighted_mse(pred, truth, lat) * len(chunk)
     out = {"lead_hours": [hours * k for k in range(1, max_steps + 1)], "starts": len(starts)}
