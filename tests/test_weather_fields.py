@@ -175,7 +175,7 @@ def test_config_refusals():
     make = weather_vit.RECIPE.make_config
     with pytest.raises(ValueError, match="--data needs --channels"):
         make(data="x.zarr")
-    with pytest.raises(ValueError, match="--channels and --val-start choose from your --data"):
+    with pytest.raises(ValueError, match="--channels, --static and --val-start choose from your --data"):
         make(channels="2m_temperature")
     with pytest.raises(ValueError, match="num_vars=3 must equal the 2 channels"):
         make(data="x.zarr", channels="a,b", num_vars=3)
@@ -211,15 +211,19 @@ def _rmse_plain(x, y):
 
 def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     times, z, t2 = _fields(times=24, hours=6)
-    ds = _dataset(times, z, t2)
+    lsm = (np.random.default_rng(9).random((8, 16)) > 0.6).astype(np.float32)  # a land-sea mask, south to north
+    lon_order = np.argsort((LON + 180) % 360 - 180)
+    ds = _dataset(times, z, t2).assign(land_sea_mask=(("latitude", "longitude"), lsm[::-1][:, lon_order]))
     store = _write(ds, tmp_path / "era.zarr")
     run = tmp_path / "run"
     argv = ["train", "weather-vit", "--data", str(store), "--channels", "geopotential@500,2m_temperature",
-            "--val-fraction", "0.25", "--out", str(run), "--steps", "2", "--eval-every", "100", *MODEL]
+            "--static", "land_sea_mask", "--val-fraction", "0.25", "--out", str(run), "--steps", "2",
+            "--eval-every", "100", *MODEL]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert ("data: 24 states of 2 channel(s) on 8 x 16 every 6 h from 1 store(s) of --data: 2020-01-01T00 to "
-            "2020-01-05T06 for training, 2020-01-05T12 to 2020-01-06T18 held out") in out
+            "2020-01-05T06 for training, 2020-01-05T12 to 2020-01-06T18 held out; climatology: time mean of the "
+            "training states per grid point (they span less than a year); static fields: land_sea_mask") in out
     # the persistence baseline in physical units on the 5 held-out pairs, written plainly
     val = _lon_sorted(np.stack([z[:, 1], t2], axis=1)[18:])
     for i, name in enumerate(("geopotential@500", "2m_temperature")):
@@ -229,7 +233,7 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     assert list(saved["data_files"]) == [str(store.resolve())]
 
     # forecasts of every state of a store: the loaded model on the inputs normalized by the
-    # training states' mean and standard deviation, turned back into physical units
+    # training states' mean and standard deviation (the mask by its own), back in physical units
     nc = _write(ds.isel(time=slice(0, 6)), tmp_path / "six.nc")
     target = tmp_path / "forecast.npz"
     assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(target), "--batch-size", "4"]) == 0
@@ -241,7 +245,9 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     mean, std = train.mean(axis=(0, 2, 3))[:, None, None], train.std(axis=(0, 2, 3))[:, None, None]
     model = load_run(run, log=lambda *_: None).model
     x = ((_lon_sorted(np.stack([z[:6, 1], t2[:6]], axis=1)) - mean) / std).astype(np.float32)
-    want = np.asarray(model(x, np.full(6, 6.0, np.float32))) * std + mean
+    mask = _lon_sorted(lsm)[None].astype(np.float64)
+    mask = ((mask - mask.mean()) / mask.std()).astype(np.float32)
+    want = np.asarray(model(x, np.full(6, 6.0, np.float32), mask)) * std + mean
     np.testing.assert_allclose(got["forecast"], want, rtol=1e-5, atol=1e-3 * std.max())
 
     # one value changed in the store: resuming and evaluating are refused, nothing is overwritten
@@ -314,3 +320,69 @@ def test_a_year_of_training_states_gets_the_seasonal_climatology(tmp_path):
     assert data.baselines["climatology_rmse_t2m"] < data.baselines["persistence_rmse_t2m"]
     val = t2[n_train:].astype(np.float64)
     assert data.baselines["climatology_rmse_t2m"] == pytest.approx(_rmse_plain(want[1:], val[1:]), rel=1e-4)
+
+
+# --- static fields ----------------------------------------------------------------------------------------------
+
+def test_static_fields_are_read_oriented_and_checked(tmp_path):
+    times, z, t2 = _fields(times=12, hours=6)
+    rng = np.random.default_rng(4)
+    orog, lsm = rng.normal(size=(8, 16)).astype(np.float32), (rng.random((8, 16)) > 0.5).astype(np.float32)
+    lon_order = np.argsort((LON + 180) % 360 - 180)
+    ds = _dataset(times, z, t2)
+    as_stored = {"geopotential_at_surface": (("latitude", "longitude"), orog[::-1][:, lon_order]),
+                 "land_sea_mask": (("time1", "longitude", "latitude"), lsm[::-1][:, lon_order].T[None])}
+    store = _write(ds.assign(as_stored), tmp_path / "s.zarr")
+    f = gridded.read_fields(str(store), "2m_temperature", val_fraction=0.25,
+                            static=("land_sea_mask", "geopotential_at_surface"))
+    np.testing.assert_array_equal(f.static, np.stack([_lon_sorted(lsm), _lon_sorted(orog)]))
+    # one of two stores holding it is enough; two that disagree are refused
+    early, late = (_write(ds.isel(time=slice(a, b)), tmp_path / n) for a, b, n in ((0, 6, "a.zarr"), (6, 12, "b.zarr")))
+    with_mask = _write(ds.isel(time=slice(6, 12)).assign(land_sea_mask=as_stored["land_sea_mask"]),
+                       tmp_path / "c.zarr")
+    joined = gridded.read_fields(f"{early},{with_mask}", "2m_temperature", val_fraction=0.25,
+                                 static=("land_sea_mask",))
+    np.testing.assert_array_equal(joined.static[0], _lon_sorted(lsm))
+    flipped = _write(ds.isel(time=slice(0, 6)).assign(
+        land_sea_mask=(("latitude", "longitude"), 1 - lsm[::-1][:, lon_order])), tmp_path / "d.zarr")
+    for spec, static, match in (
+            (f"{early},{late}", ("land_sea_mask",), "no store holds the static field 'land_sea_mask'"),
+            (f"{flipped},{with_mask}", ("land_sea_mask",), "static field 'land_sea_mask' differs between the stores"),
+            (str(store), ("2m_temperature",), "'2m_temperature' is named twice among the channels and static"),
+            (str(store), ("geopotential",), r"static field 'geopotential' has dimension 'time' of size 12")):
+        with pytest.raises(ValueError, match=match):
+            gridded.read_fields(spec, "2m_temperature", val_fraction=0.25, static=static)
+    with pytest.raises(ValueError, match="--channels, --static and --val-start choose from your --data"):
+        weather_vit.RECIPE.make_config(static="land_sea_mask")
+    assert weather_vit.RECIPE.make_config(data="x", channels="a", static="b, c").num_static == 2
+
+
+def test_the_model_takes_static_fields_as_inputs_only():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sciscale_jax.models.climax import ClimaX, ClimaXConfig
+
+    cfg = ClimaXConfig(num_vars=2, num_static=2, lat=4, lon=8, patch_size=2, num_layers=1, num_heads=2,
+                       embed_dim=8, mlp_dim=16)
+    model = ClimaX(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, 2, 4, 8)), jnp.float32)
+    lead = jnp.full((3,), 6.0)
+    s1, s2 = (jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32) for _ in range(2))
+    np.testing.assert_array_equal(model(x, lead, s1), x)  # residual head at zero: persistence, whatever the fields
+    model.head.kernel[...] = jnp.asarray(rng.normal(0, 0.1, model.head.kernel[...].shape), jnp.float32)
+    out1, out2 = model(x, lead, s1), model(x, lead, s2)
+    assert out1.shape == (3, 2, 4, 8) and float(jnp.abs(out1 - out2).max()) > 1e-3  # the forecast sees them
+    np.testing.assert_allclose(model(x, lead, jnp.broadcast_to(s1, (3, 2, 4, 8))), out1, rtol=1e-6, atol=1e-6)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, lead, s1) ** 2))(params)
+    assert float(jnp.abs(grads["patch_kernel"][...][2:]).max()) > 0  # the static fields' own embeddings learn
+    for bad in (None, s1[:1]):
+        with pytest.raises(ValueError, match="the model takes 2 static fields of shape"):
+            model(x, lead, bad)
+    plain = ClimaX(ClimaXConfig(num_vars=2, lat=4, lon=8, patch_size=2, num_layers=1, num_heads=2, embed_dim=8,
+                                mlp_dim=16), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="the model takes 0 static fields"):
+        plain(x, lead, s1)

@@ -9,7 +9,8 @@ to run south to north and longitudes are sorted. Times must be datetimes at one 
 whole hours; ``interval_hours`` keeps every k-th state when it is k times that spacing. The
 last ``val_fraction`` of the states, or those from ``val_start`` on, are held out, so training
 never sees the future of a held-out state. Missing values (NaN) are refused, naming the
-channel and the time.
+channel and the time. Static fields (orography, land-sea mask: variables without a time
+dimension) are read beside the channels as inputs.
 
 What a run records of each store (``FieldData.sources``) is the SHA-256 of the values read from
 it (the channels, times, latitudes and longitudes), not of the store's files: rechunking or
@@ -84,6 +85,7 @@ class FieldData:
     times: np.ndarray        # datetime64 of every state kept, training then held out
     sources: dict            # {absolute store path: sha256 of the values read from it}
     units: tuple = ()        # each channel's ``units`` attribute ('' where none)
+    static: np.ndarray | None = None  # [S, lat, lon] time-invariant input fields
 
     @property
     def train_times(self) -> np.ndarray:
@@ -133,8 +135,23 @@ def _dim(dims, names: tuple, what: str, where: str) -> str | None:
     return found[0] if found else None
 
 
-def _read_store(path: pathlib.Path, channels, what: str) -> tuple:
-    """(times, values [T, V, lat, lon] float32, lat, lon, units, sha256) of one store."""
+def _read_static(ds, name: str, lat_dim: str, lon_dim: str, where: str):
+    """Time-invariant variable ``name`` [lat, lon] (float32), or None where the store lacks it."""
+    if name not in ds.data_vars:
+        return None
+    da = ds[name]
+    for d in da.dims:
+        if d not in (lat_dim, lon_dim) and da.sizes[d] != 1:
+            raise ValueError(f"{where}: static field {name!r} has dimension {d!r} of size {da.sizes[d]}; a static "
+                             "field holds one value per grid point")
+    if lat_dim not in da.dims or lon_dim not in da.dims:
+        raise ValueError(f"{where}: static field {name!r} has dimensions {da.dims}, not latitude and longitude")
+    da = da.squeeze([d for d in da.dims if d not in (lat_dim, lon_dim)], drop=True)
+    return np.asarray(da.transpose(lat_dim, lon_dim).values, np.float32)
+
+
+def _read_store(path: pathlib.Path, channels, what: str, static=()) -> tuple:
+    """(times, values [T, V, lat, lon] float32, lat, lon, units, {static name: [lat, lon]}, sha256) of one store."""
     ds = _open(path, what)
     arrays, units = [], []
     time_dim = lat_dim = lon_dim = None
@@ -176,10 +193,15 @@ def _read_store(path: pathlib.Path, channels, what: str) -> tuple:
     lat = np.asarray(ds[lat_dim].values, np.float64)
     lon = np.asarray(ds[lon_dim].values, np.float64)
     values = np.stack(arrays, axis=1)  # [T, V, lat, lon]
+    statics = {}
+    for name in static:
+        field = _read_static(ds, name, lat_dim, lon_dim, f"{what} {path}")
+        if field is not None:
+            statics[name] = field
     digest = hashlib.sha256()
-    for part in (times.astype("datetime64[s]").astype(np.int64), lat, lon, values):
+    for part in (times.astype("datetime64[s]").astype(np.int64), lat, lon, values, *statics.values()):
         digest.update(np.ascontiguousarray(part).tobytes())
-    return times.astype("datetime64[s]"), values, lat, lon, tuple(units), digest.hexdigest()
+    return times.astype("datetime64[s]"), values, lat, lon, tuple(units), statics, digest.hexdigest()
 
 
 def _orient(values, lat, lon, where: str):
@@ -210,19 +232,31 @@ class Series:
     interval_hours: int
     sources: dict
     units: tuple
+    static: np.ndarray | None = None  # [S, lat, lon] time-invariant fields, as named
 
 
-def read_series(spec: str, channels, *, interval_hours: int | None = 6, what: str = "--data") -> Series:
+def read_series(spec: str, channels, *, interval_hours: int | None = 6, static=(), what: str = "--data") -> Series:
     """The channels of the stores ``spec`` names (comma-separated Zarr folders or NetCDF files),
     joined in time, every ``interval_hours`` (None: every state); ValueError in one line for anything that cannot be
-    read as the module docstring says (naming the stores as ``what``)."""
+    read as the module docstring says (naming the stores as ``what``). ``static``: names of
+    time-invariant fields (no time dimension, or one of size 1), each in at least one store and the
+    same wherever it is."""
     channels = parse_channels(channels) if isinstance(channels, str) else tuple(channels)
     paths = [pathlib.Path(p.strip()).expanduser() for p in str(spec).split(",") if p.strip()]
     if not paths:
         raise ValueError(f"{what}: no store given")
-    parts, sources, grid, units = [], {}, None, ()
+    static = tuple(static)
+    twice = sorted(set(static) & {c.variable for c in channels} | {n for n in static if static.count(n) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is named twice among the channels and static fields")
+    parts, sources, grid, units, found = [], {}, None, (), {}
     for path in paths:
-        times, values, lat, lon, units, digest = _read_store(path, channels, what)
+        times, values, lat, lon, units, statics, digest = _read_store(path, channels, what, static)
+        for name, field in statics.items():
+            field, _, _ = _orient(field, lat, lon, f"{what} {path}")
+            if name in found and not np.array_equal(found[name], field):
+                raise ValueError(f"{what}: static field {name!r} differs between the stores")
+            found[name] = field
         values, lat, lon = _orient(values, lat, lon, f"{what} {path}")
         if grid is not None and (grid[0].shape != lat.shape or grid[1].shape != lon.shape
                                  or not np.allclose(grid[0], lat) or not np.allclose(grid[1], lon)):
@@ -261,16 +295,23 @@ def read_series(spec: str, channels, *, interval_hours: int | None = 6, what: st
         t, v = (int(i) for i in np.argwhere(bad.any(axis=(2, 3)))[0])
         raise ValueError(f"{what}: channel {channels[v].name} has missing values (NaN) at "
                          f"{np.datetime_as_string(times[t])}; fill or mask them before training")
+    missing = [n for n in static if n not in found]
+    if missing:
+        raise ValueError(f"{what}: no store holds the static field {missing[0]!r}")
+    for name in static:
+        if not np.all(np.isfinite(found[name])):
+            raise ValueError(f"{what}: static field {name!r} has missing values (NaN); fill them before training")
     lat, lon = grid
-    return Series(times, values, lat, lon, interval_hours, sources, units)
+    return Series(times, values, lat, lon, interval_hours, sources, units,
+                  np.stack([found[n] for n in static]) if static else None)
 
 
 def read_fields(spec: str, channels, *, interval_hours: int = 6, val_fraction: float = 0.1, val_start: str = "",
-                min_states: int = 2) -> FieldData:
+                min_states: int = 2, static=()) -> FieldData:
     """:func:`read_series`, split in time: the last ``val_fraction`` of the states, or those from
     ``val_start`` on, held out. ``min_states``: the fewest states each side needs."""
     channels = parse_channels(channels) if isinstance(channels, str) else tuple(channels)
-    series = read_series(spec, channels, interval_hours=interval_hours)
+    series = read_series(spec, channels, interval_hours=interval_hours, static=static)
     times, values = series.times, series.values
     if val_start:
         try:
@@ -287,7 +328,8 @@ def read_fields(spec: str, channels, *, interval_hours: int = 6, val_fraction: f
                          f"needs at least {min_states}")
     return FieldData(train=values[None, :n_train], val=values[None, n_train:],
                      variables=tuple(c.name for c in channels), lat=series.lat, lon=series.lon,
-                     interval_hours=interval_hours, times=times, sources=series.sources, units=series.units)
+                     interval_hours=interval_hours, times=times, sources=series.sources, units=series.units,
+                     static=series.static)
 
 
 def day_of_year(times) -> np.ndarray:

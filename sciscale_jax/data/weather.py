@@ -401,18 +401,22 @@ class ForecastBatches:
     """
 
     def __init__(self, trajectories: np.ndarray, *, lead_steps: int, interval_hours: int, batch_size: int,
-                 seed: int = 0):
+                 seed: int = 0, static: np.ndarray | None = None):
         n, t = trajectories.shape[:2]
         if not 0 < lead_steps < t:
             raise ValueError(f"lead_steps={lead_steps} must lie in [1, {t - 1}] for trajectories of {t} states")
         self.data, self.lead_steps, self.batch_size, self.seed = trajectories, lead_steps, batch_size, seed
+        self.static = static  # [S, lat, lon] time-invariant inputs, in every batch as ``static`` [B, S, lat, lon]
         self.lead_hours = float(lead_steps * interval_hours)
         self.pairs = np.array([(i, j) for i in range(n) for j in range(t - lead_steps)], np.int64)
 
     def _gather(self, idx) -> dict:
         traj, t = self.pairs[idx, 0], self.pairs[idx, 1]
-        return {"x": self.data[traj, t], "y": self.data[traj, t + self.lead_steps],
-                "lead": np.full(len(idx), self.lead_hours, np.float32)}
+        out = {"x": self.data[traj, t], "y": self.data[traj, t + self.lead_steps],
+               "lead": np.full(len(idx), self.lead_hours, np.float32)}
+        if self.static is not None:
+            out["static"] = np.repeat(self.static[None], len(idx), axis=0)
+        return out
 
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng((self.seed, step))

@@ -1,6 +1,7 @@
 """A ClimaX-style vision transformer for gridded atmospheric fields (Nguyen et al. 2023, "ClimaX").
 
-Input: normalized fields [batch, variables, lat, lon] and a lead time in hours per example.
+Input: normalized fields [batch, variables, lat, lon], a lead time in hours per example and,
+with ``num_static``, time-invariant fields (orography, land-sea mask) that are inputs only.
 Each variable is cut into ``patch_size`` x ``patch_size`` patches and embedded by its own
 linear map (ClimaX's per-variable patch embedding), plus a learned variable embedding. At
 each patch one learned query attends over the variables' tokens (variable aggregation by
@@ -44,6 +45,8 @@ class ClimaXConfig(Techniques):
     """Grid, patching and Transformer shape; technique switches are inherited from ``Techniques``."""
 
     num_vars: int = dataclasses.field(default=8, metadata={"help": "input and output channels (variables)"})
+    num_static: int = dataclasses.field(default=0, metadata={
+        "help": "time-invariant input fields (orography, land-sea mask): inputs only, not forecast"})
     lat: int = dataclasses.field(default=32, metadata={"help": "grid latitudes"})
     lon: int = dataclasses.field(default=64, metadata={"help": "grid longitudes"})
     patch_size: int = dataclasses.field(default=4, metadata={"help": "patch side in grid points"})
@@ -62,6 +65,8 @@ class ClimaXConfig(Techniques):
         for name in ("num_vars", "lat", "lon", "patch_size", "num_layers", "num_heads", "embed_dim", "mlp_dim",
                      "linformer_k", "performer_features"):
             _positive_int(name, getattr(self, name))
+        if not isinstance(self.num_static, int) or isinstance(self.num_static, bool) or self.num_static < 0:
+            raise ValueError(f"num_static={self.num_static!r} must be a non-negative integer")
         if self.lat % self.patch_size or self.lon % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide lat={self.lat} and lon={self.lon}")
         if not isinstance(self.residual, bool):
@@ -127,10 +132,11 @@ class ClimaX(nnx.Module):
     def __init__(self, config: ClimaXConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
         v, e, q = cfg.num_vars, cfg.embed_dim, cfg.patch_size ** 2
+        n = v + cfg.num_static  # input fields: the forecast variables, then the static ones
         dt = cfg.param_dtype
-        self.patch_kernel = param(rngs, jax.nn.initializers.normal(q ** -0.5), (v, q, e), (None, None, ax.EMBED), dt)
-        self.patch_bias = param(rngs, jax.nn.initializers.zeros, (v, e), (None, ax.EMBED), dt)
-        self.var_embed = param(rngs, jax.nn.initializers.normal(0.02), (v, e), (None, ax.EMBED), dt)
+        self.patch_kernel = param(rngs, jax.nn.initializers.normal(q ** -0.5), (n, q, e), (None, None, ax.EMBED), dt)
+        self.patch_bias = param(rngs, jax.nn.initializers.zeros, (n, e), (None, ax.EMBED), dt)
+        self.var_embed = param(rngs, jax.nn.initializers.normal(0.02), (n, e), (None, ax.EMBED), dt)
         self.aggregate = VariableAggregation(cfg, rngs=rngs)
         self.pos_embed = param(rngs, jax.nn.initializers.normal(0.02), (cfg.num_patches, e), (None, ax.EMBED), dt)
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=dt)
@@ -143,14 +149,23 @@ class ClimaX(nnx.Module):
         if cfg.residual:  # start at persistence: the predicted change is zero
             self.head.kernel[...] = jnp.zeros_like(self.head.kernel[...])
 
-    def __call__(self, x_bvhw, lead_hours_b, *, dropout_key=None):
+    def __call__(self, x_bvhw, lead_hours_b, static_shw=None, *, dropout_key=None):
+        """``static_shw``: the ``num_static`` time-invariant fields, [S, lat, lon] or [B, S, lat, lon]."""
         cfg = self.config
         b, v, h, w = x_bvhw.shape
         if (v, h, w) != (cfg.num_vars, cfg.lat, cfg.lon):
             raise ValueError(f"fields of shape {x_bvhw.shape} do not match the model's "
                              f"(batch, num_vars={cfg.num_vars}, lat={cfg.lat}, lon={cfg.lon})")
+        inputs = x_bvhw.astype(cfg.dtype)
+        if cfg.num_static or static_shw is not None:
+            want = (cfg.num_static, h, w)
+            if static_shw is None or tuple(static_shw.shape[-3:]) != want or static_shw.ndim not in (3, 4):
+                raise ValueError(f"the model takes {cfg.num_static} static fields of shape {want} (or with the "
+                                 f"batch first), not {None if static_shw is None else tuple(static_shw.shape)}")
+            static = jnp.broadcast_to(static_shw.astype(cfg.dtype), (b, *want))
+            inputs = jnp.concatenate([inputs, static], axis=1)
         p = cfg.patch_size
-        patches_bvlq = patchify(x_bvhw.astype(cfg.dtype), p)
+        patches_bvlq = patchify(inputs, p)
         tokens_bvle = jnp.einsum("bvlq,vqe->bvle", patches_bvlq, self.patch_kernel[...].astype(cfg.dtype))
         tokens_bvle = tokens_bvle + (self.patch_bias[...] + self.var_embed[...]).astype(cfg.dtype)[None, :, None]
         x_ble = self.aggregate(tokens_bvle.transpose(0, 2, 1, 3))

@@ -50,6 +50,9 @@ class WeatherViTConfig(ClimaXConfig):
     channels: str = dataclasses.field(default="", metadata={
         "group": "data", "help": "with --data: the channels, comma-separated, each a variable or variable@level "
                                  "(geopotential@500,temperature@850,2m_temperature)"})
+    static: str = dataclasses.field(default="", metadata={
+        "group": "data", "help": "with --data: time-invariant input fields, comma-separated "
+                                 "(land_sea_mask,geopotential_at_surface)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={
         "group": "data", "help": "with --data: the last share of the states held out"})
     val_start: str = dataclasses.field(default="", metadata={
@@ -87,9 +90,9 @@ class WeatherViTConfig(ClimaXConfig):
                     np.datetime64(self.val_start, "s")
                 except ValueError:
                     raise ValueError(f"val_start={self.val_start!r} is not a date (e.g. 2018-01-01)") from None
-        elif self.channels or self.val_start:
-            raise ValueError("--channels and --val-start choose from your --data; the simulation has its own "
-                             f"{len(wx.VARIABLES)} channels")
+        elif self.channels or self.val_start or self.static:
+            raise ValueError("--channels, --static and --val-start choose from your --data; the simulation has its "
+                             f"own {len(wx.VARIABLES)} channels")
         else:
             self.data_config()  # ValueError for a bad simulation setting
         channels = len(self.variables)
@@ -98,6 +101,11 @@ class WeatherViTConfig(ClimaXConfig):
         elif self.num_vars != channels:
             raise ValueError(f"num_vars={self.num_vars} must equal the {channels} channels of the weather data "
                              "(or 0: as many)")
+        if self.num_static == 0:
+            object.__setattr__(self, "num_static", len(self.static_fields))
+        elif self.num_static != len(self.static_fields):
+            raise ValueError(f"num_static={self.num_static} must equal the {len(self.static_fields)} static fields "
+                             "named by --static")
         super().__post_init__()
 
     def data_config(self) -> wx.WeatherDataConfig:
@@ -106,6 +114,10 @@ class WeatherViTConfig(ClimaXConfig):
                                     days=self.trajectory_days, interval_hours=self.interval_hours,
                                     train_trajectories=self.train_trajectories,
                                     val_trajectories=self.val_trajectories, seed=self.data_seed)
+
+    @property
+    def static_fields(self) -> tuple:
+        return tuple(n for n in (p.strip() for p in self.static.split(",")) if n)
 
     @property
     def variables(self) -> tuple:
@@ -132,7 +144,7 @@ def lat_weighted_mse(pred_bvhw, truth_bvhw, weight_b=None):
 
 
 def _forecast(model, batch, key=None):
-    return model(batch["x"], batch["lead"], dropout_key=key)
+    return model(batch["x"], batch["lead"], batch.get("static"), dropout_key=key)
 
 
 def loss_fn(model, batch, key):
@@ -178,6 +190,7 @@ class Prepared:
     clim_norm: np.ndarray    # the climatology of each held-out state [N, T, V, lat, lon], normalized
     clim: np.ndarray         # the same in physical units
     climatology: str = "zonal mean of the training trajectories"  # what ``clim`` is
+    static_norm: np.ndarray | None = None  # [S, lat, lon] time-invariant inputs, each field standardized
 
 
 def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
@@ -188,7 +201,7 @@ def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
     if model_cfg.data:
         weather = gridded.read_fields(model_cfg.data, model_cfg.channels, interval_hours=model_cfg.interval_hours,
                                       val_fraction=model_cfg.val_fraction, val_start=model_cfg.val_start,
-                                      min_states=model_cfg.lead_steps + 1)
+                                      min_states=model_cfg.lead_steps + 1, static=model_cfg.static_fields)
         times = weather.train_times
         if times[-1] - times[0] >= np.timedelta64(365, "D"):
             clim = gridded.seasonal_climatology(weather.train[0], times, weather.val_times)[None]
@@ -201,7 +214,14 @@ def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
         clim = np.broadcast_to(wx.zonal_climatology(weather.train), weather.val.shape)
         kind = Prepared.climatology
     norm = wx.Normalizer(weather.train)
-    return Prepared(weather, norm, norm(weather.val), norm(clim), clim, kind)
+    static = getattr(weather, "static", None)
+    if static is not None:
+        mean, std = static.astype(np.float64).mean(axis=(1, 2)), static.astype(np.float64).std(axis=(1, 2))
+        if np.any(std <= 0):
+            raise ValueError(f"static field {model_cfg.static_fields[int(np.argmin(std))]!r} is constant; "
+                             "it tells the model nothing")
+        static = ((static - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    return Prepared(weather, norm, norm(weather.val), norm(clim), clim, kind, static)
 
 
 def baselines(prep: Prepared, lead_steps: int) -> dict:
@@ -226,13 +246,15 @@ def baselines(prep: Prepared, lead_steps: int) -> dict:
 def build_data(train_cfg, model_cfg) -> Data:
     prep = prepare(model_cfg)
     kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=prep.weather.interval_hours,
-              batch_size=train_cfg.batch_size, seed=train_cfg.seed)
+              batch_size=train_cfg.batch_size, seed=train_cfg.seed, static=prep.static_norm)
     train = wx.ForecastBatches(prep.normalizer(prep.weather.train), **kw)
     train.prepared = prep  # for rollouts after training
     evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches({"scale": prep.normalizer.std},
                                                                  targets={"clim": prep.clim_norm})
     user = isinstance(prep.weather, gridded.FieldData)
     summary = f"{prep.weather.summary()}; climatology: {prep.climatology}" if user else ""
+    if model_cfg.static_fields:
+        summary += f"; static fields: {', '.join(model_cfg.static_fields)}"
     return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps),
                 sources=prep.weather.sources if user else {}, summary=summary)
 
@@ -269,7 +291,8 @@ def forecast(model_cfg, model, path, batch_size: int = 16) -> dict:
     _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
     hours = model_cfg.lead_steps * prep.weather.interval_hours
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32)))
+    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32),
+                                                            prep.static_norm))
     x = prep.normalizer(series.values)
     mean, std = prep.normalizer.mean[:, None, None], prep.normalizer.std[:, None, None]
     out = []
@@ -307,7 +330,8 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
                          f"{lead_steps}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     hours = lead_steps * prep.weather.interval_hours
-    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32)))
+    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32),
+                                                            prep.static_norm))
     std = prep.normalizer.std.astype(np.float64)
     lat, names = prep.weather.lat, prep.weather.variables
     se = {k: np.zeros((max_steps, len(names))) for k in ("model", "persistence", "climatology")}
@@ -343,7 +367,8 @@ RECIPE = Recipe(
     loss_fn=loss_fn,
     eval_fn=eval_fn,
     summarize=summarize,
-    batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "lead": (BATCH,), "valid": (BATCH,), "scale": (BATCH, None)},
+    batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "static": FIELD, "lead": (BATCH,), "valid": (BATCH,),
+                "scale": (BATCH, None)},
     check=check,
     embed=forecast,
 )
