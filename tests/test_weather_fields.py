@@ -238,8 +238,8 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     target = tmp_path / "forecast.npz"
     assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(target), "--batch-size", "4"]) == 0
     got = np.load(target)
-    assert got["forecast"].shape == (6, 2, 8, 16) and int(got["lead_hours"]) == 6
-    assert str(got["valid_time"][0]) == "2020-01-01T06:00:00" and list(got["variables"]) == [
+    assert got["forecast"].shape == (1, 6, 2, 8, 16) and got["lead_hours"].tolist() == [6]
+    assert str(got["valid_time"][0, 0]) == "2020-01-01T06:00:00" and list(got["variables"]) == [
         "geopotential@500", "2m_temperature"]
     train = _lon_sorted(np.stack([z[:, 1], t2], axis=1)[:18]).astype(np.float64)
     mean, std = train.mean(axis=(0, 2, 3))[:, None, None], train.std(axis=(0, 2, 3))[:, None, None]
@@ -248,7 +248,7 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     mask = _lon_sorted(lsm)[None].astype(np.float64)
     mask = ((mask - mask.mean()) / mask.std()).astype(np.float32)
     want = np.asarray(model(x, np.full(6, 6.0, np.float32), mask)) * std + mean
-    np.testing.assert_allclose(got["forecast"], want, rtol=1e-5, atol=1e-3 * std.max())
+    np.testing.assert_allclose(got["forecast"][0], want, rtol=1e-5, atol=1e-3 * std.max())
 
     # one value changed in the store: resuming and evaluating are refused, nothing is overwritten
     changed = ds.copy(deep=True)
@@ -386,3 +386,48 @@ def test_the_model_takes_static_fields_as_inputs_only():
                                 mlp_dim=16), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="the model takes 0 static fields"):
         plain(x, lead, s1)
+
+
+# --- randomized lead ------------------------------------------------------------------------------------------
+
+def test_batches_draw_a_lead_per_pair_within_the_range():
+    from sciscale_jax.data import weather as wx
+
+    data = np.arange(2 * 12, dtype=np.float32).reshape(2, 12, 1, 1, 1) * np.ones((1, 1, 1, 2, 2), np.float32)
+    fb = wx.ForecastBatches(data, lead_steps=1, max_lead_steps=3, interval_hours=6, batch_size=64, seed=1)
+    b = fb.batch(5)
+    steps = (b["y"] - b["x"])[:, 0, 0, 0]  # the state index is the value: y - x is the lead in intervals
+    assert set(steps.tolist()) == {1.0, 2.0, 3.0}
+    np.testing.assert_array_equal(b["lead"], steps * 6)
+    assert b["x"][:, 0, 0, 0].max() % 12 <= 12 - 1 - 3  # every start leaves room for the longest lead
+    rows = fb.batch_rows(5, 16, 40)
+    for k in rows:
+        np.testing.assert_array_equal(rows[k], b[k][16:40])
+    one = wx.ForecastBatches(data, lead_steps=2, interval_hours=6, batch_size=8, seed=1).batch(5)
+    np.testing.assert_array_equal(one["y"] - one["x"], 2.0)  # a single lead: as before
+    with pytest.raises(ValueError, match=r"up to max_lead_steps=12\) must lie in \[1, 11\]"):
+        wx.ForecastBatches(data, lead_steps=1, max_lead_steps=12, interval_hours=6, batch_size=8)
+    with pytest.raises(ValueError, match="max_lead_steps=1 must be 0 or at least lead_steps=2"):
+        weather_vit.RECIPE.make_config(lead_steps=2, max_lead_steps=1)
+
+
+def test_a_run_on_several_leads_forecasts_at_each(tmp_path, capsys):
+    times, z, t2 = _fields(times=24, hours=6)
+    store = _write(_dataset(times, z, t2), tmp_path / "era.zarr")
+    run = tmp_path / "run"
+    assert cli.main(["train", "weather-vit", "--data", str(store), "--channels", "2m_temperature",
+                     "--max-lead-steps", "3", "--val-fraction", "0.25", "--out", str(run), "--steps", "2",
+                     *MODEL]) == 0
+    capsys.readouterr()
+    target = tmp_path / "fc.npz"
+    assert cli.main(["embed", str(run), "--input", str(store), "--out", str(target)]) == 0
+    got = np.load(target)
+    assert got["forecast"].shape == (3, 24, 1, 8, 16) and got["lead_hours"].tolist() == [6, 12, 18]
+    assert str(got["valid_time"][2, 0]) == "2020-01-01T18:00:00"
+    model = load_run(run, log=lambda *_: None).model
+    train = _lon_sorted(t2[:18]).astype(np.float64)
+    x = ((_lon_sorted(t2[:4])[:, None] - train.mean()) / train.std()).astype(np.float32)
+    for k, hours in enumerate((6, 12, 18)):
+        want = np.asarray(model(x, np.full(4, float(hours), np.float32)))[:, 0] * train.std() + train.mean()
+        np.testing.assert_allclose(got["forecast"][k, :4, 0], want, rtol=1e-5, atol=1e-3 * train.std())
+    assert np.abs(got["forecast"][0] - got["forecast"][2]).max() > 0  # the lead embedding tells them apart

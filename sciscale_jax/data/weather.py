@@ -395,38 +395,50 @@ class Normalizer:
 class ForecastBatches:
     """Pairs (state at t, state at t + lead) of normalized trajectories [N, T, V, lat, lon].
 
-    ``batch(step)`` draws ``batch_size`` pairs as a pure function of (seed, step);
-    ``eval_batches`` takes every pair once, in order, padded to whole batches (``valid`` 0).
-    Fields: ``x``, ``y`` [B, V, lat, lon] and ``lead`` [B] in hours.
+    ``batch(step)`` draws ``batch_size`` pairs as a pure function of (seed, step), and with
+    ``max_lead_steps`` above ``lead_steps`` each pair's lead uniformly from ``lead_steps`` to
+    ``max_lead_steps`` intervals (ClimaX's randomized lead); ``eval_batches`` takes every pair
+    at ``lead_steps`` once, in order, padded to whole batches (``valid`` 0). Fields: ``x``, ``y``
+    [B, V, lat, lon] and ``lead`` [B] in hours.
     """
 
     def __init__(self, trajectories: np.ndarray, *, lead_steps: int, interval_hours: int, batch_size: int,
-                 seed: int = 0, static: np.ndarray | None = None):
+                 seed: int = 0, static: np.ndarray | None = None, max_lead_steps: int = 0):
         n, t = trajectories.shape[:2]
-        if not 0 < lead_steps < t:
-            raise ValueError(f"lead_steps={lead_steps} must lie in [1, {t - 1}] for trajectories of {t} states")
+        longest = max(lead_steps, max_lead_steps)
+        if not 0 < lead_steps < t or longest >= t:
+            raise ValueError(f"lead_steps={lead_steps} (up to max_lead_steps={longest}) must lie in [1, {t - 1}] "
+                             f"for trajectories of {t} states")
         self.data, self.lead_steps, self.batch_size, self.seed = trajectories, lead_steps, batch_size, seed
+        self.max_lead_steps, self.interval_hours = longest, interval_hours
         self.static = static  # [S, lat, lon] time-invariant inputs, in every batch as ``static`` [B, S, lat, lon]
         self.lead_hours = float(lead_steps * interval_hours)
-        self.pairs = np.array([(i, j) for i in range(n) for j in range(t - lead_steps)], np.int64)
+        self.pairs = np.array([(i, j) for i in range(n) for j in range(t - longest)], np.int64)
 
-    def _gather(self, idx) -> dict:
+    def _gather(self, idx, leads=None) -> dict:
         traj, t = self.pairs[idx, 0], self.pairs[idx, 1]
-        out = {"x": self.data[traj, t], "y": self.data[traj, t + self.lead_steps],
-               "lead": np.full(len(idx), self.lead_hours, np.float32)}
+        leads = np.full(len(idx), self.lead_steps) if leads is None else leads
+        out = {"x": self.data[traj, t], "y": self.data[traj, t + leads],
+               "lead": (leads * self.interval_hours).astype(np.float32)}
         if self.static is not None:
             out["static"] = np.repeat(self.static[None], len(idx), axis=0)
         return out
 
-    def batch(self, step: int) -> dict:
+    def _draw(self, step: int):
         rng = np.random.default_rng((self.seed, step))
-        return self._gather(rng.integers(0, len(self.pairs), self.batch_size))
+        idx = rng.integers(0, len(self.pairs), self.batch_size)
+        if self.max_lead_steps == self.lead_steps:
+            return idx, None
+        return idx, rng.integers(self.lead_steps, self.max_lead_steps + 1, self.batch_size)
+
+    def batch(self, step: int) -> dict:
+        return self._gather(*self._draw(step))
 
     def batch_rows(self, step: int, start: int, stop: int) -> dict:
         """Rows ``start:stop`` of ``batch(step)``, bit for bit, gathering only those pairs."""
         check_rows(start, stop, self.batch_size)
-        rng = np.random.default_rng((self.seed, step))
-        return self._gather(rng.integers(0, len(self.pairs), self.batch_size)[start:stop])
+        idx, leads = self._draw(step)
+        return self._gather(idx[start:stop], None if leads is None else leads[start:stop])
 
     def eval_batches(self, extra: dict | None = None, targets: dict | None = None) -> list[dict]:
         """Every pair once; ``extra`` maps a field name to one array broadcast over the batch,

@@ -44,6 +44,9 @@ class WeatherViTConfig(ClimaXConfig):
     num_vars: int = dataclasses.field(default=0, metadata={
         "help": "input and output channels (0: one per channel of the data)"})
     lead_steps: int = dataclasses.field(default=1, metadata={"help": "forecast lead in recorded intervals"})
+    max_lead_steps: int = dataclasses.field(default=0, metadata={
+        "help": "train on leads drawn per example from lead_steps to this many intervals (ClimaX's randomized "
+                "lead; 0: lead_steps only); evaluation stays at lead_steps"})
     data: str = dataclasses.field(default="", metadata={
         "group": "data", "help": "your gridded fields: Zarr stores or NetCDF files, comma-separated "
                                  "('': the Held-Suarez simulation)"})
@@ -75,6 +78,10 @@ class WeatherViTConfig(ClimaXConfig):
     def __post_init__(self):
         if not isinstance(self.lead_steps, int) or isinstance(self.lead_steps, bool) or self.lead_steps <= 0:
             raise ValueError(f"lead_steps={self.lead_steps!r} must be a positive integer")
+        if not isinstance(self.max_lead_steps, int) or isinstance(self.max_lead_steps, bool) or not (
+                self.max_lead_steps == 0 or self.max_lead_steps >= self.lead_steps):
+            raise ValueError(f"max_lead_steps={self.max_lead_steps!r} must be 0 or at least lead_steps="
+                             f"{self.lead_steps}")
         if self.data:
             if not isinstance(self.interval_hours, int) or isinstance(self.interval_hours, bool) \
                     or self.interval_hours <= 0:
@@ -114,6 +121,11 @@ class WeatherViTConfig(ClimaXConfig):
                                     days=self.trajectory_days, interval_hours=self.interval_hours,
                                     train_trajectories=self.train_trajectories,
                                     val_trajectories=self.val_trajectories, seed=self.data_seed)
+
+    @property
+    def leads(self) -> tuple:
+        """The leads trained on, in recorded intervals."""
+        return tuple(range(self.lead_steps, max(self.lead_steps, self.max_lead_steps) + 1))
 
     @property
     def static_fields(self) -> tuple:
@@ -201,7 +213,7 @@ def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
     if model_cfg.data:
         weather = gridded.read_fields(model_cfg.data, model_cfg.channels, interval_hours=model_cfg.interval_hours,
                                       val_fraction=model_cfg.val_fraction, val_start=model_cfg.val_start,
-                                      min_states=model_cfg.lead_steps + 1, static=model_cfg.static_fields)
+                                      min_states=model_cfg.leads[-1] + 1, static=model_cfg.static_fields)
         times = weather.train_times
         if times[-1] - times[0] >= np.timedelta64(365, "D"):
             clim = gridded.seasonal_climatology(weather.train[0], times, weather.val_times)[None]
@@ -247,7 +259,7 @@ def build_data(train_cfg, model_cfg) -> Data:
     prep = prepare(model_cfg)
     kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=prep.weather.interval_hours,
               batch_size=train_cfg.batch_size, seed=train_cfg.seed, static=prep.static_norm)
-    train = wx.ForecastBatches(prep.normalizer(prep.weather.train), **kw)
+    train = wx.ForecastBatches(prep.normalizer(prep.weather.train), max_lead_steps=model_cfg.max_lead_steps, **kw)
     train.prepared = prep  # for rollouts after training
     evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches({"scale": prep.normalizer.std},
                                                                  targets={"clim": prep.clim_norm})
@@ -278,31 +290,34 @@ def check(model_cfg, train_cfg, data) -> None:
 
 
 def forecast(model_cfg, model, path, batch_size: int = 16) -> dict:
-    """The trained model's forecasts at its lead from every state of the Zarr/NetCDF stores ``path``
-    (comma-separated; the run's channels and grid, any spacing in time), for ``sciscale embed``.
+    """The trained model's forecasts at every lead it trained on from every state of the Zarr/NetCDF
+    stores ``path`` (comma-separated; the run's channels and grid, any spacing in time), for
+    ``sciscale embed``.
 
     Normalized by the statistics of the run's training data (read again). Returns ``forecast``
-    [T, V, lat, lon] in the stores' units, ``time`` (the states forecast from), ``valid_time``
-    (``time`` + the lead), ``lead_hours``, ``variables``, ``lat`` and ``lon``.
+    [leads, T, V, lat, lon] in the stores' units, ``lead_hours`` [leads], ``time`` [T] (the states
+    forecast from), ``valid_time`` [leads, T], ``variables``, ``lat`` and ``lon``.
     """
     prep = prepare(model_cfg, log=lambda *_: None)
     channels = model_cfg.channels if model_cfg.data else ",".join(model_cfg.variables)
     series = gridded.read_series(path, channels, interval_hours=None, what="--input")
     _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
-    hours = model_cfg.lead_steps * prep.weather.interval_hours
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32),
-                                                            prep.static_norm))
+    step = jax.jit(lambda p, r, x, hours: nnx.merge(graphdef, p, r)(x, hours, prep.static_norm))
     x = prep.normalizer(series.values)
     mean, std = prep.normalizer.mean[:, None, None], prep.normalizer.std[:, None, None]
-    out = []
-    for s in range(0, len(x), batch_size):
-        chunk = x[s:s + batch_size]
-        pad = batch_size - len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
-        out.append(np.asarray(step(params, rest, padded), np.float32)[:len(chunk)] * std + mean)
-    return {"forecast": np.concatenate(out), "time": series.times,
-            "valid_time": series.times + np.timedelta64(hours, "h"), "lead_hours": np.asarray(hours),
+    hours = [k * prep.weather.interval_hours for k in model_cfg.leads]
+    out = np.empty((len(hours), *x.shape), np.float32)
+    for n, h in enumerate(hours):
+        for s in range(0, len(x), batch_size):
+            chunk = x[s:s + batch_size]
+            pad = batch_size - len(chunk)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+            pred = step(params, rest, padded, np.full(batch_size, h, np.float32))
+            out[n, s:s + len(chunk)] = np.asarray(pred, np.float32)[:len(chunk)] * std + mean
+    lead = np.asarray(hours, np.int64)
+    return {"forecast": out, "lead_hours": lead, "time": series.times,
+            "valid_time": series.times[None] + lead[:, None].astype("timedelta64[h]"),
             "variables": np.asarray(model_cfg.variables), "lat": series.lat, "lon": series.lon}
 
 
