@@ -11,7 +11,8 @@ and a larger model on a GPU (a sketch: this configuration has not been run):
 
 Prints the train-step memory, the latitude-weighted RMSE and ACC per channel at the trained
 lead beside persistence and climatology, and the RMSE of autoregressive rollouts against lead
-time; the rollout curves are plotted to --plot (PNG, needs matplotlib).
+time; the rollout curves are plotted to --plot (PNG, needs matplotlib). A model trained on
+several leads (--max-lead-steps) is also scored by direct forecasts at each of them.
 """
 
 from __future__ import annotations
@@ -92,12 +93,21 @@ def main(argv=None) -> int:
             curves["lead_hours"], curves["model"][name], curves["persistence"][name], curves["climatology"][name])]
         shown = sorted({0, len(cells) // 4, len(cells) // 2, 3 * len(cells) // 4, len(cells) - 1})
         print(f"{name}: " + ", ".join(cells[i] for i in shown))
+    direct = None
+    if model_cfg.max_lead_steps // model_cfg.lead_steps > 1:  # trained on several leads: one application each
+        direct = rollout(model, prep, model_cfg.lead_steps, model_cfg.max_lead_steps // model_cfg.lead_steps,
+                         every=args.rollout_every, direct=True)
+        print(f"\ndirect forecasts at each trained lead ({direct['starts']} starts): model direct / model rollout / "
+              "persistence")
+        for name in model_cfg.variables:
+            print(f"{name}: " + ", ".join(f"{h} h {d:.3g}/{r:.3g}/{p:.3g}" for h, d, r, p in zip(
+                direct["lead_hours"], direct["model"][name], curves["model"][name], direct["persistence"][name])))
     plot = args.plot or f"{out}/rollout.png"
     plot_rollout(curves, plot)
     print(f"rollout plot: {plot}")
     if args.json:
         figures = {"validation": val, "baselines": base, "seconds": result["seconds"], "rollout": curves,
-                   "memory": result["memory"].as_dict()}
+                   "direct": direct, "memory": result["memory"].as_dict()}
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     return 0

@@ -431,3 +431,32 @@ def test_a_run_on_several_leads_forecasts_at_each(tmp_path, capsys):
         want = np.asarray(model(x, np.full(4, float(hours), np.float32)))[:, 0] * train.std() + train.mean()
         np.testing.assert_allclose(got["forecast"][k, :4, 0], want, rtol=1e-5, atol=1e-3 * train.std())
     assert np.abs(got["forecast"][0] - got["forecast"][2]).max() > 0  # the lead embedding tells them apart
+
+
+def test_direct_rollout_applies_the_model_once_at_each_lead(tmp_path):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sciscale_jax.data import weather as wx
+    from sciscale_jax.models.climax import ClimaX
+
+    times, z, t2 = _fields(times=24, hours=6)
+    store = _write(_dataset(times, z, t2), tmp_path / "era.zarr")
+    _, model_cfg, _ = cli.build_configs(["weather-vit", "--data", str(store), "--channels", "2m_temperature,"
+                                         "geopotential@850", "--max-lead-steps", "3", "--val-fraction", "0.4", *MODEL])
+    prep = weather_vit.prepare(model_cfg, log=lambda *_: None)
+    model = ClimaX(model_cfg, rngs=nnx.Rngs(2))
+    model.head.kernel[...] = jnp.asarray(np.random.default_rng(0).normal(0, 0.05, model.head.kernel[...].shape),
+                                         jnp.float32)
+    out = weather_vit.rollout(model, prep, 1, 3, every=2, batch_size=4, direct=True)
+    val, std = prep.val_norm[0], prep.normalizer.std.astype(np.float64)
+    starts = list(range(0, val.shape[0] - 3, 2))
+    assert out["starts"] == len(starts) and out["lead_hours"] == [6, 12, 18]
+    for k in (1, 2, 3):
+        preds = np.asarray(model(jnp.asarray(val[starts]), jnp.full((len(starts),), 6.0 * k)))
+        rmse = np.sqrt(wx.lat_weighted_mse(preds, val[[j + k for j in starts]], LAT)) * std
+        for i, name in enumerate(model_cfg.variables):
+            assert out["model"][name][k - 1] == pytest.approx(rmse[i], rel=1e-4)
+    chained = weather_vit.rollout(model, prep, 1, 3, every=2, batch_size=4)
+    assert chained["model"]["2m_temperature"][0] == pytest.approx(out["model"]["2m_temperature"][0], rel=1e-6)
+    assert chained["model"]["2m_temperature"][2] != pytest.approx(out["model"]["2m_temperature"][2], rel=1e-3)

@@ -329,12 +329,15 @@ def trained_model(model_cfg, state) -> ClimaX:
     return nnx.merge(graphdef, *jax.device_get((state.params, state.rest)))
 
 
-def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: int = 4, batch_size: int = 32) -> dict:
+def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: int = 4, batch_size: int = 32,
+            direct: bool = False) -> dict:
     """RMSE per channel at leads 1..``max_steps`` x the trained lead, model vs persistence vs climatology.
 
     Forecasts start at every ``every``-th state of the held-out trajectories that leaves room
-    for ``max_steps`` applications of the model. Returns ``{"lead_hours": [...], "model" |
-    "persistence" | "climatology": {channel: [rmse per lead]}, "starts": n}``.
+    for ``max_steps`` applications of the model. With ``direct``, lead k x ``lead_steps`` is one
+    application of the model at that lead (a model trained with ``max_lead_steps``) instead of k
+    applications at ``lead_steps``. Returns ``{"lead_hours": [...], "model" | "persistence" |
+    "climatology": {channel: [rmse per lead]}, "starts": n}``.
     """
     val = prep.val_norm
     n, t = val.shape[:2]
@@ -345,8 +348,8 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
                          f"{lead_steps}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     hours = lead_steps * prep.weather.interval_hours
-    step = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), hours, jnp.float32),
-                                                            prep.static_norm))
+    apply = jax.jit(lambda p, r, x, h: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), h, jnp.float32),
+                                                                prep.static_norm))
     std = prep.normalizer.std.astype(np.float64)
     lat, names = prep.weather.lat, prep.weather.variables
     se = {k: np.zeros((max_steps, len(names))) for k in ("model", "persistence", "climatology")}
@@ -354,9 +357,12 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
         chunk = starts[s:s + batch_size]
         x0 = np.stack([val[i, j] for i, j in chunk])
         pad = batch_size - len(chunk)
-        state = np.concatenate([x0, np.repeat(x0[-1:], pad, 0)]) if pad else x0
+        start = state = np.concatenate([x0, np.repeat(x0[-1:], pad, 0)]) if pad else x0
         for k in range(1, max_steps + 1):
-            state = np.asarray(step(params, rest, state))
+            if direct:
+                state = np.asarray(apply(params, rest, start, np.float32(k * hours)))
+            else:
+                state = np.asarray(apply(params, rest, state, np.float32(hours)))
             truth = np.stack([val[i, j + k * lead_steps] for i, j in chunk])
             preds = {"model": state[:len(chunk)], "persistence": x0,
                      "climatology": np.stack([prep.clim_norm[i, j + k * lead_steps] for i, j in chunk])}
