@@ -460,3 +460,26 @@ def test_direct_rollout_applies_the_model_once_at_each_lead(tmp_path):
     chained = weather_vit.rollout(model, prep, 1, 3, every=2, batch_size=4)
     assert chained["model"]["2m_temperature"][0] == pytest.approx(out["model"]["2m_temperature"][0], rel=1e-6)
     assert chained["model"]["2m_temperature"][2] != pytest.approx(out["model"]["2m_temperature"][2], rel=1e-3)
+
+
+def test_memory_estimates_take_the_batch_shapes_of_the_run(tmp_path):
+    """The planner's abstract batch has the run's channels, static fields and grid (it took the
+    default simulation's [B, 8, 32, 64] before, so `sciscale plan` refused every other grid)."""
+    from sciscale_jax.train import TrainConfig
+    from sciscale_jax.train.abstract import abstract_batch
+    from sciscale_jax.train.estimate import estimate
+
+    times, z, t2 = _fields(times=24, hours=6)
+    ds = _dataset(times, z, t2).assign(orog=(("latitude", "longitude"), np.random.default_rng(0).normal(
+        size=(8, 16)).astype(np.float32)))
+    store = _write(ds, tmp_path / "era.zarr")
+    recipe, model_cfg, train_cfg = cli.build_configs(["weather-vit", "--data", str(store), "--channels",
+                                                      "2m_temperature,geopotential@850,geopotential@250",
+                                                      "--static", "orog", "--val-fraction", "0.25", *MODEL])
+    real = recipe.build_data(train_cfg, model_cfg).train.batch(0)
+    shapes = abstract_batch(recipe, model_cfg, train_cfg)
+    assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+    assert shapes["static"].shape == (4, 1, 8, 16) and shapes["x"].shape == (4, 3, 8, 16)
+    cfg = TrainConfig(**{**train_cfg.to_dict(), "mesh": "data=4,tensor=2", "batch_size": 8})
+    est = estimate(recipe, model_cfg, cfg, method="trace")
+    assert est.peak_bytes > 0

@@ -26,6 +26,10 @@ A recipe owns its model and everything that depends on what the model is; ``trai
 - ``vocabulary`` (optional): ``(model_config) -> tokens by id`` for a recipe whose tokenizer is
   built from its training data (smiles-lm), so loading a run re-reads that data and a run
   started from another's parameters (``init_from``) must have the same tokens;
+- ``abstract_batch`` (optional): ``(model_config, train_config) -> {field: jax.ShapeDtypeStruct}``,
+  one training batch's shapes, for a recipe whose batch shapes depend on the model config beyond
+  the batch and sequence axes (weather-vit: channels and grid); memory estimates and the planner
+  then build no data. Without it they are read off one tiny batch of the default settings.
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.
@@ -71,6 +75,7 @@ class Recipe:
     report: Callable | None = None         # (model_config, train_config, state) -> lines printed after training
     pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
+    abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

@@ -284,6 +284,16 @@ def _check_grid(model_cfg, variables, lat, lon, what: str) -> None:
                          "WeatherBench 2's 64 x 32 equiangular conservative grid")
 
 
+def abstract_batch(model_cfg, train_cfg) -> dict:
+    """The shapes of one training batch (``ForecastBatches.batch``), from the settings alone."""
+    b, grid = train_cfg.batch_size, (model_cfg.lat, model_cfg.lon)
+    field = jax.ShapeDtypeStruct((b, model_cfg.num_vars, *grid), np.float32)
+    out = {"x": field, "y": field, "lead": jax.ShapeDtypeStruct((b,), np.float32)}
+    if model_cfg.num_static:
+        out["static"] = jax.ShapeDtypeStruct((b, model_cfg.num_static, *grid), np.float32)
+    return out
+
+
 def check(model_cfg, train_cfg, data) -> None:
     weather = data.train.prepared.weather
     _check_grid(model_cfg, weather.variables, weather.lat, weather.lon, "the weather data")
@@ -392,4 +402,5 @@ RECIPE = Recipe(
                 "scale": (BATCH, None)},
     check=check,
     embed=forecast,
+    abstract_batch=abstract_batch,
 )

@@ -4,8 +4,9 @@
 (model config with the mesh's rule table, optimizer, loss scaling, placement, the step from the
 loop's own ``_make_step``, the jit shardings and donation) but with every array replaced by a
 ``jax.ShapeDtypeStruct``: the model comes from ``nnx.eval_shape``, the optimizer state from
-``jax.eval_shape(tx.init, ...)``, and the batch from the recipe's ``batch_axes`` with the
-field dtypes of one tiny batch of the recipe's data (built once per recipe and process).
+``jax.eval_shape(tx.init, ...)``, and the batch from the recipe's ``abstract_batch``, else from its
+``batch_axes`` with the field dtypes of one tiny batch of the recipe's data (built once per
+recipe and process).
 Nothing is allocated or run; ``AbstractRun.compile()`` lowers and compiles the step as the
 loop does.
 """
@@ -46,7 +47,10 @@ def _field_dtypes(recipe) -> dict:
 
 
 def abstract_batch(recipe, model_config, train_config) -> dict:
-    """ShapeDtypeStructs of one training batch of this run, sized by the recipe's batch axes."""
+    """ShapeDtypeStructs of one training batch of this run: the recipe's ``abstract_batch``, else
+    sized by the recipe's batch axes."""
+    if recipe.abstract_batch is not None:
+        return recipe.abstract_batch(model_config, train_config)
     out = {}
     for name, (dtype, tiny) in _field_dtypes(recipe).items():
         shape = []

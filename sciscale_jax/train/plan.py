@@ -16,6 +16,7 @@ are confirmed with ``train.estimate.estimate`` (compiled probes: the figure it p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -148,7 +149,8 @@ def _check(recipe, cfg, tc) -> None:
         raise ValueError(f"batch_size={tc.batch_size} does not split over {sizes['dp']} x {tc.grad_accum}")
 
 
-def _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen: list, budget=None):
+def _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen: list, budget=None,
+            refused: collections.Counter | None = None):
     """Every valid mix as a screened Plan, in ``_rank`` order, measuring only what the order needs.
 
     A best-first walk over lower bounds of the step time: a mix whose remat policy or model
@@ -162,7 +164,8 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
     would give. With a ``budget`` a model switch is a fallback: a mix is left out (and, where the
     walk allows, never traced) where the same mix with every model switch at the same or a
     cheaper value fits.
-    Each Plan is also appended to ``seen``.
+    Each Plan is also appended to ``seen``; the first line of each refusal of a mix is counted in
+    ``refused``.
     """
     remats = {s["remat"] for s in settings}
     base_remat = "none" if "none" in remats else None
@@ -215,7 +218,9 @@ def _ranked(recipe, model_config, train_config, settings, profiles, states, hard
             _check(recipe, cfg, tc)
             state = states(cfg, tc)
             key, exact, timed = timing(s, cfg, tc, state, 0)
-        except ValueError:
+        except ValueError as err:
+            if refused is not None:
+                refused[str(err).splitlines()[0] if str(err) else type(err).__name__] += 1
             continue
         heapq.heappush(heap, (key, mplan.switch_cost(switches_of(s)), exact, next(count),
                               (s, cfg, tc, state, timed, 0)))
@@ -294,9 +299,10 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     # FLOPs are traced at a reduced precision first: the mixes most likely to come first
     precisions = sorted(dict.fromkeys(s["precision"] for s in settings), key=lambda p: p == "fp32")
     profiles, states = _Profiles(recipe, model_config, train_config, precisions), _States(recipe)
-    seen, out, confirmed, tries = [], [], None, 0
+    seen, out, confirmed, tries, refused = [], [], None, 0, collections.Counter()
     listed = set()  # a mix listed once: the same mix with more accumulation steps is no alternative
-    for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen, budget):
+    for p in _ranked(recipe, model_config, train_config, settings, profiles, states, hardware, seen, budget,
+                     refused):
         if p.screen_bytes > budget or _mix(p) in listed:
             continue
         if confirm and confirmed is None and tries < max(top, 3):
@@ -320,8 +326,12 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
         if len(out) >= top and (confirmed is not None or not confirm or tries >= max(top, 3)):
             break
     if not seen:
+        why = ""
+        if refused:
+            reason, n = refused.most_common(1)[0]
+            why = f"; the most common refusal ({n} of {sum(refused.values())} mixes): {reason}"
         raise ValueError(f"no valid technique mix for {recipe.name} on {devices} devices with "
-                         f"{fixed or 'no fixed flags'}")
+                         f"{fixed or 'no fixed flags'}{why}")
     if not out:
         raise ValueError(mplan.nothing_fits(seen, budget, devices))
     return out[:top]
