@@ -86,7 +86,9 @@ def main(argv=None) -> int:
 
     prep = recipe.build_data(train_cfg, model_cfg).train.prepared  # read back from the cache
     model = trained_model(model_cfg, result["state"])
-    curves = rollout(model, prep, model_cfg.lead_steps, args.rollout_steps, every=args.rollout_every)
+    leads = model_cfg.max_lead_steps // model_cfg.lead_steps  # trained leads that are multiples of the first
+    room = max(args.rollout_steps, leads)  # direct and chained forecasts from the same starts
+    curves = rollout(model, prep, model_cfg.lead_steps, args.rollout_steps, every=args.rollout_every, room=room)
     print(f"\nrollout RMSE vs lead time ({curves['starts']} starts): model / persistence / climatology")
     for name in model_cfg.variables:
         cells = [f"{h} h {m:.3g}/{p:.3g}/{c:.3g}" for h, m, p, c in zip(
@@ -94,9 +96,8 @@ def main(argv=None) -> int:
         shown = sorted({0, len(cells) // 4, len(cells) // 2, 3 * len(cells) // 4, len(cells) - 1})
         print(f"{name}: " + ", ".join(cells[i] for i in shown))
     direct = None
-    if model_cfg.max_lead_steps // model_cfg.lead_steps > 1:  # trained on several leads: one application each
-        direct = rollout(model, prep, model_cfg.lead_steps, model_cfg.max_lead_steps // model_cfg.lead_steps,
-                         every=args.rollout_every, direct=True)
+    if leads > 1:  # trained on several leads: one application each
+        direct = rollout(model, prep, model_cfg.lead_steps, leads, every=args.rollout_every, direct=True, room=room)
         print(f"\ndirect forecasts at each trained lead ({direct['starts']} starts): model direct / model rollout / "
               "persistence")
         for name in model_cfg.variables:

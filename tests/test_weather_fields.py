@@ -459,6 +459,10 @@ def test_direct_rollout_applies_the_model_once_at_each_lead(tmp_path):
             assert out["model"][name][k - 1] == pytest.approx(rmse[i], rel=1e-4)
     chained = weather_vit.rollout(model, prep, 1, 3, every=2, batch_size=4)
     assert chained["model"]["2m_temperature"][0] == pytest.approx(out["model"]["2m_temperature"][0], rel=1e-6)
+    short = weather_vit.rollout(model, prep, 1, 1, every=2, batch_size=4, room=3)  # the same starts
+    assert short["starts"] == out["starts"] and short["model"]["2m_temperature"] == pytest.approx(
+        out["model"]["2m_temperature"][:1], rel=1e-6)
+    assert weather_vit.rollout(model, prep, 1, 1, every=2, batch_size=4)["starts"] > out["starts"]
     assert chained["model"]["2m_temperature"][2] != pytest.approx(out["model"]["2m_temperature"][2], rel=1e-3)
 
 

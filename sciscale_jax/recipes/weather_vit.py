@@ -340,18 +340,21 @@ def trained_model(model_cfg, state) -> ClimaX:
 
 
 def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: int = 4, batch_size: int = 32,
-            direct: bool = False) -> dict:
+            direct: bool = False, room: int | None = None) -> dict:
     """RMSE per channel at leads 1..``max_steps`` x the trained lead, model vs persistence vs climatology.
 
     Forecasts start at every ``every``-th state of the held-out trajectories that leaves room
-    for ``max_steps`` applications of the model. With ``direct``, lead k x ``lead_steps`` is one
-    application of the model at that lead (a model trained with ``max_lead_steps``) instead of k
-    applications at ``lead_steps``. Returns ``{"lead_hours": [...], "model" | "persistence" |
-    "climatology": {channel: [rmse per lead]}, "starts": n}``.
+    for ``room`` (default ``max_steps``) applications of the model, so scores of different
+    lengths can share their starts. With ``direct``, lead k x ``lead_steps`` is one application
+    of the model at that lead (a model trained with ``max_lead_steps``) instead of k applications
+    at ``lead_steps``. Returns ``{"lead_hours": [...], "model" | "persistence" | "climatology":
+    {channel: [rmse per lead]}, "starts": n}``.
     """
     val = prep.val_norm
     n, t = val.shape[:2]
-    span = lead_steps * max_steps
+    if room is not None and room < max_steps:
+        raise ValueError(f"room={room} must be at least max_steps={max_steps}")
+    span = lead_steps * (max_steps if room is None else room)
     starts = [(i, j) for i in range(n) for j in range(0, t - span, every)]
     if not starts:
         raise ValueError(f"held-out trajectories of {t} states are too short for {max_steps} steps of lead "
