@@ -26,6 +26,7 @@ import pathlib
 
 import numpy as np
 
+PIECE = 1024  # states read at once per channel
 TIME = ("time",)
 LAT = ("latitude", "lat")
 LON = ("longitude", "lon")
@@ -119,7 +120,7 @@ def _open(path: pathlib.Path, what: str):
     if not path.exists():
         raise ValueError(f"{what} {path}: no such file or folder")
     try:
-        return xr.open_zarr(path, consolidated=None) if path.is_dir() else xr.open_dataset(path)
+        return xr.open_zarr(path, consolidated=None, chunks=None) if path.is_dir() else xr.open_dataset(path)
     except ImportError as err:
         raise ImportError(f"{FIELDS_EXTRA} ({err})") from None
     except Exception as err:  # xarray, zarr and the NetCDF engines raise many kinds
@@ -184,37 +185,49 @@ def _read_store(path: pathlib.Path, channels, what: str, static=()) -> tuple:
             if len(hit) != 1:
                 raise ValueError(f"{where} has no level {ch.level:g} (it has {', '.join(f'{v:g}' for v in levels)})")
             da = da.isel({z: int(hit[0])})
-        arrays.append(np.asarray(da.transpose(t, y, x).values, np.float32))
+        arrays.append(da.transpose(t, y, x))  # read below, one channel at a time
         units.append(str(da.attrs.get("units", "")))
     times = np.asarray(ds[time_dim].values)
     if not np.issubdtype(times.dtype, np.datetime64):
         raise ValueError(f"{what} {path}: time is {times.dtype}, not datetimes (a `units: hours since ...` "
                          "attribute lets xarray decode it)")
-    lat = np.asarray(ds[lat_dim].values, np.float64)
-    lon = np.asarray(ds[lon_dim].values, np.float64)
-    values = np.stack(arrays, axis=1)  # [T, V, lat, lon]
+    lat, lon, orient = _orientation(np.asarray(ds[lat_dim].values, np.float64),
+                                    np.asarray(ds[lon_dim].values, np.float64), f"{what} {path}")
+    # [T, V, lat, lon] filled piece by piece: the store's values are held once (plus one piece)
+    values = np.empty((len(times), len(arrays), len(lat), len(lon)), np.float32)
+    for i, da in enumerate(arrays):
+        for start in range(0, len(times), PIECE):  # in pieces of time: no copy of a whole channel
+            values[start:start + PIECE, i] = orient(np.asarray(da[start:start + PIECE].values, np.float32))
     statics = {}
     for name in static:
         field = _read_static(ds, name, lat_dim, lon_dim, f"{what} {path}")
         if field is not None:
-            statics[name] = field
+            statics[name] = np.ascontiguousarray(orient(field))
     digest = hashlib.sha256()
     for part in (times.astype("datetime64[s]").astype(np.int64), lat, lon, values, *statics.values()):
-        digest.update(np.ascontiguousarray(part).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))  # no copy of the values
     return times.astype("datetime64[s]"), values, lat, lon, tuple(units), statics, digest.hexdigest()
 
 
-def _orient(values, lat, lon, where: str):
-    """South-to-north latitudes and ascending longitudes; ValueError for repeated coordinates."""
-    if len(lat) > 1 and np.all(np.diff(lat) < 0):
-        lat, values = lat[::-1], values[..., ::-1, :]
+def _orientation(lat, lon, where: str):
+    """(south-to-north latitudes, ascending longitudes, the function turning [..., lat, lon] arrays
+    so); ValueError for latitudes that are not monotonic or repeated longitudes."""
+    flip = len(lat) > 1 and bool(np.all(np.diff(lat) < 0))
+    if flip:
+        lat = lat[::-1]
     if not np.all(np.diff(lat) > 0):
         raise ValueError(f"{where}: latitudes are not strictly monotonic")
     order = np.argsort(lon, kind="stable")
-    lon, values = lon[order], values[..., order]
+    lon = lon[order]
     if not np.all(np.diff(lon) > 0):
         raise ValueError(f"{where}: longitudes repeat")
-    return np.ascontiguousarray(values), lat, lon
+    sorted_already = bool(np.all(order == np.arange(len(order))))
+
+    def orient(a):
+        a = a[..., ::-1, :] if flip else a
+        return a if sorted_already else a[..., order]
+
+    return lat, lon, orient
 
 
 def _hours(delta) -> float:
@@ -253,11 +266,9 @@ def read_series(spec: str, channels, *, interval_hours: int | None = 6, static=(
     for path in paths:
         times, values, lat, lon, units, statics, digest = _read_store(path, channels, what, static)
         for name, field in statics.items():
-            field, _, _ = _orient(field, lat, lon, f"{what} {path}")
             if name in found and not np.array_equal(found[name], field):
                 raise ValueError(f"{what}: static field {name!r} differs between the stores")
             found[name] = field
-        values, lat, lon = _orient(values, lat, lon, f"{what} {path}")
         if grid is not None and (grid[0].shape != lat.shape or grid[1].shape != lon.shape
                                  or not np.allclose(grid[0], lat) or not np.allclose(grid[1], lon)):
             raise ValueError(f"{what} {path} is on another grid than {paths[0]}")
@@ -290,11 +301,12 @@ def read_series(spec: str, channels, *, interval_hours: int | None = 6, static=(
                          f"(pass --interval-hours {spacing} or a multiple of it)")
     stride = interval_hours // spacing
     times, values = times[::stride], values[::stride]
-    bad = ~np.isfinite(values)
-    if bad.any():
-        t, v = (int(i) for i in np.argwhere(bad.any(axis=(2, 3)))[0])
-        raise ValueError(f"{what}: channel {channels[v].name} has missing values (NaN) at "
-                         f"{np.datetime_as_string(times[t])}; fill or mask them before training")
+    for start in range(0, len(values), 1024):  # in pieces: no mask the size of the data
+        bad = ~np.isfinite(values[start:start + 1024]).all(axis=(2, 3))
+        if bad.any():
+            t, v = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{what}: channel {channels[v].name} has missing values (NaN) at "
+                             f"{np.datetime_as_string(times[start + t])}; fill or mask them before training")
     missing = [n for n in static if n not in found]
     if missing:
         raise ValueError(f"{what}: no store holds the static field {missing[0]!r}")
@@ -356,22 +368,24 @@ def seasonal_climatology(values, times, at, *, window_days: int = 30) -> np.ndar
     if not 0 <= w < 183:
         raise ValueError(f"window_days={window_days} must lie in [0, 182]")
     out = np.empty((len(at), *values.shape[1:]), np.float32)
-    overall = values.astype(np.float64).mean(axis=0)
+    overall = values.mean(axis=0, dtype=np.float64)
     for hour in np.unique(at_hours):
         sums = np.zeros((366, *values.shape[1:]), np.float64)
         counts = np.zeros(366, np.int64)
         pick = hours == hour
-        np.add.at(sums, days[pick], values[pick].astype(np.float64))
+        for day in np.unique(days[pick]):  # day by day: no float64 copy of the states
+            sums[day] = values[pick & (days == day)].sum(axis=0, dtype=np.float64)
         np.add.at(counts, days[pick], 1)
         # window sums on the circle: cumulative sums over the days padded by w on each side
         ring = np.concatenate([sums[366 - w:], sums, sums[:w]]) if w else sums
         ring_counts = np.concatenate([counts[366 - w:], counts, counts[:w]]) if w else counts
         csum = np.concatenate([np.zeros((1, *sums.shape[1:])), np.cumsum(ring, axis=0)])
         ccount = np.concatenate([[0], np.cumsum(ring_counts)])
-        rows = np.flatnonzero(at_hours == hour)
-        d = at_days[rows]
-        total, n = csum[d + 2 * w + 1] - csum[d], ccount[d + 2 * w + 1] - ccount[d]
+        shape = (-1, *([1] * (values.ndim - 1)))
+        n = (ccount[2 * w + 1:] - ccount[:-2 * w - 1]).reshape(shape)  # [366, 1, ...] states in each window
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = total / n.reshape(-1, *([1] * (values.ndim - 1)))
-        out[rows] = np.where((n > 0).reshape(-1, *([1] * (values.ndim - 1))), mean, overall)
+            table = np.where(n > 0, (csum[2 * w + 1:] - csum[:-2 * w - 1]) / n, overall)  # [366, ...]
+        rows = np.flatnonzero(at_hours == hour)
+        for day in np.unique(at_days[rows]):  # assigned day by day: no temporary the size of ``at``
+            out[rows[at_days[rows] == day]] = table[day]
     return out

@@ -28,6 +28,7 @@ whatever ``jax_enable_x64`` says; they are deterministic on a given machine and 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import hashlib
@@ -375,21 +376,32 @@ def time_mean_climatology(trajectories: np.ndarray) -> np.ndarray:
     For real fields, whose climate varies with longitude; it keeps the seasonal and daily cycles
     in the anomalies (WeatherBench 2's climatology is per day of year and hour instead).
     """
-    return trajectories.astype(np.float64).mean(axis=(0, 1)).astype(np.float32)
+    return trajectories.mean(axis=(0, 1), dtype=np.float64).astype(np.float32)
 
 
 class Normalizer:
     """Per-variable mean and standard deviation of the training trajectories (as ClimaX)."""
 
     def __init__(self, train: np.ndarray):
-        x = train.astype(np.float64)
-        self.mean = x.mean(axis=(0, 1, 3, 4)).astype(np.float32)
-        self.std = x.std(axis=(0, 1, 3, 4)).astype(np.float32)
+        # two passes over pieces of 1024 states in float64: no float64 copy of the training data
+        states = train.reshape(-1, *train.shape[2:])  # [N * T, V, lat, lon]
+        n = states.shape[0] * states.shape[2] * states.shape[3]
+        total = np.zeros(states.shape[1])
+        for start in range(0, len(states), 1024):
+            total += states[start:start + 1024].sum(axis=(0, 2, 3), dtype=np.float64)
+        mean = total / n
+        sq = np.zeros(states.shape[1])
+        for start in range(0, len(states), 1024):
+            piece = states[start:start + 1024].astype(np.float64) - mean[:, None, None]
+            sq += np.einsum("tvhw,tvhw->v", piece, piece)
+        self.mean, self.std = mean.astype(np.float32), np.sqrt(sq / n).astype(np.float32)
         if np.any(self.std <= 0):
             raise ValueError(f"a variable of the training data is constant (std {self.std})")
 
     def __call__(self, fields: np.ndarray) -> np.ndarray:
-        return ((fields - self.mean[:, None, None]) / self.std[:, None, None]).astype(np.float32)
+        out = np.subtract(fields, self.mean[:, None, None], dtype=np.float32)  # one new array, float32
+        out /= self.std[:, None, None]
+        return out
 
 
 class ForecastBatches:
@@ -440,24 +452,41 @@ class ForecastBatches:
         idx, leads = self._draw(step)
         return self._gather(idx[start:stop], None if leads is None else leads[start:stop])
 
-    def eval_batches(self, extra: dict | None = None, targets: dict | None = None) -> list[dict]:
-        """Every pair once; ``extra`` maps a field name to one array broadcast over the batch,
-        ``targets`` to an array per state [N, T, ...] taken at each pair's target state."""
-        out, b = [], self.batch_size
-        for start in range(0, len(self.pairs), b):
-            idx = np.arange(start, min(start + b, len(self.pairs)))
-            valid = np.ones(b, np.float32)
-            if len(idx) < b:
-                valid[len(idx):] = 0.0
-                idx = np.concatenate([idx, np.full(b - len(idx), idx[-1])])
-            batch = {**self._gather(idx), "valid": valid}
-            for name, per_state in (targets or {}).items():
-                target = self.pairs[idx, 0], self.pairs[idx, 1] + self.lead_steps
-                batch[name] = np.ascontiguousarray(per_state[target])
-            for name, value in (extra or {}).items():
-                batch[name] = np.broadcast_to(value, (b, *np.shape(value))).copy()
-            out.append(batch)
-        return out
+    def eval_batches(self, extra: dict | None = None, targets: dict | None = None) -> "EvalBatches":
+        """Every pair once, as a sequence of batches each built when it is read (a held-out set's
+        batches are never all in memory at once); ``extra`` maps a field name to one array
+        broadcast over the batch, ``targets`` to an array per state [N, T, ...] taken at each
+        pair's target state."""
+        return EvalBatches(self, dict(extra or {}), dict(targets or {}))
+
+
+class EvalBatches(collections.abc.Sequence):
+    """The evaluation batches of a :class:`ForecastBatches`, in order, padded to whole batches
+    (``valid`` 0 on the padding rows); ``batches[i]`` builds batch i."""
+
+    def __init__(self, source: ForecastBatches, extra: dict, targets: dict):
+        self.source, self.extra, self.targets = source, extra, targets
+
+    def __len__(self) -> int:
+        return -(-len(self.source.pairs) // self.source.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"evaluation batch {i} of {len(self)}")
+        src, b = self.source, self.source.batch_size
+        start = (i % len(self)) * b
+        idx = np.arange(start, min(start + b, len(src.pairs)))
+        valid = np.ones(b, np.float32)
+        if len(idx) < b:
+            valid[len(idx):] = 0.0
+            idx = np.concatenate([idx, np.full(b - len(idx), idx[-1])])
+        batch = {**src._gather(idx), "valid": valid}
+        for name, per_state in self.targets.items():
+            target = src.pairs[idx, 0], src.pairs[idx, 1] + src.lead_steps
+            batch[name] = np.ascontiguousarray(per_state[target])
+        for name, value in self.extra.items():
+            batch[name] = np.broadcast_to(value, (b, *np.shape(value))).copy()
+        return batch
 
 
 def lat_weighted_mse(pred: np.ndarray, truth: np.ndarray, lat_deg) -> np.ndarray:

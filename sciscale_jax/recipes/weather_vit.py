@@ -236,18 +236,23 @@ def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
     return Prepared(weather, norm, norm(weather.val), norm(clim), clim, kind, static)
 
 
-def baselines(prep: Prepared, lead_steps: int) -> dict:
-    """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC."""
+def baselines(prep: Prepared, lead_steps: int, piece: int = 256) -> dict:
+    """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC.
+
+    Summed over pieces of ``piece`` pairs, so no float64 copy of the held-out states is made."""
     val, lat = prep.weather.val, prep.weather.lat
-    x, y = val[:, :-lead_steps], val[:, lead_steps:]
-    clim_y = prep.clim[:, lead_steps:]  # the climatology of each target state
-    std = prep.normalizer.std.astype(np.float64)[:, None, None]
-    xn, yn = x / std, y / std  # normalized differences; the mean cancels
-    out = {"persistence_loss": float(wx.lat_weighted_mse(xn, yn, lat).mean()),
-           "climatology_loss": float(wx.lat_weighted_mse(clim_y / std, yn, lat).mean())}
-    pers = wx.lat_weighted_mse(x, y, lat)
-    clim = wx.lat_weighted_mse(clim_y, y, lat)
-    acc = wx.lat_weighted_acc(x, y, clim_y, lat)
+    pers, clim, acc, count = 0.0, 0.0, 0.0, 0
+    for i in range(val.shape[0]):
+        for s in range(0, val.shape[1] - lead_steps, piece):
+            e = min(s + piece, val.shape[1] - lead_steps)
+            x, y, c = val[i, s:e], val[i, s + lead_steps:e + lead_steps], prep.clim[i, s + lead_steps:e + lead_steps]
+            pers = pers + wx.lat_weighted_mse(x, y, lat) * (e - s)
+            clim = clim + wx.lat_weighted_mse(c, y, lat) * (e - s)
+            acc = acc + wx.lat_weighted_acc(x, y, c, lat) * (e - s)
+            count += e - s
+    pers, clim, acc = pers / count, clim / count, acc / count
+    var = prep.normalizer.std.astype(np.float64) ** 2  # normalized differences; the mean cancels
+    out = {"persistence_loss": float((pers / var).mean()), "climatology_loss": float((clim / var).mean())}
     for i, name in enumerate(prep.weather.variables):
         out[f"persistence_rmse_{name}"] = math.sqrt(pers[i])
         out[f"climatology_rmse_{name}"] = math.sqrt(clim[i])
