@@ -125,7 +125,8 @@ def _base_parser() -> argparse.ArgumentParser:
                          "file, query first; smiles-lm: a .smi, .csv or .txt file of SMILES, first column; "
                          "each may be .gz; weather-vit: Zarr stores or NetCDF files, comma-separated, holding the "
                          "run's channels on its grid)")
-    em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz")
+    em.add_argument("--out", required=True, metavar="FILE", help="where to write the .npz (weather-vit: or a .zarr "
+                                                                 "or .nc dataset in WeatherBench 2's layout)")
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
     em.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
@@ -313,18 +314,44 @@ def _embed(args) -> int:
     for part in (p.strip() for p in args.input.split(",")):
         if part and not pathlib.Path(part).expanduser().exists():
             raise UsageError(f"--input {part}: no such file or folder")
+    out = pathlib.Path(args.out)
+    labelled = out.suffix.lower() in (".zarr", ".nc")
+    if labelled and recipe.embed_dataset is None:
+        having = ", ".join(r.name for r in RECIPES.values() if r.embed_dataset is not None)
+        raise UsageError(f"--out {out}: {recipe.name} writes .npz files (a .zarr or .nc dataset: {having})")
+    if labelled and out.exists():
+        raise UsageError(f"--out {out} exists; remove it or name another")
     _check_writable(args.out, "--out")
     run = load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh,
                        log=lambda line: print(line, file=sys.stderr))
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size)
-    out = pathlib.Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    with open(partial, "wb") as f:  # written whole, then renamed: a killed run leaves no half file
-        np.savez(f, **arrays)
+    partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a killed run leaves no half file
+    if labelled:
+        _write_dataset(recipe.embed_dataset(run.model_config, arrays), partial, out.suffix.lower())
+    else:
+        with open(partial, "wb") as f:
+            np.savez(f, **arrays)
     partial.replace(out)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
     print(f"run {args.run_dir}: {recipe.name}, checkpoint step {run.step}; wrote {out} ({shapes})")
     return 0
+
+
+def _write_dataset(dataset, path, suffix: str) -> None:
+    """An xarray dataset to ``path`` as Zarr (``suffix`` .zarr) or NetCDF, replacing a leftover partial write."""
+    import shutil
+    import warnings
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's note on consolidated metadata in its format 3
+        if suffix == ".zarr":
+            dataset.to_zarr(path, mode="w")
+        else:
+            dataset.to_netcdf(path)
 
 
 def _check_writable(path, flag: str = "--json") -> None:

@@ -270,6 +270,8 @@ def test_cli_embed_refuses_bad_input_before_writing(reference, tmp_path, capsys)
             (["embed", str(out), "--input", str(tmp_path / "absent.fa"), "--out", str(target)], "no such file"),
             (["embed", str(out), "--input", str(good), "--out", str(tmp_path / "no" / "e.npz")],
              "--out " + str(tmp_path / "no" / "e.npz") + ": cannot write a file there"),
+            (["embed", str(out), "--input", str(good), "--out", str(tmp_path / "e.zarr")],
+             "protein-mlm writes .npz files (a .zarr or .nc dataset: weather-vit)"),
             (["embed", str(other), "--input", str(good), "--out", str(target)],
              "no checkpoint under " + str(other / "checkpoints"))):
         assert cli.main(argv) == 2, argv

@@ -249,6 +249,18 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     mask = ((mask - mask.mean()) / mask.std()).astype(np.float32)
     want = np.asarray(model(x, np.full(6, 6.0, np.float32), mask)) * std + mean
     np.testing.assert_allclose(got["forecast"][0], want, rtol=1e-5, atol=1e-3 * std.max())
+    # the same forecasts as a NetCDF dataset in WeatherBench 2's layout
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "fc.nc"), "--batch-size", "4"]) == 0
+    with xr.open_dataset(tmp_path / "fc.nc") as fc:
+        assert fc["geopotential"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
+        assert fc["2m_temperature"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
+        assert fc["level"].values.tolist() == [500] and fc["prediction_timedelta"].values.tolist() == [6 * 3600 * 10**9]
+        np.testing.assert_array_equal(fc["geopotential"].values[:, 0, 0], got["forecast"][0, :, 0])
+        np.testing.assert_array_equal(fc["2m_temperature"].values[:, 0], got["forecast"][0, :, 1])
+        np.testing.assert_array_equal(fc["time"].values, times[:6].values)
+    capsys.readouterr()
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "fc.nc")]) == 2
+    assert "fc.nc exists; remove it or name another" in capsys.readouterr().err
 
     # one value changed in the store: resuming and evaluating are refused, nothing is overwritten
     changed = ds.copy(deep=True)
@@ -431,6 +443,11 @@ def test_a_run_on_several_leads_forecasts_at_each(tmp_path, capsys):
         want = np.asarray(model(x, np.full(4, float(hours), np.float32)))[:, 0] * train.std() + train.mean()
         np.testing.assert_allclose(got["forecast"][k, :4, 0], want, rtol=1e-5, atol=1e-3 * train.std())
     assert np.abs(got["forecast"][0] - got["forecast"][2]).max() > 0  # the lead embedding tells them apart
+    assert cli.main(["embed", str(run), "--input", str(store), "--out", str(tmp_path / "fc.zarr")]) == 0
+    fc = xr.open_zarr(tmp_path / "fc.zarr")
+    assert (fc["prediction_timedelta"].values / np.timedelta64(1, "h")).tolist() == [6, 12, 18]
+    np.testing.assert_array_equal(fc["2m_temperature"].values, np.moveaxis(got["forecast"][:, :, 0], 0, 1))
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_direct_rollout_applies_the_model_once_at_each_lead(tmp_path):

@@ -23,6 +23,9 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
   FASTA file; msa-evoformer: the single and pair representations of an alignment; smiles-lm:
   molecule representations of a SMILES file), saved by ``sciscale embed``;
+- ``embed_dataset`` (optional): ``(model_config, arrays) -> xarray.Dataset``, what ``embed``
+  returned laid out as a labelled dataset, so ``sciscale embed --out X.zarr`` (or ``.nc``) writes
+  it (weather-vit: forecasts in WeatherBench 2's layout);
 - ``vocabulary`` (optional): ``(model_config) -> tokens by id`` for a recipe whose tokenizer is
   built from its training data (smiles-lm), so loading a run re-reads that data and a run
   started from another's parameters (``init_from``) must have the same tokens;
@@ -76,6 +79,7 @@ class Recipe:
     pipeline: Any = None                   # parallel.PipelineStages, or None: no pipeline axis
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
     abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
+    embed_dataset: Callable | None = None  # (model_config, embed's arrays) -> xarray.Dataset (--out .zarr/.nc)
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

@@ -336,6 +336,35 @@ def forecast(model_cfg, model, path, batch_size: int = 16) -> dict:
             "variables": np.asarray(model_cfg.variables), "lat": series.lat, "lon": series.lon}
 
 
+def forecast_dataset(model_cfg, arrays):
+    """:func:`forecast`'s arrays in WeatherBench 2's forecast layout: one variable per forecast
+    variable over (``time``, ``prediction_timedelta``, [``level``,] ``latitude``, ``longitude``),
+    the channels of a variable at several levels stacked on ``level`` (NaN at a level a variable
+    was not forecast at)."""
+    import xarray as xr
+
+    channels = gridded.parse_channels(",".join(str(v) for v in arrays["variables"]))
+    fc = np.moveaxis(arrays["forecast"], 0, 1)  # [T, leads, V, lat, lon]
+    levels = sorted({c.level for c in channels if c.level is not None})
+    out = {}
+    for var in dict.fromkeys(c.variable for c in channels):
+        idx = [i for i, c in enumerate(channels) if c.variable == var]
+        if channels[idx[0]].level is None:
+            out[var] = (("time", "prediction_timedelta", "latitude", "longitude"), fc[:, :, idx[0]])
+            continue
+        stacked = np.full((*fc.shape[:2], len(levels), *fc.shape[3:]), np.nan, np.float32)
+        for i in idx:
+            stacked[:, :, levels.index(channels[i].level)] = fc[:, :, i]
+        out[var] = (("time", "prediction_timedelta", "level", "latitude", "longitude"), stacked)
+    coords = {"time": arrays["time"].astype("datetime64[ns]"),
+              "prediction_timedelta": np.asarray(arrays["lead_hours"]).astype("timedelta64[h]").astype(
+                  "timedelta64[ns]"),
+              "latitude": arrays["lat"], "longitude": arrays["lon"]}
+    if levels:
+        coords["level"] = np.asarray(levels, np.int64 if all(float(v).is_integer() for v in levels) else np.float64)
+    return xr.Dataset(out, coords=coords, attrs={"source": "sciscale_jax weather-vit forecast"})
+
+
 # --- autoregressive rollouts --------------------------------------------------------------------------------
 
 def trained_model(model_cfg, state) -> ClimaX:
@@ -411,4 +440,5 @@ RECIPE = Recipe(
     check=check,
     embed=forecast,
     abstract_batch=abstract_batch,
+    embed_dataset=forecast_dataset,
 )
