@@ -235,7 +235,7 @@ def test_variable_aggregation_is_softmax_attention_of_one_query():
 
 def test_untrained_residual_model_is_persistence_and_shapes():
     model = ClimaX(ClimaXConfig(**SMALL), rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, 3, 6, 10))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 6, 10), jnp.float32)  # float32 with x64 on too
     y = model(x, jnp.array([6.0, 24.0]))
     assert y.shape == x.shape and y.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
