@@ -324,7 +324,8 @@ def _embed(args) -> int:
     _check_writable(args.out, "--out")
     run = load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh,
                        log=lambda line: print(line, file=sys.stderr))
-    arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size)
+    extra = {"data_files": run.data_files} if recipe.embed_reads_data else {}
+    arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size, **extra)
     partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a killed run leaves no half file
     if labelled:
         _write_dataset(recipe.embed_dataset(run.model_config, arrays), partial, out.suffix.lower())

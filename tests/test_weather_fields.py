@@ -273,6 +273,11 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     assert "data_files" in capsys.readouterr().err
     assert cli.main(["eval", str(run)]) == 2
     assert "trained on other data: " + str(store.resolve()) + " changed" in capsys.readouterr().err
+    # forecasts are normalized by the training data's statistics: refused too, nothing written
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "stale.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "training data changed since it trained" in err and str(store.resolve()) in err, err
+    assert not (tmp_path / "stale.npz").exists()
     assert (run / "run_config.json").read_text() == before and not (run / "checkpoints" / "3").exists()
     shutil.rmtree(store)
     _write(ds, store)

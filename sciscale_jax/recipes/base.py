@@ -23,6 +23,9 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
   FASTA file; msa-evoformer: the single and pair representations of an alignment; smiles-lm:
   molecule representations of a SMILES file), saved by ``sciscale embed``;
+- ``embed_reads_data`` (default False): ``embed`` reads the training data again (weather-vit: the
+  statistics that normalize its inputs); ``sciscale embed`` then passes the run's recorded
+  ``data_files`` as ``embed(..., data_files=...)`` and a changed file is refused;
 - ``embed_dataset`` (optional): ``(model_config, arrays) -> xarray.Dataset``, what ``embed``
   returned laid out as a labelled dataset, so ``sciscale embed --out X.zarr`` (or ``.nc``) writes
   it (weather-vit: forecasts in WeatherBench 2's layout);
@@ -80,6 +83,7 @@ class Recipe:
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
     abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
     embed_dataset: Callable | None = None  # (model_config, embed's arrays) -> xarray.Dataset (--out .zarr/.nc)
+    embed_reads_data: bool = False         # embed re-reads the training data: it gets the recorded data_files
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sciscale_jax.axes import BATCH
-from sciscale_jax.data import gridded
+from sciscale_jax.data import files, gridded
 from sciscale_jax.data import weather as wx
 from sciscale_jax.models.climax import ClimaX, ClimaXConfig
 from sciscale_jax.recipes.base import Data, Recipe
@@ -304,16 +304,21 @@ def check(model_cfg, train_cfg, data) -> None:
     _check_grid(model_cfg, weather.variables, weather.lat, weather.lon, "the weather data")
 
 
-def forecast(model_cfg, model, path, batch_size: int = 16) -> dict:
+def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict | None = None) -> dict:
     """The trained model's forecasts at every lead it trained on from every state of the Zarr/NetCDF
     stores ``path`` (comma-separated; the run's channels and grid, any spacing in time), for
     ``sciscale embed``.
 
-    Normalized by the statistics of the run's training data (read again). Returns ``forecast``
+    Normalized by the statistics of the run's training data (read again; with ``data_files``, the
+    digests the run recorded, a store whose values changed since is refused). Returns ``forecast``
     [leads, T, V, lat, lon] in the stores' units, ``lead_hours`` [leads], ``time`` [T] (the states
     forecast from), ``valid_time`` [leads, T], ``variables``, ``lat`` and ``lon``.
     """
     prep = prepare(model_cfg, log=lambda *_: None)
+    changed = files.changed(data_files or {}, getattr(prep.weather, "sources", {}))
+    if changed:
+        raise ValueError(f"the run's training data changed since it trained, so its normalization would too: "
+                         f"{'; '.join(changed)}")
     channels = model_cfg.channels if model_cfg.data else ",".join(model_cfg.variables)
     series = gridded.read_series(path, channels, interval_hours=None, what="--input")
     _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
@@ -441,4 +446,5 @@ RECIPE = Recipe(
     embed=forecast,
     abstract_batch=abstract_batch,
     embed_dataset=forecast_dataset,
+    embed_reads_data=True,
 )
