@@ -36,11 +36,12 @@ def _fields(times=24, hours=3, seed=0):
 
 
 def _dataset(times, z, t2):
-    """As ERA5 is stored: latitudes north to south, longitudes from -180, the level between lat and lon."""
-    lon_order = np.argsort((LON + 180) % 360 - 180)
-    lon = ((LON + 180) % 360 - 180)[lon_order]
-    zz = z.transpose(0, 2, 1, 3)[:, ::-1][..., lon_order]        # [T, lat (N->S), level, lon]
-    tt = t2[:, ::-1][..., lon_order]
+    """Latitudes north to south (as ERA5), the longitudes 0..337.5 relabelled -180..180 but left in
+    their order (0, 22.5, ..., 157.5, -180, ..., -22.5: the reader must sort them), the level
+    between lat and lon."""
+    lon = (LON + 180) % 360 - 180
+    zz = z.transpose(0, 2, 1, 3)[:, ::-1]        # [T, lat (N->S), level, lon]
+    tt = t2[:, ::-1]
     ds = xr.Dataset({"geopotential": (("time", "latitude", "pressure_level", "longitude"), zz, {"units": "m2/s2"}),
                      "2m_temperature": (("time", "latitude", "longitude"), tt, {"units": "K"})},
                     coords={"time": times, "pressure_level": LEVELS, "latitude": LAT[::-1], "longitude": lon})
@@ -212,8 +213,7 @@ def _rmse_plain(x, y):
 def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     times, z, t2 = _fields(times=24, hours=6)
     lsm = (np.random.default_rng(9).random((8, 16)) > 0.6).astype(np.float32)  # a land-sea mask, south to north
-    lon_order = np.argsort((LON + 180) % 360 - 180)
-    ds = _dataset(times, z, t2).assign(land_sea_mask=(("latitude", "longitude"), lsm[::-1][:, lon_order]))
+    ds = _dataset(times, z, t2).assign(land_sea_mask=(("latitude", "longitude"), lsm[::-1]))
     store = _write(ds, tmp_path / "era.zarr")
     run = tmp_path / "run"
     argv = ["train", "weather-vit", "--data", str(store), "--channels", "geopotential@500,2m_temperature",
@@ -345,10 +345,9 @@ def test_static_fields_are_read_oriented_and_checked(tmp_path):
     times, z, t2 = _fields(times=12, hours=6)
     rng = np.random.default_rng(4)
     orog, lsm = rng.normal(size=(8, 16)).astype(np.float32), (rng.random((8, 16)) > 0.5).astype(np.float32)
-    lon_order = np.argsort((LON + 180) % 360 - 180)
     ds = _dataset(times, z, t2)
-    as_stored = {"geopotential_at_surface": (("latitude", "longitude"), orog[::-1][:, lon_order]),
-                 "land_sea_mask": (("time1", "longitude", "latitude"), lsm[::-1][:, lon_order].T[None])}
+    as_stored = {"geopotential_at_surface": (("latitude", "longitude"), orog[::-1]),
+                 "land_sea_mask": (("time1", "longitude", "latitude"), lsm[::-1].T[None])}
     store = _write(ds.assign(as_stored), tmp_path / "s.zarr")
     f = gridded.read_fields(str(store), "2m_temperature", val_fraction=0.25,
                             static=("land_sea_mask", "geopotential_at_surface"))
@@ -361,7 +360,7 @@ def test_static_fields_are_read_oriented_and_checked(tmp_path):
                                  static=("land_sea_mask",))
     np.testing.assert_array_equal(joined.static[0], _lon_sorted(lsm))
     flipped = _write(ds.isel(time=slice(0, 6)).assign(
-        land_sea_mask=(("latitude", "longitude"), 1 - lsm[::-1][:, lon_order])), tmp_path / "d.zarr")
+        land_sea_mask=(("latitude", "longitude"), 1 - lsm[::-1])), tmp_path / "d.zarr")
     for spec, static, match in (
             (f"{early},{late}", ("land_sea_mask",), "no store holds the static field 'land_sea_mask'"),
             (f"{flipped},{with_mask}", ("land_sea_mask",), "static field 'land_sea_mask' differs between the stores"),
