@@ -318,6 +318,15 @@ def read_series(spec: str, channels, *, interval_hours: int | None = 6, static=(
                   np.stack([found[n] for n in static]) if static else None)
 
 
+def parse_date(text: str, name: str) -> np.datetime64:
+    """``text`` (``2018-01-01``, ``2018-01-01T06``) as a datetime64 in seconds; ValueError in one
+    line naming the setting ``name`` otherwise."""
+    try:
+        return np.datetime64(text, "s")
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a date (e.g. 2018-01-01)") from None
+
+
 def read_fields(spec: str, channels, *, interval_hours: int = 6, val_fraction: float = 0.1, val_start: str = "",
                 min_states: int = 2, static=()) -> FieldData:
     """:func:`read_series`, split in time: the last ``val_fraction`` of the states, or those from
@@ -326,11 +335,7 @@ def read_fields(spec: str, channels, *, interval_hours: int = 6, val_fraction: f
     series = read_series(spec, channels, interval_hours=interval_hours, static=static)
     times, values = series.times, series.values
     if val_start:
-        try:
-            start = np.datetime64(val_start, "s")
-        except ValueError:
-            raise ValueError(f"val_start={val_start!r} is not a date (e.g. 2018-01-01)") from None
-        n_train = int(np.searchsorted(times, start))
+        n_train = int(np.searchsorted(times, parse_date(val_start, "val_start")))
     else:
         n_train = len(times) - max(1, int(round(val_fraction * len(times))))
     n_val = len(times) - n_train

@@ -93,10 +93,7 @@ class WeatherViTConfig(ClimaXConfig):
             if not 0.0 < self.val_fraction < 1.0:
                 raise ValueError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1")
             if self.val_start:
-                try:
-                    np.datetime64(self.val_start, "s")
-                except ValueError:
-                    raise ValueError(f"val_start={self.val_start!r} is not a date (e.g. 2018-01-01)") from None
+                gridded.parse_date(self.val_start, "val_start")
         elif self.channels or self.val_start or self.static:
             raise ValueError("--channels, --static and --val-start choose from your --data; the simulation has its "
                              f"own {len(wx.VARIABLES)} channels")
@@ -304,6 +301,26 @@ def check(model_cfg, train_cfg, data) -> None:
     _check_grid(model_cfg, weather.variables, weather.lat, weather.lon, "the weather data")
 
 
+def _forecaster(model, static_norm, batch_size: int):
+    """``run(x, hours)``: the model's forecasts of normalized states ``x`` [n, V, lat, lon] at a lead
+    of ``hours``, in batches of ``batch_size`` (the last padded with its last state, so one program
+    is compiled)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply = jax.jit(lambda p, r, x, h: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), h, jnp.float32),
+                                                                static_norm))
+
+    def run(x, hours):
+        out = []
+        for s in range(0, len(x), batch_size):
+            chunk = x[s:s + batch_size]
+            pad = batch_size - len(chunk)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+            out.append(np.asarray(apply(params, rest, padded, np.float32(hours)))[:len(chunk)])
+        return np.concatenate(out)
+
+    return run
+
+
 def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict | None = None) -> dict:
     """The trained model's forecasts at every lead it trained on from every state of the Zarr/NetCDF
     stores ``path`` (comma-separated; the run's channels and grid, any spacing in time), for
@@ -322,19 +339,13 @@ def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict |
     channels = model_cfg.channels if model_cfg.data else ",".join(model_cfg.variables)
     series = gridded.read_series(path, channels, interval_hours=None, what="--input")
     _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = jax.jit(lambda p, r, x, hours: nnx.merge(graphdef, p, r)(x, hours, prep.static_norm))
+    run = _forecaster(model, prep.static_norm, batch_size)
     x = prep.normalizer(series.values)
     mean, std = prep.normalizer.mean[:, None, None], prep.normalizer.std[:, None, None]
     hours = [k * prep.weather.interval_hours for k in model_cfg.leads]
     out = np.empty((len(hours), *x.shape), np.float32)
     for n, h in enumerate(hours):
-        for s in range(0, len(x), batch_size):
-            chunk = x[s:s + batch_size]
-            pad = batch_size - len(chunk)
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
-            pred = step(params, rest, padded, np.full(batch_size, h, np.float32))
-            out[n, s:s + len(chunk)] = np.asarray(pred, np.float32)[:len(chunk)] * std + mean
+        out[n] = run(x, h) * std + mean
     lead = np.asarray(hours, np.int64)
     return {"forecast": out, "lead_hours": lead, "time": series.times,
             "valid_time": series.times[None] + lead[:, None].astype("timedelta64[h]"),
@@ -398,25 +409,18 @@ def rollout(model, prep: Prepared, lead_steps: int, max_steps: int, *, every: in
     if not starts:
         raise ValueError(f"held-out trajectories of {t} states are too short for {max_steps} steps of lead "
                          f"{lead_steps}")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    run = _forecaster(model, prep.static_norm, batch_size)
     hours = lead_steps * prep.weather.interval_hours
-    apply = jax.jit(lambda p, r, x, h: nnx.merge(graphdef, p, r)(x, jnp.full((x.shape[0],), h, jnp.float32),
-                                                                prep.static_norm))
     std = prep.normalizer.std.astype(np.float64)
     lat, names = prep.weather.lat, prep.weather.variables
     se = {k: np.zeros((max_steps, len(names))) for k in ("model", "persistence", "climatology")}
     for s in range(0, len(starts), batch_size):
         chunk = starts[s:s + batch_size]
-        x0 = np.stack([val[i, j] for i, j in chunk])
-        pad = batch_size - len(chunk)
-        start = state = np.concatenate([x0, np.repeat(x0[-1:], pad, 0)]) if pad else x0
+        x0 = state = np.stack([val[i, j] for i, j in chunk])
         for k in range(1, max_steps + 1):
-            if direct:
-                state = np.asarray(apply(params, rest, start, np.float32(k * hours)))
-            else:
-                state = np.asarray(apply(params, rest, state, np.float32(hours)))
+            state = run(x0, k * hours) if direct else run(state, hours)
             truth = np.stack([val[i, j + k * lead_steps] for i, j in chunk])
-            preds = {"model": state[:len(chunk)], "persistence": x0,
+            preds = {"model": state, "persistence": x0,
                      "climatology": np.stack([prep.clim_norm[i, j + k * lead_steps] for i, j in chunk])}
             for name, pred in preds.items():
                 se[name][k - 1] += wx.lat_weighted_mse(pred, truth, lat) * len(chunk)
