@@ -10,6 +10,8 @@ Most of the suite's time on a 2-core CPU is XLA compiling small programs, so on 
   least recently used out) makes jax lock the folder around every read and write (with
   ``filelock``, a test extra), so processes compiling the same program at once (the
   multi-process tests) never read a half-written entry; without ``filelock`` there is no cache.
+- protein packs (``sciscale_jax.data.packed``) in a temporary folder of this process, removed
+  at exit, instead of the user's cache (``SCISCALE_CACHE_DIR``).
 Either is left alone when set already (``XLA_FLAGS`` naming the level, ``JAX_COMPILATION_CACHE_DIR``);
 ``JAX_COMPILATION_CACHE_DIR=`` (empty) turns the cache off.
 """
@@ -31,6 +33,12 @@ if os.environ["JAX_PLATFORMS"] == "cpu":
         os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2 ** 30))
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ["XLA_FLAGS"] = _flags.strip()
+if "SCISCALE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["SCISCALE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sciscale-jax-test-packs-")
+    atexit.register(shutil.rmtree, os.environ["SCISCALE_CACHE_DIR"], True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -92,3 +92,14 @@ def expand(spec: str, suffixes: tuple[str, ...], what: str) -> list[pathlib.Path
     if not out:
         raise ValueError(f"{what}: no files given")
     return out
+
+
+def open_binary(path):
+    """``path`` opened for reading bytes (gunzipped when it ends in ``.gz``); ValueError in one line
+    for a missing file or a folder."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")

@@ -15,6 +15,7 @@ on kept and randomised positions it is what copying the visible token earns.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 
 import numpy as np
@@ -82,7 +83,9 @@ class MLMBatches:
             raise ValueError(f"mask_prob={mask_prob} must be in (0, 1]")
         if not encoded:
             raise ValueError("no sequences to batch")
-        self.encoded, self.tok = list(encoded), tokenizer
+        # Any sequence of id arrays (a list, or proteins mapped from a pack on disk) is drawn from as is.
+        self.encoded = encoded if isinstance(encoded, collections.abc.Sequence) else list(encoded)
+        self.tok = tokenizer
         self.batch_size, self.seq_len, self.seed, self.mask_prob = batch_size, seq_len, seed, mask_prob
         self._specials = np.array([tokenizer.pad_id, tokenizer.mask_id, tokenizer.cls_id, tokenizer.eos_id])
 
@@ -166,8 +169,8 @@ class MLMBatches:
         return out
 
 
-def _residue_log_probs(counts, tokenizer, alpha: float = 1.0):
-    """log of (counts + alpha) normalised over the residues; specials get -inf (never targets)."""
+def residue_log_probs(counts, tokenizer, alpha: float = 1.0):
+    """[..., V] log of (counts + alpha) normalised over the residues; specials get -inf (never targets)."""
     counts = np.asarray(counts, np.float64) + alpha
     specials = [tokenizer.pad_id, tokenizer.mask_id, tokenizer.cls_id, tokenizer.eos_id]
     counts[..., specials] = 0.0
@@ -189,7 +192,7 @@ def unigram_log_probs(train_encoded, tokenizer) -> np.ndarray:
     counts = np.zeros(tokenizer.vocab_size)
     for ids in train_encoded:
         counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    return _residue_log_probs(counts, tokenizer)
+    return residue_log_probs(counts, tokenizer)
 
 
 def context_free_log_probs(train_batches, tokenizer) -> np.ndarray:
@@ -202,7 +205,7 @@ def context_free_log_probs(train_batches, tokenizer) -> np.ndarray:
     for b in train_batches:
         sel = b["weights"] > 0
         np.add.at(counts, (b["inputs"][sel], b["targets"][sel]), 1.0)
-    return _residue_log_probs(counts, tokenizer)
+    return residue_log_probs(counts, tokenizer)
 
 
 def table_nll(log_probs, eval_batches, positions: str = "masked") -> tuple[float, float]:

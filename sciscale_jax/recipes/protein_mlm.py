@@ -3,7 +3,10 @@
 Data: the 2,100 proteins of one genome shipped in pyhmmer (``sciscale_jax.data.protein``), or
 the proteins of your FASTA files (``--data``: comma-separated files and folders, plain or
 gzip-compressed; symbols outside the residue alphabet read as X), split by sequence hash into
-train and validation (``--val-fraction``; identical sequences never straddle the split). A run
+train and validation (``--val-fraction``; identical sequences never straddle the split). Your
+files are packed once into one byte per residue in a cache folder (``sciscale_jax.data.packed``)
+and each protein a batch draws is read from there, so a corpus larger than memory (UniRef50)
+trains in flat host memory; at most ``--val-sequences`` held-out proteins are scored. A run
 records the SHA-256 of every file it read, so resuming or evaluating it on changed files is
 refused. Training counts every chosen position (BERT's objective); evaluation scores the
 positions replaced by the mask token, where the residue is hidden and only context can beat
@@ -28,10 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sciscale_jax.data import ProteinTokenizer, files, load_proteins, split_by_sequence
+from sciscale_jax.data import ProteinTokenizer, files, packed, pyhmmer_protein_file
 from sciscale_jax.data.protein import read_fasta
-from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, table_accuracy, table_nll,
-                                   unigram_log_probs)
+from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, residue_log_probs, table_accuracy,
+                                   table_nll)
 from sciscale_jax.losses import mlm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, hidden_states
 from sciscale_jax.recipes.base import Data, Recipe
@@ -53,25 +56,28 @@ class ProteinMLMConfig(TransformerConfig):
         "'': the 2,100 proteins shipped in pyhmmer"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={
         "group": "data", "help": "share of distinct sequences held out (by hash)"})
+    val_sequences: int = dataclasses.field(default=10_000, metadata={
+        "group": "data", "help": "held-out proteins scored at most (evenly spaced through the held-out split)"})
 
     def __post_init__(self):
         if not isinstance(self.data, str):
             raise ValueError(f"data={self.data!r} must be a string of comma-separated paths")
         if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
             raise ValueError(f"val_fraction={self.val_fraction!r} must lie in (0, 1)")
+        if not isinstance(self.val_sequences, int) or isinstance(self.val_sequences, bool) or self.val_sequences < 1:
+            raise ValueError(f"val_sequences={self.val_sequences!r} must be a positive integer")
         super().__post_init__()
 
 
-def read_proteins(model_cfg=None) -> tuple[list[str], dict[str, str]]:
-    """The proteins a run trains and validates on, and ``{path: sha256}`` of the user's files read
-    (empty for the shipped corpus). ``model_cfg`` may be any config (a plain ``TransformerConfig``
-    or None: the shipped corpus)."""
+def read_pack(model_cfg=None) -> tuple[packed.Pack, dict[str, str]]:
+    """The packed proteins a run trains and validates on, and ``{path: sha256}`` of the user's files
+    (empty for the shipped corpus, packed in memory). ``model_cfg`` may be any config (a plain
+    ``TransformerConfig`` or None: the shipped corpus)."""
+    tok = ProteinTokenizer(unknown="x")
     spec = getattr(model_cfg, "data", "")
     if not spec:
-        return load_proteins(), {}
-    paths = files.expand(spec, FASTA_SUFFIXES, "--data")
-    sequences = [seq for path in paths for seq in load_proteins(path)]
-    return sequences, files.fingerprints(paths)
+        return packed.pack_fasta([pyhmmer_protein_file()], tok), {}
+    return packed.packed_proteins(files.expand(spec, FASTA_SUFFIXES, "--data"), tok)
 
 
 def _token_nll_and_hits(model, batch):
@@ -120,13 +126,14 @@ def evaluate_metrics(graphdef, params, rest, batches, eval_fn=mlm_eval_metrics) 
     return {**means, **summarize(means)}
 
 
-def baselines(train: MLMBatches, evals: list, train_ids, tok) -> dict:
-    """Unigram and context-free figures on the metrics' position sets, named as the metrics are."""
+def baselines(train: MLMBatches, evals: list, train_counts, tok) -> dict:
+    """Unigram (of ``train_counts``, the training split's [V] token counts) and context-free figures
+    on the metrics' position sets, named as the metrics are."""
     per_batch = max(1.0, train.mask_prob * train.batch_size * (train.seq_len - 2))
     n_batches = min(math.ceil(TABLE_MIN_CHOSEN / per_batch), TABLE_MAX_BATCHES)
     # Steps far past any run's end: counted on training proteins, never on a batch the model trains on.
     table = context_free_log_probs((train.batch(10**9 + i) for i in range(n_batches)), tok)
-    unigram = unigram_log_probs(train_ids, tok)
+    unigram = residue_log_probs(train_counts, tok)
     out = {}
     for name, lp in (("unigram", unigram), ("context_free", table)):
         for positions in ("masked", "kept", "random"):
@@ -142,23 +149,27 @@ def baselines(train: MLMBatches, evals: list, train_ids, tok) -> dict:
 
 def build_data(train_cfg, model_cfg=None) -> Data:
     tok = ProteinTokenizer(unknown="x")
-    sequences, sources = read_proteins(model_cfg)
-    train_seqs, val_seqs = split_by_sequence(sequences, val_fraction=getattr(model_cfg, "val_fraction", 0.1))
-    if not train_seqs or not val_seqs:
-        raise ValueError(f"{len(sequences)} protein(s) split into {len(train_seqs)} for training and "
-                         f"{len(val_seqs)} for validation: give more sequences or another --val-fraction")
-    train_ids = [tok.encode(s, add_special=True) for s in train_seqs]
-    val_ids = [tok.encode(s, add_special=True) for s in val_seqs]
+    pack, sources = read_pack(model_cfg)
+    val_fraction = getattr(model_cfg, "val_fraction", 0.1)
+    train_ids, val_ids = pack.split(val_fraction)
+    if not len(train_ids) or not len(val_ids):
+        raise ValueError(f"{len(pack)} protein(s) split into {len(train_ids)} for training and "
+                         f"{len(val_ids)} for validation: give more sequences or another --val-fraction")
+    held_out, cap = len(val_ids), getattr(model_cfg, "val_sequences", 10_000)
+    if held_out > cap:  # evenly spaced through the held-out split, the same every run
+        val_ids = packed.Proteins(pack, val_ids.index[np.linspace(0, held_out - 1, cap).round().astype(np.int64)])
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
     train = MLMBatches(train_ids, tok, **kw)
     rows = train_cfg.batch_size * max(1, EVAL_MIN_TOKENS // (train_cfg.batch_size * train_cfg.seq_len))
     evals = MLMBatches(val_ids, tok, **kw).eval_batches(min_masked=EVAL_MIN_MASKED, rows=rows)
     summary = ""
     if sources:
-        summary = (f"data: {len(sequences)} proteins from {len(sources)} file(s) of --data: {len(train_seqs)} for "
-                   f"training, {len(val_seqs)} held out")
-    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines(train, evals, train_ids, tok),
-                sources=sources, summary=summary)
+        summary = (f"data: {len(pack)} proteins from {len(sources)} file(s) of --data: {len(train_ids)} for "
+                   f"training, {held_out} held out" + (f" ({cap} of them scored)" if held_out > cap else "")
+                   + f"; packed in {pack.folder}")
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size,
+                baselines=baselines(train, evals, pack.token_counts(val_fraction), tok), sources=sources,
+                summary=summary)
 
 
 def check(model_cfg, train_cfg, data) -> None:  # seq_len vs max_len: train.validate.check_run

@@ -1,0 +1,240 @@
+"""Packed protein corpora (``sciscale_jax.data.packed``): the pack holds exactly the proteins,
+split and unigram counts of the plain in-memory reader (``protein.read_fasta`` +
+``split_by_sequence`` + ``ProteinTokenizer.encode``), whatever the block size the file is read in;
+bad files are refused in one line as the reader refuses them; the cache is keyed by content,
+read back without packing again, packed anew when damaged, and a writer killed mid-pack leaves
+nothing a later run reads.
+"""
+
+import gzip
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from sciscale_jax.data import ProteinTokenizer, load_proteins, packed, split_by_sequence
+from sciscale_jax.data.mlm import MLMBatches
+from sciscale_jax.recipes import protein_mlm
+
+TOK = ProteinTokenizer(unknown="x")
+
+
+def _messy_files(folder: pathlib.Path, proteins) -> list[pathlib.Path]:
+    """Three FASTA files in the forms found in the wild: gzip with wrapped lines and stops, CRLF
+    and lower case with blank lines, headers without sequences, a stop-only record, symbols
+    outside the alphabet (inner stop, '?', 'J', a digit) and a missing final newline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b, c = folder / "a.fasta.gz", folder / "b.faa", folder / "c.fa"
+    with gzip.open(a, "wt") as f:
+        f.write("".join(f">p{i} a description\n{s[:60]}\n{s[60:]}*\n" for i, s in enumerate(proteins[:70])))
+    b.write_bytes("".join(f">q{i}\r\n{s.lower()}\r\n\r\n" for i, s in enumerate(proteins[70:120])).encode()
+                  + b">empty\n>stars\n**\n>odd\nMK*Z?J1\n  \n>dup\n" + proteins[0].encode() + b"\n")
+    c.write_text("\n\n" + "".join(f">r{i}\n{s}\n" for i, s in enumerate(proteins[120:150])) + ">last\nMKVL")
+    return [a, b, c]
+
+
+@pytest.fixture(scope="module")
+def proteins():
+    return load_proteins()[:150]
+
+
+@pytest.mark.parametrize("block", [1 << 24, 5, 97])
+def test_pack_holds_what_the_plain_reader_reads(tmp_path, proteins, monkeypatch, block):
+    paths = _messy_files(tmp_path, proteins)
+    monkeypatch.setattr(packed, "BLOCK", block)  # records and lines cut across blocks
+    pack = packed.pack_fasta(paths, TOK)
+    sequences = [s for p in paths for s in load_proteins(p)]
+    assert len(pack) == len(sequences) == 150 + 3  # odd, dup, last
+    train, val = pack.split(0.3)
+    plain_train, plain_val = split_by_sequence(sequences, 0.3)
+    assert [t.tolist() for t in train] == [TOK.encode(s, add_special=True).tolist() for s in plain_train]
+    assert [t.tolist() for t in val] == [TOK.encode(s, add_special=True).tolist() for s in plain_val]
+    assert 0 < len(val) < len(pack)
+    # The duplicate of protein 0 lands on protein 0's side of the split.
+    assert sum(np.array_equal(t, TOK.encode(proteins[0], add_special=True)) for t in (val if
+               zlib.crc32(proteins[0].encode()) % 10_000 < 3_000 else train)) == 2
+    assert {"MKVL", "MKXZXXX"} <= {TOK.decode(t) for t in [*train, *val]}  # no final newline; odd symbols
+    for side, plain in ((False, plain_train), (True, plain_val)):
+        counts = sum(np.bincount(TOK.encode(s, add_special=True), minlength=TOK.vocab_size) for s in plain)
+        assert np.array_equal(pack.token_counts(0.3, held_out=side), counts)
+    assert np.array_equal(train.lengths(), [len(s) + 2 for s in plain_train])
+    assert [t.tolist() for t in train[2:9:3]] == [train[i].tolist() for i in (2, 5, 8)]
+
+
+def test_batches_from_a_pack_on_disk_equal_batches_from_a_list(tmp_path, proteins):
+    paths = _messy_files(tmp_path / "data", proteins)
+    pack, _ = packed.packed_proteins(paths, TOK, cache=tmp_path / "cache")
+    assert isinstance(pack.tokens, pathlib.Path) and pack.folder.parent == tmp_path / "cache" / "proteins"
+    train, _ = pack.split(0.1)
+    as_list = [train[i] for i in range(len(train))]
+    a, b = MLMBatches(train, TOK, batch_size=6, seq_len=40, seed=2), MLMBatches(as_list, TOK, batch_size=6,
+                                                                                 seq_len=40, seed=2)
+    for step in (0, 7):
+        for key, value in a.batch(step).items():
+            np.testing.assert_array_equal(value, b.batch(step)[key])
+    for key, value in a.batch_rows(3, 1, 4).items():
+        np.testing.assert_array_equal(value, b.batch_rows(3, 1, 4)[key])
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", r"x\.fasta is not a FASTA text file \(byte 0x89 at offset 0"),
+    (b">a\nMKV\n\x00\n", r"x\.fasta is not a FASTA text file \(it holds NUL bytes\)"),
+    (b">a\nMKV\n>b \xe9\n", r"x\.fasta is not a FASTA text file \(byte 0xe9 at offset 10 is not UTF-8"),
+    (b"\n\n  \nid,sequence\n1,MKV\n", r"x\.fasta is not a FASTA file: line 4 comes before any '>' header "
+                                       r"\('id,sequence'\)"),
+    (b"", r"x\.fasta holds no protein sequences"),
+    (b">a\n>b\n\n>c\n***\n", r"x\.fasta holds no protein sequences"),
+])
+@pytest.mark.parametrize("block", [1 << 24, 3])
+def test_bad_files_are_refused_in_one_line(tmp_path, monkeypatch, content, match, block):
+    monkeypatch.setattr(packed, "BLOCK", block)
+    path = tmp_path / "x.fasta"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        packed.pack_fasta([path], TOK)
+    assert "\n" not in str(err.value)
+
+
+def test_broken_gzip_and_missing_files_are_refused(tmp_path):
+    bad = tmp_path / "x.fasta.gz"
+    bad.write_bytes(gzip.compress(b">a\nMKVLA\n" * 100)[:-30])  # cut short
+    with pytest.raises(ValueError, match=r"x\.fasta\.gz is not a readable gzip file"):
+        packed.pack_fasta([bad], TOK)
+    with pytest.raises(ValueError, match=r"nope\.fasta: no such file"):
+        packed.pack_fasta([tmp_path / "nope.fasta"], TOK)
+
+
+def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, proteins, monkeypatch):
+    cache = tmp_path / "cache"
+    paths = _messy_files(tmp_path / "data", proteins)
+    first, sources = packed.packed_proteins(paths, TOK, cache=cache)
+    assert list(sources) == [str(p.resolve()) for p in paths]
+    meta = json.loads((first.folder / "meta.json").read_text())
+    assert meta["proteins"] == 153 and meta["files"] == sources
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("packed again")
+
+    # The same contents under other names: read back from the cache, nothing packed.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    renamed = [moved / f"{i}{''.join(p.suffixes)}" for i, p in enumerate(paths)]
+    for src, dst in zip(paths, renamed):
+        dst.write_bytes(src.read_bytes())
+    with monkeypatch.context() as m:
+        m.setattr(packed, "pack_fasta", no_packing)
+        again, _ = packed.packed_proteins(renamed, TOK, cache=cache)
+    assert again.folder == first.folder
+    assert [t.tolist() for t in again.proteins()] == [t.tolist() for t in first.proteins()]
+
+    # A changed file is another pack; the old one stays for the runs that trained on it.
+    with open(paths[2], "a") as f:
+        f.write("\n>new\nMKKLLPT\n")
+    changed, _ = packed.packed_proteins(paths, TOK, cache=cache)
+    assert changed.folder != first.folder and len(changed) == 154 and (first.folder / "meta.json").exists()
+    assert changed.proteins()[153].tolist() == TOK.encode("MKKLLPT", add_special=True).tolist()
+    # Another order of the same files is another corpus order: another pack.
+    assert packed.packed_proteins(paths[::-1], TOK, cache=cache)[0].folder not in (first.folder, changed.folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated tokens", "bad meta", "no meta", "other format"])
+def test_a_damaged_pack_is_packed_anew(tmp_path, proteins, damage):
+    cache = tmp_path / "cache"
+    paths = _messy_files(tmp_path / "data", proteins)
+    good, _ = packed.packed_proteins(paths, TOK, cache=cache)
+    expected = [t.tolist() for t in good.proteins()]
+    folder = good.folder
+    del good
+    if damage == "truncated tokens":
+        with open(folder / "tokens.bin", "r+b") as f:
+            f.truncate(100)
+    elif damage == "bad meta":
+        (folder / "meta.json").write_text("{not json")
+    elif damage == "no meta":
+        (folder / "meta.json").unlink()
+    else:
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "format": packed.FORMAT + 1}))
+    again, _ = packed.packed_proteins(paths, TOK, cache=cache)
+    assert again.folder == folder
+    assert [t.tolist() for t in again.proteins()] == expected
+
+
+def test_a_failed_pack_leaves_nothing_and_a_killed_writer_is_cleaned_up(tmp_path, proteins, monkeypatch):
+    cache = tmp_path / "cache"
+    paths = _messy_files(tmp_path / "data", proteins)
+    calls = []
+
+    def failing_emit(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError("disk full")
+        return real_emit(*args)
+
+    real_emit = packed._emit
+    with monkeypatch.context() as m:
+        m.setattr(packed, "_emit", failing_emit)
+        m.setattr(packed, "BLOCK", 64)
+        with pytest.raises(OSError, match="disk full"):
+            packed.packed_proteins(paths, TOK, cache=cache)
+    assert list((cache / "proteins").iterdir()) == []
+
+    # A writer killed mid-pack (SIGKILL: no clean-up runs) leaves its partial folder behind.
+    big = tmp_path / "big.fasta"
+    big.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(load_proteins() * 3)))
+    script = textwrap.dedent(f"""
+        from sciscale_jax.data import ProteinTokenizer, packed
+        packed.BLOCK = 256
+        packed.packed_proteins([{str(big)!r}], ProteinTokenizer(unknown="x"), cache={str(cache)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        partial = [p for p in (cache / "proteins").glob("*.partial.*") if (p / "tokens.bin").exists()
+                   and (p / "tokens.bin").stat().st_size > 0]
+        if partial or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial, "the writer finished before it could be killed"
+    assert not [p for p in (cache / "proteins").iterdir() if ".partial." not in p.name]  # no pack to read
+    # A live writer's partial folder (this process's pid) is left alone; the dead one's is removed.
+    live = cache / "proteins" / f"{partial[0].name.split('.')[0]}.partial.live"
+    live.mkdir()
+    (live / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    pack, _ = packed.packed_proteins([big], TOK, cache=cache)
+    assert len(pack) == 3 * len(load_proteins())
+    assert not partial[0].exists() and live.exists()
+
+
+def test_recipe_scores_an_evenly_spaced_share_of_a_large_held_out_split(tmp_path, proteins):
+    paths = _messy_files(tmp_path / "data", proteins)
+    spec = ",".join(map(str, paths))
+    train_cfg = types.SimpleNamespace(batch_size=4, seq_len=24, seed=0)
+    cfg = protein_mlm.ProteinMLMConfig(vocab_size=32, data=spec, val_fraction=0.5, val_sequences=7)
+    data = protein_mlm.build_data(train_cfg, cfg)
+    sequences = [s for p in paths for s in load_proteins(p)]
+    _, plain_val = split_by_sequence(sequences, 0.5)
+    assert len(plain_val) > 7
+    picked = [plain_val[int(i)] for i in np.linspace(0, len(plain_val) - 1, 7).round()]
+    assert f"{len(plain_val)} held out (7 of them scored)" in data.summary
+    # Each evaluation pass holds the 7 picked proteins once, in order, then weightless padding rows.
+    rows = data.eval[0]["targets"]
+    for row, protein in zip(rows, picked):
+        ids = TOK.encode(protein, add_special=True)
+        window = row[row != TOK.pad_id]
+        assert any(np.array_equal(window, ids[o:o + len(window)]) for o in range(len(ids) - len(window) + 1))
+    assert (data.eval[0]["mask"][7:] == 0).all()
+    with pytest.raises(ValueError, match="val_sequences=0 must be a positive integer"):
+        protein_mlm.ProteinMLMConfig(vocab_size=32, val_sequences=0)
