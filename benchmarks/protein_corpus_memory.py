@@ -3,7 +3,7 @@
 Writes a FASTA file of ``--proteins`` proteins (the pyhmmer proteome, each copy with 10% of its
 residues substituted, so no two are alike and the split varies), then runs ``build_data`` of
 `sciscale train protein-mlm --data corpus.fasta` in a fresh process: first with an empty pack
-cache (the corpus is packed), then again (the pack is mapped from the cache), and reports each
+cache (the corpus is packed), then again (the pack is opened from the cache), and reports each
 one's peak resident set size (``ru_maxrss``; the operating system's file cache is not counted),
 wall time and the time to draw one training batch (mean of 200). ``--before PYTHON`` runs the same child with another interpreter, one whose environment
 has another version of sciscale_jax installed, e.g. the commit before packing, which read the
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         corpus = tmp / "corpus.fasta"
         size, residues = write_corpus(corpus, args.proteins)
-        rows = {"pack (first run)": _child(corpus, tmp / "cache"), "mapped (later runs)": _child(corpus, tmp / "cache")}
+        rows = {"pack (first run)": _child(corpus, tmp / "cache"), "cached (later runs)": _child(corpus, tmp / "cache")}
         if args.before:
             rows["before (in memory)"] = _child(corpus, tmp / "cache-before", args.before)
     result = {"proteins": args.proteins, "residues": residues, "fasta_bytes": size, "runs": rows}

@@ -187,7 +187,7 @@ def test_a_failed_pack_leaves_nothing_and_a_killed_writer_is_cleaned_up(tmp_path
         m.setattr(packed, "BLOCK", 64)
         with pytest.raises(OSError, match="disk full"):
             packed.packed_proteins(paths, TOK, cache=cache)
-    assert list((cache / "proteins").iterdir()) == []
+    assert [p.name for p in (cache / "proteins").iterdir() if not p.name.endswith(".lock")] == []
 
     # A writer killed mid-pack (SIGKILL: no clean-up runs) leaves its partial folder behind.
     big = tmp_path / "big.fasta"
@@ -208,7 +208,8 @@ def test_a_failed_pack_leaves_nothing_and_a_killed_writer_is_cleaned_up(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial, "the writer finished before it could be killed"
-    assert not [p for p in (cache / "proteins").iterdir() if ".partial." not in p.name]  # no pack to read
+    assert not [p for p in (cache / "proteins").iterdir() if ".partial." not in p.name
+                and not p.name.endswith(".lock")]  # no pack to read
     # A live writer's partial folder (this process's pid) is left alone; the dead one's is removed.
     live = cache / "proteins" / f"{partial[0].name.split('.')[0]}.partial.live"
     live.mkdir()
@@ -216,6 +217,30 @@ def test_a_failed_pack_leaves_nothing_and_a_killed_writer_is_cleaned_up(tmp_path
     pack, _ = packed.packed_proteins([big], TOK, cache=cache)
     assert len(pack) == 3 * len(load_proteins())
     assert not partial[0].exists() and live.exists()
+
+
+def test_processes_starting_at_once_pack_once(tmp_path):
+    """The processes of a multi-process run build their data at once: one packs, the others wait
+    for its pack and read it."""
+    cache, big = tmp_path / "cache", tmp_path / "big.fasta"
+    big.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(load_proteins() * 2)))
+    script = textwrap.dedent(f"""
+        from sciscale_jax.data import ProteinTokenizer, packed
+        packed.BLOCK = 1024
+        real = packed.pack_fasta
+        def spy(*args):
+            print("packing", flush=True)
+            return real(*args)
+        packed.pack_fasta = spy
+        pack, _ = packed.packed_proteins([{str(big)!r}], ProteinTokenizer(unknown="x"), cache={str(cache)!r})
+        print(pack.folder, len(pack))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].split("\n") for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(line == "packing" for out in outs for line in out) == 1, outs
+    results = {next(line for line in out if line.startswith("/")) for out in outs}
+    assert len(results) == 1 and results.pop().endswith(f" {2 * len(load_proteins())}")
 
 
 def test_recipe_scores_an_evenly_spaced_share_of_a_large_held_out_split(tmp_path, proteins):

@@ -8,8 +8,8 @@ upper-case residues mod 10,000, the train/validation split of ``protein.split_by
 the token counts per bucket (``counts``: the unigram of any split without reading the corpus).
 ``packed_proteins`` keeps the pack in a cache folder keyed by the files' SHA-256, so later runs
 (``--resume``, ``sciscale eval``, another run on the same files) open it at once; the proteins a
-batch draws are read from the token file when drawn, so memory stays flat in corpus size (about
-10 bytes per protein for offsets, buckets and the split's indices, none per residue).
+batch draws are read from the token file when drawn, so memory stays flat in corpus size (under
+20 bytes per protein for offsets, buckets and the split's indices; none per residue).
 
 A pack is written into a temporary folder and renamed into place when complete, so a run killed
 while packing leaves no pack that a later run could read half-written. The cache folder is
@@ -19,6 +19,7 @@ while packing leaves no pack that a later run could read half-written. The cache
 from __future__ import annotations
 
 import collections.abc
+import fcntl
 import hashlib
 import json
 import os
@@ -311,23 +312,8 @@ def _load(folder: pathlib.Path, tokens: tuple, vocab: int):
     return Pack(arrays["tokens"], arrays["offsets"], arrays["buckets"], counts, folder)
 
 
-def packed_proteins(paths, tokenizer, cache=None) -> tuple[Pack, dict[str, str]]:
-    """The pack of FASTA files ``paths`` and ``{path: sha256}`` of each: mapped from the cache
-    folder (``cache_root()`` unless ``cache`` is given) when these files' contents were packed
-    before, else packed into it first. The cache key is the files' SHA-256 in order, the format and
-    the tokenizer's tokens, so a changed file is packed anew and a renamed one is not."""
-    sources = files.fingerprints(paths)
-    key = hashlib.sha256(json.dumps([FORMAT, list(tokenizer.tokens), list(sources.values())]).encode()).hexdigest()
-    root = pathlib.Path(cache) if cache is not None else cache_root()
-    folder = root / "proteins" / key[:32]
-    pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
-    if pack is not None:
-        return pack, sources
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create the pack cache folder {folder.parent} ({err.strerror}); "
-                         "set SCISCALE_CACHE_DIR to a writable folder") from None
+def _write(paths, tokenizer, folder: pathlib.Path, sources: dict) -> None:
+    """Pack ``paths`` into a partial folder beside ``folder``, then rename it to ``folder``."""
     for partial in folder.parent.glob(f"{folder.name}.partial.*"):
         if _stale(partial):
             shutil.rmtree(partial, ignore_errors=True)
@@ -347,6 +333,33 @@ def packed_proteins(paths, tokenizer, cache=None) -> tuple[Pack, dict[str, str]]
             pass
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def packed_proteins(paths, tokenizer, cache=None) -> tuple[Pack, dict[str, str]]:
+    """The pack of FASTA files ``paths`` and ``{path: sha256}`` of each: opened from the cache
+    folder (``cache_root()`` unless ``cache`` is given) when these files' contents were packed
+    before, else packed into it first (by one process at a time: a lock file beside the pack). The
+    cache key is the files' SHA-256 in order, the format and the tokenizer's tokens, so a changed
+    file is packed anew and a renamed one is not."""
+    sources = files.fingerprints(paths)
+    key = hashlib.sha256(json.dumps([FORMAT, list(tokenizer.tokens), list(sources.values())]).encode()).hexdigest()
+    root = pathlib.Path(cache) if cache is not None else cache_root()
+    folder = root / "proteins" / key[:32]
+    pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
+    if pack is not None:
+        return pack, sources
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the pack cache folder {folder.parent} ({err.strerror}); "
+                         "set SCISCALE_CACHE_DIR to a writable folder") from None
+    with open(folder.parent / f"{folder.name}.lock", "a") as lock:
+        try:  # one process packs (the processes of a multi-process run start at once); the others wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: each packs, the first rename wins
+            pass
+        if _load(folder, tokenizer.tokens, tokenizer.vocab_size) is None:
+            _write(paths, tokenizer, folder, sources)
     pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
     if pack is None:
         raise ValueError(f"the pack written to {folder} cannot be read back; remove the folder and retry")
