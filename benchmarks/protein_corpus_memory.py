@@ -3,15 +3,18 @@
 Writes a FASTA file of ``--proteins`` proteins (the pyhmmer proteome, each copy with 10% of its
 residues substituted, so no two are alike and the split varies), then runs ``build_data`` of
 `sciscale train protein-mlm --data corpus.fasta` in a fresh process: first with an empty pack
-cache (the corpus is packed), then again (the pack is opened from the cache), and reports each
-one's peak resident set size (``ru_maxrss``; the operating system's file cache is not counted),
-wall time and the time to draw one training batch (mean of 200). ``--before PYTHON`` runs the same child with another interpreter, one whose environment
-has another version of sciscale_jax installed, e.g. the commit before packing, which read the
-corpus into Python strings and int32 arrays. RSS, not XLA's memory analysis: this is host-side work, no compiled step.
+cache (the corpus is packed), then again (the pack is opened from the cache), then once more
+scoring every held-out protein (``--val-sequences`` above their number, as the version before
+packing did; the default scores 10,000). Reports each one's peak resident set size
+(``ru_maxrss``; the operating system's file cache is not counted), wall time and the time to
+draw one training batch (mean of 200). ``--before PYTHON`` runs the same child with another
+interpreter, whose environment has another version of sciscale_jax installed, e.g. the commit
+before packing, which read the corpus into Python strings and int32 arrays. RSS, not XLA's
+memory analysis: this is host-side work, no compiled step.
 
     git worktree add /tmp/before a06a617
     python -m venv /tmp/vb && /tmp/vb/bin/pip install -e "/tmp/before[science]"
-    python benchmarks/protein_corpus_memory.py --proteins 1000000 --before /tmp/vb/bin/python \\
+    python benchmarks/protein_corpus_memory.py --proteins 3000000 --before /tmp/vb/bin/python \\
         --json benchmarks/results/protein_corpus_memory.json
 """
 
@@ -28,7 +31,7 @@ import tempfile
 _CHILD = """
 import json, resource, sys, time
 from sciscale_jax import cli
-recipe, model_cfg, train_cfg = cli.build_configs(["protein-mlm", "--data", sys.argv[1]])
+recipe, model_cfg, train_cfg = cli.build_configs(["protein-mlm", "--data", *sys.argv[1:]])
 t0 = time.perf_counter()
 data = recipe.build_data(train_cfg, model_cfg)
 seconds = time.perf_counter() - t0
@@ -62,10 +65,10 @@ def write_corpus(path: pathlib.Path, proteins: int) -> tuple[int, int]:
     return path.stat().st_size, residues
 
 
-def _child(corpus, cache, python=sys.executable) -> dict:
+def _child(corpus, cache, python=sys.executable, flags=()) -> dict:
     env = {**os.environ, "SCISCALE_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
     # Run outside the repository, so ``python -c`` imports the sciscale_jax installed for ``python``.
-    out = subprocess.run([python, "-c", _CHILD, str(corpus)], env=env, check=True, capture_output=True,
+    out = subprocess.run([python, "-c", _CHILD, str(corpus), *flags], env=env, check=True, capture_output=True,
                          cwd=cache.parent, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -80,13 +83,15 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         corpus = tmp / "corpus.fasta"
         size, residues = write_corpus(corpus, args.proteins)
-        rows = {"pack (first run)": _child(corpus, tmp / "cache"), "cached (later runs)": _child(corpus, tmp / "cache")}
+        rows = {"pack (first run)": _child(corpus, tmp / "cache"), "cached (later runs)": _child(corpus, tmp / "cache"),
+                # as the version before scores them: every held-out protein (the default scores 10,000)
+                "cached, all held out": _child(corpus, tmp / "cache", flags=["--val-sequences", "100000000"])}
         if args.before:
             rows["before (in memory)"] = _child(corpus, tmp / "cache-before", args.before)
     result = {"proteins": args.proteins, "residues": residues, "fasta_bytes": size, "runs": rows}
     print(f"{args.proteins} proteins, {residues / 1e6:.0f}M residues, FASTA {size / 2**30:.2f} GiB")
     for name, r in rows.items():
-        print(f"  {name:20s} peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB   build_data {r['seconds']:6.1f} s   "
+        print(f"  {name:22s} peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB   build_data {r['seconds']:6.1f} s   "
               f"batch {r['batch_seconds'] * 1e3:5.2f} ms")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
