@@ -325,11 +325,13 @@ def _write(paths, tokenizer, folder: pathlib.Path, sources: dict) -> None:
         meta = {"format": FORMAT, "tokens": list(tokenizer.tokens), "proteins": len(pack),
                 "token_count": int(pack.offsets[-1]), "files": sources}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        if _load(folder, tokenizer.tokens, tokenizer.vocab_size) is not None:
+            return  # another process (without a lock) packed the same files first: its pack is kept
         if folder.exists():  # damaged or of another format: replaced
             shutil.rmtree(folder, ignore_errors=True)
         try:
             partial.rename(folder)
-        except OSError:  # another process packed the same files first
+        except OSError:  # another process renamed its pack into place in between
             pass
     finally:
         shutil.rmtree(partial, ignore_errors=True)
