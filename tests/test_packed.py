@@ -114,10 +114,11 @@ def test_broken_gzip_and_missing_files_are_refused(tmp_path):
         packed.pack_fasta([tmp_path / "nope.fasta"], TOK)
 
 
-def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, proteins, monkeypatch):
+def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, proteins, monkeypatch, capsys):
     cache = tmp_path / "cache"
     paths = _messy_files(tmp_path / "data", proteins)
     first, sources = packed.packed_proteins(paths, TOK, cache=cache)
+    assert "sciscale: packing 3 FASTA file(s)" in capsys.readouterr().err
     assert list(sources) == [str(p.resolve()) for p in paths]
     meta = json.loads((first.folder / "meta.json").read_text())
     assert meta["proteins"] == 153 and meta["files"] == sources
@@ -134,7 +135,7 @@ def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, prote
     with monkeypatch.context() as m:
         m.setattr(packed, "pack_fasta", no_packing)
         again, _ = packed.packed_proteins(renamed, TOK, cache=cache)
-    assert again.folder == first.folder
+    assert again.folder == first.folder and capsys.readouterr().err == ""
     assert [t.tolist() for t in again.proteins()] == [t.tolist() for t in first.proteins()]
 
     # A changed file is another pack; the old one stays for the runs that trained on it.

@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import socket
+import sys
 import tempfile
 import zlib
 
@@ -361,6 +362,9 @@ def packed_proteins(paths, tokenizer, cache=None) -> tuple[Pack, dict[str, str]]
         except OSError:  # a file system without locks: each packs, the first rename wins
             pass
         if _load(folder, tokenizer.tokens, tokenizer.vocab_size) is None:
+            size = sum(pathlib.Path(path).stat().st_size for path in sources)
+            print(f"sciscale: packing {len(sources)} FASTA file(s) ({size / 2**20:,.1f} MiB) into {folder} once; "
+                  "later runs on the same files read it from there", file=sys.stderr, flush=True)
             _write(paths, tokenizer, folder, sources)
     pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
     if pack is None:
