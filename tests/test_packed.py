@@ -30,17 +30,20 @@ TOK = ProteinTokenizer(unknown="x")
 
 
 def _messy_files(folder: pathlib.Path, proteins) -> list[pathlib.Path]:
-    """Three FASTA files in the forms found in the wild: gzip with wrapped lines and stops, CRLF
+    """Four FASTA files in the forms found in the wild: gzip with wrapped lines and stops, CRLF
     and lower case with blank lines, headers without sequences, a stop-only record, symbols
-    outside the alphabet (inner stop, '?', 'J', a digit) and a missing final newline."""
+    outside the alphabet (inner stop, '?', 'J', a digit), a missing final newline, CR line ends
+    and headers indented by white space."""
     folder.mkdir(parents=True, exist_ok=True)
     a, b, c = folder / "a.fasta.gz", folder / "b.faa", folder / "c.fa"
     with gzip.open(a, "wt") as f:
         f.write("".join(f">p{i} a description\n{s[:60]}\n{s[60:]}*\n" for i, s in enumerate(proteins[:70])))
     b.write_bytes("".join(f">q{i}\r\n{s.lower()}\r\n\r\n" for i, s in enumerate(proteins[70:120])).encode()
                   + b">empty\n>stars\n**\n>odd\nMK*Z?J1\n  \n>dup\n" + proteins[0].encode() + b"\n")
-    c.write_text("\n\n" + "".join(f">r{i}\n{s}\n" for i, s in enumerate(proteins[120:150])) + ">last\nMKVL")
-    return [a, b, c]
+    c.write_text("\n\n" + "".join(f">r{i}\n{s}\n" for i, s in enumerate(proteins[120:140])) + ">last\nMKVL")
+    d = folder / "d.fas"  # classic Mac OS line ends (CR only) and headers after white space
+    d.write_bytes("".join(f"  >t{i}\r{s[:30]}\r{s[30:]}\r" for i, s in enumerate(proteins[140:150])).encode())
+    return [a, b, c, d]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, prote
     cache = tmp_path / "cache"
     paths = _messy_files(tmp_path / "data", proteins)
     first, sources = packed.packed_proteins(paths, TOK, cache=cache)
-    assert "sciscale: packing 3 FASTA file(s)" in capsys.readouterr().err
+    assert "sciscale: packing 4 FASTA file(s)" in capsys.readouterr().err
     assert list(sources) == [str(p.resolve()) for p in paths]
     meta = json.loads((first.folder / "meta.json").read_text())
     assert meta["proteins"] == 153 and meta["files"] == sources
@@ -139,7 +142,7 @@ def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, prote
     assert [t.tolist() for t in again.proteins()] == [t.tolist() for t in first.proteins()]
 
     # A changed file is another pack; the old one stays for the runs that trained on it.
-    with open(paths[2], "a") as f:
+    with open(paths[-1], "a") as f:
         f.write("\n>new\nMKKLLPT\n")
     changed, _ = packed.packed_proteins(paths, TOK, cache=cache)
     assert changed.folder != first.folder and len(changed) == 154 and (first.folder / "meta.json").exists()

@@ -148,7 +148,8 @@ def _map(path, dtype):
 
 def _line_blocks(path):
     """(bytes ending in a newline, number of lines before them) of ``path``, about ``BLOCK`` at a
-    time; one-line ValueError for a broken gzip stream, NUL bytes or bytes that are not UTF-8."""
+    time, with CRLF and CR line ends read as LF (as ``str.splitlines`` reads them); one-line
+    ValueError for a broken gzip stream, NUL bytes or bytes that are not UTF-8."""
     reader = files.open_binary(path)
     carry, lines, offset = b"", 0, 0
     try:
@@ -156,15 +157,18 @@ def _line_blocks(path):
             while True:
                 raw = f.read(BLOCK)
                 data = carry + raw
-                if not raw:
-                    if data:
-                        yield _checked(path, data + b"\n", offset), lines
-                    return
-                cut = data.rfind(b"\n") + 1
+                cut = len(data) if not raw else max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
                 if cut:
-                    yield _checked(path, data[:cut], offset), lines
-                    lines += data.count(b"\n", 0, cut)
+                    block = _checked(path, data[:cut], offset)
+                    if b"\r" in block:
+                        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                    if not raw and not block.endswith(b"\n"):
+                        block += b"\n"
+                    yield block, lines
+                    lines += block.count(b"\n")
                     offset += cut
+                if not raw:
+                    return
                 carry = data[cut:]
     except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"{path} is not a readable gzip file ({err})") from None
@@ -188,12 +192,18 @@ def _edges(n: int, starts, ends) -> np.ndarray:
 
 def _residue_bytes(a: np.ndarray):
     """(upper-case sequence bytes of a block, where each header's record starts in them, and the
-    block position of the first sequence byte or -1)."""
+    block position of the first sequence byte or -1). A header is a line whose first byte other
+    than white space is ``>``."""
+    visible = ~_WHITESPACE[a]
     nl = np.flatnonzero(a == 10)
     starts = np.concatenate([[0], nl[:-1] + 1])
-    header = a[starts] == ord(">")
-    keep = ~_edges(len(a), starts[header], nl[header]) & ~_WHITESPACE[a]
-    kept = np.flatnonzero(keep)
+    shown = np.flatnonzero(visible)
+    if not len(shown):
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64), -1
+    first = np.searchsorted(shown, starts)  # each line's first visible byte (if before its end)
+    at = shown[np.minimum(first, len(shown) - 1)]
+    header = (first < len(shown)) & (at < nl) & (a[at] == ord(">"))
+    kept = np.flatnonzero(~_edges(len(a), starts[header], nl[header]) & visible)
     return _UPPER[a[kept]], np.searchsorted(kept, starts[header]), (int(kept[0]) if len(kept) else -1)
 
 
