@@ -66,7 +66,7 @@ def write_corpus(path: pathlib.Path, proteins: int) -> tuple[int, int]:
 
 
 def _child(corpus, cache, python=sys.executable, flags=()) -> dict:
-    env = {**os.environ, "SCISCALE_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "SCISCALE_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
     # Run outside the repository, so ``python -c`` imports the sciscale_jax installed for ``python``.
     out = subprocess.run([python, "-c", _CHILD, str(corpus), *flags], env=env, check=True, capture_output=True,
                          cwd=cache.parent, text=True).stdout

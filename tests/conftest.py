@@ -10,8 +10,9 @@ Most of the suite's time on a 2-core CPU is XLA compiling small programs, so on 
   least recently used out) makes jax lock the folder around every read and write (with
   ``filelock``, a test extra), so processes compiling the same program at once (the
   multi-process tests) never read a half-written entry; without ``filelock`` there is no cache.
-- protein packs (``sciscale_jax.data.packed``) in a temporary folder of this process, removed
-  at exit, instead of the user's cache (``SCISCALE_CACHE_DIR``).
+- the data caches (the weather simulation, curated SMILES, packed FASTA and alignments) in a
+  per-user temporary folder shared by the workers and the subprocesses tests start
+  (``SCISCALE_CACHE``), not in the user's own.
 Either is left alone when set already (``XLA_FLAGS`` naming the level, ``JAX_COMPILATION_CACHE_DIR``);
 ``JAX_COMPILATION_CACHE_DIR=`` (empty) turns the cache off.
 """
@@ -33,12 +34,7 @@ if os.environ["JAX_PLATFORMS"] == "cpu":
         os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2 ** 30))
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ["XLA_FLAGS"] = _flags.strip()
-if "SCISCALE_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-
-    os.environ["SCISCALE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sciscale-jax-test-packs-")
-    atexit.register(shutil.rmtree, os.environ["SCISCALE_CACHE_DIR"], True)
+os.environ.setdefault("SCISCALE_CACHE", os.path.join(tempfile.gettempdir(), f"sciscale-jax-test-data-{os.getuid()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

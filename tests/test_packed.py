@@ -1,9 +1,10 @@
-"""Packed protein corpora (``sciscale_jax.data.packed``): the pack holds exactly the proteins,
-split and unigram counts of the plain in-memory reader (``protein.read_fasta`` +
-``split_by_sequence`` + ``ProteinTokenizer.encode``), whatever the block size the file is read in;
-bad files are refused in one line as the reader refuses them; the cache is keyed by content,
-read back without packing again, packed anew when damaged, and a writer killed mid-pack leaves
-nothing a later run reads.
+"""Packed corpora (``sciscale_jax.data.packed``, ``data.cache``, ``msa.packed_alignments``): a
+protein pack holds exactly the proteins, split and unigram counts of the plain in-memory reader
+(``protein.read_fasta`` + ``split_by_sequence`` + ``ProteinTokenizer.encode``), whatever the block
+size the file is read in; bad files are refused in one line as the reader refuses them; the
+cache is keyed by content, read back without packing again, packed anew when damaged, written
+by one of several processes starting at once, and a writer killed mid-pack leaves nothing a
+later run reads. Packed alignments hold what ``read_alignment`` reads and give the same batches.
 """
 
 import gzip
@@ -22,9 +23,9 @@ import zlib
 import numpy as np
 import pytest
 
-from sciscale_jax.data import ProteinTokenizer, load_proteins, packed, split_by_sequence
+from sciscale_jax.data import ProteinTokenizer, load_proteins, msa, packed, split_by_sequence
 from sciscale_jax.data.mlm import MLMBatches
-from sciscale_jax.recipes import protein_mlm
+from sciscale_jax.recipes import msa_evoformer, protein_mlm
 
 TOK = ProteinTokenizer(unknown="x")
 
@@ -123,8 +124,8 @@ def test_cache_is_keyed_by_content_and_read_back_without_packing(tmp_path, prote
     first, sources = packed.packed_proteins(paths, TOK, cache=cache)
     assert "sciscale: packing 4 FASTA file(s)" in capsys.readouterr().err
     assert list(sources) == [str(p.resolve()) for p in paths]
-    meta = json.loads((first.folder / "meta.json").read_text())
-    assert meta["proteins"] == 153 and meta["files"] == sources
+    assert json.loads((first.folder / "meta.json").read_text())["proteins"] == 153
+    assert json.loads((first.folder / "sources.json").read_text()) == sources
 
     def no_packing(*args, **kwargs):
         raise AssertionError("packed again")
@@ -267,3 +268,87 @@ def test_recipe_scores_an_evenly_spaced_share_of_a_large_held_out_split(tmp_path
     assert (data.eval[0]["mask"][7:] == 0).all()
     with pytest.raises(ValueError, match="val_sequences=0 must be a positive integer"):
         protein_mlm.ProteinMLMConfig(vocab_size=32, val_sequences=0)
+
+
+# --- packed alignments (msa-evoformer --alignments) ---------------------------------------------------------
+
+def _alignment_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Stockholm (plain and gzip), aligned FASTA and A3M files of the shipped families."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base, fam = msa._package_data("pyhmmer", "science"), msa._package_data("pyfamsa", "science")
+    out = [folder / "LuxC.sto", folder / "KR.sto.gz", folder / "adeno.afa", folder / "p127.a3m"]
+    out[0].write_bytes((base / "msa/LuxC.sto").read_bytes())
+    out[1].write_bytes(gzip.compress((base / "jackhmmer/KR-6.sto").read_bytes()))
+    out[2].write_bytes((fam / "adeno_fiber.upgma.afa").read_bytes())
+    rows = msa.read_alignment(base / "jackhmmer/p12748-3.sto")[:30]
+    letters = np.array(list(msa.AMINO + "X-"))
+    out[3].write_text("".join(f">r{i}\n{''.join(letters[row])}{'acd' if i else ''}\n" for i, row in enumerate(rows)))
+    return out
+
+
+def test_packed_alignments_hold_what_the_reader_reads_and_draw_the_same_batches(tmp_path, monkeypatch):
+    paths = _alignment_files(tmp_path / "al")
+    plain = msa.read_alignments(paths)
+    pack, sources = msa.packed_alignments(paths, cache=tmp_path / "cache")
+    assert list(pack) == ["LuxC", "KR", "adeno", "p127"] == list(plain) and list(sources) == [str(p.resolve())
+                                                                                              for p in paths]
+    for name in plain:
+        assert pack.shape(name) == plain[name].shape
+        np.testing.assert_array_equal(pack[name], plain[name])
+    # Splitting and building the batch source read nothing; drawing reads the families drawn.
+    reads = []
+    real = packed.data_cache.Reader.read
+    monkeypatch.setattr(packed.data_cache.Reader, "read", lambda self, *a: reads.append(a) or real(self, *a))
+    train, held = msa.split_families(pack, ("adeno",))
+    a = msa.MSABatches(train, batch_size=4, num_seq=6, num_res=20, seed=1)
+    assert isinstance(train, msa.Alignments) and list(held) == ["adeno"] and reads == []
+    b = msa.MSABatches(msa.split_families(plain, ("adeno",))[0], batch_size=4, num_seq=6, num_res=20, seed=1)
+    for step in (0, 5):
+        for key, value in a.batch(step).items():
+            np.testing.assert_array_equal(value, b.batch(step)[key])
+    for key, value in a.batch_rows(2, 1, 3).items():
+        np.testing.assert_array_equal(value, b.batch_rows(2, 1, 3)[key])
+    assert 0 < len(reads) <= 4 * 2 + 3
+
+
+def test_alignment_packs_are_keyed_by_content_and_family_names(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    paths = _alignment_files(tmp_path / "al")
+    first, _ = msa.packed_alignments(paths, cache=cache)
+    assert "packing 4 alignment file(s)" in capsys.readouterr().err
+    copies = _alignment_files(tmp_path / "copy")  # the same files elsewhere: read back, nothing packed
+    with monkeypatch.context() as m:
+        m.setattr(msa, "read_alignment", lambda path: pytest.fail("read again"))
+        again, _ = msa.packed_alignments(copies, cache=cache)
+    assert again.path == first.path and capsys.readouterr().err == ""
+    renamed = copies[0].with_name("LuxC2.sto")  # another family name: another pack
+    copies[0].rename(renamed)
+    other, _ = msa.packed_alignments([renamed, *copies[1:]], cache=cache)
+    assert other.path != first.path and list(other)[0] == "LuxC2"
+    # Two files of one family name, and a bad file, are refused in one line; no pack is left.
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "LuxC.afa").write_text(">a\nAC\n>b\nAD\n")
+    with pytest.raises(ValueError, match="have the same family name 'LuxC'"):
+        msa.packed_alignments([paths[0], tmp_path / "dup" / "LuxC.afa"], cache=cache)
+    bad = tmp_path / "dup" / "bad.afa"
+    bad.write_text(">a\nACD\n>b\nAC\n")
+    with pytest.raises(ValueError, match=r"bad\.afa: rows of an alignment must be non-empty and of one length"):
+        msa.packed_alignments([paths[0], bad], cache=cache)
+    assert len([p for p in (cache / "alignments").iterdir() if p.is_dir()]) == 2  # first and other only
+
+
+def test_msa_evoformer_names_at_most_ten_families_per_side(tmp_path):
+    folder = tmp_path / "al"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    letters = np.array(list(msa.AMINO))
+    for i in range(30):
+        rows = letters[rng.integers(0, 20, (4, 16))]
+        (folder / f"PF{i:05d}.afa").write_text("".join(f">s{k}\n{''.join(r)}\n" for k, r in enumerate(rows)))
+    cfg = msa_evoformer.MsaEvoformerConfig(alignments=str(folder), num_seq=4)
+    data = msa_evoformer.build_data(types.SimpleNamespace(batch_size=2, seq_len=8, seed=0), cfg)
+    held = msa.pick_held_out([f"PF{i:05d}" for i in range(30)])
+    train_names = sorted(set(f"PF{i:05d}" for i in range(30)) - set(held))
+    assert (f"data: 30 alignment families from --alignments; training on {', '.join(train_names[:10])} and "
+            f"{len(train_names) - 10} more; held out ") in data.summary
+    assert "; packed in " in data.summary

@@ -71,9 +71,9 @@ def test_protein_mlm_trains_on_fasta_files_and_refuses_them_changed(tmp_path, ca
     held = sum(zlib.crc32(s.encode()) % 10_000 < 1_000 for s in proteins)
     assert f"data: 300 proteins from 2 file(s) of --data: {300 - held} for training, {held} held out" in out
     assert 0 < held < 300
-    # Packed once into the cache folder (tests/conftest.py points SCISCALE_CACHE_DIR at a temporary one).
+    # Packed once into the cache folder (tests/conftest.py points SCISCALE_CACHE at a temporary one).
     pack = pathlib.Path(re.search(r"; packed in (\S+)", out).group(1))
-    assert pack.parent == pathlib.Path(os.environ["SCISCALE_CACHE_DIR"]) / "proteins"
+    assert pack.parent == pathlib.Path(os.environ["SCISCALE_CACHE"]) / "proteins"
     assert json.loads((pack / "meta.json").read_text())["proteins"] == 300
     files = {str((data / "a.fasta.gz").resolve()): _sha(data / "a.fasta.gz"),
              str((data / "more" / "b.faa").resolve()): _sha(data / "more" / "b.faa")}

@@ -24,12 +24,15 @@ conservation (e.g. which other rows a sequence resembles).
 
 from __future__ import annotations
 
+import collections.abc
 import importlib.util
+import json
 import pathlib
 import zlib
 
 import numpy as np
 
+from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data import files
 from sciscale_jax.data.rows import check_rows
 
@@ -105,15 +108,91 @@ def family_name(path) -> str:
 
 
 def read_alignments(paths) -> dict[str, np.ndarray]:
-    """family name -> int8 tokens [rows, columns] of the user's alignment files; ValueError in one
-    line for two files of one family name."""
-    out, seen = {}, {}
+    """family name -> int8 tokens [rows, columns] of the user's alignment files, in memory;
+    ValueError in one line for two files of one family name."""
+    return dict(zip(_family_names(paths), (read_alignment(path) for path in paths)))
+
+
+PACK_FORMAT = 1
+
+
+class Alignments(collections.abc.Mapping):
+    """Family name -> int8 tokens [rows, columns] of packed alignments, each read from the pack's
+    file when looked up (the process holds only the alignments it is using)."""
+
+    def __init__(self, path: pathlib.Path, names, offsets, shapes):
+        self.path, self.names = path, list(names)
+        self._where = {n: (int(o), tuple(int(v) for v in s)) for n, o, s in zip(self.names, offsets, shapes)}
+        self._reader = data_cache.Reader(path)
+
+    def __getitem__(self, name) -> np.ndarray:
+        offset, shape = self._where[name]
+        return np.frombuffer(self._reader.read(shape[0] * shape[1], offset), np.int8).reshape(shape)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, name) -> bool:  # without reading it (Mapping's would)
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, name) -> tuple[int, int]:
+        return self._where[name][1]
+
+    def subset(self, names) -> "Alignments":
+        """The families ``names`` (in the pack's order), read from the same file."""
+        keep = set(names)
+        chosen = [n for n in self.names if n in keep]
+        return Alignments(self.path, chosen, [self._where[n][0] for n in chosen], [self._where[n][1] for n in chosen])
+
+
+def _family_names(paths) -> list[str]:
+    """The family name of each file; ValueError in one line for two files of one family name."""
+    seen = {}
     for path in paths:
         name = family_name(path)
         if name in seen:
             raise ValueError(f"alignments {seen[name]} and {path} have the same family name {name!r}")
-        seen[name], out[name] = path, read_alignment(path)
-    return out
+        seen[name] = path
+    return list(seen)
+
+
+def _load_pack(folder: pathlib.Path):
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != PACK_FORMAT:
+            return None
+        names, shapes = list(meta["names"]), np.asarray(meta["shapes"], np.int64).reshape(-1, 2)
+        sizes = shapes[:, 0] * shapes[:, 1]
+        if len(names) != len(shapes) or (folder / "tokens.bin").stat().st_size != int(sizes.sum()):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Alignments(folder / "tokens.bin", names, np.concatenate([[0], np.cumsum(sizes)[:-1]]), shapes)
+
+
+def packed_alignments(paths, cache=None) -> tuple[Alignments, dict[str, str]]:
+    """The alignments of the user's files (one family per file, named as ``family_name``) packed
+    once into the cache folder (``data.cache``; keyed by the files' SHA-256 and family names), and
+    ``{path: sha256}`` of each: later runs read each alignment from the pack when drawn, so a
+    collection of alignments larger than memory trains. One-line ValueError as ``read_alignment``
+    for a bad file, and for two files of one family name."""
+    paths = [pathlib.Path(p) for p in paths]
+    names = _family_names(paths)
+
+    def write(folder):
+        shapes = []
+        with open(folder / "tokens.bin", "wb") as out:
+            for path in paths:
+                a = read_alignment(path)
+                out.write(np.ascontiguousarray(a, np.int8).tobytes())
+                shapes.append(list(a.shape))
+        (folder / "meta.json").write_text(json.dumps({"format": PACK_FORMAT, "names": names, "shapes": shapes}))
+
+    return data_cache.cached("alignments", paths, [PACK_FORMAT, names], _load_pack, write, what="alignment",
+                            cache=cache)
 
 
 def load_alignments(include_pyfamsa: bool = True) -> dict[str, np.ndarray]:
@@ -136,6 +215,19 @@ def column_profile(msa_nr: np.ndarray, weights_nr: np.ndarray | None = None, pse
     return counts / counts.sum(axis=1, keepdims=True)
 
 
+class _ByIndex(collections.abc.Sequence):
+    """``alignments[names[i]]`` by index ``i``: a packed alignment is read when looked up."""
+
+    def __init__(self, alignments, names):
+        self.source, self.names = alignments, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return self.source[self.names[i]]
+
+
 class MSABatches:
     """Query-centred, cropped, masked MSA examples; ``batch(step)`` is a pure function of (seed, step).
 
@@ -150,16 +242,17 @@ class MSABatches:
                  seed: int = 0, mask_rate: float = 0.15, min_coverage: float = 0.5):
         if not alignments:
             raise ValueError("no alignments to draw from")
-        for name, a in alignments.items():
-            if a.ndim != 2 or a.shape[0] < 2:
-                raise ValueError(f"alignment {name!r} needs at least 2 rows; shape {a.shape}")
+        shape = alignments.shape if isinstance(alignments, Alignments) else (lambda n: alignments[n].shape)
+        for name in alignments:
+            if len(shape(name)) != 2 or shape(name)[0] < 2:
+                raise ValueError(f"alignment {name!r} needs at least 2 rows; shape {shape(name)}")
         if num_seq < 2 or num_res < 1 or batch_size < 1:
             raise ValueError(f"num_seq={num_seq} (>= 2), num_res={num_res} and batch_size={batch_size} (>= 1)")
         if not 0.0 < mask_rate < 1.0:
             raise ValueError(f"mask_rate={mask_rate} must lie in (0, 1)")
         self.names = sorted(alignments)
-        self.alignments = [alignments[n] for n in self.names]
-        sizes = np.array([a.shape[0] for a in self.alignments], np.float64)
+        self.alignments = _ByIndex(alignments, self.names)  # packed ones are read when drawn
+        sizes = np.array([shape(n)[0] for n in self.names], np.float64)
         self.family_p = np.sqrt(sizes) / np.sqrt(sizes).sum()   # large families more often, not overwhelmingly
         self.batch_size, self.num_seq, self.num_res, self.seed = batch_size, num_seq, num_res, seed
         self.mask_rate, self.min_coverage = mask_rate, min_coverage
@@ -187,11 +280,11 @@ class MSABatches:
         uniform = rng.integers(0, 20, (s, r))
         u_profile = rng.random((s, r, 1))
         return {"alignment": which, "rows": np.concatenate([[query], picked]), "cols": cols, "selected": selected,
-                "kind": kind, "uniform": uniform, "u_profile": u_profile}
+                "kind": kind, "uniform": uniform, "u_profile": u_profile, "array": a}
 
     def _build(self, draw: dict) -> dict:
         """The example of ``_draw``'s decisions: crop, corrupt, score the profile, pad."""
-        a, selected, kind = self.alignments[draw["alignment"]], draw["selected"], draw["kind"]
+        a, selected, kind = draw["array"], draw["selected"], draw["kind"]
         true = a[np.ix_(draw["rows"], draw["cols"])].astype(np.int32)
         s, r = true.shape
         profile = column_profile(true, (~selected).astype(np.float64))   # from the visible rows only
@@ -238,13 +331,19 @@ class MSABatches:
         return [MSABatches.batch(self, 10_000_000 + i) for i in range(count)]
 
 
-def split_families(alignments: dict[str, np.ndarray], held_out: tuple[str, ...]) -> tuple[dict, dict]:
-    """(train, held-out) alignments: whole families are held out, so no family is in both."""
+def split_families(alignments, held_out: tuple[str, ...]) -> tuple:
+    """(train, held-out) alignments: whole families are held out, so no family is in both. Packed
+    ``Alignments`` split into packed ones (nothing is read)."""
     missing = [n for n in held_out if n not in alignments]
     if missing:
-        raise ValueError(f"held-out alignment(s) {missing} not among {sorted(alignments)}")
-    return ({k: v for k, v in alignments.items() if k not in held_out},
-            {k: v for k, v in alignments.items() if k in held_out})
+        shown = sorted(alignments)
+        raise ValueError(f"held-out alignment(s) {missing} not among {shown[:20]}"
+                         + (f" and {len(shown) - 20} more" if len(shown) > 20 else ""))
+    train = [k for k in alignments if k not in held_out]
+    held = [k for k in alignments if k in held_out]
+    if isinstance(alignments, Alignments):
+        return alignments.subset(train), alignments.subset(held)
+    return {k: alignments[k] for k in train}, {k: alignments[k] for k in held}
 
 
 def pick_held_out(names, val_fraction: float = 0.1) -> tuple[str, ...]:

@@ -11,27 +11,21 @@ the token counts per bucket (``counts``: the unigram of any split without readin
 batch draws are read from the token file when drawn, so memory stays flat in corpus size (under
 20 bytes per protein for offsets, buckets and the split's indices; none per residue).
 
-A pack is written into a temporary folder and renamed into place when complete, so a run killed
-while packing leaves no pack that a later run could read half-written. The cache folder is
-``$SCISCALE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sciscale_jax``, else ``~/.cache/sciscale_jax``.
+The cache folder (``sciscale_jax.data.cache``) is written by one process at a time into a
+temporary folder renamed into place when complete, so a run killed while packing leaves no pack
+that a later run could read half-written.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import fcntl
-import hashlib
 import json
-import os
 import pathlib
-import shutil
-import socket
-import sys
-import tempfile
 import zlib
 
 import numpy as np
 
+from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data import files
 
 FORMAT = 1
@@ -42,14 +36,6 @@ _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 _UPPER = np.arange(256, dtype=np.uint8)
 _UPPER[ord("a"):ord("z") + 1] -= 32
 _STOP = ord("*")
-
-
-def cache_root() -> pathlib.Path:
-    """Where packs are kept: ``$SCISCALE_CACHE_DIR``, ``$XDG_CACHE_HOME/sciscale_jax`` or ``~/.cache/sciscale_jax``."""
-    if os.environ.get("SCISCALE_CACHE_DIR"):
-        return pathlib.Path(os.environ["SCISCALE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "sciscale_jax"
 
 
 class Proteins(collections.abc.Sequence):
@@ -79,21 +65,17 @@ class Pack:
 
     def __init__(self, tokens, offsets, buckets, counts, folder=None):
         self.tokens, self.offsets, self.buckets, self.counts = tokens, offsets, buckets, counts
-        self.folder, self._fd = folder, None
+        self.folder, self._reader = folder, None
 
     def read(self, j: int) -> np.ndarray:
-        """Protein ``j``'s int32 token ids. From a file with ``os.pread``, not a memory map: the
-        pages read stay the operating system's cache, not this process's resident memory."""
+        """Protein ``j``'s int32 token ids. Read from the file, not a memory map: the pages read
+        stay the operating system's cache, not this process's resident memory."""
         start, stop = int(self.offsets[j]), int(self.offsets[j + 1])
         if isinstance(self.tokens, np.ndarray):
             return self.tokens[start:stop].astype(np.int32)
-        if self._fd is None or self._fd[0] != os.getpid():  # one descriptor per process (fork-safe)
-            self._fd = (os.getpid(), os.open(self.tokens, os.O_RDONLY))
-        return np.frombuffer(os.pread(self._fd[1], stop - start, start), np.uint8).astype(np.int32)
-
-    def __del__(self):
-        if self._fd is not None and self._fd[0] == os.getpid():
-            os.close(self._fd[1])
+        if self._reader is None:
+            self._reader = data_cache.Reader(self.tokens)
+        return np.frombuffer(self._reader.read(stop - start, start), np.uint8).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -287,20 +269,6 @@ def pack_fasta(paths, tokenizer, folder=None) -> Pack:
     return Pack(arrays["tokens"], arrays["offsets"], arrays["buckets"], counts)
 
 
-def _stale(partial: pathlib.Path) -> bool:
-    """A partial pack folder whose writer (a process of this host) is no longer running."""
-    try:
-        writer = json.loads((partial / "writer.json").read_text())
-        if writer["host"] != socket.gethostname():
-            return False
-        os.kill(int(writer["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return False
-
-
 def _load(folder: pathlib.Path, tokens: tuple, vocab: int):
     """The pack in ``folder``, or None where it is missing, of another format or damaged."""
     try:
@@ -323,60 +291,19 @@ def _load(folder: pathlib.Path, tokens: tuple, vocab: int):
     return Pack(arrays["tokens"], arrays["offsets"], arrays["buckets"], counts, folder)
 
 
-def _write(paths, tokenizer, folder: pathlib.Path, sources: dict) -> None:
-    """Pack ``paths`` into a partial folder beside ``folder``, then rename it to ``folder``."""
-    for partial in folder.parent.glob(f"{folder.name}.partial.*"):
-        if _stale(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-    partial = pathlib.Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial.", dir=folder.parent))
-    try:
-        (partial / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        pack = pack_fasta(paths, tokenizer, partial)
-        np.save(partial / "counts.npy", pack.counts)
-        meta = {"format": FORMAT, "tokens": list(tokenizer.tokens), "proteins": len(pack),
-                "token_count": int(pack.offsets[-1]), "files": sources}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-        if _load(folder, tokenizer.tokens, tokenizer.vocab_size) is not None:
-            return  # another process (without a lock) packed the same files first: its pack is kept
-        if folder.exists():  # damaged or of another format: replaced
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            partial.rename(folder)
-        except OSError:  # another process renamed its pack into place in between
-            pass
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
 def packed_proteins(paths, tokenizer, cache=None) -> tuple[Pack, dict[str, str]]:
     """The pack of FASTA files ``paths`` and ``{path: sha256}`` of each: opened from the cache
-    folder (``cache_root()`` unless ``cache`` is given) when these files' contents were packed
-    before, else packed into it first (by one process at a time: a lock file beside the pack). The
-    cache key is the files' SHA-256 in order, the format and the tokenizer's tokens, so a changed
-    file is packed anew and a renamed one is not."""
-    sources = files.fingerprints(paths)
-    key = hashlib.sha256(json.dumps([FORMAT, list(tokenizer.tokens), list(sources.values())]).encode()).hexdigest()
-    root = pathlib.Path(cache) if cache is not None else cache_root()
-    folder = root / "proteins" / key[:32]
-    pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
-    if pack is not None:
-        return pack, sources
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create the pack cache folder {folder.parent} ({err.strerror}); "
-                         "set SCISCALE_CACHE_DIR to a writable folder") from None
-    with open(folder.parent / f"{folder.name}.lock", "a") as lock:
-        try:  # one process packs (the processes of a multi-process run start at once); the others wait
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks: each packs, the first rename wins
-            pass
-        if _load(folder, tokenizer.tokens, tokenizer.vocab_size) is None:
-            size = sum(pathlib.Path(path).stat().st_size for path in sources)
-            print(f"sciscale: packing {len(sources)} FASTA file(s) ({size / 2**20:,.1f} MiB) into {folder} once; "
-                  "later runs on the same files read it from there", file=sys.stderr, flush=True)
-            _write(paths, tokenizer, folder, sources)
-    pack = _load(folder, tokenizer.tokens, tokenizer.vocab_size)
-    if pack is None:
-        raise ValueError(f"the pack written to {folder} cannot be read back; remove the folder and retry")
-    return pack, sources
+    folder (``data.cache``: ``cache_root()`` unless ``cache`` is given) when these files' contents
+    were packed before, else packed into it first (by one process at a time). The key is the
+    files' SHA-256 in order, the format and the tokenizer's tokens, so a changed file is packed
+    anew and a renamed one is not."""
+    tokens = list(tokenizer.tokens)
+
+    def write(folder):
+        pack = pack_fasta(paths, tokenizer, folder)
+        np.save(folder / "counts.npy", pack.counts)
+        meta = {"format": FORMAT, "tokens": tokens, "proteins": len(pack), "token_count": int(pack.offsets[-1])}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return data_cache.cached("proteins", paths, [FORMAT, tokens], lambda folder: _load(folder, tokens, len(tokens)),
+                            write, what="FASTA", cache=cache)

@@ -44,6 +44,7 @@ import zlib
 
 import numpy as np
 
+from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data import files
 
 SMILES_REGEX = re.compile(r"(\[[^\]]+\]|Br|Cl|%\d{2}|[BCNOPSFI]|[bcnops]|[0-9]|[-=#$:/\\().+*~@?>]|.)")
@@ -226,7 +227,7 @@ def _canonicalize_files(paths, curated: bool = True, form: str = "aromatic", lim
 
 def cache_dir() -> pathlib.Path:
     """Where processed data is cached: ``$SCISCALE_CACHE``, else ``~/.cache/sciscale_jax``."""
-    return pathlib.Path(os.environ.get("SCISCALE_CACHE") or pathlib.Path.home() / ".cache" / "sciscale_jax")
+    return data_cache.cache_root()
 
 
 def _sources_key(paths, curated: bool = True, form: str = "aromatic", limit: int = 0) -> str:

@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data.rows import check_rows
 
 WEATHER_EXTRA = 'weather data needs dinosaur: pip install -e ".[weather]"'
@@ -136,10 +137,7 @@ class WeatherData:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """``cache_dir``, else ``$SCISCALE_CACHE``, else ``~/.cache/sciscale_jax``."""
-    if cache_dir:
-        return pathlib.Path(cache_dir)
-    env = os.environ.get("SCISCALE_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "sciscale_jax"
+    return pathlib.Path(cache_dir) if cache_dir else data_cache.cache_root()
 
 
 def cache_path(config: WeatherDataConfig, cache_dir=None) -> pathlib.Path:

@@ -4,7 +4,8 @@ Data (``sciscale_jax.data.msa``): the alignments shipped in pyhmmer and pyfamsa,
 families held out for validation (the adenovirus fiber family by default), or your alignments
 (``--alignments``: Stockholm, aligned FASTA or A3M files and folders of them, one family per
 file, held out by ``--held-out`` or by a hash of the family names; a run records each file's
-SHA-256). Each step draws query-centred crops of ``seq_len`` residues and ``num_seq`` rows and
+SHA-256). Your alignments are packed once into a cache folder and each one is read from there
+when an example draws it, so collections larger than memory (OpenProteinSet) train. Each step draws query-centred crops of ``seq_len`` residues and ``num_seq`` rows and
 corrupts 15% of the MSA positions as AlphaFold does (70% mask token, 10% uniform, 10% profile,
 10% kept); the loss is the cross-entropy of AlphaFold's masked-MSA head on every selected
 position.
@@ -154,13 +155,18 @@ def read_families(model_cfg) -> tuple[dict, tuple, dict]:
     named = tuple(n.strip() for n in model_cfg.held_out.split(",") if n.strip())
     if model_cfg.alignments:
         paths = files.expand(model_cfg.alignments, msa_data.ALIGNMENT_SUFFIXES, "--alignments")
-        alignments, sources = msa_data.read_alignments(paths), files.fingerprints(paths)
+        alignments, sources = msa_data.packed_alignments(paths)  # packed once, read when drawn
         held = named or msa_data.pick_held_out(alignments)
     else:
         alignments, sources, held = msa_data.load_alignments(), {}, named or HELD_OUT
     if set(held) >= set(alignments):
         raise ValueError(f"--held-out {','.join(held)} leaves no family to train on")
     return alignments, held, sources
+
+
+def _names(families, shown: int = 10) -> str:
+    names = sorted(families)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def build_data(train_cfg, model_cfg) -> Data:
@@ -174,7 +180,7 @@ def build_data(train_cfg, model_cfg) -> Data:
     summary = ""
     if sources:
         summary = (f"data: {len(alignments)} alignment families from --alignments; training on "
-                   f"{', '.join(sorted(train_al))}; held out {', '.join(sorted(held))}")
+                   f"{_names(train_al)}; held out {_names(held)}; packed in {alignments.path.parent}")
     return Data(train=train, eval=evals, vocab_size=msa_data.NUM_CLASSES,
                 baselines={"profile_loss": profile, "profile_acc": _profile_accuracy(evals),
                            "masked_positions": n}, sources=sources, summary=summary)

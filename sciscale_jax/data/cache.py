@@ -1,0 +1,115 @@
+"""Cache folders keyed by the content of the user's files: what a data reader derived from them
+once (a packed corpus, packed alignments) is kept on disk and read by later runs.
+
+``cached(kind, paths, key, load, write)`` hashes the files (SHA-256, what a run records of its
+data anyway), names a folder ``<root>/<kind>/<hash of format, key and digests>``, and returns
+``load(folder)`` where that succeeds. Otherwise one process at a time (a lock file beside the
+folder: the processes of a multi-process run start at once) calls ``write(partial)`` into a
+temporary folder and renames it into place when complete, so a writer killed mid-way leaves
+nothing a later run reads, and a partial folder whose writer is gone is removed by the next
+writer. The root is ``$SCISCALE_CACHE``, else ``~/.cache/sciscale_jax`` (where the weather
+simulation and the curated SMILES are cached too).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import sys
+import tempfile
+
+from sciscale_jax.data import files
+
+
+def cache_root() -> pathlib.Path:
+    """Where sciscale_jax caches what it derives from data: ``$SCISCALE_CACHE``, else
+    ``~/.cache/sciscale_jax``."""
+    env = os.environ.get("SCISCALE_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "sciscale_jax"
+
+
+class Reader:
+    """Bytes at any offset of one file, through a file kept open (one per process: a forked child
+    opens its own; the file closes itself when the reader is collected)."""
+
+    def __init__(self, path):
+        self.path, self._file = pathlib.Path(path), None
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self._file is None or self._file[0] != os.getpid():
+            self._file = (os.getpid(), open(self.path, "rb"))
+        return os.pread(self._file[1].fileno(), size, offset)
+
+
+def _stale(partial: pathlib.Path) -> bool:
+    """A partial folder whose writer (a process of this host) is no longer running."""
+    try:
+        writer = json.loads((partial / "writer.json").read_text())
+        if writer["host"] != socket.gethostname():
+            return False
+        os.kill(int(writer["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return False
+
+
+def _write(folder: pathlib.Path, load, write, sources: dict) -> None:
+    """``write`` into a partial folder beside ``folder`` (with ``sources.json``: the files it was
+    written from and their SHA-256), then rename it to ``folder``."""
+    for partial in folder.parent.glob(f"{folder.name}.partial.*"):
+        if _stale(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial.", dir=folder.parent))
+    try:
+        (partial / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        (partial / "sources.json").write_text(json.dumps(sources, indent=1))
+        write(partial)
+        if load(folder) is not None:
+            return  # another process (without a lock) wrote it first: its folder is kept
+        if folder.exists():  # damaged or of another format: replaced
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process renamed its folder into place in between
+            pass
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def cached(kind: str, paths, key, load, write, *, what: str, cache=None):
+    """(``load(folder)``, ``{path: sha256}`` of ``paths``) for the folder of these files' contents
+    and ``key`` (any JSON: what else the result depends on), written by ``write(folder)`` first
+    where ``load`` returns None (missing, of another format, damaged). ``what`` names the files in
+    the line printed to stderr while writing; ``cache``: another root than ``cache_root()``."""
+    sources = files.fingerprints(paths)
+    digest = hashlib.sha256(json.dumps([kind, key, list(sources.values())]).encode()).hexdigest()
+    folder = (pathlib.Path(cache) if cache is not None else cache_root()) / kind / digest[:32]
+    result = load(folder)
+    if result is not None:
+        return result, sources
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the cache folder {folder.parent} ({err.strerror}); "
+                         "set SCISCALE_CACHE to a writable folder") from None
+    with open(folder.parent / f"{folder.name}.lock", "a") as lock:
+        try:  # one process writes; the others wait, then read what it wrote
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: each writes, the first rename wins
+            pass
+        if load(folder) is None:
+            size = sum(pathlib.Path(path).stat().st_size for path in sources)
+            print(f"sciscale: packing {len(sources)} {what} file(s) ({size / 2**20:,.1f} MiB) into {folder} once; "
+                  "later runs on the same files read it from there", file=sys.stderr, flush=True)
+            _write(folder, load, write, sources)
+    result = load(folder)
+    if result is None:
+        raise ValueError(f"the cache folder {folder} written just now cannot be read back; remove it and retry")
+    return result, sources
