@@ -7,6 +7,8 @@
   kernel drops the lock when its process exits, however it exits, so a lock is never
   stale; the pid file ``.sciscale.lock`` beside it only serves the error message and is
   removed on release.
+- :func:`check_data_unchanged` refuses, before the data is read, to resume a run whose recorded
+  data files changed since (packing a changed corpus again, only to refuse it, would take minutes).
 - :func:`keep_schedule` makes ``--steps N --resume`` keep the learning-rate schedule of the
   run being extended: a config that leaves ``schedule_steps`` at 0 gets the saved run's
   schedule length.
@@ -20,6 +22,8 @@ import fcntl
 import json
 import os
 import pathlib
+
+from sciscale_jax.data import files
 
 LOCK_FILE = ".sciscale.lock"
 CONFIG_FILE = "run_config.json"
@@ -53,6 +57,26 @@ def saved_config(run_dir) -> dict | None:
         return json.loads((pathlib.Path(run_dir) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def check_data_unchanged(run_dir, *, resume: bool, force: bool) -> None:
+    """When resuming without ``force``: ValueError in one line if a data file the saved run
+    recorded (``data_files``: path -> SHA-256) is gone or its bytes differ now, naming the
+    digests (``checkpoint.check_run_dir`` would refuse it too, but only after the data is read)."""
+    if not resume or force:
+        return
+    recorded = (saved_config(run_dir) or {}).get("data_files") or {}
+    if not isinstance(recorded, dict):
+        return
+    diff = []
+    for path, digest in sorted(recorded.items()):
+        now = files.sha256(path) if pathlib.Path(path).is_file() else "gone"
+        if now != digest:
+            diff.append(f"data_files[{path}]: {digest} -> {now}")
+    if diff:
+        raise ValueError(f"output directory {run_dir} holds a different run; its data changed since: "
+                         + "; ".join(diff) + ". Restore the files, choose another --out, or pass --force to "
+                         "resume on the data as it is now.")
 
 
 def keep_schedule(run_dir, train_config, *, resume: bool):
