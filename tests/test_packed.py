@@ -190,7 +190,8 @@ def test_a_failed_pack_leaves_nothing_and_a_killed_writer_is_cleaned_up(tmp_path
     with monkeypatch.context() as m:
         m.setattr(packed, "_emit", failing_emit)
         m.setattr(packed, "BLOCK", 64)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(ValueError, match=r"writing the cache folder .* failed \(disk full\); free space "
+                                             r"there or set SCISCALE_CACHE to another folder$"):
             packed.packed_proteins(paths, TOK, cache=cache)
     assert [p.name for p in (cache / "proteins").iterdir() if not p.name.endswith(".lock")] == []
 

@@ -24,15 +24,17 @@ import pytest
 from flax import nnx
 
 from sciscale_jax import cli
-from sciscale_jax.models import Transformer, TransformerConfig
+from sciscale_jax.models import Transformer
 from sciscale_jax.parallel import ParallelConfig, make_mesh
 from sciscale_jax.recipes import get_recipe
+from sciscale_jax.recipes.protein_mlm import ProteinMLMConfig
 from sciscale_jax.train import Checkpointer, TrainConfig, build_optimizer, init_train_state, loop, train
 from sciscale_jax.train.checkpoint import CheckpointError, check_run_dir
 from sciscale_jax.train.rundir import RunLock, keep_schedule
 from sciscale_jax.train.signals import RunInterrupted
 
-MODEL = TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
+# The recipe's own config class, as the CLI builds it, so a run started by `sciscale train` resumes here.
+MODEL = ProteinMLMConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
 CFG = TrainConfig(steps=6, batch_size=4, seq_len=32, save_every=2, eval_every=3, log_every=1, warmup_steps=2,
                   seed=1)
 RECIPE = get_recipe("protein-mlm")

@@ -70,7 +70,11 @@ def _write(folder: pathlib.Path, load, write, sources: dict) -> None:
     try:
         (partial / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         (partial / "sources.json").write_text(json.dumps(sources, indent=1))
-        write(partial)
+        try:
+            write(partial)
+        except OSError as err:  # no space left, quota, permissions: one line, nothing left behind
+            raise ValueError(f"writing the cache folder {folder} failed ({err.strerror or err}); free space "
+                             "there or set SCISCALE_CACHE to another folder") from None
         if load(folder) is not None:
             return  # another process (without a lock) wrote it first: its folder is kept
         if folder.exists():  # damaged or of another format: replaced

@@ -153,7 +153,9 @@ def _line_blocks(path):
                     return
                 carry = data[cut:]
     except (OSError, EOFError, zlib.error) as err:
-        raise ValueError(f"{path} is not a readable gzip file ({err})") from None
+        if pathlib.Path(path).name.endswith(".gz"):
+            raise ValueError(f"{path} is not a readable gzip file ({err})") from None
+        raise ValueError(f"{path} could not be read ({err})") from None
 
 
 def _checked(path, data: bytes, offset: int) -> bytes:
