@@ -12,7 +12,7 @@ analysis: this is host-side work, no compiled step.
 
     git worktree add /tmp/before a06a617
     python -m venv /tmp/vb && /tmp/vb/bin/pip install -e "/tmp/before[science]"
-    python benchmarks/alignment_collection_memory.py --families 1000 --before /tmp/vb/bin/python \\
+    python benchmarks/alignment_collection_memory.py --families 3000 --before /tmp/vb/bin/python \\
         --json benchmarks/results/alignment_collection_memory.json
 """
 

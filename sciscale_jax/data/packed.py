@@ -114,10 +114,12 @@ class _Sink:
         else:
             self.parts[name].append(array)
 
+    def close(self):
+        for h in (self.handles or {}).values():
+            h.close()
+
     def arrays(self):
         if self.handles:
-            for h in self.handles.values():
-                h.close()
             return {"tokens": self.folder / "tokens.bin", "offsets": _map(self.folder / "offsets.bin", np.int64),
                     "buckets": _map(self.folder / "buckets.bin", np.uint16)}
         return {n: np.concatenate(self.parts[n]) if self.parts[n] else np.zeros(0, dt)
@@ -247,26 +249,29 @@ def pack_fasta(paths, tokenizer, folder=None) -> Pack:
     table, ids = _table(tokenizer), (tokenizer.cls_id, tokenizer.eos_id)
     sink, state = _Sink(folder and pathlib.Path(folder)), {"tokens": 0}
     counts = np.zeros((BUCKETS, tokenizer.vocab_size), np.int64)
-    for path in map(pathlib.Path, paths):
-        found, carry = state["tokens"], None  # carry: the bytes of the record still open
-        for block, lines in _line_blocks(path):
-            a = np.frombuffer(block, np.uint8)
-            raw, heads, first = _residue_bytes(a)
-            if carry is None and len(raw) and (not len(heads) or heads[0] > 0):
-                line = lines + int(np.count_nonzero(a[:first] == 10)) + 1
-                text = block[first:].split(b"\n", 1)[0].decode().strip()
-                raise ValueError(f"{path} is not a FASTA file: line {line} comes before any '>' header "
-                                 f"({text[:40]!r})")
+    try:
+        for path in map(pathlib.Path, paths):
+            found, carry = state["tokens"], None  # carry: the bytes of the record still open
+            for block, lines in _line_blocks(path):
+                a = np.frombuffer(block, np.uint8)
+                raw, heads, first = _residue_bytes(a)
+                if carry is None and len(raw) and (not len(heads) or heads[0] > 0):
+                    line = lines + int(np.count_nonzero(a[:first] == 10)) + 1
+                    text = block[first:].split(b"\n", 1)[0].decode().strip()
+                    raise ValueError(f"{path} is not a FASTA file: line {line} comes before any '>' header "
+                                     f"({text[:40]!r})")
+                if carry is not None:
+                    raw, heads = np.concatenate([carry, raw]), np.concatenate([[0], heads + len(carry)])
+                if len(heads):
+                    _emit(raw[:heads[-1]], heads[:-1], sink, table, ids, counts, state)
+                    carry = raw[heads[-1]:]
             if carry is not None:
-                raw, heads = np.concatenate([carry, raw]), np.concatenate([[0], heads + len(carry)])
-            if len(heads):
-                _emit(raw[:heads[-1]], heads[:-1], sink, table, ids, counts, state)
-                carry = raw[heads[-1]:]
-        if carry is not None:
-            _emit(carry, [0], sink, table, ids, counts, state)
-        if state["tokens"] == found:
-            raise ValueError(f"{path} holds no protein sequences (empty, or FASTA headers without sequences)")
-    sink.add("offsets", [state["tokens"]])
+                _emit(carry, [0], sink, table, ids, counts, state)
+            if state["tokens"] == found:
+                raise ValueError(f"{path} holds no protein sequences (empty, or FASTA headers without sequences)")
+        sink.add("offsets", [state["tokens"]])
+    finally:
+        sink.close()  # on an error too (the partial folder is then removed)
     arrays = sink.arrays()
     return Pack(arrays["tokens"], arrays["offsets"], arrays["buckets"], counts)
 
