@@ -22,24 +22,12 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
-_CHILD = """
-import json, resource, sys, time
-from sciscale_jax import cli
-recipe, model_cfg, train_cfg = cli.build_configs(["msa-evoformer", "--alignments", sys.argv[1]])
-t0 = time.perf_counter()
-data = recipe.build_data(train_cfg, model_cfg)
-seconds = time.perf_counter() - t0
-t0 = time.perf_counter()
-for step in range(50):
-    data.train.batch(step)
-batch_seconds = (time.perf_counter() - t0) / 50
-print(json.dumps({"seconds": seconds, "batch_seconds": batch_seconds, "summary": data.summary[:200],
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_memory import build_data_child, print_rows  # noqa: E402  (benchmarks/host_memory.py)
+
 
 
 def write_collection(folder: pathlib.Path, families: int, rows: int) -> tuple[int, int]:
@@ -64,14 +52,6 @@ def write_collection(folder: pathlib.Path, families: int, rows: int) -> tuple[in
     return sum(p.stat().st_size for p in folder.iterdir()), cells
 
 
-def _child(folder, cache, python=sys.executable) -> dict:
-    env = {**os.environ, "SCISCALE_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
-    # Run outside the repository, so ``python -c`` imports the sciscale_jax installed for ``python``.
-    out = subprocess.run([python, "-c", _CHILD, str(folder)], env=env, check=True, capture_output=True,
-                         cwd=cache.parent, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", type=int, default=1000)
@@ -83,14 +63,14 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         folder = tmp / "alignments"
         size, cells = write_collection(folder, args.families, args.rows)
-        rows = {"pack (first run)": _child(folder, tmp / "cache"), "cached (later runs)": _child(folder, tmp / "cache")}
+        argv = ["msa-evoformer", "--alignments", folder]
+        rows = {"pack (first run)": build_data_child(argv, tmp / "cache", batches=50),
+                "cached (later runs)": build_data_child(argv, tmp / "cache", batches=50)}
         if args.before:
-            rows["before (in memory)"] = _child(folder, tmp / "cache-before", args.before)
+            rows["before (in memory)"] = build_data_child(argv, tmp / "cache-before", python=args.before, batches=50)
     result = {"families": args.families, "rows": args.rows, "cells": cells, "file_bytes": size, "runs": rows}
     print(f"{args.families} families x {args.rows} rows, {cells / 1e6:.0f}M cells, files {size / 2**30:.2f} GiB")
-    for name, r in rows.items():
-        print(f"  {name:20s} peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB   build_data {r['seconds']:6.1f} s   "
-              f"batch {r['batch_seconds'] * 1e3:6.2f} ms")
+    print_rows(rows)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -24,24 +24,12 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
-_CHILD = """
-import json, resource, sys, time
-from sciscale_jax import cli
-recipe, model_cfg, train_cfg = cli.build_configs(["protein-mlm", "--data", *sys.argv[1:]])
-t0 = time.perf_counter()
-data = recipe.build_data(train_cfg, model_cfg)
-seconds = time.perf_counter() - t0
-t0 = time.perf_counter()
-for step in range(200):
-    data.train.batch(step)
-batch_seconds = (time.perf_counter() - t0) / 200
-print(json.dumps({"seconds": seconds, "batch_seconds": batch_seconds, "summary": data.summary,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_memory import build_data_child, print_rows  # noqa: E402  (benchmarks/host_memory.py)
+
 
 
 def write_corpus(path: pathlib.Path, proteins: int) -> tuple[int, int]:
@@ -65,14 +53,6 @@ def write_corpus(path: pathlib.Path, proteins: int) -> tuple[int, int]:
     return path.stat().st_size, residues
 
 
-def _child(corpus, cache, python=sys.executable, flags=()) -> dict:
-    env = {**os.environ, "SCISCALE_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
-    # Run outside the repository, so ``python -c`` imports the sciscale_jax installed for ``python``.
-    out = subprocess.run([python, "-c", _CHILD, str(corpus), *flags], env=env, check=True, capture_output=True,
-                         cwd=cache.parent, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proteins", type=int, default=1_000_000)
@@ -83,16 +63,16 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         corpus = tmp / "corpus.fasta"
         size, residues = write_corpus(corpus, args.proteins)
-        rows = {"pack (first run)": _child(corpus, tmp / "cache"), "cached (later runs)": _child(corpus, tmp / "cache"),
+        argv = ["protein-mlm", "--data", corpus]
+        rows = {"pack (first run)": build_data_child(argv, tmp / "cache"),
+                "cached (later runs)": build_data_child(argv, tmp / "cache"),
                 # as the version before scores them: every held-out protein (the default scores 10,000)
-                "cached, all held out": _child(corpus, tmp / "cache", flags=["--val-sequences", "100000000"])}
+                "cached, all held out": build_data_child([*argv, "--val-sequences", "100000000"], tmp / "cache")}
         if args.before:
-            rows["before (in memory)"] = _child(corpus, tmp / "cache-before", args.before)
+            rows["before (in memory)"] = build_data_child(argv, tmp / "cache-before", python=args.before)
     result = {"proteins": args.proteins, "residues": residues, "fasta_bytes": size, "runs": rows}
     print(f"{args.proteins} proteins, {residues / 1e6:.0f}M residues, FASTA {size / 2**30:.2f} GiB")
-    for name, r in rows.items():
-        print(f"  {name:22s} peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB   build_data {r['seconds']:6.1f} s   "
-              f"batch {r['batch_seconds'] * 1e3:5.2f} ms")
+    print_rows(rows)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
