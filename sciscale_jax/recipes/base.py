@@ -29,6 +29,11 @@ A recipe owns its model and everything that depends on what the model is; ``trai
 - ``embed_dataset`` (optional): ``(model_config, arrays) -> xarray.Dataset``, what ``embed``
   returned laid out as a labelled dataset, so ``sciscale embed --out X.zarr`` (or ``.nc``) writes
   it (weather-vit: forecasts in WeatherBench 2's layout);
+- ``data_files_are_bytes`` (default True): ``Data.sources`` holds each file's SHA-256 as stored
+  (``data.files.fingerprints``), so ``--resume`` compares the recorded digests with the files
+  before the data is read (a changed corpus is refused without being packed again); weather-vit
+  records the SHA-256 of the values it read instead (a rechunked store is the same data) and
+  sets False: its resume is checked once the data is read;
 - ``vocabulary`` (optional): ``(model_config) -> tokens by id`` for a recipe whose tokenizer is
   built from its training data (smiles-lm), so loading a run re-reads that data and a run
   started from another's parameters (``init_from``) must have the same tokens;
@@ -84,6 +89,9 @@ class Recipe:
     abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
     embed_dataset: Callable | None = None  # (model_config, embed's arrays) -> xarray.Dataset (--out .zarr/.nc)
     embed_reads_data: bool = False         # embed re-reads the training data: it gets the recorded data_files
+    data_files_are_bytes: bool = True      # Data.sources holds each file's SHA-256 (files.fingerprints), so a
+                                           # resume is checked against the files before the data is read (False:
+                                           # the recipe's own digest, weather-vit's of the values read)
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

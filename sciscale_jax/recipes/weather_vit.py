@@ -451,4 +451,5 @@ RECIPE = Recipe(
     abstract_batch=abstract_batch,
     embed_dataset=forecast_dataset,
     embed_reads_data=True,
+    data_files_are_bytes=False,  # the SHA-256 of the values read: checked once they are read
 )

@@ -309,7 +309,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     cfg = rundir.keep_init(out_dir, cfg, resume=resume)  # and where its parameters started
     validate.check_run(model_config, cfg)  # ring/ulysses and rule tables need a mesh; seq_len vs max_len
     pipeline_run.check_run(recipe, model_config, cfg)  # a pipeline axis: stages, schedule, microbatches
-    rundir.check_data_unchanged(out_dir, resume=resume, force=force)  # before reading (packing) the data
+    rundir.check_data_unchanged(out_dir, resume=resume, force=force,  # before reading (packing) the data
+                                bytes_digests=recipe.data_files_are_bytes)
     data = recipe.build_data(cfg, model_config)
     if data.summary:
         log(data.summary)

@@ -59,11 +59,12 @@ def saved_config(run_dir) -> dict | None:
         return None
 
 
-def check_data_unchanged(run_dir, *, resume: bool, force: bool) -> None:
+def check_data_unchanged(run_dir, *, resume: bool, force: bool, bytes_digests: bool = True) -> None:
     """When resuming without ``force``: ValueError in one line if a data file the saved run
-    recorded (``data_files``: path -> SHA-256) is gone or its bytes differ now, naming the
-    digests (``checkpoint.check_run_dir`` would refuse it too, but only after the data is read)."""
-    if not resume or force:
+    recorded (``data_files``: path -> SHA-256 of its bytes) is gone or its bytes differ now, naming
+    the digests (``checkpoint.check_run_dir`` would refuse it too, but only after the data is read).
+    Nothing is checked where the digests are not of the files' bytes (``bytes_digests`` False)."""
+    if not resume or force or not bytes_digests:
         return
     recorded = (saved_config(run_dir) or {}).get("data_files") or {}
     if not isinstance(recorded, dict):
