@@ -3,6 +3,7 @@ orients, thins and splits exactly the values written; bad stores are refused in 
 records what it read and refuses to resume or evaluate on changed values; ``sciscale embed``
 writes the trained model's forecasts."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -508,3 +509,46 @@ def test_memory_estimates_take_the_batch_shapes_of_the_run(tmp_path):
     cfg = TrainConfig(**{**train_cfg.to_dict(), "mesh": "data=4,tensor=2", "batch_size": 8})
     est = estimate(recipe, model_cfg, cfg, method="trace")
     assert est.peak_bytes > 0
+
+
+def test_a_multi_lead_run_is_scored_at_every_trained_lead(tmp_path):
+    """The loss at each trained lead equals the model applied by hand to every held-out pair at
+    that lead, and the persistence / climatology losses a plain formula; the headline figures stay
+    those of lead_steps alone."""
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sciscale_jax.models.climax import ClimaX
+
+    times, z, t2 = _fields(times=24, hours=6)
+    store = _write(_dataset(times, z, t2), tmp_path / "era.zarr")
+    _, model_cfg, _ = cli.build_configs(["weather-vit", "--data", str(store), "--channels", "2m_temperature,"
+                                         "geopotential@850", "--max-lead-steps", "3", "--val-fraction", "0.4", *MODEL])
+    data = weather_vit.build_data(types.SimpleNamespace(batch_size=4, seed=0), model_cfg)
+    model = ClimaX(model_cfg, rngs=nnx.Rngs(2))
+    model.head.kernel[...] = jnp.asarray(np.random.default_rng(0).normal(0, 0.05, model.head.kernel[...].shape),
+                                         jnp.float32)
+    sums = {}
+    for batch in data.eval:
+        for name, (s, n) in weather_vit.eval_fn(model, {k: jnp.asarray(v) for k, v in batch.items()}).items():
+            sums[name] = (sums.get(name, (0.0, 0.0))[0] + float(s), sums.get(name, (0.0, 0.0))[1] + float(n))
+    means = {name: s / n for name, (s, n) in sums.items()}
+    assert sorted(k for k in means if k.startswith("loss")) == ["loss", "loss_lead2", "loss_lead3"]
+    prep = data.train.prepared
+    val, clim = prep.val_norm[0], prep.clim_norm[0]  # [T, V, lat, lon], normalized
+    w = np.cos(np.deg2rad(LAT))[:, None] / np.cos(np.deg2rad(LAT)).mean()
+    for k, name in ((1, "loss"), (2, "loss_lead2"), (3, "loss_lead3")):
+        x, y = val[:-k], val[k:]
+        pred = np.asarray(model(jnp.asarray(x), jnp.full((len(x),), 6.0 * k)))
+        assert means[name] == pytest.approx(float(np.mean(w * (pred - y) ** 2)), rel=1e-4)
+        if k > 1:
+            assert data.baselines[f"persistence_loss_lead{k}"] == pytest.approx(float(np.mean(w * (x - y) ** 2)),
+                                                                                 rel=1e-5)
+            assert data.baselines[f"climatology_loss_lead{k}"] == pytest.approx(
+                float(np.mean(w * (clim[k:] - y) ** 2)), rel=1e-5)
+    # A run on one lead keeps its batches and figures as they were: no lead_index, no per-lead names.
+    one = weather_vit.build_data(types.SimpleNamespace(batch_size=4, seed=0),
+                                 dataclasses.replace(model_cfg, max_lead_steps=0))
+    assert "lead_index" not in one.eval[0] and not [k for k in one.baselines if "_lead" in k]

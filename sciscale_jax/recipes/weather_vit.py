@@ -13,13 +13,16 @@ pair of the held-out states: latitude-weighted RMSE per channel in physical unit
 square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
 correlation (ACC, per state then averaged) against the climatology of the training states
 (zonal mean for the zonally symmetric simulation; per day of year and hour for the user's
-fields); baselines on the same pairs: persistence (the input state) and climatology.
+fields); baselines on the same pairs: persistence (the input state) and climatology. A model
+trained on several leads (``max_lead_steps``) is also scored at each other trained lead k
+(``loss_lead{k}``, beside ``persistence_loss_lead{k}`` and ``climatology_loss_lead{k}``).
 ``rollout`` runs the model autoregressively and scores every lead time the same way;
 ``forecast`` (``sciscale embed``) writes the trained model's forecasts of every state of a store.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 
@@ -46,7 +49,7 @@ class WeatherViTConfig(ClimaXConfig):
     lead_steps: int = dataclasses.field(default=1, metadata={"help": "forecast lead in recorded intervals"})
     max_lead_steps: int = dataclasses.field(default=0, metadata={
         "help": "train on leads drawn per example from lead_steps to this many intervals (ClimaX's randomized "
-                "lead; 0: lead_steps only); evaluation stays at lead_steps"})
+                "lead; 0: lead_steps only); evaluation at lead_steps, and the loss at each other lead"})
     data: str = dataclasses.field(default="", metadata={
         "group": "data", "help": "your gridded fields: Zarr stores or NetCDF files, comma-separated "
                                  "('': the Held-Suarez simulation)"})
@@ -162,11 +165,19 @@ def loss_fn(model, batch, key):
 
 
 def eval_fn(model, batch) -> dict:
-    """The loss, and per channel the lat-weighted MSE in physical units and the ACC (sum, count) pairs."""
+    """The loss, and per channel the lat-weighted MSE in physical units and the ACC (sum, count) pairs,
+    at the evaluated lead (``lead_steps``); for a run trained on several leads (``max_lead_steps``)
+    also ``loss_lead{k}`` at each other trained lead k (batches carry ``lead_index``: the position
+    of their lead in ``config.leads``; a batch adds nothing to another lead's figures)."""
     pred = _forecast(model, batch)
     valid = batch["valid"]
-    out = {"loss": lat_weighted_mse(pred, batch["y"], valid)}
-    out.update(channel_metrics(pred, batch["y"], batch["clim"], batch["scale"], valid, model.config.variables))
+    index = batch.get("lead_index")
+    main = valid if index is None else valid * (index == 0)
+    out = {"loss": lat_weighted_mse(pred, batch["y"], main)}
+    out.update(channel_metrics(pred, batch["y"], batch["clim"], batch["scale"], main, model.config.variables))
+    if index is not None:
+        for j, k in enumerate(model.config.leads[1:], start=1):
+            out[f"loss_lead{k}"] = lat_weighted_mse(pred, batch["y"], valid * (index == j))
     return out
 
 
@@ -263,14 +274,45 @@ def build_data(train_cfg, model_cfg) -> Data:
               batch_size=train_cfg.batch_size, seed=train_cfg.seed, static=prep.static_norm)
     train = wx.ForecastBatches(prep.normalizer(prep.weather.train), max_lead_steps=model_cfg.max_lead_steps, **kw)
     train.prepared = prep  # for rollouts after training
-    evals = wx.ForecastBatches(prep.val_norm, **kw).eval_batches({"scale": prep.normalizer.std},
-                                                                 targets={"clim": prep.clim_norm})
+    evals = _eval_batches(prep, model_cfg, kw)
     user = isinstance(prep.weather, gridded.FieldData)
     summary = f"{prep.weather.summary()}; climatology: {prep.climatology}" if user else ""
     if model_cfg.static_fields:
         summary += f"; static fields: {', '.join(model_cfg.static_fields)}"
-    return Data(train=train, eval=evals, baselines=baselines(prep, model_cfg.lead_steps),
-                sources=prep.weather.sources if user else {}, summary=summary)
+    figures = baselines(prep, model_cfg.lead_steps)
+    for k in model_cfg.leads[1:]:  # a multi-lead run: the loss baselines at each other trained lead
+        other = baselines(prep, k)
+        figures.update({f"{name}_lead{k}": other[name] for name in ("persistence_loss", "climatology_loss")})
+    return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
+                summary=summary)
+
+
+def _eval_batches(prep: Prepared, model_cfg, kw: dict):
+    """Every held-out pair at ``lead_steps``; for a multi-lead run also at each other trained lead
+    (tagged ``lead_index``), one after the other."""
+    extra = {"scale": prep.normalizer.std}
+    if len(model_cfg.leads) == 1:
+        return wx.ForecastBatches(prep.val_norm, **kw).eval_batches(extra, targets={"clim": prep.clim_norm})
+    return _Chained([wx.ForecastBatches(prep.val_norm, **{**kw, "lead_steps": k}).eval_batches(
+        {**extra, "lead_index": np.int32(j)}, targets={"clim": prep.clim_norm}) for j, k in enumerate(model_cfg.leads)])
+
+
+class _Chained(collections.abc.Sequence):
+    """Sequences of batches one after the other, each batch built when read."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"evaluation batch {i} of {len(self)}")
+        i %= len(self)
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
 
 
 def _check_grid(model_cfg, variables, lat, lon, what: str) -> None:
@@ -445,7 +487,7 @@ RECIPE = Recipe(
     eval_fn=eval_fn,
     summarize=summarize,
     batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "static": FIELD, "lead": (BATCH,), "valid": (BATCH,),
-                "scale": (BATCH, None)},
+                "scale": (BATCH, None), "lead_index": (BATCH,)},
     check=check,
     embed=forecast,
     abstract_batch=abstract_batch,
