@@ -83,7 +83,7 @@ class MLMBatches:
             raise ValueError(f"mask_prob={mask_prob} must be in (0, 1]")
         if not encoded:
             raise ValueError("no sequences to batch")
-        # Any sequence of id arrays (a list, or proteins mapped from a pack on disk) is drawn from as is.
+        # Any sequence of id arrays (a list, or proteins read from a pack on disk when drawn) is kept as is.
         self.encoded = encoded if isinstance(encoded, collections.abc.Sequence) else list(encoded)
         self.tok = tokenizer
         self.batch_size, self.seq_len, self.seed, self.mask_prob = batch_size, seq_len, seed, mask_prob

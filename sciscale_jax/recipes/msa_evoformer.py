@@ -5,10 +5,10 @@ families held out for validation (the adenovirus fiber family by default), or yo
 (``--alignments``: Stockholm, aligned FASTA or A3M files and folders of them, one family per
 file, held out by ``--held-out`` or by a hash of the family names; a run records each file's
 SHA-256). Your alignments are packed once into a cache folder and each one is read from there
-when an example draws it, so collections larger than memory (OpenProteinSet) train. Each step draws query-centred crops of ``seq_len`` residues and ``num_seq`` rows and
-corrupts 15% of the MSA positions as AlphaFold does (70% mask token, 10% uniform, 10% profile,
-10% kept); the loss is the cross-entropy of AlphaFold's masked-MSA head on every selected
-position.
+when an example draws it, so collections larger than memory (OpenProteinSet) train. Each step
+draws query-centred crops of ``seq_len`` residues and ``num_seq`` rows and corrupts 15% of the
+MSA positions as AlphaFold does (70% mask token, 10% uniform, 10% profile, 10% kept); the loss
+is the cross-entropy of AlphaFold's masked-MSA head on every selected position.
 
 The model sees the corrupted MSA (one-hot, 23 classes) and, as ``target_feat``, the corrupted
 query row (row 0 of the MSA, so the true query residue is never visible where it is masked).
