@@ -49,7 +49,7 @@ def _checkpoints(run) -> list:
 
 
 def _one_line_error(capsys) -> str:
-    """The error line; a line before it saying a corpus is being packed is progress, not the error."""
+    """The error line; a line before it saying new files are being packed is progress, not the error."""
     err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
                     if not line.startswith("sciscale: packing "))
     assert err.startswith("sciscale: error: ") and "\n" not in err and "Traceback" not in err, err
@@ -92,7 +92,8 @@ def test_protein_mlm_trains_on_fasta_files_and_refuses_them_changed(tmp_path, ca
     assert "holds a different run" in err and "b.faa" in err and files[str((data / "more" / "b.faa").resolve())] in err
     assert (_saved(run), _checkpoints(run)) == before and sorted(pack.parent.iterdir()) == packs  # nothing changed
     assert cli.main(["eval", str(run)]) == 2
-    err = _one_line_error(capsys)
+    err = capsys.readouterr().err.strip()  # refused before the changed files are read (packed): one line
+    assert err.startswith("sciscale: error: ") and "\n" not in err and sorted(pack.parent.iterdir()) == packs
     assert re.search(r"trained on other data: .*b\.faa changed \(sha256 \w{12}\.\.\. when the run trained", err), err
     # Evaluating on data the user names anew is their choice: the held-out part of a.fasta.gz.
     assert cli.main(["eval", str(run), "--data", str(data / "a.fasta.gz")]) == 0

@@ -62,6 +62,7 @@ class TrainedRun:
                                            # rule table (None: one device)
     data_files: dict = dataclasses.field(default_factory=dict)  # {path: sha256} of the user's data files
                                                                 # the run trained on (empty: shipped data)
+    data_as_saved: bool = False  # no "data" setting overridden: build_data reads the recorded files
 
     def on_mesh(self):
         """A context in which the model's activation constraints apply (``jax.set_mesh(self.mesh)``;
@@ -93,6 +94,10 @@ class TrainedRun:
     def build_data(self):
         """The recipe's data for the run's settings; ValueError in one line if a file the run
         trained on is read again but its bytes have changed since."""
+        if self.data_as_saved and self.recipe.data_files_are_bytes:
+            changed = files.changed(self.data_files)  # before reading: a changed corpus is not packed to be refused
+            if changed:
+                raise ValueError(f"{self.run_dir} trained on other data: {'; '.join(changed)}")
         data = self.recipe.build_data(self.train_config, self.model_config)
         changed = files.changed(self.data_files, data.sources)
         if changed:
@@ -152,6 +157,9 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     unknown = sorted(set(model_overrides) - {f.name for f in dataclasses.fields(model_config)})
     if unknown:
         raise ValueError(f"{recipe.name} models have no setting {', '.join(unknown)}")
+    data_as_saved = all(model_overrides[f.name] == getattr(model_config, f.name)
+                        for f in dataclasses.fields(model_config)
+                        if f.metadata.get("group") == "data" and f.name in model_overrides)
     model_config = _settings_for_mesh(dataclasses.replace(model_config, **model_overrides), model_overrides,
                                       mesh_config, mesh, log)
     if mesh_config is not None:
@@ -174,7 +182,8 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     found, params, rest = restore_model(run_dir, with_shardings(params, param_sh), with_shardings(rest, rest_sh),
                                         step, log=log)
     model = nnx.merge(graphdef, params, rest)
-    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files)
+    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files,
+                      data_as_saved)
 
 
 def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | None, log):
