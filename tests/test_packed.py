@@ -353,3 +353,24 @@ def test_msa_evoformer_names_at_most_ten_families_per_side(tmp_path):
     assert (f"data: 30 alignment families from --alignments; training on {', '.join(train_names[:10])} and "
             f"{len(train_names) - 10} more; held out ") in data.summary
     assert "; packed in " in data.summary
+
+
+def test_a_file_is_hashed_once_per_process_unless_it_may_have_changed(tmp_path, monkeypatch):
+    """Checking a resumed run's recorded files and then packing them reads each file's bytes once;
+    a file modified since, or modified just before it was hashed (git's "racy" rule), is read again."""
+    from sciscale_jax.data import files
+
+    monkeypatch.setattr(files, "_DIGESTS", {})
+    path = tmp_path / "a.fasta"
+    path.write_text(">a\nMKVL\n")
+    old = time.time_ns() - 10 ** 10
+    os.utime(path, ns=(old, old))
+    reads = []
+    real = files.hashlib.sha256
+    monkeypatch.setattr(files.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    first = files.sha256(path)
+    assert files.sha256(path) == first and files.fingerprints([path])[str(path.resolve())] == first
+    assert len(reads) == 1
+    path.write_text(">a\nMKVA\n")  # the same size, modified now: read again, and again while racy
+    second = files.sha256(path)
+    assert second != first and files.sha256(path) == second and len(reads) == 3

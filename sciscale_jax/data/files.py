@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pathlib
+import time
 import zlib
 
 
@@ -18,31 +20,50 @@ def read_text(path, kind: str = "text") -> str:
     """The text of ``path`` (gunzipped when it ends in ``.gz``); ValueError in one line naming the
     path for a missing file, a folder, a broken gzip stream, or bytes that are not UTF-8 text
     ("... is not a {kind} file")."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a {kind} file")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        with open_binary(path, kind) as f:
+            raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"{path} is not a readable gzip file ({err})") from None
+    return check_text(path, raw, kind)
+
+
+def check_text(path, raw: bytes, kind: str, offset: int = 0) -> str:
+    """``raw`` (the bytes of ``path`` from ``offset`` on) as UTF-8 text; ValueError in one line
+    naming the path and the byte for bytes that are not UTF-8, or for NUL bytes ("... is not a
+    {kind} file")."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a {kind} file (byte {raw[err.start]:#04x} at offset {err.start} "
-                         "is not UTF-8 text)") from None
+        raise ValueError(f"{path} is not a {kind} file (byte {raw[err.start]:#04x} at offset "
+                         f"{offset + err.start} is not UTF-8 text)") from None
     if "\x00" in text:
         raise ValueError(f"{path} is not a {kind} file (it holds NUL bytes)")
     return text
 
 
+_DIGESTS: dict = {}  # (device, inode, size, mtime) of a file hashed by this process -> its SHA-256
+RACY_SECONDS = 2.0   # a file modified this recently may change again within its timestamp's granularity
+
+
 def sha256(path) -> str:
-    """Hex SHA-256 of the file's bytes as stored."""
+    """Hex SHA-256 of the file's bytes as stored. A file hashed before by this process and not
+    modified since (same device, inode, size and modification time) is not read again, unless it
+    was modified in the ``RACY_SECONDS`` before it was hashed (git's rule for "racy" files: a
+    rewrite within the timestamp's granularity would keep the time). Checking a resumed run's
+    recorded files and then reading them hashes each file once."""
+    before = os.stat(path)
+    key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    after = os.stat(path)
+    settled = time.time_ns() - before.st_mtime_ns > RACY_SECONDS * 1e9
+    if settled and key == (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns):
+        _DIGESTS[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
@@ -51,10 +72,10 @@ def fingerprints(paths) -> dict[str, str]:
     return {str(pathlib.Path(p).resolve()): sha256(p) for p in paths}
 
 
-def changed(recorded: dict[str, str], read: dict[str, str] | None = None) -> list[str]:
-    """One phrase per recorded file that is missing or whose bytes differ now (empty: all unchanged).
-    With ``read`` (the ``{path: sha256}`` of files just read) only the paths in both are compared,
-    by the digests given: nothing is hashed again."""
+def changed(recorded: dict[str, str], read: dict[str, str] | None = None, *, digits: int = 12) -> list[str]:
+    """One phrase per recorded file that is missing or whose bytes differ now (empty: all unchanged),
+    showing ``digits`` hex digits of each digest. With ``read`` (the ``{path: sha256}`` of files just
+    read) only the paths in both are compared, by the digests given: nothing is hashed again."""
     out = []
     for path, digest in sorted(recorded.items()):
         if read is not None:
@@ -67,7 +88,7 @@ def changed(recorded: dict[str, str], read: dict[str, str] | None = None) -> lis
         else:
             now = sha256(path)
         if now != digest:
-            out.append(f"{path} changed (sha256 {digest[:12]}... when the run trained, {now[:12]}... now)")
+            out.append(f"{path} changed (sha256 {digest[:digits]}... when the run trained, {now[:digits]}... now)")
     return out
 
 
@@ -94,12 +115,12 @@ def expand(spec: str, suffixes: tuple[str, ...], what: str) -> list[pathlib.Path
     return out
 
 
-def open_binary(path):
+def open_binary(path, kind: str = "text"):
     """``path`` opened for reading bytes (gunzipped when it ends in ``.gz``); ValueError in one line
-    for a missing file or a folder."""
+    for a missing file or a folder ("... is a folder, not a {kind} file")."""
     path = pathlib.Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a file")
+        raise ValueError(f"{path} is a folder, not a {kind} file")
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")

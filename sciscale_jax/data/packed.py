@@ -8,8 +8,8 @@ upper-case residues mod 10,000, the train/validation split of ``protein.split_by
 the token counts per bucket (``counts``: the unigram of any split without reading the corpus).
 ``packed_proteins`` keeps the pack in a cache folder keyed by the files' SHA-256, so later runs
 (``--resume``, ``sciscale eval``, another run on the same files) open it at once; the proteins a
-batch draws are read from the token file when drawn, so memory stays flat in corpus size (under
-20 bytes per protein for offsets, buckets and the split's indices; none per residue).
+batch draws are read from the token file when drawn, so a run holds each protein's offset,
+bucket and split index and nothing per residue.
 
 The cache folder (``sciscale_jax.data.cache``) is written by one process at a time into a
 temporary folder renamed into place when complete, so a run killed while packing leaves no pack
@@ -134,7 +134,7 @@ def _line_blocks(path):
     """(bytes ending in a newline, number of lines before them) of ``path``, about ``BLOCK`` at a
     time, with CRLF and CR line ends read as LF (as ``str.splitlines`` reads them); one-line
     ValueError for a broken gzip stream, NUL bytes or bytes that are not UTF-8."""
-    reader = files.open_binary(path)
+    reader = files.open_binary(path, "FASTA text")
     carry, lines, offset = b"", 0, 0
     try:
         with reader as f:
@@ -143,7 +143,8 @@ def _line_blocks(path):
                 data = carry + raw
                 cut = len(data) if not raw else max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
                 if cut:
-                    block = _checked(path, data[:cut], offset)
+                    block = data[:cut]
+                    files.check_text(path, block, "FASTA text", offset)
                     if b"\r" in block:
                         block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                     if not raw and not block.endswith(b"\n"):
@@ -158,17 +159,6 @@ def _line_blocks(path):
         if pathlib.Path(path).name.endswith(".gz"):
             raise ValueError(f"{path} is not a readable gzip file ({err})") from None
         raise ValueError(f"{path} could not be read ({err})") from None
-
-
-def _checked(path, data: bytes, offset: int) -> bytes:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a FASTA text file (byte {data[err.start]:#04x} at offset "
-                         f"{offset + err.start} is not UTF-8 text)") from None
-    if b"\x00" in data:
-        raise ValueError(f"{path} is not a FASTA text file (it holds NUL bytes)")
-    return data
 
 
 def _edges(n: int, starts, ends) -> np.ndarray:

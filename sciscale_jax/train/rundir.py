@@ -69,11 +69,7 @@ def check_data_unchanged(run_dir, *, resume: bool, force: bool, bytes_digests: b
     recorded = (saved_config(run_dir) or {}).get("data_files") or {}
     if not isinstance(recorded, dict):
         return
-    diff = []
-    for path, digest in sorted(recorded.items()):
-        now = files.sha256(path) if pathlib.Path(path).is_file() else "gone"
-        if now != digest:
-            diff.append(f"data_files[{path}]: {digest} -> {now}")
+    diff = files.changed(recorded, digits=64)
     if diff:
         raise ValueError(f"output directory {run_dir} holds a different run; its data changed since: "
                          + "; ".join(diff) + ". Restore the files, choose another --out, or pass --force to "
