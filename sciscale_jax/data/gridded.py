@@ -301,8 +301,8 @@ def read_series(spec: str, channels, *, interval_hours: int | None = 6, static=(
                          f"(pass --interval-hours {spacing} or a multiple of it)")
     stride = interval_hours // spacing
     times, values = times[::stride], values[::stride]
-    for start in range(0, len(values), 1024):  # in pieces: no mask the size of the data
-        bad = ~np.isfinite(values[start:start + 1024]).all(axis=(2, 3))
+    for start in range(0, len(values), PIECE):  # in pieces: no mask the size of the data
+        bad = ~np.isfinite(values[start:start + PIECE]).all(axis=(2, 3))
         if bad.any():
             t, v = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"{what}: channel {channels[v].name} has missing values (NaN) at "

@@ -244,8 +244,9 @@ def prepare(model_cfg: WeatherViTConfig, log=print) -> Prepared:
     return Prepared(weather, norm, norm(weather.val), norm(clim), clim, kind, static)
 
 
-def baselines(prep: Prepared, lead_steps: int, piece: int = 256) -> dict:
-    """Persistence and climatology on every held-out pair: normalized loss, RMSE per channel, persistence ACC.
+def baselines(prep: Prepared, lead_steps: int, piece: int = 256, *, channels: bool = True) -> dict:
+    """Persistence and climatology on every held-out pair: normalized loss, and with ``channels``
+    RMSE per channel and persistence ACC.
 
     Summed over pieces of ``piece`` pairs, so no float64 copy of the held-out states is made."""
     val, lat = prep.weather.val, prep.weather.lat
@@ -256,11 +257,14 @@ def baselines(prep: Prepared, lead_steps: int, piece: int = 256) -> dict:
             x, y, c = val[i, s:e], val[i, s + lead_steps:e + lead_steps], prep.clim[i, s + lead_steps:e + lead_steps]
             pers = pers + wx.lat_weighted_mse(x, y, lat) * (e - s)
             clim = clim + wx.lat_weighted_mse(c, y, lat) * (e - s)
-            acc = acc + wx.lat_weighted_acc(x, y, c, lat) * (e - s)
+            if channels:
+                acc = acc + wx.lat_weighted_acc(x, y, c, lat) * (e - s)
             count += e - s
     pers, clim, acc = pers / count, clim / count, acc / count
     var = prep.normalizer.std.astype(np.float64) ** 2  # normalized differences; the mean cancels
     out = {"persistence_loss": float((pers / var).mean()), "climatology_loss": float((clim / var).mean())}
+    if not channels:
+        return out
     for i, name in enumerate(prep.weather.variables):
         out[f"persistence_rmse_{name}"] = math.sqrt(pers[i])
         out[f"climatology_rmse_{name}"] = math.sqrt(clim[i])
@@ -281,8 +285,7 @@ def build_data(train_cfg, model_cfg) -> Data:
         summary += f"; static fields: {', '.join(model_cfg.static_fields)}"
     figures = baselines(prep, model_cfg.lead_steps)
     for k in model_cfg.leads[1:]:  # a multi-lead run: the loss baselines at each other trained lead
-        other = baselines(prep, k)
-        figures.update({f"{name}_lead{k}": other[name] for name in ("persistence_loss", "climatology_loss")})
+        figures.update({f"{name}_lead{k}": value for name, value in baselines(prep, k, channels=False).items()})
     return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
                 summary=summary)
 
