@@ -119,7 +119,8 @@ def _base_parser() -> argparse.ArgumentParser:
                                          "forecasts of Zarr/NetCDF fields)",
                         description="Restore a run's newest readable checkpoint (or --step) on one device (or sharded "
                                     "over --mesh) and save its embeddings of --input to --out (.npz).")
-    em.add_argument("run_dir", help="the --out of a `sciscale train` run")
+    em.add_argument("run_dir", help="the --out of a `sciscale train` run, or an ESM-2 checkpoint folder in Hugging "
+                                    "Face's layout (config.json, model.safetensors) for protein-mlm's embeddings")
     em.add_argument("--input", required=True, metavar="FILE",
                     help="inputs (protein-mlm: a FASTA file; msa-evoformer: a Stockholm, A3M or aligned FASTA "
                          "file, query first; smiles-lm: a .smi, .csv or .txt file of SMILES, first column; "
@@ -176,6 +177,20 @@ def start_distributed(args) -> None:
     multihost.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
 
 
+def model_settings(recipe, picked: dict, init_from: str) -> dict:
+    """The model flags given (``picked``) over what an ``--init-from`` checkpoint of another library
+    fixes (``Recipe.init_settings``: ESM-2's depth and widths); a flag that contradicts it is refused."""
+    fixed = recipe.init_settings(init_from) if init_from and recipe.init_settings is not None else None
+    if not fixed:
+        return picked
+    fields = {f.name: f for f in dataclasses.fields(recipe.config_class)}
+    for name, value in picked.items():
+        if name in fixed and value != fixed[name]:
+            raise UsageError(f"{_flag_text(fields[name], value)}: --init-from {init_from} fixes {name}={fixed[name]!r} "
+                             "(leave the flag out)")
+    return {**fixed, **picked}
+
+
 def build_configs(argv_or_args, recipe=None):
     """(recipe, model config, TrainConfig) from ``sciscale train`` arguments over the recipe's defaults."""
     from sciscale_jax.recipes import get_recipe
@@ -187,7 +202,11 @@ def build_configs(argv_or_args, recipe=None):
         recipe = get_recipe(argv_or_args[0])
         args = train_parser(recipe).parse_args(argv_or_args[1:])
     train_cfg = TrainConfig(**{**recipe.train_defaults, **_picked(args, "train")})
-    model_cfg = recipe.make_config(**_picked(args, "model"))
+    init_from = train_cfg.init_from
+    if not init_from and getattr(args, "resume", False) and getattr(args, "out", None):  # where the run started
+        from sciscale_jax.train import rundir
+        init_from = ((rundir.saved_config(args.out) or {}).get("train") or {}).get("init_from") or ""
+    model_cfg = recipe.make_config(**model_settings(recipe, _picked(args, "model"), str(init_from)))
     return recipe, model_cfg, train_cfg
 
 
@@ -303,9 +322,14 @@ def _embed(args) -> int:
     import numpy as np
 
     from sciscale_jax.recipes import RECIPES, get_recipe
-    from sciscale_jax.train.load import load_trained, read_run_config
+    from sciscale_jax.train import rundir
+    from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
-    recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
+    foreign = None  # a checkpoint of another library a recipe reads (ESM-2), not a sciscale run
+    if not (pathlib.Path(args.run_dir) / rundir.CONFIG_FILE).exists():
+        foreign = next((r for r in RECIPES.values() if r.init_settings is not None
+                        and r.init_settings(args.run_dir) is not None), None)
+    recipe = foreign or get_recipe(read_run_config(args.run_dir)["recipe"])
     if recipe.embed is None:
         having = ", ".join(r.name for r in RECIPES.values() if r.embed is not None)
         raise ValueError(f"recipe {recipe.name!r} has no embeddings to save ({having} have)")
@@ -322,8 +346,11 @@ def _embed(args) -> int:
     if labelled and out.exists():
         raise UsageError(f"--out {out} exists; remove it or name another")
     _check_writable(args.out, "--out")
-    run = load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh,
-                       log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if foreign is not None and args.step is not None:
+        raise UsageError(f"--step {args.step}: {args.run_dir} is not a sciscale run and has no numbered checkpoints")
+    run = (load_checkpoint(recipe, args.run_dir, mesh=args.mesh, log=log) if foreign is not None else
+           load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log))
     extra = {"data_files": run.data_files} if recipe.embed_reads_data else {}
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size, **extra)
     partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a killed run leaves no half file
@@ -334,7 +361,9 @@ def _embed(args) -> int:
             np.savez(f, **arrays)
     partial.replace(out)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
-    print(f"run {args.run_dir}: {recipe.name}, checkpoint step {run.step}; wrote {out} ({shapes})")
+    source = f"checkpoint {args.run_dir}: read as {recipe.name}" if foreign is not None else \
+        f"run {args.run_dir}: {recipe.name}, checkpoint step {run.step}"
+    print(f"{source}; wrote {out} ({shapes})")
     return 0
 
 
@@ -434,7 +463,7 @@ def _plan(recipe, rest, show_help: bool) -> int:
     picked = {"train": _picked(args, "train"), "model": _picked(args, "model")}
     fixed = {k: picked[kind][k] for k, kind in planner.SWITCHES.items() if k in picked[kind]}
     train_cfg = TrainConfig(**{**recipe.train_defaults, **picked["train"]})
-    model_cfg = recipe.make_config(**picked["model"])
+    model_cfg = recipe.make_config(**model_settings(recipe, picked["model"], train_cfg.init_from))
     hw = planner.Hardware(args.tflops * 1e12, args.link_gbs * 1e9, args.host_gbs * 1e9)
     plans = plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed, top=args.top,
                  confirm=not args.no_confirm, hardware=hw, log=lambda line: print(line, file=sys.stderr))

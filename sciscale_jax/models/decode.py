@@ -58,7 +58,7 @@ def decode_step(model: Transformer, cache: list, tokens_b, t):
     """
     cfg = model.config
     quant_kv = kv_quantizer(cfg.quant)
-    x_b1e = jnp.take(model.embed[...], tokens_b[:, None], axis=0).astype(cfg.dtype)
+    x_b1e = model.embed_tokens(tokens_b[:, None])
     positions_b1 = jnp.full(x_b1e.shape[:2], t)
     new_cache = []
     for block, (k_cache, v_cache) in zip(_blocks(model), cache):
@@ -78,5 +78,5 @@ def decode_step(model: Transformer, cache: list, tokens_b, t):
         x_b1e = x_b1e + attn.out(ctx_bhd[:, None].astype(cfg.dtype))
         x_b1e = x_b1e + block.mlp(block.mlp_norm(x_b1e))
         new_cache.append((k_cache, v_cache))
-    logits_bv = model.lm_head(model.final_norm(x_b1e))[:, 0].astype(jnp.float32)
+    logits_bv = model.logits(model.final_norm(x_b1e))[:, 0]
     return logits_bv, new_cache

@@ -1,4 +1,4 @@
-"""Small NNX building blocks shared by the models: dense layers, RMSNorm, rotary positions.
+"""Small NNX building blocks shared by the models: dense layers, RMSNorm and LayerNorm, rotary positions.
 
 Every parameter carries logical axis names from ``sciscale_jax.parallel.axes`` in its
 ``out_sharding`` metadata (no eager sharding: a rule table maps them to mesh axes later).
@@ -64,6 +64,23 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation (Ba et al. 2016) with a learned scale and bias, computed in float32."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 def rotary(x_bshd, positions_bs, base: float = 10000.0):

@@ -1,7 +1,12 @@
 """A pre-norm Transformer in Flax NNX: bidirectional encoder (protein MLM) or causal decoder.
 
 Rotary positions (Su et al. 2021), RMSNorm, SwiGLU (Shazeer 2020) or GELU MLP, untied
-output head. Every technique is picked by a string in ``TransformerConfig`` (the switches it
+output head; or, with ``norm="layer"``, ``bias=True``, ``mlp="gelu_exact"``, ``head="esm"`` and
+``token_dropout_id`` set to the mask token, ESM-2's layers (Lin et al. 2023): LayerNorm, biased
+projections, erf GELU, an LM head of dense + GELU + LayerNorm + the embedding transposed + a
+bias, and token dropout (mask tokens' embeddings zeroed, the rest scaled by
+``(1 - 0.15 * 0.8) / (1 - share of mask tokens)``), so ESM-2 checkpoints run here
+(``sciscale_jax.models.esm``). Every technique is picked by a string in ``TransformerConfig`` (the switches it
 inherits from ``sciscale_jax.models.stack.Techniques``): the attention implementation (through
 ``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``), precision and QAT
 hooks and, with ``scan_layers=True``, layers stacked and run by ``lax.scan`` so compile time
@@ -21,13 +26,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import _validate, attention, remat
-from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param, rotary
+from sciscale_jax.models.layers import Dense, LayerNorm, RMSNorm, dropout, param, rotary
 import sciscale_jax.parallel as parallel
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
 from sciscale_jax.quant.registry import kv_quantizer, make_matmul
 
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf (ESM, BERT)
+NORM_KINDS = ("rms", "layer")
+HEAD_KINDS = ("linear", "esm")
+ESM_MASK_RATIO = 0.15 * 0.8  # ESM-2's token dropout: the share of mask tokens it was trained with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,16 @@ class TransformerConfig(Techniques):
     causal: bool = False           # False: bidirectional encoder (MLM); True: decoder LM
     dropout: float = 0.0
     mlp: str = dataclasses.field(default="swiglu", metadata={"choices": MLP_KINDS})
+    norm: str = dataclasses.field(default="rms", metadata={
+        "choices": NORM_KINDS, "help": "rms: RMSNorm (eps 1e-6); layer: LayerNorm with bias (eps 1e-5, ESM-2)"})
+    bias: bool = dataclasses.field(default=False, metadata={
+        "help": "biases on the attention and MLP projections (ESM-2)"})
+    head: str = dataclasses.field(default="linear", metadata={
+        "choices": HEAD_KINDS, "help": "linear: an untied output projection; esm: ESM-2's LM head (dense, GELU, "
+        "LayerNorm, the token embedding transposed, a bias)"})
+    token_dropout_id: int = dataclasses.field(default=-1, metadata={
+        "help": "ESM-2's token dropout of this token (the mask token): its embedding zeroed, the others scaled "
+        "by 0.88 / (1 - its share of the sequence); -1: off"})
     linformer_k: int = 256         # Linformer: keys/values projected to this many rows (capped at max_len)
     performer_features: int = 256  # Performer: random features per head
     rope_base: float = 10000.0
@@ -65,8 +83,17 @@ class TransformerConfig(Techniques):
             raise ValueError(f"rope_base={self.rope_base!r} must be a positive finite number")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal={self.causal!r} must be a bool")
-        if self.mlp not in MLP_KINDS:
-            raise ValueError(f"unknown mlp {self.mlp!r}; known: {', '.join(MLP_KINDS)}")
+        for name, known in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("head", HEAD_KINDS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias={self.bias!r} must be a bool")
+        if (not isinstance(self.token_dropout_id, int) or isinstance(self.token_dropout_id, bool)
+                or not -1 <= self.token_dropout_id < self.vocab_size):
+            raise ValueError(f"token_dropout_id={self.token_dropout_id!r} must be a token id below "
+                             f"vocab_size={self.vocab_size}, or -1 (off)")
+        if self.token_dropout_id >= 0 and self.causal:
+            raise ValueError("token_dropout_id is ESM-2's masked-LM token dropout; a causal model has no mask token")
         if self.attention == "linformer" and self.causal:
             raise ValueError("attention='linformer' cannot be causal (causal=True): Linformer mixes "
                              "future positions into every projected key")
@@ -80,7 +107,7 @@ class TransformerConfig(Techniques):
 class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias)
         hook = lambda: make_matmul(cfg.quant, cfg.precision)  # one per layer: fp8 keeps state
         self.query = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
         self.key = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
@@ -115,29 +142,51 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias)
         e, m = cfg.embed_dim, cfg.mlp_dim
         hook = lambda: make_matmul(cfg.quant, cfg.precision)
         self.wi = Dense((e,), (m,), (ax.EMBED, ax.MLP), matmul=hook(), **kw)
         self.wg = Dense((e,), (m,), (ax.EMBED, ax.MLP), matmul=hook(), **kw) if cfg.mlp == "swiglu" else None
         self.wo = Dense((m,), (e,), (ax.MLP, ax.EMBED), matmul=hook(), **kw)
+        self.exact = cfg.mlp == "gelu_exact"
 
     def __call__(self, x_bse):
         if self.wg is not None:
             h_bsm = jax.nn.silu(self.wg(x_bse)) * self.wi(x_bse)
         else:
-            h_bsm = jax.nn.gelu(self.wi(x_bse))
+            h_bsm = jax.nn.gelu(self.wi(x_bse), approximate=not self.exact)
         return self.wo(checkpoint_name(h_bsm, remat.MLP_HIDDEN))
+
+
+def norm(cfg: TransformerConfig, rngs: nnx.Rngs):
+    """The config's normalisation layer over ``embed_dim``."""
+    kind = LayerNorm if cfg.norm == "layer" else RMSNorm
+    return kind(cfg.embed_dim, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+class EsmHead(nnx.Module):
+    """ESM-2's LM head: LayerNorm(GELU(dense(x))) . embedding^T + bias (the embedding passed in: tied)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.dense = Dense((cfg.embed_dim,), (cfg.embed_dim,), (ax.EMBED, ax.MLP), use_bias=True, **kw)
+        self.norm = LayerNorm(cfg.embed_dim, **kw)
+        self.bias = param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,), (ax.VOCAB,), cfg.param_dtype)
+        self.dtype = cfg.dtype
+
+    def __call__(self, h_bse, embed_ve):
+        y_bse = self.norm(jax.nn.gelu(self.dense(h_bse), approximate=False))
+        logits_bsv = jnp.einsum("bse,ve->bsv", y_bse.astype(self.dtype), embed_ve.astype(self.dtype))
+        return logits_bsv + self.bias[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
     """x + Attn(Norm(x)), then x + Mlp(Norm(x)), each sublayer output dropped out."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.attn_norm = RMSNorm(cfg.embed_dim, **kw)
+        self.attn_norm = norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.embed_dim, **kw)
+        self.mlp_norm = norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.rate, self.sharding = cfg.dropout, cfg.sharding
 
@@ -166,14 +215,37 @@ class Transformer(nnx.Module):
                            (ax.VOCAB, ax.EMBED), cfg.param_dtype)
         self.layers = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, cfg, rngs=rngs)
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.final_norm = RMSNorm(cfg.embed_dim, **kw)
-        self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
+        self.final_norm = norm(cfg, rngs)
+        if cfg.head == "esm":
+            self.esm_head = EsmHead(cfg, rngs=rngs)
+        else:
+            self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
 
     def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
         """``mask_bs``: True for real tokens (padding keys are never attended)."""
-        x_bse = self.hidden(tokens_bs, mask_bs=mask_bs, dropout_key=dropout_key)
-        logits_bsv = self.lm_head(x_bse).astype(jnp.float32)
-        return checkpoint_name(logits_bsv, remat.LOGITS)
+        return self.logits(self.hidden(tokens_bs, mask_bs=mask_bs, dropout_key=dropout_key))
+
+    def logits(self, h_bse):
+        """The output head on normalised hidden states [batch, seq, embed] -> float32 logits [batch, seq, vocab]."""
+        if self.config.head == "esm":
+            logits_bsv = self.esm_head(h_bse, self.embed[...])
+        else:
+            logits_bsv = self.lm_head(h_bse)
+        return checkpoint_name(logits_bsv.astype(jnp.float32), remat.LOGITS)
+
+    def embed_tokens(self, tokens_bs, mask_bs=None):
+        """Token embeddings [batch, seq, embed] in the compute dtype, after ESM-2's token dropout if set
+        (``mask_bs``: True for real tokens, the length each sequence's mask-token share is taken over)."""
+        cfg = self.config
+        x_bse = jnp.take(self.embed[...], tokens_bs, axis=0)
+        if cfg.token_dropout_id >= 0:
+            masked_bs = tokens_bs == cfg.token_dropout_id
+            real_bs = jnp.ones(tokens_bs.shape, bool) if mask_bs is None else mask_bs.astype(bool)
+            share_b = jnp.sum(masked_bs & real_bs, axis=-1) / jnp.maximum(jnp.sum(real_bs, axis=-1), 1)
+            left_b = 1.0 - share_b.astype(jnp.float32)  # 0 only when every token is masked (all zero then)
+            scale_b = (1.0 - ESM_MASK_RATIO) / jnp.where(left_b > 0, left_b, 1.0)
+            x_bse = jnp.where(masked_bs[..., None], 0.0, x_bse.astype(jnp.float32) * scale_b[:, None, None])
+        return x_bse.astype(cfg.dtype)
 
     def hidden(self, tokens_bs, *, mask_bs=None, dropout_key=None):
         """The final layer's normalised hidden states [batch, seq, embed], the input of the LM head:
@@ -186,7 +258,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"sequence length {seq} exceeds max_len={cfg.max_len}")
         positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         mask_b11k = None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
-        x_bse = jnp.take(self.embed[...], tokens_bs, axis=0).astype(cfg.dtype)
+        x_bse = self.embed_tokens(tokens_bs, mask_bs)
         keys = layer_keys(dropout_key, cfg.num_layers, cfg.dropout > 0.0)
         x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, policy=cfg.remat, keys=keys)
         return self.final_norm(x_bse)

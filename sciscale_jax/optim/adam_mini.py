@@ -37,7 +37,7 @@ import optax
 from sciscale_jax.optim import _checks
 
 Partition = Callable[[tuple, jax.Array], Sequence[int]]
-_NORMS = ("attn_norm", "mlp_norm", "final_norm")
+_NORMS = ("attn_norm", "mlp_norm", "final_norm", "norm")  # "norm": ESM-2's head LayerNorm
 
 
 def _stacked(names: tuple) -> bool:
@@ -69,7 +69,7 @@ def transformer_partition(path: tuple, array) -> tuple[int, ...]:
             return axes(0, 2)
         if owner == "out" and nd == 3:             # [heads, head_dim, embed]: one per output
             return axes(0, 1)
-        if owner in ("query", "key", "value", "out", "wi", "wg", "wo", "lm_head") and nd >= 2:
+        if owner in ("query", "key", "value", "out", "wi", "wg", "wo", "lm_head", "dense") and nd >= 2:
             return axes(0)                         # [in, out]: one per output neuron
     return ()
 

@@ -41,6 +41,12 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   one training batch's shapes, for a recipe whose batch shapes depend on the model config beyond
   the batch and sequence axes (weather-vit: channels and grid); memory estimates and the planner
   then build no data. Without it they are read off one tiny batch of the default settings.
+- ``init_settings`` and ``init_params`` (optional): another library's checkpoint that ``--init-from``
+  starts a run from (protein-mlm: ESM-2). ``init_settings(path) -> dict | None``: the model config
+  fields the checkpoint fixes, None for a path that is not such a checkpoint (a ``sciscale train``
+  run, read as before); ``init_params(model_config, path)``: the parameters laid out as the
+  model's, each leaf a zero-argument function returning its numpy array, so a run reads and
+  places one array at a time;
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.
@@ -92,6 +98,9 @@ class Recipe:
     data_files_are_bytes: bool = True      # Data.sources holds each file's SHA-256 (files.fingerprints), so a
                                            # resume is checked against the files before the data is read (False:
                                            # the recipe's own digest, weather-vit's of the values read)
+    init_settings: Callable | None = None  # (path) -> model config fields another library's checkpoint fixes,
+                                           # or None: not such a checkpoint (--init-from a sciscale run)
+    init_params: Callable | None = None    # (model_config, path) -> the model's parameters as array readers
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

@@ -36,7 +36,7 @@ from sciscale_jax.data.protein import read_fasta
 from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, residue_log_probs, table_accuracy,
                                    table_nll)
 from sciscale_jax.losses import mlm_loss
-from sciscale_jax.models import Transformer, TransformerConfig, hidden_states
+from sciscale_jax.models import Transformer, TransformerConfig, esm, hidden_states
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.transformer_stages import MLM
 
@@ -203,6 +203,16 @@ def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
             "offsets": np.cumsum([0] + [len(r) for r in residues])}
 
 
+def init_settings(path) -> dict | None:
+    """The model fields an ESM-2 checkpoint (Hugging Face's layout) fixes; None for another path."""
+    return esm.settings(path, ProteinTokenizer().tokens) if esm.is_checkpoint(path) else None
+
+
+def init_params(model_cfg, path) -> dict:
+    """ESM-2's parameters, vocabulary rows in this recipe's token order (``models.esm.params``)."""
+    return esm.params(path, model_cfg, ProteinTokenizer().tokens)
+
+
 RECIPE = Recipe(
     name="protein-mlm",
     description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer, or your FASTA files",
@@ -220,4 +230,6 @@ RECIPE = Recipe(
     pipeline=MLM,
     check=check,
     embed=embed,
+    init_settings=init_settings,
+    init_params=init_params,
 )

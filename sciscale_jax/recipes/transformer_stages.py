@@ -12,8 +12,8 @@ from sciscale_jax.parallel import PipelineStages
 
 
 def embed(model, batch):
-    """Token embedding [B, S, E] in the compute dtype."""
-    return jnp.take(model.embed[...], batch["inputs"], axis=0).astype(model.config.dtype)
+    """Token embedding [B, S, E] in the compute dtype (after ESM-2's token dropout if set)."""
+    return model.embed_tokens(batch["inputs"], batch["mask"])
 
 
 def block_args(batch):
@@ -23,7 +23,7 @@ def block_args(batch):
 
 
 def _logits(model, h):
-    return model.lm_head(model.final_norm(h)).astype(jnp.float32)
+    return model.logits(model.final_norm(h))
 
 
 def _causal_weights(batch):

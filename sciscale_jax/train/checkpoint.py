@@ -20,6 +20,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sciscale_jax.train.step import TrainState
@@ -316,6 +317,31 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
         skipped.append(str(candidate))
         log(f"checkpoint {candidate} is damaged ({problem}); trying an older one")
     raise CheckpointError(f"no readable checkpoint under {directory} (damaged: {', '.join(skipped)})")
+
+
+def place_arrays(readers: dict, target, source: str):
+    """``target``'s tree (``ShapeDtypeStruct`` leaves with shardings) filled from ``readers``, a
+    nested dict of the same keys whose leaves return numpy arrays when called (another library's
+    checkpoint: ``Recipe.init_params``). One array is read and placed at a time, each device (each
+    process) taking its shards, so the host holds one array of the checkpoint at most. ValueError
+    in one line naming ``source`` and the first parameter missing, extra or of another shape."""
+    def names(path):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    wanted = {names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    given = {names(path): fn for path, fn in jax.tree_util.tree_flatten_with_path(readers, is_leaf=callable)[0]}
+    for name in sorted(set(wanted) ^ set(given)):
+        raise ValueError(f"{source}: {'no parameter' if name in wanted else 'a parameter the model lacks:'} {name}")
+
+    def place(path, leaf):
+        array = given[names(path)]()
+        if array.shape != tuple(leaf.shape):
+            raise ValueError(f"{source}: parameter {names(path)} has shape {array.shape}, the model's is "
+                             f"{tuple(leaf.shape)}")
+        return jax.make_array_from_callback(leaf.shape, leaf.sharding,
+                                            lambda index: np.asarray(array[index], dtype=leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(place, target)
 
 
 def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,

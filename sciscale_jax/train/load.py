@@ -1,4 +1,5 @@
-"""A trained run back as a model: ``load_trained(recipe, run_dir)``.
+"""A trained run back as a model: ``load_trained(recipe, run_dir)``; a checkpoint of another
+library a recipe reads (ESM-2) as one: ``load_checkpoint(recipe, path)``.
 
 A run directory holds ``run_config.json`` (the recipe, model and run settings) and Orbax
 checkpoints of the whole train state. Loading rebuilds the model config and the model from
@@ -41,7 +42,7 @@ from sciscale_jax.data import files
 from sciscale_jax.parallel import dap
 from sciscale_jax.train import rundir
 from sciscale_jax.train.abstract import eval_shape_module
-from sciscale_jax.train.checkpoint import restore_model
+from sciscale_jax.train.checkpoint import place_arrays, restore_model
 from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
 from sciscale_jax.train.sharding import pick_strategy
 from sciscale_jax.train.step import TrainState, split_model, with_shardings
@@ -166,7 +167,47 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
         dap.check_dap(mesh_config.sizes(), getattr(model_config, "attention", "xla"),
                       getattr(model_config, "supports_dap", False), f"{recipe.name} model")
 
-    abstract = eval_shape_module(lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed)))
+    build = lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed))  # noqa: E731
+    read = lambda params, rest: restore_model(run_dir, params, rest, step, log=log)  # noqa: E731
+    model, found, device_mesh = _placed_model(build, model_config, mesh_config, mesh, read)
+    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files,
+                      data_as_saved)
+
+
+def load_checkpoint(recipe, path, *, mesh: str | None = None, log=print, **model_overrides) -> TrainedRun:
+    """The model of a checkpoint of another library that ``recipe`` reads (``Recipe.init_settings``;
+    protein-mlm: an ESM-2 folder in Hugging Face's layout), as :func:`load_trained` loads a run:
+    on one device or sharded over ``mesh``, each array read and placed on its own. Its
+    ``train_config`` is the defaults, its ``step`` 0. ``model_overrides`` as there; the settings
+    the checkpoint fixes cannot be overridden."""
+    fixed = recipe.init_settings(path) if recipe.init_settings is not None else None
+    if fixed is None:
+        raise ValueError(f"{path}: not a checkpoint {recipe.name} reads")
+    clash = sorted(k for k in model_overrides if k in fixed and model_overrides[k] != fixed[k])
+    if clash:
+        raise ValueError(f"{path} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}")
+    if jax.process_count() > 1 and not mesh:
+        raise ValueError(f"a job of {jax.process_count()} processes loads a checkpoint onto a mesh over all its "
+                         f"{jax.device_count()} devices: pass mesh=..., e.g. mesh='fsdp={jax.device_count()}'")
+    mesh_config = _mesh_config(mesh) if mesh else None
+    model_config = _settings_for_mesh(recipe.make_config(**{**fixed, **model_overrides}), model_overrides,
+                                      mesh_config, mesh, log)
+    train_config = TrainConfig(**recipe.train_defaults)
+    build = lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed))  # noqa: E731
+
+    def read(params, rest):  # the parameters from the checkpoint; the other variables as built
+        rest = jax.jit(lambda: split_model(build())[2], out_shardings=jax.tree.map(lambda x: x.sharding, rest))()
+        return 0, place_arrays(recipe.init_params(model_config, path), params, str(path)), rest
+
+    model, _, device_mesh = _placed_model(build, model_config, mesh_config, mesh, read)
+    return TrainedRun(recipe, model, model_config, train_config, 0, pathlib.Path(path), device_mesh)
+
+
+def _placed_model(build, model_config, mesh_config, mesh: str | None, read):
+    """``(model, step, device mesh)``: ``build``'s model (built abstractly) with the variables
+    ``read(params, rest)`` returns as ``(step, params, rest)`` onto targets carrying their
+    shardings: one device, or ``mesh_config``'s mesh by ``model_config.sharding``'s rules."""
+    abstract = eval_shape_module(build)
     graphdef, params, rest = split_model(abstract)
     device_mesh = None
     if mesh_config is None:
@@ -179,11 +220,8 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
         except ValueError as err:  # a size that does not split over the mesh
             raise ValueError(f"loading onto mesh={mesh!r}: {err}") from None
         rest_sh = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
-    found, params, rest = restore_model(run_dir, with_shardings(params, param_sh), with_shardings(rest, rest_sh),
-                                        step, log=log)
-    model = nnx.merge(graphdef, params, rest)
-    return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files,
-                      data_as_saved)
+    found, params, rest = read(with_shardings(params, param_sh), with_shardings(rest, rest_sh))
+    return nnx.merge(graphdef, params, rest), found, device_mesh
 
 
 def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | None, log):

@@ -7,7 +7,8 @@ recipe (``sciscale_jax.recipes.base.Recipe``) builds the model, the data, the lo
 metrics, and says which logical axes each batch field has. Batches are a pure function of
 (seed, step) and dropout keys of the step, so ``resume=True`` continues exactly where a
 killed run left off. ``init_from`` starts a new run (step 0, fresh optimizer state) from the
-parameters of another run of the same recipe, read straight into this run's placement: the
+parameters of another run of the same recipe, or from a checkpoint of another library the
+recipe reads (ESM-2 for protein-mlm), read straight into this run's placement: the
 pretrain-then-fine-tune workflow.
 """
 
@@ -34,7 +35,7 @@ from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import pipeline as pipeline_run
 from sciscale_jax.train import rundir, validate, zo_budget
-from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir, restore_model
+from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir, place_arrays, restore_model
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
@@ -80,7 +81,8 @@ class TrainConfig:
         "help": "length of the warm-up + cosine schedule; 0: steps (kept when a resumed run adds steps)"})
     init_from: str = dataclasses.field(default="", metadata={
         "help": "start from the parameters of this run directory (the same recipe and model shapes; "
-                "step 0, fresh optimizer state), e.g. to fine-tune on --data"})
+                "step 0, fresh optimizer state), e.g. to fine-tune on --data; protein-mlm: or an ESM-2 "
+                "checkpoint folder in Hugging Face's layout (the model's shape is read from it)"})
     init_step: int = dataclasses.field(default=0, metadata={
         "help": "the --init-from checkpoint to start from; 0: its newest readable one (saved as the one used)"})
 
@@ -196,7 +198,14 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
     readable one), read onto ``target`` (ShapeDtypeStructs carrying this run's shardings); the
     other run must be of ``recipe``, its parameters of the same shapes and dtypes (ValueError in
     one line naming an array that differs) and, for a recipe whose vocabulary comes from its data,
-    its tokens the same as ``model_config``'s."""
+    its tokens the same as ``model_config``'s. A checkpoint of another library the recipe reads
+    (``Recipe.init_settings``: protein-mlm's ESM-2) is placed array by array; its step is 0."""
+    if recipe.init_settings is not None and recipe.init_settings(cfg.init_from) is not None:
+        if cfg.init_step:
+            raise ValueError(f"--init-step {cfg.init_step}: --init-from {cfg.init_from} is not a sciscale run "
+                             "and has no numbered checkpoints")
+        readers = recipe.init_params(model_config, cfg.init_from)
+        return 0, place_arrays(readers, target, f"--init-from {cfg.init_from}")
     saved = rundir.saved_config(cfg.init_from)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise ValueError(f"--init-from {cfg.init_from}: not a `sciscale train` run directory (no readable "
