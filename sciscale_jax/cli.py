@@ -269,8 +269,8 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     """``sciscale eval <run_dir>``: a checkpoint's validation figures, baselines and report."""
     import json
 
-    from sciscale_jax.recipes import get_recipe
-    from sciscale_jax.train.load import load_trained, read_run_config
+    from sciscale_jax.recipes import checkpoint_recipe, get_recipe
+    from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
     if run_dir is None:
         if show_help:
@@ -278,9 +278,13 @@ def _eval(run_dir, rest, show_help: bool) -> int:
                   "(`sciscale eval <run_dir> --help` lists them)")
             return 0
         raise UsageError("eval: the run directory is missing (the --out of a `sciscale train` run)")
-    saved = read_run_config(run_dir)
-    recipe = get_recipe(saved["recipe"])
-    parser = eval_parser(recipe, saved["model"])
+    foreign = checkpoint_recipe(run_dir)  # a checkpoint of another library a recipe reads (ESM-2)
+    if foreign is not None:
+        recipe, settings = foreign, dataclasses.asdict(foreign.make_config(**foreign.init_settings(run_dir)))
+    else:
+        saved = read_run_config(run_dir)
+        recipe, settings = get_recipe(saved["recipe"]), saved["model"]
+    parser = eval_parser(recipe, settings)
     if show_help:
         parser.print_help()
         return 0
@@ -293,13 +297,17 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     primary = jax.process_index() == 0  # every process evaluates its shards; process 0 reports
     if args.json and primary:
         _check_writable(args.json)
-    run = load_trained(recipe, run_dir, step=args.step, mesh=args.mesh,
-                       log=lambda line: print(line, file=sys.stderr) if primary else None, **_picked(args, "model"))
+    log = lambda line: print(line, file=sys.stderr) if primary else None  # noqa: E731
+    if foreign is not None and args.step is not None:
+        raise UsageError(f"--step {args.step}: {run_dir} is not a sciscale run and has no numbered checkpoints")
+    run = (load_checkpoint(recipe, run_dir, mesh=args.mesh, log=log, **_picked(args, "model")) if foreign else
+           load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=log, **_picked(args, "model")))
     data = run.build_data()
     validation = run.evaluate(data)
     if not primary:
         return 0
-    print(f"run {run_dir}: {run.recipe.name}, checkpoint step {run.step}")
+    print(f"checkpoint {run_dir}: read as {recipe.name}" if foreign else
+          f"run {run_dir}: {run.recipe.name}, checkpoint step {run.step}")
     _print_figures(validation, dict(data.baselines))
     if run.recipe.report is not None and not args.no_report:
         if jax.process_count() > 1:
@@ -321,14 +329,10 @@ def _embed(args) -> int:
 
     import numpy as np
 
-    from sciscale_jax.recipes import RECIPES, get_recipe
-    from sciscale_jax.train import rundir
+    from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
     from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
-    foreign = None  # a checkpoint of another library a recipe reads (ESM-2), not a sciscale run
-    if not (pathlib.Path(args.run_dir) / rundir.CONFIG_FILE).exists():
-        foreign = next((r for r in RECIPES.values() if r.init_settings is not None
-                        and r.init_settings(args.run_dir) is not None), None)
+    foreign = checkpoint_recipe(args.run_dir)  # a checkpoint of another library a recipe reads (ESM-2)
     recipe = foreign or get_recipe(read_run_config(args.run_dir)["recipe"])
     if recipe.embed is None:
         having = ", ".join(r.name for r in RECIPES.values() if r.embed is not None)

@@ -229,3 +229,29 @@ def test_cli_embed_reads_the_checkpoint_directly(tmp_path, capsys):
     assert cli.main(["embed", str(FIXTURE), "--input", str(fasta), "--out", str(tmp_path / "f.npz"),
                      "--step", "3"]) == 2
     assert "no numbered checkpoints" in capsys.readouterr().err
+
+
+def test_cli_eval_and_load_run_read_the_checkpoint(tmp_path, capsys):
+    """``sciscale eval <checkpoint>`` scores ESM-2 on the held-out proteins as a run's checkpoint is
+    scored: its masked-position loss equals the recipe's metrics of the loaded model over the
+    evaluation batches, computed here by hand."""
+    from sciscale_jax.recipes import load_run
+
+    fasta = tmp_path / "p.fasta"
+    rng = np.random.default_rng(0)
+    fasta.write_text("".join(f">p{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 60))}\n" for i in range(60)))
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", str(FIXTURE), "--data", str(fasta), "--json", str(report)]) == 0
+    assert capsys.readouterr().out.startswith(f"checkpoint {FIXTURE}: read as protein-mlm")
+    figures = json.loads(report.read_text())["validation"]
+    run = load_run(FIXTURE, data=str(fasta), log=lambda *_: None)
+    assert run.step == 0 and run.model_config.num_layers == 2
+    data = run.build_data()
+    sums = {}
+    for batch in data.eval:
+        for name, (total, count) in RECIPE.eval_fn(run.model, jax.tree.map(jnp.asarray, batch)).items():
+            a, b = sums.get(name, (0.0, 0.0))
+            sums[name] = (a + float(total), b + float(count))
+    assert figures["val_loss"] == pytest.approx(sums["loss"][0] / sums["loss"][1], rel=1e-5)
+    with pytest.raises(ValueError, match="no numbered checkpoints"):
+        load_run(FIXTURE, step=1)

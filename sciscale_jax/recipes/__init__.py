@@ -1,5 +1,7 @@
 """One file per `sciscale train` recipe."""
 
+import pathlib
+
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.msa_evoformer import RECIPE as MSA_EVOFORMER
 from sciscale_jax.recipes.protein_mlm import RECIPE as PROTEIN_MLM
@@ -15,16 +17,32 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
+def checkpoint_recipe(path) -> Recipe | None:
+    """The recipe that reads ``path`` as a checkpoint of another library (``Recipe.init_settings``;
+    protein-mlm: an ESM-2 folder), or None (a ``sciscale train`` run directory, or nothing a recipe
+    knows). A checkpoint of a kind a recipe reads but refuses is its one-line ValueError."""
+    if (pathlib.Path(path).expanduser() / "run_config.json").exists():
+        return None
+    return next((r for r in RECIPES.values() if r.init_settings is not None and r.init_settings(path) is not None),
+                None)
+
+
 def load_run(run_dir, *, step: int | None = None, mesh: str | None = None, log=print, **model_overrides):
     """The trained model of a ``sciscale train`` run directory, on one device or sharded over
     ``mesh`` (``"fsdp=8"``, ``"fsdp=4,tensor=2"``): a ``sciscale_jax.train.load.TrainedRun``
     (``.model``, ``.model_config``, ``.train_config``, ``.step``, ``.recipe``, ``.mesh``).
     ``step``: that checkpoint instead of the newest readable one; ``model_overrides``: settings
-    that keep the parameters (``attention="chunked"``, ``remat``)."""
-    from sciscale_jax.train.load import load_trained, read_run_config
+    that keep the parameters (``attention="chunked"``, ``remat``). ``run_dir`` may also be a
+    checkpoint of another library a recipe reads (an ESM-2 folder: ``checkpoint_recipe``)."""
+    from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
+    foreign = checkpoint_recipe(run_dir)
+    if foreign is not None:
+        if step is not None:
+            raise ValueError(f"step={step}: {run_dir} is not a sciscale run and has no numbered checkpoints")
+        return load_checkpoint(foreign, run_dir, mesh=mesh, log=log, **model_overrides)
     recipe = get_recipe(read_run_config(run_dir)["recipe"])
     return load_trained(recipe, run_dir, step=step, mesh=mesh, log=log, **model_overrides)
 
 
-__all__ = ["Data", "RECIPES", "Recipe", "get_recipe", "load_run"]
+__all__ = ["Data", "RECIPES", "Recipe", "checkpoint_recipe", "get_recipe", "load_run"]
