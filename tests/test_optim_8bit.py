@@ -153,8 +153,55 @@ def test_adamw_8bit_state_is_a_quarter():
 
 
 @pytest.mark.parametrize("kw", [dict(block_size=0), dict(block_size=-4), dict(b1=1.0), dict(b2=-0.1),
-                                dict(eps=-1e-8), dict(learning_rate=-1e-3), dict(min_8bit_size=-1)])
+                                dict(eps=-1e-8), dict(learning_rate=-1e-3), dict(min_8bit_size=-1),
+                                dict(chunk_size=0)])
 def test_adamw_8bit_bad_input(kw):
     args = dict(learning_rate=1e-3) | kw
     with pytest.raises(ValueError, match=str(list(kw.values())[0]).replace(".", r"\.").replace("-", "-")):
         adamw_8bit(**args)
+
+
+CHUNKED = {"rows": (48, 64), "t3": (5, 16, 32), "odd": (20, 33)}  # 48 and 40 blocks of 64; one not whole blocks
+
+
+def test_chunked_update_equals_the_whole_array_update_bit_for_bit():
+    rng = np.random.default_rng(4)
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in CHUNKED.items()}
+    mask = {"rows": True, "t3": False, "odd": True}
+    grads = [{k: jnp.asarray(rng.normal(size=s) * (step + 1), jnp.float32) for k, s in CHUNKED.items()}
+             for step in range(5)]
+    runs = []
+    for chunk in (256, 1 << 30):  # 4 blocks a chunk (12 and 10 loop steps), and one piece
+        opt = adamw_8bit(1e-2, weight_decay=0.1, block_size=BLOCK, min_8bit_size=MIN8, mask=mask, chunk_size=chunk)
+        p, state, upd = params, opt.init(params), jax.jit(opt.update)
+        out = []
+        for g in grads:
+            u, state = upd(g, state, p)
+            p = optax.apply_updates(p, u)
+            out.append((u, state))
+        runs.append(out)
+    for (u1, s1), (u2, s2) in zip(*runs):
+        for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_update_holds_the_float32_moments_of_one_chunk():
+    """Compiled memory of an update whose gradient is computed in the same program (as in a train
+    step): in chunks, the temporaries are the gradient buffer (rewritten into the update) and a
+    chunk; the whole array at once holds its float32 moments and their copies besides."""
+    from sciscale_jax.memory import report_from_analysis
+
+    param = jax.ShapeDtypeStruct((64, 16384), jnp.float32)  # 4 MiB
+    temps = {}
+    for chunk in (1 << 14, 1 << 30):
+        opt = adamw_8bit(1e-3, chunk_size=chunk)
+
+        def step(p, state, x):
+            u, state = opt.update(jnp.sin(p) * x, state, p)
+            return p + u, state
+
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+            param, jax.eval_shape(opt.init, param), jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        temps[chunk] = report_from_analysis(compiled.memory_analysis()).temp_bytes / (param.size * 4)
+    assert temps[1 << 14] <= 1.1, temps     # the update buffer (the gradient's) and one chunk: 1.03 here
+    assert temps[1 << 30] >= 3.0, temps     # the control: float32 moments of the whole array: 5.0 here

@@ -13,6 +13,12 @@ Each step dequantises, runs the AdamW update in float32 (bias correction, eps ou
 square root, decoupled weight decay) from the new float32 moments, and requantises those
 moments for storage. Arrays with fewer than ``min_8bit_size`` elements keep float32
 moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
+A large array is updated ``chunk_size`` elements at a time in a loop that rewrites its codes
+and its gradient buffer (which becomes the update) in place, so the float32 moments exist one
+chunk at a time: updating the whole array at once would hold them, and their scaled copies,
+for all of it (about 4x the parameters' float32 bytes at once, more than AdamW's float32
+moments take; ``benchmarks/esm2_memory.py``). The chunks are whole blocks, so the result is the
+same bit for bit.
 
 One deliberate change to nearest rounding: a *non-zero* second moment never rounds to the
 code for 0; it takes the smallest positive code instead. Otherwise an element whose v is
@@ -83,10 +89,14 @@ def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: boo
     ``nonzero_floor``: non-zero elements of a non-negative ``x`` never take the code of 0
     (they take the next code up); see the module docstring.
     """
-    signed = bool(qmap[0] < 0)
     flat = x.astype(jnp.float32).reshape(-1)
     pad = (-flat.size) % block_size
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+    return _quantize_blocks(jnp.pad(flat, (0, pad)).reshape(-1, block_size), qmap, nonzero_floor)
+
+
+def _quantize_blocks(blocks: jax.Array, qmap: np.ndarray, nonzero_floor: bool = False) -> Quantized:
+    """:func:`quantize` of float32 ``blocks`` [num_blocks, block_size]."""
+    signed = bool(qmap[0] < 0)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
     table = jnp.asarray(qmap)
@@ -105,14 +115,29 @@ def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: boo
 
 def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple) -> jax.Array:
     """float32 values of shape ``shape`` from a :class:`Quantized` block set."""
-    vals = jnp.asarray(qmap)[q.codes.astype(jnp.int32)] * q.absmax[:, None]
+    vals = _dequantize_blocks(q.codes, q.absmax, qmap)
     size = int(np.prod(shape))
     return vals.reshape(-1)[:size].reshape(shape)
 
 
+def _dequantize_blocks(codes: jax.Array, absmax: jax.Array, qmap: np.ndarray) -> jax.Array:
+    return jnp.asarray(qmap)[codes.astype(jnp.int32)] * absmax[:, None]
+
+
+def chunk_blocks(num_blocks: int, block_size: int, chunk_size: int) -> int:
+    """Blocks per chunk of an array of ``num_blocks`` blocks: the largest divisor of ``num_blocks``
+    with at most ``chunk_size`` elements, or ``num_blocks`` (one piece) when the array fits in one
+    chunk or has no divisor above a 64th of that (a loop of tiny chunks would be slow)."""
+    limit = max(1, chunk_size // block_size)
+    if num_blocks <= limit:
+        return num_blocks
+    best = next(d for d in range(limit, 0, -1) if num_blocks % d == 0)
+    return best if best * 64 >= limit else num_blocks
+
+
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                weight_decay: float = 0.0, block_size: int = 256,
-               min_8bit_size: int = 4096, *, mask=None) -> optax.GradientTransformation:
+               min_8bit_size: int = 4096, *, mask=None, chunk_size: int = 1 << 22) -> optax.GradientTransformation:
     """AdamW with uint8 block-wise quantised moments.
 
     Args:
@@ -123,6 +148,8 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
       min_8bit_size: arrays with fewer elements keep float32 moments; default 4096.
       mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
         or a function params -> bool pytree; ``None`` decays every parameter.
+      chunk_size: elements of an array updated at a time (its float32 temporaries); default
+        2**22. The result does not depend on it.
     """
     learning_rate = _checks.learning_rate(learning_rate)
     b1, b2 = _checks.beta(b1, "b1"), _checks.beta(b2, "b2")
@@ -130,6 +157,7 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     block_size = _checks.positive_int(block_size, "block_size")
     min_8bit_size = _checks.non_negative_int(min_8bit_size, "min_8bit_size")
+    chunk_size = _checks.positive_int(chunk_size, "chunk_size")
     mask = _checks.decay_mask(mask)
 
     def small(p) -> bool:
@@ -154,19 +182,51 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
         grads = treedef.flatten_up_to(updates)
         plist = treedef.flatten_up_to(params) if weight_decay else [None] * len(grads)
         decay = _checks.decay_flags(mask, params) if weight_decay else [False] * len(grads)
-        steps, mus, nus = [], [], []
-        for g, m, v, p, d in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist,
-                                 decay):
-            g32 = g.astype(jnp.float32)
-            q = isinstance(m, Quantized)
-            m32 = dequantize(m, _SIGNED, g.shape) if q else m
-            v32 = dequantize(v, _UNSIGNED, g.shape) if q else v
+        def moments(g32, m32, v32, p):
+            """(update, new m, new v) in float32 from the gradient and the old moments."""
             m32 = b1 * m32 + (1 - b1) * g32
             v32 = b2 * v32 + (1 - b2) * g32 * g32
             step = (m32 / c1) / (jnp.sqrt(v32 / c2) + eps)
-            if d:
+            if p is not None:
                 step = step + weight_decay * p.astype(jnp.float32)
-            steps.append((-lr * step).astype(g.dtype))
+            return -lr * step, m32, v32
+
+        def in_chunks(g, m, v, p, per_chunk):
+            """The quantised leaf's update, ``per_chunk`` blocks at a time, in place (see module doc)."""
+            num_blocks = m.codes.shape[0]
+            n = num_blocks // per_chunk
+            cut = lambda x: x.reshape(n, per_chunk, *x.shape[1:])  # noqa: E731
+            p_c = None if p is None else p.reshape(n, per_chunk, block_size)
+
+            def body(i, carry):
+                g_c, m_codes, m_max, v_codes, v_max = carry
+                m32 = _dequantize_blocks(m_codes[i], m_max[i], _SIGNED)
+                v32 = _dequantize_blocks(v_codes[i], v_max[i], _UNSIGNED)
+                step, m32, v32 = moments(g_c[i].astype(jnp.float32), m32, v32, None if p_c is None else p_c[i])
+                qm, qv = _quantize_blocks(m32, _SIGNED), _quantize_blocks(v32, _UNSIGNED, nonzero_floor=True)
+                return (g_c.at[i].set(step.astype(g_c.dtype)), m_codes.at[i].set(qm.codes),
+                        m_max.at[i].set(qm.absmax), v_codes.at[i].set(qv.codes), v_max.at[i].set(qv.absmax))
+
+            carry = (g.reshape(n, per_chunk, block_size), cut(m.codes), cut(m.absmax), cut(v.codes), cut(v.absmax))
+            g_c, m_codes, m_max, v_codes, v_max = jax.lax.fori_loop(0, n, body, carry)
+            return (g_c.reshape(g.shape), Quantized(m_codes.reshape(m.codes.shape), m_max.reshape(-1)),
+                    Quantized(v_codes.reshape(v.codes.shape), v_max.reshape(-1)))
+
+        steps, mus, nus = [], [], []
+        for g, m, v, p, d in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist,
+                                 decay):
+            q = isinstance(m, Quantized)
+            per_chunk = chunk_blocks(m.codes.shape[0], block_size, chunk_size) if q else 0
+            if q and g.size % block_size == 0 and per_chunk < m.codes.shape[0]:
+                step, m_new, v_new = in_chunks(g, m, v, p if d else None, per_chunk)
+                steps.append(step)
+                mus.append(m_new)
+                nus.append(v_new)
+                continue
+            m32 = dequantize(m, _SIGNED, g.shape) if q else m
+            v32 = dequantize(v, _UNSIGNED, g.shape) if q else v
+            step, m32, v32 = moments(g.astype(jnp.float32), m32, v32, p if d else None)
+            steps.append(step.astype(g.dtype))
             mus.append(quantize(m32, _SIGNED, block_size) if q else m32)
             nus.append(quantize(v32, _UNSIGNED, block_size, nonzero_floor=True) if q else v32)
         return treedef.unflatten(steps), AdamW8bitState(count, treedef.unflatten(mus), treedef.unflatten(nus))
