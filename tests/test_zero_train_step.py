@@ -99,6 +99,29 @@ def test_optimizer_state_shaped_unlike_its_parameter_is_placed_where_it_divides(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_zero3_splits_8bit_adams_codes_and_block_maxima():
+    """8-bit Adam keeps each moment as a (codes, absmax) pair, not a tree shaped like the
+    parameters; under ZeRO-3 on fsdp=8 both used to stay whole on every device (the state of a
+    model's largest arrays, 8x what ZeRO-3 should leave). Every large array's codes and maxima
+    must be split 8 ways now, and the sharded init equal the optimizer's own."""
+    from sciscale_jax.optim.adamw_8bit import Quantized
+
+    tx = optim.get_optimizer("adamw_8bit", 1e-3)
+    _, _, state, place, _ = _setup("fsdp=8", 3, tx)
+    quantized = [q for q in jax.tree.leaves(place.state.opt_state.mu, is_leaf=lambda x: isinstance(x, Quantized))
+                 if isinstance(q, Quantized)]
+    shapes = [q for q in jax.tree.leaves(jax.eval_shape(tx.init, state.params).mu,
+                                         is_leaf=lambda x: isinstance(x, Quantized)) if isinstance(q, Quantized)]
+    assert quantized and len(quantized) == len(shapes)
+    for q, shape in zip(quantized, shapes):
+        for sharding, x in ((q.codes, shape.codes), (q.absmax, shape.absmax)):
+            assert np.prod(sharding.shard_shape(x.shape)) * 8 == np.prod(x.shape), (x.shape, sharding)
+    with jax.set_mesh(place.mesh):
+        opt_state = jax.jit(tx.init, out_shardings=place.state.opt_state)(state.params)
+    for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(tx.init(state.params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _data8():
     """{stage: (memory analysis, HLO text, reduce_scatter flag)} for the step on mesh data=8."""
     out = {}

@@ -122,9 +122,10 @@ def _by_key_path(state, shardings, leaf_fn, other):
     by_path = dict(jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
 
     def one(path, leaf):
-        for start in range(len(path)):
-            if tuple(path[start:]) in by_path:
-                return leaf_fn(leaf, by_path[tuple(path[start:])])
+        for end in range(len(path), 0, -1):  # a parameter's state, or a part of it (8-bit Adam's codes, absmax)
+            for start in range(end):
+                if tuple(path[start:end]) in by_path:
+                    return leaf_fn(leaf, by_path[tuple(path[start:end])])
         return other
 
     return jax.tree_util.tree_map_with_path(one, state)
