@@ -37,9 +37,9 @@ def count_fn(b):
     return jnp.sum(b["weights"].astype(jnp.float32))
 
 
-def make(num_layers, batch_size, remat="none"):
+def make(num_layers, batch_size, remat="none", **model_kw):
     cfg = TransformerConfig(vocab_size=VOCAB, num_layers=num_layers, num_heads=2, embed_dim=16, mlp_dim=24,
-                            max_len=SEQ, scan_layers=True, remat=remat)
+                            max_len=SEQ, scan_layers=True, remat=remat, **model_kw)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     mask = rng.random((batch_size, SEQ)) < 0.9
@@ -155,6 +155,24 @@ def test_recipe_stages_causal_lm_matches_single_device():
     grad_fn = get_recipe("smiles-lm").pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
     loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
     ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, causal_lm_loss))(params, rest, batch, None)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(count, ref_count)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_recipe_stages_with_esm2_layers_match_single_device():
+    """protein-mlm's stages (recipes.transformer_stages.MLM) on ESM-2's layers: LayerNorm, biases,
+    erf GELU, the tied LM head and token dropout of the mask token (id 1, drawn in the inputs)."""
+    from sciscale_jax.recipes import get_recipe
+
+    esm2 = dict(norm="layer", bias=True, mlp="gelu_exact", head="esm", token_dropout_id=1)
+    (graphdef, params, rest), batch = make(3, 6, **esm2)
+    assert int(jnp.sum(batch["inputs"] == 1)) > 0
+    mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
+    grad_fn = get_recipe("protein-mlm").pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
+    loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
+    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, mlm_loss))(params, rest, batch, None)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(count, ref_count)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):

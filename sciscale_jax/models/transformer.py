@@ -6,12 +6,15 @@ output head; or, with ``norm="layer"``, ``bias=True``, ``mlp="gelu_exact"``, ``h
 projections, erf GELU, an LM head of dense + GELU + LayerNorm + the embedding transposed + a
 bias, and token dropout (mask tokens' embeddings zeroed, the rest scaled by
 ``(1 - 0.15 * 0.8) / (1 - share of mask tokens)``), so ESM-2 checkpoints run here
-(``sciscale_jax.models.esm``). Every technique is picked by a string in ``TransformerConfig`` (the switches it
-inherits from ``sciscale_jax.models.stack.Techniques``): the attention implementation (through
+(``sciscale_jax.models.esm``).
+
+Every technique is picked by a string in ``TransformerConfig`` (the switches it inherits
+from ``sciscale_jax.models.stack.Techniques``): the attention implementation (through
 ``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``), precision and QAT
 hooks and, with ``scan_layers=True``, layers stacked and run by ``lax.scan`` so compile time
-does not grow with depth; the layer stack is the shared one of ``models.stack``. Activations carry checkpoint names from
-``sciscale_jax.remat``; parameters carry logical axes from ``sciscale_jax.parallel.axes``.
+does not grow with depth; the layer stack is the shared one of ``models.stack``. Activations
+carry checkpoint names from ``sciscale_jax.remat``; parameters carry logical axes from
+``sciscale_jax.parallel.axes``.
 """
 
 from __future__ import annotations
