@@ -27,14 +27,16 @@ def _np_map(signed):
 
 
 def _np_quant(x, table, block, floor=False):
-    flat = x.reshape(-1)
-    flat = np.concatenate([flat, np.zeros((-flat.size) % block)]).reshape(-1, block)
-    absmax = np.abs(flat).max(1)
-    scaled = flat / np.where(absmax > 0, absmax, 1.0)[:, None]
+    """Nearest codes by a search of the whole table, in blocks along the last axis of the largest
+    length up to ``block`` that divides it."""
+    b = max(d for d in range(1, min(x.shape[-1], block) + 1) if x.shape[-1] % d == 0)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    absmax = np.abs(blocks).max(-1)
+    scaled = blocks / np.where(absmax > 0, absmax, 1.0)[..., None]
     codes = np.abs(scaled[..., None] - table).argmin(-1)
     if floor:
-        codes = np.where((flat != 0) & (codes == 0), 1, codes)
-    return (table[codes] * absmax[:, None]).reshape(-1)[: x.size].reshape(x.shape)
+        codes = np.where((blocks != 0) & (codes == 0), 1, codes)
+    return (table[codes] * absmax[..., None]).reshape(x.shape)
 
 
 def test_dynamic_map_matches_definition():
@@ -50,11 +52,10 @@ def test_dynamic_map_matches_definition():
 def test_quantize_is_nearest_code_blockwise(signed):
     rng = np.random.default_rng(0)
     # magnitudes spread over ~10 decades so every decade of the map is hit
-    x = (rng.normal(size=(97, 61)) * np.exp(rng.normal(size=(97, 61)) * 5)).astype(np.float32)
+    x = (rng.normal(size=(97, 120)) * np.exp(rng.normal(size=(97, 120)) * 5)).astype(np.float32)
     x = x if signed else np.abs(x)
-    q = quantize(jnp.asarray(x), dynamic_map(signed), 64)
-    nb = -(-x.size // 64)
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (nb, 64) and q.absmax.shape == (nb,)
+    q = quantize(jnp.asarray(x), dynamic_map(signed), 64)  # blocks of 60 along the last axis
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == x.shape and q.absmax.shape == (97, 2)
     got = np.asarray(dequantize(q, dynamic_map(signed), x.shape))
     want = _np_quant(x.astype(np.float64), _np_map(signed), 64)
     # float32 vs float64 scaling may flip an exact tie; everything else must agree exactly
@@ -161,7 +162,7 @@ def test_adamw_8bit_bad_input(kw):
         adamw_8bit(**args)
 
 
-CHUNKED = {"rows": (48, 64), "t3": (5, 16, 32), "odd": (20, 33)}  # 48 and 40 blocks of 64; one not whole blocks
+CHUNKED = {"rows": (48, 64), "t3": (5, 16, 32), "odd": (20, 33)}  # chunks of 4, 1 and 5 rows at chunk_size 256
 
 
 def test_chunked_update_equals_the_whole_array_update_bit_for_bit():
@@ -171,7 +172,7 @@ def test_chunked_update_equals_the_whole_array_update_bit_for_bit():
     grads = [{k: jnp.asarray(rng.normal(size=s) * (step + 1), jnp.float32) for k, s in CHUNKED.items()}
              for step in range(5)]
     runs = []
-    for chunk in (256, 1 << 30):  # 4 blocks a chunk (12 and 10 loop steps), and one piece
+    for chunk in (256, 1 << 30):  # 12, 5 and 4 loop steps, and one piece
         opt = adamw_8bit(1e-2, weight_decay=0.1, block_size=BLOCK, min_8bit_size=MIN8, mask=mask, chunk_size=chunk)
         p, state, upd = params, opt.init(params), jax.jit(opt.update)
         out = []
@@ -204,4 +205,4 @@ def test_chunked_update_holds_the_float32_moments_of_one_chunk():
             param, jax.eval_shape(opt.init, param), jax.ShapeDtypeStruct((), jnp.float32)).compile()
         temps[chunk] = report_from_analysis(compiled.memory_analysis()).temp_bytes / (param.size * 4)
     assert temps[1 << 14] <= 1.1, temps     # the update buffer (the gradient's) and one chunk: 1.03 here
-    assert temps[1 << 30] >= 3.0, temps     # the control: float32 moments of the whole array: 5.0 here
+    assert temps[1 << 30] >= 1.8, temps     # the control: float32 moments of the whole array: 2.0 here

@@ -58,9 +58,10 @@ def test_state_bytes_counts_by_hand():
     assert state_bytes(jax.eval_shape(optax.adamw(1e-3).init, tree)) == 4 + 2 * (1200 * 4 + 7 * 2)
     # CAME: first moment + (row, col) for v and for the confidence term; vector: mu + nu (float32 state)
     assert state_bytes(jax.eval_shape(came(1e-3).init, tree)) == 4 + 1200 * 4 + 2 * (30 + 40) * 4 + 2 * 7 * 4
-    # 8-bit: 1200 -> 5 blocks of 256 uint8 codes and one float32 absmax each, per moment
+    # 8-bit: 1200 uint8 codes and a float32 absmax per block of the last axis (30 rows of one block of
+    # 40), per moment
     assert state_bytes(jax.eval_shape(adamw_8bit(1e-3, min_8bit_size=1000).init, tree)) == \
-        4 + 2 * (5 * 256 + 5 * 4) + 2 * 7 * 4
+        4 + 2 * (1200 + 30 * 4) + 2 * 7 * 4
     assert state_bytes(jax.eval_shape(mezo(1e-3).init, tree)) == 8 + 4
 
 

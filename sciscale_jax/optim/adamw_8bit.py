@@ -1,9 +1,12 @@
 """8-bit AdamW with block-wise dynamic quantisation (Dettmers et al., ICLR 2022).
 
-Both Adam moments are stored as uint8 codes: each array is flattened and cut into blocks of
-``block_size`` elements, each block keeps one float32 absmax, and an element is stored as
-the index of the nearest entry of a 256-entry *dynamic* quantisation map applied to
-x / absmax. The dynamic map (Dettmers 2016) spends the leading bits on a decimal exponent
+Both Adam moments are stored as uint8 codes shaped like the parameter: its last axis is cut
+into blocks of ``block_size`` elements (the largest divisor of its length up to that), each
+block keeps one float32 absmax, and an element is stored as the index of the nearest entry of
+a 256-entry *dynamic* quantisation map applied to x / absmax. Blocks along the last axis keep
+the parameter's layout, so the codes shard as the parameter does (ZeRO, FSDP, tensor
+parallel) and the update needs no resharding; blocks of the flattened array (the paper's,
+bitsandbytes') would cut across the shards of any parameter not split on its first axis. The dynamic map (Dettmers 2016) spends the leading bits on a decimal exponent
 and the rest on a linear fraction, so it resolves values from ~1e-7 up to 1: decade
 10^(k−6) (k = 0..6) holds 2^k (signed map, both signs) or 2^(k+1) (unsigned map) evenly
 spaced fractions of [0.1, 1] (bin midpoints), plus exact 0 and 1. The first moment uses
@@ -11,14 +14,15 @@ the signed map, the second moment (never negative) the unsigned one.
 
 Each step dequantises, runs the AdamW update in float32 (bias correction, eps outside the
 square root, decoupled weight decay) from the new float32 moments, and requantises those
-moments for storage. Arrays with fewer than ``min_8bit_size`` elements keep float32
-moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
-A large array is updated ``chunk_size`` elements at a time in a loop that rewrites its codes
-and its gradient buffer (which becomes the update) in place, so the float32 moments exist one
-chunk at a time: updating the whole array at once would hold them, and their scaled copies,
-for all of it (about 4x the parameters' float32 bytes at once, more than AdamW's float32
-moments take; ``benchmarks/esm2_memory.py``). The chunks are whole blocks, so the result is the
-same bit for bit.
+moments for storage. Arrays with fewer than ``min_8bit_size`` elements, scalars, and arrays
+whose last axis has no divisor between a quarter of ``block_size`` and ``block_size`` (a long
+prime length) keep float32 moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
+A large array is updated about ``chunk_size`` elements at a time in a loop over its first
+axis that rewrites its codes and its gradient buffer (which becomes the update) in place, so
+the float32 moments exist one chunk at a time: updating the whole array at once would hold
+them, and their scaled copies, for all of it (``benchmarks/esm2_memory.py``). Each chunk takes
+every r-th index of the first axis (r chunks), so a first axis split over devices stays split
+within every chunk. The chunks are whole blocks: the result is the same bit for bit.
 
 One deliberate change to nearest rounding: a *non-zero* second moment never rounds to the
 code for 0; it takes the smallest positive code instead. Otherwise an element whose v is
@@ -57,8 +61,8 @@ _SIGNED, _UNSIGNED = dynamic_map(True), dynamic_map(False)
 
 
 class Quantized(NamedTuple):
-    codes: jax.Array    # uint8 [num_blocks, block_size]
-    absmax: jax.Array   # float32 [num_blocks]
+    codes: jax.Array    # uint8, the parameter's shape
+    absmax: jax.Array   # float32, the parameter's shape with its last axis counted in blocks
 
 
 class AdamW8bitState(NamedTuple):
@@ -80,8 +84,14 @@ def _guess_code(scaled: jax.Array, signed: bool) -> jax.Array:
     return (1 + pos).astype(jnp.int32)   # 0 at 0, 254 positives, 1.0 at 255
 
 
+def block_length(last: int, block_size: int) -> int:
+    """Elements per block along a last axis of ``last``: its largest divisor up to ``block_size``."""
+    return next(d for d in range(min(last, block_size), 0, -1) if last % d == 0)
+
+
 def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: bool = False) -> Quantized:
-    """Block-wise nearest-code quantisation of ``x`` (any shape) under ``qmap = dynamic_map(signed)``.
+    """Block-wise nearest-code quantisation of ``x`` (at least 1-D) under ``qmap = dynamic_map(signed)``,
+    blocks of ``block_length(x.shape[-1], block_size)`` along the last axis.
 
     The code is found elementwise: a guess from the map's exponent/fraction structure, then the
     exact nearest among the five codes around it (ties go to the lower code). Being
@@ -89,16 +99,16 @@ def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: boo
     ``nonzero_floor``: non-zero elements of a non-negative ``x`` never take the code of 0
     (they take the next code up); see the module docstring.
     """
-    flat = x.astype(jnp.float32).reshape(-1)
-    pad = (-flat.size) % block_size
-    return _quantize_blocks(jnp.pad(flat, (0, pad)).reshape(-1, block_size), qmap, nonzero_floor)
+    b = block_length(x.shape[-1], block_size)
+    q = _quantize_blocks(x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // b, b), qmap, nonzero_floor)
+    return Quantized(q.codes.reshape(x.shape), q.absmax)
 
 
 def _quantize_blocks(blocks: jax.Array, qmap: np.ndarray, nonzero_floor: bool = False) -> Quantized:
-    """:func:`quantize` of float32 ``blocks`` [num_blocks, block_size]."""
+    """Codes [..., k, b] and absmax [..., k] of float32 ``blocks`` [..., k, b]."""
     signed = bool(qmap[0] < 0)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
     table = jnp.asarray(qmap)
     guess = _guess_code(scaled, signed)
     codes = jnp.clip(guess - 2, 0, table.size - 1)
@@ -113,26 +123,24 @@ def _quantize_blocks(blocks: jax.Array, qmap: np.ndarray, nonzero_floor: bool = 
     return Quantized(codes.astype(jnp.uint8), absmax)
 
 
-def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple) -> jax.Array:
-    """float32 values of shape ``shape`` from a :class:`Quantized` block set."""
-    vals = _dequantize_blocks(q.codes, q.absmax, qmap)
-    size = int(np.prod(shape))
-    return vals.reshape(-1)[:size].reshape(shape)
+def dequantize(q: Quantized, qmap: np.ndarray, shape: tuple | None = None) -> jax.Array:
+    """float32 values (the codes' shape) from a :class:`Quantized` array."""
+    shape = q.codes.shape if shape is None else tuple(shape)
+    if shape != q.codes.shape:
+        raise ValueError(f"codes of shape {q.codes.shape} cannot give values of shape {shape}")
+    k = q.absmax.shape[-1]
+    codes = q.codes.reshape(*shape[:-1], k, shape[-1] // k)
+    return _dequantize_blocks(codes, q.absmax, qmap).reshape(shape)
 
 
 def _dequantize_blocks(codes: jax.Array, absmax: jax.Array, qmap: np.ndarray) -> jax.Array:
-    return jnp.asarray(qmap)[codes.astype(jnp.int32)] * absmax[:, None]
+    return jnp.asarray(qmap)[codes.astype(jnp.int32)] * absmax[..., None]
 
 
-def chunk_blocks(num_blocks: int, block_size: int, chunk_size: int) -> int:
-    """Blocks per chunk of an array of ``num_blocks`` blocks: the largest divisor of ``num_blocks``
-    with at most ``chunk_size`` elements, or ``num_blocks`` (one piece) when the array fits in one
-    chunk or has no divisor above a 64th of that (a loop of tiny chunks would be slow)."""
-    limit = max(1, chunk_size // block_size)
-    if num_blocks <= limit:
-        return num_blocks
-    best = next(d for d in range(limit, 0, -1) if num_blocks % d == 0)
-    return best if best * 64 >= limit else num_blocks
+def _rows_per_chunk(first: int, rest: int, chunk_size: int) -> int:
+    """How many indices of the first axis (``first`` of them, ``rest`` elements each) a chunk takes:
+    the largest divisor of ``first`` whose chunk has at most ``chunk_size`` elements (at least 1)."""
+    return next(c for c in range(first, 0, -1) if first % c == 0 and (c * rest <= chunk_size or c == 1))
 
 
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -148,8 +156,8 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
       min_8bit_size: arrays with fewer elements keep float32 moments; default 4096.
       mask: which parameters decay, as in ``optax.adamw``: a bool pytree (a prefix of params)
         or a function params -> bool pytree; ``None`` decays every parameter.
-      chunk_size: elements of an array updated at a time (its float32 temporaries); default
-        2**22. The result does not depend on it.
+      chunk_size: elements of an array updated at a time (its float32 temporaries; at least one
+        index of its first axis); default 2**22. The result does not depend on it.
     """
     learning_rate = _checks.learning_rate(learning_rate)
     b1, b2 = _checks.beta(b1, "b1"), _checks.beta(b2, "b2")
@@ -161,7 +169,9 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
     mask = _checks.decay_mask(mask)
 
     def small(p) -> bool:
-        return p.size < min_8bit_size
+        """Kept in float32: few elements, a scalar, or no block length near ``block_size``."""
+        return (p.size < min_8bit_size or p.ndim == 0
+                or 4 * block_length(p.shape[-1], block_size) < min(p.shape[-1], block_size))
 
     def init(params):
         def zeros(p, qmap):
@@ -191,44 +201,49 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
                 step = step + weight_decay * p.astype(jnp.float32)
             return -lr * step, m32, v32
 
-        def in_chunks(g, m, v, p, per_chunk):
-            """The quantised leaf's update, ``per_chunk`` blocks at a time, in place (see module doc)."""
-            num_blocks = m.codes.shape[0]
-            n = num_blocks // per_chunk
-            cut = lambda x: x.reshape(n, per_chunk, *x.shape[1:])  # noqa: E731
-            p_c = None if p is None else p.reshape(n, per_chunk, block_size)
+        def leaf(g, m, v, p):
+            """The update of one quantised leaf and its new moments, chunk by chunk (module doc)."""
+            k = m.absmax.shape[-1]
+            b = g.shape[-1] // k
+            view = (*g.shape[:-1], k, b)  # the last axis in blocks: a reshape within every shard
+            first, rest = view[0], int(np.prod(view[1:]))
+            c = _rows_per_chunk(first, rest, chunk_size)
+            r = first // c                # chunks: chunk j takes indices j, r + j, 2r + j, ... of the first axis
+            strided = lambda x: x.reshape(c, r, *x.shape[1:])  # noqa: E731
+            g_s, m_codes, v_codes = (strided(x.reshape(view)) for x in (g, m.codes, v.codes))
+            m_max, v_max = strided(m.absmax.reshape(view[:-1])), strided(v.absmax.reshape(view[:-1]))
+            p_s = None if p is None else strided(p.reshape(view))
 
-            def body(i, carry):
-                g_c, m_codes, m_max, v_codes, v_max = carry
-                m32 = _dequantize_blocks(m_codes[i], m_max[i], _SIGNED)
-                v32 = _dequantize_blocks(v_codes[i], v_max[i], _UNSIGNED)
-                step, m32, v32 = moments(g_c[i].astype(jnp.float32), m32, v32, None if p_c is None else p_c[i])
+            def chunk(j, carry):
+                g_s, m_codes, m_max, v_codes, v_max = carry
+                at = lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)  # noqa: E731
+                m32 = _dequantize_blocks(at(m_codes), at(m_max), _SIGNED)
+                v32 = _dequantize_blocks(at(v_codes), at(v_max), _UNSIGNED)
+                step, m32, v32 = moments(at(g_s).astype(jnp.float32), m32, v32, None if p_s is None else at(p_s))
                 qm, qv = _quantize_blocks(m32, _SIGNED), _quantize_blocks(v32, _UNSIGNED, nonzero_floor=True)
-                return (g_c.at[i].set(step.astype(g_c.dtype)), m_codes.at[i].set(qm.codes),
-                        m_max.at[i].set(qm.absmax), v_codes.at[i].set(qv.codes), v_max.at[i].set(qv.absmax))
+                put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), j, axis=1)  # noqa: E731
+                return (put(g_s, step), put(m_codes, qm.codes), put(m_max, qm.absmax), put(v_codes, qv.codes),
+                        put(v_max, qv.absmax))
 
-            carry = (g.reshape(n, per_chunk, block_size), cut(m.codes), cut(m.absmax), cut(v.codes), cut(v.absmax))
-            g_c, m_codes, m_max, v_codes, v_max = jax.lax.fori_loop(0, n, body, carry)
-            return (g_c.reshape(g.shape), Quantized(m_codes.reshape(m.codes.shape), m_max.reshape(-1)),
-                    Quantized(v_codes.reshape(v.codes.shape), v_max.reshape(-1)))
+            carry = (g_s, m_codes, m_max, v_codes, v_max)
+            if r == 1:
+                carry = chunk(0, carry)
+            else:
+                carry = jax.lax.fori_loop(0, r, chunk, carry)
+            g_s, m_codes, m_max, v_codes, v_max = carry
+            return (g_s.reshape(g.shape), Quantized(m_codes.reshape(g.shape), m_max.reshape(m.absmax.shape)),
+                    Quantized(v_codes.reshape(g.shape), v_max.reshape(v.absmax.shape)))
 
         steps, mus, nus = [], [], []
         for g, m, v, p, d in zip(grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), plist,
                                  decay):
-            q = isinstance(m, Quantized)
-            per_chunk = chunk_blocks(m.codes.shape[0], block_size, chunk_size) if q else 0
-            if q and g.size % block_size == 0 and per_chunk < m.codes.shape[0]:
-                step, m_new, v_new = in_chunks(g, m, v, p if d else None, per_chunk)
-                steps.append(step)
-                mus.append(m_new)
-                nus.append(v_new)
-                continue
-            m32 = dequantize(m, _SIGNED, g.shape) if q else m
-            v32 = dequantize(v, _UNSIGNED, g.shape) if q else v
-            step, m32, v32 = moments(g.astype(jnp.float32), m32, v32, p if d else None)
+            if isinstance(m, Quantized):
+                step, m, v = leaf(g, m, v, p if d else None)
+            else:
+                step, m, v = moments(g.astype(jnp.float32), m, v, p if d else None)
             steps.append(step.astype(g.dtype))
-            mus.append(quantize(m32, _SIGNED, block_size) if q else m32)
-            nus.append(quantize(v32, _UNSIGNED, block_size, nonzero_floor=True) if q else v32)
+            mus.append(m)
+            nus.append(v)
         return treedef.unflatten(steps), AdamW8bitState(count, treedef.unflatten(mus), treedef.unflatten(nus))
 
     return optax.GradientTransformation(init, update)
