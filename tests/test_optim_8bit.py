@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from sciscale_jax.optim import adamw_8bit, state_bytes
-from sciscale_jax.optim.adamw_8bit import Quantized, dequantize, dynamic_map, quantize
+from sciscale_jax.optim.adamw_8bit import Quantized, block_length, dequantize, dynamic_map, quantize
 
 SHAPES = {"mat": (20, 33), "t3": (6, 7, 11), "vec": (300,), "scalar": ()}
 BLOCK, MIN8 = 64, 256
@@ -27,9 +27,9 @@ def _np_map(signed):
 
 
 def _np_quant(x, table, block, floor=False):
-    """Nearest codes by a search of the whole table, in blocks along the last axis of the largest
-    length up to ``block`` that divides it."""
-    b = max(d for d in range(1, min(x.shape[-1], block) + 1) if x.shape[-1] % d == 0)
+    """Nearest codes by a search of the whole table, in blocks along the last axis (of the length
+    ``block_length`` picks: a layout choice, its properties tested on their own)."""
+    b = block_length(x.shape[-1], block)
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
     absmax = np.abs(blocks).max(-1)
     scaled = blocks / np.where(absmax > 0, absmax, 1.0)[..., None]
@@ -54,13 +54,24 @@ def test_quantize_is_nearest_code_blockwise(signed):
     # magnitudes spread over ~10 decades so every decade of the map is hit
     x = (rng.normal(size=(97, 120)) * np.exp(rng.normal(size=(97, 120)) * 5)).astype(np.float32)
     x = x if signed else np.abs(x)
-    q = quantize(jnp.asarray(x), dynamic_map(signed), 64)  # blocks of 60 along the last axis
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == x.shape and q.absmax.shape == (97, 2)
+    q = quantize(jnp.asarray(x), dynamic_map(signed), 64)  # blocks of 30 along the last axis
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == x.shape and q.absmax.shape == (97, 4)
     got = np.asarray(dequantize(q, dynamic_map(signed), x.shape))
     want = _np_quant(x.astype(np.float64), _np_map(signed), 64)
     # float32 vs float64 scaling may flip an exact tie; everything else must agree exactly
     assert np.mean(np.isclose(got, want, rtol=1e-5, atol=0)) > 0.999
     assert len(np.unique(np.asarray(q.codes))) > 150          # most of the map is exercised
+
+
+@pytest.mark.parametrize("last", [64, 120, 300, 1280, 2560, 5120, 10240, 20480, 33, 61, 257, 1000])
+def test_block_length_keeps_whole_blocks_on_up_to_8_shards(last):
+    b = block_length(last, 256)
+    assert last % b == 0 and b <= 256
+    if b >= 64:  # not a long prime axis (those keep float32 moments)
+        for shards in (2, 4, 8):
+            local = last // shards
+            if last % shards == 0 and any(d >= 64 and local % d == 0 for d in range(1, min(local, 256) + 1)):
+                assert local % b == 0, (last, b, shards)  # where some block length could, this one does
 
 
 def _ref_adamw8(params, grads, lr, b1, b2, eps, wd):
@@ -150,7 +161,10 @@ def test_adamw_8bit_state_is_a_quarter():
     tree = {"w": jax.ShapeDtypeStruct((512, 512), jnp.float32), "b": jax.ShapeDtypeStruct((512,), jnp.float32)}
     r = state_bytes(jax.eval_shape(adamw_8bit(1e-3).init, tree)) / state_bytes(
         jax.eval_shape(optax.adamw(1e-3).init, tree))
-    assert r <= 0.26, r
+    # per element of w and moment: a uint8 code and a float32 absmax per block of 64 (its 512 columns
+    # cut into 8 blocks, whole on each of up to 8 shards); the vector is below min_8bit_size: float32
+    eight_bit = 4 + 2 * (512 * 512 + 512 * 8 * 4) + 2 * 512 * 4
+    assert r == eight_bit / (4 + 2 * (512 * 512 + 512) * 4) and r < 0.27, r
 
 
 @pytest.mark.parametrize("kw", [dict(block_size=0), dict(block_size=-4), dict(b1=1.0), dict(b2=-0.1),

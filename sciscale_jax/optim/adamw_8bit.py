@@ -1,8 +1,8 @@
 """8-bit AdamW with block-wise dynamic quantisation (Dettmers et al., ICLR 2022).
 
 Both Adam moments are stored as uint8 codes shaped like the parameter: its last axis is cut
-into blocks of ``block_size`` elements (the largest divisor of its length up to that), each
-block keeps one float32 absmax, and an element is stored as the index of the nearest entry of
+into blocks of up to ``block_size`` elements (``block_length``: a divisor of its length that
+leaves whole blocks on each of up to 8 shards of it), each block keeps one float32 absmax, and an element is stored as the index of the nearest entry of
 a 256-entry *dynamic* quantisation map applied to x / absmax. Blocks along the last axis keep
 the parameter's layout, so the codes shard as the parameter does (ZeRO, FSDP, tensor
 parallel) and the update needs no resharding; blocks of the flattened array (the paper's,
@@ -85,8 +85,16 @@ def _guess_code(scaled: jax.Array, signed: bool) -> jax.Array:
 
 
 def block_length(last: int, block_size: int) -> int:
-    """Elements per block along a last axis of ``last``: its largest divisor up to ``block_size``."""
-    return next(d for d in range(min(last, block_size), 0, -1) if last % d == 0)
+    """Elements per block along a last axis of ``last``: its largest divisor up to ``block_size`` that
+    leaves a number of blocks divisible by 8 (else 4, 2, 1) and is at least a quarter of
+    ``block_size`` (or the whole axis), so a last axis split over up to 8 devices holds whole
+    blocks on each (a block across two shards would make the update reshard the array)."""
+    divisors = [d for d in range(min(last, block_size), 0, -1) if last % d == 0]
+    for split in (8, 4, 2):
+        fit = [d for d in divisors if (last // d) % split == 0 and (4 * d >= block_size or d == last)]
+        if fit:
+            return fit[0]
+    return divisors[0]
 
 
 def quantize(x: jax.Array, qmap: np.ndarray, block_size: int, nonzero_floor: bool = False) -> Quantized:
