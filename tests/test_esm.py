@@ -255,3 +255,16 @@ def test_cli_eval_and_load_run_read_the_checkpoint(tmp_path, capsys):
     assert figures["val_loss"] == pytest.approx(sums["loss"][0] / sums["loss"][1], rel=1e-5)
     with pytest.raises(ValueError, match="no numbered checkpoints"):
         load_run(FIXTURE, step=1)
+
+
+def test_bfloat16_checkpoints_read_as_their_float32_values(tmp_path):
+    """A checkpoint saved in bfloat16 (safetensors' BF16) reads as those values in float32."""
+    import ml_dtypes
+
+    folder = _rewrite(tmp_path, lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+    rounded = _rewrite(tmp_path / "r", lambda t: {k: v.astype(ml_dtypes.bfloat16).astype(np.float32)
+                                                   for k, v in t.items()})
+    got, want = (nnx.state(_model(f), nnx.Param) for f in (folder, rounded))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(_logits(_model(folder)) - _logits(_model()))[REF["mask"]].max() > 1e-4  # it was rounded

@@ -171,7 +171,7 @@ class _Weights:
                 array = f.get_tensor(stored)
         except Exception as err:
             raise ValueError(f"{file}: tensor {stored!r} is not readable ({err})") from None
-        if array.dtype.kind != "f":
+        if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # float16/32/64, bfloat16 (ml_dtypes)
             raise ValueError(f"{file}: tensor {stored!r} is {array.dtype}, not floating point")
         return array.astype(np.float32)
 
