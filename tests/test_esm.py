@@ -247,9 +247,9 @@ def test_cli_eval_and_load_run_read_the_checkpoint(tmp_path, capsys):
     run = load_run(FIXTURE, data=str(fasta), log=lambda *_: None)
     assert run.step == 0 and run.model_config.num_layers == 2
     data = run.build_data()
-    sums = {}
+    sums, metrics = {}, nnx.jit(RECIPE.eval_fn)
     for batch in data.eval:
-        for name, (total, count) in RECIPE.eval_fn(run.model, jax.tree.map(jnp.asarray, batch)).items():
+        for name, (total, count) in metrics(run.model, jax.tree.map(jnp.asarray, batch)).items():
             a, b = sums.get(name, (0.0, 0.0))
             sums[name] = (a + float(total), b + float(count))
     assert figures["val_loss"] == pytest.approx(sums["loss"][0] / sums["loss"][1], rel=1e-5)
