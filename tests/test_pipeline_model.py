@@ -145,38 +145,36 @@ def _assert_matches_one_device(cfg, batch, loss, grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
 
-def test_recipe_stages_causal_lm_matches_single_device():
-    """smiles-lm's stages (recipes.transformer_stages.CAUSAL_LM): next-token loss and gradients."""
-    from sciscale_jax.losses import causal_lm_loss
+def _recipe_stages_match(recipe_name, loss_fn, **model_kw):
+    """The recipe's pipeline stages on 2 stages (1F1B, 3 microbatches): loss, count and gradients equal
+    the single-device step's under ``loss_fn``."""
     from sciscale_jax.recipes import get_recipe
 
-    (graphdef, params, rest), batch = make(3, 6)
+    (graphdef, params, rest), batch = make(3, 6, **model_kw)
     mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
-    grad_fn = get_recipe("smiles-lm").pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
+    grad_fn = get_recipe(recipe_name).pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
     loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
-    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, causal_lm_loss))(params, rest, batch, None)
+    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, loss_fn))(params, rest, batch, None)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(count, ref_count)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+    return batch
+
+
+def test_recipe_stages_causal_lm_matches_single_device():
+    """smiles-lm's stages (recipes.transformer_stages.CAUSAL_LM): next-token loss and gradients."""
+    from sciscale_jax.losses import causal_lm_loss
+
+    _recipe_stages_match("smiles-lm", causal_lm_loss)
 
 
 def test_recipe_stages_with_esm2_layers_match_single_device():
     """protein-mlm's stages (recipes.transformer_stages.MLM) on ESM-2's layers: LayerNorm, biases,
     erf GELU, the tied LM head and token dropout of the mask token (id 1, drawn in the inputs)."""
-    from sciscale_jax.recipes import get_recipe
-
     esm2 = dict(norm="layer", bias=True, mlp="gelu_exact", head="esm", token_dropout_id=1)
-    (graphdef, params, rest), batch = make(3, 6, **esm2)
+    batch = _recipe_stages_match("protein-mlm", mlm_loss, **esm2)
     assert int(jnp.sum(batch["inputs"] == 1)) > 0
-    mesh = make_mesh(ParallelConfig(pipeline=2), jax.devices()[:2])
-    grad_fn = get_recipe("protein-mlm").pipeline.grad_fn(graphdef, mesh=mesh, schedule="1f1b", microbatches=3)
-    loss, (count, _), grads = jax.jit(grad_fn)(params, rest, batch, None)
-    ref_loss, (ref_count, _), ref_grads = jax.jit(backprop_grad_fn(graphdef, mlm_loss))(params, rest, batch, None)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(count, ref_count)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
 
 def _shard_bytes(tree, shardings):
