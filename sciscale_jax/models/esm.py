@@ -190,10 +190,10 @@ def params(path, config, tokens) -> dict:
         if getattr(config, name) != value:
             raise ValueError(f"the ESM-2 checkpoint {path} has {name}={value!r}; the model has "
                              f"{name}={getattr(config, name)!r}")
-    w = _Weights(path)
-    order = rows(tuple(tokens), vocabulary(path))
+    w, esm_tokens = _Weights(path), vocabulary(path)
+    order = rows(tuple(tokens), esm_tokens)
     e, h, d, m = config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim
-    shapes = {"embeddings.word_embeddings.weight": (len(vocabulary(path)), e), "lm_head.bias": (len(vocabulary(path)),),
+    shapes = {"embeddings.word_embeddings.weight": (len(esm_tokens), e), "lm_head.bias": (len(esm_tokens),),
               "lm_head.dense.weight": (e, e), "lm_head.dense.bias": (e,)}
     for name, shape in shapes.items():
         if w.shape(name) != shape:

@@ -2,27 +2,30 @@
 
 Both Adam moments are stored as uint8 codes shaped like the parameter: its last axis is cut
 into blocks of up to ``block_size`` elements (``block_length``: a divisor of its length that
-leaves whole blocks on each of up to 8 shards of it), each block keeps one float32 absmax, and an element is stored as the index of the nearest entry of
-a 256-entry *dynamic* quantisation map applied to x / absmax. Blocks along the last axis keep
-the parameter's layout, so the codes shard as the parameter does (ZeRO, FSDP, tensor
-parallel) and the update needs no resharding; blocks of the flattened array (the paper's,
-bitsandbytes') would cut across the shards of any parameter not split on its first axis. The dynamic map (Dettmers 2016) spends the leading bits on a decimal exponent
-and the rest on a linear fraction, so it resolves values from ~1e-7 up to 1: decade
-10^(k−6) (k = 0..6) holds 2^k (signed map, both signs) or 2^(k+1) (unsigned map) evenly
-spaced fractions of [0.1, 1] (bin midpoints), plus exact 0 and 1. The first moment uses
-the signed map, the second moment (never negative) the unsigned one.
+leaves whole blocks on each of up to 8 shards of it), each block keeps one float32 absmax,
+and an element is stored as the index of the nearest entry of a 256-entry *dynamic*
+quantisation map applied to x / absmax. Blocks along the last axis keep the parameter's
+layout, so the codes shard as the parameter does (ZeRO, FSDP, tensor parallel) and the
+update needs no resharding; blocks of the flattened array (the paper's, bitsandbytes') would
+cut across the shards of any parameter not split on its first axis. The dynamic map
+(Dettmers 2016) spends the leading bits on a decimal exponent and the rest on a linear
+fraction, so it resolves values from ~1e-7 up to 1: decade 10^(k−6) (k = 0..6) holds 2^k
+(signed map, both signs) or 2^(k+1) (unsigned map) evenly spaced fractions of [0.1, 1] (bin
+midpoints), plus exact 0 and 1. The first moment uses the signed map, the second moment
+(never negative) the unsigned one.
 
 Each step dequantises, runs the AdamW update in float32 (bias correction, eps outside the
 square root, decoupled weight decay) from the new float32 moments, and requantises those
 moments for storage. Arrays with fewer than ``min_8bit_size`` elements, scalars, and arrays
 whose last axis has no divisor between a quarter of ``block_size`` and ``block_size`` (a long
-prime length) keep float32 moments. A block whose absmax is 0 stores zeros, so zero gradients never divide by zero.
-A large array is updated about ``chunk_size`` elements at a time in a loop over its first
-axis that rewrites its codes and its gradient buffer (which becomes the update) in place, so
-the float32 moments exist one chunk at a time: updating the whole array at once would hold
-them, and their scaled copies, for all of it (``benchmarks/esm2_memory.py``). Each chunk takes
-every r-th index of the first axis (r chunks), so a first axis split over devices stays split
-within every chunk. The chunks are whole blocks: the result is the same bit for bit.
+prime length) keep float32 moments. A block whose absmax is 0 stores zeros, so zero gradients
+never divide by zero. A large array is updated about ``chunk_size`` elements at a time in a
+loop over its first axis that rewrites its codes and its gradient buffer (which becomes the
+update) in place, so the float32 moments exist one chunk at a time: updating the whole array
+at once would hold them, and their scaled copies, for all of it
+(``benchmarks/esm2_memory.py``). Each chunk takes every r-th index of the first axis (r
+chunks), so a first axis split over devices stays split within every chunk. The chunks are
+whole blocks: the result is the same bit for bit.
 
 One deliberate change to nearest rounding: a *non-zero* second moment never rounds to the
 code for 0; it takes the smallest positive code instead. Otherwise an element whose v is

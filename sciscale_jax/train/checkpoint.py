@@ -101,15 +101,20 @@ def _mute_teardown_noise() -> None:
         asyncio_log.addFilter(unread_future)
 
 
-def _signature(tree) -> dict:
-    """{"a/b/0": (shape, dtype)} of the array leaves of ``tree`` (None leaves skipped)."""
-    def name(entry):  # dict keys, list indices and NamedTuple fields read back alike ('0', 'mu')
+def _path_name(path) -> str:
+    """"a/b/0" of a jax key path: dict keys, list indices and NamedTuple fields read back alike ('0', 'mu')."""
+    def name(entry):
         for attr in ("key", "idx", "name"):
             if hasattr(entry, attr):
                 return str(getattr(entry, attr))
         return str(entry)
+    return "/".join(name(e) for e in path)
+
+
+def _signature(tree) -> dict:
+    """{"a/b/0": (shape, dtype)} of the array leaves of ``tree`` (None leaves skipped)."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(name(e) for e in path): (tuple(v.shape), str(jnp.dtype(v.dtype))) for path, v in leaves}
+    return {_path_name(path): (tuple(v.shape), str(jnp.dtype(v.dtype))) for path, v in leaves}
 
 
 class Checkpointer:
@@ -325,18 +330,15 @@ def place_arrays(readers: dict, target, source: str):
     checkpoint: ``Recipe.init_params``). One array is read and placed at a time, each device (each
     process) taking its shards, so the host holds one array of the checkpoint at most. ValueError
     in one line naming ``source`` and the first parameter missing, extra or of another shape."""
-    def names(path):
-        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-    wanted = {names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
-    given = {names(path): fn for path, fn in jax.tree_util.tree_flatten_with_path(readers, is_leaf=callable)[0]}
+    wanted = {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    given = {_path_name(path): fn for path, fn in jax.tree_util.tree_flatten_with_path(readers, is_leaf=callable)[0]}
     for name in sorted(set(wanted) ^ set(given)):
         raise ValueError(f"{source}: {'no parameter' if name in wanted else 'a parameter the model lacks:'} {name}")
 
     def place(path, leaf):
-        array = given[names(path)]()
+        array = given[_path_name(path)]()
         if array.shape != tuple(leaf.shape):
-            raise ValueError(f"{source}: parameter {names(path)} has shape {array.shape}, the model's is "
+            raise ValueError(f"{source}: parameter {_path_name(path)} has shape {array.shape}, the model's is "
                              f"{tuple(leaf.shape)}")
         return jax.make_array_from_callback(leaf.shape, leaf.sharding,
                                             lambda index: np.asarray(array[index], dtype=leaf.dtype))

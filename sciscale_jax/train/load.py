@@ -140,10 +140,7 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
     """The model of ``run_dir`` (trained with ``recipe``) with the weights of checkpoint ``step``
     (default: the newest readable one), on one device or, with ``mesh`` (``"fsdp=4,tensor=2"``),
     sharded over that mesh. See the module docstring."""
-    if jax.process_count() > 1 and not mesh:
-        raise ValueError(f"a job of {jax.process_count()} processes loads a trained run onto a mesh over all its "
-                         f"{jax.device_count()} devices: pass mesh=..., e.g. mesh='fsdp={jax.device_count()}'")
-    mesh_config = _mesh_config(mesh) if mesh else None
+    mesh_config = _mesh_config(mesh, "a trained run")
     run_dir = pathlib.Path(run_dir)
     saved = read_run_config(run_dir)
     if saved["recipe"] != recipe.name:
@@ -186,10 +183,7 @@ def load_checkpoint(recipe, path, *, mesh: str | None = None, log=print, **model
     clash = sorted(k for k in model_overrides if k in fixed and model_overrides[k] != fixed[k])
     if clash:
         raise ValueError(f"{path} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}")
-    if jax.process_count() > 1 and not mesh:
-        raise ValueError(f"a job of {jax.process_count()} processes loads a checkpoint onto a mesh over all its "
-                         f"{jax.device_count()} devices: pass mesh=..., e.g. mesh='fsdp={jax.device_count()}'")
-    mesh_config = _mesh_config(mesh) if mesh else None
+    mesh_config = _mesh_config(mesh, "a checkpoint")
     model_config = _settings_for_mesh(recipe.make_config(**{**fixed, **model_overrides}), model_overrides,
                                       mesh_config, mesh, log)
     train_config = TrainConfig(**recipe.train_defaults)
@@ -256,8 +250,14 @@ def _settings_for_mesh(model_config, overrides: dict, mesh_config, mesh: str | N
     return model_config
 
 
-def _mesh_config(mesh: str) -> parallel.ParallelConfig:
-    """The mesh a run loads onto, resolved against this machine's devices (ValueError, one line)."""
+def _mesh_config(mesh: str | None, what: str) -> parallel.ParallelConfig | None:
+    """The mesh ``what`` loads onto (None: one device), resolved against this machine's devices
+    (ValueError, one line; a multi-process job needs one over all its devices)."""
+    if jax.process_count() > 1 and not mesh:
+        raise ValueError(f"a job of {jax.process_count()} processes loads {what} onto a mesh over all its "
+                         f"{jax.device_count()} devices: pass mesh=..., e.g. mesh='fsdp={jax.device_count()}'")
+    if not mesh:
+        return None
     config = parallel.ParallelConfig.parse(mesh).resolve(jax.device_count())
     if config.pipeline > 1:
         raise ValueError(f"mesh={mesh!r}: a trained run loads onto data, fsdp, dap, sequence and tensor axes, "
