@@ -12,13 +12,17 @@ reads XLA's compiled memory analysis. Every row is 8 sequences of 1,024 tokens, 
 - + 8-bit Adam: the same with block-wise 8-bit moments (``--optimizer adamw_8bit``);
 - ZeRO-3 over 8: bf16 + remat with AdamW, then with 8-bit Adam, sharded over ``--mesh fsdp=8 --zero 3``
   (8 simulated CPU devices), per device (FSDP is data parallel too: each device holds one of the 8
-  sequences).
+  sequences);
+- LoRA r=8: bf16 + remat with rank-8 adapters on the attention projections (``--lora-rank 8``),
+  every other weight frozen in bfloat16 (no gradient, no optimizer state), on one device and
+  sharded as above.
 
 Figures are per device of the program compiled for the CPU backend; the same step compiled for a
 GPU is still to be measured.
 
     python benchmarks/esm2_memory.py                  # every size (15B takes minutes to compile)
     python benchmarks/esm2_memory.py --sizes 8M 650M  # some
+    python benchmarks/esm2_memory.py --mixes "LoRA r=8"  # some mixes, merged into the saved results
 
 Writes benchmarks/results/esm2_memory.json and .md.
 """
@@ -47,6 +51,9 @@ MIXES = {
     "bf16 + remat, ZeRO-3 over 8": (dict(precision="bf16", remat="full"), dict(optimizer="adamw", mesh="fsdp=8", zero=3)),
     "+ 8-bit Adam, ZeRO-3 over 8": (dict(precision="bf16", remat="full"),
                                     dict(optimizer="adamw_8bit", mesh="fsdp=8", zero=3)),
+    "LoRA r=8": (dict(precision="bf16", remat="full", lora_rank=8), dict(optimizer="adamw")),
+    "LoRA r=8, ZeRO-3 over 8": (dict(precision="bf16", remat="full", lora_rank=8),
+                                dict(optimizer="adamw", mesh="fsdp=8", zero=3)),
 }
 GiB = 2.0 ** 30
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -62,7 +69,7 @@ def esm2_config(folder: pathlib.Path, layers: int, width: int, heads: int) -> No
         "layer_norm_eps": 1e-5, "max_position_embeddings": 1026, "mask_token_id": 32, "pad_token_id": 1}))
 
 
-def measure(name: str, folder: pathlib.Path) -> list[dict]:
+def measure(name: str, folder: pathlib.Path, mixes) -> list[dict]:
     import jax
 
     from sciscale_jax import cli
@@ -73,7 +80,8 @@ def measure(name: str, folder: pathlib.Path) -> list[dict]:
 
     recipe = get_recipe("protein-mlm")
     rows = []
-    for mix, (model_kw, train_kw) in MIXES.items():
+    for mix in mixes:
+        model_kw, train_kw = MIXES[mix]
         train_cfg = TrainConfig(**{**recipe.train_defaults, "batch_size": 8, "seq_len": 1024,
                                    "init_from": str(folder), **train_kw})
         model_cfg = recipe.make_config(**cli.model_settings(recipe, {"scan_layers": True, **model_kw},
@@ -93,7 +101,8 @@ def measure(name: str, folder: pathlib.Path) -> list[dict]:
 def table(rows) -> str:
     mixes = list(MIXES)
     lines = ["Compiled train-step peak per device (GiB), `sciscale train protein-mlm --init-from <ESM-2>`, "
-             "8 x 1,024 tokens, AdamW or 8-bit AdamW; CPU backend, 8 simulated devices for the ZeRO-3 column.", "",
+             "8 x 1,024 tokens, AdamW or 8-bit AdamW (LoRA: AdamW on the rank-8 adapters of the attention "
+             "projections, the rest frozen in bf16); CPU backend, 8 simulated devices for the ZeRO-3 columns.", "",
              "| ESM-2 | parameters | " + " | ".join(mixes) + " |", "|---|---|" + "---|" * len(mixes)]
     for size in dict.fromkeys(r["size"] for r in rows):
         got = {r["mix"]: r for r in rows if r["size"] == size}
@@ -106,14 +115,21 @@ def table(rows) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes:
             folder = pathlib.Path(tmp) / f"esm2_{name}"
             esm2_config(folder, *SIZES[name])
-            rows += measure(name, folder)
+            rows += measure(name, folder, args.mixes)
     import jax
+    saved = RESULTS / "esm2_memory.json"
+    if saved.exists():  # rows of sizes and mixes not measured now are kept
+        done = {(r["size"], r["mix"]) for r in rows}
+        kept = [r for r in json.loads(saved.read_text())["rows"] if (r["size"], r["mix"]) not in done]
+        order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in SIZES for m in MIXES)}
+        rows = sorted(kept + rows, key=lambda r: order.get((r["size"], r["mix"]), len(order)))
     out = {"device": f"CPU backend ({jax.device_count()} simulated devices), compiled memory analysis",
            "jax": jax.__version__, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

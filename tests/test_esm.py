@@ -187,10 +187,12 @@ def test_torch_pickles_and_foreign_vocabularies_are_refused(tmp_path):
         _model(vocab)
 
 
-def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("lora", [False, True])
+def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path, capsys, lora):
     out = tmp_path / "tuned"
     args = ["train", "protein-mlm", "--init-from", str(FIXTURE), "--steps", "2", "--batch-size", "4", "--seq-len",
             "48", "--eval-every", "100", "--log-every", "1", "--out", str(out), "--no-progress"]
+    args += ["--lora-rank", "4", "--lr", "1e-2"] if lora else []
     assert cli.main(args) == 0
     saved = json.loads((out / "run_config.json").read_text())
     assert {k: saved["model"][k] for k in esm.settings(FIXTURE, TOKENS)} == esm.settings(FIXTURE, TOKENS)
@@ -202,6 +204,18 @@ def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path,
     first = next(json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
     assert first == pytest.approx(float(total) / float(count), rel=1e-5)
+    if lora:  # LoRA: ESM-2's every weight as read, trained adapters beside them
+        from flax import traverse_util
+
+        from sciscale_jax.models.stack import is_lora
+        from sciscale_jax.recipes import load_run
+
+        flat = lambda m: traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.Param)))  # noqa: E731
+        tuned, start = flat(load_run(out, log=lambda *_: None).model), flat(_model())
+        assert {p for p in tuned if not is_lora(p)} == set(start)
+        assert all(np.array_equal(tuned[p], start[p]) for p in start)
+        assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
+        return
     # resumed without repeating --init-from: the shape comes from where the run started
     assert cli.main(["train", "protein-mlm", "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--eval-every",
                      "100", "--out", str(out), "--resume", "--no-progress"]) == 0

@@ -27,17 +27,28 @@ class Dense(nnx.Module):
     Multi-dimensional ``in_shape`` / ``out_shape`` keep per-head structure visible to the
     sharding rules (e.g. a query kernel [embed, heads, kv]). ``matmul`` is the hook through
     which precision and quantisation schemes replace the plain dot.
+
+    With ``lora_rank`` r > 0 the layer carries a LoRA adapter (Hu et al. 2021): y gains
+    ``lora_scale * (x . A) . B`` with ``lora_a`` [in_shape, r] drawn like the kernel and ``lora_b``
+    [r, out_shape] zero, so a new adapter leaves the layer's output unchanged; A's input axes and
+    B's output axes carry the kernel's logical axes, the rank axis none (replicated).
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], *,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False,
-                 matmul=None):
+                 matmul=None, lora_rank: int = 0, lora_scale: float = 1.0):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         fan_in = math.prod(self.in_shape)
         init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
         self.kernel = param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
         self.bias = (param(rngs, jax.nn.initializers.zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
                      if use_bias else None)
+        n_in = len(self.in_shape)
+        self.lora_a = (param(rngs, init, self.in_shape + (lora_rank,), tuple(axes[:n_in]) + (None,), param_dtype)
+                       if lora_rank else None)
+        self.lora_b = (param(rngs, jax.nn.initializers.zeros, (lora_rank,) + self.out_shape,
+                             (None,) + tuple(axes[n_in:]), param_dtype) if lora_rank else None)
+        self.lora_scale = lora_scale
         self.dtype = dtype
         self.matmul = matmul
 
@@ -46,6 +57,10 @@ class Dense(nnx.Module):
         x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
         w2 = self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
         y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
+        if self.lora_a is not None:
+            a2 = self.lora_a[...].astype(self.dtype).reshape(x2.shape[-1], -1)
+            b2 = self.lora_b[...].astype(self.dtype).reshape(a2.shape[-1], w2.shape[-1])
+            y = y + ((x2 @ a2) @ b2) * jnp.asarray(self.lora_scale, self.dtype)
         y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -3,8 +3,10 @@
 ``Techniques`` is a frozen dataclass of the switches that apply to any model family: the
 remat policy (``sciscale_jax.remat``), layer scan, attention implementation
 (``sciscale_jax.attention``), precision policy (``sciscale_jax.precision``), QAT scheme
-(``sciscale_jax.quant``) and the rule table for activation sharding constraints
-(``sciscale_jax.parallel``). A model config embeds it by inheriting from it, so its fields
+(``sciscale_jax.quant``), the rule table for activation sharding constraints
+(``sciscale_jax.parallel``) and LoRA fine-tuning (``lora_rank``: adapters on the dense layers
+``lora_targets`` names, every other parameter frozen; a model family that has no adapters says
+so with ``supports_lora = False`` and refuses the switch). A model config embeds it by inheriting from it, so its fields
 are keyword-only fields of the model config (``TransformerConfig(vocab_size=32,
 remat="full")``) and the CLI lists them with the model's own flags.
 
@@ -21,7 +23,8 @@ any NNX module called as ``block(carry, *args, key) -> carry``; the carry may be
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import math
+from typing import Any, Callable, ClassVar
 
 import jax
 from flax import nnx
@@ -34,6 +37,19 @@ from sciscale_jax.quant.registry import QUANT_SCHEMES, make_matmul
 
 def _choices(names):
     return {"choices": tuple(names)}
+
+
+LORA_TARGETS = ("attention", "all")  # the attention projections; those and the MLP's
+LORA_PARAMS = ("lora_a", "lora_b")   # the names of a LoRA adapter's two factors (models.layers.Dense)
+
+
+def is_lora(path) -> bool:
+    """Whether the parameter at key ``path`` (a tuple of keys or ``jax.tree_util`` key entries) is a
+    LoRA factor: under ``lora_rank`` > 0 these alone train."""
+    if not path:
+        return False
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last))) in LORA_PARAMS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,8 +67,17 @@ class Techniques:
     sharding: str | None = dataclasses.field(default=None, metadata={
         "group": "distribution", "help": "rule table for parameters and activations (dp fsdp tp tp_sp tp2d "
                                          "fsdp_tp); None: picked from the mesh"})
+    lora_rank: int = dataclasses.field(default=0, metadata={
+        "group": "fine-tuning", "help": "LoRA: train rank-r adapters on the dense layers --lora-targets names and "
+        "freeze every other parameter (no gradient, no optimizer state, stored in the compute dtype); 0: off"})
+    lora_alpha: float = dataclasses.field(default=8.0, metadata={
+        "group": "fine-tuning", "help": "LoRA: an adapter's output is scaled by lora_alpha / lora_rank"})
+    lora_targets: str = dataclasses.field(default="attention", metadata={
+        "group": "fine-tuning", "choices": LORA_TARGETS,
+        "help": "LoRA: the attention projections (query, key, value, output) or all of the blocks' dense layers"})
     dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})        # compute dtype
     param_dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})
+    supports_lora: ClassVar[bool] = False  # the model family builds LoRA adapters (lora_rank > 0)
 
     def __post_init__(self):
         if not isinstance(self.scan_layers, bool):
@@ -62,12 +87,27 @@ class Techniques:
         if self.sharding is not None:
             parallel.rules_for(self.sharding)
         make_matmul(self.quant, self.precision)  # ValueError: unknown names, quant with fp8
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be an int >= 0 (0: no LoRA)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets={self.lora_targets!r} must be one of {', '.join(LORA_TARGETS)}")
+        if self.lora_rank and not self.supports_lora:
+            raise ValueError(f"lora_rank={self.lora_rank}: {type(self).__name__} has no LoRA adapters (the "
+                             "Transformer families have them)")
         if self.precision != "fp32":  # a non-default policy decides the dtypes
             policy = get_policy(self.precision)
             object.__setattr__(self, "dtype", policy.compute_dtype)
             object.__setattr__(self, "param_dtype", policy.param_dtype)
         for name in ("dtype", "param_dtype"):  # by name, so configs compare and serialise
             object.__setattr__(self, name, _validate.float_dtype(getattr(self, name), name))
+
+    @property
+    def lora_scale(self) -> float:
+        """The factor on a LoRA adapter's output (alpha / rank)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def techniques(self) -> Techniques:
@@ -80,6 +120,15 @@ class Techniques:
 
 def technique_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Techniques))
+
+
+def store_frozen(module: nnx.Module, dtype) -> None:
+    """Under LoRA: every parameter of ``module`` but the adapters' factors (``is_lora``) cast to
+    ``dtype`` (the compute dtype), in place. A frozen weight is never updated, so it needs no
+    higher-precision master copy."""
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if not is_lora(path):
+            variable.set_value(variable.get_value().astype(dtype))
 
 
 def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, techniques: Techniques, *,

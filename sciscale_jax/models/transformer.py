@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from sciscale_jax import _validate, attention, remat
 from sciscale_jax.models.layers import Dense, LayerNorm, RMSNorm, dropout, param, rotary
 import sciscale_jax.parallel as parallel
 from sciscale_jax.parallel import axes as ax
-from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
+from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers, store_frozen
 from sciscale_jax.quant.registry import kv_quantizer, make_matmul
 
 MLP_KINDS = ("swiglu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf (ESM, BERT)
@@ -68,6 +69,7 @@ class TransformerConfig(Techniques):
     linformer_k: int = 256         # Linformer: keys/values projected to this many rows (capped at max_len)
     performer_features: int = 256  # Performer: random features per head
     rope_base: float = 10000.0
+    supports_lora: ClassVar[bool] = True  # adapters on the blocks' attention (and MLP) projections
 
     def __post_init__(self):
         _validate.transformer_config(self)  # integral sizes (no bools), finite rope_base > 0, float dtypes
@@ -107,10 +109,17 @@ class TransformerConfig(Techniques):
         return self.embed_dim // self.num_heads
 
 
+def _lora(cfg: TransformerConfig, target: str) -> dict:
+    """The LoRA arguments of a ``Dense`` of the block part ``target`` ("attention" or "mlp")."""
+    if not cfg.lora_rank or (target == "mlp" and cfg.lora_targets != "all"):
+        return {}
+    return {"lora_rank": cfg.lora_rank, "lora_scale": cfg.lora_scale}
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias)
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias, **_lora(cfg, "attention"))
         hook = lambda: make_matmul(cfg.quant, cfg.precision)  # one per layer: fp8 keeps state
         self.query = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
         self.key = Dense((e,), (h, d), (ax.EMBED, ax.HEADS, ax.KV), matmul=hook(), **kw)
@@ -145,7 +154,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias)
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias, **_lora(cfg, "mlp"))
         e, m = cfg.embed_dim, cfg.mlp_dim
         hook = lambda: make_matmul(cfg.quant, cfg.precision)
         self.wi = Dense((e,), (m,), (ax.EMBED, ax.MLP), matmul=hook(), **kw)
@@ -223,6 +232,8 @@ class Transformer(nnx.Module):
             self.esm_head = EsmHead(cfg, rngs=rngs)
         else:
             self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
+        if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
+            store_frozen(self, cfg.dtype)
 
     def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
         """``mask_bs``: True for real tokens (padding keys are never attended)."""

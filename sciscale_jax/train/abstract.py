@@ -71,6 +71,7 @@ class AbstractRun:
     place: object                # train.sharding.Placement or None
     model_config: object         # with the sharding table the run uses
     offload: frozenset
+    trainable: object = None     # predicate on parameter key paths of what trains (LoRA); None: all
 
     def compile(self, *, analysis_only: bool = False):
         """The step compiled with the loop's XLA options; ``analysis_only`` adds
@@ -150,7 +151,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     from sciscale_jax.parallel import dap
     from sciscale_jax.train import pipeline as pipeline_run
     from sciscale_jax.train import validate
-    from sciscale_jax.train.loop import _make_step, build_optimizer
+    from sciscale_jax.train.loop import _make_step, run_optimizer, trainable
     from sciscale_jax.train.sharding import pick_strategy, plan_placement
 
     cfg = train_config
@@ -165,9 +166,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     offload = host_offload.parse_offload(cfg.offload) if cfg.offload else frozenset()
     graphdef, params, rest, param_axes, fp8 = abstract_model(recipe, model_config, cfg.seed)
     policy = precision.get_policy(model_config.precision)
-    tx = build_optimizer(cfg)
-    if policy.loss_scaling:
-        tx = precision.dynamic_loss_scaling(tx)
+    tx = run_optimizer(cfg, model_config)
     state = abstract_train_state(params, rest, tx)
     batch = abstract_batch(recipe, model_config, cfg)
     pipeline_run.check_layers(recipe, cfg, params)
@@ -178,7 +177,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
                                rule_overrides=pipeline_run.rule_overrides(recipe, cfg, params))
     kwargs = place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {}
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload, kwargs, None,
-                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place), trainable(model_config))
     jit_kw = dict(donate_argnums=0)
     state_sh = batch_sh = None
     if place is not None:
@@ -202,4 +201,4 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
         if batch_sh is not None:
             batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
-    return AbstractRun(jax.jit(step, **jit_kw), state, batch, place, model_config, offload)
+    return AbstractRun(jax.jit(step, **jit_kw), state, batch, place, model_config, offload, trainable(model_config))

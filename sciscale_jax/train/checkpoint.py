@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from sciscale_jax.train.step import TrainState
 
@@ -279,13 +280,45 @@ def _check_item(step_dir: pathlib.Path, abstract, only: tuple[str, ...] = (),
     return None
 
 
+def _saved_signature(step_dir: pathlib.Path) -> dict | None:
+    """``_signature`` of the arrays checkpoint folder ``step_dir`` holds; None if unreadable."""
+    try:
+        with _quiet_orbax():
+            meta = ocp.StandardCheckpointer().metadata(step_dir / "default")
+        return _signature(meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)
+    except Exception:
+        return None
+
+
+def _as_saved(target: dict, saved: dict | None, optional, cast: bool) -> dict:
+    """``target`` (a nested dict of ``ShapeDtypeStruct``s) adapted to the checkpoint's arrays ``saved``:
+    parameters it lacks that ``optional`` accepts left out, and with ``cast`` each array read in
+    the checkpoint's dtype."""
+    if saved is None:
+        return target
+    flat = traverse_util.flatten_dict(target, keep_empty_nodes=True)
+    out = {}
+    for path, leaf in flat.items():
+        name = "/".join(str(k) for k in path)
+        if name not in saved and optional is not None and path[0] == "params" and optional(path[1:]):
+            continue
+        if cast and name in saved and isinstance(leaf, jax.ShapeDtypeStruct) and saved[name][1] != str(leaf.dtype):
+            leaf = jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(saved[name][1]), sharding=leaf.sharding)
+        out[path] = leaf
+    return traverse_util.unflatten_dict(out)
+
+
 def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
-                  hint: str = "load it with the settings it was trained with") -> tuple[int, dict, dict]:
+                  hint: str = "load it with the settings it was trained with", optional=None,
+                  cast: bool = False) -> tuple[int, dict, dict]:
     """``(step, params, rest)`` from ``step`` or the newest readable checkpoint of ``run_dir``; the
     optimizer state is not read.
 
     ``params`` and ``rest`` (arrays or ``ShapeDtypeStruct``s with shardings) give the structure,
     dtypes and placement; ``rest=None`` reads the parameters alone (and returns None for it).
+    ``optional`` (a predicate on parameter key paths): parameters the checkpoint may lack (new
+    LoRA adapters), then absent from the result; with ``cast`` arrays saved in another float
+    dtype are read as saved and converted (a LoRA run's frozen weights in the compute dtype).
     Read-only, so a run still training in the directory is left alone: a damaged checkpoint is
     skipped with one line through ``log``, never moved aside (with ``step`` given it is an error).
     ``FileNotFoundError`` names the steps there are; ``CheckpointError`` when none is readable;
@@ -297,11 +330,14 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
         raise FileNotFoundError(f"no checkpoint {step} under {directory}; there are: {steps or 'none'}")
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    target = abstract_like({"params": params} if rest is None else {"params": params, "rest": rest})
-    abstract = _drop_empty(target)
+    wanted = abstract_like({"params": params} if rest is None else {"params": params, "rest": rest})
     skipped = []
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = directory / str(candidate)
+        target = wanted
+        if optional is not None or cast:
+            target = _as_saved(wanted, _saved_signature(step_dir), optional, cast)
+        abstract = _drop_empty(target)
         problem = _check_item(step_dir, abstract, only=tuple(target), hint=hint)
         if problem is None:
             try:
@@ -314,6 +350,11 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
                 finally:
                     reader.close()
                 restored = _refill_empty(restored, target)
+                if cast:  # into the dtypes asked for
+                    flat = traverse_util.flatten_dict(wanted, keep_empty_nodes=True)
+                    restored = traverse_util.unflatten_dict({
+                        p: v.astype(flat[p].dtype) if hasattr(v, "astype") and v.dtype != flat[p].dtype else v
+                        for p, v in traverse_util.flatten_dict(restored, keep_empty_nodes=True).items()})
                 return candidate, restored["params"], restored.get("rest")
             except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
                 problem = _unreadable(err)

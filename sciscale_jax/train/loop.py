@@ -39,9 +39,10 @@ from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir, place_arr
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
-from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
-                                     make_eval_step, make_train_step, make_zeroth_order_step, split_model,
-                                     with_shardings)
+from sciscale_jax.models.stack import is_lora
+from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, combine, init_train_state,
+                                     make_eval_step, make_train_step, make_zeroth_order_step, partition,
+                                     split_model, trainable_only, with_shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,23 @@ def build_optimizer(cfg: TrainConfig):
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
 
 
+def trainable(model_config):
+    """The predicate on parameter key paths that picks what a run of ``model_config`` trains: the
+    LoRA factors under ``lora_rank`` > 0, else None (every parameter)."""
+    return is_lora if getattr(model_config, "lora_rank", 0) else None
+
+
+def run_optimizer(cfg: TrainConfig, model_config):
+    """The optimizer a run of ``model_config`` steps with: :func:`build_optimizer`, over the LoRA
+    factors alone under ``lora_rank``, inside dynamic loss scaling under fp16."""
+    tx = build_optimizer(cfg)
+    if trainable(model_config) is not None:
+        tx = trainable_only(tx, trainable(model_config))
+    if precision.get_policy(model_config.precision).loss_scaling:
+        tx = precision.dynamic_loss_scaling(tx)
+    return tx
+
+
 def _decay_kwargs(name: str, weight_decay: float) -> dict:
     params = inspect.signature(optim.registry.factory(name)).parameters
     for key in ("weight_decay", "weight_decay_rate"):
@@ -175,14 +193,15 @@ def init_program(build, tx, shardings, given_params: bool = False):
         with _whole_count_updates():  # traced in time linear in the model's size
             if params is None:
                 return init_train_state(build(), tx)[1]
-            graphdef, _, rest = split_model(build())  # the fresh parameters are dead code
-            return init_train_state(nnx.merge(graphdef, params, rest), tx)[1]
+            graphdef, fresh, rest = split_model(build())  # the fresh parameters given are dead code
+            return init_train_state(nnx.merge(graphdef, combine(fresh, params), rest), tx)[1]
 
     return jax.jit(init, out_shardings=shardings, donate_argnums=0 if given_params else ())
 
 
 def sharded_init(build, tx, shardings, params=None) -> TrainState:
-    """The ``TrainState`` of ``build()`` (a fresh model, or its other variables with ``params``)
+    """The ``TrainState`` of ``build()`` (a fresh model, or its other variables with ``params``;
+    parameters ``params`` lacks, e.g. new LoRA adapters, stay fresh)
     and ``tx.init``, computed by one jitted program whose outputs have ``shardings``: each device
     computes and holds only its shards of the parameters and optimizer state (with ZeRO-3 or
     FSDP, a fraction of the whole). The values are the eager initialisation's (jax's random bits
@@ -199,12 +218,17 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
     other run must be of ``recipe``, its parameters of the same shapes and dtypes (ValueError in
     one line naming an array that differs) and, for a recipe whose vocabulary comes from its data,
     its tokens the same as ``model_config``'s. A checkpoint of another library the recipe reads
-    (``Recipe.init_settings``: protein-mlm's ESM-2) is placed array by array; its step is 0."""
+    (``Recipe.init_settings``: protein-mlm's ESM-2) is placed array by array; its step is 0.
+    Under LoRA the returned parameters lack the adapters the checkpoint does not hold (they start
+    fresh) and the frozen weights are converted to this run's dtype."""
+    lora = trainable(model_config)
     if recipe.init_settings is not None and recipe.init_settings(cfg.init_from) is not None:
         if cfg.init_step:
             raise ValueError(f"--init-step {cfg.init_step}: --init-from {cfg.init_from} is not a sciscale run "
                              "and has no numbered checkpoints")
         readers = recipe.init_params(model_config, cfg.init_from)
+        if lora is not None:  # the checkpoint's weights; the new adapters start fresh
+            target = partition(target, lora)[1]
         return 0, place_arrays(readers, target, f"--init-from {cfg.init_from}")
     saved = rundir.saved_config(cfg.init_from)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
@@ -225,7 +249,8 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
                              "training data, so start from a run with the same data settings")
     try:
         found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log,
-                                         hint="start from a run of the same model shapes")
+                                         hint="start from a run of the same model shapes", optional=lora,
+                                         cast=lora is not None)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"--init-from: {err}") from None
     return found, params
@@ -340,9 +365,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     initialise = not resume and not cfg.init_from  # else the parameters are read from a checkpoint
     model = build() if mesh_config is None and initialise else eval_shape_module(build)
     policy = precision.get_policy(model_config.precision)
-    tx = build_optimizer(cfg)
-    if policy.loss_scaling:
-        tx = precision.dynamic_loss_scaling(tx)
+    tx = run_optimizer(cfg, model_config)
     param_axes, fp8 = parallel.param_axes(model), precision.fp8_paths(model)
     example = data.train.batch(0)
     validate.check_data(data, getattr(model_config, "vocab_size", None), example)  # fields, dtypes, id ranges
@@ -366,7 +389,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     step = _make_step(cfg, graphdef, tx, recipe.loss_fn, fp8, policy.loss_scaling, offload,
                       place.step_kwargs() if place is not None and not optim.is_zeroth_order(cfg.optimizer) else {},
                       _evaluation_bar(evaluations, progress, tx),
-                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place))
+                      pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place), trainable(model_config))
     where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if resume:  # the restore target: shapes, dtypes and this run's shardings
         state = with_shardings(state, where)
@@ -460,13 +483,15 @@ def _evaluation_bar(evaluations: int | None, progress: bool, tx, min_evaluations
 
 
 def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling: bool, offload: frozenset,
-               placement_kwargs: dict, on_evaluation=None, pipeline_grad_fn=None):
-    """The un-jitted step for this run: zeroth order, pipelined, fp8, accumulated or plain backprop."""
+               placement_kwargs: dict, on_evaluation=None, pipeline_grad_fn=None, trainable=None):
+    """The un-jitted step for this run: zeroth order, pipelined, fp8, accumulated or plain backprop;
+    ``trainable``: the predicate on parameter paths of what trains (LoRA), None for everything."""
     if optim.is_zeroth_order(cfg.optimizer):
         if cfg.grad_accum > 1 or loss_scaling or fp8_paths or cfg.offload:
             raise ValueError(f"the zeroth-order optimizer {cfg.optimizer!r} takes no gradient: it cannot be "
                              f"combined with grad_accum={cfg.grad_accum}, loss scaling, fp8 or offload")
-        return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed, on_evaluation=on_evaluation)
+        return make_zeroth_order_step(graphdef, tx, loss_fn=loss_fn, seed=cfg.seed, on_evaluation=on_evaluation,
+                                      trainable=trainable)
     if fp8_paths and cfg.grad_accum > 1:
         raise ValueError(f"fp8 scales update once per step; grad_accum={cfg.grad_accum} is not supported with fp8")
     if pipeline_grad_fn is not None:  # train.pipeline.check_run refused fp8 and grad_accum with it
@@ -478,7 +503,7 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
     else:
         grad_fn = None
     return make_train_step(graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn, seed=cfg.seed, loss_scaling=loss_scaling,
-                           offload=offload, **placement_kwargs)
+                           offload=offload, trainable=trainable, **placement_kwargs)
 
 
 def _loop(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics_log, progress, stop=None):

@@ -63,6 +63,9 @@ def check_run(recipe, model_config, cfg) -> None:
     if getattr(model_config, "precision", "fp32") == "fp8":
         raise ValueError(f"precision 'fp8' updates its scales once per step outside the pipeline; not supported "
                          f"with pipeline={p}")
+    if getattr(model_config, "lora_rank", 0):
+        raise ValueError(f"lora_rank={model_config.lora_rank} with pipeline={p}: the pipeline differentiates "
+                         "every parameter; run LoRA on data, fsdp and tensor axes")
     data = parallel.ParallelConfig.parse(cfg.mesh).resolve(jax.device_count())
     others = {a: n for a, n in data.sizes().items() if n > 1 and a not in COMPOSABLE_AXES}
     if others:

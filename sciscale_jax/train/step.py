@@ -9,6 +9,11 @@ The step is built from small parts that the techniques replace:
 - ``grad_fn(params, rest, batch, key) -> (loss, (count, new_rest), grads)``: how gradients
   are computed (plain backprop here; accumulation and loss scaling wrap it);
 - ``tx``: any optax ``GradientTransformation``.
+
+With ``trainable`` (a predicate on a parameter's key path; LoRA's ``models.stack.is_lora``) only
+those parameters train: the others are passed to the loss as constants with the model's other
+variables, so they get no gradient, and the optimizer (``trainable_only``) holds state for the
+trainable ones alone.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from sciscale_jax.accumulate import accumulate_gradients
 from sciscale_jax.parallel import offload as host
@@ -68,6 +73,36 @@ def with_shardings(abstract, shardings):
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, abstract)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def partition(params: dict, trainable: Callable) -> tuple[dict, dict]:
+    """A nested pure dict cut into (the entries whose key path ``trainable`` accepts, the others)."""
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    keep = {p: v for p, v in flat.items() if trainable(p)}
+    return (traverse_util.unflatten_dict(keep),
+            traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in keep}))
+
+
+def combine(*trees: dict) -> dict:
+    """Nested pure dicts with disjoint key paths as one (:func:`partition`'s inverse)."""
+    flat = {}
+    for tree in trees:
+        flat.update(traverse_util.flatten_dict(tree, keep_empty_nodes=True))
+    return traverse_util.unflatten_dict(flat)
+
+
+def trainable_only(tx: optax.GradientTransformation, trainable: Callable) -> optax.GradientTransformationExtraArgs:
+    """``tx`` over the parameters ``trainable`` accepts: ``init`` takes the whole parameter dict and
+    keeps state for those alone; ``update`` takes their gradients and values (the train step's
+    :func:`partition`) and returns their updates. Not an optax transform for general use (its
+    updates cover only part of the tree): with optax alone, ``optax.multi_transform`` with
+    ``optax.set_to_zero()`` for the frozen part does the same, computing their gradients."""
+    tx = optax.with_extra_args_support(tx)
+
+    def init(params):
+        return tx.init(partition(params, trainable)[0] if isinstance(params, dict) else params)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def backprop_grad_fn(graphdef, loss_fn: Callable) -> Callable:
@@ -177,7 +212,7 @@ def reduce_scatter_grad_fn(graphdef, loss_fn: Callable, grad_shardings) -> Calla
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Callable,
                     grad_fn: Callable | None = None, seed: int = 0, loss_scaling: bool = False,
                     offload: frozenset = frozenset(), grad_shardings=None,
-                    reduce_scatter: bool = False) -> Callable:
+                    reduce_scatter: bool = False, trainable: Callable | None = None) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (callers choose shardings).
 
     With ``loss_scaling`` the optimizer is a ``precision.dynamic_loss_scaling`` wrapper: the
@@ -197,7 +232,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
 
     The dropout key of step ``s`` is ``fold_in(key(seed), s)``: a pure function of the step,
     so a resumed run draws the same dropout masks as an uninterrupted one.
+
+    ``trainable`` (a predicate on key paths, e.g. LoRA's ``models.stack.is_lora``): only those
+    parameters are differentiated and updated, the others enter the loss beside ``rest`` and leave
+    the step as they came; ``tx`` must then be ``trainable_only(..., trainable)`` (inside any loss
+    scaling wrapper) and ``grad_shardings`` may cover every parameter.
     """
+    if trainable is not None and grad_shardings is not None:
+        grad_shardings = partition(grad_shardings, trainable)[0]
     if reduce_scatter and grad_fn is None:
         if grad_shardings is None:
             raise ValueError("reduce_scatter=True needs grad_shardings (Placement.grads)")
@@ -212,7 +254,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
         if loss_scaling:
             scale = loss_scale_of(opt_state)
             scale = host.to_device(scale) if "opt_state" in offload else scale
-        loss, (count, rest), grads = grad_fn(params, state.rest, batch, key, loss_scale=scale)
+        frozen, rest = {}, state.rest
+        if trainable is not None:  # the frozen parameters ride along with the other variables
+            params, frozen = partition(params, trainable)
+            rest = combine(frozen, state.rest)
+        loss, (count, rest), grads = grad_fn(params, rest, batch, key, loss_scale=scale)
+        if trainable is not None:  # what comes back of rest: the model's other variables only
+            rest = _like(state.rest, rest)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         if "opt_state" in offload:  # brought in after the backward pass, not prefetched before it
@@ -220,6 +268,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
             opt_state = host.to_device(opt_state)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if trainable is not None:
+            params = combine(params, frozen)
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads) / scale}
         if loss_scaling:
             metrics.update(loss_scale_metrics(opt_state))
@@ -230,8 +280,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
     return step
 
 
+def _like(template: dict, tree: dict) -> dict:
+    """The entries of the nested dict ``tree`` at the key paths of ``template``."""
+    flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+    return traverse_util.unflatten_dict({p: flat[p] for p in traverse_util.flatten_dict(template, keep_empty_nodes=True)})
+
+
 def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
-                           on_evaluation: Callable[[], None] | None = None) -> Callable:
+                           on_evaluation: Callable[[], None] | None = None,
+                           trainable: Callable | None = None) -> Callable:
     """The step for zeroth-order optimizers (MeZO, ZO-AdaMU, DeepZero): only forward passes.
 
     ``tx.update(None, opt_state, params, value_fn=loss)`` evaluates the loss at perturbed
@@ -245,15 +302,22 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
 
     ``on_evaluation()``, if given, is called on the host after every loss evaluation (through
     ``jax.debug.callback``), so a caller can show progress inside a long step.
+
+    ``trainable``: as in :func:`make_train_step`, only those parameters are perturbed and updated.
     """
     base_key = jax.random.key(seed)
     in_place = getattr(tx, "apply", None)
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(base_key, state.step)
+        params, frozen, rest = state.params, {}, state.rest
+        if trainable is not None:
+            params, frozen = partition(state.params, trainable)
+            rest = combine(frozen, state.rest)
+        whole = (lambda p: p) if trainable is None else (lambda p: combine(p, frozen))  # noqa: E731
 
         def value_fn(params):
-            total, count = loss_fn(nnx.merge(graphdef, params, state.rest), batch, key)
+            total, count = loss_fn(nnx.merge(graphdef, params, rest), batch, key)
             loss = total / jnp.maximum(count, 1.0)
             if on_evaluation is not None:
                 jax.debug.callback(lambda _: on_evaluation(), loss)
@@ -261,14 +325,14 @@ def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
 
         count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.float32(0)
         if in_place is not None:   # it also returns the loss at the parameters before the update
-            params, opt_state, loss, proj = in_place(state.params, state.opt_state, value_fn)
+            params, opt_state, loss, proj = in_place(params, state.opt_state, value_fn)
             metrics = {"loss": loss, "tokens": count, "projected_grad": jnp.mean(proj)}
-            return TrainState(state.step + 1, params, state.rest, opt_state), metrics
-        loss = value_fn(state.params)
-        updates, opt_state = tx.update(None, state.opt_state, state.params, value_fn=value_fn)
-        params = optax.apply_updates(state.params, updates)
+            return TrainState(state.step + 1, whole(params), state.rest, opt_state), metrics
+        loss = value_fn(params)
+        updates, opt_state = tx.update(None, state.opt_state, params, value_fn=value_fn)
+        params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "tokens": count, "update_norm": optax.tree.norm(updates)}
-        return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+        return TrainState(state.step + 1, whole(params), state.rest, opt_state), metrics
 
     return step
 

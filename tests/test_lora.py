@@ -1,0 +1,217 @@
+"""LoRA fine-tuning (``lora_rank``): adapters on the Transformer's dense layers, everything else frozen.
+
+The references are independent of the adapter code: a plain Transformer whose weights are the
+merged W + (alpha / r) A B, computed in numpy (outputs), and the chain rule through that merged
+weight (gradients of A and B from the gradient of W). A LoRA run must leave every frozen weight
+bit for bit as it started, keep optimizer state for the adapters alone, start from a pretrained
+run's or an ESM-2 checkpoint's loss exactly, and run on a data x fsdp x tensor mesh with ZeRO-3
+as on one device. Settings LoRA cannot honour are refused in one line before compiling.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx, traverse_util
+
+from sciscale_jax import memory
+from sciscale_jax.models.stack import is_lora
+from sciscale_jax.models.transformer import Transformer, TransformerConfig
+from sciscale_jax.recipes import get_recipe, load_run
+from sciscale_jax.train import TrainConfig, train
+
+SHAPE = dict(vocab_size=13, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, max_len=16)
+RECIPE = get_recipe("protein-mlm")
+MODEL = RECIPE.make_config(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def _flat(module, kind=nnx.Param) -> dict:
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(module, kind))).items()}
+
+
+def _merged_model(lora: Transformer) -> Transformer:
+    """A Transformer without adapters whose kernels are the LoRA model's W + scale * A B (numpy)."""
+    cfg = lora.config
+    plain = Transformer(TransformerConfig(**{**SHAPE, "mlp": cfg.mlp}), rngs=nnx.Rngs(1))
+    weights = _flat(lora)
+    merged = {}
+    for path, value in weights.items():
+        if is_lora(path):
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in weights:
+            a, b = weights[path[:-1] + ("lora_a",)], weights[path[:-1] + ("lora_b",)]
+            r = a.shape[-1]
+            delta = a.reshape(-1, r).astype(np.float64) @ b.reshape(r, -1).astype(np.float64)
+            value = (value.astype(np.float64) + cfg.lora_scale * delta.reshape(value.shape)).astype(np.float32)
+        merged[path] = value
+    nnx.update(plain, nnx.State(traverse_util.unflatten_dict(merged)))
+    return plain
+
+
+def _random_adapters(model: Transformer, seed: int = 0) -> None:
+    """Give every LoRA factor B (zero when new) random values, so the adapters change the output."""
+    rng = np.random.default_rng(seed)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] == "lora_b":
+            variable.set_value(jnp.asarray(rng.normal(0, 0.3, variable.get_value().shape), jnp.float32))
+
+
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_adapters_equal_the_merged_weight(targets):
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (2, 11)))
+    mask = jnp.arange(11)[None, :] < jnp.asarray([[11], [7]])
+    model = Transformer(TransformerConfig(**SHAPE, lora_rank=3, lora_alpha=6.0, lora_targets=targets),
+                        rngs=nnx.Rngs(0))
+    fresh = model(tokens, mask_bs=mask)
+    assert jnp.array_equal(fresh, _merged_model(model)(tokens, mask_bs=mask))  # B = 0: the base model exactly
+    _random_adapters(model)
+    out, ref = model(tokens, mask_bs=mask), _merged_model(model)(tokens, mask_bs=mask)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    assert float(jnp.max(jnp.abs(out - fresh))) > 0.1  # the adapters do change the output
+    adapted = {p[-2] for p in _flat(model) if p[-1] == "lora_a"}
+    assert adapted == ({"query", "key", "value", "out"} | ({"wi", "wg", "wo"} if targets == "all" else set()))
+
+
+def test_adapter_gradients_are_the_chain_rule_through_the_merged_weight():
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 13, (2, 9)))
+    model = Transformer(TransformerConfig(**SHAPE, lora_rank=2, lora_alpha=3.0), rngs=nnx.Rngs(0))
+    _random_adapters(model, seed=3)
+    scale = model.config.lora_scale
+
+    def loss(m):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(tokens), tokens))
+
+    grads = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.grad(loss)(model)))
+    plain = _merged_model(model)
+    plain_grads = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.grad(loss)(plain)))
+    weights = _flat(model)
+    checked = 0
+    for path in weights:
+        if path[-1] != "lora_a":
+            continue
+        kernel = path[:-1] + ("kernel",)
+        a, b = weights[path], weights[path[:-1] + ("lora_b",)]
+        r = a.shape[-1]
+        g = np.asarray(plain_grads[kernel], np.float64).reshape(a.size // r, -1)  # dL/dW of the merged model
+        want_a = scale * g @ b.reshape(r, -1).T.astype(np.float64)
+        want_b = scale * a.reshape(-1, r).T.astype(np.float64) @ g
+        tol = 1e-4 * max(np.abs(want_a).max(), np.abs(want_b).max())
+        np.testing.assert_allclose(np.asarray(grads[path]).reshape(want_a.shape), want_a, atol=tol)
+        np.testing.assert_allclose(np.asarray(grads[path[:-1] + ("lora_b",)]).reshape(want_b.shape), want_b, atol=tol)
+        checked += 1
+    assert checked == 8  # q, k, v, out in each of 2 layers
+
+
+def test_frozen_weights_are_stored_in_the_compute_dtype():
+    model = Transformer(TransformerConfig(**SHAPE, lora_rank=2, precision="bf16"), rngs=nnx.Rngs(0))
+    dtypes = {p: v.dtype for p, v in _flat(model).items()}
+    assert all(d == (np.float32 if is_lora(p) else jnp.bfloat16) for p, d in dtypes.items())
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora") / "pretrained"
+    train(RECIPE, MODEL, TrainConfig(steps=3, batch_size=8, seq_len=32, save_every=3, eval_every=100, log_every=1,
+                                     warmup_steps=1, seed=1), run, **QUIET)
+    return run
+
+
+def _first_loss(run) -> float:
+    return next(json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
+
+
+def _params(run) -> dict:
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, nnx.to_pure_dict(
+        nnx.state(load_run(run, log=lambda *_: None).model, nnx.Param))))
+
+
+@pytest.mark.parametrize("mesh, zero, optimizer", [("", 0, "adamw"), ("data=2,fsdp=2,tensor=2", 3, "adamw"),
+                                                   ("", 0, "mezo")])
+def test_a_lora_run_trains_the_adapters_alone(pretrained, tmp_path, mesh, zero, optimizer):
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "lora_targets": "all"})
+    cfg = TrainConfig(steps=3, batch_size=8, seq_len=32, save_every=3, eval_every=100, log_every=1, warmup_steps=1,
+                      seed=7, init_from=str(pretrained), mesh=mesh, zero=zero, optimizer=optimizer,
+                      learning_rate=1e-2)
+    result = train(RECIPE, lora, cfg, tmp_path / "tuned", **QUIET)
+    # The first step's loss is the pretrained model's on that batch: the new adapters add exactly 0.
+    batch = RECIPE.build_data(cfg, lora).train.batch(0)
+    total, count = RECIPE.loss_fn(load_run(pretrained, log=lambda *_: None).model, jax.tree.map(np.asarray, batch),
+                                  None)
+    if optimizer != "mezo":  # (MeZO logs the loss at the parameters before its update too, but perturbs first)
+        assert _first_loss(tmp_path / "tuned") == pytest.approx(float(total) / float(count), rel=1e-5)
+    before, after = _params(pretrained), _params(tmp_path / "tuned")
+    frozen = [p for p in after if not is_lora(p)]
+    assert set(frozen) == set(before)
+    assert all(np.array_equal(before[p], after[p]) for p in frozen)  # not one bit of a frozen weight moved
+    adapters = [p for p in after if p[-1] == "lora_b"]
+    assert len(adapters) == 2 * 7 and all(np.abs(after[p]).max() > 0 for p in adapters)  # B left zero: trained
+    # Optimizer state for the adapters alone: AdamW's two moments (MeZO: its seed, nothing per parameter).
+    n_lora = sum(after[p].size for p in after if is_lora(p))
+    state = result["state"]
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert opt_bytes == 2 * 4 * n_lora if optimizer == "adamw" else opt_bytes < 64
+    if mesh:  # ZeRO-3: the frozen matrices stay split over the devices
+        matrices = [x for p, x in traverse_util.flatten_dict(state.params).items() if x.ndim == 2 and not is_lora(p)]
+        assert matrices and all(x.addressable_shards[0].data.size < x.size for x in matrices)
+
+
+def test_a_lora_step_on_a_mesh_equals_one_device(tmp_path):
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4})
+    runs = {}
+    for mesh, zero in (("", 0), ("data=2,fsdp=2,tensor=2", 3)):
+        cfg = TrainConfig(steps=2, batch_size=8, seq_len=32, save_every=2, eval_every=100, log_every=1,
+                          warmup_steps=1, seed=3, mesh=mesh, zero=zero, learning_rate=1e-2)
+        train(RECIPE, lora, cfg, tmp_path / (mesh or "one"), **QUIET)
+        runs[mesh] = _params(tmp_path / (mesh or "one"))
+    one, sharded = runs[""], runs["data=2,fsdp=2,tensor=2"]
+    for path in one:
+        np.testing.assert_allclose(sharded[path], one[path], atol=2e-5, rtol=2e-5, err_msg=str(path))
+    assert any(np.abs(one[p]).max() > 1e-3 for p in one if p[-1] == "lora_b")  # two steps moved the adapters
+
+
+def test_lora_memory_on_the_compiled_step():
+    """Per-device state and peak of the compiled step: LoRA drops the frozen weights' gradients,
+    optimizer state and float32 copies (``benchmarks/esm2_memory.py`` reports it at ESM-2's sizes)."""
+    from sciscale_jax.memory import estimate as mem
+    from sciscale_jax.memory import report_from_analysis
+    from sciscale_jax.train.abstract import abstract_run
+
+    big = dict(num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, max_len=64, precision="bf16",
+               scan_layers=True, remat="full")
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=64)
+    runs = {r: abstract_run(RECIPE, RECIPE.make_config(**big, lora_rank=r), cfg) for r in (0, 8)}
+    peak = {r: report_from_analysis(run.compile(analysis_only=True).memory_analysis()).peak_bytes
+            for r, run in runs.items()}
+    state = {r: mem.state_bytes(run) for r, run in runs.items()}
+    n = sum(x.size for x in jax.tree.leaves(runs[0].state.params))  # the base model's parameters
+    n_lora = sum(x.size for p, x in traverse_util.flatten_dict(runs[8].state.params).items() if is_lora(p))
+    # By hand: the full run keeps fp32 weights, gradients and AdamW's two moments; LoRA keeps bf16
+    # frozen weights and the fp32 adapters' own.
+    assert state[0] == {"params": 4 * n, "grads": 4 * n, "opt_state": state[0]["opt_state"], "offloaded": 0}
+    assert state[0]["opt_state"] >= 8 * n
+    assert state[8]["params"] == 2 * n + 4 * n_lora and state[8]["grads"] == 4 * n_lora
+    assert state[8]["opt_state"] < 8 * n_lora + 64
+    # The compiled step (measured 84.2 and 32.9 MB; XLA's CPU backend upcasts bf16 weights to float32
+    # for its dots, so LoRA's temporaries are larger than the full run's activations alone).
+    assert peak[8] < 0.5 * peak[0]
+
+
+def test_settings_lora_cannot_honour_are_refused(tmp_path):
+    evoformer = get_recipe("msa-evoformer")
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        evoformer.make_config(lora_rank=4)
+    for bad, match in (({"lora_rank": -1}, "lora_rank"), ({"lora_rank": True}, "lora_rank"),
+                       ({"lora_rank": 2, "lora_alpha": 0.0}, "lora_alpha"),
+                       ({"lora_rank": 2, "lora_targets": "mlp"}, "lora_targets")):
+        with pytest.raises(ValueError, match=match):
+            TransformerConfig(**SHAPE, **bad)
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "scan_layers": True})
+    with pytest.raises(ValueError, match="lora_rank=4 with pipeline=2"):
+        train(RECIPE, lora, TrainConfig(steps=1, batch_size=8, seq_len=32, mesh="pipeline=2", microbatches=2),
+              tmp_path / "p", **QUIET)
+    assert not (tmp_path / "p").exists()
