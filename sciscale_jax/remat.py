@@ -151,7 +151,7 @@ def checkpoint_policy(policy: str | Mapping[str, str]) -> Callable[..., Any] | N
         offload_src="device", offload_dst=HOST_MEMORY)
 
 
-def compiler_options(backend: str | None = None) -> dict:
+def compiler_options(backend: str | None = None, *, frozen_weights: bool = False) -> dict:
     """XLA options under which rematerialisation holds on ``backend`` (default: JAX's).
 
     ``jax.checkpoint`` keeps the recomputation apart from the forward pass with optimization
@@ -161,11 +161,20 @@ def compiler_options(backend: str | None = None) -> dict:
     the barriers (the ``cse_barrier_expander`` pass off) restores the policy. On other backends
     nothing is changed: on an H200 the policies hold under XLA's GPU defaults (full remat 0.47x
     the temporaries of none on an unscanned stack; ``benchmarks/results/activation_memory_paths_h200.json``).
-    Pass the result to
-    ``jax.jit(f).lower(...).compile(compiler_options)``.
+
+    ``frozen_weights``: the model stores weights in a low-precision compute dtype (LoRA's frozen
+    weights in bfloat16). XLA's CPU backend runs those dots in float32, converting each weight,
+    and its loop-invariant code motion hoists the conversion of a stacked layer array out of the
+    layer scan: a float32 copy of every layer's weights at once (ESM-2 15B, LoRA on one device:
+    99.6 GiB). On CPU that pass is then turned off too (the conversion stays per layer).
+
+    Pass the result to ``jax.jit(f).lower(...).compile(compiler_options)``.
     """
     backend = backend or jax.default_backend()
-    return {"xla_disable_hlo_passes": "cse_barrier_expander"} if backend == "cpu" else {}
+    if backend != "cpu":
+        return {}
+    passes = "cse_barrier_expander" + (",while-loop-invariant-code-motion" if frozen_weights else "")
+    return {"xla_disable_hlo_passes": passes}
 
 
 def remat_block(fn: Callable, policy: str | Mapping[str, str], *, prevent_cse: bool = True,

@@ -17,7 +17,6 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from sciscale_jax import memory
 from sciscale_jax.models.stack import is_lora
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.recipes import get_recipe, load_run
@@ -196,9 +195,10 @@ def test_lora_memory_on_the_compiled_step():
     assert state[0]["opt_state"] >= 8 * n
     assert state[8]["params"] == 2 * n + 4 * n_lora and state[8]["grads"] == 4 * n_lora
     assert state[8]["opt_state"] < 8 * n_lora + 64
-    # The compiled step (measured 84.2 and 32.9 MB; XLA's CPU backend upcasts bf16 weights to float32
-    # for its dots, so LoRA's temporaries are larger than the full run's activations alone).
-    assert peak[8] < 0.5 * peak[0]
+    # The compiled step: what the state lost, and no float32 copy of the frozen weights (XLA's CPU
+    # dots upcast them; remat.compiler_options keeps that per layer: measured 84.2 and 15.9 MB).
+    assert peak[8] < 0.25 * peak[0]
+    assert peak[0] - peak[8] > sum(state[0].values()) - sum(state[8].values())
 
 
 def test_settings_lora_cannot_honour_are_refused(tmp_path):
@@ -215,3 +215,21 @@ def test_settings_lora_cannot_honour_are_refused(tmp_path):
         train(RECIPE, lora, TrainConfig(steps=1, batch_size=8, seq_len=32, mesh="pipeline=2", microbatches=2),
               tmp_path / "p", **QUIET)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("model_kw, train_kw", [({}, {"grad_accum": 2}), ({"precision": "fp16"}, {}),
+                                                ({"precision": "fp8"}, {}), ({}, {"mesh": "data=4", "zero": 2})])
+def test_lora_composes_with_accumulation_loss_scaling_fp8_and_zero2(tmp_path, model_kw, train_kw):
+    """The gradient paths other than plain backprop (accumulation, fp16's scaled loss, fp8's scale
+    updates, ZeRO-2's reduce-scatter) differentiate the adapters alone too: a step leaves the
+    frozen weights as they were."""
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, **model_kw})
+    cfg = TrainConfig(steps=2, batch_size=8, seq_len=32, save_every=1, eval_every=100, log_every=1, warmup_steps=1,
+                      seed=5, learning_rate=1e-2, **train_kw)
+    result = train(RECIPE, lora, cfg, tmp_path / "run", **QUIET)
+    first = _flat(load_run(tmp_path / "run", step=1, log=lambda *_: None).model)
+    after = traverse_util.flatten_dict(jax.tree.map(np.asarray, result["state"].params))
+    assert set(after) == set(first)
+    assert all(np.array_equal(after[p], first[p]) for p in first if not is_lora(p))  # the second step froze them
+    assert all(not np.array_equal(after[p], first[p]) for p in first if p[-1] == "lora_b")  # and moved these
+    assert np.isfinite(result["train_loss"])

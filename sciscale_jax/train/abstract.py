@@ -76,7 +76,7 @@ class AbstractRun:
     def compile(self, *, analysis_only: bool = False):
         """The step compiled with the loop's XLA options; ``analysis_only`` adds
         ``memory.measure.analysis_options`` (a program to read, not to run)."""
-        options = dict(remat.compiler_options())
+        options = dict(remat.compiler_options(frozen_weights=self.trainable is not None))
         if analysis_only:
             options.update(analysis_options())
         with jax.set_mesh(self.place.mesh) if self.place is not None else _null():

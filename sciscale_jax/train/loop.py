@@ -435,14 +435,15 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
         return _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt,
-                             out_dir, progress, stop, offload)
+                             out_dir, progress, stop, offload, trainable(model_config) is not None)
 
 
 def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt, out_dir,
-                  progress, stop, offload):
+                  progress, stop, offload, frozen_weights=False):
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
     with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
-        compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(remat.compiler_options())
+        compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(
+            remat.compiler_options(frozen_weights=frozen_weights))
         eval_step = recipe_eval_step(recipe, graphdef)
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
             eval_step = lambda p, r, b, f=eval_step: f(host_offload.to_device(p), r, b)  # noqa: E731
