@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     lines = [f"Evotuning on hemopexin ({n} sequences, {args.val_fraction:.0%} held out by hash): masked-position "
              f"loss (nats) on the held-out members; {args.steps} fine-tuning steps from a protein-mlm model "
              f"pretrained on one genome. CPU.", "",
-             "| model | trainable parameters | held-out loss | accuracy | step arguments / peak (MB) |", "|---|---|---|---|---|"]
+             "| model | trainable parameters | held-out loss | accuracy | step arguments / peak (MB) |",
+             "|---|---|---|---|---|"]
     for name, figures in rows.items():
         v = figures["validation"]
         s = state.get(name)

@@ -5,9 +5,9 @@ remat policy (``sciscale_jax.remat``), layer scan, attention implementation
 (``sciscale_jax.attention``), precision policy (``sciscale_jax.precision``), QAT scheme
 (``sciscale_jax.quant``), the rule table for activation sharding constraints
 (``sciscale_jax.parallel``) and LoRA fine-tuning (``lora_rank``: adapters on the dense layers
-``lora_targets`` names, every other parameter frozen; a model family that has no adapters says
-so with ``supports_lora = False`` and refuses the switch). A model config embeds it by inheriting from it, so its fields
-are keyword-only fields of the model config (``TransformerConfig(vocab_size=32,
+``lora_targets`` names, every other parameter frozen; a model family without adapters keeps
+``supports_lora = False`` and refuses the switch). A model config embeds it by inheriting from
+it, so its fields are keyword-only fields of the model config (``TransformerConfig(vocab_size=32,
 remat="full")``) and the CLI lists them with the model's own flags.
 
 ``stack_layers`` builds ``num_layers`` blocks and ``run_layers`` runs them under those

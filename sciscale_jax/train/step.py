@@ -283,7 +283,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
 def _like(template: dict, tree: dict) -> dict:
     """The entries of the nested dict ``tree`` at the key paths of ``template``."""
     flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
-    return traverse_util.unflatten_dict({p: flat[p] for p in traverse_util.flatten_dict(template, keep_empty_nodes=True)})
+    paths = traverse_util.flatten_dict(template, keep_empty_nodes=True)
+    return traverse_util.unflatten_dict({p: flat[p] for p in paths})
 
 
 def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
