@@ -14,7 +14,7 @@ family's residue frequencies (unigram) and the context-free table. Prints and wr
 ``benchmarks/results/lora_evotune.{json,md}`` with the trainable parameters and the per-device
 bytes of each variant's compiled train step (its arguments: the train state and a batch; its peak).
 
-    python examples/lora_evotune.py                       # about 20 minutes on 2 CPU cores
+    python examples/lora_evotune.py                       # about 30 minutes on 2 CPU cores
     python examples/lora_evotune.py --pretrained runs/pm  # start from a protein-mlm run you have
 """
 
