@@ -94,7 +94,8 @@ class Techniques:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets={self.lora_targets!r} must be one of {', '.join(LORA_TARGETS)}")
-        if self.lora_rank and not self.supports_lora:
+        # (the bare switches describe no model: a LoRA Transformer config's ``techniques`` are such)
+        if self.lora_rank and not self.supports_lora and type(self) is not Techniques:
             raise ValueError(f"lora_rank={self.lora_rank}: {type(self).__name__} has no LoRA adapters (the "
                              "Transformer families have them)")
         if self.precision != "fp32":  # a non-default policy decides the dtypes
