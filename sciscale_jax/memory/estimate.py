@@ -159,7 +159,7 @@ def state_bytes(run) -> dict:
     """Per-device bytes of params, grads and optimizer state of a run description with
     ``state`` (params, opt_state), ``place`` (gradient shardings ``place.grads``, or None),
     ``offload`` (the names of the trees kept in host memory) and optionally ``trainable`` (a
-    predicate on parameter key paths: the parameters that get gradients, LoRA's adapters)."""
+    predicate on jax key paths: the parameters that get gradients, LoRA's ``is_lora``)."""
     params, opt = run.state.params, run.state.opt_state
     if run.place is not None:
         grads = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, run.place.grads)
@@ -167,8 +167,7 @@ def state_bytes(run) -> dict:
         grads = params
     trainable = getattr(run, "trainable", None)  # LoRA: gradients of the adapters alone
     if trainable is not None:
-        grads = [g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
-                 if trainable(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))]
+        grads = [g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0] if trainable(path)]
     out = {"params": tree_device_bytes(params), "grads": tree_device_bytes(grads),
            "opt_state": tree_device_bytes(opt), "offloaded": 0}
     for name in ("params", "opt_state"):

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from sciscale_jax.pure import combine, partition
+
 E4M3 = np.dtype(jnp.float8_e4m3fn)
 E5M2 = np.dtype(jnp.float8_e5m2)
 SCALINGS = ("delayed", "current")
@@ -203,14 +205,7 @@ def fp8_paths(model: nnx.Module) -> frozenset[tuple]:
 
 def split_pure(rest: dict, paths: frozenset[tuple]) -> tuple[dict, dict]:
     """``rest`` (a nested pure dict) cut into (entries at ``paths``, the others)."""
-    flat = traverse_util.flatten_dict(rest)
-    inside = {p: v for p, v in flat.items() if p in paths}
-    outside = {p: v for p, v in flat.items() if p not in paths}
-    return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
-
-
-def merge_pure(a: dict, b: dict) -> dict:
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)})
+    return partition(rest, paths.__contains__)
 
 
 def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple]):
@@ -222,7 +217,7 @@ def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple]):
     the returned loss is unscaled, the gradients are not (``dynamic_loss_scaling`` unscales)."""
 
     def objective(params, fp8, other, batch, key, scale):
-        model = nnx.merge(graphdef, params, merge_pure(other, fp8))
+        model = nnx.merge(graphdef, params, combine(other, fp8))
         total, count = loss_fn(model, batch, key)
         new_rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
         loss = total / jnp.maximum(count, 1.0)
@@ -233,6 +228,6 @@ def fp8_grad_fn(graphdef, loss_fn, paths: frozenset[tuple]):
         scale = jnp.asarray(loss_scale, jnp.float32)
         (_, (loss, count, new_rest)), (grads, new_fp8) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(params, fp8, other, batch, key, scale)
-        return loss, (count, merge_pure(new_rest, new_fp8)), grads
+        return loss, (count, combine(new_rest, new_fp8)), grads
 
     return grad_fn

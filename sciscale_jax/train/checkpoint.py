@@ -255,19 +255,16 @@ def _unreadable(err: Exception) -> str:
 
 
 def _check_item(step_dir: pathlib.Path, abstract, only: tuple[str, ...] = (),
-                hint: str = "choose another --out or the matching settings") -> str | None:
+                hint: str = "choose another --out or the matching settings", saved: dict | None = None) -> str | None:
     """None if checkpoint folder ``step_dir`` looks complete and its arrays match ``abstract`` (those
     under the top-level keys ``only``, if given); else what is wrong with it. A shape or dtype
-    mismatch is a ValueError (another model or optimizer), not damage."""
+    mismatch is a ValueError (another model or optimizer), not damage. ``saved``: the folder's
+    ``_saved_signature`` when the caller has read it already."""
     item = step_dir / "default"
     if not item.is_dir():
         return f"it has no {item.name}/ folder"
-    try:
-        with _quiet_orbax():
-            meta = ocp.StandardCheckpointer().metadata(item)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        saved = _signature(tree)
-    except Exception:
+    saved = saved if saved is not None else _saved_signature(step_dir)
+    if saved is None:
         return "its metadata is missing or unreadable"
     expected = _signature(abstract)
     if only:
@@ -299,7 +296,7 @@ def _as_saved(target: dict, saved: dict | None, optional, cast: bool) -> dict:
     flat = traverse_util.flatten_dict(target, keep_empty_nodes=True)
     out = {}
     for path, leaf in flat.items():
-        name = "/".join(str(k) for k in path)
+        name = _path_name(path)
         if name not in saved and optional is not None and path[0] == "params" and optional(path[1:]):
             continue
         if cast and name in saved and isinstance(leaf, jax.ShapeDtypeStruct) and saved[name][1] != str(leaf.dtype):
@@ -334,11 +331,12 @@ def restore_model(run_dir, params, rest, step: int | None = None, *, log=print,
     skipped = []
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = directory / str(candidate)
-        target = wanted
+        target, saved = wanted, None
         if optional is not None or cast:
-            target = _as_saved(wanted, _saved_signature(step_dir), optional, cast)
+            saved = _saved_signature(step_dir)
+            target = _as_saved(wanted, saved, optional, cast)
         abstract = _drop_empty(target)
-        problem = _check_item(step_dir, abstract, only=tuple(target), hint=hint)
+        problem = _check_item(step_dir, abstract, only=tuple(target), hint=hint, saved=saved)
         if problem is None:
             try:
                 reader = ocp.PyTreeCheckpointer()

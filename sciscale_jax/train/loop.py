@@ -40,9 +40,10 @@ from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
 from sciscale_jax.models.stack import is_lora
-from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, combine, init_train_state,
-                                     make_eval_step, make_train_step, make_zeroth_order_step, partition,
-                                     split_model, trainable_only, with_shardings)
+from sciscale_jax.pure import combine, partition
+from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
+                                     make_eval_step, make_train_step, make_zeroth_order_step, split_model,
+                                     trainable_only, with_shardings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 
 from sciscale_jax.accumulate import accumulate_gradients
+from sciscale_jax.pure import combine, like, partition
 from sciscale_jax.parallel import offload as host
 from sciscale_jax.precision import loss_scale_metrics, loss_scale_of
 
@@ -75,26 +76,10 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def partition(params: dict, trainable: Callable) -> tuple[dict, dict]:
-    """A nested pure dict cut into (the entries whose key path ``trainable`` accepts, the others)."""
-    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
-    keep = {p: v for p, v in flat.items() if trainable(p)}
-    return (traverse_util.unflatten_dict(keep),
-            traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in keep}))
-
-
-def combine(*trees: dict) -> dict:
-    """Nested pure dicts with disjoint key paths as one (:func:`partition`'s inverse)."""
-    flat = {}
-    for tree in trees:
-        flat.update(traverse_util.flatten_dict(tree, keep_empty_nodes=True))
-    return traverse_util.unflatten_dict(flat)
-
-
 def trainable_only(tx: optax.GradientTransformation, trainable: Callable) -> optax.GradientTransformationExtraArgs:
     """``tx`` over the parameters ``trainable`` accepts: ``init`` takes the whole parameter dict and
     keeps state for those alone; ``update`` takes their gradients and values (the train step's
-    :func:`partition`) and returns their updates. Not an optax transform for general use (its
+    ``pure.partition``) and returns their updates. Not an optax transform for general use (its
     updates cover only part of the tree): with optax alone, ``optax.multi_transform`` with
     ``optax.set_to_zero()`` for the frozen part does the same, computing their gradients."""
     tx = optax.with_extra_args_support(tx)
@@ -260,7 +245,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
             rest = combine(frozen, state.rest)
         loss, (count, rest), grads = grad_fn(params, rest, batch, key, loss_scale=scale)
         if trainable is not None:  # what comes back of rest: the model's other variables only
-            rest = _like(state.rest, rest)
+            rest = like(state.rest, rest)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         if "opt_state" in offload:  # brought in after the backward pass, not prefetched before it
@@ -278,13 +263,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, loss_fn: Call
         return TrainState(state.step + 1, params, rest, opt_state), metrics
 
     return step
-
-
-def _like(template: dict, tree: dict) -> dict:
-    """The entries of the nested dict ``tree`` at the key paths of ``template``."""
-    flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
-    paths = traverse_util.flatten_dict(template, keep_empty_nodes=True)
-    return traverse_util.unflatten_dict({p: flat[p] for p in paths})
 
 
 def make_zeroth_order_step(graphdef, tx, *, loss_fn: Callable, seed: int = 0,
