@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sciscale_jax.parallel.rules import splittable
+from sciscale_jax.quant import nf4
+
 
 def param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     """A parameter drawn from ``init`` and annotated with logical ``axes``."""
@@ -32,15 +35,31 @@ class Dense(nnx.Module):
     ``lora_scale * (x . A) . B`` with ``lora_a`` [in_shape, r] drawn like the kernel and ``lora_b``
     [r, out_shape] zero, so a new adapter leaves the layer's output unchanged; A's input axes and
     B's output axes carry the kernel's logical axes, the rank axis none (replicated).
+
+    With ``base_quant="nf4"`` (QLoRA's frozen base, ``sciscale_jax.quant.nf4``) the kernel is drawn
+    as usual and stored in 4 bits: ``kernel_nf4`` (uint8 codes, two per byte along the last axis)
+    and ``kernel_absmax`` (one scale per block), both with the kernel's logical axes; it is
+    dequantised to ``dtype`` at each call.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], *,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False,
-                 matmul=None, lora_rank: int = 0, lora_scale: float = 1.0):
+                 matmul=None, lora_rank: int = 0, lora_scale: float = 1.0, base_quant: str = "none"):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         fan_in = math.prod(self.in_shape)
         init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
-        self.kernel = param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
+        if base_quant not in ("none", "nf4"):
+            raise ValueError(f"base_quant={base_quant!r} must be 'none' or 'nf4'")
+        kernel = param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
+        stored = None
+        if base_quant == "nf4":
+            block = nf4.block_length(self.out_shape[-1], split=splittable(axes[-1]))
+            stored = [nnx.Param(x, out_sharding=tuple(axes), eager_sharding=False) for x in
+                      nf4.quantize(kernel.get_value(), block)]
+            stored[1].set_value(stored[1].get_value().astype(param_dtype))
+        self.kernel = kernel if stored is None else None
+        self.kernel_nf4 = stored[0] if stored else None
+        self.kernel_absmax = stored[1] if stored else None
         self.bias = (param(rngs, jax.nn.initializers.zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
                      if use_bias else None)
         n_in = len(self.in_shape)
@@ -55,7 +74,9 @@ class Dense(nnx.Module):
     def __call__(self, x):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
-        w2 = self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
+        w = (self.kernel[...].astype(self.dtype) if self.kernel_nf4 is None
+             else nf4.dequantize(self.kernel_nf4[...], self.kernel_absmax[...], self.dtype))
+        w2 = w.reshape(math.prod(self.in_shape), math.prod(self.out_shape))
         y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
         if self.lora_a is not None:
             a2 = self.lora_a[...].astype(self.dtype).reshape(x2.shape[-1], -1)

@@ -5,7 +5,8 @@ remat policy (``sciscale_jax.remat``), layer scan, attention implementation
 (``sciscale_jax.attention``), precision policy (``sciscale_jax.precision``), QAT scheme
 (``sciscale_jax.quant``), the rule table for activation sharding constraints
 (``sciscale_jax.parallel``) and LoRA fine-tuning (``lora_rank``: adapters on the dense layers
-``lora_targets`` names, every other parameter frozen; a model family without adapters keeps
+``lora_targets`` names, every other parameter frozen, the blocks' dense weights stored in 4 bits
+under ``lora_quant="nf4"``; a model family without adapters keeps
 ``supports_lora = False`` and refuses the switch). A model config embeds it by inheriting from
 it, so its fields are keyword-only fields of the model config (``TransformerConfig(vocab_size=32,
 remat="full")``) and the CLI lists them with the model's own flags.
@@ -40,6 +41,7 @@ def _choices(names):
 
 
 LORA_TARGETS = ("attention", "all")  # the attention projections; those and the MLP's
+LORA_QUANT = ("none", "nf4")         # how the blocks' frozen dense weights are stored (QLoRA: nf4)
 LORA_PARAMS = ("lora_a", "lora_b")   # the names of a LoRA adapter's two factors (models.layers.Dense)
 
 
@@ -75,6 +77,10 @@ class Techniques:
     lora_targets: str = dataclasses.field(default="attention", metadata={
         "group": "fine-tuning", "choices": LORA_TARGETS,
         "help": "LoRA: the attention projections (query, key, value, output) or all of the blocks' dense layers"})
+    lora_quant: str = dataclasses.field(default="none", metadata={
+        "group": "fine-tuning", "choices": LORA_QUANT,
+        "help": "LoRA: nf4 stores every frozen dense weight of the blocks in 4-bit NormalFloat (QLoRA; "
+                "dequantised as each layer runs); none: in the compute dtype"})
     dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})        # compute dtype
     param_dtype: Any = dataclasses.field(default="float32", metadata={"cli": False})
     supports_lora: ClassVar[bool] = False  # the model family builds LoRA adapters (lora_rank > 0)
@@ -94,6 +100,13 @@ class Techniques:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets={self.lora_targets!r} must be one of {', '.join(LORA_TARGETS)}")
+        if self.lora_quant not in LORA_QUANT:
+            raise ValueError(f"lora_quant={self.lora_quant!r} must be one of {', '.join(LORA_QUANT)}")
+        if self.lora_quant != "none" and not self.lora_rank:
+            raise ValueError(f"lora_quant={self.lora_quant!r} stores LoRA's frozen weights: it needs lora_rank > 0")
+        if self.lora_quant != "none" and (self.quant != "none" or get_policy(self.precision).fp8):
+            raise ValueError(f"lora_quant={self.lora_quant!r} takes no other weight quantisation (quant="
+                             f"{self.quant!r}, precision={self.precision!r}): the frozen weights are already 4-bit")
         # (the bare switches describe no model: a LoRA Transformer config's ``techniques`` are such)
         if self.lora_rank and not self.supports_lora and type(self) is not Techniques:
             raise ValueError(f"lora_rank={self.lora_rank}: {type(self).__name__} has no LoRA adapters (the "
@@ -124,11 +137,11 @@ def technique_fields() -> tuple[str, ...]:
 
 
 def store_frozen(module: nnx.Module, dtype) -> None:
-    """Under LoRA: every parameter of ``module`` but the adapters' factors (``is_lora``) cast to
-    ``dtype`` (the compute dtype), in place. A frozen weight is never updated, so it needs no
-    higher-precision master copy."""
+    """Under LoRA: every float parameter of ``module`` but the adapters' factors (``is_lora``) cast
+    to ``dtype`` (the compute dtype), in place. A frozen weight is never updated, so it needs no
+    higher-precision master copy (4-bit codes stay as they are)."""
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        if not is_lora(path):
+        if not is_lora(path) and jax.numpy.issubdtype(variable.get_value().dtype, jax.numpy.floating):
             variable.set_value(variable.get_value().astype(dtype))
 
 

@@ -110,10 +110,14 @@ class TransformerConfig(Techniques):
 
 
 def _lora(cfg: TransformerConfig, target: str) -> dict:
-    """The LoRA arguments of a ``Dense`` of the block part ``target`` ("attention" or "mlp")."""
-    if not cfg.lora_rank or (target == "mlp" and cfg.lora_targets != "all"):
+    """The LoRA arguments of a ``Dense`` of the block part ``target`` ("attention" or "mlp"): an
+    adapter where ``lora_targets`` says, the frozen kernel's storage (``lora_quant``) on all."""
+    if not cfg.lora_rank:
         return {}
-    return {"lora_rank": cfg.lora_rank, "lora_scale": cfg.lora_scale}
+    kw = {"base_quant": cfg.lora_quant}
+    if target == "attention" or cfg.lora_targets == "all":
+        kw.update(lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale)
+    return kw
 
 
 class Attention(nnx.Module):

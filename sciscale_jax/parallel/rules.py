@@ -47,6 +47,12 @@ RULES = {
 }
 
 
+def splittable(logical) -> bool:
+    """Whether some rule table shards the logical axis ``logical`` over a mesh axis (the head
+    dimension ``kv``, for one, is never split)."""
+    return logical is not None and any(name == logical for table in RULES.values() for name, _ in table)
+
+
 def rules_for(strategy: str, overrides=None) -> tuple:
     """The rule table of ``strategy``; ``overrides`` (pairs or a dict) replace or add rules, first."""
     if strategy not in RULES:

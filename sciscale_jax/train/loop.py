@@ -21,6 +21,7 @@ import inspect
 import json
 import pathlib
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
 from sciscale_jax.models.stack import is_lora
 from sciscale_jax.pure import combine, partition
+from sciscale_jax.quant import nf4
 from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
                                      make_eval_step, make_train_step, make_zeroth_order_step, split_model,
                                      trainable_only, with_shardings)
@@ -195,6 +197,7 @@ def init_program(build, tx, shardings, given_params: bool = False):
             if params is None:
                 return init_train_state(build(), tx)[1]
             graphdef, fresh, rest = split_model(build())  # the fresh parameters given are dead code
+            params = nf4.store(params, like=fresh)  # QLoRA: float kernels read, stored in 4 bits
             return init_train_state(nnx.merge(graphdef, combine(fresh, params), rest), tx)[1]
 
     return jax.jit(init, out_shardings=shardings, donate_argnums=0 if given_params else ())
@@ -210,7 +213,9 @@ def sharded_init(build, tx, shardings, params=None) -> TrainState:
     as one program."""
     if params is None:
         return init_program(build, tx, shardings)()
-    return init_program(build, tx, shardings, given_params=True)(params)
+    with warnings.catch_warnings():  # QLoRA: float kernels given become 4-bit codes, their buffers unused
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        return init_program(build, tx, shardings, given_params=True)(params)
 
 
 def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) -> tuple[int, dict]:
@@ -221,8 +226,11 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
     its tokens the same as ``model_config``'s. A checkpoint of another library the recipe reads
     (``Recipe.init_settings``: protein-mlm's ESM-2) is placed array by array; its step is 0.
     Under LoRA the returned parameters lack the adapters the checkpoint does not hold (they start
-    fresh) and the frozen weights are converted to this run's dtype."""
+    fresh) and the frozen weights are converted to this run's dtype; under ``lora_quant="nf4"`` the
+    blocks' dense kernels are read as floats (from ESM-2 or a run without 4-bit storage) and
+    :func:`init_program` stores them in 4 bits."""
     lora = trainable(model_config)
+    quantized = getattr(model_config, "lora_quant", "none") != "none"
     if recipe.init_settings is not None and recipe.init_settings(cfg.init_from) is not None:
         if cfg.init_step:
             raise ValueError(f"--init-step {cfg.init_step}: --init-from {cfg.init_from} is not a sciscale run "
@@ -230,6 +238,8 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
         readers = recipe.init_params(model_config, cfg.init_from)
         if lora is not None:  # the checkpoint's weights; the new adapters start fresh
             target = partition(target, lora)[1]
+        if quantized:
+            target = nf4.float_target(target)
         return 0, place_arrays(readers, target, f"--init-from {cfg.init_from}")
     saved = rundir.saved_config(cfg.init_from)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
@@ -248,6 +258,8 @@ def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) 
             raise ValueError(f"--init-from {cfg.init_from}: its vocabulary ({len(theirs)} tokens) is not this run's "
                              f"({len(ours)}; first difference at id {at}): {recipe.name} builds it from the "
                              "training data, so start from a run with the same data settings")
+    if quantized and saved["model"].get("lora_quant", "none") == "none":  # float kernels, stored after
+        target = nf4.float_target(target)
     try:
         found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log,
                                          hint="start from a run of the same model shapes", optional=lora,
