@@ -15,14 +15,16 @@ reads XLA's compiled memory analysis. Every row is 8 sequences of 1,024 tokens, 
   sequences);
 - LoRA r=8: bf16 + remat with rank-8 adapters on the attention projections (``--lora-rank 8``),
   every other weight frozen in bfloat16 (no gradient, no optimizer state), on one device and
-  sharded as above.
+  sharded as above;
+- QLoRA r=8: the same with the blocks' frozen dense weights in 4-bit NormalFloat (``--lora-quant
+  nf4``; embeddings, norms and the head stay bfloat16).
 
 Figures are per device of the program compiled for the CPU backend; the same step compiled for a
 GPU is still to be measured.
 
     python benchmarks/esm2_memory.py                  # every size (15B takes minutes to compile)
     python benchmarks/esm2_memory.py --sizes 8M 650M  # some
-    python benchmarks/esm2_memory.py --mixes "LoRA r=8"  # some mixes, merged into the saved results
+    python benchmarks/esm2_memory.py --mixes "QLoRA r=8"  # some mixes, merged into the saved results
 
 Writes benchmarks/results/esm2_memory.json and .md.
 """
@@ -54,6 +56,9 @@ MIXES = {
     "LoRA r=8": (dict(precision="bf16", remat="full", lora_rank=8), dict(optimizer="adamw")),
     "LoRA r=8, ZeRO-3 over 8": (dict(precision="bf16", remat="full", lora_rank=8),
                                 dict(optimizer="adamw", mesh="fsdp=8", zero=3)),
+    "QLoRA r=8": (dict(precision="bf16", remat="full", lora_rank=8, lora_quant="nf4"), dict(optimizer="adamw")),
+    "QLoRA r=8, ZeRO-3 over 8": (dict(precision="bf16", remat="full", lora_rank=8, lora_quant="nf4"),
+                                 dict(optimizer="adamw", mesh="fsdp=8", zero=3)),
 }
 GiB = 2.0 ** 30
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -102,7 +107,8 @@ def table(rows) -> str:
     mixes = list(MIXES)
     lines = ["Compiled train-step peak per device (GiB), `sciscale train protein-mlm --init-from <ESM-2>`, "
              "8 x 1,024 tokens, AdamW or 8-bit AdamW (LoRA: AdamW on the rank-8 adapters of the attention "
-             "projections, the rest frozen in bf16); CPU backend, 8 simulated devices for the ZeRO-3 columns.", "",
+             "projections, the rest frozen in bf16; QLoRA: the blocks' frozen dense weights in 4-bit NF4); "
+             "CPU backend, 8 simulated devices for the ZeRO-3 columns.", "",
              "| ESM-2 | parameters | " + " | ".join(mixes) + " |", "|---|---|" + "---|" * len(mixes)]
     for size in dict.fromkeys(r["size"] for r in rows):
         got = {r["mix"]: r for r in rows if r["size"] == size}

@@ -187,34 +187,52 @@ def test_torch_pickles_and_foreign_vocabularies_are_refused(tmp_path):
         _model(vocab)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [False, True, "nf4"])
 def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path, capsys, lora):
+    from flax import traverse_util
+
     out = tmp_path / "tuned"
     args = ["train", "protein-mlm", "--init-from", str(FIXTURE), "--steps", "2", "--batch-size", "4", "--seq-len",
             "48", "--eval-every", "100", "--log-every", "1", "--out", str(out), "--no-progress"]
     args += ["--lora-rank", "4", "--lr", "1e-2"] if lora else []
+    args += ["--lora-quant", "nf4"] if lora == "nf4" else []
     assert cli.main(args) == 0
     saved = json.loads((out / "run_config.json").read_text())
     assert {k: saved["model"][k] for k in esm.settings(FIXTURE, TOKENS)} == esm.settings(FIXTURE, TOKENS)
     assert saved["train"]["init_from"] == str(FIXTURE) and saved["train"]["init_step"] == 0
+    flat = lambda m: traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.Param)))  # noqa: E731
+    start = _model()
+    if lora == "nf4":  # QLoRA: the blocks' kernels as the float64 reference quantises and dequantises them
+        from sciscale_jax.recipes import load_run
+
+        import nf4_reference as nf4_ref
+
+        tuned = flat(load_run(out, log=lambda *_: None).model)
+        stored = {p[:-1] for p in tuned if p[-1] == "kernel_nf4"}
+        assert stored == {p[:-1] for p in flat(start) if p[0] == "layers" and p[-1] == "kernel"}
+        round_trip = {}
+        for at in stored:
+            w, absmax = np.asarray(flat(start)[at + ("kernel",)]), np.asarray(tuned[at + ("kernel_absmax",)])
+            codes, want_absmax, scaled = nf4_ref.quantize(w, w.shape[-1] // absmax.shape[-1])
+            assert not np.any((nf4_ref.unpack(tuned[at + ("kernel_nf4",)]) != codes) & ~nf4_ref.near_a_midpoint(scaled))
+            round_trip[at + ("kernel",)] = nf4_ref.dequantize(codes, want_absmax).astype(np.float32)
+        nnx.update(start, nnx.State(traverse_util.unflatten_dict(round_trip)))
     # the first step's loss is the checkpoint's on the first batch (the model Hugging Face's logits check)
     recipe, model_cfg, train_cfg = cli.build_configs(args[1:])
     batch = jax.tree.map(np.asarray, recipe.build_data(train_cfg, model_cfg).train.batch(0))
-    total, count = recipe.loss_fn(_model(), batch, None)
+    total, count = recipe.loss_fn(start, batch, None)
     first = next(json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
     assert first == pytest.approx(float(total) / float(count), rel=1e-5)
-    if lora:  # LoRA: ESM-2's every weight as read, trained adapters beside them
-        from flax import traverse_util
-
+    if lora is True:  # LoRA: ESM-2's every weight as read, trained adapters beside them
         from sciscale_jax.models.stack import is_lora
         from sciscale_jax.recipes import load_run
 
-        flat = lambda m: traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.Param)))  # noqa: E731
         tuned, start = flat(load_run(out, log=lambda *_: None).model), flat(_model())
         assert {p for p in tuned if not is_lora(p)} == set(start)
         assert all(np.array_equal(tuned[p], start[p]) for p in start)
         assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
+    if lora:
         return
     # resumed without repeating --init-from: the shape comes from where the run started
     assert cli.main(["train", "protein-mlm", "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--eval-every",
