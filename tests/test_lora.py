@@ -236,3 +236,48 @@ def test_lora_composes_with_accumulation_loss_scaling_fp8_and_zero2(tmp_path, mo
     assert all(np.array_equal(after[p], first[p]) for p in first if not is_lora(p))  # the second step froze them
     assert all(not np.array_equal(after[p], first[p]) for p in first if p[-1] == "lora_b")  # and moved these
     assert np.isfinite(result["train_loss"])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_without_lora_folds_each_adapter_into_its_kernel(scan_layers):
+    from sciscale_jax.models.stack import without_lora
+
+    model = Transformer(TransformerConfig(**SHAPE, lora_rank=3, lora_alpha=6.0, lora_targets="all",
+                                          scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    _random_adapters(model, seed=4)
+    plain = without_lora(model)
+    assert plain.config.lora_rank == 0 and not any(is_lora(p) for p in _flat(plain))
+    if not scan_layers:  # the kernels are the numpy merge's
+        want = _flat(_merged_model(model))
+        got = _flat(plain)
+        assert got.keys() == want.keys()
+        for path in want:
+            np.testing.assert_allclose(got[path], want[path], atol=1e-6, rtol=1e-6, err_msg=str(path))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (2, 11)))
+    np.testing.assert_allclose(plain(tokens), model(tokens), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        without_lora(plain)
+
+
+@pytest.mark.parametrize("then", [{}, {"lora_rank": 2}])
+def test_init_from_a_lora_run_folds_its_adapters_in(pretrained, tmp_path, then):
+    """A LoRA run continued in full (or with fresh adapters of another rank): step 1 logs the LoRA
+    model's own loss, its adapters folded into the kernels."""
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "lora_targets": "all"})
+    base = dict(batch_size=8, seq_len=32, eval_every=100, log_every=1, warmup_steps=1, learning_rate=1e-2)
+    train(RECIPE, lora, TrainConfig(steps=3, save_every=3, seed=7, init_from=str(pretrained), **base),
+          tmp_path / "lora", **QUIET)
+    after = RECIPE.make_config(**{**MODEL.to_dict(), **then})
+    cfg = TrainConfig(steps=1, save_every=1, seed=9, init_from=str(tmp_path / "lora"), **base)
+    lines = []
+    train(RECIPE, after, cfg, tmp_path / "next", progress=False, log=lines.append)
+    assert any("folded into the kernels" in line for line in lines)
+    batch = jax.tree.map(np.asarray, RECIPE.build_data(cfg, after).train.batch(0))
+    total, count = RECIPE.loss_fn(load_run(tmp_path / "lora", log=lambda *_: None).model, batch, None)
+    assert _first_loss(tmp_path / "next") == pytest.approx(float(total) / float(count), rel=1e-5)
+    tuned = _params(tmp_path / "next")
+    assert any(p[-1] == "lora_a" for p in tuned) == bool(then)
+    wider = RECIPE.make_config(**{**MODEL.to_dict(), "embed_dim": 64, "mlp_dim": 128})
+    with pytest.raises(ValueError, match=r"has shape .* this run's is"):
+        train(RECIPE, wider, cfg, tmp_path / "wider", **QUIET)
+    assert not (tmp_path / "wider").exists()

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from sciscale_jax.models.layers import Dense
-from sciscale_jax.models.stack import is_lora
+from sciscale_jax.models.stack import is_lora, without_lora
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.quant import nf4
 from sciscale_jax.recipes import get_recipe, load_run
@@ -120,6 +120,8 @@ def test_a_qlora_model_computes_lora_on_the_dequantised_weights(scan_layers):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (2, 11)))
     mask = jnp.arange(11)[None, :] < jnp.asarray([[11], [7]])
     np.testing.assert_allclose(q(tokens, mask_bs=mask), plain(tokens, mask_bs=mask), atol=2e-5, rtol=2e-5)
+    # Folded for export: the adapters in the dequantised kernels, the same function.
+    np.testing.assert_allclose(without_lora(q)(tokens, mask_bs=mask), plain(tokens, mask_bs=mask), atol=2e-5, rtol=2e-5)
 
     # The adapters' gradients are LoRA's on those weights.
     def loss(m):

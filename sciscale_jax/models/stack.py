@@ -28,11 +28,13 @@ import math
 from typing import Any, Callable, ClassVar
 
 import jax
-from flax import nnx
+import jax.numpy as jnp
+from flax import nnx, traverse_util
 
 from sciscale_jax import _validate, attention, parallel, remat
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.precision.policy import POLICIES, get_policy
+from sciscale_jax.quant import nf4
 from sciscale_jax.quant.registry import QUANT_SCHEMES, make_matmul
 
 
@@ -141,8 +143,48 @@ def store_frozen(module: nnx.Module, dtype) -> None:
     to ``dtype`` (the compute dtype), in place. A frozen weight is never updated, so it needs no
     higher-precision master copy (4-bit codes stay as they are)."""
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        if not is_lora(path) and jax.numpy.issubdtype(variable.get_value().dtype, jax.numpy.floating):
+        if not is_lora(path) and jnp.issubdtype(variable.get_value().dtype, jnp.floating):
             variable.set_value(variable.get_value().astype(dtype))
+
+
+def merge_lora(params: dict, scale: float) -> dict:
+    """A pure parameter dict (``nnx.to_pure_dict``'s form) of a LoRA model with each adapter folded
+    into its layer's kernel, ``kernel = W + scale * A B`` in float32 (W dequantised from 4 bits
+    under ``lora_quant="nf4"``), and the adapters gone; 4-bit kernels without an adapter are
+    dequantised too. The result has the parameters of the same model without LoRA (kernels in
+    float32; cast them to that model's dtypes). Stacked layers (a leading ``layers`` axis) fold
+    layer by layer."""
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    for at in {p[:-1] for p in flat if p[-1] == nf4.CODES}:  # the frozen weights as floats
+        flat[at + (nf4.FLOAT,)] = nf4.dequantize(flat.pop(at + (nf4.CODES,)), flat.pop(at + (nf4.SCALES,)))
+    for at in {p[:-1] for p in flat if p[-1] == LORA_PARAMS[0]}:
+        a, b = flat.pop(at + (LORA_PARAMS[0],)), flat.pop(at + (LORA_PARAMS[1],))
+        w = flat[at + (nf4.FLOAT,)]
+        lead = a.ndim + b.ndim - w.ndim - 2  # stacked-layer axes: a [lead, in..., r], b [lead, r, out...]
+        a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1]).astype(jnp.float32)
+        b2 = b.reshape(*b.shape[:lead + 1], -1).astype(jnp.float32)
+        delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
+        flat[at + (nf4.FLOAT,)] = w.astype(jnp.float32) + scale * delta
+    return traverse_util.unflatten_dict(flat)
+
+
+def without_lora(model: nnx.Module) -> nnx.Module:
+    """A LoRA model as the same model without adapters, each folded into its kernel
+    (:func:`merge_lora`); parameters in the plain model's dtypes, its other variables as they were.
+    For export or evaluation elsewhere; the LoRA model is left as it is."""
+    cfg = model.config
+    if not getattr(cfg, "lora_rank", 0):
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge (lora_rank=0)")
+    plain_cfg = dataclasses.replace(cfg, lora_rank=0, lora_quant="none")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(plain_cfg, rngs=nnx.Rngs(0))))
+    merged = traverse_util.flatten_dict(merge_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.lora_scale))
+    others = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+    state = nnx.to_pure_dict(abstract)
+    values = {p: (merged[p] if p in merged else others[p]) for p in traverse_util.flatten_dict(state)}
+    values = {p: jnp.asarray(v).astype(want.dtype)
+              for (p, v), want in zip(values.items(), traverse_util.flatten_dict(state).values())}
+    nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(values))
+    return nnx.merge(graphdef, abstract)
 
 
 def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, techniques: Techniques, *,

@@ -36,7 +36,8 @@ from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import pipeline as pipeline_run
 from sciscale_jax.train import rundir, validate, zo_budget
-from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir, place_arrays, restore_model
+from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
+from sciscale_jax.train.init_from import read_init_params
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
@@ -218,57 +219,6 @@ def sharded_init(build, tx, shardings, params=None) -> TrainState:
         return init_program(build, tx, shardings, given_params=True)(params)
 
 
-def read_init_params(recipe, model_config, cfg: TrainConfig, target, log=print) -> tuple[int, dict]:
-    """``(step, params)`` of ``cfg.init_from``'s checkpoint ``cfg.init_step`` (0: its newest
-    readable one), read onto ``target`` (ShapeDtypeStructs carrying this run's shardings); the
-    other run must be of ``recipe``, its parameters of the same shapes and dtypes (ValueError in
-    one line naming an array that differs) and, for a recipe whose vocabulary comes from its data,
-    its tokens the same as ``model_config``'s. A checkpoint of another library the recipe reads
-    (``Recipe.init_settings``: protein-mlm's ESM-2) is placed array by array; its step is 0.
-    Under LoRA the returned parameters lack the adapters the checkpoint does not hold (they start
-    fresh) and the frozen weights are converted to this run's dtype; under ``lora_quant="nf4"`` the
-    blocks' dense kernels are read as floats (from ESM-2 or a run without 4-bit storage) and
-    :func:`init_program` stores them in 4 bits."""
-    lora = trainable(model_config)
-    quantized = getattr(model_config, "lora_quant", "none") != "none"
-    if recipe.init_settings is not None and recipe.init_settings(cfg.init_from) is not None:
-        if cfg.init_step:
-            raise ValueError(f"--init-step {cfg.init_step}: --init-from {cfg.init_from} is not a sciscale run "
-                             "and has no numbered checkpoints")
-        readers = recipe.init_params(model_config, cfg.init_from)
-        if lora is not None:  # the checkpoint's weights; the new adapters start fresh
-            target = partition(target, lora)[1]
-        if quantized:
-            target = nf4.float_target(target)
-        return 0, place_arrays(readers, target, f"--init-from {cfg.init_from}")
-    saved = rundir.saved_config(cfg.init_from)
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        raise ValueError(f"--init-from {cfg.init_from}: not a `sciscale train` run directory (no readable "
-                         f"{rundir.CONFIG_FILE})")
-    if saved.get("recipe") != recipe.name:
-        raise ValueError(f"--init-from {cfg.init_from} holds a {saved.get('recipe')!r} run, not {recipe.name!r}")
-    if recipe.vocabulary is not None:  # token ids mean what they meant in the other run
-        try:
-            theirs = recipe.vocabulary(recipe.config_class(**saved["model"]))
-        except (TypeError, ValueError) as err:  # settings this version does not know or refuses
-            raise ValueError(f"--init-from {cfg.init_from}: its model settings cannot be read: {err}") from None
-        ours = recipe.vocabulary(model_config)
-        if theirs != ours:
-            at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-            raise ValueError(f"--init-from {cfg.init_from}: its vocabulary ({len(theirs)} tokens) is not this run's "
-                             f"({len(ours)}; first difference at id {at}): {recipe.name} builds it from the "
-                             "training data, so start from a run with the same data settings")
-    if quantized and saved["model"].get("lora_quant", "none") == "none":  # float kernels, stored after
-        target = nf4.float_target(target)
-    try:
-        found, params, _ = restore_model(cfg.init_from, target, None, cfg.init_step or None, log=log,
-                                         hint="start from a run of the same model shapes", optional=lora,
-                                         cast=lora is not None)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"--init-from: {err}") from None
-    return found, params
-
-
 def recipe_eval_step(recipe, graphdef):
     """``(params, rest, pieces) -> {name: (sum, count)}``: the recipe's evaluation metrics, no
     dropout, summed over an evaluation batch's pieces (:func:`eval_batches`, :func:`over_pieces`)."""
@@ -407,7 +357,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if resume:  # the restore target: shapes, dtypes and this run's shardings
         state = with_shardings(state, where)
     elif cfg.init_from:  # another run's parameters, read straight into this run's placement
-        found, params = read_init_params(recipe, model_config, cfg, with_shardings(state, where).params, log)
+        found, params = read_init_params(recipe, model_config, cfg, with_shardings(state, where).params,
+                                         trainable(model_config), log)
         log(f"parameters from {cfg.init_from}, checkpoint {found}")
         cfg = dataclasses.replace(cfg, init_step=found)  # saved in run_config.json as the one used
         state = sharded_init(build, tx, where, params)
