@@ -1,4 +1,4 @@
-"""Evotuning with LoRA: adapt a pretrained protein language model to one family, three ways.
+"""Evotuning with LoRA and QLoRA: adapt a pretrained protein language model to one family.
 
 A protein-mlm model is pretrained on the 2,100 proteins of one bacterial genome shipped in
 pyhmmer (or taken from ``--pretrained``), then fine-tuned on the unaligned sequences of the
@@ -6,7 +6,12 @@ hemopexin family shipped in pyfamsa (4,188 sequences; a fifth held out by sequen
 
 - ``full``: every weight trained (AdamW);
 - ``lora``: rank-8 LoRA adapters on the attention projections, everything else frozen;
-- ``lora-all``: rank-8 adapters on the attention and MLP projections.
+- ``lora-all``: rank-8 adapters on the attention and MLP projections;
+- ``qlora-all``: as ``lora-all`` with the blocks' frozen dense weights stored in 4-bit NormalFloat
+  (``--lora-quant nf4``);
+- ``control: lora-all on a 2-bit base``: as ``lora-all`` from a copy of the pretrained model whose
+  blocks' dense weights went through a 2-bit NormalFloat round trip (the negative control: a base
+  quantised too coarsely must visibly lose what 4 bits keep).
 
 Each is scored on the held-out family members at the positions replaced by the mask token,
 beside the pretrained model as it is (no adaptation: the control every variant must beat), the
@@ -23,21 +28,47 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import tempfile
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sciscale_jax import cli
 from sciscale_jax.data import msa
 from sciscale_jax.models.stack import is_lora
+from sciscale_jax.quant import nf4
 from sciscale_jax.recipes import get_recipe
 from sciscale_jax.train import TrainConfig, train
+from sciscale_jax.train.checkpoint import Checkpointer
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-VARIANTS = {"full": {}, "lora": {"lora_rank": 8}, "lora-all": {"lora_rank": 8, "lora_targets": "all"}}
-LEARNING_RATES = {"full": 1e-3, "lora": 3e-3, "lora-all": 3e-3}
+ALL = {"lora_rank": 8, "lora_targets": "all"}
+CONTROL = "control: lora-all on a 2-bit base"
+VARIANTS = {"full": {}, "lora": {"lora_rank": 8}, "lora-all": ALL, "qlora-all": {**ALL, "lora_quant": "nf4"},
+            CONTROL: ALL}
+LEARNING_RATES = {"full": 1e-3, "lora": 3e-3, "lora-all": 3e-3, "qlora-all": 3e-3, CONTROL: 3e-3}
+
+
+def round_trip_copy(run: pathlib.Path, dest: pathlib.Path, bits: int) -> pathlib.Path:
+    """A copy of ``run`` whose newest checkpoint holds the blocks' dense kernels after a
+    NormalFloat-``bits`` round trip (``sciscale_jax.quant.nf4``); everything else as saved."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
+    source = Checkpointer(run)
+    step = source.latest_step()
+    saved = source.manager.restore(step)
+    levels = nf4.normal_float_levels(bits)
+    flat = traverse_util.flatten_dict(saved["params"])
+    for path, w in flat.items():
+        if path[0] == "layers" and path[-1] == "kernel":
+            flat[path] = np.asarray(nf4.dequantize(*nf4.quantize(w, levels=levels), w.dtype, levels))
+    saved["params"] = traverse_util.unflatten_dict(flat)
+    copy = Checkpointer(dest)
+    copy.manager.save(step, args=ocp.args.StandardSave(saved), force=True)
+    copy.manager.wait_until_finished()
+    return dest
 
 
 def family_fasta(path: pathlib.Path, family: str = "hemopexin") -> int:
@@ -83,13 +114,15 @@ def main(argv=None) -> int:
                                                 "eval_every": args.pretrain_steps}), pretrained, progress=False)
             print(f"pretrained {args.pretrain_steps} steps on the genome in {time.perf_counter() - t0:.0f} s")
         rows = {"pretrained, not adapted": evaluate(pretrained, fasta, args.val_fraction, root / "eval0.json")}
+        degraded = round_trip_copy(pretrained, root / "pretrained-nf2", bits=2)
         state = {}
         for name, extra in VARIANTS.items():
             cfg = recipe.make_config(**{**model.to_dict(), "data": str(fasta), "val_fraction": args.val_fraction,
                                         **extra})
             t0 = time.perf_counter()
             result = train(recipe, cfg, TrainConfig(**{**recipe.train_defaults, "steps": args.steps,
-                                                       "eval_every": args.steps, "init_from": str(pretrained),
+                                                       "eval_every": args.steps,
+                                                       "init_from": str(degraded if name == CONTROL else pretrained),
                                                        "learning_rate": LEARNING_RATES[name]}),
                            root / name, progress=False)
             flat = traverse_util.flatten_dict(result["state"].params)

@@ -42,7 +42,7 @@ from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
 from sciscale_jax.models.stack import is_lora
-from sciscale_jax.pure import combine, partition
+from sciscale_jax.pure import combine
 from sciscale_jax.quant import nf4
 from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
                                      make_eval_step, make_train_step, make_zeroth_order_step, split_model,
