@@ -74,13 +74,16 @@ class Dense(nnx.Module):
     def __call__(self, x):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
-        w = (self.kernel[...].astype(self.dtype) if self.kernel_nf4 is None
-             else nf4.dequantize(self.kernel_nf4[...], self.kernel_absmax[...], self.dtype))
-        w2 = w.reshape(math.prod(self.in_shape), math.prod(self.out_shape))
-        y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
+        shape2 = (math.prod(self.in_shape), math.prod(self.out_shape))
+        if self.kernel_nf4 is None:
+            w2 = self.kernel[...].astype(self.dtype).reshape(shape2)
+            y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
+        else:  # dequantised again for the backward pass, never kept (QLoRA's memory is the point)
+            y = jax.checkpoint(lambda x, c, s: x @ nf4.dequantize(c, s, self.dtype).reshape(shape2))(
+                x2, self.kernel_nf4[...], self.kernel_absmax[...])
         if self.lora_a is not None:
             a2 = self.lora_a[...].astype(self.dtype).reshape(x2.shape[-1], -1)
-            b2 = self.lora_b[...].astype(self.dtype).reshape(a2.shape[-1], w2.shape[-1])
+            b2 = self.lora_b[...].astype(self.dtype).reshape(a2.shape[-1], shape2[1])
             y = y + ((x2 @ a2) @ b2) * jnp.asarray(self.lora_scale, self.dtype)
         y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:

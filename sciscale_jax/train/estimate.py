@@ -28,6 +28,7 @@ from flax import nnx
 
 from sciscale_jax.memory import estimate as mem
 from sciscale_jax.memory.measure import report_from_analysis
+from sciscale_jax.pure import combine, partition
 from sciscale_jax.train.abstract import abstract_batch, abstract_model, abstract_run
 
 
@@ -89,14 +90,21 @@ def _saved_bytes(recipe, model_config, train_config) -> int:
 
 def loss_profile(recipe, model_config, train_config) -> tuple[int, float]:
     """(saved-residual bytes, matrix-product FLOPs of forward + backward) of the loss on one
-    device at ``train_config.batch_size`` (``memory.estimate.gradient_profile``: one trace)."""
+    device at ``train_config.batch_size`` (``memory.estimate.gradient_profile``: one trace),
+    differentiated with respect to what the run trains (LoRA: the adapters; no gradient matmuls
+    of the frozen weights are counted)."""
+    from sciscale_jax.train.loop import trainable
+
     cfg = dataclasses.replace(model_config, sharding=None)
     graphdef, params, rest, _, _ = abstract_model(recipe, cfg)
     batch = abstract_batch(recipe, cfg, train_config)
     key = jax.random.key(0)
+    frozen = {}
+    if trainable(cfg) is not None:
+        params, frozen = partition(params, trainable(cfg))
 
-    def loss(p, b):
-        total, count = recipe.loss_fn(nnx.merge(graphdef, p, rest), b, key)
+    def loss(p, f, b):
+        total, count = recipe.loss_fn(nnx.merge(graphdef, combine(p, f), rest), b, key)
         return total / count
 
-    return mem.gradient_profile(loss, params, batch)
+    return mem.gradient_profile(loss, params, frozen, batch)
