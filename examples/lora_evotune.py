@@ -58,7 +58,7 @@ def round_trip_copy(run: pathlib.Path, dest: pathlib.Path, bits: int) -> pathlib
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
     source = Checkpointer(run)
     step = source.latest_step()
-    saved = source.manager.restore(step)
+    saved = source.manager.restore(step, args=ocp.args.StandardRestore())
     levels = nf4.normal_float_levels(bits)
     flat = traverse_util.flatten_dict(saved["params"])
     for path, w in flat.items():

@@ -54,12 +54,11 @@ class Dense(nnx.Module):
         stored = None
         if base_quant == "nf4":
             block = nf4.block_length(self.out_shape[-1], split=splittable(axes[-1]))
-            stored = [nnx.Param(x, out_sharding=tuple(axes), eager_sharding=False) for x in
-                      nf4.quantize(kernel.get_value(), block)]
-            stored[1].set_value(stored[1].get_value().astype(param_dtype))
+            codes, absmax = nf4.quantize(kernel.get_value(), block)
+            stored = [nnx.Param(x, out_sharding=tuple(axes), eager_sharding=False)
+                      for x in (codes, absmax.astype(param_dtype))]
         self.kernel = kernel if stored is None else None
-        self.kernel_nf4 = stored[0] if stored else None
-        self.kernel_absmax = stored[1] if stored else None
+        self.kernel_nf4, self.kernel_absmax = stored or (None, None)
         self.bias = (param(rngs, jax.nn.initializers.zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
                      if use_bias else None)
         n_in = len(self.in_shape)

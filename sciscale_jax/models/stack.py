@@ -179,10 +179,8 @@ def without_lora(model: nnx.Module) -> nnx.Module:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(plain_cfg, rngs=nnx.Rngs(0))))
     merged = traverse_util.flatten_dict(merge_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.lora_scale))
     others = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-    state = nnx.to_pure_dict(abstract)
-    values = {p: (merged[p] if p in merged else others[p]) for p in traverse_util.flatten_dict(state)}
-    values = {p: jnp.asarray(v).astype(want.dtype)
-              for (p, v), want in zip(values.items(), traverse_util.flatten_dict(state).values())}
+    wanted = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
+    values = {p: jnp.asarray(merged[p] if p in merged else others[p]).astype(w.dtype) for p, w in wanted.items()}
     nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(values))
     return nnx.merge(graphdef, abstract)
 

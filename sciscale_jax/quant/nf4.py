@@ -9,10 +9,10 @@ index of the level nearest to element / absmax, two 4-bit indices per byte.
 
 Blocks are up to 64 elements (the paper's) along the last axis; where that axis may be split over
 devices, their length also leaves whole blocks on each of up to 8 shards (``block_length``): the
-codes and scales keep the weight's logical axes and shard as it would. The scales are stored in the dtype they are given
-(a LoRA run stores its frozen weights in the compute dtype: bf16 scales under bf16, 4.25 bits per
-weight at 64-element blocks; the paper's double quantisation of the scales, 4.127 bits, is not
-done).
+codes and scales keep the weight's logical axes and shard as it would. The scales are stored in
+the dtype they are given (a LoRA run stores its frozen weights in the compute dtype: bf16 scales
+under bf16, 4.25 bits per weight at 64-element blocks; the paper's double quantisation of the
+scales, 4.127 bits, is not done).
 
 ``float_target`` and ``store`` convert between a parameter tree holding ``kernel`` (float) and one
 holding ``kernel_nf4`` + ``kernel_absmax``, so a float checkpoint is read into a 4-bit model.

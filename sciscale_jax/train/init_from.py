@@ -57,12 +57,15 @@ def read_init_params(recipe, model_config, cfg, target, lora=None, log=print) ->
                          f"{rundir.CONFIG_FILE})")
     if saved.get("recipe") != recipe.name:
         raise ValueError(f"--init-from {cfg.init_from} holds a {saved.get('recipe')!r} run, not {recipe.name!r}")
-    try:
-        theirs = recipe.config_class(**saved["model"])
-    except (TypeError, ValueError) as err:  # settings this version does not know or refuses
-        raise ValueError(f"--init-from {cfg.init_from}: its model settings cannot be read: {err}") from None
+
+    def their_config():
+        try:
+            return recipe.config_class(**saved["model"])
+        except (TypeError, ValueError) as err:  # settings this version does not know or refuses
+            raise ValueError(f"--init-from {cfg.init_from}: its model settings cannot be read: {err}") from None
+
     if recipe.vocabulary is not None:  # token ids mean what they meant in the other run
-        their_tokens, ours = recipe.vocabulary(theirs), recipe.vocabulary(model_config)
+        their_tokens, ours = recipe.vocabulary(their_config()), recipe.vocabulary(model_config)
         if their_tokens != ours:
             at = next((i for i, (a, b) in enumerate(zip(their_tokens, ours)) if a != b),
                       min(len(their_tokens), len(ours)))
@@ -71,7 +74,7 @@ def read_init_params(recipe, model_config, cfg, target, lora=None, log=print) ->
                              "training data, so start from a run with the same data settings")
     layout = _lora_layout(saved["model"])
     if layout and layout != _lora_layout(model_config.to_dict()):  # fold the other run's adapters in
-        return _read_merged(recipe, theirs, cfg, floats, log)
+        return _read_merged(recipe, their_config(), cfg, floats, log)
     # (the whole target: a LoRA run of the same layout gives its adapters too, to train on)
     source = nf4.float_target(target) if quantized and saved["model"].get("lora_quant", "none") == "none" else target
     try:
@@ -115,4 +118,3 @@ def _read_merged(recipe, theirs, cfg, wanted: dict, log) -> tuple[int, dict]:
                                           wanted), out_shardings=jax.tree.map(lambda w: w.sharding, wanted))
     log(f"--init-from {cfg.init_from}: its LoRA adapters (rank {theirs.lora_rank}) folded into the kernels")
     return found, fold(params)
-
