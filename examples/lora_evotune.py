@@ -28,21 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sciscale_jax import cli
 from sciscale_jax.data import msa
 from sciscale_jax.models.stack import is_lora
-from sciscale_jax.quant import nf4
 from sciscale_jax.recipes import get_recipe
 from sciscale_jax.train import TrainConfig, train
-from sciscale_jax.train.checkpoint import Checkpointer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+from qlora_base import round_trip_copy  # noqa: E402  (the control's 2-bit base)
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 ALL = {"lora_rank": 8, "lora_targets": "all"}
@@ -50,25 +50,6 @@ CONTROL = "control: lora-all on a 2-bit base"
 VARIANTS = {"full": {}, "lora": {"lora_rank": 8}, "lora-all": ALL, "qlora-all": {**ALL, "lora_quant": "nf4"},
             CONTROL: ALL}
 LEARNING_RATES = {"full": 1e-3, "lora": 3e-3, "lora-all": 3e-3, "qlora-all": 3e-3, CONTROL: 3e-3}
-
-
-def round_trip_copy(run: pathlib.Path, dest: pathlib.Path, bits: int) -> pathlib.Path:
-    """A copy of ``run`` whose newest checkpoint holds the blocks' dense kernels after a
-    NormalFloat-``bits`` round trip (``sciscale_jax.quant.nf4``); everything else as saved."""
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
-    source = Checkpointer(run)
-    step = source.latest_step()
-    saved = source.manager.restore(step, args=ocp.args.StandardRestore())
-    levels = nf4.normal_float_levels(bits)
-    flat = traverse_util.flatten_dict(saved["params"])
-    for path, w in flat.items():
-        if path[0] == "layers" and path[-1] == "kernel":
-            flat[path] = np.asarray(nf4.dequantize(*nf4.quantize(w, levels=levels), w.dtype, levels))
-    saved["params"] = traverse_util.unflatten_dict(flat)
-    copy = Checkpointer(dest)
-    copy.manager.save(step, args=ocp.args.StandardSave(saved), force=True)
-    copy.manager.wait_until_finished()
-    return dest
 
 
 def family_fasta(path: pathlib.Path, family: str = "hemopexin") -> int:
@@ -83,10 +64,11 @@ def family_fasta(path: pathlib.Path, family: str = "hemopexin") -> int:
     return len(rows)
 
 
-def evaluate(run: pathlib.Path, fasta: pathlib.Path, val_fraction: float, out: pathlib.Path) -> dict:
-    """``sciscale eval`` of ``run`` on the family's held-out split: the validation figures and baselines."""
-    code = cli.main(["eval", str(run), "--data", str(fasta), "--val-fraction", str(val_fraction),
-                     "--json", str(out)])
+def evaluate(run: pathlib.Path, fasta: pathlib.Path | None, val_fraction: float, out: pathlib.Path) -> dict:
+    """``sciscale eval`` of ``run`` on the family's held-out split (``fasta``; None: the run's own
+    data, the genome): the validation figures and baselines."""
+    data = ["--data", str(fasta), "--val-fraction", str(val_fraction)] if fasta is not None else []
+    code = cli.main(["eval", str(run), *data, "--json", str(out)])
     if code != 0:
         raise SystemExit(f"sciscale eval {run} failed ({code})")
     return json.loads(out.read_text())
@@ -127,7 +109,9 @@ def main(argv=None) -> int:
                            root / name, progress=False)
             flat = traverse_util.flatten_dict(result["state"].params)
             trainable = sum(int(v.size) for k, v in flat.items() if not extra or is_lora(k))
-            state[name] = {"trainable": trainable, "parameters": sum(int(v.size) for v in flat.values()),
+            weights = {"kernel_nf4": 2, "kernel_absmax": 0}  # QLoRA: two weights per byte of codes; scales apart
+            state[name] = {"trainable": trainable,
+                           "parameters": sum(weights.get(k[-1], 1) * int(v.size) for k, v in flat.items()),
                            "seconds": time.perf_counter() - t0,
                            "state_bytes": result["memory"].argument_bytes, "peak_bytes": result["memory"].peak_bytes}
             rows[name] = evaluate(root / name, fasta, args.val_fraction, root / f"eval_{name}.json")
