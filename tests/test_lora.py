@@ -12,6 +12,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import nf4_reference as ref
 import numpy as np
 import optax
 import pytest
@@ -281,3 +282,43 @@ def test_init_from_a_lora_run_folds_its_adapters_in(pretrained, tmp_path, then):
     with pytest.raises(ValueError, match=r"has shape .* this run's is"):
         train(RECIPE, wider, cfg, tmp_path / "wider", **QUIET)
     assert not (tmp_path / "wider").exists()
+
+
+def test_a_qlora_run_from_a_pretrained_run(pretrained, tmp_path):
+    qlora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "lora_quant": "nf4"})
+    finals = {}
+    for mesh, zero in (("", 0), ("data=2,fsdp=2,tensor=2", 3)):
+        cfg = TrainConfig(steps=3, batch_size=8, seq_len=32, save_every=3, eval_every=100, log_every=1,
+                          warmup_steps=1, seed=7, init_from=str(pretrained), mesh=mesh, zero=zero, learning_rate=1e-2)
+        out = tmp_path / (mesh or "one")
+        result = train(RECIPE, qlora, cfg, out, **QUIET)
+        finals[mesh] = _flat(load_run(out, log=lambda *_: None).model)
+        if mesh:  # ZeRO-3: the 4-bit codes are split over the devices too
+            codes = [x for p, x in traverse_util.flatten_dict(result["state"].params).items() if p[-1] == "kernel_nf4"]
+            assert codes and all(x.addressable_shards[0].data.size < x.size for x in codes)
+    base = load_run(pretrained, log=lambda *_: None).model
+    start = _flat(base)
+    one = finals[""]
+    # Every stored kernel holds the pretrained kernel's nearest levels; every other frozen weight is as read.
+    replaced = {}
+    for at in sorted(p[:-1] for p in one if p[-1] == "kernel_nf4"):
+        w, absmax = start[at + ("kernel",)], one[at + ("kernel_absmax",)]
+        want, want_absmax, scaled = ref.quantize(w, w.shape[-1] // absmax.shape[-1])
+        assert not np.any((ref.unpack(one[at + ("kernel_nf4",)]) != want) & ~ref.near_a_midpoint(scaled))
+        np.testing.assert_array_equal(absmax, want_absmax.astype(np.float32))
+        replaced[at + ("kernel",)] = ref.dequantize(want, want_absmax).astype(np.float32)
+    assert set(replaced) == {p for p in start if p[0] == "layers" and p[-1] == "kernel"}
+    assert all(np.array_equal(one[p], start[p]) for p in one if p in start)
+    # Step 1's loss is the pretrained model's on the numpy-dequantised weights (adapters add 0).
+    batch = jax.tree.map(np.asarray, RECIPE.build_data(cfg, qlora).train.batch(0))
+    total, count = RECIPE.loss_fn(base, batch, None)
+    nnx.update(base, nnx.State(traverse_util.unflatten_dict(replaced)))
+    q_total, _ = RECIPE.loss_fn(base, batch, None)
+    for mesh in finals:
+        assert _first_loss(tmp_path / (mesh or "one")) == pytest.approx(float(q_total) / float(count), rel=1e-5)
+    assert float(q_total) != float(total)  # (4 bits do change the model)
+    # The adapters trained; the mesh run equals the single-device one.
+    assert all(np.abs(one[p]).max() > 0 for p in one if p[-1] == "lora_b")
+    for path in one:
+        np.testing.assert_allclose(finals["data=2,fsdp=2,tensor=2"][path], one[path], atol=2e-5, rtol=2e-5,
+                                   err_msg=str(path))

@@ -5,10 +5,10 @@ its published level table: our levels must be that table, our codes the nearest 
 force, and a QLoRA model must compute what a plain LoRA model computes on the weights the numpy
 reference dequantises. A QLoRA run from a pretrained run starts at the loss of the pretrained
 model on those weights, never moves a stored bit, and runs on a data x fsdp x tensor mesh with
-ZeRO-3 as on one device; its compiled step holds the frozen weights in ~4.25 bits.
+ZeRO-3 as on one device (``tests/test_lora.py``, beside the LoRA runs from the same pretrained run);
+its compiled step holds the frozen weights in ~4.25 bits.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,11 @@ from sciscale_jax.models.layers import Dense
 from sciscale_jax.models.stack import is_lora, without_lora
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.quant import nf4
-from sciscale_jax.recipes import get_recipe, load_run
-from sciscale_jax.train import TrainConfig, train
+from sciscale_jax.recipes import get_recipe
+from sciscale_jax.train import TrainConfig
 
 SHAPE = dict(vocab_size=13, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=16)
 RECIPE = get_recipe("protein-mlm")
-MODEL = RECIPE.make_config(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
-QUIET = dict(progress=False, log=lambda *_: None)
 
 
 def _flat(tree) -> dict:
@@ -140,59 +138,6 @@ def test_frozen_storage_under_bf16():
     for path, x in _params(q).items():
         want = {"kernel_nf4": np.uint8}.get(path[-1], np.float32 if is_lora(path) else jnp.bfloat16)
         assert x.dtype == want, path
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("qlora") / "pretrained"
-    train(RECIPE, MODEL, TrainConfig(steps=3, batch_size=8, seq_len=32, save_every=3, eval_every=100, log_every=1,
-                                     warmup_steps=1, seed=1), run, **QUIET)
-    return run
-
-
-def _first_loss(run) -> float:
-    return next(json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
-
-
-def test_a_qlora_run_from_a_pretrained_run(pretrained, tmp_path):
-    qlora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "lora_quant": "nf4"})
-    finals = {}
-    for mesh, zero in (("", 0), ("data=2,fsdp=2,tensor=2", 3)):
-        cfg = TrainConfig(steps=3, batch_size=8, seq_len=32, save_every=3, eval_every=100, log_every=1,
-                          warmup_steps=1, seed=7, init_from=str(pretrained), mesh=mesh, zero=zero, learning_rate=1e-2)
-        out = tmp_path / (mesh or "one")
-        result = train(RECIPE, qlora, cfg, out, **QUIET)
-        finals[mesh] = _params(load_run(out, log=lambda *_: None).model)
-        if mesh:  # ZeRO-3: the 4-bit codes are split over the devices too
-            codes = [x for p, x in traverse_util.flatten_dict(result["state"].params).items() if p[-1] == "kernel_nf4"]
-            assert codes and all(x.addressable_shards[0].data.size < x.size for x in codes)
-    base = load_run(pretrained, log=lambda *_: None).model
-    start = _params(base)
-    one = finals[""]
-    # Every stored kernel holds the pretrained kernel's nearest levels; every other frozen weight is as read.
-    replaced = {}
-    for at in _stored(one):
-        w, absmax = start[at + ("kernel",)], one[at + ("kernel_absmax",)]
-        want, want_absmax, scaled = ref.quantize(w, w.shape[-1] // absmax.shape[-1])
-        assert not np.any((ref.unpack(one[at + ("kernel_nf4",)]) != want) & ~ref.near_a_midpoint(scaled))
-        np.testing.assert_array_equal(absmax, want_absmax.astype(np.float32))
-        replaced[at + ("kernel",)] = ref.dequantize(want, want_absmax).astype(np.float32)
-    assert set(replaced) == {p for p in start if p[0] == "layers" and p[-1] == "kernel"}
-    assert all(np.array_equal(one[p], start[p]) for p in one if p in start)
-    # Step 1's loss is the pretrained model's on the numpy-dequantised weights (adapters add 0).
-    batch = jax.tree.map(np.asarray, RECIPE.build_data(cfg, qlora).train.batch(0))
-    total, count = RECIPE.loss_fn(base, batch, None)
-    nnx.update(base, nnx.State(traverse_util.unflatten_dict(replaced)))
-    q_total, _ = RECIPE.loss_fn(base, batch, None)
-    for mesh in finals:
-        assert _first_loss(tmp_path / (mesh or "one")) == pytest.approx(float(q_total) / float(count), rel=1e-5)
-    assert float(q_total) != float(total)  # (4 bits do change the model)
-    # The adapters trained; the mesh run equals the single-device one.
-    assert all(np.abs(one[p]).max() > 0 for p in one if p[-1] == "lora_b")
-    for path in one:
-        np.testing.assert_allclose(finals["data=2,fsdp=2,tensor=2"][path], one[path], atol=2e-5, rtol=2e-5,
-                                   err_msg=str(path))
 
 
 @pytest.mark.parametrize("remat", ["full", "none"])
