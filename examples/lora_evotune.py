@@ -19,7 +19,7 @@ family's residue frequencies (unigram) and the context-free table. Prints and wr
 ``benchmarks/results/lora_evotune.{json,md}`` with the trainable parameters and the per-device
 bytes of each variant's compiled train step (its arguments: the train state and a batch; its peak).
 
-    python examples/lora_evotune.py                       # about 30 minutes on 2 CPU cores
+    python examples/lora_evotune.py                       # about 45 minutes on 2 CPU cores
     python examples/lora_evotune.py --pretrained runs/pm  # start from a protein-mlm run you have
 """
 
@@ -64,11 +64,10 @@ def family_fasta(path: pathlib.Path, family: str = "hemopexin") -> int:
     return len(rows)
 
 
-def evaluate(run: pathlib.Path, fasta: pathlib.Path | None, val_fraction: float, out: pathlib.Path) -> dict:
-    """``sciscale eval`` of ``run`` on the family's held-out split (``fasta``; None: the run's own
-    data, the genome): the validation figures and baselines."""
-    data = ["--data", str(fasta), "--val-fraction", str(val_fraction)] if fasta is not None else []
-    code = cli.main(["eval", str(run), *data, "--json", str(out)])
+def evaluate(run: pathlib.Path, fasta: pathlib.Path, val_fraction: float, out: pathlib.Path) -> dict:
+    """``sciscale eval`` of ``run`` on the family's held-out split: the validation figures and baselines."""
+    code = cli.main(["eval", str(run), "--data", str(fasta), "--val-fraction", str(val_fraction),
+                     "--json", str(out)])
     if code != 0:
         raise SystemExit(f"sciscale eval {run} failed ({code})")
     return json.loads(out.read_text())
