@@ -9,7 +9,6 @@ ZeRO-3 as on one device (``tests/test_lora.py``, beside the LoRA runs from the s
 its compiled step holds the frozen weights in ~4.25 bits.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sciscale_jax.models.stack import merge_lora
+from sciscale_jax.models.stack import Techniques, merge_lora
 from sciscale_jax.pure import like, partition
 from sciscale_jax.quant import nf4
 from sciscale_jax.train import rundir
@@ -27,13 +29,12 @@ from sciscale_jax.train.abstract import eval_shape_module
 from sciscale_jax.train.checkpoint import place_arrays, restore_model
 from sciscale_jax.train.step import split_model
 
-_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_quant")
+_LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Techniques) if f.name.startswith("lora_")}
 
 
 def _lora_layout(model: dict) -> tuple:
-    """The LoRA settings of a saved model config (defaults where an older run lacks them)."""
-    defaults = {"lora_rank": 0, "lora_alpha": 8.0, "lora_targets": "attention", "lora_quant": "none"}
-    return tuple(model.get(k, defaults[k]) for k in _LORA_FIELDS) if model.get("lora_rank", 0) else ()
+    """The LoRA settings of a saved model config (``Techniques``' defaults where an older run lacks them)."""
+    return tuple(model.get(k, d) for k, d in _LORA_DEFAULTS.items()) if model.get("lora_rank", 0) else ()
 
 
 def read_init_params(recipe, model_config, cfg, target, lora=None, log=print) -> tuple[int, dict]:
