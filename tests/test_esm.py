@@ -188,11 +188,13 @@ def test_torch_pickles_and_foreign_vocabularies_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True, "nf4"])
-def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path, capsys, lora):
+def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path, capsys, monkeypatch, lora):
     from flax import traverse_util
 
     out = tmp_path / "tuned"
-    args = ["train", "protein-mlm", "--init-from", str(FIXTURE), "--steps", "2", "--batch-size", "4", "--seq-len",
+    if not lora:  # a relative --init-from, recorded absolute (the resume below runs from elsewhere)
+        monkeypatch.chdir(FIXTURE.parent)
+    args = ["train", "protein-mlm", "--init-from", FIXTURE.name if not lora else str(FIXTURE), "--steps", "2", "--batch-size", "4", "--seq-len",
             "48", "--eval-every", "100", "--log-every", "1", "--out", str(out), "--no-progress"]
     args += ["--lora-rank", "4", "--lr", "1e-2"] if lora else []
     args += ["--lora-quant", "nf4"] if lora == "nf4" else []
@@ -234,7 +236,8 @@ def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path,
         assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
     if lora:
         return
-    # resumed without repeating --init-from: the shape comes from where the run started
+    # resumed from another directory without repeating --init-from: the shape comes from where the run started
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "protein-mlm", "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--eval-every",
                      "100", "--out", str(out), "--resume", "--no-progress"]) == 0
     capsys.readouterr()

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import pathlib
 import time
 import warnings
@@ -113,6 +114,8 @@ class TrainConfig:
         pipeline_run.check_config(self)
         if not isinstance(self.init_from, str) or self.init_step < 0 or (self.init_step and not self.init_from):
             raise ValueError(f"init_step={self.init_step} must be >= 0 and needs init_from (got {self.init_from!r})")
+        if self.init_from:  # recorded absolute: a resumed or loaded run finds it from any working directory
+            object.__setattr__(self, "init_from", os.path.abspath(os.path.expanduser(self.init_from)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
