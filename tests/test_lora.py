@@ -206,8 +206,7 @@ def test_settings_lora_cannot_honour_are_refused(tmp_path):
     evoformer = get_recipe("msa-evoformer")
     with pytest.raises(ValueError, match="has no LoRA adapters"):
         evoformer.make_config(lora_rank=4)
-    with pytest.raises(ValueError, match="has no LoRA adapters"):
-        get_recipe("weather-vit").make_config(lora_rank=4)
+    assert get_recipe("weather-vit").make_config(lora_rank=4).lora_rank == 4  # adapters on its shared blocks
     assert TransformerConfig(**SHAPE, lora_rank=4).techniques.lora_rank == 4  # the switches alone
     for bad, match in (({"lora_rank": -1}, "lora_rank"), ({"lora_rank": True}, "lora_rank"),
                        ({"lora_rank": 2, "lora_alpha": 0.0}, "lora_alpha"),

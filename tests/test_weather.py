@@ -370,3 +370,84 @@ def test_example_script_reports_baselines_and_plots(tiny_cache, tmp_path, capsys
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["rollout"]["lead_hours"] == [6, 12, 18] and len(figures["rollout"]["model"]["ps"]) == 3
+
+
+# --- LoRA fine-tuning (Aurora's: adapters on the backbone, the rest frozen) ------------------------------------
+
+def _params(model) -> dict:
+    from flax import traverse_util
+
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+
+
+def _merged_climax(model) -> ClimaX:
+    """A ClimaX without adapters whose block kernels are the LoRA model's W + scale * A B, in numpy."""
+    import dataclasses
+
+    from flax import traverse_util
+
+    plain = ClimaX(dataclasses.replace(model.config, lora_rank=0), rngs=nnx.Rngs(9))
+    weights, merged = _params(model), {}
+    for path, value in weights.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in weights:
+            a, b = weights[path[:-1] + ("lora_a",)], weights[path[:-1] + ("lora_b",)]
+            r = a.shape[-1]
+            delta = a.reshape(-1, r).astype(np.float64) @ b.reshape(r, -1).astype(np.float64)
+            value = (value + model.config.lora_scale * delta.reshape(value.shape)).astype(np.float32)
+        merged[path] = value
+    nnx.update(plain, nnx.State(traverse_util.unflatten_dict(merged)))
+    return plain
+
+
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_lora_vit_equals_the_merged_weights(targets):
+    cfg = ClimaXConfig(**SMALL, residual=False, lora_rank=3, lora_alpha=6.0, lora_targets=targets)
+    model = ClimaX(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 6, 10))
+    lead = jnp.array([6.0, 24.0])
+    fresh = model(x, lead)
+    # B = 0: the base model (to float32 rounding: XLA may fuse the adapter's zero add into the dot)
+    np.testing.assert_allclose(np.asarray(fresh), np.asarray(_merged_climax(model)(x, lead)), rtol=2e-5, atol=2e-5)
+    rng = np.random.default_rng(2)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] == "lora_b":
+            variable.set_value(jnp.asarray(rng.normal(0, 0.3, variable.get_value().shape), jnp.float32))
+    out = model(x, lead)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_merged_climax(model)(x, lead)), rtol=2e-5, atol=2e-5)
+    assert float(jnp.max(jnp.abs(out - fresh))) > 0.05  # the adapters do change the forecast
+    adapted = {p[:-1] for p in _params(model) if p[-1] == "lora_a"}
+    mlp = {"wi", "wo"} | ({"wg"} if cfg.mlp != "gelu" else set())
+    assert {p[0] for p in adapted} == {"layers"}  # the backbone's blocks alone, not aggregation or the head
+    assert {p[-1] for p in adapted} == {"query", "key", "value", "out"} | (mlp if targets == "all" else set())
+    bf16 = ClimaX(ClimaXConfig(**SMALL, lora_rank=2, precision="bf16"), rngs=nnx.Rngs(0))
+    assert all(v.dtype == (np.float32 if p[-1] in ("lora_a", "lora_b") else jnp.bfloat16)
+               for p, v in _params(bf16).items())  # frozen: the compute dtype, no float32 master copy
+
+
+def test_lora_run_adapts_a_pretrained_forecaster_to_a_longer_lead(tiny_cache, tmp_path):
+    from sciscale_jax.recipes import load_run
+
+    _train(tiny_cache, tmp_path, "pretrained", steps=3)
+    args = ["weather-vit", *TINY_FLAGS, "--cache-dir", str(tiny_cache), "--lora-rank", "4", "--lead-steps", "2"]
+    recipe, model_cfg, train_cfg = cli.build_configs(args)
+    cfg = TrainConfig(**{**train_cfg.to_dict(), "steps": 2, "eval_every": 1000, "save_every": 2, "log_every": 1,
+                         "learning_rate": 1e-2})
+    with pytest.raises(ValueError, match="without --init-from: LoRA freezes the head"):
+        train(recipe, model_cfg, cfg, tmp_path / "scratch", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "scratch").exists()
+    cfg = TrainConfig(**{**cfg.to_dict(), "init_from": str(tmp_path / "pretrained")})
+    train(recipe, model_cfg, cfg, tmp_path / "tuned", progress=False, log=lambda *_: None)
+    pretrained = load_run(tmp_path / "pretrained", log=lambda *_: None).model
+    # the first step's loss: the pretrained forecaster on this run's first batch at the new lead
+    batch = jax.tree.map(np.asarray, recipe.build_data(cfg, model_cfg).train.batch(0))
+    assert set(batch["lead"].tolist()) == {12.0}
+    total, count = recipe.loss_fn(pretrained, batch, None)
+    first = next(json.loads(line)["loss"] for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("step") == 1 and "loss" in json.loads(line))
+    assert first == pytest.approx(float(total) / float(count), rel=1e-5)
+    tuned, start = _params(load_run(tmp_path / "tuned", log=lambda *_: None).model), _params(pretrained)
+    assert {p for p in tuned if p[-1] not in ("lora_a", "lora_b")} == set(start)
+    assert all(np.array_equal(tuned[p], start[p]) for p in start)  # every pretrained weight as it was
+    assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")

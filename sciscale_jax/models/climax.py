@@ -16,11 +16,17 @@ zero, so an untrained model is the persistence forecast. Rotary positions of the
 blocks are off (all positions 0): positions enter only through the learned embedding, as in
 ClimaX. Variable aggregation attends over a handful of tokens and always uses the XLA
 attention; the patch sequence uses the configured implementation.
+
+With ``lora_rank`` the shared blocks carry LoRA adapters (``lora_targets``; ``lora_quant="nf4"``
+stores their frozen kernels in 4 bits) and everything else is frozen: the patch and lead
+embeddings, variable aggregation and head keep what the pretrained run learned, as in Aurora's
+LoRA fine-tuning of its backbone (Bodnar et al. 2024).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param
-from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
+from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers, store_frozen
 from sciscale_jax.models.transformer import MLP_KINDS, Block, TransformerConfig
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.quant.registry import make_matmul
@@ -60,6 +66,7 @@ class ClimaXConfig(Techniques):
         "help": "predict the change from the input (starts at persistence)"})
     linformer_k: int = 256
     performer_features: int = 256
+    supports_lora: ClassVar[bool] = True  # adapters on the shared Transformer blocks (Aurora's fine-tuning)
 
     def __post_init__(self):
         for name in ("num_vars", "lat", "lon", "patch_size", "num_layers", "num_heads", "embed_dim", "mlp_dim",
@@ -148,6 +155,8 @@ class ClimaX(nnx.Module):
         self.head = Dense((e,), (v * q,), (ax.MLP, None), use_bias=True, **kw)
         if cfg.residual:  # start at persistence: the predicted change is zero
             self.head.kernel[...] = jnp.zeros_like(self.head.kernel[...])
+        if cfg.lora_rank:  # everything but the blocks' adapters is frozen: kept in the compute dtype
+            store_frozen(self, cfg.dtype)
 
     def __call__(self, x_bvhw, lead_hours_b, static_shw=None, *, dropout_key=None):
         """``static_shw``: the ``num_static`` time-invariant fields, [S, lat, lon] or [B, S, lat, lon]."""

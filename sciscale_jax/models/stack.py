@@ -112,7 +112,7 @@ class Techniques:
         # (the bare switches describe no model: a LoRA Transformer config's ``techniques`` are such)
         if self.lora_rank and not self.supports_lora and type(self) is not Techniques:
             raise ValueError(f"lora_rank={self.lora_rank}: {type(self).__name__} has no LoRA adapters (the "
-                             "Transformer families have them)")
+                             "Transformer families and the weather ViT have them)")
         if self.precision != "fp32":  # a non-default policy decides the dtypes
             policy = get_policy(self.precision)
             object.__setattr__(self, "dtype", policy.compute_dtype)
