@@ -451,3 +451,95 @@ def test_lora_run_adapts_a_pretrained_forecaster_to_a_longer_lead(tiny_cache, tm
     assert {p for p in tuned if p[-1] not in ("lora_a", "lora_b")} == set(start)
     assert all(np.array_equal(tuned[p], start[p]) for p in start)  # every pretrained weight as it was
     assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
+
+
+# --- multi-step (rollout) fine-tuning -----------------------------------------------------------------------
+
+def test_rollout_batches_carry_the_states_each_step_later():
+    traj = np.arange(2 * 9, dtype=np.float32).reshape(2, 9, 1, 1, 1) * np.ones((1, 1, 2, 3, 4), np.float32)
+    batches = wx.ForecastBatches(traj, lead_steps=2, interval_hours=6, batch_size=16, rollout_steps=3)
+    b = batches.batch(5)
+    assert b["y_rollout"].shape == (16, 2, 2, 3, 4)
+    start = b["x"][:, 0, 0, 0]  # the state's number: trajectory * 9 + time
+    assert np.all(start % 9 + 3 * 2 < 9)  # room for three steps of two intervals
+    np.testing.assert_array_equal(b["y"][:, 0, 0, 0], start + 2)
+    np.testing.assert_array_equal(b["y_rollout"][:, :, 0, 0, 0], start[:, None] + np.array([4, 6]))
+    assert np.all(b["lead"] == 12.0)
+    with pytest.raises(ValueError, match="rollout_steps=5: 10 intervals"):
+        wx.ForecastBatches(traj, lead_steps=2, interval_hours=6, batch_size=4, rollout_steps=5)
+    with pytest.raises(ValueError, match="takes one lead"):
+        wx.ForecastBatches(traj, lead_steps=1, max_lead_steps=2, interval_hours=6, batch_size=4, rollout_steps=2)
+    with pytest.raises(ValueError, match="rolls out one lead"):
+        weather_vit.WeatherViTConfig(lead_steps=1, max_lead_steps=2, train_rollout=2)
+
+
+def _rollout_setup(grad):
+    cfg = ClimaXConfig(**SMALL, residual=False)
+    model = ClimaX(cfg, rngs=nnx.Rngs(5))
+    import dataclasses
+    import types
+
+    # the recipe's config adds train_rollout_grad to the model's
+    model.config = types.SimpleNamespace(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                                         train_rollout_grad=grad)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 6, 10)).astype(np.float32)
+    ys = rng.normal(size=(3, 2, 3, 6, 10)).astype(np.float32)
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(ys[0]), "y_rollout": jnp.asarray(ys[1:].transpose(1, 0, 2, 3, 4)),
+             "lead": jnp.array([6.0, 6.0])}
+    return model, x, ys, batch
+
+
+def test_rollout_loss_is_the_mean_over_the_models_own_forecasts():
+    model, x, ys, batch = _rollout_setup("all")
+    lat = -90.0 + (np.arange(6) + 0.5) * 180.0 / 6
+    state, want = jnp.asarray(x), []
+    for k in range(3):  # the model applied to its own forecast, scored plainly in float64 at each step
+        state = model(state, jnp.array([6.0, 6.0]))
+        want.append(wx.lat_weighted_mse(np.asarray(state), ys[k], lat).mean())
+    total, count = weather_vit.loss_fn(model, batch, None)
+    assert float(total) / float(count) == pytest.approx(np.mean(want), rel=1e-5)
+    model.config.train_rollout_grad = "last"
+    total, count = weather_vit.loss_fn(model, batch, None)
+    assert float(total) / float(count) == pytest.approx(want[-1], rel=1e-5)
+
+
+def test_train_rollout_gradients_all_steps_and_the_pushforward_trick():
+    model, x, ys, batch = _rollout_setup("all")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, b):
+        s, n = weather_vit.loss_fn(nnx.merge(graphdef, p, rest), b, None)
+        return s / n
+
+    grads = jax.grad(loss)(params, batch)  # through every step: a central difference along a unit direction
+    direction = jax.tree.map(lambda g: jax.random.normal(jax.random.key(g.size), g.shape), grads)
+    norm = math.sqrt(sum(float(jnp.vdot(d, d)) for d in jax.tree.leaves(direction)))
+    direction = jax.tree.map(lambda d: d / norm, direction)
+    eps = 1e-2
+    fd = (loss(jax.tree.map(lambda p, d: p + eps * d, params, direction), batch)
+          - loss(jax.tree.map(lambda p, d: p - eps * d, params, direction), batch)) / (2 * eps)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    assert analytic == pytest.approx(float(fd), rel=2e-2)
+    # pushforward: the gradient of the last step's loss with its input held fixed at the rolled-out state
+    model.config.train_rollout_grad = "last"
+    last = jax.grad(loss)(params, batch)
+    state = model(model(jnp.asarray(x), batch["lead"]), batch["lead"])
+    fixed = {"x": state, "y": batch["y_rollout"][:, 1], "lead": batch["lead"]}
+    want = jax.grad(loss)(params, fixed)
+    for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    differs = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(grads)))
+    assert differs > 1e-3  # not the all-steps gradient
+
+
+def test_rollout_training_memory_on_the_compiled_step(tiny_cache, tmp_path):
+    peak = {}
+    for name, extra in (("one", []), ("all", ["--train-rollout", "3"]),
+                        ("last", ["--train-rollout", "3", "--train-rollout-grad", "last"])):
+        result = _train(tiny_cache, tmp_path, name, steps=1, model=extra)
+        assert math.isfinite(result["val_loss"])
+        peak[name] = result["memory"].peak_bytes
+    # backpropagating through 3 steps keeps the activations of each: well above one step; the
+    # pushforward trick keeps one step's (and the rolled-out states): within 15% of one step
+    assert peak["all"] > 1.8 * peak["one"] and peak["last"] < 1.15 * peak["one"]

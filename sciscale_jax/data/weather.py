@@ -409,18 +409,23 @@ class ForecastBatches:
     ``max_lead_steps`` above ``lead_steps`` each pair's lead uniformly from ``lead_steps`` to
     ``max_lead_steps`` intervals (ClimaX's randomized lead); ``eval_batches`` takes every pair
     at ``lead_steps`` once, in order, padded to whole batches (``valid`` 0). Fields: ``x``, ``y``
-    [B, V, lat, lon] and ``lead`` [B] in hours.
+    [B, V, lat, lon] and ``lead`` [B] in hours. With ``rollout_steps`` K > 1 (one lead per example)
+    ``y_rollout`` [B, K - 1, V, lat, lon] adds the states at 2 .. K leads after ``x``.
     """
 
     def __init__(self, trajectories: np.ndarray, *, lead_steps: int, interval_hours: int, batch_size: int,
-                 seed: int = 0, static: np.ndarray | None = None, max_lead_steps: int = 0):
+                 seed: int = 0, static: np.ndarray | None = None, max_lead_steps: int = 0, rollout_steps: int = 1):
         n, t = trajectories.shape[:2]
-        longest = max(lead_steps, max_lead_steps)
+        if rollout_steps > 1 and max(lead_steps, max_lead_steps) != lead_steps:
+            raise ValueError(f"rollout_steps={rollout_steps} takes one lead (max_lead_steps={max_lead_steps})")
+        longest = max(lead_steps, max_lead_steps) * rollout_steps
         if not 0 < lead_steps < t or longest >= t:
-            raise ValueError(f"lead_steps={lead_steps} (up to max_lead_steps={longest}) must lie in [1, {t - 1}] "
-                             f"for trajectories of {t} states")
+            rolled = f", rollout_steps={rollout_steps}: {longest} intervals" if rollout_steps > 1 else ""
+            raise ValueError(f"lead_steps={lead_steps} (up to max_lead_steps={max(lead_steps, max_lead_steps)}"
+                             f"{rolled}) must lie in [1, {t - 1}] for trajectories of {t} states")
         self.data, self.lead_steps, self.batch_size, self.seed = trajectories, lead_steps, batch_size, seed
-        self.max_lead_steps, self.interval_hours = longest, interval_hours
+        self.max_lead_steps, self.interval_hours = max(lead_steps, max_lead_steps), interval_hours
+        self.rollout_steps = rollout_steps
         self.static = static  # [S, lat, lon] time-invariant inputs, in every batch as ``static`` [B, S, lat, lon]
         self.lead_hours = float(lead_steps * interval_hours)
         self.pairs = np.array([(i, j) for i in range(n) for j in range(t - longest)], np.int64)
@@ -430,6 +435,9 @@ class ForecastBatches:
         leads = np.full(len(idx), self.lead_steps) if leads is None else leads
         out = {"x": self.data[traj, t], "y": self.data[traj, t + leads],
                "lead": (leads * self.interval_hours).astype(np.float32)}
+        if self.rollout_steps > 1:
+            later = t[:, None] + self.lead_steps * np.arange(2, self.rollout_steps + 1)
+            out["y_rollout"] = self.data[traj[:, None], later]
         if self.static is not None:
             out["static"] = np.repeat(self.static[None], len(idx), axis=0)
         return out

@@ -69,6 +69,7 @@ class Data:
     sources: dict = dataclasses.field(default_factory=dict)    # {path: sha256} of the user's files read
                                                                # (``data.files.fingerprints``), recorded by the run
     summary: str = ""     # one line on what the data is (the user's files: how many records, the split), logged
+    train_only: tuple = ()  # fields the training batches alone carry (weather-vit's rollout targets)
 
 
 def _identity(means: dict) -> dict:

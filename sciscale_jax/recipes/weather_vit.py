@@ -8,7 +8,11 @@ the user's Zarr or NetCDF fields (ERA5, WeatherBench 2), the last states in time
 channel is normalized by its mean and standard deviation over the training states.
 
 The model (``sciscale_jax.models.climax``) maps the state at t to the state at t + lead and
-trains on latitude-weighted MSE over all channels (normalized units). Evaluation, on every
+trains on latitude-weighted MSE over all channels (normalized units); with ``train_rollout`` K
+on the mean of that loss over its own autoregressive forecasts at 1 .. K leads (multi-step
+fine-tuning, as GraphCast and Aurora do: backpropagating through every step, whose activations
+add up, or under ``train_rollout_grad="last"`` through the last alone, the pushforward trick's memory
+of one step). Evaluation (one step at the lead, whatever K), on every
 pair of the held-out states: latitude-weighted RMSE per channel in physical units (the
 square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
 correlation (ACC, per state then averaged) against the climatology of the training states
@@ -50,6 +54,13 @@ class WeatherViTConfig(ClimaXConfig):
     max_lead_steps: int = dataclasses.field(default=0, metadata={
         "help": "train on leads drawn per example from lead_steps to this many intervals (ClimaX's randomized "
                 "lead; 0: lead_steps only); evaluation at lead_steps, and the loss at each other lead"})
+    train_rollout: int = dataclasses.field(default=1, metadata={
+        "help": "train on autoregressive forecasts of this many steps of lead_steps, the loss averaged over the "
+                "steps (GraphCast's and Aurora's multi-step fine-tuning; activations grow with the steps)"})
+    train_rollout_grad: str = dataclasses.field(default="all", metadata={
+        "choices": ("all", "last"), "help": "with --train-rollout: backpropagate through every step, or through the "
+        "last alone, its input rolled out without gradient and only its loss counted (the pushforward trick: the "
+        "memory of one step)"})
     data: str = dataclasses.field(default="", metadata={
         "group": "data", "help": "your gridded fields: Zarr stores or NetCDF files, comma-separated "
                                  "('': the Held-Suarez simulation)"})
@@ -85,6 +96,13 @@ class WeatherViTConfig(ClimaXConfig):
                 self.max_lead_steps == 0 or self.max_lead_steps >= self.lead_steps):
             raise ValueError(f"max_lead_steps={self.max_lead_steps!r} must be 0 or at least lead_steps="
                              f"{self.lead_steps}")
+        if not isinstance(self.train_rollout, int) or isinstance(self.train_rollout, bool) or self.train_rollout < 1:
+            raise ValueError(f"train_rollout={self.train_rollout!r} must be a positive integer")
+        if self.train_rollout > 1 and self.max_lead_steps not in (0, self.lead_steps):
+            raise ValueError(f"train_rollout={self.train_rollout} rolls out one lead: it takes no max_lead_steps "
+                             f"(got {self.max_lead_steps})")
+        if self.train_rollout_grad not in ("all", "last"):
+            raise ValueError(f"train_rollout_grad={self.train_rollout_grad!r} must be 'all' or 'last'")
         if self.data:
             if not isinstance(self.interval_hours, int) or isinstance(self.interval_hours, bool) \
                     or self.interval_hours <= 0:
@@ -160,8 +178,24 @@ def _forecast(model, batch, key=None):
 
 
 def loss_fn(model, batch, key):
-    """Latitude-weighted MSE of the forecast at the trained lead, in normalized units."""
-    return lat_weighted_mse(_forecast(model, batch, key), batch["y"])
+    """Latitude-weighted MSE of the forecast at the trained lead, in normalized units; with
+    ``y_rollout`` (``train_rollout`` K > 1) of the model's own K-step rollout, averaged over the
+    steps, or under ``train_rollout_grad="last"`` of its last step alone, whose input (the first K - 1
+    steps) carries no gradient."""
+    if "y_rollout" not in batch:
+        return lat_weighted_mse(_forecast(model, batch, key), batch["y"])
+    targets = [batch["y"], *(batch["y_rollout"][:, k] for k in range(batch["y_rollout"].shape[1]))]
+    keys = [None] * len(targets) if key is None else list(jax.random.split(key, len(targets)))
+    last = getattr(model.config, "train_rollout_grad", "all") == "last"
+    state, total, count = batch["x"], 0.0, 0.0
+    for k, target in enumerate(targets):
+        state = model(state, batch["lead"], batch.get("static"), dropout_key=keys[k])
+        if last and k < len(targets) - 1:
+            state = jax.lax.stop_gradient(state)
+            continue
+        s, n = lat_weighted_mse(state, target)
+        total, count = total + s, count + n
+    return total, count
 
 
 def eval_fn(model, batch) -> dict:
@@ -276,7 +310,8 @@ def build_data(train_cfg, model_cfg) -> Data:
     prep = prepare(model_cfg)
     kw = dict(lead_steps=model_cfg.lead_steps, interval_hours=prep.weather.interval_hours,
               batch_size=train_cfg.batch_size, seed=train_cfg.seed, static=prep.static_norm)
-    train = wx.ForecastBatches(prep.normalizer(prep.weather.train), max_lead_steps=model_cfg.max_lead_steps, **kw)
+    train = wx.ForecastBatches(prep.normalizer(prep.weather.train), max_lead_steps=model_cfg.max_lead_steps,
+                               rollout_steps=model_cfg.train_rollout, **kw)
     train.prepared = prep  # for rollouts after training
     evals = _eval_batches(prep, model_cfg, kw)
     user = isinstance(prep.weather, gridded.FieldData)
@@ -287,7 +322,7 @@ def build_data(train_cfg, model_cfg) -> Data:
     for k in model_cfg.leads[1:]:  # a multi-lead run: the loss baselines at each other trained lead
         figures.update({f"{name}_lead{k}": value for name, value in baselines(prep, k, channels=False).items()})
     return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
-                summary=summary)
+                summary=summary, train_only=("y_rollout",))  # evaluation: one step at the lead
 
 
 def _eval_batches(prep: Prepared, model_cfg, kw: dict):
@@ -338,6 +373,9 @@ def abstract_batch(model_cfg, train_cfg) -> dict:
     out = {"x": field, "y": field, "lead": jax.ShapeDtypeStruct((b,), np.float32)}
     if model_cfg.num_static:
         out["static"] = jax.ShapeDtypeStruct((b, model_cfg.num_static, *grid), np.float32)
+    if model_cfg.train_rollout > 1:
+        out["y_rollout"] = jax.ShapeDtypeStruct((b, model_cfg.train_rollout - 1, model_cfg.num_vars, *grid),
+                                                np.float32)
     return out
 
 
@@ -493,6 +531,7 @@ RECIPE = Recipe(
     eval_fn=eval_fn,
     summarize=summarize,
     batch_axes={"x": FIELD, "y": FIELD, "clim": FIELD, "static": FIELD, "lead": (BATCH,), "valid": (BATCH,),
+                "y_rollout": (BATCH, None, None, None, None),
                 "scale": (BATCH, None), "lead_index": (BATCH,)},
     check=check,
     embed=forecast,

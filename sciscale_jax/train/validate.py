@@ -65,12 +65,13 @@ def validate_batch(batch, vocab_size: int | None, *, required=(), where: str = "
 
 
 def check_data(data, vocab_size: int | None, example=None) -> None:
-    """Validate the first training batch and every evaluation batch (same fields as training)."""
+    """Validate the first training batch and every evaluation batch (the same fields as training,
+    but those ``data.train_only`` names)."""
     example = data.train.batch(0) if example is None else example
     validate_batch(example, vocab_size, where="training batch 0")
     if not data.eval:
         raise ValueError("the recipe's data has no evaluation batches")
-    fields = tuple(example)
+    fields = tuple(k for k in example if k not in getattr(data, "train_only", ()))
     for i, batch in enumerate(data.eval):
         validate_batch(batch, vocab_size, required=fields, where=f"evaluation batch {i}")
 
