@@ -543,3 +543,12 @@ def test_rollout_training_memory_on_the_compiled_step(tiny_cache, tmp_path):
     # backpropagating through 3 steps keeps the activations of each: well above one step; the
     # pushforward trick keeps one step's (and the rolled-out states): within 15% of one step
     assert peak["all"] > 1.8 * peak["one"] and peak["last"] < 1.15 * peak["one"]
+
+
+def test_rollout_training_on_eight_devices_matches_one(tiny_cache, tmp_path):
+    one = _train(tiny_cache, tmp_path, "one", steps=2, model=["--train-rollout", "2"])
+    mesh = _train(tiny_cache, tmp_path, "mesh", steps=2, model=["--train-rollout", "2", "--remat", "full"],
+                  mesh="data=2,fsdp=2,tensor=2", zero=3)
+    for a, b in zip(_leaves(one["state"]), _leaves(mesh["state"])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+    assert mesh["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
