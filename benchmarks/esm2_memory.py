@@ -17,7 +17,9 @@ reads XLA's compiled memory analysis. Every row is 8 sequences of 1,024 tokens, 
   every other weight frozen in bfloat16 (no gradient, no optimizer state), on one device and
   sharded as above;
 - QLoRA r=8: the same with the blocks' frozen dense weights in 4-bit NormalFloat (``--lora-quant
-  nf4``; embeddings, norms and the head stay bfloat16).
+  nf4``; embeddings, norms and the head stay bfloat16);
+- QLoRA-DQ r=8: QLoRA with the scales double-quantised (``--lora-quant nf4-dq``: int8 per scale
+  plus a bf16 mean and step per row, where a row holds at least 8 blocks).
 
 Figures are per device of the program compiled for the CPU backend; the same step compiled for a
 GPU is still to be measured.
@@ -59,6 +61,8 @@ MIXES = {
     "QLoRA r=8": (dict(precision="bf16", remat="full", lora_rank=8, lora_quant="nf4"), dict(optimizer="adamw")),
     "QLoRA r=8, ZeRO-3 over 8": (dict(precision="bf16", remat="full", lora_rank=8, lora_quant="nf4"),
                                  dict(optimizer="adamw", mesh="fsdp=8", zero=3)),
+    "QLoRA-DQ r=8": (dict(precision="bf16", remat="full", lora_rank=8, lora_quant="nf4-dq"),
+                     dict(optimizer="adamw")),
 }
 GiB = 2.0 ** 30
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -107,7 +111,8 @@ def table(rows) -> str:
     mixes = list(MIXES)
     lines = ["Compiled train-step peak per device (GiB), `sciscale train protein-mlm --init-from <ESM-2>`, "
              "8 x 1,024 tokens, AdamW or 8-bit AdamW (LoRA: AdamW on the rank-8 adapters of the attention "
-             "projections, the rest frozen in bf16; QLoRA: the blocks' frozen dense weights in 4-bit NF4); "
+             "projections, the rest frozen in bf16; QLoRA: the blocks' frozen dense weights in 4-bit NF4; "
+             "QLoRA-DQ: their scales double-quantised); "
              "CPU backend, 8 simulated devices for the ZeRO-3 columns.", "",
              "| ESM-2 | parameters | " + " | ".join(mixes) + " |", "|---|---|" + "---|" * len(mixes)]
     for size in dict.fromkeys(r["size"] for r in rows):

@@ -44,3 +44,18 @@ def near_a_midpoint(scaled, tol: float = 1e-6):
     either way)."""
     mids = (PAPER_NF4[1:] + PAPER_NF4[:-1]) / 2
     return np.abs(np.asarray(scaled)[..., None] - mids).min(-1) < tol
+
+
+def double_quantize(absmax):
+    """(int codes, mean, step) of positive scales [..., m], per row in float64: the distance from
+    the row's mean in steps of the row's largest distance / 127, rounded to the nearest step."""
+    a = np.asarray(absmax, np.float64)
+    mean = a.mean(-1, keepdims=True)
+    step = np.abs(a - mean).max(-1, keepdims=True) / 127
+    return np.round((a - mean) / np.where(step > 0, step, 1.0)), mean, step
+
+
+def double_dequantize(codes, rows):
+    """The scales [..., m] that int codes [..., m] and rows [..., 2] (mean, step) stand for (float64)."""
+    rows = np.asarray(rows, np.float64)
+    return np.asarray(codes, np.float64) * rows[..., 1:] + rows[..., :1]

@@ -84,11 +84,46 @@ def test_block_lengths():
         nf4.block_length(33)
 
 
-def _model_pair(**kw):
+def test_double_quantised_scales_against_the_reference():
+    rng = np.random.default_rng(4)
+    absmax = (np.abs(rng.normal(size=(5, 3, 40))) + 0.1).astype(np.float32)
+    absmax[0, 0] = 0.7  # a row of equal scales: no spread, stored exactly
+    codes, rows = nf4.double_quantize(jnp.asarray(absmax))
+    want, mean, step = ref.double_quantize(absmax)
+    assert codes.dtype == jnp.int8 and rows.shape == (5, 3, 2)
+    np.testing.assert_allclose(np.asarray(rows), np.concatenate([mean, step], -1), rtol=1e-6, atol=1e-7)
+    distance = (absmax - mean) / np.where(step > 0, step, 1.0)
+    tie = np.abs(np.abs(distance - np.floor(distance)) - 0.5) < 1e-4
+    assert not np.any((np.asarray(codes) != want) & ~tie) and np.abs(np.asarray(codes)).max() == 127
+    back = ref.double_dequantize(np.asarray(codes), np.asarray(rows))
+    assert np.all(np.abs(back - absmax) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    np.testing.assert_array_equal(back[0, 0], absmax[0, 0])
+    np.testing.assert_allclose(np.asarray(nf4.double_dequantize(codes, rows)), back, rtol=1e-6)
+
+
+def test_store_double_quantises_as_the_reference():
+    """A float kernel read into a model that double-quantises (what ``--init-from`` does):
+    the reference's codes, and its scales' codes and rows."""
+    like = nnx.to_pure_dict(nnx.state(Dense((32,), (512,), ("embed", "mlp"), rngs=nnx.Rngs(0),
+                                            base_quant="nf4-dq"), nnx.Param))
+    assert set(like) == {"kernel_nf4", "kernel_absmax_q", "kernel_absmax_dq"}
+    w = np.random.default_rng(5).normal(size=(32, 512)).astype(np.float32)
+    got = nf4.store({"kernel": jnp.asarray(w)}, like)
+    want, absmax, scaled = ref.quantize(w, 64)
+    assert not np.any((ref.unpack(got["kernel_nf4"]) != want) & ~ref.near_a_midpoint(scaled))
+    codes, mean, step = ref.double_quantize(absmax.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(got["kernel_absmax_dq"]), np.concatenate([mean, step], -1), rtol=1e-6)
+    assert np.abs(np.asarray(got["kernel_absmax_q"]).astype(np.float64) - codes).max() <= 1
+    folded = nf4.pop_float(traverse_util.flatten_dict(got), ())
+    weights = ref.dequantize(want, ref.double_dequantize(got["kernel_absmax_q"], got["kernel_absmax_dq"]))
+    np.testing.assert_allclose(np.asarray(folded), weights, rtol=1e-6, atol=1e-6)
+
+
+def _model_pair(quant="nf4", shape=SHAPE, **kw):
     """A QLoRA Transformer and the plain LoRA Transformer of the same seed (the same float kernels
     drawn), with the same random adapters."""
-    q = Transformer(TransformerConfig(**SHAPE, lora_rank=3, lora_alpha=6.0, lora_quant="nf4", **kw), rngs=nnx.Rngs(0))
-    plain = Transformer(TransformerConfig(**SHAPE, lora_rank=3, lora_alpha=6.0, **kw), rngs=nnx.Rngs(0))
+    q = Transformer(TransformerConfig(**shape, lora_rank=3, lora_alpha=6.0, lora_quant=quant, **kw), rngs=nnx.Rngs(0))
+    plain = Transformer(TransformerConfig(**shape, lora_rank=3, lora_alpha=6.0, **kw), rngs=nnx.Rngs(0))
     for module in (q, plain):
         rng = np.random.default_rng(0)  # the same draws in the same order of paths
         for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
@@ -97,17 +132,24 @@ def _model_pair(**kw):
     return q, plain
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_a_qlora_model_computes_lora_on_the_dequantised_weights(scan_layers):
-    q, plain = _model_pair(scan_layers=scan_layers, lora_targets="attention")
+@pytest.mark.parametrize("scan_layers, quant", [(False, "nf4"), (True, "nf4"), (True, "nf4-dq")])
+def test_a_qlora_model_computes_lora_on_the_dequantised_weights(scan_layers, quant):
+    # nf4-dq: rows of at least 8 blocks double-quantise their scales (out, wi, wg, wo at 128 and 256
+    # wide; the query, key and value rows end in one head's 64 channels: one block, plain scales)
+    shape = SHAPE if quant == "nf4" else {**SHAPE, "embed_dim": 128, "mlp_dim": 256}
+    q, plain = _model_pair(quant, shape, scan_layers=scan_layers, lora_targets="attention")
     qp, pp = _params(q), _params(plain)
     stored = _stored(qp)
     kinds = {p[-1] for p in stored}
     assert kinds == {"query", "key", "value", "out", "wi", "wg", "wo"}  # every block dense layer, adapted or not
     assert all(p + ("kernel",) not in qp for p in stored) and ("lm_head", "kernel") in qp  # the head stays float
+    double = {p[-1] for p in stored if p + ("kernel_absmax_q",) in qp}
+    assert double == (set() if quant == "nf4" else {"out", "wi", "wg", "wo"})
     replaced = {}
     for at in stored:
-        codes, absmax = qp[at + ("kernel_nf4",)], qp[at + ("kernel_absmax",)]
+        codes = qp[at + ("kernel_nf4",)]
+        absmax = qp[at + ("kernel_absmax",)] if at[-1] not in double else \
+            ref.double_dequantize(qp[at + ("kernel_absmax_q",)], qp[at + ("kernel_absmax_dq",)])
         w = pp[at + ("kernel",)]
         block = w.shape[-1] // absmax.shape[-1]
         want, _, scaled = ref.quantize(w, block)  # the float kernel the same seed drew
@@ -152,7 +194,7 @@ def test_qlora_memory_on_the_compiled_step(remat):
     big = dict(num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, max_len=64, precision="bf16",
                scan_layers=True, remat=remat, lora_rank=8)
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=64)
-    runs = {q: abstract_run(RECIPE, RECIPE.make_config(**big, lora_quant=q), cfg) for q in ("none", "nf4")}
+    runs = {q: abstract_run(RECIPE, RECIPE.make_config(**big, lora_quant=q), cfg) for q in ("none", "nf4", "nf4-dq")}
     peak = {q: report_from_analysis(run.compile(analysis_only=True).memory_analysis()).peak_bytes
             for q, run in runs.items()}
     state = {q: mem.state_bytes(run) for q, run in runs.items()}
@@ -168,6 +210,17 @@ def test_qlora_memory_on_the_compiled_step(remat):
     # The compiled step holds the 4-bit kernels, not a dequantised copy of them.
     saved = state["none"]["params"] - state["nf4"]["params"]
     assert peak["none"] - peak["nf4"] > 0.8 * saved
+    # Double quantisation: where a row has 8 or more blocks (out, wi, wg, wo), one byte per scale
+    # plus a bf16 mean and step per row instead of a bf16 scale each; the rest as nf4 stores them
+    dq = flat["nf4-dq"]
+    plain = sum(x.size for p, x in dq.items() if p[-1] == "kernel_absmax")
+    codes = sum(x.size for p, x in dq.items() if p[-1] == "kernel_absmax_q")
+    rows = sum(x.size for p, x in dq.items() if p[-1] == "kernel_absmax_dq")
+    per_row = sum(x.size // x.shape[-1] for p, x in dq.items() if p[-1] == "kernel_absmax_q")
+    assert plain + codes == scales and rows == 2 * per_row and plain == 4 * 3 * 256 * 4  # q, k, v: one per row
+    assert codes >= 8 * per_row  # every double-quantised row holds at least 8 scales
+    assert state["nf4-dq"]["params"] == state["nf4"]["params"] - 2 * codes + codes + 2 * rows
+    assert state["nf4-dq"]["params"] < state["nf4"]["params"] and peak["nf4-dq"] <= peak["nf4"]
 
 
 def test_settings_qlora_cannot_honour_are_refused():

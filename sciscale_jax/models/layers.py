@@ -39,7 +39,10 @@ class Dense(nnx.Module):
     With ``base_quant="nf4"`` (QLoRA's frozen base, ``sciscale_jax.quant.nf4``) the kernel is drawn
     as usual and stored in 4 bits: ``kernel_nf4`` (uint8 codes, two per byte along the last axis)
     and ``kernel_absmax`` (one scale per block), both with the kernel's logical axes; it is
-    dequantised to ``dtype`` at each call.
+    dequantised to ``dtype`` at each call. ``base_quant="nf4-dq"`` double-quantises the scales
+    where a row holds at least ``nf4.DOUBLE_MIN_BLOCKS`` blocks: ``kernel_absmax_q`` (int8, the
+    kernel's axes) and ``kernel_absmax_dq`` (each row's mean and step, [..., 2], its last axis
+    unsplit).
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], *,
@@ -48,17 +51,23 @@ class Dense(nnx.Module):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         fan_in = math.prod(self.in_shape)
         init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
-        if base_quant not in ("none", "nf4"):
-            raise ValueError(f"base_quant={base_quant!r} must be 'none' or 'nf4'")
+        if base_quant not in ("none", "nf4", "nf4-dq"):
+            raise ValueError(f"base_quant={base_quant!r} must be 'none', 'nf4' or 'nf4-dq'")
         kernel = param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
-        stored = None
-        if base_quant == "nf4":
+        stored = lambda x, a=tuple(axes): nnx.Param(x, out_sharding=a, eager_sharding=False)  # noqa: E731
+        codes = absmax = absmax_q = absmax_dq = None
+        if base_quant != "none":
             block = nf4.block_length(self.out_shape[-1], split=splittable(axes[-1]))
             codes, absmax = nf4.quantize(kernel.get_value(), block)
-            stored = [nnx.Param(x, out_sharding=tuple(axes), eager_sharding=False)
-                      for x in (codes, absmax.astype(param_dtype))]
-        self.kernel = kernel if stored is None else None
-        self.kernel_nf4, self.kernel_absmax = stored or (None, None)
+            codes = stored(codes)
+            if base_quant == "nf4" or absmax.shape[-1] < nf4.DOUBLE_MIN_BLOCKS:  # too few per row to pay
+                absmax = stored(absmax.astype(param_dtype))
+            else:
+                q, rows = nf4.double_quantize(absmax, param_dtype)
+                absmax, absmax_q, absmax_dq = None, stored(q), stored(rows, (*axes[:-1], None))
+        self.kernel = kernel if base_quant == "none" else None
+        self.kernel_nf4, self.kernel_absmax, self.kernel_absmax_q, self.kernel_absmax_dq = (
+            codes, absmax, absmax_q, absmax_dq)
         self.bias = (param(rngs, jax.nn.initializers.zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
                      if use_bias else None)
         n_in = len(self.in_shape)
@@ -77,9 +86,13 @@ class Dense(nnx.Module):
         if self.kernel_nf4 is None:
             w2 = self.kernel[...].astype(self.dtype).reshape(shape2)
             y = x2 @ w2 if self.matmul is None else self.matmul(x2, w2)
-        else:  # dequantised again for the backward pass, never kept (QLoRA's memory is the point)
+        elif self.kernel_absmax is not None:  # dequantised again for the backward pass, never kept
             y = jax.checkpoint(lambda x, c, s: x @ nf4.dequantize(c, s, self.dtype).reshape(shape2))(
                 x2, self.kernel_nf4[...], self.kernel_absmax[...])
+        else:  # the scales double-quantised
+            y = jax.checkpoint(lambda x, c, q, r: x @ nf4.dequantize(
+                c, nf4.double_dequantize(q, r), self.dtype).reshape(shape2))(
+                x2, self.kernel_nf4[...], self.kernel_absmax_q[...], self.kernel_absmax_dq[...])
         if self.lora_a is not None:
             a2 = self.lora_a[...].astype(self.dtype).reshape(x2.shape[-1], -1)
             b2 = self.lora_b[...].astype(self.dtype).reshape(a2.shape[-1], shape2[1])

@@ -43,7 +43,8 @@ def _choices(names):
 
 
 LORA_TARGETS = ("attention", "all")  # the attention projections; those and the MLP's
-LORA_QUANT = ("none", "nf4")         # how the blocks' frozen dense weights are stored (QLoRA: nf4)
+LORA_QUANT = ("none", "nf4", "nf4-dq")  # how the blocks' frozen dense weights are stored (QLoRA: nf4;
+                                        # nf4-dq: its scales double-quantised)
 LORA_PARAMS = ("lora_a", "lora_b")   # the names of a LoRA adapter's two factors (models.layers.Dense)
 
 
@@ -156,7 +157,7 @@ def merge_lora(params: dict, scale: float) -> dict:
     layer by layer."""
     flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
     for at in {p[:-1] for p in flat if p[-1] == nf4.CODES}:  # the frozen weights as floats
-        flat[at + (nf4.FLOAT,)] = nf4.dequantize(flat.pop(at + (nf4.CODES,)), flat.pop(at + (nf4.SCALES,)))
+        flat[at + (nf4.FLOAT,)] = nf4.pop_float(flat, at)
     for at in {p[:-1] for p in flat if p[-1] == LORA_PARAMS[0]}:
         a, b = flat.pop(at + (LORA_PARAMS[0],)), flat.pop(at + (LORA_PARAMS[1],))
         w = flat[at + (nf4.FLOAT,)]
