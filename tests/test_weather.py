@@ -1,7 +1,9 @@
 """weather-vit: the latitude-weighted metrics against plainly written formulas, the dinosaur
 trajectory cache (deterministic, corrupt or partial entries rebuilt, a clear error without
 dinosaur), the ClimaX model (patching, variable aggregation, finite-difference gradients), and
-the recipe trained through the CLI and the train loop under the shared technique flags."""
+the recipe trained through the CLI and the train loop under the shared technique flags, LoRA on
+the ViT's blocks (against numpy-merged weights) and multi-step rollout training (against the
+model applied to its own forecasts, finite differences and the compiled step's memory)."""
 
 import json
 import math
