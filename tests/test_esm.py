@@ -194,7 +194,8 @@ def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path,
     out = tmp_path / "tuned"
     if not lora:  # a relative --init-from, recorded absolute (the resume below runs from elsewhere)
         monkeypatch.chdir(FIXTURE.parent)
-    args = ["train", "protein-mlm", "--init-from", FIXTURE.name if not lora else str(FIXTURE), "--steps", "2", "--batch-size", "4", "--seq-len",
+    source = FIXTURE.name if not lora else str(FIXTURE)
+    args = ["train", "protein-mlm", "--init-from", source, "--steps", "2", "--batch-size", "4", "--seq-len",
             "48", "--eval-every", "100", "--log-every", "1", "--out", str(out), "--no-progress"]
     args += ["--lora-rank", "4", "--lr", "1e-2"] if lora else []
     args += ["--lora-quant", "nf4"] if lora == "nf4" else []

@@ -379,7 +379,8 @@ def test_example_script_reports_baselines_and_plots(tiny_cache, tmp_path, capsys
 def _params(model) -> dict:
     from flax import traverse_util
 
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def _merged_climax(model) -> ClimaX:
