@@ -94,11 +94,12 @@ def main(argv=None) -> int:
         state = {}
         for name, (extra, lr) in VARIANTS.items():
             cfg = recipe.make_config(**{**base.model_config.to_dict(), **extra})
+            run = root / name.replace(" ", "_").replace(",", "")
             t0 = time.perf_counter()
             result = train(recipe, cfg, TrainConfig(**{**recipe.train_defaults, "steps": args.steps,
                                                        "eval_every": args.steps, "warmup_steps": 20,
                                                        "init_from": str(pretrained), "learning_rate": lr}),
-                           root / name.replace(" ", "_").replace(",", ""), progress=False)
+                           run, progress=False)
             flat = traverse_util.flatten_dict(result["state"].params)
             weights = {"kernel_nf4": 2, "kernel_absmax": 0}  # QLoRA: two weights per byte of codes; scales apart
             lora = cfg.lora_rank > 0
@@ -106,8 +107,7 @@ def main(argv=None) -> int:
                            "parameters": sum(weights.get(k[-1], 1) * int(v.size) for k, v in flat.items()),
                            "seconds": time.perf_counter() - t0, "val_loss": result["val_loss"],
                            "state_bytes": result["memory"].argument_bytes, "peak_bytes": result["memory"].peak_bytes}
-            tuned = load_run(root / name.replace(" ", "_").replace(",", ""), log=lambda *_: None).model
-            rows[name] = score(tuned, prep, rolled=cfg.train_rollout > 1)
+            rows[name] = score(load_run(run, log=lambda *_: None).model, prep, rolled=cfg.train_rollout > 1)
     first = next(iter(rows.values()))
     persistence, climatology = first["persistence"], first["climatology"]
     lines = [f"weather-vit pretrained {base.step} steps at 6 hours, fine-tuned {args.steps} steps for 24 hours "
