@@ -235,7 +235,11 @@ def test_cli_trains_from_esm2_and_the_first_step_scores_the_checkpoint(tmp_path,
         assert {p for p in tuned if not is_lora(p)} == set(start)
         assert all(np.array_equal(tuned[p], start[p]) for p in start)
         assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
-    if lora:
+    if lora:  # the run's checkpoints hold its adapters alone: ESM-2's weights are read again from its folder
+        from sciscale_jax.train.checkpoint import _saved_signature
+
+        names = [n for n in _saved_signature(out / "checkpoints" / "2") if n.startswith("params/")]
+        assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
         return
     # resumed from another directory without repeating --init-from: the shape comes from where the run started
     monkeypatch.chdir(tmp_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import pathlib
@@ -118,6 +119,35 @@ def _signature(tree) -> dict:
     return {_path_name(path): (tuple(v.shape), str(jnp.dtype(v.dtype))) for path, v in leaves}
 
 
+def fingerprint(tree) -> str:
+    """A digest (16 hex digits) of the key paths, shapes, dtypes and bits of every array in ``tree``,
+    the same however the arrays are sharded: each array's bits, mixed with their positions, are
+    summed modulo 2**32 on the devices (integer sums do not depend on their order)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = jax.device_get(jax.jit(lambda xs: [_bits_sum(x) for x in xs])([x for _, x in leaves]))
+    digest = hashlib.sha256()
+    for (path, x), total in zip(leaves, sums):
+        digest.update(f"{_path_name(path)}:{tuple(x.shape)}:{jnp.dtype(x.dtype)}:{int(total)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _bits_sum(x) -> jax.Array:
+    """uint32 sum of a hash of each element's bits and flat index (murmur3's finaliser)."""
+    width = jnp.dtype(x.dtype).itemsize
+    bits = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+        x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[width])
+    if width == 8:
+        bits = bits ^ (bits >> 32)
+    h = bits.astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis, n in enumerate(x.shape):  # the flat index, modulo 2**32
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    h = h ^ (index * jnp.uint32(0x9E3779B9) + jnp.uint32(0x7F4A7C15))
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = (h ^ (h >> shift)) * jnp.uint32(multiplier)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
 class Checkpointer:
     """Save and restore ``TrainState`` under ``<run_dir>/checkpoints``.
 
@@ -126,13 +156,18 @@ class Checkpointer:
     ``<step>.damaged-<time>`` (never deleted) and the next older one is tried. A checkpoint
     whose arrays have other shapes or dtypes than the run's state belongs to a different
     model or optimizer: that is an error, not damage, and nothing is moved.
+
+    ``leave_out``: a predicate on parameter key paths (tuples of keys) of parameters not written
+    (a LoRA run's frozen weights, read again from where the run started): :meth:`restore` then
+    takes them from its target, which must hold them as arrays.
     """
 
-    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100, log=print):
+    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100, log=print, leave_out=None):
         if keep < 1 or save_every < 1:
             raise ValueError(f"keep={keep} and save_every={save_every} must be >= 1")
         self.directory = pathlib.Path(run_dir).absolute() / "checkpoints"
         self.log = log
+        self.leave_out = leave_out
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                      enable_async_checkpointing=False, create=True)
         with _quiet_orbax():
@@ -153,7 +188,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         try:
             with _quiet_orbax():
-                saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(state._asdict())),
+                saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(self._written(state._asdict()))),
                                           force=force)
                 self.manager.wait_until_finished()
         except BaseException as err:
@@ -191,7 +226,7 @@ class Checkpointer:
         checkpoint holds a different model or optimizer.
         """
         target_tree = target._asdict()
-        abstract = _drop_empty(abstract_like(target_tree))
+        abstract = _drop_empty(abstract_like(self._written(target_tree)))
         candidates = [step] if step is not None else self._steps_on_disk()[::-1]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
@@ -203,6 +238,7 @@ class Checkpointer:
                 try:
                     with _quiet_orbax():
                         restored = self.manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
+                    restored = {**restored, "params": self._put_back(restored["params"], target_tree["params"])}
                     return TrainState(**_refill_empty(restored, target_tree))
                 except Exception as err:  # the arrays' bytes are unreadable (truncated, zeroed, deleted files)
                     problem = _unreadable(err)
@@ -214,6 +250,22 @@ class Checkpointer:
             self.log(f"checkpoint {candidate} is damaged ({problem}); moved it to {aside}")
         raise CheckpointError(f"no readable checkpoint under {self.directory}; damaged ones moved aside: "
                               + ", ".join(moved))
+
+    def _written(self, tree: dict) -> dict:
+        """``tree`` (a TrainState as a dict) with the parameters ``leave_out`` picks as None."""
+        if self.leave_out is None:
+            return tree
+        flat = traverse_util.flatten_dict(tree["params"], keep_empty_nodes=True)
+        return {**tree, "params": traverse_util.unflatten_dict(
+            {p: None if self.leave_out(p) and v is not traverse_util.empty_node else v for p, v in flat.items()})}
+
+    def _put_back(self, restored: dict, target: dict) -> dict:
+        """``restored`` parameters with the ones left out taken from ``target``."""
+        if self.leave_out is None:
+            return restored
+        flat, given = (traverse_util.flatten_dict(t, keep_empty_nodes=True) for t in (restored, target))
+        return traverse_util.unflatten_dict({p: given[p] if self.leave_out(p) and v is None else v
+                                             for p, v in flat.items()})
 
     def _check(self, step: int, abstract) -> str | None:
         """None if step ``step`` looks complete and matches ``abstract``; else what is wrong with it.

@@ -2,7 +2,8 @@
 library a recipe reads (ESM-2) as one: ``load_checkpoint(recipe, path)``.
 
 A run directory holds ``run_config.json`` (the recipe, model and run settings) and Orbax
-checkpoints of the whole train state. Loading rebuilds the model config and the model from
+checkpoints of the whole train state (a LoRA run's frozen weights may be left out of them: they
+are then read again from where the run started, ``train.init_from``). Loading rebuilds the model config and the model from
 the saved settings (abstractly: no weights are initialised), reads the parameters and other
 model variables of the newest readable checkpoint (or a given step) onto one device, or with
 ``mesh="fsdp=8"`` (any mesh without a pipeline axis, whatever mesh the run trained on) straight
@@ -42,7 +43,8 @@ from sciscale_jax.data import files
 from sciscale_jax.parallel import dap
 from sciscale_jax.train import rundir
 from sciscale_jax.train.abstract import eval_shape_module
-from sciscale_jax.train.checkpoint import place_arrays, restore_model
+from sciscale_jax.train.checkpoint import place_arrays
+from sciscale_jax.train.init_from import restore_run
 from sciscale_jax.train.loop import TrainConfig, eval_batches, recipe_eval_step, validation_metrics
 from sciscale_jax.train.sharding import pick_strategy
 from sciscale_jax.train.step import TrainState, split_model, with_shardings
@@ -165,7 +167,7 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
                       getattr(model_config, "supports_dap", False), f"{recipe.name} model")
 
     build = lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed))  # noqa: E731
-    read = lambda params, rest: restore_model(run_dir, params, rest, step, log=log)  # noqa: E731
+    read = lambda params, rest: restore_run(recipe, run_dir, params, rest, step, log=log)  # noqa: E731
     model, found, device_mesh = _placed_model(build, model_config, mesh_config, mesh, read)
     return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files,
                       data_as_saved)

@@ -38,12 +38,12 @@ from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import pipeline as pipeline_run
 from sciscale_jax.train import rundir, validate, zo_budget
 from sciscale_jax.train.checkpoint import Checkpointer, check_run_dir
-from sciscale_jax.train.init_from import read_init_params
+from sciscale_jax.train.init_from import FROZEN, frozen_record, frozen_weights, leaves_out, read_init_params
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
 from sciscale_jax.models.stack import is_lora
-from sciscale_jax.pure import combine
+from sciscale_jax.pure import combine, like, partition
 from sciscale_jax.quant import nf4
 from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
                                      make_eval_step, make_train_step, make_zeroth_order_step, split_model,
@@ -91,11 +91,15 @@ class TrainConfig:
                 "checkpoint folder in Hugging Face's layout (the model's shape is read from it)"})
     init_step: int = dataclasses.field(default=0, metadata={
         "help": "the --init-from checkpoint to start from; 0: its newest readable one (saved as the one used)"})
+    save_frozen: bool = dataclasses.field(default=False, metadata={
+        "help": "LoRA from --init-from: also write the frozen weights into every checkpoint (default: the "
+                "adapters and optimizer state alone; the frozen weights are read again from --init-from)"})
 
     def __post_init__(self):
         _validate.train_config(self)  # integers, finite numbers, known optimizer
-        if not isinstance(self.decay_embeddings, bool):
-            raise ValueError(f"decay_embeddings={self.decay_embeddings!r} must be a bool")
+        for name in ("decay_embeddings", "save_frozen"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -357,13 +361,19 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       _evaluation_bar(evaluations, progress, tx),
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place), trainable(model_config))
     where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    frozen = None  # adapters-only checkpoints: FROZEN's record of the frozen weights read from --init-from
     if resume:  # the restore target: shapes, dtypes and this run's shardings
         state = with_shardings(state, where)
+        frozen = (rundir.saved_config(out_dir) or {}).get(FROZEN)
     elif cfg.init_from:  # another run's parameters, read straight into this run's placement
-        found, params = read_init_params(recipe, model_config, cfg, with_shardings(state, where).params,
-                                         trainable(model_config), log)
+        found, params, verbatim = read_init_params(recipe, model_config, cfg.init_from, cfg.init_step,
+                                                   with_shardings(state, where).params, trainable(model_config), log)
         log(f"parameters from {cfg.init_from}, checkpoint {found}")
         cfg = dataclasses.replace(cfg, init_step=found)  # saved in run_config.json as the one used
+        if trainable(model_config) is not None and verbatim and not cfg.save_frozen:
+            frozen = frozen_record(params)
+            log("checkpoints hold the adapters and optimizer state; the frozen weights are read again from "
+                f"{cfg.init_from} (--save-frozen writes them too)")
         state = sharded_init(build, tx, where, params)
     if place is not None:
         mesh = place.mesh
@@ -387,6 +397,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     run_config = {"recipe": recipe.name, "model": given_config.to_dict(), "train": cfg.to_dict()}
     if data.sources:  # the user's data files by SHA-256: resuming on changed files is refused below
         run_config["data_files"] = dict(data.sources)
+    if isinstance(frozen, dict):
+        run_config[FROZEN] = frozen
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
     lock = rundir.RunLock(out_dir) if primary else contextlib.nullcontext()
     with lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
@@ -394,11 +406,18 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       write=primary)
         if primary:
             lock.write_pid()
-        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log)
+        left_out = leaves_out(model_config) if isinstance(frozen, dict) else None
+        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log, leave_out=left_out)
         if primary:
             ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
         multihost.barrier("run directory checked")  # no process reads it after process 0 starts writing
         if resume:
+            if left_out is not None:  # the frozen weights from where the run started, placed as the state's
+                weights = frozen_weights(recipe, model_config, cfg.init_from, cfg.init_step,
+                                         with_shardings(state, where).params, frozen, out_dir, log)
+                target = partition(state.params, left_out)[0]
+                state = state._replace(params=combine(state.params, jax.device_put(
+                    like(target, weights), jax.tree.map(lambda x: x.sharding, target))))
             state = ckpt.restore(state)  # newest intact checkpoint, onto this run's shardings
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
         return _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt,
