@@ -125,28 +125,39 @@ def test_an_adapters_only_run_resumes_onto_another_mesh(pretrained, tmp_path):
             np.testing.assert_array_equal(moved[path], one[path], err_msg=str(path))
 
 
-def test_a_changed_or_missing_base_is_refused_and_nothing_is_lost(pretrained, tmp_path):
-    base = tmp_path / "base"
+def test_a_moved_base_is_followed_and_a_changed_or_missing_one_refused(pretrained, tmp_path):
+    base, moved, tuned = tmp_path / "base", tmp_path / "moved", tmp_path / "tuned"
     shutil.copytree(pretrained, base)
     model = _lora()
-    cfg = lambda **kw: TrainConfig(save_every=1, seed=7, init_from=str(base), **BASE, **kw)  # noqa: E731
-    train(RECIPE, model, cfg(steps=1), tmp_path / "tuned", **QUIET)
-    before = {p: p.read_bytes() for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
-    other = tmp_path / "other"  # the same model trained from another seed, put in the base's place
+    cfg = lambda steps, **kw: TrainConfig(steps=steps, save_every=1, seed=7, **BASE, **kw)  # noqa: E731
+    train(RECIPE, model, cfg(1, init_from=str(base)), tuned, **QUIET)
+    files = lambda: {p: p.read_bytes() for p in tuned.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    shutil.copytree(base, moved)
+    shutil.rmtree(base)
+    with pytest.raises(ValueError, match=r"keeps its frozen weights in --init-from .*base \(checkpoint 3\), which "
+                                         r"cannot be read now \(moved\? .*not a `sciscale train` run"):
+        train(RECIPE, model, cfg(2), tuned, resume=True, **QUIET)
+    assert files() == before
+    # Pointed at the base's new place, the run resumes there and remembers it.
+    lines = []
+    train(RECIPE, model, cfg(2, init_from=str(moved)), tuned, resume=True, progress=False, log=lines.append)
+    assert any("the same fingerprint" in line for line in lines)
+    assert json.loads((tuned / "run_config.json").read_text())["train"]["init_from"] == str(moved)
+    before = files()
+    other = tmp_path / "other"  # the same model trained from another seed
     train(RECIPE, MODEL, TrainConfig(steps=3, save_every=3, seed=2, **BASE), other, **QUIET)
-    shutil.rmtree(base / "checkpoints" / "3")
-    shutil.copytree(other / "checkpoints" / "3", base / "checkpoints" / "3")
-    for attempt in (lambda: train(RECIPE, model, cfg(steps=2), tmp_path / "tuned", resume=True, **QUIET),
-                    lambda: load_run(tmp_path / "tuned", log=lambda *_: None)):
-        with pytest.raises(ValueError, match=r"keeps its frozen weights in --init-from .* no longer those the run "
-                                             r"started from \(fingerprint"):
+    changed = r"keeps its frozen weights in --init-from .* no longer those the run started from \(fingerprint"
+    with pytest.raises(ValueError, match=changed):  # another base offered in its place
+        train(RECIPE, model, cfg(3, init_from=str(other)), tuned, resume=True, **QUIET)
+    assert files() == before
+    shutil.rmtree(moved / "checkpoints" / "3")  # the base overwritten in place
+    shutil.copytree(other / "checkpoints" / "3", moved / "checkpoints" / "3")
+    for attempt in (lambda: train(RECIPE, model, cfg(3), tuned, resume=True, **QUIET),
+                    lambda: load_run(tuned, log=lambda *_: None)):
+        with pytest.raises(ValueError, match=changed):
             attempt()
-    shutil.rmtree(base / "checkpoints" / "3")
-    with pytest.raises(ValueError, match=r"keeps its frozen weights in .*cannot be read now: .*no checkpoint 3"):
-        train(RECIPE, model, cfg(steps=2), tmp_path / "tuned", resume=True, **QUIET)
-    after = {p: p.read_bytes() for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
-    assert after.keys() == before.keys()  # (run_config.json is written again with the steps asked for)
-    assert all(after[p] == before[p] for p in before if p.name != "run_config.json")
+    assert files() == before
 
 
 def test_runs_started_from_an_adapters_only_run(pretrained, tmp_path):

@@ -438,11 +438,12 @@ def place_arrays(readers: dict, target, source: str):
 
 
 def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = False,
-                  defaults: dict | None = None, write: bool = True) -> None:
+                  defaults: dict | None = None, write: bool = True, also: tuple[str, ...] = ()) -> None:
     """Refuse to start in a directory that holds another run; write ``run_config.json`` otherwise.
 
     - a directory with checkpoints and no ``resume``: refused (starting over would overwrite them);
-    - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES``: refused unless ``force``.
+    - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES`` and ``also``: refused
+      unless ``force``.
     ``defaults`` (same nesting as ``run_config``) gives the value a setting had before it
     existed: a saved config that lacks a field then matches a run that leaves it at its default.
     Nothing on disk changes before these checks pass; with ``write=False`` (every process of a
@@ -457,7 +458,8 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); refusing to reuse {run_dir}") from err
-        diff = _config_diff(_effective_schedule(_fill(saved, defaults or {})), _effective_schedule(run_config))
+        diff = _config_diff(_effective_schedule(_fill(saved, defaults or {})), _effective_schedule(run_config),
+                            also=also)
         if diff and not force:
             raise ValueError(f"output directory {run_dir} holds a different run; differing settings: "
                              + "; ".join(diff) + ". Choose another --out, or pass --force to reuse it.")
@@ -491,12 +493,12 @@ def _fill(saved: dict, defaults: dict) -> dict:
     return out
 
 
-def _config_diff(saved: dict, new: dict, prefix: str = "") -> list[str]:
+def _config_diff(saved: dict, new: dict, prefix: str = "", also: tuple[str, ...] = ()) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b and key not in RESUMABLE_CHANGES:
+            out += _config_diff(a, b, f"{prefix}{key}.", also)
+        elif a != b and key not in RESUMABLE_CHANGES and key not in also:
             out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
     return out

@@ -127,7 +127,8 @@ def frozen_weights(recipe, model_config, init_from: str, init_step: int, target,
     try:
         _, params, _ = read_init_params(recipe, model_config, init_from, init_step, target, is_lora, log)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
-        raise ValueError(f"{lead}, which cannot be read now: {err}") from None
+        raise ValueError(f"{lead}, which cannot be read now (moved? resume with --init-from at its new place): "
+                         f"{err}") from None
     got = frozen_record(params)["fingerprint"]
     if got != record.get("fingerprint"):
         raise ValueError(f"{lead}, whose weights are no longer those the run started from (fingerprint {got}, "

@@ -361,10 +361,15 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       _evaluation_bar(evaluations, progress, tx),
                       pipeline_run.grad_fn(recipe, model_config, cfg, graphdef, place), trainable(model_config))
     where = place.state if place is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    frozen = None  # adapters-only checkpoints: FROZEN's record of the frozen weights read from --init-from
+    frozen, moved = None, ()  # adapters-only checkpoints: FROZEN's record of the frozen weights read from --init-from
     if resume:  # the restore target: shapes, dtypes and this run's shardings
         state = with_shardings(state, where)
-        frozen = (rundir.saved_config(out_dir) or {}).get(FROZEN)
+        saved = rundir.saved_config(out_dir) or {}
+        frozen = saved.get(FROZEN)
+        before = (saved.get("train") or {}).get("init_from")
+        if isinstance(frozen, dict) and before and cfg.init_from not in ("", before):  # the base moved: the
+            moved = ("init_from",)  # fingerprint below decides whether it is the same
+            cfg = dataclasses.replace(cfg, init_step=cfg.init_step or saved["train"].get("init_step", 0))
     elif cfg.init_from:  # another run's parameters, read straight into this run's placement
         found, params, verbatim = read_init_params(recipe, model_config, cfg.init_from, cfg.init_step,
                                                    with_shardings(state, where).params, trainable(model_config), log)
@@ -400,9 +405,17 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
     if isinstance(frozen, dict):
         run_config[FROZEN] = frozen
     defaults = {"model": _field_defaults(type(model_config)), "train": _field_defaults(TrainConfig)}
+    defaults = json.loads(json.dumps(defaults))
+    weights = None
+    if resume and isinstance(frozen, dict):  # before anything is written: a different run, then a base gone,
+        check_run_dir(out_dir, run_config, resume=True, force=force, defaults=defaults, write=False, also=moved)
+        weights = frozen_weights(recipe, model_config, cfg.init_from, cfg.init_step,  # changed or moved
+                                 with_shardings(state, where).params, frozen, out_dir, log)
+        if moved:
+            log(f"the frozen weights are read from {cfg.init_from} now (the same fingerprint as at {before})")
     lock = rundir.RunLock(out_dir) if primary else contextlib.nullcontext()
     with lock, StopSignals() as stop:  # one run per --out; stop on SIGINT/TERM
-        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=json.loads(json.dumps(defaults)),
+        check_run_dir(out_dir, run_config, resume=resume, force=force, defaults=defaults, also=moved,
                       write=primary)
         if primary:
             lock.write_pid()
@@ -412,9 +425,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
         multihost.barrier("run directory checked")  # no process reads it after process 0 starts writing
         if resume:
-            if left_out is not None:  # the frozen weights from where the run started, placed as the state's
-                weights = frozen_weights(recipe, model_config, cfg.init_from, cfg.init_step,
-                                         with_shardings(state, where).params, frozen, out_dir, log)
+            if left_out is not None:  # the frozen weights read above, placed as the state's
                 target = partition(state.params, left_out)[0]
                 state = state._replace(params=combine(state.params, jax.device_put(
                     like(target, weights), jax.tree.map(lambda x: x.sharding, target))))
