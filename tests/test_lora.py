@@ -321,3 +321,61 @@ def test_a_qlora_run_from_a_pretrained_run(pretrained, tmp_path):
     for path in one:
         np.testing.assert_allclose(finals["data=2,fsdp=2,tensor=2"][path], one[path], atol=2e-5, rtol=2e-5,
                                    err_msg=str(path))
+
+
+def test_lora_train_trains_the_named_parameters_beside_the_adapters(pretrained, tmp_path):
+    """PEFT's modules_to_save: the parameters ``lora_train`` names train (from the pretrained values,
+    in param_dtype, with optimizer state) and every other frozen weight stays as read. One AdamW
+    step from zero adapters moves each named weight by -lr * sign of the pretrained model's own
+    gradient (Adam's first step), the reference taken with jax.grad of the plain model."""
+    lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, "lora_train": "lm_head, final_norm"})
+    cfg = TrainConfig(steps=1, batch_size=8, seq_len=32, save_every=1, eval_every=100, log_every=1, warmup_steps=0,
+                      weight_decay=0.0, grad_clip=0.0, seed=7, init_from=str(pretrained), learning_rate=1e-3)
+    result = train(RECIPE, lora, cfg, tmp_path / "tuned", **QUIET)
+    before, after = _params(pretrained), _params(tmp_path / "tuned")
+    named = [p for p in before if p[0] in ("lm_head", "final_norm")]
+    assert len(named) == 2 and all(not is_lora(p) for p in named)
+    assert all(np.array_equal(before[p], after[p]) for p in before if p not in named)
+    base = load_run(pretrained, log=lambda *_: None).model
+    batch = jax.tree.map(np.asarray, RECIPE.build_data(cfg, lora).train.batch(0))
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+
+    def loss(p):
+        total, count = RECIPE.loss_fn(nnx.merge(graphdef, p, rest), batch, None)
+        return total / count
+
+    grads = traverse_util.flatten_dict(nnx.to_pure_dict(jax.grad(loss)(params)))
+    for path in named:
+        g, step = np.asarray(grads[path]), after[path] - before[path]
+        sure = np.abs(g) > 1e-4 * np.abs(g).max()  # (Adam's eps blurs the sign of the tiniest gradients)
+        assert sure.mean() > 0.9
+        np.testing.assert_array_equal(np.sign(step[sure]), -np.sign(g[sure]), err_msg=str(path))
+        np.testing.assert_allclose(np.abs(step[sure]), 1e-3, rtol=2e-3, err_msg=str(path))
+    # Optimizer state for the adapters and the named parameters; those written in adapters-only checkpoints.
+    n_trained = sum(after[p].size for p in after if is_lora(p) or p in named)
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(result["state"].opt_state) if x.ndim > 0)
+    assert opt_bytes == 2 * 4 * n_trained
+    from sciscale_jax.train.checkpoint import _saved_signature
+
+    saved = {n.split("/", 1)[1] for n in _saved_signature(tmp_path / "tuned" / "checkpoints" / "1")
+             if n.startswith("params/")}
+    assert saved == {"/".join(map(str, p)) for p in after if is_lora(p) or p in named}
+
+
+def test_lora_train_keeps_the_named_parameters_in_param_dtype_and_refuses_what_cannot_train(tmp_path):
+    cfg = TransformerConfig(**SHAPE, lora_rank=2, precision="bf16", lora_train="lm_head")
+    dtypes = {p: v.dtype for p, v in _flat(Transformer(cfg, rngs=nnx.Rngs(0))).items()}
+    assert all(d == (np.float32 if is_lora(p) or p[0] == "lm_head" else jnp.bfloat16) for p, d in dtypes.items())
+    for bad, match in (({"lora_train": "lm_head"}, "needs lora_rank > 0"),
+                       ({"lora_rank": 2, "lora_train": "lm-head"}, "must name parameters")):
+        with pytest.raises(ValueError, match=match):
+            TransformerConfig(**SHAPE, **bad)
+    run = dict(steps=1, batch_size=8, seq_len=32)
+    for extra, match in (({"lora_train": "lm_head,nope"}, r"no parameter or module named 'nope' \(the model's "
+                                                          r"modules: .*lm_head"),
+                         ({"lora_train": "wo", "lora_targets": "all", "lora_quant": "nf4"},
+                          r"names layers/0/mlp/wo, stored in 4 bits")):
+        lora = RECIPE.make_config(**{**MODEL.to_dict(), "lora_rank": 4, **extra})
+        with pytest.raises(ValueError, match=match):
+            train(RECIPE, lora, TrainConfig(**run), tmp_path / "x", **QUIET)
+        assert not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@ the recipe trained through the CLI and the train loop under the shared technique
 the ViT's blocks (against numpy-merged weights) and multi-step rollout training (against the
 model applied to its own forecasts, finite differences and the compiled step's memory)."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -454,6 +455,12 @@ def test_lora_run_adapts_a_pretrained_forecaster_to_a_longer_lead(tiny_cache, tm
     assert {p for p in tuned if p[-1] not in ("lora_a", "lora_b")} == set(start)
     assert all(np.array_equal(tuned[p], start[p]) for p in start)  # every pretrained weight as it was
     assert all(np.abs(tuned[p]).max() > 0 for p in tuned if p[-1] == "lora_b")
+    # --lora-train lead_embed: the lead-time embedding (a lead it never saw) trains beside the adapters
+    lead_cfg = dataclasses.replace(model_cfg, lora_train="lead_embed")
+    train(recipe, lead_cfg, cfg, tmp_path / "lead", progress=False, log=lambda *_: None)
+    tuned = _params(load_run(tmp_path / "lead", log=lambda *_: None).model)
+    moved = {p for p in start if not np.array_equal(tuned[p], start[p])}
+    assert moved == {p for p in start if p[0] == "lead_embed"} and moved
 
 
 # --- multi-step (rollout) fine-tuning -----------------------------------------------------------------------

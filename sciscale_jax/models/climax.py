@@ -35,7 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
 from sciscale_jax.models.layers import Dense, RMSNorm, dropout, param
-from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers, store_frozen
+from sciscale_jax.models.stack import Techniques, layer_keys, lora_trains, run_layers, stack_layers, store_frozen
 from sciscale_jax.models.transformer import MLP_KINDS, Block, TransformerConfig
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.quant.registry import make_matmul
@@ -156,7 +156,7 @@ class ClimaX(nnx.Module):
         if cfg.residual:  # start at persistence: the predicted change is zero
             self.head.kernel[...] = jnp.zeros_like(self.head.kernel[...])
         if cfg.lora_rank:  # everything but the blocks' adapters is frozen: kept in the compute dtype
-            store_frozen(self, cfg.dtype)
+            store_frozen(self, cfg.dtype, lora_trains(cfg))
 
     def __call__(self, x_bvhw, lead_hours_b, static_shw=None, *, dropout_key=None):
         """``static_shw``: the ``num_static`` time-invariant fields, [S, lat, lon] or [B, S, lat, lon]."""

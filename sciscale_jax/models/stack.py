@@ -80,6 +80,10 @@ class Techniques:
     lora_targets: str = dataclasses.field(default="attention", metadata={
         "group": "fine-tuning", "choices": LORA_TARGETS,
         "help": "LoRA: the attention projections (query, key, value, output) or all of the blocks' dense layers"})
+    lora_train: str = dataclasses.field(default="", metadata={
+        "group": "fine-tuning", "help": "LoRA: also train these parameters beside the adapters, kept in "
+        "param_dtype: module or parameter names, comma-separated (e.g. lm_head, lead_embed, final_norm; PEFT's "
+        "modules_to_save); empty: the adapters alone"})
     lora_quant: str = dataclasses.field(default="none", metadata={
         "group": "fine-tuning", "choices": LORA_QUANT,
         "help": "LoRA: nf4 stores every frozen dense weight of the blocks in 4-bit NormalFloat (QLoRA; "
@@ -105,6 +109,12 @@ class Techniques:
             raise ValueError(f"lora_targets={self.lora_targets!r} must be one of {', '.join(LORA_TARGETS)}")
         if self.lora_quant not in LORA_QUANT:
             raise ValueError(f"lora_quant={self.lora_quant!r} must be one of {', '.join(LORA_QUANT)}")
+        names = self.lora_train.split(",") if isinstance(self.lora_train, str) and self.lora_train else []
+        if not isinstance(self.lora_train, str) or not all(n.strip().isidentifier() for n in names):
+            raise ValueError(f"lora_train={self.lora_train!r} must name parameters or modules, comma-separated")
+        if names and not self.lora_rank:
+            raise ValueError(f"lora_train={self.lora_train!r} trains parameters beside LoRA's adapters: it needs "
+                             "lora_rank > 0 (without LoRA every parameter trains)")
         if self.lora_quant != "none" and not self.lora_rank:
             raise ValueError(f"lora_quant={self.lora_quant!r} stores LoRA's frozen weights: it needs lora_rank > 0")
         if self.lora_quant != "none" and (self.quant != "none" or get_policy(self.precision).fp8):
@@ -127,6 +137,11 @@ class Techniques:
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
+    def lora_train_names(self) -> tuple[str, ...]:
+        """The names ``lora_train`` gives (stripped)."""
+        return tuple(n.strip() for n in self.lora_train.split(",")) if self.lora_train else ()
+
+    @property
     def techniques(self) -> Techniques:
         """The technique switches alone (for a config that embeds them)."""
         return Techniques(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Techniques)})
@@ -139,12 +154,41 @@ def technique_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Techniques))
 
 
-def store_frozen(module: nnx.Module, dtype) -> None:
-    """Under LoRA: every float parameter of ``module`` but the adapters' factors (``is_lora``) cast
-    to ``dtype`` (the compute dtype), in place. A frozen weight is never updated, so it needs no
-    higher-precision master copy (4-bit codes stay as they are)."""
+def lora_trains(config) -> Callable | None:
+    """The predicate on parameter key paths of what a run of ``config`` trains under LoRA: the
+    adapters' factors (``is_lora``) and every parameter under a key ``lora_train`` names; None
+    without LoRA (everything trains)."""
+    if not getattr(config, "lora_rank", 0):
+        return None
+    names = frozenset(getattr(config, "lora_train_names", ()))
+    if not names:
+        return is_lora
+    return lambda path: is_lora(path) or any(str(getattr(k, "key", getattr(k, "name", k))) in names for k in path)
+
+
+def check_lora_train(config, params: dict) -> None:
+    """ValueError in one line if a name ``lora_train`` gives matches no parameter of ``params`` (a
+    model's parameter tree) or matches a 4-bit weight (codes cannot train)."""
+    flat = traverse_util.flatten_dict(params)
+    for name in getattr(config, "lora_train_names", ()):
+        hit = [p for p in flat if name in map(str, p)]
+        if not hit:
+            tops = sorted({str(p[0]) for p in flat})
+            raise ValueError(f"lora_train: no parameter or module named {name!r} (the model's modules: "
+                             f"{', '.join(tops)})")
+        stored = [p for p in hit if str(p[-1]) in (nf4.CODES, nf4.SCALES, nf4.SCALE_CODES, nf4.SCALE_ROWS)]
+        if stored:
+            raise ValueError(f"lora_train: {name!r} names {'/'.join(map(str, stored[0][:-1]))}, stored in 4 bits "
+                             f"under lora_quant={config.lora_quant!r}: 4-bit weights cannot train")
+
+
+def store_frozen(module: nnx.Module, dtype, trains: Callable = is_lora) -> None:
+    """Under LoRA: every float parameter of ``module`` but what trains (``trains``: the adapters'
+    factors, and what ``lora_train`` names: ``lora_trains``) cast to ``dtype`` (the compute dtype),
+    in place. A frozen weight is never updated, so it needs no higher-precision master copy (4-bit
+    codes stay as they are)."""
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        if not is_lora(path) and jnp.issubdtype(variable.get_value().dtype, jnp.floating):
+        if not trains(path) and jnp.issubdtype(variable.get_value().dtype, jnp.floating):
             variable.set_value(variable.get_value().astype(dtype))
 
 
@@ -176,7 +220,7 @@ def without_lora(model: nnx.Module) -> nnx.Module:
     cfg = model.config
     if not getattr(cfg, "lora_rank", 0):
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge (lora_rank=0)")
-    plain_cfg = dataclasses.replace(cfg, lora_rank=0, lora_quant="none")
+    plain_cfg = dataclasses.replace(cfg, lora_rank=0, lora_quant="none", lora_train="")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(plain_cfg, rngs=nnx.Rngs(0))))
     merged = traverse_util.flatten_dict(merge_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.lora_scale))
     others = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))

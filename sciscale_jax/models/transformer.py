@@ -33,7 +33,7 @@ from sciscale_jax import _validate, attention, remat
 from sciscale_jax.models.layers import Dense, LayerNorm, RMSNorm, dropout, param, rotary
 import sciscale_jax.parallel as parallel
 from sciscale_jax.parallel import axes as ax
-from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers, store_frozen
+from sciscale_jax.models.stack import Techniques, layer_keys, lora_trains, run_layers, stack_layers, store_frozen
 from sciscale_jax.quant.registry import kv_quantizer, make_matmul
 
 MLP_KINDS = ("swiglu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf (ESM, BERT)
@@ -237,7 +237,7 @@ class Transformer(nnx.Module):
         else:
             self.lm_head = Dense((cfg.embed_dim,), (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), **kw)
         if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
-            store_frozen(self, cfg.dtype)
+            store_frozen(self, cfg.dtype, lora_trains(cfg))
 
     def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
         """``mask_bs``: True for real tokens (padding keys are never attended)."""

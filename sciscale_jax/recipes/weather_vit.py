@@ -380,9 +380,10 @@ def abstract_batch(model_cfg, train_cfg) -> dict:
 
 
 def check(model_cfg, train_cfg, data) -> None:
-    if model_cfg.lora_rank and model_cfg.residual and not train_cfg.init_from:
+    if model_cfg.lora_rank and model_cfg.residual and not train_cfg.init_from and "head" not in model_cfg.lora_train_names:
         raise ValueError(f"lora_rank={model_cfg.lora_rank} without --init-from: LoRA freezes the head, and a new "
-                         "residual model's head is zero, so nothing would train; start from a pretrained run")
+                         "residual model's head is zero, so nothing would train; start from a pretrained run "
+                         "(or train the head too: --lora-train head)")
     weather = data.train.prepared.weather
     _check_grid(model_cfg, weather.variables, weather.lat, weather.lon, "the weather data")
 

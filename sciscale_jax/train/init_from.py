@@ -33,7 +33,7 @@ import jax
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sciscale_jax.models.stack import Techniques, is_lora, merge_lora
+from sciscale_jax.models.stack import Techniques, is_lora, lora_trains, merge_lora
 from sciscale_jax.pure import combine, like, partition
 from sciscale_jax.quant import nf4
 from sciscale_jax.train import rundir
@@ -42,7 +42,8 @@ from sciscale_jax.train.checkpoint import CheckpointError, fingerprint, place_ar
 from sciscale_jax.train.step import split_model
 
 FROZEN = "frozen_weights"  # run_config.json: present when the run's checkpoints leave its frozen weights out
-_LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Techniques) if f.name.startswith("lora_")}
+_LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Techniques)  # what shapes the parameters
+                  if f.name.startswith("lora_") and f.name != "lora_train"}
 
 
 def _lora_layout(model: dict) -> tuple:
@@ -105,10 +106,12 @@ def _their_config(recipe, saved: dict, run_dir):
 
 def leaves_out(model_config):
     """The predicate on parameter key paths of what an adapters-only run of ``model_config`` leaves
-    out of its checkpoints: its frozen weights but double-quantised scales (None without LoRA)."""
-    if not getattr(model_config, "lora_rank", 0):
+    out of its checkpoints: its frozen weights but double-quantised scales (None without LoRA); what
+    ``lora_train`` names trains, so it is written."""
+    trains = lora_trains(model_config)
+    if trains is None:
         return None
-    return lambda path: not is_lora(path) and str(path[-1]) not in (nf4.SCALE_CODES, nf4.SCALE_ROWS)
+    return lambda path: not trains(path) and str(path[-1]) not in (nf4.SCALE_CODES, nf4.SCALE_ROWS)
 
 
 def frozen_record(params) -> dict:

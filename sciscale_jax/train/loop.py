@@ -42,7 +42,7 @@ from sciscale_jax.train.init_from import FROZEN, frozen_record, frozen_weights, 
 from sciscale_jax.train.signals import RunInterrupted, StopSignals
 from sciscale_jax.train.sharding import pick_strategy, plan_placement
 from sciscale_jax.train.abstract import _whole_count_updates, eval_shape_module
-from sciscale_jax.models.stack import is_lora
+from sciscale_jax.models.stack import check_lora_train, is_lora, lora_trains
 from sciscale_jax.pure import combine, like, partition
 from sciscale_jax.quant import nf4
 from sciscale_jax.train.step import (TrainState, abstract_train_state, accumulating_grad_fn, init_train_state,
@@ -149,8 +149,9 @@ def build_optimizer(cfg: TrainConfig):
 
 def trainable(model_config):
     """The predicate on parameter key paths that picks what a run of ``model_config`` trains: the
-    LoRA factors under ``lora_rank`` > 0, else None (every parameter)."""
-    return is_lora if getattr(model_config, "lora_rank", 0) else None
+    LoRA factors (and the parameters ``lora_train`` names) under ``lora_rank`` > 0, else None
+    (every parameter)."""
+    return lora_trains(model_config)
 
 
 def run_optimizer(cfg: TrainConfig, model_config):
@@ -347,6 +348,7 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
         state = abstract_train_state(params, rest, tx)
     del model
     pipeline_run.check_layers(recipe, cfg, state.params)  # layers >= stages x virtual stages
+    check_lora_train(model_config, state.params)  # the names --lora-train gives are parameters that can train
     evaluations = zo_budget.check_budget(cfg.optimizer, state.params, force=force, log=log)  # per ZO step
     mesh, place = None, None
     put_batch = lambda b: b  # noqa: E731
@@ -371,8 +373,9 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             moved = ("init_from",)  # fingerprint below decides whether it is the same
             cfg = dataclasses.replace(cfg, init_step=cfg.init_step or saved["train"].get("init_step", 0))
     elif cfg.init_from:  # another run's parameters, read straight into this run's placement
+        fresh = is_lora if trainable(model_config) is not None else None  # new adapters; the rest is read
         found, params, verbatim = read_init_params(recipe, model_config, cfg.init_from, cfg.init_step,
-                                                   with_shardings(state, where).params, trainable(model_config), log)
+                                                   with_shardings(state, where).params, fresh, log)
         log(f"parameters from {cfg.init_from}, checkpoint {found}")
         cfg = dataclasses.replace(cfg, init_step=found)  # saved in run_config.json as the one used
         if trainable(model_config) is not None and verbatim and not cfg.save_frozen:
