@@ -302,3 +302,20 @@ def test_resume_after_killing_one_process_continues_exactly(tmp_path):
     assert int(final.step) == 40
     _same(final.params, full["state"].params)
     _same(final.opt_state, full["state"].opt_state)
+
+
+def test_two_processes_train_and_resume_an_adapters_only_lora_run(tmp_path):
+    """A LoRA run from --init-from in 2 processes records the fingerprint a 1-process run records
+    (the frozen weights as read, whatever the process count), writes its adapters alone, and
+    resumes in 2 processes (the frozen weights read again) to the 1-process run's losses."""
+    _single(tmp_path / "base", "--steps", "2")
+    lora = ["--init-from", str(tmp_path / "base"), "--lora-rank", "2", "--schedule-steps", "4", "--lr", "1e-2"]
+    one = _single(tmp_path / "one", *lora, "--steps", "4")
+    for steps, resume in (("2", []), ("4", ["--resume"])):
+        procs = _launch(_sciscale(tmp_path / "two", *lora, "--steps", steps, *resume))
+        outs = _wait(procs)
+        assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    record = lambda run: json.loads((run / "run_config.json").read_text())["frozen_weights"]  # noqa: E731
+    assert record(tmp_path / "two") == record(tmp_path / "one")
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-6)
+    assert one["steps"] == 4 and len(_losses(tmp_path / "one")) == 4

@@ -12,7 +12,8 @@ trains on latitude-weighted MSE over all channels (normalized units); with ``tra
 on the mean of that loss over its own autoregressive forecasts at 1 .. K leads (multi-step
 fine-tuning, as GraphCast and Aurora do: backpropagating through every step, whose activations
 add up, or under ``train_rollout_grad="last"`` through the last alone, the pushforward trick's memory
-of one step). Evaluation (one step at the lead, whatever K), on every
+of one step; the steps run under ``lax.scan``, each checkpointed under ``train_rollout_remat`` so
+only its input state is kept for the backward pass). Evaluation (one step at the lead, whatever K), on every
 pair of the held-out states: latitude-weighted RMSE per channel in physical units (the
 square root of the mean squared error over all pairs, as WeatherBench 2) and the anomaly
 correlation (ACC, per state then averaged) against the climatology of the training states
@@ -61,6 +62,9 @@ class WeatherViTConfig(ClimaXConfig):
         "choices": ("all", "last"), "help": "with --train-rollout: backpropagate through every step, or through the "
         "last alone, its input rolled out without gradient and only its loss counted (the pushforward trick: the "
         "memory of one step)"})
+    train_rollout_remat: bool = dataclasses.field(default=False, metadata={
+        "help": "with --train-rollout: keep only each step's input state for the backward pass and recompute the "
+                "step (GraphCast's per-step checkpointing: about one step's activations, one more forward per step)"})
     data: str = dataclasses.field(default="", metadata={
         "group": "data", "help": "your gridded fields: Zarr stores or NetCDF files, comma-separated "
                                  "('': the Held-Suarez simulation)"})
@@ -101,6 +105,8 @@ class WeatherViTConfig(ClimaXConfig):
         if self.train_rollout > 1 and self.max_lead_steps not in (0, self.lead_steps):
             raise ValueError(f"train_rollout={self.train_rollout} rolls out one lead: it takes no max_lead_steps "
                              f"(got {self.max_lead_steps})")
+        if not isinstance(self.train_rollout_remat, bool):
+            raise ValueError(f"train_rollout_remat={self.train_rollout_remat!r} must be a bool")
         if self.train_rollout_grad not in ("all", "last"):
             raise ValueError(f"train_rollout_grad={self.train_rollout_grad!r} must be 'all' or 'last'")
         if self.data:
@@ -184,17 +190,31 @@ def loss_fn(model, batch, key):
     steps) carries no gradient."""
     if "y_rollout" not in batch:
         return lat_weighted_mse(_forecast(model, batch, key), batch["y"])
-    targets = [batch["y"], *(batch["y_rollout"][:, k] for k in range(batch["y_rollout"].shape[1]))]
-    keys = [None] * len(targets) if key is None else list(jax.random.split(key, len(targets)))
-    last = getattr(model.config, "train_rollout_grad", "all") == "last"
-    state, total, count = batch["x"], 0.0, 0.0
-    for k, target in enumerate(targets):
-        state = model(state, batch["lead"], batch.get("static"), dropout_key=keys[k])
-        if last and k < len(targets) - 1:
-            state = jax.lax.stop_gradient(state)
-            continue
-        s, n = lat_weighted_mse(state, target)
-        total, count = total + s, count + n
+    targets = jnp.concatenate([batch["y"][None], jnp.moveaxis(batch["y_rollout"], 1, 0)])  # [K, B, V, lat, lon]
+    keys = None if key is None else jax.random.split(key, len(targets))
+    graphdef, variables = nnx.split(model)
+
+    def step(variables, state, key):  # one application of the model to its own forecast
+        return nnx.merge(graphdef, variables)(state, batch["lead"], batch.get("static"), dropout_key=key)
+
+    if getattr(model.config, "train_rollout_remat", False):  # keep each step's input; recompute the step
+        step = jax.checkpoint(step)
+
+    def scored(carry, target_key):
+        state, total, count = carry
+        state = step(variables, state, target_key[1])
+        s, n = lat_weighted_mse(state, target_key[0])
+        return (state, total + s, count + n), None
+
+    zero = jnp.zeros((), jnp.float32)
+    if getattr(model.config, "train_rollout_grad", "all") == "last":  # K - 1 steps without gradient, the last scored
+        frozen = jax.lax.stop_gradient(variables)
+        state = jax.lax.scan(lambda x, tk: (step(frozen, x, tk[1]), None), batch["x"],
+                             (targets[:-1], None if keys is None else keys[:-1]))[0]
+        (_, total, count), _ = scored((jax.lax.stop_gradient(state), zero, zero),
+                                      (targets[-1], None if keys is None else keys[-1]))
+        return total, count
+    (_, total, count), _ = jax.lax.scan(scored, (batch["x"], zero, zero), (targets, keys))
     return total, count
 
 

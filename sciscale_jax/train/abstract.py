@@ -151,6 +151,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     from sciscale_jax.parallel import dap
     from sciscale_jax.train import pipeline as pipeline_run
     from sciscale_jax.train import validate
+    from sciscale_jax.models.stack import check_lora_train
     from sciscale_jax.train.loop import _make_step, run_optimizer, trainable
     from sciscale_jax.train.sharding import pick_strategy, plan_placement
 
@@ -170,6 +171,7 @@ def abstract_run(recipe, model_config, train_config) -> AbstractRun:
     state = abstract_train_state(params, rest, tx)
     batch = abstract_batch(recipe, model_config, cfg)
     pipeline_run.check_layers(recipe, cfg, params)
+    check_lora_train(model_config, params)
     place = None
     if mesh_config is not None:
         place = plan_placement(mesh_config, model_config.sharding, cfg.zero, state, param_axes, tx, batch,
