@@ -11,7 +11,9 @@ taken from ``--pretrained``), then fine-tuned for 24-hour forecasts two ways:
 - by its own four-step rollout at 6 hours (``--train-rollout 4``, the loss averaged over the 6,
   12, 18 and 24-hour forecasts; GraphCast's and Aurora's multi-step fine-tuning, Aurora's with
   LoRA): ``rollout full``, ``rollout lora-all``, and ``rollout lora-all, pushforward``
-  (``--train-rollout-grad last``: only the last step's loss, backpropagated through it alone);
+  (``--train-rollout-grad last``: only the last step's loss, backpropagated through it alone), and
+  ``rollout full, step remat`` (``--train-rollout-remat``: each step checkpointed, recomputed in
+  the backward pass);
 - ``lora-all`` with the lead-time embedding (and the head) trained beside the adapters
   (``--lora-train lead_embed[,head]``, PEFT's modules_to_save): the frozen lead embedding has
   never seen a 24-hour lead.
@@ -56,6 +58,7 @@ VARIANTS = {  # name: (model settings, learning rate)
     "qlora-all": ({**DIRECT, **ALL, "lora_quant": "nf4"}, 3e-3),
     "rollout full": (ROLLOUT, 1e-3), "rollout lora-all": ({**ROLLOUT, **ALL}, 3e-3),
     "rollout lora-all, pushforward": ({**ROLLOUT, **ALL, "train_rollout_grad": "last"}, 3e-3),
+    "rollout full, step remat": ({**ROLLOUT, "train_rollout_remat": True}, 1e-3),
     "lora-all + lead embedding": ({**DIRECT, **ALL, "lora_train": "lead_embed"}, 3e-3),
     "lora-all + lead embedding, head": ({**DIRECT, **ALL, "lora_train": "lead_embed,head"}, 3e-3)}
 

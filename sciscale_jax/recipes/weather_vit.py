@@ -400,7 +400,8 @@ def abstract_batch(model_cfg, train_cfg) -> dict:
 
 
 def check(model_cfg, train_cfg, data) -> None:
-    if model_cfg.lora_rank and model_cfg.residual and not train_cfg.init_from and "head" not in model_cfg.lora_train_names:
+    trains_head = "head" in model_cfg.lora_train_names
+    if model_cfg.lora_rank and model_cfg.residual and not train_cfg.init_from and not trains_head:
         raise ValueError(f"lora_rank={model_cfg.lora_rank} without --init-from: LoRA freezes the head, and a new "
                          "residual model's head is zero, so nothing would train; start from a pretrained run "
                          "(or train the head too: --lora-train head)")

@@ -3,9 +3,9 @@ library a recipe reads (ESM-2) as one: ``load_checkpoint(recipe, path)``.
 
 A run directory holds ``run_config.json`` (the recipe, model and run settings) and Orbax
 checkpoints of the whole train state (a LoRA run's frozen weights may be left out of them: they
-are then read again from where the run started, ``train.init_from``). Loading rebuilds the model config and the model from
-the saved settings (abstractly: no weights are initialised), reads the parameters and other
-model variables of the newest readable checkpoint (or a given step) onto one device, or with
+are then read again from where the run started, ``train.init_from``). Loading rebuilds the model
+config and the model from the saved settings (abstractly: no weights are initialised), reads the
+parameters and other model variables of the newest readable checkpoint (or a given step) onto one device, or with
 ``mesh="fsdp=8"`` (any mesh without a pipeline axis, whatever mesh the run trained on) straight
 into their shards on that mesh, so a model too large for one device loads (in a multi-process
 job every process loads its devices' shards of a mesh over all of them); it returns the model
