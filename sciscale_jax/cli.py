@@ -259,6 +259,10 @@ def eval_parser(recipe, run_model: dict | None = None) -> argparse.ArgumentParse
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     p.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch rows (default: the run's; a checkpoint of "
+                                                   "another library: the recipe's default)")
+    p.add_argument("--seq-len", type=int, help="sequence length (or crop) of the evaluation batches (default: as "
+                                               "--batch-size)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     _add_distributed_flags(p)
     _add_config_flags(p, recipe.config_class, run_model or {}, "model", "model (defaults: the run's)", {})
@@ -274,7 +278,8 @@ def _eval(run_dir, rest, show_help: bool) -> int:
 
     if run_dir is None:
         if show_help:
-            print("usage: sciscale eval <run_dir> [--step N] [--json FILE] [--no-report] [model flags]   "
+            print("usage: sciscale eval <run_dir> [--step N] [--json FILE] [--no-report] [--batch-size N] "
+                  "[--seq-len N] [model flags]   "
                   "(`sciscale eval <run_dir> --help` lists them)")
             return 0
         raise UsageError("eval: the run directory is missing (the --out of a `sciscale train` run)")
@@ -291,6 +296,9 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     args = parser.parse_args(rest)
     if args.distributed and not args.mesh:
         raise UsageError("--distributed needs --mesh over every process's devices (e.g. --mesh fsdp=N)")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be a positive integer")
     start_distributed(args)  # before anything touches a device
     import jax
 
@@ -302,6 +310,7 @@ def _eval(run_dir, rest, show_help: bool) -> int:
         raise UsageError(f"--step {args.step}: {run_dir} is not a sciscale run and has no numbered checkpoints")
     run = (load_checkpoint(recipe, run_dir, mesh=args.mesh, log=log, **_picked(args, "model")) if foreign else
            load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=log, **_picked(args, "model")))
+    run = run.with_batches(args.batch_size, args.seq_len)
     data = run.build_data()
     validation = run.evaluate(data)
     if not primary:

@@ -295,6 +295,23 @@ def test_cli_eval_and_load_run_read_the_checkpoint(tmp_path, capsys):
     assert figures["val_loss"] == pytest.approx(sums["loss"][0] / sums["loss"][1], rel=1e-5)
     with pytest.raises(ValueError, match="no numbered checkpoints"):
         load_run(FIXTURE, step=1)
+    # --seq-len / --batch-size: the batches a training run of those settings would evaluate
+    assert cli.main(["eval", str(FIXTURE), "--data", str(fasta), "--seq-len", "32", "--batch-size", "4",
+                     "--json", str(report)]) == 0
+    shorter = json.loads(report.read_text())["validation"]
+    sums = {}
+    for batch in RECIPE.build_data(TrainConfig(batch_size=4, seq_len=32), run.model_config).eval:
+        assert batch["inputs"].shape[1] == 32
+        for name, (total, count) in metrics(run.model, jax.tree.map(jnp.asarray, batch)).items():
+            a, b = sums.get(name, (0.0, 0.0))
+            sums[name] = (a + float(total), b + float(count))
+    assert shorter["val_loss"] == pytest.approx(sums["loss"][0] / sums["loss"][1], rel=1e-5)
+    assert shorter["val_loss"] != pytest.approx(figures["val_loss"], rel=1e-4)
+    capsys.readouterr()
+    for bad, message in ((["--seq-len", "0"], "--seq-len 0 must be a positive integer"),
+                         (["--seq-len", "5000"], "seq_len=5000 exceeds the model's max_len")):
+        assert cli.main(["eval", str(FIXTURE), "--data", str(fasta), *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_bfloat16_checkpoints_read_as_their_float32_values(tmp_path):

@@ -94,6 +94,23 @@ class TrainedRun:
             return validation_metrics(self.recipe, eval_fn, params, rest,
                                       eval_batches(data.eval, place, self.recipe, rows))
 
+    def with_batches(self, batch_size: int | None = None, seq_len: int | None = None) -> "TrainedRun":
+        """This run, evaluated (``evaluate``, ``build_data``) in batches of ``batch_size`` rows of
+        ``seq_len`` (the recipe's sequence length or crop) instead of the training run's, one
+        microbatch per batch (None: as trained); ValueError in one line for a value that is not a
+        positive integer or a sequence longer than the model takes."""
+        changes = {k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v is not None}
+        if not changes:
+            return self
+        for name, value in changes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        max_len = getattr(self.model_config, "max_len", None)
+        if seq_len is not None and max_len is not None and seq_len > max_len:
+            raise ValueError(f"seq_len={seq_len} exceeds the model's max_len={max_len}")
+        train_config = dataclasses.replace(self.train_config, grad_accum=1, **changes)
+        return dataclasses.replace(self, train_config=train_config)
+
     def build_data(self):
         """The recipe's data for the run's settings; ValueError in one line if a file the run
         trained on is read again but its bytes have changed since."""
