@@ -19,7 +19,9 @@ as PEFT saves adapters alone, so a rank-8 run on ESM-2 15B writes megabytes per 
 the 30 GB base. Its ``run_config.json`` records a ``fingerprint`` of the weights as read
 (``FROZEN``); resuming, evaluating or starting another run from it reads them again from the same
 checkpoint (``frozen_weights``, ``restore_run``; runs of runs recursively) and refuses in one line
-if that checkpoint is gone or its weights are no longer the ones the run started from.
+if that checkpoint is gone or its weights are no longer the ones the run started from (a base
+that moved is followed by resuming with ``--init-from`` at its new place, its fingerprint checked
+there first). Parameters ``lora_train`` names train, so they are written like the adapters.
 Double-quantised 4-bit scales are kept in the checkpoints (their row means are sums whose
 rounding may depend on the mesh; 1/64 of the codes' bytes), so a resumed run, on any mesh,
 computes with the very weights it trained with.
