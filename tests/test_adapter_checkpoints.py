@@ -99,8 +99,8 @@ def test_a_lora_run_checkpoints_its_adapters_alone_and_resumes_exactly(pretraine
         # Orbax's metadata on disk, a few kB: their absence is checked by the array list above)
         left_out = sum(x.nbytes for p, x in traverse_util.flatten_dict(whole["state"].params).items()
                        if "/".join(map(str, p)) not in kept)
-        assert _bytes(tmp_path / "whole" / "checkpoints" / "4") - _bytes(tmp_path / "lean" / "checkpoints" / "4") \
-            > 0.8 * left_out
+        saved = _bytes(tmp_path / "whole" / "checkpoints" / "4") - _bytes(tmp_path / "lean" / "checkpoints" / "4")
+        assert saved > 0.5 * left_out  # (Orbax compresses the arrays: 61 to 73 kB of these 91 kB measured)
     # Two steps, a resume and two more equal four steps bit for bit, frozen weights included.
     a, b = _params(tmp_path / "lean"), _params(tmp_path / "whole")
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a)
