@@ -28,7 +28,7 @@ all on the same starts. Prints and writes ``benchmarks/results/weather_lora.{jso
 variant's trainable parameters and the per-device bytes of its compiled train step (arguments:
 state and batch; peak).
 
-    python examples/weather_lora.py                        # about 35 minutes on 2 CPU cores
+    python examples/weather_lora.py                        # about 45 minutes on 2 CPU cores
     python examples/weather_lora.py --pretrained runs/wx   # start from a weather-vit run you have
     python examples/weather_lora.py --only "lora-all + lead embedding"   # those rows again, the rest kept
 """
