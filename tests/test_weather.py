@@ -386,8 +386,6 @@ def _params(model) -> dict:
 
 def _merged_climax(model) -> ClimaX:
     """A ClimaX without adapters whose block kernels are the LoRA model's W + scale * A B, in numpy."""
-    import dataclasses
-
     from flax import traverse_util
 
     plain = ClimaX(dataclasses.replace(model.config, lora_rank=0), rngs=nnx.Rngs(9))
@@ -486,7 +484,6 @@ def test_rollout_batches_carry_the_states_each_step_later():
 def _rollout_setup(grad):
     cfg = ClimaXConfig(**SMALL, residual=False)
     model = ClimaX(cfg, rngs=nnx.Rngs(5))
-    import dataclasses
     import types
 
     # the recipe's config adds train_rollout_grad to the model's
