@@ -132,6 +132,22 @@ def _base_parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
     em.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     em.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    x = sub.add_parser("export", help="write a trained run in another library's layout (protein-mlm: Hugging Face's "
+                                      "EsmForMaskedLM, or its LoRA adapters alone in PEFT's layout)",
+                       description="Restore a run's newest readable checkpoint (or --step) and write its model into a "
+                                   "new folder --out in the layout the recipe exports (protein-mlm: config.json, "
+                                   "model.safetensors and vocab.txt that transformers' EsmForMaskedLM.from_pretrained "
+                                   "reads, LoRA adapters folded in; with --adapters, adapter_config.json and "
+                                   "adapter_model.safetensors that peft's PeftModel.from_pretrained puts on the ESM-2 "
+                                   "checkpoint the run started from).")
+    x.add_argument("run_dir", help="the --out of a `sciscale train` run")
+    x.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write (must not exist)")
+    x.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
+    x.add_argument("--adapters", action="store_true", help="the LoRA adapters alone (PEFT's layout), for a LoRA run "
+                                                           "started from an ESM-2 checkpoint")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the tensors' dtype in the file (default: float32)")
+    x.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -380,6 +396,47 @@ def _embed(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """``sciscale export <run_dir> --out FOLDER``: the run's model in the recipe's export layout."""
+    import pathlib
+
+    import jax
+    from flax import nnx
+
+    from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
+    from sciscale_jax.train.init_from import check_frozen_from, foreign_base
+    from sciscale_jax.train.load import load_trained, read_run_config
+
+    if checkpoint_recipe(args.run_dir) is not None:
+        raise UsageError(f"{args.run_dir} is a checkpoint of another library already, not a sciscale run to export")
+    recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
+    if recipe.export is None:
+        having = ", ".join(r.name for r in RECIPES.values() if r.export is not None)
+        raise ValueError(f"recipe {recipe.name!r} has no export layout ({having} have)")
+    out = pathlib.Path(args.out).expanduser()
+    if out.exists():
+        raise UsageError(f"--out {out} exists; remove it or name another folder")
+    _check_writable(out, "--out")
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    run = load_trained(recipe, args.run_dir, step=args.step, log=log)
+    params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
+    base = foreign_base(recipe, run.train_config.init_from)
+    if args.adapters and base is not None and getattr(run.model_config, "lora_rank", 0):
+        check_frozen_from(recipe, run.model_config, params, base, log=log)  # the adapters are all that differs
+    names = recipe.export(run.model_config, jax.device_get(params), out, base=base, adapters=args.adapters,
+                          dtype=args.dtype)
+    size = sum((out / n).stat().st_size for n in names)
+    on = f" on {base}" if args.adapters else ""
+    print(f"run {args.run_dir}: {recipe.name}, checkpoint step {run.step}; wrote {out}{on} "
+          f"({', '.join(names)}; {size / 1e6:.2f} MB)")
+    quant = getattr(run.model_config, "lora_quant", "none")
+    if args.adapters and quant != "none":
+        print(f"note: the adapters trained beside {base}'s weights stored in 4 bits (lora_quant={quant}); on its "
+              "float weights the model differs from the run's: export without --adapters for the weights it "
+              "computed with")
+    return 0
+
+
 def _write_dataset(dataset, path, suffix: str) -> None:
     """An xarray dataset to ``path`` as Zarr (``suffix`` .zarr) or NetCDF, replacing a leftover partial write."""
     import shutil
@@ -509,10 +566,10 @@ def main(argv=None) -> int:
 
         if args.command == "eval":
             return _eval(args.run_dir, rest, args.help)
-        if args.command == "embed":
+        if args.command in ("embed", "export"):
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")
-            return _embed(args)
+            return _embed(args) if args.command == "embed" else _export(args)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -45,7 +45,7 @@ def _folder(path) -> pathlib.Path:
     return p.parent if p.is_file() else p
 
 
-def _read_config(path) -> dict:
+def read_config(path) -> dict:
     file = _folder(path) / CONFIG
     try:
         config = json.loads(file.read_text())
@@ -95,7 +95,7 @@ def rows(tokens, esm_tokens) -> list[int]:
 def settings(path, tokens) -> dict:
     """The ``TransformerConfig`` fields an ESM-2 checkpoint fixes, for a tokenizer of ``tokens``
     (by id; its mask token ``<mask>`` gets ESM-2's token dropout)."""
-    config = _read_config(path)
+    config = read_config(path)
     try:
         layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
         embed, mlp = int(config["hidden_size"]), int(config["intermediate_size"])
@@ -253,3 +253,183 @@ def params(path, config, tokens) -> dict:
                                    "bias": linear("lm_head.dense.bias", (e,), transpose=False)},
                          "norm": norm("lm_head.layer_norm"),
                          "bias": vocab_rows("lm_head.bias", PAD_LOGIT)}}
+
+
+# --- writing Hugging Face's layout ---------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"   # PEFT's names for a LoRA adapter saved alone
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_HF_NAMES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+             "out": "attention.output.dense", "wi": "intermediate.dense", "wo": "output.dense"}
+_PART = {"query": "attn", "key": "attn", "value": "attn", "out": "attn", "wi": "mlp", "wo": "mlp"}
+
+
+def check_exportable(config, tokens) -> None:
+    """ValueError in one line naming the first setting of ``config`` (a ``TransformerConfig``) that
+    Hugging Face's ``EsmForMaskedLM`` cannot compute, for a tokenizer of ``tokens`` (by id)."""
+    mask = tokens.index("<mask>") if "<mask>" in tokens else -1
+    refusals = [
+        (config.norm != "layer", f"norm={config.norm!r} (ESM-2: 'layer')"),
+        (not config.bias, "bias=False (ESM-2's projections have biases)"),
+        (config.mlp != "gelu_exact", f"mlp={config.mlp!r} (ESM-2: 'gelu_exact')"),
+        (config.head != "esm", f"head={config.head!r} (ESM-2: 'esm')"),
+        (config.causal, "causal=True (ESM-2 is a bidirectional encoder)"),
+        (config.attention in ("linformer", "performer"), f"attention={config.attention!r} approximates ESM-2's "
+         "exact attention (retrain or fine-tune with an exact one)"),
+        (getattr(config, "quant", "none") != "none", f"quant={config.quant!r}: the model computes with "
+         "quantised weights and activations that EsmForMaskedLM does not"),
+        (config.token_dropout_id not in (-1, mask), f"token_dropout_id={config.token_dropout_id} is not the mask "
+         f"token's id {mask}"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"not exportable as an ESM-2 checkpoint: {why}")
+    missing = [t for t in tokens if t not in ESM2_ALPHABET]
+    if missing:
+        raise ValueError(f"not exportable as an ESM-2 checkpoint: tokens {missing} are not in ESM-2's alphabet")
+
+
+def hf_config(config, template: dict | None = None, *, dtype: str = "float32",
+              esm_tokens=ESM2_ALPHABET) -> dict:
+    """``config.json`` of an ``EsmForMaskedLM`` computing ``config``: ``template`` (the ESM-2
+    checkpoint the run started from) with the model's shape, or ESM-2's settings."""
+    out = {k: v for k, v in (template or {}).items() if k != "transformers_version"}
+    out.update({
+        "architectures": ["EsmForMaskedLM"], "model_type": "esm", "vocab_size": len(esm_tokens),
+        "hidden_size": config.embed_dim, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "intermediate_size": config.mlp_dim,
+        "position_embedding_type": "rotary", "rope_theta": float(config.rope_base),
+        "layer_norm_eps": 1e-5, "emb_layer_norm_before": False, "is_folding_model": False,
+        "tie_word_embeddings": True, "token_dropout": config.token_dropout_id >= 0,
+        "mask_token_id": esm_tokens.index("<mask>"), "pad_token_id": esm_tokens.index("<pad>"),
+        "hidden_dropout_prob": out.get("hidden_dropout_prob", 0.0),
+        "attention_probs_dropout_prob": out.get("attention_probs_dropout_prob", 0.0),
+        "max_position_embeddings": max(int(out.get("max_position_embeddings", 1026)), config.max_len + 2),
+        "dtype": dtype})
+    out.pop("torch_dtype", None)  # the older name of "dtype"
+    return out
+
+
+def _layers(params, config) -> list[dict]:
+    """Per-layer parameter dicts, from a list/dict of layers or stacked arrays."""
+    layers = params["layers"]
+    if config.scan_layers:
+        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], layers) for i in range(config.num_layers)]
+    return [layers[i] if i in layers else layers[str(i)] for i in range(config.num_layers)]
+
+
+def tensors(params, config, tokens, *, esm_tokens=ESM2_ALPHABET, extra=None) -> dict:
+    """The inverse of :func:`params`: ``EsmForMaskedLM``'s tensors (names as its ``state_dict``,
+    float32 numpy) of a model without LoRA adapters (``params`` as ``nnx.to_pure_dict`` gives
+    them, per-layer or stacked). Vocabulary rows go back to ESM's order; ESM tokens the model has
+    no row for get a zero embedding and an output bias of ``PAD_LOGIT``. ``extra``: tensors carried
+    over unchanged (the contact head of the checkpoint the run started from)."""
+    check_exportable(config, tuple(tokens))
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    order = rows(tuple(tokens), esm_tokens)
+    have = {j: k for k, j in enumerate(order) if k < config.vocab_size}  # ESM row -> the model's row
+
+    def vocab(array, fill):
+        array = f32(array)
+        out = np.full((len(esm_tokens),) + array.shape[1:], fill, np.float32)
+        for j, k in have.items():
+            out[j] = array[k]
+        return out
+
+    def linear(p, n_in):
+        k = f32(p["kernel"])
+        return {"weight": k.reshape(int(np.prod(k.shape[:n_in])), -1).T.copy(), "bias": f32(p["bias"]).reshape(-1)}
+
+    def norm(p):
+        return {"weight": f32(p["scale"]), "bias": f32(p["bias"])}
+
+    out = {"esm.embeddings.word_embeddings.weight": vocab(params["embed"], 0.0)}
+    for i, layer in enumerate(_layers(params, config)):
+        at = f"esm.encoder.layer.{i}"
+        named = {f"{at}.{_HF_NAMES[n]}": linear(layer[_PART[n]][n], 2 if n == "out" else 1) for n in _HF_NAMES}
+        named[f"{at}.attention.LayerNorm"] = norm(layer["attn_norm"])
+        named[f"{at}.LayerNorm"] = norm(layer["mlp_norm"])
+        for module, pair in named.items():
+            out.update({f"{module}.{k}": v for k, v in pair.items()})
+        d = config.head_dim  # the rotary frequencies, a buffer published ESM-2 checkpoints hold per layer
+        out[f"{at}.attention.self.rotary_embeddings.inv_freq"] = (
+            1.0 / config.rope_base ** (np.arange(0, d, 2, dtype=np.float32) / d)).astype(np.float32)
+    out.update({f"esm.encoder.emb_layer_norm_after.{k}": v for k, v in norm(params["final_norm"]).items()})
+    head = params["esm_head"]
+    out.update({f"lm_head.dense.{k}": v for k, v in linear(head["dense"], 1).items()})
+    out.update({f"lm_head.layer_norm.{k}": v for k, v in norm(head["norm"]).items()})
+    out["lm_head.bias"] = vocab(head["bias"], PAD_LOGIT)
+    out.update(extra or {})
+    return out
+
+
+def carried(path, config) -> dict:
+    """Tensors of the ESM-2 checkpoint ``path`` that the model does not hold but an export keeps:
+    the contact head (a logistic regression on the attention maps), where its shape fits."""
+    w = _Weights(path)
+    out = {}
+    for name in ("contact_head.regression.weight", "contact_head.regression.bias"):
+        if w.has(name):
+            out[f"esm.{name}"] = w.read(name)
+    want = (1, config.num_layers * config.num_heads)
+    if out.get("esm.contact_head.regression.weight", np.zeros(want)).shape != want:
+        return {}
+    return out
+
+
+def adapter_tensors(params, config) -> dict:
+    """PEFT's tensors of the model's LoRA adapters (``lora_A.weight`` [r, in], ``lora_B.weight``
+    [out, r] under ``base_model.model.<module>``), float32 numpy; PEFT's default scaling
+    ``lora_alpha / r`` is the model's ``lora_scale``."""
+    out = {}
+    for i, layer in enumerate(_layers(params, config)):
+        for n, hf in _HF_NAMES.items():
+            p = layer[_PART[n]][n]
+            if "lora_a" not in p:
+                continue
+            a, b = np.asarray(p["lora_a"], np.float32), np.asarray(p["lora_b"], np.float32)
+            at = f"{_PEFT_PREFIX}esm.encoder.layer.{i}.{hf}"
+            out[f"{at}.lora_A.weight"] = a.reshape(-1, a.shape[-1]).T.copy()
+            out[f"{at}.lora_B.weight"] = b.reshape(b.shape[0], -1).T.copy()
+    return out
+
+
+def adapter_config(config, base: str) -> dict:
+    """PEFT's ``adapter_config.json`` of the model's adapters on the ESM-2 checkpoint ``base``."""
+    names = [_HF_NAMES[n] for n in ("query", "key", "value", "out")]
+    if config.lora_targets == "all":
+        names += [_HF_NAMES["wi"], _HF_NAMES["wo"]]
+    pattern = r".*encoder\.layer\.\d+\.(" + "|".join(n.replace(".", r"\.") for n in names) + ")"
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base), "r": config.lora_rank,
+            "lora_alpha": float(config.lora_alpha), "lora_dropout": 0.0, "target_modules": pattern,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
+            "inference_mode": True, "init_lora_weights": True}
+
+
+def save(folder, tensors_: dict, config: dict, *, weights: str = WEIGHTS, config_name: str = CONFIG,
+         vocab=None, dtype: str = "float32") -> list[str]:
+    """``tensors_`` as ``folder/weights`` (safetensors, cast to ``dtype``) with ``config`` as JSON (and
+    ``vocab.txt`` if given), written into ``folder.partial`` and renamed, so a kill leaves no half
+    folder; ``folder`` must not exist. Returns the names written."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder).expanduser()
+    if folder.exists():
+        raise ValueError(f"{folder} exists; remove it or name another folder")
+    cast = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():  # a killed earlier export's
+        import shutil
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(v.astype(cast)) for k, v in tensors_.items()}, str(partial / weights),
+              metadata={"format": "pt"})
+    (partial / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    names = [config_name, weights]
+    if vocab is not None:
+        (partial / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        names.append("vocab.txt")
+    partial.rename(folder)
+    return names

@@ -47,6 +47,11 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   run, read as before); ``init_params(model_config, path)``: the parameters laid out as the
   model's, each leaf a zero-argument function returning its numpy array, so a run reads and
   places one array at a time;
+- ``export`` (optional): ``(model_config, params, out, *, base, adapters, dtype) -> [file names]``:
+  the trained parameters (a pure dict) written in another library's layout into folder ``out``
+  (protein-mlm: Hugging Face's ``EsmForMaskedLM``, or the LoRA adapters alone in PEFT's layout on
+  ``base``, the checkpoint of ``init_settings``' kind the run started from, or None), saved by
+  ``sciscale export``;
 - ``pipeline`` (optional): the model's layer stack as pipeline stages
   (``sciscale_jax.parallel.PipelineStages``: embedding, block arguments, head + loss, token
   count); a recipe without it refuses a mesh with a ``pipeline`` axis.
@@ -102,6 +107,7 @@ class Recipe:
     init_settings: Callable | None = None  # (path) -> model config fields another library's checkpoint fixes,
                                            # or None: not such a checkpoint (--init-from a sciscale run)
     init_params: Callable | None = None    # (model_config, path) -> the model's parameters as array readers
+    export: Callable | None = None         # (model_config, params, out, *, base, adapters, dtype) -> files written
     vocabulary: Callable | None = None     # (model_config) -> tokens by id, for a tokenizer built from the
                                            # training data: loading a run re-reads that data (changed files
                                            # are refused) and --init-from needs the same tokens

@@ -37,6 +37,7 @@ from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_pro
                                    table_nll)
 from sciscale_jax.losses import mlm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, esm, hidden_states
+from sciscale_jax.models.stack import merge_lora
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.transformer_stages import MLM
 
@@ -213,6 +214,39 @@ def init_params(model_cfg, path) -> dict:
     return esm.params(path, model_cfg, ProteinTokenizer().tokens)
 
 
+def export(model_cfg, params, out, *, base: str | None = None, adapters: bool = False,
+           dtype: str = "float32") -> list[str]:
+    """The trained model as Hugging Face's ``EsmForMaskedLM`` in folder ``out`` (``config.json``,
+    ``model.safetensors``, ``vocab.txt``; LoRA adapters folded into their kernels, 4-bit kernels
+    dequantised: the weights the model computed with), or with ``adapters`` its LoRA adapters alone
+    in PEFT's layout (``adapter_config.json``, ``adapter_model.safetensors``) on ESM-2 checkpoint
+    ``base``. ``base`` (the ESM-2 checkpoint the run started from, or None) also gives the config
+    and the contact head, which the model does not hold, carried over unchanged."""
+    tokens = ProteinTokenizer().tokens
+    template = esm.read_config(base) if base else None
+    esm_tokens = esm.vocabulary(base) if base else esm.ESM2_ALPHABET
+    if adapters:
+        if not model_cfg.lora_rank:
+            raise ValueError("--adapters: the run has no LoRA adapters (lora_rank=0); export the whole model")
+        if model_cfg.lora_train:
+            raise ValueError(f"--adapters: lora_train={model_cfg.lora_train!r} trained weights beside the adapters, "
+                             "which PEFT's file of the adapters does not hold; export the whole model")
+        if base is None:
+            raise ValueError("--adapters: the run did not start from an ESM-2 checkpoint (--init-from), so there is "
+                             "no base model for the adapters; export the whole model")
+        esm.check_exportable(model_cfg, tokens)
+        return esm.save(out, esm.adapter_tensors(params, model_cfg), esm.adapter_config(model_cfg, base),
+                        weights=esm.ADAPTER_WEIGHTS, config_name=esm.ADAPTER_CONFIG, dtype=dtype)
+    if model_cfg.lora_rank:
+        params = merge_lora(params, model_cfg.lora_scale)
+        model_cfg = dataclasses.replace(model_cfg, lora_rank=0, lora_quant="none", lora_train="")
+    esm.check_exportable(model_cfg, tokens)
+    extra = esm.carried(base, model_cfg) if base else {}
+    return esm.save(out, esm.tensors(params, model_cfg, tokens, esm_tokens=esm_tokens, extra=extra),
+                    esm.hf_config(model_cfg, template, dtype=dtype, esm_tokens=esm_tokens), vocab=esm_tokens,
+                    dtype=dtype)
+
+
 RECIPE = Recipe(
     name="protein-mlm",
     description="ESM-style masked LM on the 2,100 bacterial proteins shipped in pyhmmer, or your FASTA files",
@@ -232,4 +266,5 @@ RECIPE = Recipe(
     embed=embed,
     init_settings=init_settings,
     init_params=init_params,
+    export=export,
 )

@@ -203,3 +203,39 @@ def _read_merged(recipe, theirs, init_from: str, init_step: int, wanted: dict, l
                                           wanted), out_shardings=jax.tree.map(lambda w: w.sharding, wanted))
     log(f"--init-from {init_from}: its LoRA adapters (rank {theirs.lora_rank}) folded into the kernels")
     return found, fold(params)
+
+
+def foreign_base(recipe, init_from: str) -> str | None:
+    """The checkpoint of another library (``Recipe.init_settings``: ESM-2) at the root of a run's
+    ``--init-from`` chain (a run started from a run started from it, ...), or None: the chain ends
+    in a run trained from scratch, or at a path no longer there."""
+    seen = set()
+    while init_from and init_from not in seen:
+        seen.add(init_from)
+        if recipe.init_settings is not None and recipe.init_settings(init_from) is not None:
+            return init_from
+        saved = rundir.saved_config(init_from)
+        init_from = (saved or {}).get("train", {}).get("init_from", "") if isinstance(saved, dict) else ""
+    return None
+
+
+def check_frozen_from(recipe, model_config, params, base: str, log=print) -> None:
+    """ValueError in one line naming the first frozen weight of a LoRA model's ``params`` (a pure
+    dict, arrays) that is not the one ``base`` gives as a run of ``model_config`` stores it (4-bit
+    codes and scales compared as stored; double-quantised scale rows left out: their row means
+    may round differently on another mesh). What trains (the adapters, ``lora_train``'s names) is
+    not compared: the adapters are a difference to ``base`` only if the frozen rest is ``base``."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    _, read, _ = read_init_params(recipe, model_config, base, 0, target, is_lora, log)
+    frozen = partition(read, is_lora)[1]
+    if getattr(model_config, "lora_quant", "none") != "none":
+        frozen = jax.jit(lambda p: nf4.store(p, partition(target, is_lora)[1]))(frozen)
+    ours = traverse_util.flatten_dict(partition(params, lora_trains(model_config))[1])
+    for path, want in traverse_util.flatten_dict(frozen).items():
+        if str(path[-1]) in (nf4.SCALE_CODES, nf4.SCALE_ROWS) or path not in ours:
+            continue
+        got = ours[path]
+        if got.shape != want.shape or got.dtype != want.dtype or not bool(jax.numpy.array_equal(got, want)):
+            raise ValueError(f"parameter {'/'.join(map(str, path))} is not {base}'s (the run started from a model "
+                             "fine-tuned from it, or from folded adapters): its adapters alone do not give the "
+                             "model; export the whole model instead")
