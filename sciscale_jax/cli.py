@@ -132,6 +132,9 @@ def _base_parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
     em.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
     em.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    em.epilog = "recipe switches: " + "; ".join(
+        f"{r.name}: " + ", ".join(f"--{n.replace('_', '-')} ({text})" for n, text in r.embed_options.items())
+        for r in _recipes().values() if r.embed_options)
     x = sub.add_parser("export", help="write a trained run in another library's layout (protein-mlm: Hugging Face's "
                                       "EsmForMaskedLM, or its LoRA adapters alone in PEFT's layout)",
                        description="Restore a run's newest readable checkpoint (or --step) and write its model into a "
@@ -149,6 +152,11 @@ def _base_parser() -> argparse.ArgumentParser:
                    help="the tensors' dtype in the file (default: float32)")
     x.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
+
+
+def _recipes() -> dict:
+    from sciscale_jax.recipes import RECIPES
+    return RECIPES
 
 
 def train_parser(recipe) -> argparse.ArgumentParser:
@@ -348,13 +356,15 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     return 0
 
 
-def _embed(args) -> int:
-    """``sciscale embed <run_dir> --input F --out X.npz``: the recipe's embeddings of F, saved."""
+def _embed(args, rest=()) -> int:
+    """``sciscale embed <run_dir> --input F --out X.npz``: the recipe's embeddings of F, saved;
+    ``rest``: the recipe's own switches (``Recipe.embed_options``)."""
     import pathlib
 
     import numpy as np
 
     from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
+    from sciscale_jax.train.init_from import foreign_base
     from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
     foreign = checkpoint_recipe(args.run_dir)  # a checkpoint of another library a recipe reads (ESM-2)
@@ -362,6 +372,13 @@ def _embed(args) -> int:
     if recipe.embed is None:
         having = ", ".join(r.name for r in RECIPES.values() if r.embed is not None)
         raise ValueError(f"recipe {recipe.name!r} has no embeddings to save ({having} have)")
+    options = _Parser(prog=f"sciscale embed ({recipe.name})", add_help=False, allow_abbrev=False)
+    for name, text in recipe.embed_options.items():
+        options.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=text)
+    picked, unknown = options.parse_known_args(list(rest))
+    if unknown:
+        offered = ", ".join(f"--{n.replace('_', '-')}" for n in recipe.embed_options) or "none"
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} ({recipe.name}'s embed switches: {offered})")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be positive")
     for part in (p.strip() for p in args.input.split(",")):
@@ -381,6 +398,9 @@ def _embed(args) -> int:
     run = (load_checkpoint(recipe, args.run_dir, mesh=args.mesh, log=log) if foreign is not None else
            load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log))
     extra = {"data_files": run.data_files} if recipe.embed_reads_data else {}
+    extra.update(vars(picked))
+    if recipe.embed_reads_base:
+        extra["base"] = str(args.run_dir) if foreign is not None else foreign_base(recipe, run.train_config.init_from)
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size, **extra)
     partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a killed run leaves no half file
     if labelled:
@@ -566,10 +586,12 @@ def main(argv=None) -> int:
 
         if args.command == "eval":
             return _eval(args.run_dir, rest, args.help)
-        if args.command in ("embed", "export"):
+        if args.command == "embed":
+            return _embed(args, rest)
+        if args.command == "export":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")
-            return _embed(args) if args.command == "embed" else _export(args)
+            return _export(args)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -325,3 +325,57 @@ def test_bfloat16_checkpoints_read_as_their_float32_values(tmp_path):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(_logits(_model(folder)) - _logits(_model()))[REF["mask"]].max() > 1e-4  # it was rounded
+
+
+CONTACTS = np.load(FIXTURE / "expected_contacts.npz")  # Hugging Face's predict_contacts (make_esm2_fixture.py)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_attention_maps_and_contacts_are_hugging_faces(scan_layers):
+    """Every layer's attention probabilities and ESM-2's contact head (symmetrised, APC-corrected
+    maps through the checkpoint's regression) against Hugging Face's on inputs with padding and
+    mask tokens; the batch's padding changes no protein's map (each equals the protein alone)."""
+    from sciscale_jax.models import attention_maps
+
+    model = _model(scan_layers=scan_layers)
+    ids, mask = jnp.asarray(REF["our_ids"]), jnp.asarray(REF["mask"])
+    maps = np.stack(attention_maps(model, ids, mask_bs=mask), axis=1)  # [batch, layer, head, query, key]
+    real = REF["mask"][:, None, None, :, None] & REF["mask"][:, None, None, None, :]
+    np.testing.assert_allclose(np.where(real, maps, 0), np.where(real, CONTACTS["attentions"], 0), rtol=0, atol=1e-5)
+    assert np.all(maps[~np.broadcast_to(real, maps.shape) & REF["mask"][:, None, None, :, None]] == 0)  # no padding key
+    head = esm.contact_head(FIXTURE, model.config)
+    got = np.asarray(esm.contacts(model, ids, mask, head, eos_id=ProteinTokenizer().eos_id))
+    spread = 0.0
+    for i in range(len(ids)):
+        n = int(REF["mask"][i].sum()) - 2
+        want = CONTACTS[f"alone_{i}"]
+        np.testing.assert_allclose(got[i, 1:n + 1, 1:n + 1], want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(want, want.T, atol=1e-6)  # symmetric, as the head makes it
+        spread = max(spread, float(want.max() - want.min()))
+    # the tolerance tells the head's parts apart: without the average-product correction (from
+    # the reference's own maps) the contacts of the first protein move by far more than 1e-5
+    a = CONTACTS["attentions"][0, :, :, 1:23, 1:23].reshape(-1, 22, 22)
+    a = a + np.swapaxes(a, -1, -2)
+    weight, bias = head
+    no_apc = 1 / (1 + np.exp(-(np.einsum("cqk,c->qk", a, weight.ravel()) + bias)))
+    assert np.abs(no_apc - CONTACTS["alone_0"]).max() > 1e-3 and spread > 0.05
+
+
+def test_cli_embed_writes_contacts(tmp_path, capsys):
+    fasta = tmp_path / "p.fasta"
+    other = "".join(np.random.default_rng(1).choice(list("ACDEFGHIKLMNPQRSTVWY"), 40))
+    fasta.write_text(f">first\nMKTAYIAKQRQISFVKSHFSRQ\n>other\n{other}\n")  # batched together: padding
+    assert cli.main(["embed", str(FIXTURE), "--input", str(fasta), "--out", str(tmp_path / "e.npz"), "--contacts"]) == 0
+    got = np.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(got["contact_offsets"], [0, 22 * 22, 22 * 22 + 40 * 40])
+    np.testing.assert_allclose(got["contacts"][:22 * 22].reshape(22, 22), CONTACTS["alone_0"], rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["embed", str(FIXTURE), "--input", str(fasta), "--out", str(tmp_path / "f.npz"), "--contact"]) == 2
+    assert "unrecognized arguments: --contact (protein-mlm's embed switches: --contacts)" in capsys.readouterr().err
+    model = _model()
+    with pytest.raises(ValueError, match="--contacts needs ESM-2's contact head .* the run did not start from an ESM-2"):
+        RECIPE.embed(model.config, model, str(fasta), contacts=True, base=None)
+    folder = _rewrite(tmp_path, lambda t: {k: v for k, v in t.items() if "contact_head" not in k})
+    with pytest.raises(ValueError, match=f"the ESM-2 checkpoint {folder} holds none for 2 layers x 4 heads"):
+        RECIPE.embed(model.config, model, str(fasta), contacts=True, base=str(folder))
+    assert not (tmp_path / "f.npz").exists()

@@ -90,7 +90,9 @@ def test_bad_init_from_is_refused_in_one_line_before_anything_is_written(source,
         ([str(tmp_path / "empty")], r"--init-from .*empty: not a `sciscale train` run directory"),
         ([str(source), "--init-step", "3"], r"--init-from: no checkpoint 3 under .*; there are: \[1, 2, 4\]"),
         ([str(source), "--embed-dim", "64"], r"--init-from: checkpoint .*/4 was saved by a different model .*"
-                                             r"params/.*: saved \(\(\d+, 32\).*start from a run of the same model"),
+                                             r"params/.*: saved \(\(\d+, 32\).*start from a run of the same model"
+                                             r" shapes \(it has embed_dim=32 \(this run: 64\): give those model "
+                                             r"flags\)$"),
     ]
     for args, match in cases:
         out = tmp_path / "new"

@@ -24,7 +24,10 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sciscale_jax.models.transformer import attention_maps
 
 ESM2_ALPHABET = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>")
 PAD_LOGIT = -1e4     # the output bias of vocabulary rows past ESM's: exp() of it is 0 in float32
@@ -253,6 +256,44 @@ def params(path, config, tokens) -> dict:
                                    "bias": linear("lm_head.dense.bias", (e,), transpose=False)},
                          "norm": norm("lm_head.layer_norm"),
                          "bias": vocab_rows("lm_head.bias", PAD_LOGIT)}}
+
+
+# --- the contact head ----------------------------------------------------------------------------------------
+
+
+def contact_head(path, config) -> tuple[np.ndarray, float] | None:
+    """ESM-2's contact regression of checkpoint ``path`` (``contact_head.regression``: one weight
+    per layer and head, layer-major, and a bias) as (weight [layers, heads], bias), or None where
+    the checkpoint holds none or one of another model's depth and heads."""
+    w = _Weights(path)
+    if not (w.has("contact_head.regression.weight") and w.has("contact_head.regression.bias")):
+        return None
+    weight = w.read("contact_head.regression.weight")
+    if weight.size != config.num_layers * config.num_heads:
+        return None
+    return weight.reshape(config.num_layers, config.num_heads), float(w.read("contact_head.regression.bias")[0])
+
+
+def contacts(model, tokens_bs, mask_bs, head, *, eos_id: int):
+    """ESM-2's contact probabilities [batch, seq, seq] (Rao et al. 2021, as ``EsmForMaskedLM.predict_contacts``
+    computes them): each layer's and head's attention map over the residues (the first token,
+    ``eos_id`` and padding left out), symmetrised, average-product corrected, weighted by the
+    contact regression ``head`` (``contact_head``) and passed through a sigmoid. Rows and columns
+    of the positions left out are meaningless; a protein's map is ``[1:n + 1, 1:n + 1]``. Each
+    layer's maps are reduced before the next layer's are formed."""
+    weight, bias = head
+    seq = tokens_bs.shape[1]
+    keep_bs = mask_bs.astype(bool) & (jnp.arange(seq) > 0)[None] & (tokens_bs != eos_id)
+    both_b1qk = (keep_bs[:, :, None] & keep_bs[:, None, :])[:, None].astype(jnp.float32)
+
+    def each(layer, probs_bhqk):
+        a = probs_bhqk * both_b1qk
+        a = a + jnp.swapaxes(a, -1, -2)
+        a = a - a.sum(-1, keepdims=True) * a.sum(-2, keepdims=True) / a.sum((-1, -2), keepdims=True)
+        return jnp.einsum("bhqk,h->bqk", a, jnp.asarray(weight[layer], jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+
+    return jax.nn.sigmoid(sum(attention_maps(model, tokens_bs, mask_bs=mask_bs, each=each)) + bias)
 
 
 # --- writing Hugging Face's layout ---------------------------------------------------------------------------

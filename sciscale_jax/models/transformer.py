@@ -155,6 +155,21 @@ class Attention(nnx.Module):
         ctx_bshd = checkpoint_name(ctx_bshd, remat.ATTN_CONTEXT)
         return self.out(ctx_bshd)
 
+    def probabilities(self, x_bse, positions_bs, mask_b11k):
+        """The exact attention probabilities softmax(q k^T / sqrt(head_dim)) [batch, heads, query, key]
+        in float32 (padding keys and, if causal, future keys get none), whatever ``attention``
+        computes the layer with: attention maps, for analysis and ESM-2's contact head."""
+        cfg = self.cfg
+        q_bshd = rotary(self.query(x_bse), positions_bs, cfg.rope_base).astype(jnp.float32)
+        k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base).astype(jnp.float32)
+        scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bshd, k_bshd, precision=jax.lax.Precision.HIGHEST)
+        scores_bhqk = scores_bhqk * cfg.head_dim ** -0.5
+        s = x_bse.shape[1]
+        keep = jnp.ones((1, 1, s, s), bool) if mask_b11k is None else mask_b11k.astype(bool)  # [b, 1, 1, k]
+        if cfg.causal:
+            keep = keep & jnp.tril(jnp.ones((s, s), bool))
+        return jax.nn.softmax(jnp.where(keep, scores_bhqk, -jnp.inf), axis=-1)
+
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -282,6 +297,29 @@ class Transformer(nnx.Module):
         return self.final_norm(x_bse)
 
 
+def attention_maps(model: Transformer, tokens_bs, *, mask_bs=None, each=None):
+    """Every layer's attention probabilities (``Attention.probabilities``) of ``tokens_bs``, in
+    evaluation (no dropout): ``each(layer, probs_bhqk)`` is called per layer and the results are
+    returned as a list (default: the maps themselves), so a caller can reduce each layer's maps
+    before the next is formed."""
+    cfg = model.config
+    each = each or (lambda layer, probs: probs)
+    batch, seq = tokens_bs.shape
+    positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    mask_b11k = None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
+    x_bse = model.embed_tokens(tokens_bs, mask_bs)
+    if isinstance(model.layers, nnx.List):
+        blocks = list(model.layers)
+    else:  # stacked: one block per slice of the leading layer axis
+        graphdef, state = nnx.split(model.layers)
+        blocks = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(cfg.num_layers)]
+    out = []
+    for layer, block in enumerate(blocks):
+        out.append(each(layer, block.attn.probabilities(block.attn_norm(x_bse), positions_bs, mask_b11k)))
+        x_bse = block(x_bse, positions_bs, mask_b11k)
+    return out
+
+
 def hidden_states(model: Transformer, sequences, *, batch_size: int = 16, bucket: int = 64,
                   pad_id: int = 0) -> list[np.ndarray]:
     """``model.hidden`` of each int sequence in ``sequences``: a list of float32 [len, embed].
@@ -290,13 +328,22 @@ def hidden_states(model: Transformer, sequences, *, batch_size: int = 16, bucket
     multiple of ``bucket`` (at most ``max_len``) under a key mask, so padding changes no state
     of a real token and a file of many lengths compiles only a few programs.
     """
+    return per_sequence(model, sequences, lambda m, tokens, mask: m.hidden(tokens, mask_bs=mask),
+                        lambda out, n: out[:n], batch_size=batch_size, bucket=bucket, pad_id=pad_id)
+
+
+def per_sequence(model: Transformer, sequences, fn, crop, *, batch_size: int = 16, bucket: int = 64,
+                 pad_id: int = 0) -> list[np.ndarray]:
+    """``fn(model, tokens_bs, mask_bs)`` (per-example outputs, jitted) of each int sequence in
+    ``sequences``, each example's output cut to its length by ``crop(output, length)``: batched as
+    ``hidden_states`` batches them."""
     cfg = model.config
     lengths = [len(s) for s in sequences]
     if min(lengths, default=1) < 1 or max(lengths, default=0) > cfg.max_len:
         i = next(i for i, n in enumerate(lengths) if n < 1 or n > cfg.max_len)
         raise ValueError(f"sequence {i} has {lengths[i]} tokens; the model takes 1 to max_len={cfg.max_len}")
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).hidden(tokens, mask_bs=mask))
+    run = jax.jit(lambda state, tokens, mask: fn(nnx.merge(graphdef, state), tokens, mask))
     out = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
@@ -306,7 +353,7 @@ def hidden_states(model: Transformer, sequences, *, batch_size: int = 16, bucket
         for r, i in enumerate(rows):
             tokens[r, :lengths[i]] = sequences[i]
         real = np.arange(width)[None, :] < np.asarray([lengths[i] for i in rows])[:, None]
-        states = np.asarray(run(state, tokens, real), np.float32)
+        results = np.asarray(run(state, tokens, real), np.float32)
         for r, i in enumerate(rows):
-            out[i] = states[r, :lengths[i]]
+            out[i] = crop(results[r], lengths[i])
     return out

@@ -23,6 +23,11 @@ A recipe owns its model and everything that depends on what the model is; ``trai
   model's representations of the inputs in a file (protein-mlm: per-residue hidden states of a
   FASTA file; msa-evoformer: the single and pair representations of an alignment; smiles-lm:
   molecule representations of a SMILES file), saved by ``sciscale embed``;
+- ``embed_options`` (default none): ``{name: help}``, switches ``sciscale embed`` offers as
+  ``--<name>`` and passes to ``embed`` as ``name=True/False`` (protein-mlm: ``contacts``);
+- ``embed_reads_base`` (default False): ``embed`` takes ``base=``, the checkpoint of another library
+  (``init_settings``' kind) the run started from, at the root of its ``--init-from`` chain (or the
+  checkpoint itself when one is embedded directly), or None (protein-mlm: ESM-2's contact head);
 - ``embed_reads_data`` (default False): ``embed`` reads the training data again (weather-vit: the
   statistics that normalize its inputs); ``sciscale embed`` then passes the run's recorded
   ``data_files`` as ``embed(..., data_files=...)`` and a changed file is refused;
@@ -101,6 +106,8 @@ class Recipe:
     abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
     embed_dataset: Callable | None = None  # (model_config, embed's arrays) -> xarray.Dataset (--out .zarr/.nc)
     embed_reads_data: bool = False         # embed re-reads the training data: it gets the recorded data_files
+    embed_options: dict = dataclasses.field(default_factory=dict)  # {name: help}: sciscale embed --<name> switches
+    embed_reads_base: bool = False         # embed gets base=: the other library's checkpoint the run started from
     data_files_are_bytes: bool = True      # Data.sources holds each file's SHA-256 (files.fingerprints), so a
                                            # resume is checked against the files before the data is read (False:
                                            # the recipe's own digest, weather-vit's of the values read)

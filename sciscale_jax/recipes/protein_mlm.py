@@ -37,6 +37,7 @@ from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_pro
                                    table_nll)
 from sciscale_jax.losses import mlm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, esm, hidden_states
+from sciscale_jax.models.transformer import per_sequence
 from sciscale_jax.models.stack import merge_lora
 from sciscale_jax.recipes.base import Data, Recipe
 from sciscale_jax.recipes.transformer_stages import MLM
@@ -178,13 +179,25 @@ def check(model_cfg, train_cfg, data) -> None:  # seq_len vs max_len: train.vali
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the data's {data.vocab_size}")
 
 
-def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
+def embed(model_cfg, model, path, batch_size: int = 16, *, contacts: bool = False, base: str | None = None) -> dict:
     """Per-residue and mean embeddings of the proteins in FASTA file ``path``, as ESM's are used:
     the final hidden states (``Transformer.hidden``) of ``cls`` + residues + ``eos``, with the two
     special tokens dropped. Returns ``names`` [N], ``mean`` [N, embed] (over each protein's
     residues), ``per_residue`` [sum of lengths, embed] and ``offsets`` [N + 1] (protein i's rows
-    are ``per_residue[offsets[i]:offsets[i + 1]]``). One-line ValueError for an empty file, an
-    unknown residue or a protein longer than the model takes, naming the record."""
+    are ``per_residue[offsets[i]:offsets[i + 1]]``). With ``contacts``, also ESM-2's contact
+    probabilities of each protein (``models.esm.contacts``, with the contact head of ESM-2
+    checkpoint ``base``, the one the run started from): ``contacts`` [sum of squared lengths],
+    protein i's n x n map ``contacts[contact_offsets[i]:contact_offsets[i + 1]].reshape(n, n)``.
+    One-line ValueError for an empty file, an unknown residue or a protein longer than the model
+    takes, naming the record, and for ``contacts`` without a contact head."""
+    head = None
+    if contacts:
+        head = esm.contact_head(base, model_cfg) if base else None
+        if head is None:
+            where = (f"the ESM-2 checkpoint {base} holds none for {model_cfg.num_layers} layers x "
+                     f"{model_cfg.num_heads} heads" if base else "the run did not start from an ESM-2 checkpoint")
+            raise ValueError(f"--contacts needs ESM-2's contact head (a regression on every layer's attention "
+                             f"maps), and {where}")
     records = [(name, seq.upper()) for name, seq in read_fasta(path) if seq]
     if not records:
         raise ValueError(f"{path} holds no protein sequences (empty, or FASTA headers without sequences)")
@@ -198,10 +211,16 @@ def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
             raise ValueError(f"{path}, record {name!r}: {len(seq)} residues + cls/eos exceed the model's "
                              f"max_len={model_cfg.max_len}")
     residues = [h[1:-1] for h in hidden_states(model, ids, batch_size=batch_size, pad_id=tok.pad_id)]
-    return {"names": np.asarray([name for name, _ in records]),
-            "mean": np.stack([r.mean(axis=0) for r in residues]),
-            "per_residue": np.concatenate(residues),
-            "offsets": np.cumsum([0] + [len(r) for r in residues])}
+    out = {"names": np.asarray([name for name, _ in records]),
+           "mean": np.stack([r.mean(axis=0) for r in residues]),
+           "per_residue": np.concatenate(residues),
+           "offsets": np.cumsum([0] + [len(r) for r in residues])}
+    if head is not None:
+        maps = per_sequence(model, ids, lambda m, t, k: esm.contacts(m, t, k, head, eos_id=tok.eos_id),
+                            lambda c, n: c[1:n - 1, 1:n - 1].ravel(), batch_size=batch_size, pad_id=tok.pad_id)
+        out["contacts"] = np.concatenate(maps)
+        out["contact_offsets"] = np.cumsum([0] + [len(m) for m in maps])
+    return out
 
 
 def init_settings(path) -> dict | None:
@@ -264,6 +283,9 @@ RECIPE = Recipe(
     pipeline=MLM,
     check=check,
     embed=embed,
+    embed_options={"contacts": "also ESM-2's contact map of each protein (its contact head on every layer's attention "
+                               "maps; the run must start from an ESM-2 checkpoint that has one)"},
+    embed_reads_base=True,
     init_settings=init_settings,
     init_params=init_params,
     export=export,

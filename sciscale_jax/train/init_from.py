@@ -92,11 +92,24 @@ def read_init_params(recipe, model_config, init_from: str, init_step: int, targe
     source = nf4.float_target(target) if quantized and saved["model"].get("lora_quant", "none") == "none" else target
     try:
         found, params, _ = restore_run(recipe, init_from, source, None, init_step or None, log=log,
-                                       hint="start from a run of the same model shapes", optional=lora,
+                                       hint=_same_shapes(saved["model"], model_config), optional=lora,
                                        cast=lora is not None)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"--init-from: {err}") from None
     return found, params, True
+
+
+def _same_shapes(theirs: dict, model_config) -> str:
+    """What to do about a run of other shapes: the model settings (not technique switches) in
+    which it differs from ``model_config``, as flags to repeat."""
+    techniques = {f.name for f in dataclasses.fields(Techniques)}
+    ours = model_config.to_dict() if hasattr(model_config, "to_dict") else dataclasses.asdict(model_config)
+    differ = [f"{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in ours
+              if k in theirs and k not in techniques and theirs[k] != ours[k]]
+    if not differ:
+        return "start from a run of the same model shapes"
+    shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+    return f"start from a run of the same model shapes (it has {shown}: give those model flags)"
 
 
 def _their_config(recipe, saved: dict, run_dir):
@@ -104,6 +117,11 @@ def _their_config(recipe, saved: dict, run_dir):
         return recipe.config_class(**saved["model"])
     except (TypeError, ValueError) as err:  # settings this version does not know or refuses
         raise ValueError(f"{run_dir}: its model settings cannot be read: {err}") from None
+
+
+def _their_params(recipe, theirs) -> dict:
+    """The parameters of a model of config ``theirs`` as ShapeDtypeStructs (nothing initialised)."""
+    return split_model(eval_shape_module(lambda: recipe.build_model(theirs, nnx.Rngs(0))))[1]
 
 
 def leaves_out(model_config):
@@ -161,7 +179,7 @@ def restore_run(recipe, run_dir, params, rest, step: int | None = None, *, log=p
                                       optional=lambda p: left_out(p) or (optional is not None and optional(p)))
     # their own parameters (dtypes as they trained), placed as ``params`` places each
     placed = traverse_util.flatten_dict(params)
-    _, own, _ = split_model(eval_shape_module(lambda: recipe.build_model(theirs, nnx.Rngs(0))))
+    own = _their_params(recipe, theirs)
     own = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed[p].sharding)
                                         for p, x in traverse_util.flatten_dict(own).items() if p in placed})
     train = saved.get("train", {})
@@ -174,7 +192,7 @@ def restore_run(recipe, run_dir, params, rest, step: int | None = None, *, log=p
 def _read_merged(recipe, theirs, init_from: str, init_step: int, wanted: dict, log) -> tuple[int, dict]:
     """The LoRA run's parameters read as saved (each placed as this run places the same array,
     the rest replicated), adapters folded into their kernels, as ``wanted`` (floats)."""
-    _, their_params, _ = split_model(eval_shape_module(lambda: recipe.build_model(theirs, nnx.Rngs(0))))
+    their_params = _their_params(recipe, theirs)
     ours = traverse_util.flatten_dict(wanted)
     some = next(iter(ours.values())).sharding
     whole = NamedSharding(some.mesh, P()) if isinstance(some, NamedSharding) else some

@@ -5,7 +5,8 @@ computes with it (expected.npz), the reference ``tests/test_esm.py`` checks the 
 Run by hand in an environment with torch and transformers (not a dependency of sciscale_jax):
 
     python -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers safetensors numpy
-    /tmp/hf/bin/python tests/data/make_esm2_fixture.py
+    /tmp/hf/bin/python tests/data/make_esm2_fixture.py            # everything
+    /tmp/hf/bin/python tests/data/make_esm2_fixture.py contacts   # expected_contacts.npz alone
 
 The weights are random but not small (normal draws, norms and biases away from 1 and 0), so
 every part of the network moves the logits; the inputs hold padding, mask tokens (ESM-2's
@@ -88,5 +89,29 @@ def main():
                       "files": sorted(p.name for p in OUT.iterdir())}))
 
 
+def contacts():
+    """``expected_contacts.npz``: what Hugging Face's ``EsmForMaskedLM.predict_contacts`` (ESM's
+    contact head: attention maps of every layer and head, symmetrised, APC-corrected, logistic
+    regression) gives on the fixture's inputs, as a batch with padding (``batched``, over the
+    positions between cls and the last column) and each protein alone without padding
+    (``alone_<i>``, residue by residue), with the attention probabilities of the batch."""
+    model = transformers.EsmForMaskedLM.from_pretrained(OUT, attn_implementation="eager").eval()
+    ref = np.load(OUT / "expected.npz")
+    ids, mask = torch.tensor(ref["esm_ids"], dtype=torch.long), torch.tensor(ref["mask"], dtype=torch.long)
+    with torch.no_grad():
+        batched = model.predict_contacts(ids, attention_mask=mask)
+        attentions = torch.stack(model.esm(ids, attention_mask=mask, output_attentions=True).attentions, dim=1)
+        alone = {}
+        for i in range(len(ids)):
+            n = int(mask[i].sum())
+            alone[f"alone_{i}"] = model.predict_contacts(ids[i:i + 1, :n], attention_mask=mask[i:i + 1, :n])[0].numpy()
+    np.savez(OUT / "expected_contacts.npz", batched=batched.numpy(), attentions=attentions.numpy(), **alone)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["contacts"]:  # the contact reference alone, from the fixture as saved
+        contacts()
+    else:
+        main()
+        contacts()
