@@ -304,6 +304,8 @@ def test_resume_after_killing_one_process_continues_exactly(tmp_path):
     _same(final.opt_state, full["state"].opt_state)
 
 
+@pytest.mark.slow  # ~200 s on 2 cores (four runs, each with the final evaluation); single-process
+                  # adapters-only runs are tested in test_adapter_checkpoints.py
 def test_two_processes_train_and_resume_an_adapters_only_lora_run(tmp_path):
     """A LoRA run from --init-from in 2 processes records the fingerprint a 1-process run records
     (the frozen weights as read, whatever the process count), writes its adapters alone, and
