@@ -424,3 +424,29 @@ def test_evoformer_chunking_and_module_remat_are_chosen_only_where_needed():
     cfg, tc = train_plan_configs(model_cfg, train_cfg, best.settings())
     assert (cfg.chunk_size, cfg.remat_modules) == (switches["chunk_size"], switches["remat_modules"])
     assert _compiled_peak(recipe, cfg, tc) <= budget
+
+
+def test_a_rollouts_per_step_remat_is_planned_from_the_step_it_rebuilds():
+    """weather-vit's ``train_rollout_remat`` joins the enumeration for a multi-step rollout (not for
+    one step): the screen of the checkpointed mix counts the one step its backward pass rebuilds
+    (before, it counted the kept step inputs alone: 13 MiB screened against 159 compiled at the
+    defaults), so it stays within the planner's 30% of the compiled estimate; with room the top plan
+    leaves it off, with 80% of the plain rollout's compiled peak it turns it on and fits."""
+    flags = ["--lat", "8", "--lon", "24", "--patch-size", "4", "--layers", "2", "--heads", "2", "--embed-dim", "32",
+             "--mlp-dim", "64", "--batch-size", "8", "--train-rollout", "3"]
+    recipe, model_cfg, train_cfg = cli.build_configs(["weather-vit", *flags])
+    fixed = {"remat": "none", "attention": "xla", "precision": "fp32", "grad_accum": 1, "offload": ""}
+    roomy = plan(recipe, model_cfg, train_cfg, devices=1, budget=2 ** 40, fixed=fixed, top=1, confirm=False)
+    assert roomy[0].model_switches == (("train_rollout_remat", False),)
+    screened = plan(recipe, model_cfg, train_cfg, devices=1, budget=2 ** 40, top=1, confirm=False,
+                    fixed={**fixed, "train_rollout_remat": True})[0]
+    budget = int(0.8 * _compiled_peak(recipe, model_cfg, train_cfg))
+    best = plan(recipe, model_cfg, train_cfg, devices=1, budget=budget, fixed=fixed, top=1)[0]
+    assert dict(best.model_switches) == {"train_rollout_remat": True} and best.peak_bytes <= budget
+    assert abs(screened.screen_bytes / best.predicted.peak_bytes - 1) < 0.3, (screened.screen_bytes, best.predicted)
+    cfg, tc = train_plan_configs(model_cfg, train_cfg, best.settings())
+    assert cfg.train_rollout_remat and _compiled_peak(recipe, cfg, tc) <= budget
+    assert "--train-rollout-remat" in best.flags()
+    one_step = dataclasses.replace(model_cfg, train_rollout=1)
+    assert plan(recipe, one_step, train_cfg, devices=1, budget=2 ** 40, fixed=fixed, top=1,
+                confirm=False)[0].model_switches == ()

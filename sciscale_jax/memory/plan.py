@@ -4,7 +4,7 @@
 models with Dynamic Axial Parallelism, pipeline x data for recipes with pipeline stages), ZeRO
 stage, remat policy, attention implementation, precision, gradient accumulation,
 optimizer-state offload and the switches of some model families (``MODEL_SWITCHES``: the
-Evoformer's chunk size and sub-module remat) where the model has them (every switch the caller
+Evoformer's chunk size and sub-module remat, a rollout's per-step remat) where the model has them (every switch the caller
 did not fix). ``step_time`` gives one mix its
 modelled step time and ``screened_parts`` its per-device memory parts from a description of
 the model (state bytes as the loop places them, per-example residual bytes per layer, FLOPs);
@@ -52,8 +52,17 @@ PIPELINE_ZERO = (0, 1)  # ZeRO stages enumerated with a pipeline axis
 # Switches of some model families, enumerated where the model config has the field; each lists
 # its values cheapest first (at equal modelled time the planner prefers the earlier value: the
 # model counts matrix products, not the loop overhead of chunking). The Evoformer's: chunking of
-# every sub-module (recomputed per chunk in the backward pass) and sub-module remat.
-MODEL_SWITCHES = {"chunk_size": (None, 32, 8), "remat_modules": (False, True)}
+# every sub-module (recomputed per chunk in the backward pass) and sub-module remat; weather-vit's:
+# each step of a multi-step training rollout checkpointed (its input kept, the step recomputed).
+MODEL_SWITCHES = {"chunk_size": (None, 32, 8), "remat_modules": (False, True), "train_rollout_remat": (False, True)}
+# Switches enumerated only where they change the step (the per-step remat of a multi-step rollout
+# needs a rollout); every other switch wherever the model config has the field.
+SWITCH_APPLIES = {"train_rollout_remat": lambda cfg: getattr(cfg, "train_rollout", 1) > 1}
+
+
+def model_switches(model_config) -> list[str]:
+    """The ``MODEL_SWITCHES`` a model config has and for which its settings make a difference."""
+    return [k for k in MODEL_SWITCHES if hasattr(model_config, k) and SWITCH_APPLIES.get(k, lambda cfg: True)(model_config)]
 # The switches ``plan`` enumerates, by config: (model or train, field).
 SWITCHES = {"remat": "model", "attention": "model", "precision": "model", "mesh": "train", "zero": "train",
             "grad_accum": "train", "offload": "train", "pipeline_schedule": "train",

@@ -5,7 +5,7 @@
 that support it, pipeline stages for recipes with ``Recipe.pipeline`` and a scanned layer
 stack; ZeRO stage, remat policy, attention, precision, accumulation, optimizer-state offload,
 on pipeline meshes the schedule, and the model's own switches where it has them: the
-Evoformer's chunk size and sub-module remat, ``memory.plan.MODEL_SWITCHES``),
+Evoformer's chunk size and sub-module remat, a rollout's per-step remat, ``memory.plan.MODEL_SWITCHES``),
 ranks them by the stated step-time model (``memory.plan.step_time``) and screens them against
 the budget (``memory.plan.screened_parts``) from descriptions measured once per remat /
 attention / precision / model switches (state bytes as the loop places them; residual bytes and matrix-product
@@ -61,17 +61,29 @@ class _Profiles:
                                   sharding=None, **dict(switches))
         one = dataclasses.replace(self.train_config, batch_size=1, grad_accum=1, mesh="", zero=0, offload="")
         k1, k2 = mem.probe_depths(cfg)
-        saved, flops = {}, {}
-        for k in (k1, k2):
-            saved[k], flops[k] = loss_profile(self.recipe, mem.at_depth(cfg, k), one)
         depth = mem.depth_of(cfg)
-        layer = (saved[k2] - saved[k1]) / (k2 - k1)
+        (layer, base), flops = self._trace(cfg, one)
         recompute = 0.0
         if remat != "none":
             recompute = self("none", attention, precision, switches)["layer"] * k1  # one group rebuilt at a time
+        steps = getattr(cfg, "train_rollout", 1)
+        if getattr(cfg, "train_rollout_remat", False) and steps > 1:
+            # each rollout step keeps its input alone; its backward pass rebuilds one step's
+            # residuals at a time: those of the same rollout without the per-step remat, over K
+            (every_layer, every_base), _ = self._trace(dataclasses.replace(cfg, train_rollout_remat=False), one)
+            recompute += (every_layer * depth + every_base) / steps
+        return {"layer": layer, "base": base, "recompute": recompute, "depth": depth, "flops": flops}
+
+    def _trace(self, cfg, one) -> tuple[tuple[float, float], float]:
+        """((residual bytes per layer, the rest), FLOPs) of one example's forward and backward passes
+        at the full depth, from traces at depth k and 2k."""
+        k1, k2 = mem.probe_depths(cfg)
+        saved, flops = {}, {}
+        for k in (k1, k2):
+            saved[k], flops[k] = loss_profile(self.recipe, mem.at_depth(cfg, k), one)
+        layer = (saved[k2] - saved[k1]) / (k2 - k1)
         layer_flops = (flops[k2] - flops[k1]) / (k2 - k1)
-        return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "depth": depth,
-                "flops": flops[k1] + layer_flops * (depth - k1)}
+        return (layer, saved[k1] - layer * k1), flops[k1] + layer_flops * (mem.depth_of(cfg) - k1)
 
     def _known(self, match) -> dict | None:
         for key, prof in self.cache.items():
@@ -295,7 +307,7 @@ def plan(recipe, model_config, train_config, *, devices: int, budget: int, fixed
     settings = mplan.enumerate_settings(train_config, devices, fixed,
                                         dap=getattr(model_config, "supports_dap", False),
                                         pipeline_layers=pipeline_layers,
-                                        model_switches=[k for k in mplan.MODEL_SWITCHES if hasattr(model_config, k)])
+                                        model_switches=mplan.model_switches(model_config))
     # FLOPs are traced at a reduced precision first: the mixes most likely to come first
     precisions = sorted(dict.fromkeys(s["precision"] for s in settings), key=lambda p: p == "fp32")
     profiles, states = _Profiles(recipe, model_config, train_config, precisions), _States(recipe)
