@@ -27,6 +27,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+BASE_HELP = ("where an adapters-only LoRA run's frozen base (its --init-from) is now, if it moved; read-only: the "
+             "run is not changed, the base's fingerprint is checked")
 MESH_LOAD_HELP = ("load the weights sharded over this mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (any axes but pipeline; "
                   "any mesh, whatever the run trained on); default: one device")
 
@@ -131,6 +133,7 @@ def _base_parser() -> argparse.ArgumentParser:
     em.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
     em.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
     em.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
+    em.add_argument("--base", metavar="PATH", help=BASE_HELP)
     em.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     em.epilog = "recipe switches: " + "; ".join(
         f"{r.name}: " + ", ".join(f"--{n.replace('_', '-')} ({text})" for n, text in r.embed_options.items())
@@ -146,6 +149,7 @@ def _base_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", help="the --out of a `sciscale train` run")
     x.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write (must not exist)")
     x.add_argument("--step", type=int, help="use this checkpoint (default: the newest readable one)")
+    x.add_argument("--base", metavar="PATH", help=BASE_HELP)
     x.add_argument("--adapters", action="store_true", help="the LoRA adapters alone (PEFT's layout), for a LoRA run "
                                                            "started from an ESM-2 checkpoint")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -282,6 +286,7 @@ def eval_parser(recipe, run_model: dict | None = None) -> argparse.ArgumentParse
     p.add_argument("--step", type=int, help="evaluate this checkpoint (default: the newest readable one)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     p.add_argument("--mesh", metavar="AXES", help=MESH_LOAD_HELP)
+    p.add_argument("--base", metavar="PATH", help=BASE_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the recipe's report (smiles-lm: sampling)")
     p.add_argument("--batch-size", type=int, help="evaluation batch rows (default: the run's; a checkpoint of "
                                                    "another library: the recipe's default)")
@@ -330,10 +335,12 @@ def _eval(run_dir, rest, show_help: bool) -> int:
     if args.json and primary:
         _check_writable(args.json)
     log = lambda line: print(line, file=sys.stderr) if primary else None  # noqa: E731
-    if foreign is not None and args.step is not None:
-        raise UsageError(f"--step {args.step}: {run_dir} is not a sciscale run and has no numbered checkpoints")
+    if foreign is not None and (args.step is not None or args.base):
+        what = f"--step {args.step}" if args.step is not None else f"--base {args.base}"
+        raise UsageError(f"{what}: {run_dir} is not a sciscale run and has no numbered checkpoints or base")
     run = (load_checkpoint(recipe, run_dir, mesh=args.mesh, log=log, **_picked(args, "model")) if foreign else
-           load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=log, **_picked(args, "model")))
+           load_trained(recipe, run_dir, step=args.step, mesh=args.mesh, log=log, base=args.base,
+                        **_picked(args, "model")))
     run = run.with_batches(args.batch_size, args.seq_len)
     data = run.build_data()
     validation = run.evaluate(data)
@@ -393,14 +400,16 @@ def _embed(args, rest=()) -> int:
         raise UsageError(f"--out {out} exists; remove it or name another")
     _check_writable(args.out, "--out")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    if foreign is not None and args.step is not None:
-        raise UsageError(f"--step {args.step}: {args.run_dir} is not a sciscale run and has no numbered checkpoints")
+    if foreign is not None and (args.step is not None or args.base):
+        what = f"--step {args.step}" if args.step is not None else f"--base {args.base}"
+        raise UsageError(f"{what}: {args.run_dir} is not a sciscale run and has no numbered checkpoints or base")
     run = (load_checkpoint(recipe, args.run_dir, mesh=args.mesh, log=log) if foreign is not None else
-           load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log))
+           load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log, base=args.base))
     extra = {"data_files": run.data_files} if recipe.embed_reads_data else {}
     extra.update(vars(picked))
     if recipe.embed_reads_base:
-        extra["base"] = str(args.run_dir) if foreign is not None else foreign_base(recipe, run.train_config.init_from)
+        extra["base"] = str(args.run_dir) if foreign is not None else \
+            foreign_base(recipe, args.base or run.train_config.init_from)
     arrays = recipe.embed(run.model_config, run.model, args.input, args.batch_size, **extra)
     partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a killed run leaves no half file
     if labelled:
@@ -438,9 +447,9 @@ def _export(args) -> int:
         raise UsageError(f"--out {out} exists; remove it or name another folder")
     _check_writable(out, "--out")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    run = load_trained(recipe, args.run_dir, step=args.step, log=log)
+    run = load_trained(recipe, args.run_dir, step=args.step, log=log, base=args.base)
     params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
-    base = foreign_base(recipe, run.train_config.init_from)
+    base = foreign_base(recipe, args.base or run.train_config.init_from)
     if args.adapters and base is not None and getattr(run.model_config, "lora_rank", 0):
         check_frozen_from(recipe, run.model_config, params, base, log=log)  # the adapters are all that differs
     names = recipe.export(run.model_config, jax.device_get(params), out, base=base, adapters=args.adapters,

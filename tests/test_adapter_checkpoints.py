@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+from sciscale_jax import cli
 from sciscale_jax.models.stack import is_lora
 from sciscale_jax.parallel import ParallelConfig, make_mesh
 from sciscale_jax.recipes import get_recipe, load_run
@@ -40,9 +41,9 @@ def pretrained(tmp_path_factory):
     return run
 
 
-def _params(run) -> dict:
+def _params(run, **kw) -> dict:
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, nnx.to_pure_dict(
-        nnx.state(load_run(run, log=lambda *_: None).model, nnx.Param))))
+        nnx.state(load_run(run, log=lambda *_: None, **kw).model, nnx.Param))))
 
 
 def _saved_params(run, step) -> set:
@@ -132,6 +133,18 @@ def test_a_moved_base_is_followed_and_a_changed_or_missing_one_refused(pretraine
                                          r"cannot be read now \(moved\? .*not a `sciscale train` run"):
         train(RECIPE, model, cfg(2), tuned, resume=True, **QUIET)
     assert files() == before
+    # Read-only users (eval, embed, export, load_run) point at the new place without changing the run.
+    tuned_params = _params(tuned, base=str(moved))
+    assert all(np.array_equal(tuned_params[p], v) for p, v in _params(pretrained).items() if not is_lora(p))
+    assert files() == before
+    with pytest.raises(ValueError, match="holds its frozen weights in its checkpoints: it reads no base"):
+        load_run(pretrained, base=str(moved), log=lambda *_: None)
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n")
+    embed = ["embed", str(tuned), "--input", str(fasta), "--out", str(tmp_path / "e.npz")]
+    assert cli.main(embed) == 2 and not (tmp_path / "e.npz").exists()
+    assert cli.main([*embed, "--base", str(moved)]) == 0 and (tmp_path / "e.npz").exists()
+    assert files() == before
     # Pointed at the base's new place, the run resumes there and remembers it.
     lines = []
     train(RECIPE, model, cfg(2, init_from=str(moved)), tuned, resume=True, progress=False, log=lines.append)
@@ -147,7 +160,8 @@ def test_a_moved_base_is_followed_and_a_changed_or_missing_one_refused(pretraine
     shutil.rmtree(moved / "checkpoints" / "3")  # the base overwritten in place
     shutil.copytree(other / "checkpoints" / "3", moved / "checkpoints" / "3")
     for attempt in (lambda: train(RECIPE, model, cfg(3), tuned, resume=True, **QUIET),
-                    lambda: load_run(tuned, log=lambda *_: None)):
+                    lambda: load_run(tuned, log=lambda *_: None),
+                    lambda: load_run(tuned, base=str(other), log=lambda *_: None)):
         with pytest.raises(ValueError, match=changed):
             attempt()
     assert files() == before

@@ -27,22 +27,27 @@ def checkpoint_recipe(path) -> Recipe | None:
                 None)
 
 
-def load_run(run_dir, *, step: int | None = None, mesh: str | None = None, log=print, **model_overrides):
+def load_run(run_dir, *, step: int | None = None, mesh: str | None = None, log=print, base: str | None = None,
+             **model_overrides):
     """The trained model of a ``sciscale train`` run directory, on one device or sharded over
     ``mesh`` (``"fsdp=8"``, ``"fsdp=4,tensor=2"``): a ``sciscale_jax.train.load.TrainedRun``
     (``.model``, ``.model_config``, ``.train_config``, ``.step``, ``.recipe``, ``.mesh``).
     ``step``: that checkpoint instead of the newest readable one; ``model_overrides``: settings
     that keep the parameters (``attention="chunked"``, ``remat``). ``run_dir`` may also be a
-    checkpoint of another library a recipe reads (an ESM-2 folder: ``checkpoint_recipe``)."""
+    checkpoint of another library a recipe reads (an ESM-2 folder: ``checkpoint_recipe``).
+    ``base``: where an adapters-only LoRA run's frozen base is now, if it moved (the run's
+    recorded fingerprint is checked there)."""
     from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
 
     foreign = checkpoint_recipe(run_dir)
     if foreign is not None:
         if step is not None:
             raise ValueError(f"step={step}: {run_dir} is not a sciscale run and has no numbered checkpoints")
+        if base is not None:
+            raise ValueError(f"base={base}: {run_dir} is not a sciscale run and has no base")
         return load_checkpoint(foreign, run_dir, mesh=mesh, log=log, **model_overrides)
     recipe = get_recipe(read_run_config(run_dir)["recipe"])
-    return load_trained(recipe, run_dir, step=step, mesh=mesh, log=log, **model_overrides)
+    return load_trained(recipe, run_dir, step=step, mesh=mesh, log=log, base=base, **model_overrides)
 
 
 __all__ = ["Data", "RECIPES", "Recipe", "checkpoint_recipe", "get_recipe", "load_run"]

@@ -165,13 +165,17 @@ def frozen_weights(recipe, model_config, init_from: str, init_step: int, target,
 
 def restore_run(recipe, run_dir, params, rest, step: int | None = None, *, log=print,
                 hint: str = "load it with the settings it was trained with", optional=None,
-                cast: bool = False) -> tuple[int, dict, dict]:
+                cast: bool = False, base: str | None = None) -> tuple[int, dict, dict]:
     """``checkpoint.restore_model`` of a run of ``recipe``, also of one whose checkpoints leave its
-    frozen weights out: those are read again from where it started (``frozen_weights``), in the
-    run's own dtypes and then converted to ``params``'."""
+    frozen weights out: those are read again from where it started (``frozen_weights``), or from
+    ``base`` where that checkpoint is now (its fingerprint checked all the same), in the run's own
+    dtypes and then converted to ``params``'. ``base`` for a run that holds its frozen weights is
+    refused (ValueError)."""
     saved = rundir.saved_config(run_dir)
     record = saved.get(FROZEN) if isinstance(saved, dict) else None
     if not isinstance(record, dict):
+        if base:
+            raise ValueError(f"{run_dir} holds its frozen weights in its checkpoints: it reads no base (given {base})")
         return restore_model(run_dir, params, rest, step, log=log, hint=hint, optional=optional, cast=cast)
     theirs = _their_config(recipe, saved, run_dir)
     left_out = leaves_out(theirs)
@@ -183,8 +187,10 @@ def restore_run(recipe, run_dir, params, rest, step: int | None = None, *, log=p
     own = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed[p].sharding)
                                         for p, x in traverse_util.flatten_dict(own).items() if p in placed})
     train = saved.get("train", {})
-    frozen = frozen_weights(recipe, theirs, train.get("init_from", ""), train.get("init_step", 0), own, record,
-                            run_dir, log)
+    if base:
+        log(f"{run_dir}: frozen weights read from {base} (recorded: {train.get('init_from', '')})")
+    frozen = frozen_weights(recipe, theirs, base or train.get("init_from", ""), train.get("init_step", 0), own,
+                            record, run_dir, log)
     frozen = {p: x.astype(placed[p].dtype) for p, x in traverse_util.flatten_dict(frozen).items() if p in placed}
     return found, combine(part, traverse_util.unflatten_dict(frozen)), rest
 

@@ -155,10 +155,12 @@ def _config(cls, saved: dict, what: str, run_dir):
 
 
 def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None = None, log=print,
-                 **model_overrides) -> TrainedRun:
+                 base: str | None = None, **model_overrides) -> TrainedRun:
     """The model of ``run_dir`` (trained with ``recipe``) with the weights of checkpoint ``step``
     (default: the newest readable one), on one device or, with ``mesh`` (``"fsdp=4,tensor=2"``),
-    sharded over that mesh. See the module docstring."""
+    sharded over that mesh. ``base``: where the checkpoint an adapters-only LoRA run keeps its
+    frozen weights in is now, if not where the run recorded it (read-only: the run is not
+    changed; its fingerprint must match). See the module docstring."""
     mesh_config = _mesh_config(mesh, "a trained run")
     run_dir = pathlib.Path(run_dir)
     saved = read_run_config(run_dir)
@@ -184,7 +186,7 @@ def load_trained(recipe, run_dir, *, step: int | None = None, mesh: str | None =
                       getattr(model_config, "supports_dap", False), f"{recipe.name} model")
 
     build = lambda: recipe.build_model(model_config, nnx.Rngs(train_config.seed))  # noqa: E731
-    read = lambda params, rest: restore_run(recipe, run_dir, params, rest, step, log=log)  # noqa: E731
+    read = lambda params, rest: restore_run(recipe, run_dir, params, rest, step, log=log, base=base)  # noqa: E731
     model, found, device_mesh = _placed_model(build, model_config, mesh_config, mesh, read)
     return TrainedRun(recipe, model, model_config, train_config, found, run_dir, device_mesh, data_files,
                       data_as_saved)
