@@ -376,7 +376,7 @@ def test_cli_embed_writes_contacts(tmp_path, capsys):
     assert cli.main(["embed", str(FIXTURE), "--input", str(fasta), "--out", str(tmp_path / "f.npz"), "--contact"]) == 2
     assert "unrecognized arguments: --contact (protein-mlm's embed switches: --contacts)" in capsys.readouterr().err
     model = _model()
-    with pytest.raises(ValueError, match="--contacts needs ESM-2's contact head .* the run did not start from an ESM-2"):
+    with pytest.raises(ValueError, match="--contacts needs ESM-2's contact head .* did not start from an ESM-2"):
         RECIPE.embed(model.config, model, str(fasta), contacts=True, base=None)
     folder = _rewrite(tmp_path, lambda t: {k: v for k, v in t.items() if "contact_head" not in k})
     with pytest.raises(ValueError, match=f"the ESM-2 checkpoint {folder} holds none for 2 layers x 4 heads"):

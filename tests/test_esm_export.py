@@ -73,7 +73,8 @@ def test_an_unchanged_model_exports_as_the_tensors_hugging_face_wrote(tmp_path):
     assert sorted(got) == sorted(want)  # the contact head carried over, nothing missing or extra
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    inv_freq = load_file(tmp_path / "hf" / "model.safetensors")["esm.encoder.layer.1.attention.self.rotary_embeddings.inv_freq"]
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    inv_freq = written["esm.encoder.layer.1.attention.self.rotary_embeddings.inv_freq"]
     np.testing.assert_allclose(inv_freq, 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8), rtol=1e-6)
     config, source = (json.loads((f / "config.json").read_text()) for f in (tmp_path / "hf", FIXTURE))
     assert {k: v for k, v in config.items() if k != "transformers_version"} == \

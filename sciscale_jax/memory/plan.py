@@ -4,8 +4,8 @@
 models with Dynamic Axial Parallelism, pipeline x data for recipes with pipeline stages), ZeRO
 stage, remat policy, attention implementation, precision, gradient accumulation,
 optimizer-state offload and the switches of some model families (``MODEL_SWITCHES``: the
-Evoformer's chunk size and sub-module remat, a rollout's per-step remat) where the model has them (every switch the caller
-did not fix). ``step_time`` gives one mix its
+Evoformer's chunk size and sub-module remat, a rollout's per-step remat) where the model has
+them (every switch the caller did not fix). ``step_time`` gives one mix its
 modelled step time and ``screened_parts`` its per-device memory parts from a description of
 the model (state bytes as the loop places them, per-example residual bytes per layer, FLOPs);
 ``train.plan`` measures those descriptions for a recipe, ranks the mixes and confirms the best
@@ -58,15 +58,16 @@ MODEL_SWITCHES = {"chunk_size": (None, 32, 8), "remat_modules": (False, True), "
 # Switches enumerated only where they change the step (the per-step remat of a multi-step rollout
 # needs a rollout); every other switch wherever the model config has the field.
 SWITCH_APPLIES = {"train_rollout_remat": lambda cfg: getattr(cfg, "train_rollout", 1) > 1}
-
-
-def model_switches(model_config) -> list[str]:
-    """The ``MODEL_SWITCHES`` a model config has and for which its settings make a difference."""
-    return [k for k in MODEL_SWITCHES if hasattr(model_config, k) and SWITCH_APPLIES.get(k, lambda cfg: True)(model_config)]
 # The switches ``plan`` enumerates, by config: (model or train, field).
 SWITCHES = {"remat": "model", "attention": "model", "precision": "model", "mesh": "train", "zero": "train",
             "grad_accum": "train", "offload": "train", "pipeline_schedule": "train",
             **{name: "model" for name in MODEL_SWITCHES}}
+
+
+def model_switches(model_config) -> list[str]:
+    """The ``MODEL_SWITCHES`` a model config has and for which its settings make a difference."""
+    return [k for k in MODEL_SWITCHES
+            if hasattr(model_config, k) and SWITCH_APPLIES.get(k, lambda cfg: True)(model_config)]
 
 
 @dataclasses.dataclass(frozen=True)
