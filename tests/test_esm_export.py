@@ -63,8 +63,9 @@ def lora_run(tmp_path_factory):
                   "--lora-targets", "all", "--lr", "3e-2")
 
 
-def test_an_unchanged_model_exports_as_the_tensors_hugging_face_wrote(tmp_path):
-    run = load_checkpoint(RECIPE, FIXTURE, **QUIET)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_an_unchanged_model_exports_as_the_tensors_hugging_face_wrote(tmp_path, scan_layers):
+    run = load_checkpoint(RECIPE, FIXTURE, scan_layers=scan_layers, **QUIET)
     params = jax.device_get(nnx.to_pure_dict(nnx.state(run.model, nnx.Param)))
     names = RECIPE.export(run.model_config, params, tmp_path / "hf", base=str(FIXTURE))
     assert names == ["config.json", "model.safetensors", "vocab.txt"]
