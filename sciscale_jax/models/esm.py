@@ -407,16 +407,13 @@ def tensors(params, config, tokens, *, esm_tokens=ESM2_ALPHABET, extra=None) -> 
 
 def carried(path, config) -> dict:
     """Tensors of the ESM-2 checkpoint ``path`` that the model does not hold but an export keeps:
-    the contact head (a logistic regression on the attention maps), where its shape fits."""
-    w = _Weights(path)
-    out = {}
-    for name in ("contact_head.regression.weight", "contact_head.regression.bias"):
-        if w.has(name):
-            out[f"esm.{name}"] = w.read(name)
-    want = (1, config.num_layers * config.num_heads)
-    if out.get("esm.contact_head.regression.weight", np.zeros(want)).shape != want:
+    the contact head (:func:`contact_head`), where it has one that fits the model."""
+    head = contact_head(path, config)
+    if head is None:
         return {}
-    return out
+    weight, bias = head
+    return {"esm.contact_head.regression.weight": weight.reshape(1, -1),
+            "esm.contact_head.regression.bias": np.asarray([bias], np.float32)}
 
 
 def adapter_tensors(params, config) -> dict:

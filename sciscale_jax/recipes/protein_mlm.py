@@ -242,8 +242,6 @@ def export(model_cfg, params, out, *, base: str | None = None, adapters: bool = 
     ``base``. ``base`` (the ESM-2 checkpoint the run started from, or None) also gives the config
     and the contact head, which the model does not hold, carried over unchanged."""
     tokens = ProteinTokenizer().tokens
-    template = esm.read_config(base) if base else None
-    esm_tokens = esm.vocabulary(base) if base else esm.ESM2_ALPHABET
     if adapters:
         if not model_cfg.lora_rank:
             raise ValueError("--adapters: the run has no LoRA adapters (lora_rank=0); export the whole model")
@@ -260,6 +258,8 @@ def export(model_cfg, params, out, *, base: str | None = None, adapters: bool = 
         params = merge_lora(params, model_cfg.lora_scale)
         model_cfg = dataclasses.replace(model_cfg, lora_rank=0, lora_quant="none", lora_train="")
     esm.check_exportable(model_cfg, tokens)
+    template = esm.read_config(base) if base else None
+    esm_tokens = esm.vocabulary(base) if base else esm.ESM2_ALPHABET
     extra = esm.carried(base, model_cfg) if base else {}
     return esm.save(out, esm.tensors(params, model_cfg, tokens, esm_tokens=esm_tokens, extra=extra),
                     esm.hf_config(model_cfg, template, dtype=dtype, esm_tokens=esm_tokens), vocab=esm_tokens,

@@ -103,7 +103,7 @@ def _same_shapes(theirs: dict, model_config) -> str:
     """What to do about a run of other shapes: the model settings (not technique switches) in
     which it differs from ``model_config``, as flags to repeat."""
     techniques = {f.name for f in dataclasses.fields(Techniques)}
-    ours = model_config.to_dict() if hasattr(model_config, "to_dict") else dataclasses.asdict(model_config)
+    ours = model_config.to_dict()
     differ = [f"{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in ours
               if k in theirs and k not in techniques and theirs[k] != ours[k]]
     if not differ:

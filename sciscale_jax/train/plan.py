@@ -61,29 +61,22 @@ class _Profiles:
                                   sharding=None, **dict(switches))
         one = dataclasses.replace(self.train_config, batch_size=1, grad_accum=1, mesh="", zero=0, offload="")
         k1, k2 = mem.probe_depths(cfg)
-        depth = mem.depth_of(cfg)
-        (layer, base), flops = self._trace(cfg, one)
-        recompute = 0.0
-        if remat != "none":
-            recompute = self("none", attention, precision, switches)["layer"] * k1  # one group rebuilt at a time
-        steps = getattr(cfg, "train_rollout", 1)
-        if getattr(cfg, "train_rollout_remat", False) and steps > 1:
-            # each rollout step keeps its input alone; its backward pass rebuilds one step's
-            # residuals at a time: those of the same rollout without the per-step remat, over K
-            (every_layer, every_base), _ = self._trace(dataclasses.replace(cfg, train_rollout_remat=False), one)
-            recompute += (every_layer * depth + every_base) / steps
-        return {"layer": layer, "base": base, "recompute": recompute, "depth": depth, "flops": flops}
-
-    def _trace(self, cfg, one) -> tuple[tuple[float, float], float]:
-        """((residual bytes per layer, the rest), FLOPs) of one example's forward and backward passes
-        at the full depth, from traces at depth k and 2k."""
-        k1, k2 = mem.probe_depths(cfg)
         saved, flops = {}, {}
         for k in (k1, k2):
             saved[k], flops[k] = loss_profile(self.recipe, mem.at_depth(cfg, k), one)
+        depth = mem.depth_of(cfg)
         layer = (saved[k2] - saved[k1]) / (k2 - k1)
+        recompute = 0.0
+        if remat != "none":
+            recompute = self("none", attention, precision, switches)["layer"] * k1  # one group rebuilt at a time
+        if getattr(cfg, "train_rollout_remat", False) and cfg.train_rollout > 1:
+            # each rollout step keeps its input alone; its backward pass rebuilds one step's
+            # residuals at a time: those of the same rollout without the per-step remat, over K
+            every = self(remat, attention, precision, tuple(dict(switches, train_rollout_remat=False).items()))
+            recompute += (every["layer"] * depth + every["base"]) / cfg.train_rollout
         layer_flops = (flops[k2] - flops[k1]) / (k2 - k1)
-        return (layer, saved[k1] - layer * k1), flops[k1] + layer_flops * (mem.depth_of(cfg) - k1)
+        return {"layer": layer, "base": saved[k1] - layer * k1, "recompute": recompute, "depth": depth,
+                "flops": flops[k1] + layer_flops * (depth - k1)}
 
     def _known(self, match) -> dict | None:
         for key, prof in self.cache.items():
