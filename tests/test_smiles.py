@@ -2,10 +2,12 @@
 generation metrics against hand-made lists, greedy sampling against a plain decoding loop, and the
 recipe trained through the CLI and the train loop under the shared technique flags."""
 
+import collections
 import dataclasses
 import math
 import re
 import shutil
+import zlib
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from flax import nnx
 
 from sciscale_jax import cli
 from sciscale_jax.data import smiles as sm
+from sciscale_jax.data import smiles_pack as sp
 from sciscale_jax.recipes import load_run, smiles_lm
 from sciscale_jax.train import TrainConfig, train
 
@@ -128,34 +131,135 @@ def test_packed_batches_hold_whole_molecules_end_to_end():
         assert any(s.startswith(last) for s in TRICKY)
 
 
-def test_corpus_cache_is_used_checked_and_rebuilt(tmp_path, monkeypatch, capsys):
+def _packs(root):
+    return sorted((root / "smiles").glob("[0-9a-f]*[0-9a-f]"))
+
+
+def test_corpus_pack_is_used_checked_and_rebuilt(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "mols.smi"
     src.write_text("OCC ethanol\nc1ccccc1 benzene\nCCO dup\n[Na+].[Cl-].CC(=O)O salt\n")
     expected = ["CCO", "c1ccccc1", "CC(=O)O"]  # canonical, deduplicated, largest fragment
-    sm._load.cache_clear()
-    assert sm.load_molecules([src]) == expected
-    (cached,) = (tmp_path / "cache").glob("smiles-*.json")
-    sm._load.cache_clear()
-    real = sm._canonicalize_files
-    monkeypatch.setattr(sm, "_canonicalize_files", lambda paths: pytest.fail("the cache was not used"))
+    assert sm.load_molecules([src]) == expected and "packing 1 SMILES file" in capsys.readouterr().err
+    (folder,) = _packs(tmp_path / "cache")
+    real = sp.curate_chunk
+    monkeypatch.setattr(sp, "curate_chunk", lambda *a: pytest.fail("the pack was not used"))
     assert sm.load_molecules([src]) == expected and capsys.readouterr().err == ""
-    monkeypatch.setattr(sm, "_canonicalize_files", real)
-    good = cached.read_text()
-    for damaged, why in [(good[: len(good) // 2], "unreadable"), (good.replace("c1ccccc1", "c1ccncc1"), "checksum"),
-                         ("", "unreadable")]:
-        cached.write_text(damaged)
-        sm._load.cache_clear()
+    monkeypatch.setattr(sp, "curate_chunk", real)
+    tokens = (folder / "tokens.bin").read_bytes()
+    for name, damaged in [("tokens.bin", tokens[:-2]), ("meta.json", b"{"), ("counts.npy", b"")]:
+        good = (folder / name).read_bytes()
+        (folder / name).write_bytes(damaged)
         assert sm.load_molecules([src]) == expected
-        assert why in capsys.readouterr().err
-        assert cached.read_text() == good  # rebuilt whole
-    src.write_text("CCN\nC[N+](C)(C)C.[Br-]\n")  # other sources: another cache file
-    sm._load.cache_clear()
-    assert sm.load_molecules([src]) == ["CCN"] and len(list((tmp_path / "cache").glob("smiles-*.json"))) == 2
-    # without curation the quaternary ammonium stays; the switch is part of the cache key
+        assert "packing" in capsys.readouterr().err  # cut short or unreadable: packed again, whole
+        assert (folder / name).read_bytes() == good
+    src.write_text("CCN\nC[N+](C)(C)C.[Br-]\n")  # other sources: another pack
+    assert sm.load_molecules([src]) == ["CCN"] and len(_packs(tmp_path / "cache")) == 2
+    # without curation the quaternary ammonium stays; the switch is part of the key
     assert sm.load_molecules([src], curated=False) == ["CCN", "C[N+](C)(C)C"]
-    assert len(list((tmp_path / "cache").glob("smiles-*.json"))) == 3
-    sm._load.cache_clear()
+    assert len(_packs(tmp_path / "cache")) == 3
+    assert sm.load_molecules([src], cache=False) == ["CCN"] and len(_packs(tmp_path / "cache")) == 3
+
+
+def _corpus(n):
+    """``n`` distinct molecules of the shipped corpus, raw as a user file would hold them (aromatic,
+    some as salts or written differently), with duplicates and molecules curation refuses."""
+    mols = sm.load_molecules()[:n]
+    lines = []
+    for i, m in enumerate(mols):
+        lines.append(m if i % 3 else f"{m}.[Na+]")  # a counter-ion: the largest fragment stays
+        if i % 5 == 0:
+            lines.append(mols[i // 2])  # a duplicate of an earlier one
+        if i % 11 == 0:
+            lines.append("[Fe+2]" if i % 2 else "not a smiles")
+    return mols, lines
+
+
+@pytest.mark.parametrize("form", ["aromatic", "kekule"])
+def test_pack_is_the_same_for_any_number_of_workers_and_stops_at_its_limit(tmp_path, monkeypatch, form):
+    mols, lines = _corpus(300)
+    (tmp_path / "a.smi").write_text("\n".join(lines[:200]) + "\n")
+    (tmp_path / "b.smi").write_text("SMILES\n" + "\n".join(lines[200:]) + "\n")
+    paths = [tmp_path / "a.smi", tmp_path / "b.smi"]
+    monkeypatch.setattr(sp, "CHUNK", 23)  # many chunks, so the workers take turns
+    packs = {}
+    for workers in (1, 3):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        meta = sp.pack_smiles(paths, folder, form=form, workers=workers)
+        packs[workers] = {p.name: p.read_bytes() for p in folder.iterdir()}
+        assert meta["molecules"] == len(mols) and meta["records_read"] == len(lines)
+    assert packs[1] == packs[3]  # byte for byte
+    pack = sp._load(tmp_path / "w3", [sp.FORMAT, None, form, True, 0])
+    got = [pack.smiles(j) for j in range(len(pack))]
+    assert got == (mols if form == "aromatic" else [sm.to_form(m, form) for m in mols])  # file order, first kept
+    assert pack.hashes.tolist() == [sp.smiles_hash(m) for m in mols]
+    assert np.array_equal(pack.buckets, [zlib.crc32(m.encode()) % 10_000 for m in mols])
+    train, val = pack.split(0.2)
+    assert [got[j] for j in val] == [got[mols.index(m)] for m in sm.split_by_hash(mols, 0.2)[1]]
+    counts = collections.Counter(t for j in train for t in sm.tokenize(got[j]))
+    assert dict(zip(pack.vocab, pack.train_counts(0.2).tolist())) == {t: counts[t] for t in pack.vocab}
+    assert dict(zip(pack.vocab, pack.train_counts(0.2, 150).tolist())) == {
+        t: sum(sm.tokenize(got[j]).count(t) for j in train if j < 150) for t in pack.vocab}
+    # the first 40 distinct molecules, and reading stops soon after them, with workers too
+    folder = tmp_path / "limit"
+    folder.mkdir()
+    meta = sp.pack_smiles(paths, folder, form=form, workers=2, limit=40)
+    limited = sp._load(folder, [sp.FORMAT, None, form, True, 40])
+    assert [limited.smiles(j) for j in range(len(limited))] == got[:40]
+    assert meta["records_read"] < len(lines) // 2
+
+
+def test_a_failing_or_killed_worker_stops_packing_in_one_line(monkeypatch):
+    chunks = [["CCO", "c1ccccc1"], ["CCN"], ["CCC"]]
+    with pytest.raises(ValueError, match="^curating SMILES failed in a worker: ValueError: form='smarts' must be"):
+        list(sp._curated(chunks, 2, True, "smarts"))
+    pool = sp._Workers(1)
+    try:
+        pool.procs[0].kill()
+        pool.procs[0].wait()
+        with pytest.raises(RuntimeError, match="a SMILES curation worker ended unexpectedly"):
+            pool.send(0, (["CCO"], True, "aromatic"))  # (the pipe may take the job and the answer never come)
+            pool.receive(0)
+    finally:
+        pool.close()
+    monkeypatch.setenv("SCISCALE_DATA_WORKERS", "0")
+    with pytest.raises(ValueError, match="SCISCALE_DATA_WORKERS='0' must be a positive integer"):
+        sp.default_workers()
+    monkeypatch.setenv("SCISCALE_DATA_WORKERS", "3")
+    assert sp.default_workers() == 3
+
+
+def test_training_batches_read_from_the_pack_are_those_of_the_molecules_in_memory():
+    corpus = smiles_lm.build_corpus(64, molecules=500, form="kekule")
+    assert isinstance(corpus.train, sp.Molecules)
+    in_memory = list(corpus.train)
+    assert [corpus.tokenizer.decode(ids) for ids in in_memory] == corpus.train_smiles
+    for pack in (False, True):
+        a = sm.CausalLMBatches(corpus.train, corpus.tokenizer.pad_id, batch_size=6, seq_len=64, seed=2, pack=pack)
+        b = sm.CausalLMBatches(in_memory, corpus.tokenizer.pad_id, batch_size=6, seq_len=64, seed=2, pack=pack)
+        for step in range(3):
+            assert all(np.array_equal(a.batch(step)[k], b.batch(step)[k]) for k in ("inputs", "mask"))
+        assert all(np.array_equal(a.batch_rows(4, 2, 5)[k], b.batch_rows(4, 2, 5)[k]) for k in ("inputs", "mask"))
+    # novelty by the packed hashes is novelty by the strings
+    from rdkit import Chem
+
+    aromatic = [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in corpus.train_smiles]
+    samples = aromatic[:5] + ["CCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCO", "C1CC1C2CC2N", "not one"]
+    assert sm.generation_metrics(samples, train_hashes=corpus.train_hashes()) == \
+        sm.generation_metrics(samples, aromatic)
+
+
+def test_large_corpora_score_and_fit_baselines_on_their_first_molecules(monkeypatch):
+    monkeypatch.setattr(smiles_lm, "BASELINE_MOLECULES", 100)
+    corpus = smiles_lm.build_corpus(64, molecules=2000, form="aromatic", eval_molecules=30)
+    whole = smiles_lm.build_corpus(64, molecules=2000, form="aromatic", eval_molecules=0)
+    assert len(corpus.val) == 30 and corpus.held_out == len(whole.val) > 30
+    assert corpus.val_smiles == whole.val_smiles[:30] and corpus.baseline_molecules == 100
+    fitted = sm.NGramModel(list(whole.train)[:100], corpus.tokenizer.vocab_size, n=corpus.ngram.n, k=0.01)
+    assert fitted.perplexity(list(corpus.val)) == corpus.ngram.perplexity(list(corpus.val))
+    with pytest.raises(ValueError, match="eval_molecules=-1 must be a non-negative integer"):
+        smiles_lm.SmilesLMConfig(vocab_size=64, eval_molecules=-1)
 
 
 def test_ngram_probabilities_sum_to_one_and_match_counts():
@@ -418,34 +522,24 @@ def test_kekule_form_is_the_same_molecule_without_aromatic_atoms():
         smiles_lm.SmilesLMConfig(vocab_size=40, smiles_form="smarts")
 
 
-def test_kekule_cache_has_its_own_key_and_aligns_with_the_aromatic_list(tmp_path, monkeypatch, capsys):
+def test_kekule_pack_has_its_own_key_and_aligns_with_the_aromatic_list(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCISCALE_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "mols.smi"
     src.write_text("\n".join(AROMATIC + ["CCO", "OCC"]) + "\n")
-    sm._load.cache_clear()
     arom = sm.load_molecules([src])
     kek = sm.load_molecules([src], form="kekule")
-    files = sorted((tmp_path / "cache").glob("smiles-*.json"))
-    assert len(files) == 2 and sm._sources_key([src]) != sm._sources_key([src], form="kekule")
+    assert len(_packs(tmp_path / "cache")) == 2
     from rdkit import Chem
 
     assert len(kek) == len(arom) == len(AROMATIC)  # ethanol once; curation drops selenophene (Se)
     for k, a in zip(kek, arom):  # molecule i is the same in both forms
         assert Chem.MolToSmiles(Chem.MolFromSmiles(k)) == a and not re.search(r"[cnos]", k.replace("Cl", ""))
-    # the same SHA-256 manifest guards the Kekulé file: a damaged one is named and rebuilt
-    (kek_file,) = [f for f in files if sm._sources_key([src], form="kekule")[:16] in f.name]
-    good = kek_file.read_text()
-    kek_file.write_text(good.replace("C1=CC=CC=C1", "C1=CC=NC=C1"))
-    sm._load.cache_clear()
-    assert sm.load_molecules([src], form="kekule") == kek and "checksum" in capsys.readouterr().err
-    assert kek_file.read_text() == good
     # the split hashes the aromatic SMILES: both forms put the same molecules on each side
     tr_a, va_a = sm.split_by_hash(arom, 0.3)
     tr_k, va_k = sm.split_by_hash(kek, 0.3, keys=arom)
     assert [arom[kek.index(k)] for k in tr_k] == tr_a and [arom[kek.index(k)] for k in va_k] == va_a
     with pytest.raises(ValueError, match="keys has 1 entries for 2 SMILES"):
         sm.split_by_hash(["C", "CC"], 0.5, keys=["C"])
-    sm._load.cache_clear()
 
 
 def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
@@ -454,12 +548,11 @@ def test_kekule_corpus_holds_the_aromatic_corpus_molecules_on_the_same_sides():
     kek = smiles_lm.build_corpus(64, molecules=400, form="kekule")
     aro = smiles_lm.build_corpus(64, molecules=400, form="aromatic")
     assert not any(re.fullmatch(r"[bcnops]|\[[0-9]*[a-z].*\]", t) for t in kek.tokenizer.tokens[4:])
-    assert len(kek.train_canonical) == len(kek.train_smiles)
-    for k, a in zip(kek.train_smiles[::7], kek.train_canonical[::7]):  # novelty compares aromatic forms
-        assert Chem.MolToSmiles(Chem.MolFromSmiles(k)) == a
+    canonical = [Chem.MolToSmiles(Chem.MolFromSmiles(k)) for k in kek.train_smiles]
+    assert np.array_equal(np.sort(np.array([sp.smiles_hash(c) for c in canonical], np.uint64)), kek.train_hashes())
     # same split: every Kekulé training molecule is an aromatic training molecule (the longer Kekulé
     # strings drop a few more at seq_len 64), and no validation molecule crosses sides
-    assert set(kek.train_canonical) <= set(aro.train_smiles)
+    assert set(canonical) <= set(aro.train_smiles)
     val_aromatic = {Chem.MolToSmiles(Chem.MolFromSmiles(k)) for k in kek.val_smiles}
     assert val_aromatic <= set(aro.val_smiles) and not val_aromatic & set(aro.train_smiles)
 

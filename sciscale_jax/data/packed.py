@@ -130,11 +130,11 @@ def _map(path, dtype):
     return np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-def _line_blocks(path):
-    """(bytes ending in a newline, number of lines before them) of ``path``, about ``BLOCK`` at a
-    time, with CRLF and CR line ends read as LF (as ``str.splitlines`` reads them); one-line
+def _line_blocks(path, kind: str = "FASTA text"):
+    """(bytes ending in a newline, number of lines before them) of ``path`` (``kind`` of text, for
+    the errors), about ``BLOCK`` at a time, with CRLF and CR line ends read as LF (as ``str.splitlines`` reads them); one-line
     ValueError for a broken gzip stream, NUL bytes or bytes that are not UTF-8."""
-    reader = files.open_binary(path, "FASTA text")
+    reader = files.open_binary(path, kind)
     carry, lines, offset = b"", 0, 0
     try:
         with reader as f:
@@ -144,7 +144,7 @@ def _line_blocks(path):
                 cut = len(data) if not raw else max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
                 if cut:
                     block = data[:cut]
-                    files.check_text(path, block, "FASTA text", offset)
+                    files.check_text(path, block, kind, offset)
                     if b"\r" in block:
                         block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                     if not raw and not block.endswith(b"\n"):
@@ -279,7 +279,7 @@ def _load(folder: pathlib.Path, tokens: tuple, vocab: int):
         counts = np.load(folder / "counts.npy")
         if counts.shape != (BUCKETS, vocab) or int(counts.sum()) != t:
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, EOFError, ValueError, KeyError, TypeError):  # EOFError: an empty .npy file
         return None
     arrays = {"tokens": folder / "tokens.bin", "offsets": _map(folder / "offsets.bin", np.int64),
               "buckets": _map(folder / "buckets.bin", np.uint16)}

@@ -17,7 +17,8 @@ solvents dropped), acids and bases are neutralised (RDKit's ``Uncharger``), and 
 left out when it holds an element outside B C N O F P S Cl Br I (metals, Si, Se, As ...), a
 radical, an isotope label, a charge other than N+ / O- or a net charge (quaternary ammonium
 salts), or more than 50 heavy atoms. The survivors are written as canonical SMILES and
-deduplicated; the result is cached on disk with a checksum (``load_molecules``). The split is
+deduplicated; the result is packed once on disk (``smiles_pack``: curated in parallel, read when
+drawn, so corpora larger than memory train). The split is
 keyed on a CRC32 of the canonical SMILES, so it never depends on file order and a molecule
 never sits on both sides.
 
@@ -30,16 +31,11 @@ sizes and heteroatoms make a kekulisable aromatic system.
 from __future__ import annotations
 
 import collections
-import functools
-import hashlib
-import importlib.metadata
+import collections.abc
 import importlib.util
-import json
 import math
-import os
 import pathlib
 import re
-import sys
 import zlib
 
 import numpy as np
@@ -130,23 +126,29 @@ def user_smiles_files(spec: str) -> list[pathlib.Path]:
     return files.expand(spec, SMILES_SUFFIXES, "--corpus")
 
 
+def smiles_records(path):
+    """The first column of each record of a .smi / .txt (whitespace) or .csv (comma, quoted) file,
+    each possibly gzip-compressed, read a block at a time; '#' lines and a header whose first field
+    is ``SMILES`` are skipped. ValueError in one line naming the path for a missing or non-text file."""
+    from sciscale_jax.data.packed import _line_blocks
+
+    comma = str(path).endswith((".csv", ".csv.gz"))
+    started = False
+    for block, _ in _line_blocks(path, "SMILES text"):
+        for line in block.decode("utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            first = (line.split(",")[0] if comma else line.split()[0]).strip().strip('"')
+            if not started and first.upper() == "SMILES":
+                continue
+            started = True
+            yield first
+
+
 def read_smiles_file(path) -> list[str]:
-    """The first column of a .smi / .txt (whitespace) or .csv (comma, quoted) file, each possibly
-    gzip-compressed; '#' lines and a header whose first field is ``SMILES`` are skipped. ValueError
-    in one line naming the path for a missing or non-text file."""
-    name = str(path)
-    text = files.read_text(path, "SMILES text")
-    comma = name.endswith((".csv", ".csv.gz"))
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        first = (line.split(",")[0] if comma else line.split()[0]).strip().strip('"')
-        if not out and first.upper() == "SMILES":
-            continue
-        out.append(first)
-    return out
+    """Every record of ``smiles_records(path)``, as a list."""
+    return list(smiles_records(path))
 
 
 def canonical(smiles: str, largest_fragment: bool = True) -> str | None:
@@ -230,78 +232,26 @@ def cache_dir() -> pathlib.Path:
     return data_cache.cache_root()
 
 
-def _sources_key(paths, curated: bool = True, form: str = "aromatic", limit: int = 0) -> str:
-    """SHA-256 over the cache format, curation, SMILES form, the RDKit version (canonical SMILES depend on
-    it) and each source's bytes."""
-    tag = f"{CACHE_FORMAT}|{curated}|{importlib.metadata.version('rdkit')}"
-    if form != "aromatic":  # the aromatic key stays what it was, so existing caches stay valid
-        tag += f"|{form}"
-    if limit:
-        tag += f"|first {limit}"
-    digest = hashlib.sha256(tag.encode())
-    for path in paths:
-        digest.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _checksum(smiles_list) -> str:
-    return hashlib.sha256("\n".join(smiles_list).encode()).hexdigest()
-
-
-def _read_cache(path: pathlib.Path, key: str):
-    """The cached SMILES list, or (None, why) when the file is missing, unreadable, partial or stale."""
-    if not path.exists():
-        return None, "missing"
-    try:
-        blob = json.loads(path.read_text())
-        smiles_list, stored_key, stored_sum = blob["smiles"], blob["sources"], blob["sha256"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        return None, f"unreadable ({type(err).__name__})"
-    if stored_key != key:
-        return None, "built from other source files, curation, SMILES form or RDKit version"
-    if not isinstance(smiles_list, list) or _checksum(smiles_list) != stored_sum:
-        return None, "its checksum does not match its contents"
-    return smiles_list, ""
-
-
-@functools.lru_cache(maxsize=4)
-def _load(paths: tuple, use_cache: bool, curated: bool = True, form: str = "aromatic", limit: int = 0) -> tuple:
-    if not use_cache:
-        return tuple(_canonicalize_files(paths, curated, form, limit))
-    key = _sources_key(paths, curated, form, limit)
-    path = cache_dir() / f"smiles-{key[:16]}.json"
-    smiles_list, why = _read_cache(path, key)
-    if smiles_list is not None:
-        return tuple(smiles_list)
-    if why != "missing":
-        print(f"sciscale: SMILES cache {path} is {why}; rebuilding it", file=sys.stderr)
-    smiles_list = _canonicalize_files(paths, curated, form, limit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never partial
-    tmp.write_text(json.dumps({"sources": key, "sha256": _checksum(smiles_list), "smiles": smiles_list}))
-    os.replace(tmp, path)
-    return tuple(smiles_list)
-
-
 def load_molecules(paths=None, *, cache: bool = True, curated: bool = True, form: str = "aromatic",
-                   limit: int = 0) -> list[str]:
-    """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order.
+                   limit: int = 0, workers: int | None = None) -> list[str]:
+    """Canonical, deduplicated SMILES of ``paths`` (default: the rdkit corpus), in file order, as a
+    list (for corpora that fit in memory; ``smiles_pack.packed_smiles`` for any size).
 
     ``curated=True`` passes each molecule through ``curate`` (the molecules it refuses are left
     out); ``False`` keeps every parsable molecule's largest fragment as it is. ``form`` writes
     each molecule as "aromatic" or "kekule" SMILES (``to_form``); molecule i is the same in
     every form, so lists of two forms align index by index. ``limit`` keeps the first N distinct
-    molecules and reads no further (for large sources such as MOSES).
-    Canonicalising the rdkit corpus takes RDKit about 20 s; the result is cached in
-    ``cache_dir()`` as JSON keyed by a SHA-256 of the source files, curation, form and RDKit version, with
-    a SHA-256 of its contents. A cache file that cannot be read, is cut short, was edited or
-    belongs to other sources is named on stderr and rebuilt, never used.
+    molecules and reads no further (for large sources such as MOSES). The molecules are curated
+    by ``workers`` processes and packed once into ``cache_dir()`` (``smiles_pack``), keyed by the
+    SHA-256 of the source files, the curation, form, limit and RDKit version; a pack that is cut
+    short or of another format is written anew, never used. ``cache=False`` packs into a
+    temporary folder.
     """
-    if form not in SMILES_FORMS:
-        raise ValueError(f"form={form!r} must be one of {SMILES_FORMS}")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise ValueError(f"limit={limit!r} must be a non-negative integer")
-    return list(_load(tuple(str(p) for p in (paths or rdkit_smiles_files())), cache, curated, form, limit))
+    from sciscale_jax.data import smiles_pack
+
+    pack, _ = smiles_pack.packed_smiles([str(p) for p in (paths or rdkit_smiles_files())], curated=curated,
+                                        form=form, limit=limit, workers=workers, use_cache=cache)
+    return [pack.smiles(j) for j in range(len(pack))]
 
 
 MOSES_EXTRA = "the MOSES corpus needs molsets' data files: pip install molsets --no-deps"
@@ -368,9 +318,12 @@ class CausalLMBatches:
     def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0, pack: bool = False):
         if batch_size <= 0 or seq_len < 2:
             raise ValueError(f"batch_size={batch_size} must be > 0 and seq_len={seq_len} >= 2")
-        if not encoded:
+        if not len(encoded):
             raise ValueError("no molecules to batch")
-        self.encoded, self.pad_id = list(encoded), pad_id
+        # a sequence (smiles_pack.Molecules: read from disk when drawn) is kept as it is
+        self.encoded = encoded if isinstance(encoded, collections.abc.Sequence) else list(encoded)
+        self.pad_id = pad_id
+        self._lengths = encoded.lengths() if hasattr(encoded, "lengths") else None  # without reading them
         self.batch_size, self.seq_len, self.seed, self.pack = batch_size, seq_len, seed, pack
 
     def _make(self, ids_list):
@@ -409,7 +362,7 @@ class CausalLMBatches:
             picks, filled = [], 0
             while filled < self.seq_len:
                 picks.append(int(rng.integers(0, len(self.encoded))))
-                filled += len(self.encoded[picks[-1]])
+                filled += len(self.encoded[picks[-1]]) if self._lengths is None else int(self._lengths[picks[-1]])
             if row >= start:
                 rows.append(np.concatenate([self.encoded[i] for i in picks]))
         return self._make(rows)
@@ -494,13 +447,15 @@ def unigram_perplexity(train_encoded, val_encoded, vocab_size: int, pad_id: int 
 
 # --- generation metrics -------------------------------------------------------------------------------------
 
-def generation_metrics(samples, train_smiles, *, diversity: bool = False) -> dict:
+def generation_metrics(samples, train_smiles=(), *, diversity: bool = False, train_hashes=None) -> dict:
     """Validity, uniqueness and novelty of sampled SMILES (the MOSES / GuacaMol definitions).
 
     validity: fraction of samples RDKit parses (non-empty); uniqueness: distinct canonical
-    SMILES / valid; novelty: distinct valid molecules absent from ``train_smiles`` / distinct
+    SMILES / valid; novelty: distinct valid molecules absent from the training set / distinct
     valid. Samples are compared as RDKit's canonical aromatic SMILES, so ``train_smiles`` must be
-    canonical aromatic SMILES whatever form the model was trained on. ``diversity=True`` adds the internal diversity 1 - mean pairwise Tanimoto
+    canonical aromatic SMILES whatever form the model was trained on; ``train_hashes`` (a sorted
+    uint64 array of ``smiles_pack.smiles_hash`` of those strings) stands for a training set too
+    large to hold as strings. ``diversity=True`` adds the internal diversity 1 - mean pairwise Tanimoto
     similarity of Morgan fingerprints (radius 2, 2048 bits) over the distinct valid molecules.
     """
     samples = list(samples)
@@ -508,10 +463,17 @@ def generation_metrics(samples, train_smiles, *, diversity: bool = False) -> dic
         raise ValueError("generation_metrics needs at least one sample")
     valid = [c for c in (canonical(s, largest_fragment=False) if s else None for s in samples) if c]
     unique = set(valid)
-    train = set(train_smiles)
+    novel = unique - set(train_smiles)
+    if train_hashes is not None and novel:
+        from sciscale_jax.data.smiles_pack import smiles_hash
+
+        keys = np.array([smiles_hash(s) for s in sorted(novel)], np.uint64)
+        at = np.minimum(np.searchsorted(train_hashes, keys), max(len(train_hashes) - 1, 0))
+        seen = (np.asarray(train_hashes)[at] == keys) if len(train_hashes) else np.zeros(len(keys), bool)
+        novel = {s for s, hit in zip(sorted(novel), seen) if not hit}
     out = {"validity": len(valid) / len(samples),
            "uniqueness": len(unique) / len(valid) if valid else 0.0,
-           "novelty": len(unique - train) / len(unique) if unique else 0.0}
+           "novelty": len(novel) / len(unique) if unique else 0.0}
     if diversity:
         out["internal_diversity"] = internal_diversity(sorted(unique))
     return out

@@ -38,6 +38,7 @@ from flax import nnx
 
 from sciscale_jax.data import files
 from sciscale_jax.data import smiles as sm
+from sciscale_jax.data import smiles_pack
 from sciscale_jax.losses import causal_lm_loss
 from sciscale_jax.models import Transformer, TransformerConfig, decode, hidden_states
 from sciscale_jax.recipes.base import Data, Recipe
@@ -51,6 +52,8 @@ class SmilesLMConfig(TransformerConfig):
     molecules: int = dataclasses.field(default=0, metadata={
         "help": "use the first N molecules of the corpus (0: all); for quick runs"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of molecules held out (by hash)"})
+    eval_molecules: int = dataclasses.field(default=10_000, metadata={
+        "help": "held-out molecules scored at each evaluation: the first N (0: all of them)"})
     corpus: str = dataclasses.field(default="rdkit", metadata={
         "help": "'rdkit': molecules shipped in rdkit; 'moses': the MOSES set from the optional molsets wheel "
         "(pip install molsets --no-deps; ~1.76M molecules, so first use canonicalises for a long while: "
@@ -83,21 +86,42 @@ class SmilesLMConfig(TransformerConfig):
             raise ValueError(f"temperature={self.temperature!r} must be a positive finite number")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer")
+        if not isinstance(self.eval_molecules, int) or isinstance(self.eval_molecules, bool) \
+                or self.eval_molecules < 0:
+            raise ValueError(f"eval_molecules={self.eval_molecules!r} must be a non-negative integer")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must lie in (0, 1)")
         super().__post_init__()
 
 
+BASELINE_MOLECULES = 200_000  # training molecules the n-gram baselines are fitted on (the first ones)
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """What generation needs beyond the batches: the tokenizer, the split and the n-gram baseline."""
+    """What training, evaluation and generation need of the corpus: the tokenizer, the molecules of
+    each side of the split that fit ``seq_len`` (read from the pack when drawn), and the n-gram
+    baseline."""
 
     tokenizer: sm.SmilesTokenizer
-    train_smiles: tuple  # in the trained form
-    val_smiles: tuple
+    train: smiles_pack.Molecules  # in the trained form, bos ... eos
+    val: smiles_pack.Molecules    # the held-out molecules scored at each evaluation (the first eval_molecules)
     ngram: sm.NGramModel
-    dropped: int  # molecules longer than seq_len tokens (with bos and eos), left out
-    train_canonical: tuple = ()  # the training molecules as canonical aromatic SMILES, for novelty
+    dropped: int        # molecules longer than seq_len tokens (with bos and eos), left out
+    held_out: int       # held-out molecules that fit seq_len (val holds the first eval_molecules of them)
+    baseline_molecules: int  # training molecules the baselines were fitted on
+
+    @property
+    def train_smiles(self) -> list[str]:
+        return self.train.smiles()
+
+    @property
+    def val_smiles(self) -> list[str]:
+        return self.val.smiles()
+
+    def train_hashes(self) -> np.ndarray:
+        """Sorted hashes of the training molecules' aromatic canonical SMILES, for novelty."""
+        return self.train.hashes()
 
 
 def corpus_files(corpus: str) -> list | None:
@@ -110,70 +134,83 @@ def corpus_files(corpus: str) -> list | None:
     return sm.user_smiles_files(corpus)
 
 
-def _split(molecules: int, val_fraction: float, form: str, corpus: str) -> tuple[list, list]:
-    """(train, validation) pairs of (SMILES in ``form``, aromatic canonical SMILES) of the corpus."""
+def _pack(molecules: int, form: str, corpus: str) -> tuple[smiles_pack.SmilesPack, int, dict]:
+    """(the corpus's pack in ``form``, how many of its molecules the run uses, the user's files'
+    SHA-256). The shipped rdkit corpus is packed whole and cut to ``molecules``; MOSES and the
+    user's files are read only as far as their first ``molecules`` distinct molecules (0: all)."""
     paths = corpus_files(corpus)
     limit = 0 if paths is None else molecules
-    aromatic = sm.load_molecules(paths, limit=limit)
-    if not aromatic:
+    pack, sources = smiles_pack.packed_smiles(paths or sm.rdkit_smiles_files(), form=form, limit=limit)
+    if not len(pack):
         raise ValueError(f"--corpus {corpus}: no molecule survived curation (organic elements, neutral after "
                          "neutralising; the first column of each line must be a SMILES string)")
-    smiles = aromatic if form == "aromatic" else sm.load_molecules(paths, form=form, limit=limit)
-    if molecules:
-        smiles, aromatic = smiles[:molecules], aromatic[:molecules]
-    return sm.split_by_hash(list(zip(smiles, aromatic)), val_fraction, keys=aromatic)
+    return pack, min(molecules or len(pack), len(pack)), sources
+
+
+def _tokenizer(pack: smiles_pack.SmilesPack, use: int, val_fraction: float) -> tuple[sm.SmilesTokenizer, np.ndarray]:
+    """The tokenizer of the training side (its tokens most frequent first, ``SmilesTokenizer.from_smiles``)
+    and the table from the pack's token ids to its ids (unk for tokens the training side lacks)."""
+    counts = pack.train_counts(val_fraction, use)
+    seen = sorted((i for i, c in enumerate(counts.tolist()) if c), key=lambda i: (-int(counts[i]), pack.vocab[i]))
+    tok = sm.SmilesTokenizer([pack.vocab[i] for i in seen])
+    table = np.array([tok._index.get(t, tok.unk_id) for t in pack.vocab] or [tok.unk_id], np.int32)
+    return tok, table
 
 
 def tokenizer_of(model_cfg) -> sm.SmilesTokenizer:
     """The tokenizer a run with ``model_cfg`` trained with (its vocabulary is the training split's)."""
-    train, _ = _split(model_cfg.molecules, model_cfg.val_fraction, model_cfg.smiles_form, model_cfg.corpus)
-    return sm.SmilesTokenizer.from_smiles([s for s, _ in train])
+    pack, use, _ = _pack(model_cfg.molecules, model_cfg.smiles_form, model_cfg.corpus)
+    return _tokenizer(pack, use, model_cfg.val_fraction)[0]
 
 
 def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ngram_orders=(3, 4, 5),
-                 form: str = "kekule", corpus: str = "rdkit") -> Corpus:
-    """Load, split and tokenize the corpus ("rdkit", "moses" or SMILES files); fit the n-gram baselines and keep
-    the best on validation.
-
-    The split hashes the aromatic canonical SMILES, so both forms hold the same molecules on each side.
-    MOSES is read only as far as its first ``molecules`` distinct molecules (0: all of it).
-    """
-    train, val = _split(molecules, val_fraction, form, corpus)
-    tok = sm.SmilesTokenizer.from_smiles([s for s, _ in train])
-    fits = lambda pair: len(sm.tokenize(pair[0])) + 2 <= seq_len  # noqa: E731
-    kept_pairs = [p for p in train if fits(p)]
-    kept_train, kept_val = [s for s, _ in kept_pairs], [s for s, _ in val if fits((s, None))]
-    if not kept_train or not kept_val:
+                 form: str = "kekule", corpus: str = "rdkit", eval_molecules: int = 10_000) -> Corpus:
+    """The corpus ("rdkit", "moses" or SMILES files) packed, split by a hash of the aromatic canonical
+    SMILES (both forms hold the same molecules on each side), tokenized; the n-gram baselines
+    (n in ``ngram_orders``) fitted on the first ``BASELINE_MOLECULES`` training molecules, the best
+    on the evaluation molecules (the first ``eval_molecules`` held-out ones; 0: all) kept.
+    MOSES and SMILES files are read only as far as their first ``molecules`` distinct molecules (0: all)."""
+    pack, use, _ = _pack(molecules, form, corpus)
+    tok, table = _tokenizer(pack, use, val_fraction)
+    train_idx, val_idx = pack.split(val_fraction, use)
+    fits = pack.lengths() + 2 <= seq_len
+    kept_train, kept_val = train_idx[fits[train_idx]], val_idx[fits[val_idx]]
+    if not len(kept_train) or not len(kept_val):
         raise ValueError(f"seq_len={seq_len} leaves no molecules on one side of the split "
                          f"({len(kept_train)} train, {len(kept_val)} validation)")
-    enc_train = [tok.encode(s) for s in kept_train]
-    enc_val = [tok.encode(s) for s in kept_val]
-    models = [sm.NGramModel(enc_train, tok.vocab_size, n=n, k=0.01) for n in ngram_orders]
-    best = min(models, key=lambda m: m.perplexity(enc_val))
-    return Corpus(tok, tuple(kept_train), tuple(kept_val), best,
-                  dropped=len(train) + len(val) - len(kept_train) - len(kept_val),
-                  train_canonical=tuple(a for _, a in kept_pairs))
+    view = lambda index: smiles_pack.Molecules(pack, index, table, tok.bos_id, tok.eos_id)  # noqa: E731
+    train, val = view(kept_train), view(kept_val[:eval_molecules or None])
+    fitted = train[:BASELINE_MOLECULES]
+    scored = val[:]
+    models = [sm.NGramModel(fitted, tok.vocab_size, n=n, k=0.01) for n in ngram_orders]
+    best = min(models, key=lambda m: m.perplexity(scored))
+    return Corpus(tok, train, val, best, dropped=use - len(kept_train) - len(kept_val), held_out=len(kept_val),
+                  baseline_molecules=len(fitted))
 
 
 def build_data(train_cfg, model_cfg) -> Data:
     corpus = build_corpus(train_cfg.seq_len, model_cfg.molecules, model_cfg.val_fraction, form=model_cfg.smiles_form,
-                          corpus=model_cfg.corpus)
+                          corpus=model_cfg.corpus, eval_molecules=model_cfg.eval_molecules)
     tok = corpus.tokenizer
-    enc_train = [tok.encode(s) for s in corpus.train_smiles]
-    enc_val = [tok.encode(s) for s in corpus.val_smiles]
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
-    train = sm.CausalLMBatches(enc_train, tok.pad_id, pack=model_cfg.pack, **kw)
+    train = sm.CausalLMBatches(corpus.train, tok.pad_id, pack=model_cfg.pack, **kw)
     train.corpus = corpus  # for evaluate_generation after training
-    evals = sm.CausalLMBatches(enc_val, tok.pad_id, **kw).eval_batches()
-    baselines = {"unigram_ppl": sm.unigram_perplexity(enc_train, enc_val, tok.vocab_size),
-                 f"ngram{corpus.ngram.n}_ppl": corpus.ngram.perplexity(enc_val)}
+    scored = corpus.val[:]
+    evals = sm.CausalLMBatches(scored, tok.pad_id, **kw).eval_batches()
+    fitted = corpus.train[:BASELINE_MOLECULES]
+    baselines = {"unigram_ppl": sm.unigram_perplexity(fitted, scored, tok.vocab_size),
+                 f"ngram{corpus.ngram.n}_ppl": corpus.ngram.perplexity(scored)}
     shipped = model_cfg.corpus in ("rdkit", "moses")
     sources = {} if shipped else files.fingerprints(corpus_files(model_cfg.corpus))
     summary = ""
     if sources:
-        summary = (f"data: {len(corpus.train_smiles) + len(corpus.val_smiles) + corpus.dropped} curated molecules "
-                   f"from {len(sources)} file(s) of --corpus: {len(corpus.train_smiles)} for training, "
-                   f"{len(corpus.val_smiles)} held out, {corpus.dropped} longer than seq_len left out")
+        held = (f"{corpus.held_out} held out" if len(corpus.val) == corpus.held_out else
+                f"{corpus.held_out} held out (the first {len(corpus.val)} scored at each evaluation)")
+        summary = (f"data: {len(corpus.train) + corpus.held_out + corpus.dropped} curated molecules from "
+                   f"{len(sources)} file(s) of --corpus: {len(corpus.train)} for training, {held}, {corpus.dropped} "
+                   f"longer than seq_len left out")
+        if corpus.baseline_molecules < len(corpus.train):
+            summary += f"; baselines fitted on the first {corpus.baseline_molecules} training molecules"
     return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines, sources=sources,
                 summary=summary)
 
@@ -299,8 +336,9 @@ def evaluate_generation(model, data: Data, n: int = 1000, *, temperature: float 
     max_len = data.train.seq_len
     samples = sample(model, corpus.tokenizer, n, max_len=max_len, temperature=temperature, top_k=top_k, seed=seed)
     ngram_samples = corpus.ngram.sample(n, corpus.tokenizer, max_len=max_len - 1, seed=seed)
-    return {"model": sm.generation_metrics(samples, corpus.train_canonical, diversity=diversity),
-            "ngram": sm.generation_metrics(ngram_samples, corpus.train_canonical, diversity=diversity),
+    seen = corpus.train_hashes()
+    return {"model": sm.generation_metrics(samples, diversity=diversity, train_hashes=seen),
+            "ngram": sm.generation_metrics(ngram_samples, diversity=diversity, train_hashes=seen),
             "samples": samples}
 
 
@@ -312,14 +350,14 @@ def generation_figures(model_cfg, train_cfg, state, data: Data | None = None) ->
     model = trained_model(model_cfg, state)
     n, seed = model_cfg.samples, train_cfg.seed
     out = {"samples": n, "temperature": model_cfg.temperature, "top_k": model_cfg.top_k,
-           "train_molecules": len(data.train.corpus.train_smiles), "ngram_n": data.train.corpus.ngram.n}
+           "train_molecules": len(data.train.corpus.train), "ngram_n": data.train.corpus.ngram.n}
     gen = evaluate_generation(model, data, n, temperature=model_cfg.temperature, top_k=model_cfg.top_k, seed=seed,
                               diversity=True)
     out.update(model=gen["model"], ngram=gen["ngram"], examples=gen["samples"][:5])
     if model_cfg.temperature != 1.0 or model_cfg.top_k:
         corpus = data.train.corpus
         plain = sample(model, corpus.tokenizer, n, max_len=data.train.seq_len, seed=seed)
-        out["model_t1"] = sm.generation_metrics(plain, corpus.train_canonical, diversity=True)
+        out["model_t1"] = sm.generation_metrics(plain, diversity=True, train_hashes=corpus.train_hashes())
     return out
 
 
