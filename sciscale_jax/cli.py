@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import pathlib
 import sys
 import typing
 
@@ -155,6 +156,15 @@ def _base_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the tensors' dtype in the file (default: float32)")
     x.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    c = sub.add_parser("cache", help="list what the data cache holds (packed corpora, simulations) and remove "
+                                     "entries", description="List the entries of the data cache ($SCISCALE_CACHE, "
+                                                            "else ~/.cache/sciscale_jax) with their sizes, or remove "
+                                                            "some.")
+    c.add_argument("--remove", nargs="+", metavar="PATH", help="remove these entries (paths as listed)")
+    c.add_argument("--remove-unused", action="store_true",
+                   help="remove the entries no run reads any more: packs whose source files are gone, folders left "
+                        "by a killed writer, files of an earlier version's format")
+    c.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -584,6 +594,40 @@ def _plan(recipe, rest, show_help: bool) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _cache(args) -> int:
+    """``sciscale cache``: list the cache's entries, or remove some."""
+    import time
+
+    from sciscale_jax.data import cache
+
+    root = cache.cache_root()
+    if args.remove or args.remove_unused:
+        paths = list(args.remove or []) + [e.path for e in cache.entries(root) if e.unused and not e.busy]
+        paths = list(dict.fromkeys(str(pathlib.Path(p).expanduser().resolve()) for p in paths))
+        freed = cache.remove(paths, root)
+        print("".join(f"removed {p}\n" for p in paths) + f"{len(paths)} entries removed, {_size(freed)} freed")
+        return 0
+    found = cache.entries(root)
+    print(f"{root}: {len(found)} entries, {_size(sum(e.size for e in found))}")
+    for e in found:
+        what = ""
+        if e.sources:
+            what = f"from {pathlib.Path(e.sources[0]).name}" + (f" and {len(e.sources) - 1} more"
+                                                               if len(e.sources) > 1 else "")
+        note = "being written" if e.busy else (f"unused: {e.unused}" if e.unused else "")
+        print(f"  {e.kind:10s} {_size(e.size):>10s}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.written))}  "
+              f"{e.path}" + "".join(f"  ({x})" for x in (what, note) if x))
+    unused = [e for e in found if e.unused and not e.busy]
+    if unused:
+        print(f"{len(unused)} unused ({_size(sum(e.size for e in unused))}): `sciscale cache --remove-unused` "
+              "removes them")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _plan_devices_early(argv)
@@ -601,6 +645,10 @@ def main(argv=None) -> int:
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")
             return _export(args)
+        if args.command == "cache":
+            if rest:
+                base.error(f"unrecognized arguments: {' '.join(rest)}")
+            return _cache(args)
         if args.command == "recipes":
             if rest:
                 base.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -374,3 +374,44 @@ def test_a_file_is_hashed_once_per_process_unless_it_may_have_changed(tmp_path, 
     path.write_text(">a\nMKVA\n")  # the same size, modified now: read again, and again while racy
     second = files.sha256(path)
     assert second != first and files.sha256(path) == second and len(reads) == 3
+
+
+def test_sciscale_cache_lists_entries_and_removes_the_unused_ones(tmp_path, proteins, monkeypatch, capsys):
+    from sciscale_jax import cli
+    from sciscale_jax.data import cache as data_cache
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SCISCALE_CACHE", str(root))
+    kept, gone = tmp_path / "kept.fasta", tmp_path / "gone.fasta"
+    kept.write_text("".join(f">k{i}\n{s}\n" for i, s in enumerate(proteins[:20])))
+    gone.write_text("".join(f">g{i}\n{s}\n" for i, s in enumerate(proteins[20:40])))
+    (pack_kept, _), (pack_gone, _) = packed.packed_proteins([kept], TOK), packed.packed_proteins([gone], TOK)
+    old = root / "smiles-0123456789abcdef.json"  # an earlier version's SMILES cache
+    old.write_text('{"smiles": []}')
+    dead = root / "proteins" / "feedface.partial.dead"  # left by a killed writer
+    dead.mkdir()
+    (dead / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1}))
+    live = root / "proteins" / "cafe.partial.live"  # being written now (this process)
+    live.mkdir()
+    (live / "writer.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    gone.unlink()
+    found = {e.path: e for e in data_cache.entries(root)}
+    assert set(found) == {pack_kept.folder, pack_gone.folder, old, dead, live}
+    assert found[pack_kept.folder].sources == (str(kept),) and not found[pack_kept.folder].unused
+    assert found[pack_kept.folder].size == sum(p.stat().st_size for p in pack_kept.folder.iterdir())
+    assert "gone.fasta is gone" in found[pack_gone.folder].unused
+    assert found[old].unused and found[dead].unused and found[live].busy and not found[live].unused
+    assert cli.main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"{root}: 5 entries" in out and "(from kept.fasta)" in out and "being written" in out
+    assert "3 unused" in out and "sciscale cache --remove-unused" in out
+    assert cli.main(["cache", "--remove", str(live)]) == 2  # refused in one line, nothing removed
+    assert "is being written by a running process" in capsys.readouterr().err and live.exists()
+    assert cli.main(["cache", "--remove", str(old), str(tmp_path / "kept.fasta")]) == 2  # checked before removing
+    assert "is not an entry of the cache" in capsys.readouterr().err and kept.exists() and old.exists()
+    assert cli.main(["cache", "--remove-unused"]) == 0
+    assert "3 entries removed" in capsys.readouterr().out
+    assert {e.path for e in data_cache.entries(root)} == {pack_kept.folder, live}
+    assert not (root / "proteins" / f"{pack_gone.folder.name}.lock").exists()
+    assert cli.main(["cache", "--remove", str(pack_kept.folder)]) == 0 and not pack_kept.folder.exists()
+    assert packed.packed_proteins([kept], TOK)[0].folder == pack_kept.folder  # packed again when asked

@@ -13,6 +13,7 @@ simulation and the curated SMILES are cached too).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -117,3 +118,97 @@ def cached(kind: str, paths, key, load, write, *, what: str, cache=None):
     if result is None:
         raise ValueError(f"the cache folder {folder} written just now cannot be read back; remove it and retry")
     return result, sources
+
+
+# --- what the cache holds (`sciscale cache`) -----------------------------------------------------------------
+
+OLD_FORMATS = ("smiles-*.json",)  # files earlier versions wrote at the root, read by no version since
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One thing under the cache root: a pack folder (``<kind>/<digest>``), a simulation
+    (``weather/...``), a partial folder or a file of an earlier version."""
+
+    path: pathlib.Path
+    kind: str
+    size: int                 # bytes
+    written: float            # modification time (seconds since the epoch)
+    sources: tuple = ()       # the files it was derived from (``sources.json``), when recorded
+    unused: str = ""          # why no run reads it any more ("" where one may)
+    busy: bool = False        # being written now
+
+
+def _size(path: pathlib.Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _locked(lock: pathlib.Path) -> bool:
+    """Whether another process holds ``lock`` (a writer packing now)."""
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def entries(root=None) -> list[Entry]:
+    """What the cache root (``cache_root()`` unless given) holds, by kind and path. A pack whose
+    recorded source files are gone, a partial folder whose writer is gone and a file of an earlier
+    version's format are marked ``unused``; a pack whose sources changed is not (that needs their
+    SHA-256: a later run on the changed files packs them anew beside it)."""
+    root = pathlib.Path(root) if root is not None else cache_root()
+    out = []
+    for pattern in OLD_FORMATS:
+        for path in sorted(root.glob(pattern)):
+            out.append(Entry(path, pattern.split("-")[0], _size(path), path.stat().st_mtime,
+                             unused="an earlier version's format, read by no version since"))
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for path in sorted(p for p in kind.iterdir() if p.is_dir()):
+            sources, unused, busy = (), "", False
+            if ".partial." in path.name:
+                busy = not _stale(path)
+                unused = "" if busy else "left by a writer that was killed"
+            elif (path / "sources.json").is_file():
+                try:
+                    sources = tuple(json.loads((path / "sources.json").read_text()))
+                except (OSError, ValueError):
+                    sources = ()
+                gone = [s for s in sources if not pathlib.Path(s).exists()]
+                if gone:
+                    unused = f"its source file {gone[0]} is gone" + (f" (and {len(gone) - 1} more)" if len(gone) > 1
+                                                                     else "")
+                busy = _locked(kind / f"{path.name}.lock")
+            out.append(Entry(path, kind.name, _size(path), path.stat().st_mtime, sources, unused, busy))
+    return out
+
+
+def remove(paths, root=None) -> int:
+    """Remove entries of ``entries(root)`` (their folders or files, and lock files); returns the
+    bytes freed. ValueError in one line, before anything is removed, for a path that is not an
+    entry of the cache or is being written now."""
+    root = pathlib.Path(root) if root is not None else cache_root()
+    found = {e.path.resolve(): e for e in entries(root)}
+    chosen = []
+    for path in paths:
+        path = pathlib.Path(path).expanduser().resolve()
+        if path not in found:
+            raise ValueError(f"{path} is not an entry of the cache {root} (see `sciscale cache`)")
+        if found[path].busy:
+            raise ValueError(f"{path} is being written by a running process; remove it once that has finished")
+        chosen.append(found.pop(path))
+    for entry in chosen:
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+            lock = entry.path.parent / f"{entry.path.name}.lock"
+            if lock.exists():
+                lock.unlink()
+        else:
+            entry.path.unlink()
+    return sum(e.size for e in chosen)

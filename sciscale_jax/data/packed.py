@@ -130,7 +130,7 @@ def _map(path, dtype):
     return np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-def _line_blocks(path, kind: str = "FASTA text"):
+def line_blocks(path, kind: str = "FASTA text"):
     """(bytes ending in a newline, number of lines before them) of ``path`` (``kind`` of text, for
     the errors), about ``BLOCK`` at a time, with CRLF and CR line ends read as LF (as ``str.splitlines`` reads them); one-line
     ValueError for a broken gzip stream, NUL bytes or bytes that are not UTF-8."""
@@ -242,7 +242,7 @@ def pack_fasta(paths, tokenizer, folder=None) -> Pack:
     try:
         for path in map(pathlib.Path, paths):
             found, carry = state["tokens"], None  # carry: the bytes of the record still open
-            for block, lines in _line_blocks(path):
+            for block, lines in line_blocks(path):
                 a = np.frombuffer(block, np.uint8)
                 raw, heads, first = _residue_bytes(a)
                 if carry is None and len(raw) and (not len(heads) or heads[0] > 0):

@@ -42,6 +42,7 @@ import numpy as np
 
 from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data import files
+from sciscale_jax.data.packed import line_blocks
 
 SMILES_REGEX = re.compile(r"(\[[^\]]+\]|Br|Cl|%\d{2}|[BCNOPSFI]|[bcnops]|[0-9]|[-=#$:/\\().+*~@?>]|.)")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -130,11 +131,9 @@ def smiles_records(path):
     """The first column of each record of a .smi / .txt (whitespace) or .csv (comma, quoted) file,
     each possibly gzip-compressed, read a block at a time; '#' lines and a header whose first field
     is ``SMILES`` are skipped. ValueError in one line naming the path for a missing or non-text file."""
-    from sciscale_jax.data.packed import _line_blocks
-
     comma = str(path).endswith((".csv", ".csv.gz"))
     started = False
-    for block, _ in _line_blocks(path, "SMILES text"):
+    for block, _ in line_blocks(path, "SMILES text"):
         for line in block.decode("utf-8").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
@@ -210,21 +209,6 @@ def curate(smiles: str) -> str | None:
             or sum(a.GetFormalCharge() for a in atoms)):
         return None
     return Chem.MolToSmiles(mol)
-
-
-def _canonicalize_files(paths, curated: bool = True, form: str = "aromatic", limit: int = 0) -> list[str]:
-    """Distinct canonical (aromatic) SMILES in file order (the first ``limit``, 0: all), then each
-    written in ``form``."""
-    seen, out = set(), []
-    for path in paths:
-        for smi in read_smiles_file(path):
-            if limit and len(out) >= limit:
-                break
-            can = curate(smi) if curated else canonical(smi)
-            if can and can not in seen:
-                seen.add(can)
-                out.append(can)
-    return out if form == "aromatic" else [to_form(s, form) for s in out]
 
 
 def cache_dir() -> pathlib.Path:

@@ -220,7 +220,9 @@ def pack_smiles(paths, folder, *, curated: bool = True, form: str = "aromatic", 
                 raise ValueError(f"the corpus holds more than {MAX_TOKENS:,} distinct tokens; a pack stores two "
                                  "bytes per token (curate it, or split it)")
             raw.write(table[ids].astype(np.uint16).tobytes())
-            hashes.append(hs), buckets.append(bs), lengths.append(lens)
+            hashes.append(hs)
+            buckets.append(bs)
+            lengths.append(lens)
             read += len(lens) + left_out
             refused += left_out
             total += len(lens)

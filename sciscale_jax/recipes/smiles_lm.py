@@ -8,12 +8,16 @@ split by a hash of the canonical SMILES into train and validation, written as Ke
 kekulise) or, with ``--smiles-form aromatic``, as aromatic SMILES (the split is the same for
 both), tokenized atom by atom
 (Schwaller et al. 2019); molecules longer than ``seq_len`` tokens (with bos and eos) are left out,
-so sampling up to ``seq_len`` tokens covers every training molecule.
+so sampling up to ``seq_len`` tokens covers every training molecule. The corpus is curated by
+worker processes and packed once on disk (``data.smiles_pack``), and each molecule a batch draws
+is read from there, so corpora larger than memory (MOSES, ``--corpus`` files) train.
 The model is the library's Transformer with ``causal=True``, trained on next-token loss over
 packed rows (whole molecules one after another, ``pack=True``).
 
-Evaluation: validation loss and perplexity per token, beside two baselines on the same
-split and tokens: unigram frequencies and the best add-k token n-gram (n = 3..5). After
+Evaluation: validation loss and perplexity per token on the first ``eval_molecules`` held-out
+molecules, beside two baselines on the same molecules and tokens: unigram frequencies and the
+best add-k token n-gram (n = 3..5), both fitted on the first ``BASELINE_MOLECULES`` training
+molecules. After
 training, ``evaluate_generation`` samples molecules (temperature, top-k) and reports the
 generation metrics chemists use (validity, uniqueness, novelty by RDKit; Polykovskiy et al.
 2020, "MOSES") next to the same metrics of n-gram samples; ``report`` prints them at the end of
