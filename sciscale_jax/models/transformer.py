@@ -138,10 +138,14 @@ class Attention(nnx.Module):
             approx = attention.PerformerAttention(d, cfg.performer_features, rngs=rngs)
         self.approx = approx
 
+    def _query_key(self, x_bse, positions_bs):
+        """q and k [batch, seq, heads, head_dim], rotary positions applied."""
+        return (rotary(self.query(x_bse), positions_bs, self.cfg.rope_base),
+                rotary(self.key(x_bse), positions_bs, self.cfg.rope_base))
+
     def __call__(self, x_bse, positions_bs, mask_b11k):
         cfg = self.cfg
-        q_bshd = rotary(self.query(x_bse), positions_bs, cfg.rope_base)
-        k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base)
+        q_bshd, k_bshd = self._query_key(x_bse, positions_bs)
         v_bshd = self.value(x_bse)
         kv_quant = kv_quantizer(cfg.quant)
         if kv_quant is not None:  # LLM-QAT: fake-quantised KV cache
@@ -160,8 +164,7 @@ class Attention(nnx.Module):
         in float32 (padding keys and, if causal, future keys get none), whatever ``attention``
         computes the layer with: attention maps, for analysis and ESM-2's contact head."""
         cfg = self.cfg
-        q_bshd = rotary(self.query(x_bse), positions_bs, cfg.rope_base).astype(jnp.float32)
-        k_bshd = rotary(self.key(x_bse), positions_bs, cfg.rope_base).astype(jnp.float32)
+        q_bshd, k_bshd = (t.astype(jnp.float32) for t in self._query_key(x_bse, positions_bs))
         scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bshd, k_bshd, precision=jax.lax.Precision.HIGHEST)
         scores_bhqk = scores_bhqk * cfg.head_dim ** -0.5
         s = x_bse.shape[1]
