@@ -137,6 +137,7 @@ class _Workers:
         code = "from sciscale_jax.data.smiles_pack import _serve; _serve()"
         self.procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        env=env) for _ in range(count)]
+        self.busy = [False] * count  # a chunk sent and its answer not read yet
 
     def _ended(self, k: int, err) -> RuntimeError:
         return RuntimeError(f"a SMILES curation worker ended unexpectedly (exit code {self.procs[k].poll()}): "
@@ -148,18 +149,24 @@ class _Workers:
             self.procs[k].stdin.flush()
         except OSError as err:  # its pipe closed: the worker is gone
             raise self._ended(k, err) from None
+        self.busy[k] = True
 
     def receive(self, k: int):
         try:
             status, value = pickle.load(self.procs[k].stdout)
         except (EOFError, pickle.UnpicklingError) as err:
             raise self._ended(k, err) from None
+        self.busy[k] = False
         if status != "ok":
             raise ValueError(f"curating SMILES failed in a worker: {value}")
         return value
 
     def close(self) -> None:
-        for proc in self.procs:
+        """Workers still curating a chunk nobody will read (the caller stopped early) are killed;
+        the others end when their input closes."""
+        for proc, busy in zip(self.procs, self.busy):
+            if busy:
+                proc.kill()
             try:
                 proc.stdin.close()
             except OSError:
