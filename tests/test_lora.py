@@ -8,6 +8,7 @@ run's or an ESM-2 checkpoint's loss exactly, and run on a data x fsdp x tensor m
 as on one device. Settings LoRA cannot honour are refused in one line before compiling.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -18,7 +19,7 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from sciscale_jax.models.stack import is_lora
+from sciscale_jax.models.stack import Techniques, is_lora
 from sciscale_jax.models.transformer import Transformer, TransformerConfig
 from sciscale_jax.recipes import get_recipe, load_run
 from sciscale_jax.train import TrainConfig, train
@@ -203,9 +204,13 @@ def test_lora_memory_on_the_compiled_step():
 
 
 def test_settings_lora_cannot_honour_are_refused(tmp_path):
-    evoformer = get_recipe("msa-evoformer")
-    with pytest.raises(ValueError, match="has no LoRA adapters"):
-        evoformer.make_config(lora_rank=4)
+    @dataclasses.dataclass(frozen=True)
+    class NoAdapters(Techniques):  # a model family that builds none
+        width: int = 8
+
+    with pytest.raises(ValueError, match="NoAdapters has no LoRA adapters"):
+        NoAdapters(lora_rank=4)
+    assert get_recipe("msa-evoformer").make_config(lora_rank=4).lora_rank == 4  # beside its attention weights
     assert get_recipe("weather-vit").make_config(lora_rank=4).lora_rank == 4  # adapters on its shared blocks
     assert TransformerConfig(**SHAPE, lora_rank=4).techniques.lora_rank == 4  # the switches alone
     for bad, match in (({"lora_rank": -1}, "lora_rank"), ({"lora_rank": True}, "lora_rank"),

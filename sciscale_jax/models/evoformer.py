@@ -70,6 +70,7 @@ class EvoformerConfig(Techniques):
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
     supports_dap: ClassVar[bool] = True  # runs sharded on a mesh with a dap axis (evoformer_dap)
+    supports_lora: ClassVar[bool] = True  # adapters on the blocks' attention projections (all: and Linears)
 
     def __post_init__(self):
         for name in ("c_m", "c_z", "c_e", "msa_heads", "msa_head_dim", "pair_heads", "pair_head_dim",
@@ -93,6 +94,9 @@ class EvoformerConfig(Techniques):
         remat.validate_remat(self.remat, self.num_blocks)
         if self.num_extra_blocks:  # the extra-MSA stack runs under the same policy
             remat.validate_remat(self.remat, self.num_extra_blocks)
+        if self.lora_quant != "none":
+            raise ValueError(f"lora_quant={self.lora_quant!r}: the Evoformer's frozen weights are stored in the compute "
+                             "dtype (4-bit storage is built for the Transformer's dense layers); use lora_quant none")
         if self.quant != "none" or self.precision == "fp8":
             raise ValueError(f"quant={self.quant!r}, precision={self.precision!r}: the Evoformer has no QAT or fp8 "
                              "matmul hooks; use precision fp32, bf16 or fp16")

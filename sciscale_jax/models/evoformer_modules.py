@@ -14,6 +14,11 @@ instead; both leave every unpadded position alike). With ``cfg.chunk_size`` set,
 module runs in chunks along its non-reduced axis (AlphaFold's ``subbatch_size``, OpenFold's
 ``chunk_size``) through ``chunked``: a ``lax.map`` over padded chunks, each chunk
 checkpointed when ``cfg.chunk_remat``, so training memory falls too.
+
+Under ``cfg.lora_rank`` the attention weights ``query_w``, ``key_w``, ``value_w`` and
+``output_w`` (with ``lora_targets="all"`` also every ``Linear``'s ``weights``) carry a LoRA
+adapter named ``<weight>_lora`` (``layers.LoraAdapter``) whose output is added to the
+weight's; AlphaFold's names stay as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, remat
-from sciscale_jax.models.layers import param
+from sciscale_jax.models.layers import LoraAdapter, param
 from sciscale_jax.parallel import axes as ax
 
 LN_EPS = 1e-5   # AlphaFold's LAYER_NORM_EPSILON
@@ -88,14 +93,32 @@ class Linear(nnx.Module):
     """AlphaFold's Linear: y = x @ weights + bias, weights [c_in, c_out], init 'linear', 'relu' or 'final'."""
 
     def __init__(self, c_in: int, c_out: int, axes: tuple, *, rngs: nnx.Rngs, kind: str = "linear",
-                 bias_init: float = 0.0, param_dtype="float32", dtype="float32"):
+                 bias_init: float = 0.0, param_dtype="float32", dtype="float32", lora: tuple = ()):
         self.weights = param(rngs, _INITS[kind], (c_in, c_out), axes, param_dtype)
         self.bias = param(rngs, init.constant(bias_init), (c_out,), axes[1:], param_dtype)
+        self.weights_lora = _adapter((c_in,), (c_out,), axes, lora, rngs, param_dtype, dtype)
         self.dtype = dtype
 
     def __call__(self, x):
         x = x.astype(self.dtype)
-        return x @ self.weights[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        y = x @ self.weights[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        return y if self.weights_lora is None else y + self.weights_lora(x)
+
+
+def _adapter(in_shape, out_shape, axes, lora: tuple, rngs, param_dtype, dtype):
+    """A ``LoraAdapter`` for a weight of shape in_shape + out_shape, or None; ``lora`` is
+    (rank, scale) or () for none (``_lora``)."""
+    if not lora:
+        return None
+    return LoraAdapter(in_shape, out_shape, axes, lora[0], lora[1], rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+
+def _lora(cfg, target: str) -> tuple:
+    """(rank, scale) of the adapters a block's weight of ``target`` ("attention": the attention
+    projections; "dense": the other Linear layers) carries under ``cfg``, or () for none."""
+    if not getattr(cfg, "lora_rank", 0) or (target != "attention" and cfg.lora_targets != "all"):
+        return ()
+    return cfg.lora_rank, cfg.lora_scale
 
 
 def _kw(cfg, rngs):
@@ -129,19 +152,30 @@ class Attention(nnx.Module):
         self.gating_b = param(rngs, init.ones, (heads, head_dim), (ax.HEADS, ax.KV), pd)
         self.output_w = param(rngs, init.zeros, (heads, head_dim, c_in), (ax.HEADS, ax.KV, channel_axis), pd)
         self.output_b = param(rngs, init.zeros, (c_in,), (channel_axis,), pd)
+        lora, dt = _lora(cfg, "attention"), cfg.dtype  # adapters on q, k, v and the output (not the gate)
+        self.query_w_lora, self.key_w_lora, self.value_w_lora = (
+            _adapter((c_in,), (heads, head_dim), w_axes, lora, rngs, pd, dt) for _ in range(3))
+        self.output_w_lora = _adapter((heads, head_dim), (c_in,), (ax.HEADS, ax.KV, channel_axis), lora, rngs, pd, dt)
         self.dtype, self.impl = cfg.dtype, cfg.attention
 
     def __call__(self, x_bnqc, bias_bhqk, mask_bnk):
         """x [B, N, Q, c] (already normalised) -> [B, N, Q, c]; attention along Q within each row."""
         x = x_bnqc.astype(self.dtype)
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        q, k, v = (checkpoint_name(jnp.einsum("bnqc,chd->bnqhd", x, w(p)), remat.QKV)
-                   for p in (self.query_w, self.key_w, self.value_w))
+        q, k, v = (checkpoint_name(_plus(jnp.einsum("bnqc,chd->bnqhd", x, w(p)), adapter, x), remat.QKV)
+                   for p, adapter in ((self.query_w, self.query_w_lora), (self.key_w, self.key_w_lora),
+                                      (self.value_w, self.value_w_lora)))
         bias = None if bias_bhqk is None else bias_bhqk.astype(self.dtype)
         ctx = row_attention(q, k, v, bias, mask_bnk, self.impl)
         gate = jax.nn.sigmoid(jnp.einsum("bnqc,chd->bnqhd", x, w(self.gating_w)) + w(self.gating_b))
         ctx = checkpoint_name(ctx * gate, remat.ATTN_CONTEXT)
-        return jnp.einsum("bnqhd,hdo->bnqo", ctx, w(self.output_w)) + w(self.output_b)
+        out = jnp.einsum("bnqhd,hdo->bnqo", ctx, w(self.output_w)) + w(self.output_b)
+        return _plus(out, self.output_w_lora, ctx)
+
+
+def _plus(y, adapter, x):
+    """``y`` plus ``adapter(x)`` (``y`` as it is without an adapter)."""
+    return y if adapter is None else y + adapter(x)
 
 
 def _pair_bias(x_bqkc, weights, dtype):
@@ -196,6 +230,11 @@ class GlobalAttention(nnx.Module):
         self.gating_b = param(rngs, init.ones, (heads, head_dim), (ax.HEADS, ax.KV), pd)
         self.output_w = param(rngs, init.zeros, (heads, head_dim, c_in), (ax.HEADS, ax.KV, ax.EMBED), pd)
         self.output_b = param(rngs, init.zeros, (c_in,), (ax.EMBED,), pd)
+        lora, dt = _lora(cfg, "attention"), cfg.dtype
+        self.query_w_lora = _adapter((c_in,), (heads, head_dim), h_axes, lora, rngs, pd, dt)
+        self.key_w_lora, self.value_w_lora = (_adapter((c_in,), (head_dim,), (ax.EMBED, ax.KV), lora, rngs, pd, dt)
+                                              for _ in range(2))
+        self.output_w_lora = _adapter((heads, head_dim), (c_in,), (ax.HEADS, ax.KV, ax.EMBED), lora, rngs, pd, dt)
         self.dtype, self.head_dim = cfg.dtype, head_dim
 
     def __call__(self, x_bnsc, mask_bns):
@@ -205,16 +244,18 @@ class GlobalAttention(nnx.Module):
         mask = mask_bns.astype(bool)
         mask_f = mask.astype(jnp.float32)[..., None]
         q_avg = (mask_f * x).sum(2) / (mask_f.sum(2) + 1e-10)  # AlphaFold's mask_mean
-        q = jnp.einsum("bnc,chd->bnhd", q_avg.astype(self.dtype), w(self.query_w)) * self.head_dim ** -0.5
-        k = jnp.einsum("bnsc,cd->bnsd", x, w(self.key_w))
-        v = jnp.einsum("bnsc,cd->bnsd", x, w(self.value_w))
+        q_avg = q_avg.astype(self.dtype)
+        q = _plus(jnp.einsum("bnc,chd->bnhd", q_avg, w(self.query_w)), self.query_w_lora, q_avg) * self.head_dim ** -0.5
+        k = _plus(jnp.einsum("bnsc,cd->bnsd", x, w(self.key_w)), self.key_w_lora, x)
+        v = _plus(jnp.einsum("bnsc,cd->bnsd", x, w(self.value_w)), self.value_w_lora, x)
         logits = jnp.einsum("bnhd,bnsd->bnhs", q, k, preferred_element_type=jnp.float32)
         valid = mask[:, :, None, :]
         probs = jax.nn.softmax(jnp.where(valid, logits, jnp.finfo(jnp.float32).min), axis=-1)
         probs = jnp.where(valid.any(-1, keepdims=True), probs, 0.0).astype(self.dtype)
         avg = jnp.einsum("bnhs,bnsd->bnhd", probs, v)
         gate = jax.nn.sigmoid(jnp.einsum("bnsc,chd->bnshd", x, w(self.gating_w)) + w(self.gating_b))
-        return jnp.einsum("bnshd,hdo->bnso", avg[:, :, None] * gate, w(self.output_w)) + w(self.output_b)
+        ctx = avg[:, :, None] * gate
+        return _plus(jnp.einsum("bnshd,hdo->bnso", ctx, w(self.output_w)) + w(self.output_b), self.output_w_lora, ctx)
 
 
 class MsaColumnGlobalAttention(nnx.Module):
@@ -239,8 +280,8 @@ class Transition(nnx.Module):
     def __init__(self, c: int, factor: int, channel_axis: str, chunk_axis: int, cfg, *, rngs: nnx.Rngs):
         kw = _kw(cfg, rngs)
         self.input_layer_norm = LayerNorm(c, channel_axis, **kw)
-        self.transition1 = Linear(c, factor * c, (channel_axis, ax.MLP), kind="relu", **kw)
-        self.transition2 = Linear(factor * c, c, (ax.MLP, channel_axis), kind="final", **kw)
+        self.transition1 = Linear(c, factor * c, (channel_axis, ax.MLP), kind="relu", lora=_lora(cfg, "dense"), **kw)
+        self.transition2 = Linear(factor * c, c, (ax.MLP, channel_axis), kind="final", lora=_lora(cfg, "dense"), **kw)
         self.cfg, self.chunk_axis = cfg, chunk_axis
 
     def __call__(self, x, mask=None):
@@ -258,8 +299,8 @@ class OuterProductMean(nnx.Module):
     def __init__(self, c_m: int, c_opm: int, c_z: int, cfg, *, rngs: nnx.Rngs):
         kw = _kw(cfg, rngs)
         self.layer_norm_input = LayerNorm(c_m, ax.EMBED, **kw)
-        self.left_projection = Linear(c_m, c_opm, (ax.EMBED, ax.MLP), **kw)
-        self.right_projection = Linear(c_m, c_opm, (ax.EMBED, ax.MLP), **kw)
+        self.left_projection = Linear(c_m, c_opm, (ax.EMBED, ax.MLP), lora=_lora(cfg, "dense"), **kw)
+        self.right_projection = Linear(c_m, c_opm, (ax.EMBED, ax.MLP), lora=_lora(cfg, "dense"), **kw)
         self.output_w = param(rngs, init.zeros, (c_opm, c_opm, c_z), (ax.MLP, None, ax.PAIR), cfg.param_dtype)
         self.output_b = param(rngs, init.zeros, (c_z,), (ax.PAIR,), cfg.param_dtype)
         self.cfg = cfg
@@ -290,13 +331,14 @@ class TriangleMultiplication(nnx.Module):
     def __init__(self, c_z: int, c_mid: int, outgoing: bool, cfg, *, rngs: nnx.Rngs):
         kw = _kw(cfg, rngs)
         self.layer_norm_input = LayerNorm(c_z, ax.PAIR, **kw)
-        self.left_projection = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), **kw)
-        self.right_projection = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), **kw)
-        self.left_gate = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), kind="final", bias_init=1.0, **kw)
-        self.right_gate = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), kind="final", bias_init=1.0, **kw)
+        kw_lora = dict(kw, lora=_lora(cfg, "dense"))
+        self.left_projection = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), **kw_lora)
+        self.right_projection = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), **kw_lora)
+        self.left_gate = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), kind="final", bias_init=1.0, **kw_lora)
+        self.right_gate = Linear(c_z, c_mid, (ax.PAIR, ax.MLP), kind="final", bias_init=1.0, **kw_lora)
         self.center_layer_norm = LayerNorm(c_mid, ax.MLP, **kw)
-        self.output_projection = Linear(c_mid, c_z, (ax.MLP, ax.PAIR), kind="final", **kw)
-        self.gating_linear = Linear(c_z, c_z, (ax.PAIR, None), kind="final", bias_init=1.0, **kw)
+        self.output_projection = Linear(c_mid, c_z, (ax.MLP, ax.PAIR), kind="final", **kw_lora)
+        self.gating_linear = Linear(c_z, c_z, (ax.PAIR, None), kind="final", bias_init=1.0, **kw_lora)
         self.cfg, self.outgoing = cfg, outgoing
 
     def _left(self, x, mask):

@@ -21,7 +21,8 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
 ``alphafold/alphafold_iteration/distogram_head/half_logits//<p>``  ``distogram_head.half_logits.<p>``
 ==========================================================  ====================================================
 
-Loading takes the names the model needs and ignores the rest of the file (templates,
+LoRA adapters (``<weight>_lora``) are not AlphaFold's: loading leaves them as they are and
+export refuses a model that has them. Loading takes the names the model needs and ignores the rest of the file (templates,
 recycling embedders, the structure module, the other heads; the extra-MSA stack when the
 config has no extra blocks). It refuses, naming the first offender in sorted order, a file
 that lacks a needed name, holds a tensor of another shape (e.g. 48 stacked blocks for a
@@ -40,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from sciscale_jax.models.evoformer import Evoformer, EvoformerConfig
+from sciscale_jax.models.stack import is_lora
 
 ROOT = "alphafold/alphafold_iteration"
 EVOFORMER = ROOT + "/evoformer"
@@ -64,6 +66,8 @@ def alphafold_param_map(model: Evoformer) -> dict[str, list[tuple[int | None, nn
     """AlphaFold name -> the model's parameters it fills, as (block index or None, parameter)."""
     mapping: dict[str, list] = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if is_lora(path):  # LoRA adapters are not AlphaFold's
+            continue
         name, index = _af_name(path)
         mapping.setdefault(name, []).append((index, variable))
     for entries in mapping.values():
@@ -131,8 +135,12 @@ def load_alphafold_evoformer(params, config: EvoformerConfig | None = None, *, m
 
 
 def export_alphafold_evoformer(model: Evoformer) -> dict[str, np.ndarray]:
-    """The model's parameters under AlphaFold's names and shapes (layer stacks stacked on axis 0)."""
+    """The model's parameters under AlphaFold's names and shapes (layer stacks stacked on axis 0).
+    A model with LoRA adapters is refused: fold them in first (``models.stack.without_lora``)."""
     _check_unscanned(model)
+    if model.config.lora_rank:
+        raise ValueError("the model has LoRA adapters, which AlphaFold's parameters cannot hold: export "
+                         "models.stack.without_lora(model), the adapters folded into the weights")
     out = {}
     for name, entries in alphafold_param_map(model).items():
         values = [np.asarray(variable[...]) for _, variable in entries]

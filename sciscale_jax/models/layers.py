@@ -103,6 +103,36 @@ class Dense(nnx.Module):
         return y
 
 
+LORA_SUFFIX = "_lora"  # an adapter module named "<weight>_lora" adapts its parent's parameter "<weight>"
+
+
+class LoraAdapter(nnx.Module):
+    """A LoRA adapter (Hu et al. 2021) kept beside the weight it adapts, for layers that hold
+    several weights or name them otherwise than ``Dense`` (the Evoformer's ``query_w``, ``weights``):
+    ``adapter(x)[..., out_shape] = scale * (x[..., in_shape] . A) . B``, to be added to ``x . W``.
+    Named ``<weight>_lora`` beside ``<weight>`` (``LORA_SUFFIX``), so ``models.stack.merge_lora``
+    folds it into that weight. ``lora_a`` [in_shape, r] is drawn like a fan-in normal, ``lora_b``
+    [r, out_shape] is zero (a new adapter changes nothing); the axes are the weight's."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], rank: int,
+                 scale: float, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        n_in = len(self.in_shape)
+        init = jax.nn.initializers.normal(stddev=math.prod(self.in_shape) ** -0.5)
+        self.lora_a = param(rngs, init, self.in_shape + (rank,), tuple(axes[:n_in]) + (None,), param_dtype)
+        self.lora_b = param(rngs, jax.nn.initializers.zeros, (rank,) + self.out_shape, (None,) + tuple(axes[n_in:]),
+                            param_dtype)
+        self.scale, self.dtype = scale, dtype
+
+    def __call__(self, x):
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
+        a2 = self.lora_a[...].astype(self.dtype).reshape(x2.shape[-1], -1)
+        b2 = self.lora_b[...].astype(self.dtype).reshape(a2.shape[-1], -1)
+        y = ((x2 @ a2) @ b2) * jnp.asarray(self.scale, self.dtype)
+        return y.reshape(*lead, *self.out_shape)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square normalisation (Zhang & Sennrich 2019), computed in float32."""
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from sciscale_jax import _validate, attention, parallel, remat
+from sciscale_jax.models.layers import LORA_SUFFIX
 from sciscale_jax.parallel import axes as ax
 from sciscale_jax.precision.policy import POLICIES, get_policy
 from sciscale_jax.quant import nf4
@@ -194,7 +195,8 @@ def store_frozen(module: nnx.Module, dtype, trains: Callable = is_lora) -> None:
 
 def merge_lora(params: dict, scale: float) -> dict:
     """A pure parameter dict (``nnx.to_pure_dict``'s form) of a LoRA model with each adapter folded
-    into its layer's kernel, ``kernel = W + scale * A B`` in float32 (W dequantised from 4 bits
+    into the weight it adapts (a ``Dense`` layer's kernel, or ``<weight>`` beside a ``<weight>_lora``
+    ``LoraAdapter``), ``W + scale * A B`` in float32 (W dequantised from 4 bits
     under ``lora_quant="nf4"``), and the adapters gone; 4-bit kernels without an adapter are
     dequantised too. The result has the parameters of the same model without LoRA (kernels in
     float32; cast them to that model's dtypes). Stacked layers (a leading ``layers`` axis) fold
@@ -204,12 +206,17 @@ def merge_lora(params: dict, scale: float) -> dict:
         flat[at + (nf4.FLOAT,)] = nf4.pop_float(flat, at)
     for at in {p[:-1] for p in flat if p[-1] == LORA_PARAMS[0]}:
         a, b = flat.pop(at + (LORA_PARAMS[0],)), flat.pop(at + (LORA_PARAMS[1],))
-        w = flat[at + (nf4.FLOAT,)]
+        name = str(at[-1])
+        if name.endswith(LORA_SUFFIX):  # a LoraAdapter beside the weight it adapts
+            target = at[:-1] + (name[:-len(LORA_SUFFIX)],)
+        else:                           # Dense: the adapter in the layer, beside its kernel
+            target = at + (nf4.FLOAT,)
+        w = flat[target]
         lead = a.ndim + b.ndim - w.ndim - 2  # stacked-layer axes: a [lead, in..., r], b [lead, r, out...]
         a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1]).astype(jnp.float32)
         b2 = b.reshape(*b.shape[:lead + 1], -1).astype(jnp.float32)
         delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
-        flat[at + (nf4.FLOAT,)] = w.astype(jnp.float32) + scale * delta
+        flat[target] = w.astype(jnp.float32) + scale * delta
     return traverse_util.unflatten_dict(flat)
 
 
