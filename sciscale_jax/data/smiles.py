@@ -49,7 +49,6 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 RDKIT_FILES = ("Data/NCI/first_5K.smi", "Data/Pains/test_data/wehi_mols.csv",
                "Contrib/FreeWilson/data/CHEMBL2321810.smi")
 CHEM_EXTRA = 'SMILES data needs rdkit: pip install -e ".[chem]"'
-CACHE_FORMAT = "smiles-corpus-v2"  # change when the processing below changes what is cached
 SMILES_FORMS = ("aromatic", "kekule")
 
 

@@ -42,6 +42,7 @@ import zlib
 import numpy as np
 
 from sciscale_jax.data import cache as data_cache
+from sciscale_jax.data import files
 from sciscale_jax.data import smiles as sm
 
 FORMAT = 1
@@ -370,8 +371,6 @@ def packed_smiles(paths, *, curated: bool = True, form: str = "aromatic", limit:
         pack_smiles(paths, folder, curated=curated, form=form, limit=limit, workers=workers)
 
     if not use_cache:
-        from sciscale_jax.data import files
-
         tmp = tempfile.TemporaryDirectory(prefix="smiles-pack-")
         write(pathlib.Path(tmp.name))
         pack = _load(pathlib.Path(tmp.name), key)
