@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -109,6 +110,9 @@ def test_alphafold_parameters_load_beside_adapters_and_export_refuses_them():
     assert export_alphafold_evoformer(without_lora(model)).keys() == params.keys()
     with pytest.raises(ValueError, match="lora_quant='nf4': the Evoformer's frozen weights"):
         small_config(lora_rank=2, lora_quant="nf4")
+    bf16 = Evoformer(small_config(lora_rank=2, precision="bf16", lora_train="masked_msa_head"), rngs=nnx.Rngs(0))
+    dtypes = {p: v.dtype for p, v in _flat(bf16).items()}  # frozen weights in the compute dtype, no master copy
+    assert all(d == (np.float32 if is_lora(p) or "masked_msa_head" in p else jnp.bfloat16) for p, d in dtypes.items())
 
 
 def test_adapters_on_a_dap_mesh_equal_one_device():

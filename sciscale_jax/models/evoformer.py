@@ -30,7 +30,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, parallel, remat
-from sciscale_jax.models.stack import Techniques, layer_keys, run_layers, stack_layers
+from sciscale_jax.models.stack import Techniques, layer_keys, lora_trains, run_layers, stack_layers, store_frozen
 from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
                                                    TriangleAttention, TriangleMultiplication)
@@ -261,6 +261,8 @@ class Evoformer(nnx.Module):
         self.evoformer_stack = EvoformerStack(cfg, rngs=rngs)
         self.masked_msa_head = MaskedMsaHead(cfg, rngs=rngs)
         self.distogram_head = DistogramHead(cfg, rngs=rngs)
+        if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
+            store_frozen(self, cfg.dtype, lora_trains(cfg))
 
     def __call__(self, target_feat, msa_feat, residue_index, msa_mask, seq_mask, *, extra_msa_feat=None,
                  extra_msa_mask=None, key=None):
