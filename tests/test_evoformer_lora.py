@@ -61,25 +61,31 @@ def _inputs(cfg, seed=0):
             rng.normal(size=(b, 3, r, cfg.extra_msa_feat_dim)).astype(np.float32), np.ones((b, 3, r), np.float32))
 
 
-@pytest.mark.parametrize("targets, scan, extra", [("attention", False, 1), ("all", True, 0)])
-def test_adapters_equal_the_merged_weights(targets, scan, extra):
-    """(The extra-MSA stack's global column attention carries adapters in the first case.)"""
-    cfg = small_config(num_blocks=2, num_extra_blocks=extra, lora_rank=3, lora_alpha=6.0, lora_targets=targets,
-                       scan_layers=scan)
-    model = perturb(Evoformer(cfg, rngs=nnx.Rngs(0)), 1)  # every parameter, the zero B factors too
-    weights = _flat(model)
-    adapted = {(p[-3], p[-2][:-5]) for p in weights if p[-1] == "lora_a"}
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_adapters_sit_beside_the_weights_lora_targets_names(targets):
+    abstract = nnx.eval_shape(lambda: Evoformer(small_config(num_blocks=2, num_extra_blocks=1, lora_rank=3,
+                                                             lora_targets=targets), rngs=nnx.Rngs(0)))
+    paths = [tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    adapted = {(p[-3], p[-2][:-5]) for p in paths if p[-1] == "lora_a"}
     attention = {(m, w) for m, w in adapted if w in ATTENTION}
     assert {w for _, w in attention} == set(ATTENTION) and {m for m, _ in attention} == {"attention"}
+    assert any(p[0] == "extra_msa_stack" and "msa_column_global_attention" in p and p[-1] == "lora_a" for p in paths)
     dense = adapted - attention
     assert all(w == "weights" for _, w in dense)
     want_dense = {"transition1", "transition2", "left_projection", "right_projection", "left_gate", "right_gate",
                   "output_projection", "gating_linear"}
     assert {m for m, _ in dense} == (want_dense if targets == "all" else set())
-    assert not any("embedder" in p or "head" in p[0] for p in weights if is_lora(p))  # blocks only
+    assert not any("embedder" in p or "head" in p[0] or "gating_w" in p[-2] for p in paths if is_lora(p))
+
+
+def test_adapters_equal_the_merged_weights():
+    """Every target (all), scanned blocks and the extra-MSA stack's global column attention."""
+    cfg = small_config(num_blocks=2, num_extra_blocks=1, lora_rank=3, lora_alpha=6.0, lora_targets="all",
+                       scan_layers=True)
+    model = perturb(Evoformer(cfg, rngs=nnx.Rngs(0)), 1)  # every parameter, the zero B factors too
     t, msa, res, msa_mask, seq_mask, extra_feat, extra_mask = _inputs(cfg)
-    kw = dict(extra_msa_feat=extra_feat, extra_msa_mask=extra_mask) if extra else {}
-    run = lambda mdl: mdl(t, msa, res, msa_mask, seq_mask, **kw)  # noqa: E731
+    run = lambda mdl: mdl(t, msa, res, msa_mask, seq_mask, extra_msa_feat=extra_feat,  # noqa: E731
+                          extra_msa_mask=extra_mask)
     out = run(model)
     plain = _merged_by_hand(model, Evoformer(dataclasses.replace(cfg, lora_rank=0), rngs=nnx.Rngs(5)))
     expected = run(plain)
@@ -116,7 +122,7 @@ def test_alphafold_parameters_load_beside_adapters_and_export_refuses_them():
 
 
 def test_adapters_on_a_dap_mesh_equal_one_device():
-    cfg = small_config(num_blocks=2, lora_rank=2, lora_targets="all")
+    cfg = small_config(num_blocks=1, lora_rank=2, lora_targets="all")
     graphdef, state = nnx.split(EvoformerStack(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(3)
     state = jax.tree.map(lambda x: np.asarray(x) + rng.normal(scale=0.3, size=x.shape).astype(x.dtype), state)
