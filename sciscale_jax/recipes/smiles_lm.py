@@ -60,7 +60,7 @@ class SmilesLMConfig(TransformerConfig):
         "help": "held-out molecules scored at each evaluation: the first N (0: all of them)"})
     corpus: str = dataclasses.field(default="rdkit", metadata={
         "help": "'rdkit': molecules shipped in rdkit; 'moses': the MOSES set from the optional molsets wheel "
-        "(pip install molsets --no-deps; ~1.76M molecules, so first use canonicalises for a long while: "
+        "(pip install molsets --no-deps; ~1.76M molecules, so first use curates on every core for a long while: "
         "--molecules N reads the first N); else your SMILES files or folders of them, comma-separated "
         "(.smi, .csv, .txt, or those .gz; the first column), curated as the shipped ones"})
     smiles_form: str = dataclasses.field(default="kekule", metadata={
