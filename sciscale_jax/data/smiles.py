@@ -450,10 +450,11 @@ def generation_metrics(samples, train_smiles=(), *, diversity: bool = False, tra
     if train_hashes is not None and novel:
         from sciscale_jax.data.smiles_pack import smiles_hash
 
-        keys = np.array([smiles_hash(s) for s in sorted(novel)], np.uint64)
+        candidates = sorted(novel)
+        keys = np.array([smiles_hash(s) for s in candidates], np.uint64)
         at = np.minimum(np.searchsorted(train_hashes, keys), max(len(train_hashes) - 1, 0))
         seen = (np.asarray(train_hashes)[at] == keys) if len(train_hashes) else np.zeros(len(keys), bool)
-        novel = {s for s, hit in zip(sorted(novel), seen) if not hit}
+        novel = {s for s, hit in zip(candidates, seen) if not hit}
     out = {"validity": len(valid) / len(samples),
            "uniqueness": len(unique) / len(valid) if valid else 0.0,
            "novelty": len(novel) / len(unique) if unique else 0.0}

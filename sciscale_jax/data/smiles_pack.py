@@ -213,6 +213,12 @@ def _curated(chunks, workers: int, curated: bool, form: str):
         pool.close()
 
 
+def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i] - 1`` of every span, one after another."""
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # where each span begins in the result
+    return np.repeat(starts - before, lengths) + np.arange(int(np.sum(lengths)))
+
+
 def pack_smiles(paths, folder, *, curated: bool = True, form: str = "aromatic", limit: int = 0,
                 workers: int = 1) -> dict:
     """Pack the molecules of SMILES files ``paths`` (in order) into ``folder``; returns the pack's
@@ -242,6 +248,7 @@ def pack_smiles(paths, folder, *, curated: bool = True, form: str = "aromatic", 
     b = np.concatenate(buckets) if buckets else np.zeros(0, np.uint16)
     n = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     kept = np.sort(np.unique(h, return_index=True)[1])  # first occurrences, in file order
+    distinct = len(kept)
     if limit:
         kept = kept[:limit]
     starts = np.concatenate([[0], np.cumsum(n)])
@@ -252,8 +259,7 @@ def pack_smiles(paths, folder, *, curated: bool = True, form: str = "aromatic", 
         for at in range(0, len(kept), BLOCK):  # gather the kept molecules' tokens, block by block
             k = kept[at:at + BLOCK]
             lens = n[k]
-            where = np.repeat(starts[k] - offsets[at:at + len(k)] + offsets[at], lens) + np.arange(int(lens.sum()))
-            tokens = np.asarray(source[where])
+            tokens = np.asarray(source[_spans(starts[k], lens)])
             out.write(tokens.tobytes())
             counts += np.bincount(np.repeat(b[k].astype(np.int64), lens) * counts.shape[1] + tokens,
                                   minlength=counts.size).reshape(counts.shape)
@@ -264,7 +270,7 @@ def pack_smiles(paths, folder, *, curated: bool = True, form: str = "aromatic", 
     h[kept].tofile(folder / "hashes.bin")
     np.save(folder / "counts.npy", counts[:, :len(vocab)])
     meta = {"format": FORMAT, "vocab": list(vocab), "molecules": int(len(kept)), "token_count": int(offsets[-1]),
-            "records_read": int(read), "left_out": int(refused), "duplicates": int(total - len(np.unique(h))),
+            "records_read": int(read), "left_out": int(refused), "duplicates": int(total - distinct),
             "form": form, "curated": curated, "limit": limit}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
@@ -310,10 +316,8 @@ class SmilesPack:
         tokens = np.memmap(self.folder / "tokens.bin", np.uint16, mode="r") if self.offsets[-1] else None
         for at in range(0, len(index), BLOCK):
             k = index[at:at + BLOCK]
-            lens = self.offsets[k + 1] - self.offsets[k]
-            where = np.repeat(self.offsets[k] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
-                int(lens.sum()))
-            counts += np.bincount(np.asarray(tokens[where]), minlength=len(self.vocab))
+            counts += np.bincount(np.asarray(tokens[_spans(self.offsets[k], self.offsets[k + 1] - self.offsets[k])]),
+                                  minlength=len(self.vocab))
         return counts
 
     def split(self, val_fraction: float, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -114,6 +114,7 @@ class Corpus:
     dropped: int        # molecules longer than seq_len tokens (with bos and eos), left out
     held_out: int       # held-out molecules that fit seq_len (val holds the first eval_molecules of them)
     baseline_molecules: int  # training molecules the baselines were fitted on
+    baselines: dict = dataclasses.field(default_factory=dict)  # unigram and best n-gram perplexity on val
 
     @property
     def train_smiles(self) -> list[str]:
@@ -186,10 +187,11 @@ def build_corpus(seq_len: int, molecules: int = 0, val_fraction: float = 0.1, ng
     train, val = view(kept_train), view(kept_val[:eval_molecules or None])
     fitted = train[:BASELINE_MOLECULES]
     scored = val[:]
-    models = [sm.NGramModel(fitted, tok.vocab_size, n=n, k=0.01) for n in ngram_orders]
-    best = min(models, key=lambda m: m.perplexity(scored))
+    ppl = {m: m.perplexity(scored) for m in (sm.NGramModel(fitted, tok.vocab_size, n=n, k=0.01) for n in ngram_orders)}
+    best = min(ppl, key=ppl.get)
+    baselines = {"unigram_ppl": sm.unigram_perplexity(fitted, scored, tok.vocab_size), f"ngram{best.n}_ppl": ppl[best]}
     return Corpus(tok, train, val, best, dropped=use - len(kept_train) - len(kept_val), held_out=len(kept_val),
-                  baseline_molecules=len(fitted))
+                  baseline_molecules=len(fitted), baselines=baselines)
 
 
 def build_data(train_cfg, model_cfg) -> Data:
@@ -199,11 +201,7 @@ def build_data(train_cfg, model_cfg) -> Data:
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
     train = sm.CausalLMBatches(corpus.train, tok.pad_id, pack=model_cfg.pack, **kw)
     train.corpus = corpus  # for evaluate_generation after training
-    scored = corpus.val[:]
-    evals = sm.CausalLMBatches(scored, tok.pad_id, **kw).eval_batches()
-    fitted = corpus.train[:BASELINE_MOLECULES]
-    baselines = {"unigram_ppl": sm.unigram_perplexity(fitted, scored, tok.vocab_size),
-                 f"ngram{corpus.ngram.n}_ppl": corpus.ngram.perplexity(scored)}
+    evals = sm.CausalLMBatches(corpus.val, tok.pad_id, **kw).eval_batches()
     shipped = model_cfg.corpus in ("rdkit", "moses")
     sources = {} if shipped else files.fingerprints(corpus_files(model_cfg.corpus))
     summary = ""
@@ -215,8 +213,8 @@ def build_data(train_cfg, model_cfg) -> Data:
                    f"longer than seq_len left out")
         if corpus.baseline_molecules < len(corpus.train):
             summary += f"; baselines fitted on the first {corpus.baseline_molecules} training molecules"
-    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=baselines, sources=sources,
-                summary=summary)
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=dict(corpus.baselines),
+                sources=sources, summary=summary)
 
 
 def summarize(means: dict) -> dict:
