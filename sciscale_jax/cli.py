@@ -602,7 +602,7 @@ def _cache(args) -> int:
     """``sciscale cache``: list the cache's entries, or remove some."""
     import time
 
-    from sciscale_jax.data import cache
+    from sciscale_jax.data import cache, msa, packed, smiles_pack  # noqa: F401 (the formats they register)
 
     root = cache.cache_root()
     if args.remove or args.remove_unused:

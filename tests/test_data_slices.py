@@ -113,7 +113,8 @@ def _old_example(self, rng):
     corrupted = np.where(kind < 0.7, msa.MASK_ID, np.where(kind < 0.8, uniform, np.where(kind < 0.9, from_profile, true)))
     m = np.where(selected, corrupted, true)
     out = {"msa": m, "target": true, "bert_mask": selected, "mask_token": selected & (m == msa.MASK_ID),
-           "profile_logp": np.log(profile[np.arange(r)[None, :], true])}
+           "profile_logp": np.log(profile[np.arange(r)[None, :], true]),
+           "profile_hit": profile.argmax(1)[None, :] == true}
     return self._pad(out, s, r)
 
 

@@ -123,6 +123,20 @@ def cached(kind: str, paths, key, load, write, *, what: str, cache=None):
 # --- what the cache holds (`sciscale cache`) -----------------------------------------------------------------
 
 OLD_FORMATS = ("smiles-*.json",)  # files earlier versions wrote at the root, read by no version since
+FORMATS: dict[str, int] = {}  # kind -> the format its packs' meta.json records in this version
+
+
+def register_format(kind: str, fmt: int) -> None:
+    """Packs of ``kind`` whose meta.json records another ``format`` are listed as unused (a data
+    module registers the format it writes when imported)."""
+    FORMATS[kind] = fmt
+
+
+def _format(path: pathlib.Path):
+    try:
+        return json.loads((path / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +175,7 @@ def _locked(lock: pathlib.Path) -> bool:
 def entries(root=None) -> list[Entry]:
     """What the cache root (``cache_root()`` unless given) holds, by kind and path. A pack whose
     recorded source files are gone, a partial folder whose writer is gone and a file of an earlier
-    version's format are marked ``unused``; a pack whose sources changed is not (that needs their
+    version's format (a folder's, by ``register_format``) are marked ``unused``; a pack whose sources changed is not (that needs their
     SHA-256: a later run on the changed files packs them anew beside it)."""
     root = pathlib.Path(root) if root is not None else cache_root()
     out = []
@@ -184,6 +198,8 @@ def entries(root=None) -> list[Entry]:
                 if gone:
                     unused = f"its source file {gone[0]} is gone" + (f" (and {len(gone) - 1} more)" if len(gone) > 1
                                                                      else "")
+                if not gone and kind.name in FORMATS and _format(path) not in (None, FORMATS[kind.name]):
+                    unused = f"an earlier version's format ({_format(path)}; this version reads {FORMATS[kind.name]})"
                 busy = _locked(kind / f"{path.name}.lock")
             out.append(Entry(path, kind.name, _size(path), path.stat().st_mtime, sources, unused, busy))
     return out

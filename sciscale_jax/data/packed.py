@@ -29,6 +29,7 @@ from sciscale_jax.data import cache as data_cache
 from sciscale_jax.data import files
 
 FORMAT = 1
+data_cache.register_format("proteins", FORMAT)
 BUCKETS = 10_000
 BLOCK = 1 << 22            # bytes read at a time (the temporaries of one block: ~40x)
 _WHITESPACE = np.zeros(256, bool)

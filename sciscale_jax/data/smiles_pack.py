@@ -46,6 +46,7 @@ from sciscale_jax.data import files
 from sciscale_jax.data import smiles as sm
 
 FORMAT = 1
+data_cache.register_format("smiles", FORMAT)
 BUCKETS = 10_000
 CHUNK = 2_000          # records a worker curates at a time
 MAX_TOKENS = 1 << 16   # distinct tokens a pack holds (two bytes per token)

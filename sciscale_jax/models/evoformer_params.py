@@ -34,6 +34,8 @@ v2.3). Export writes the same names and shapes.
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -145,4 +147,160 @@ def export_alphafold_evoformer(model: Evoformer) -> dict[str, np.ndarray]:
     for name, entries in alphafold_param_map(model).items():
         values = [np.asarray(variable[...]) for _, variable in entries]
         out[name] = values[0] if entries[0][0] is None else np.stack(values)
+    return out
+
+
+# --- an AlphaFold parameter file as the start of a run (``--init-from params_model_1.npz``) -------------------
+
+class NpzArrays:
+    """The arrays of an ``.npz`` file by name, read one at a time: shapes from the headers alone, and
+    the members ``np.savez`` stores uncompressed (AlphaFold's files) memory-mapped, so one block of a
+    stacked array reads only that block. ValueError in one line for a file that is not an npz."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.shapes, self._where = {}, {}
+        try:
+            with zipfile.ZipFile(self.path) as z:
+                for info in z.infolist():
+                    if not info.filename.endswith(".npy"):
+                        continue
+                    with z.open(info) as f:
+                        version = np.lib.format.read_magic(f)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        shape, fortran, dtype = read_header(f)
+                        header = f.tell()
+                    name = info.filename[:-4]
+                    self.shapes[name] = tuple(shape)
+                    if info.compress_type == zipfile.ZIP_STORED and not fortran and not dtype.hasobject:
+                        with open(self.path, "rb") as raw:  # the member's data follows its local header
+                            raw.seek(info.header_offset + 26)
+                            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                        self._where[name] = (info.header_offset + 30 + name_len + extra_len + header, dtype)
+        except (OSError, zipfile.BadZipFile, ValueError, struct.error) as err:
+            raise ValueError(f"{self.path}: not a readable .npz file ({err})") from None
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Array ``name`` (``[index]`` of it: one block of a stacked array) as float32."""
+        if name in self._where:
+            offset, dtype = self._where[name]
+            array = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=self.shapes[name])
+        else:
+            with np.load(self.path) as npz:
+                array = npz[name]
+        return np.array(array if index is None else array[index], dtype=np.float32)
+
+
+def is_alphafold_params(path) -> bool:
+    """True for an ``.npz`` file holding AlphaFold 2's Evoformer (its MSA embedding weight)."""
+    if not (os.path.isfile(path) and str(path).endswith(".npz")):
+        return False
+    try:
+        return EVOFORMER + "/preprocess_msa//weights" in NpzArrays(path).shapes
+    except ValueError:
+        return False
+
+
+def alphafold_settings(shapes: Mapping[str, tuple]) -> dict:
+    """The ``EvoformerConfig`` sizes an AlphaFold parameter file fixes, read off its tensors' shapes
+    (``NpzArrays.shapes``); ValueError in one line for a file without AlphaFold 2's monomer Evoformer."""
+    def shape(name):
+        if name not in shapes:
+            raise ValueError(f"AlphaFold parameters lack {name!r} (AlphaFold 2's monomer Evoformer)")
+        return shapes[name]
+
+    block = STACKS["evoformer_stack"]
+    q = shape(f"{block}/msa_row_attention_with_pair_bias/attention//query_w")   # [n, c_m, heads, head_dim]
+    tri = shape(f"{block}/triangle_attention_starting_node/attention//query_w")  # [n, c_z, heads, head_dim]
+    out = dict(target_feat_dim=shape(EVOFORMER + "/preprocess_1d//weights")[0],
+               msa_feat_dim=shape(EVOFORMER + "/preprocess_msa//weights")[0],
+               c_m=q[1], c_z=tri[1], num_blocks=q[0], msa_heads=q[2], msa_head_dim=q[3], pair_heads=tri[2],
+               pair_head_dim=tri[3],
+               transition_factor=shape(f"{block}/msa_transition/transition1//weights")[2] // q[1],
+               opm_channels=shape(f"{block}/outer_product_mean/left_projection//weights")[2],
+               tri_mul_channels=shape(f"{block}/triangle_multiplication_outgoing/left_projection//weights")[2],
+               max_relative_feature=(shape(EVOFORMER + "/pair_activiations//weights")[0] - 1) // 2,
+               msa_classes=shape(ROOT + "/masked_msa_head/logits//weights")[1],
+               distogram_bins=shape(ROOT + "/distogram_head/half_logits//weights")[1], num_extra_blocks=0)
+    extra = STACKS["extra_msa_stack"]
+    if f"{extra}/msa_row_attention_with_pair_bias/attention//query_w" in shapes:
+        eq = shapes[f"{extra}/msa_row_attention_with_pair_bias/attention//query_w"]
+        out.update(num_extra_blocks=eq[0], c_e=eq[1], extra_msa_heads=eq[2], extra_msa_head_dim=eq[3],
+                   extra_msa_feat_dim=shape(EVOFORMER + "/extra_msa_activations//weights")[0])
+    return {k: int(v) for k, v in out.items()}
+
+
+def _pure_af_name(path: tuple) -> tuple[str, int | None]:
+    """AlphaFold name of the parameter at pure-dict ``path`` of an ``Evoformer`` (per-block or
+    scanned layout) and its block index (None: the whole array, or a scanned stack)."""
+    names = [str(p) for p in path]
+    if names[0] in STACKS and len(path) > 2 and not isinstance(path[2], int):  # scanned: [n, ...]
+        return f"{STACKS[names[0]]}/{'/'.join(names[2:-1])}//{names[-1]}", None
+    return _af_name(path)
+
+
+def alphafold_readers(path, wanted: Mapping) -> dict:
+    """The Evoformer parameters ``wanted`` (a pure dict of ``nnx.state(evoformer, nnx.Param)``, leaves
+    with a ``shape``; LoRA adapters left out) as zero-argument functions reading AlphaFold parameter
+    file ``path`` (one block of a stacked array at a time). ValueError in one line, before anything
+    is read, for a missing name, a shape that does not fit, or a name inside a loaded layer stack
+    that the model does not have (another AlphaFold version)."""
+    arrays = NpzArrays(path)
+    flat = {}
+    stacks = set()
+
+    def visit(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                visit(value, prefix + (key,))
+            else:
+                flat[prefix + (key,)] = value
+    visit(wanted, ())
+    readers: dict = {}
+    for p, leaf in sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        name, index = _pure_af_name(p)
+        if name not in arrays.shapes:
+            raise ValueError(f"{path}: AlphaFold parameters lack {name!r}, which the model needs")
+        got = arrays.shapes[name] if index is None else arrays.shapes[name][1:]
+        if tuple(got) != tuple(leaf.shape):
+            raise ValueError(f"{path}: AlphaFold parameter {name!r} has shape {arrays.shapes[name]}; the model "
+                             f"needs {tuple(leaf.shape)}" + ("" if index is None else f" per block ({index})"))
+        if str(p[0]) in STACKS:
+            stacks.add(STACKS[str(p[0])])
+        node = readers
+        for key in p[:-1]:
+            node = node.setdefault(key, {})
+        node[p[-1]] = (lambda n=name, i=index: arrays.read(n, i))
+    needed = {_pure_af_name(p)[0] for p in flat}
+    for name in sorted(arrays.shapes):
+        if name.split("//")[0].startswith(tuple(s + "/" for s in stacks)) and name not in needed:
+            raise ValueError(f"{path}: AlphaFold parameter {name!r} has no place in this model "
+                             "(a different AlphaFold version or configuration?)")
+    return readers
+
+
+def alphafold_arrays(params: Mapping) -> dict[str, np.ndarray]:
+    """An ``Evoformer``'s parameters (a pure dict, per-block or scanned, no LoRA adapters) under
+    AlphaFold's names and shapes (layer stacks stacked on axis 0), as ``export_alphafold_evoformer``."""
+    flat, blocks = {}, {}
+
+    def visit(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                visit(value, prefix + (key,))
+            else:
+                flat[prefix + (key,)] = np.asarray(value)
+    visit(params, ())
+    out = {}
+    for path, value in flat.items():
+        if is_lora(path):
+            raise ValueError(f"{'.'.join(map(str, path))}: fold the LoRA adapters in first (models.stack.merge_lora)")
+        name, index = _pure_af_name(path)
+        if index is None:
+            out[name] = value
+        else:
+            blocks.setdefault(name, {})[index] = value
+    for name, by_index in blocks.items():
+        out[name] = np.stack([by_index[i] for i in range(len(by_index))])
     return out
