@@ -167,8 +167,8 @@ def test_alphafold_batches_features_and_baseline():
         # clusters of the corrupted centres and every other row, as AlphaFold summarises them
         rest_del = M.deletion_matrix(a, ins[name], rest, d["cols"], before)
         np.testing.assert_array_equal(batch["extra_deletion"][i, :n_extra, :r], rest_del[d["extra"]])
-        profile, mean, _ = _clusters_reference(batch["msa"][i, :s, :r], batch["deletion"][i, :s, :r],
-                                               a[np.ix_(rest, d["cols"])], rest_del)
+        profile, mean, assign = _clusters_reference(batch["msa"][i, :s, :r], batch["deletion"][i, :s, :r],
+                                                    a[np.ix_(rest, d["cols"])], rest_del)
         np.testing.assert_allclose(batch["cluster_profile"][i, :s, :r], profile, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(batch["cluster_deletion_mean"][i, :s, :r], mean, rtol=1e-5, atol=1e-6)
         # the baseline counts every row the model sees: visible centres and all other rows
@@ -183,6 +183,14 @@ def test_alphafold_batches_features_and_baseline():
         p = counts / counts.sum(1, keepdims=True)
         np.testing.assert_allclose(batch["profile_logp"][i, :s, :r], np.log(p[np.arange(r)[None], true]), rtol=1e-5)
         np.testing.assert_array_equal(batch["profile_hit"][i, :s, :r], p.argmax(1)[None] == true)
+        # the nearest-rows baseline: the true residues of each row's cluster members, the profile as a prior
+        near = np.repeat(p[None], s, axis=0)
+        for row, j in zip(a[np.ix_(rest, d["cols"])], assign):
+            near[j, np.arange(r), row] += 1
+        near /= near.sum(-1, keepdims=True)
+        np.testing.assert_allclose(batch["cluster_logp"][i, :s, :r],
+                                   np.log(near[np.arange(s)[:, None], np.arange(r)[None], true]), rtol=1e-5)
+        np.testing.assert_array_equal(batch["cluster_hit"][i, :s, :r], near.argmax(-1) == true)
     for k, v in source.batch_rows(0, 1, 3).items():  # a process's rows of the global batch, bit for bit
         np.testing.assert_array_equal(v, batch[k][1:3], err_msg=k)
     # the model's inputs: make_msa_feat's 49 channels, make_target_feat's 22, the extra rows' 25
@@ -368,3 +376,24 @@ def test_embed_with_alphafold_features_reads_every_row(tmp_path):
     inserts = [rows[0][:4] + "---" + rows[0][4:]] + [r[:4] + "KLM" + r[4:] for r in rows[1:]]
     other = RECIPE.embed(cfg, model, _afa(tmp_path / "deletions.afa", inserts))
     assert str(other["query"]) == rows[0] and np.abs(other["pair"] - base["pair"]).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_alphafold_features_with_the_extra_stack_train_on_a_dap_mesh_as_on_one_device(tmp_path):
+    """Two steps with AlphaFold's features and an extra-MSA block on data=2 x dap=2 give the one-device
+    parameters (the extra rows and cluster fields placed as the batch, the extra stack sharded)."""
+    from sciscale_jax.train import TrainConfig, train
+
+    model = RECIPE.make_config(**{**SMALL, "c_m": 8, "c_z": 8, "num_seq": 5, "msa_features": "alphafold",
+                                  "num_extra_seq": 6})
+    out = {}
+    for mesh in ("", "data=2,dap=2"):
+        cfg = TrainConfig(steps=2, batch_size=2, seq_len=11, eval_every=1000, save_every=1000, log_every=1,
+                          warmup_steps=1, seed=1, mesh=mesh)
+        result = train(RECIPE, model, cfg, tmp_path / (mesh or "one"), progress=False, log=lambda *_: None)
+        out[mesh] = [np.asarray(x) for x in jax.tree.leaves(result["state"].params)]
+    init = [np.asarray(x) for x in jax.tree.leaves(nnx.state(RECIPE.build_model(model, nnx.Rngs(1)), nnx.Param))]
+    scale = max(np.abs(x).max() for x in out[""])
+    assert max(np.abs(a - b).max() for a, b in zip(out[""], init)) > 100 * 1e-5 * scale   # the steps moved them
+    for a, b in zip(out["data=2,dap=2"], out[""], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

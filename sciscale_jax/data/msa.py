@@ -307,12 +307,13 @@ def _one_hot(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def cluster_summaries(msa: np.ndarray, deletion: np.ndarray, extra: np.ndarray, extra_deletion: np.ndarray,
-                      block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                      block: int = 64, members: bool = False) -> tuple:
     """AlphaFold's ``nearest_neighbor_clusters`` and ``summarize_clusters`` (gap agreement weight
     0): each extra row [E, R] joins the cluster centre (row of ``msa`` [S, R]) it agrees with at the
     most columns (the same amino acid or X; gaps and the mask token agree with nothing; ties: the
     first centre); returns ``cluster_profile`` float32 [S, R, 23] (the centre's one-hot plus its
-    members', over 1 + members) and ``cluster_deletion_mean`` [S, R]. Centres are compared
+    members', over 1 + members) and ``cluster_deletion_mean`` [S, R]; with ``members`` also the
+    members' token counts [S, R, 23] and how many each centre has [S]. Centres are compared
     ``block`` at a time (memory O(block x E x R) bytes)."""
     s, r = msa.shape
     msa, extra = np.asarray(msa), np.asarray(extra)
@@ -324,14 +325,16 @@ def cluster_summaries(msa: np.ndarray, deletion: np.ndarray, extra: np.ndarray, 
         assign = np.argmax(agree, axis=1)
     else:
         assign = np.zeros(0, np.int64)
-    members = np.bincount(assign, minlength=s).astype(np.float64)
+    size = np.bincount(assign, minlength=s).astype(np.float64)
     at = assign[:, None] * r + np.arange(r)[None, :]          # [E, R]: (centre, column)
     hist = np.bincount((at * NUM_CLASSES + extra).ravel(), minlength=s * r * NUM_CLASSES)
-    hist = hist.reshape(s, r, NUM_CLASSES) + _one_hot(msa, NUM_CLASSES)
+    hist = hist.reshape(s, r, NUM_CLASSES)
     deletions = np.bincount(at.ravel(), weights=np.asarray(extra_deletion, np.float64).ravel(), minlength=s * r)
     deletions = deletions.reshape(s, r) + deletion
-    total = (1e-6 + 1.0 + members)[:, None]
-    return (hist / total[..., None]).astype(np.float32), (deletions / total).astype(np.float32)
+    total = (1e-6 + 1.0 + size)[:, None]
+    out = (((hist + _one_hot(msa, NUM_CLASSES)) / total[..., None]).astype(np.float32),
+           (deletions / total).astype(np.float32))
+    return out + (hist, size) if members else out
 
 
 FEATURES = ("onehot", "alphafold")
@@ -364,7 +367,9 @@ class MSABatches:
     its cluster centres and every other row of the alignment the extra rows: ``deletion`` float32
     [B, S, R] (``deletion_matrix`` relative to the drawn query), ``cluster_profile`` [B, S, R, 23]
     and ``cluster_deletion_mean`` [B, S, R] (``cluster_summaries`` of the corrupted centres and
-    every extra row) and, with ``num_extra_seq`` E > 0, E extra rows drawn at random as
+    every extra row), the nearest-rows baseline ``cluster_logp`` and ``cluster_hit`` [B, S, R]
+    (the residues of the rows in each row's cluster, the column profile as a prior of weight
+    1) and, with ``num_extra_seq`` E > 0, E extra rows drawn at random as
     ``extra_msa`` int32 [B, E, R] (true tokens), ``extra_deletion`` and ``extra_msa_mask`` float32
     [B, E, R]. The baseline's profile then counts the extra rows too (the model sees them). Deletion
     counts come from ``insertions`` (name -> ``read_alignment(..., insertions=True)``'s counts;
@@ -455,8 +460,13 @@ class MSABatches:
             deletion = deletion_matrix(a, inserted, draw["rows"], draw["cols"], draw["before"])
             rest_deletion = deletion_matrix(a, inserted, draw["rest"], draw["cols"], draw["before"])
             out["deletion"] = deletion
-            out["cluster_profile"], out["cluster_deletion_mean"] = cluster_summaries(msa, deletion, rest,
-                                                                                     rest_deletion)
+            out["cluster_profile"], out["cluster_deletion_mean"], hist, size = cluster_summaries(
+                msa, deletion, rest, rest_deletion, members=True)
+            # a second baseline: the true residues of the rows each row's cluster gathered (the rows
+            # nearest it), the column profile as a prior of weight 1
+            near = (hist[..., :GAP_ID + 1] + profile[None]) / (size[:, None, None] + 1.0)
+            out["cluster_logp"] = np.log(np.take_along_axis(near, true[..., None], axis=-1)[..., 0])
+            out["cluster_hit"] = near.argmax(axis=-1) == true
             if self.num_extra_seq:
                 e = draw["extra"]
                 out.update(extra_msa=rest[e], extra_deletion=rest_deletion[e])

@@ -166,9 +166,12 @@ def eval_fn(model, batch):
     n = jnp.sum(w)
     correct = (jnp.argmax(logits, -1) == batch["target"]).astype(jnp.float32)
     all_w = batch["bert_mask"] * batch["msa_mask"]
-    return {"loss": (jnp.sum(nll * w), n), "acc": (jnp.sum(correct * w), n),
-            "profile_loss": (-jnp.sum(batch["profile_logp"] * w), n),
-            "loss_all_selected": (jnp.sum(nll * all_w), jnp.sum(all_w))}
+    out = {"loss": (jnp.sum(nll * w), n), "acc": (jnp.sum(correct * w), n),
+           "profile_loss": (-jnp.sum(batch["profile_logp"] * w), n),
+           "loss_all_selected": (jnp.sum(nll * all_w), jnp.sum(all_w))}
+    if "cluster_logp" in batch:  # AlphaFold's features: the nearest-rows baseline too
+        out["cluster_loss"] = (-jnp.sum(batch["cluster_logp"] * w), n)
+    return out
 
 
 def _pipeline_embed(model, batch):
@@ -203,6 +206,8 @@ def summarize(means: dict) -> dict:
         out["ppl"] = math.exp(means["loss"])
     if "loss" in means and "profile_loss" in means:
         out["gain_over_profile"] = means["profile_loss"] - means["loss"]
+    if "loss" in means and "cluster_loss" in means:
+        out["gain_over_clusters"] = means["cluster_loss"] - means["loss"]
     return out
 
 
@@ -239,14 +244,16 @@ def build_data(train_cfg, model_cfg) -> Data:
     evals = msa_data.MSABatches(held, seed=train_cfg.seed, **kw).eval_batches(max(1, 256 // train_cfg.batch_size))
     n = sum(float((b["mask_token"] * b["msa_mask"]).sum()) for b in evals)
     profile = -sum(float((b["profile_logp"] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n
-    profile_acc = sum(float((b["profile_hit"] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / max(n, 1.0)
+    score = lambda field: sum(float((b[field] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n  # noqa: E731
+    baselines = {"profile_loss": profile, "profile_acc": score("profile_hit")}
+    if model_cfg.msa_features == "alphafold":
+        baselines.update(cluster_loss=-score("cluster_logp"), cluster_acc=score("cluster_hit"))
     summary = ""
     if sources:
         summary = (f"data: {len(alignments)} alignment families from --alignments; training on "
                    f"{_names(train_al)}; held out {_names(held)}; packed in {alignments.path.parent}")
     return Data(train=train, eval=evals, vocab_size=msa_data.NUM_CLASSES,
-                baselines={"profile_loss": profile, "profile_acc": profile_acc,
-                           "masked_positions": n}, sources=sources, summary=summary)
+                baselines={**baselines, "masked_positions": n}, sources=sources, summary=summary)
 
 
 def check(model_cfg, train_cfg, data) -> None:
@@ -266,7 +273,8 @@ def abstract_batch(model_cfg, train_cfg) -> dict:
               "msa_mask": ((b, s, r), f32), "seq_mask": ((b, r), f32), "residue_index": ((b, r), i32)}
     if model_cfg.msa_features == "alphafold":
         shapes.update(deletion=((b, s, r), f32), cluster_profile=((b, s, r, msa_data.NUM_CLASSES), f32),
-                      cluster_deletion_mean=((b, s, r), f32))
+                      cluster_deletion_mean=((b, s, r), f32), cluster_logp=((b, s, r), f32),
+                      cluster_hit=((b, s, r), f32))
         if e:
             shapes.update(extra_msa=((b, e, r), i32), extra_deletion=((b, e, r), f32), extra_msa_mask=((b, e, r), f32))
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
@@ -395,6 +403,7 @@ RECIPE = Recipe(
                 "profile_hit": (BATCH, MSA_SEQ, RES), "msa_mask": (BATCH, MSA_SEQ, RES), "seq_mask": (BATCH, RES),
                 "residue_index": (BATCH, RES), "deletion": (BATCH, MSA_SEQ, RES),
                 "cluster_profile": (BATCH, MSA_SEQ, RES, None), "cluster_deletion_mean": (BATCH, MSA_SEQ, RES),
+                "cluster_logp": (BATCH, MSA_SEQ, RES), "cluster_hit": (BATCH, MSA_SEQ, RES),
                 "extra_msa": (BATCH, None, RES), "extra_deletion": (BATCH, None, RES),
                 "extra_msa_mask": (BATCH, None, RES)},
     model_defaults=dict(c_m=32, c_z=16, msa_heads=4, msa_head_dim=8, pair_heads=2, pair_head_dim=8,
