@@ -6,6 +6,7 @@ The references are transcriptions of DeepMind's alphafold/data/parsers.py (the d
 (``nearest_neighbor_clusters``, ``summarize_clusters``, ``make_msa_feat``, ``make_target_feat``),
 written as plain loops here, not calls into the code under test."""
 
+import dataclasses
 import json
 import math
 
@@ -234,6 +235,7 @@ def test_feature_settings_are_checked_in_one_line():
 
 
 CFG = dict(SMALL, num_blocks=2, num_extra_blocks=1, msa_features="alphafold")
+CFG_EVO = __import__("test_evoformer").small_config(num_blocks=1, num_extra_blocks=1)
 
 
 def _params_file(path, seed=0, drop=None, add=None):
@@ -242,7 +244,11 @@ def _params_file(path, seed=0, drop=None, add=None):
     from test_evoformer_params import IGNORED, CFG as EVO
 
     rng = np.random.default_rng(seed)
-    shapes = {**alphafold_shapes(EVO), **IGNORED, **(add or {})}
+    e = R.evoformer_params.EVOFORMER
+    recycling = {f"{e}/prev_pos_linear//weights": (15, EVO.c_z), f"{e}/prev_pos_linear//bias": (EVO.c_z,),
+                 f"{e}/prev_msa_first_row_norm//scale": (EVO.c_m,), f"{e}/prev_msa_first_row_norm//offset": (EVO.c_m,),
+                 f"{e}/prev_pair_norm//offset": (EVO.c_z,)}   # with IGNORED's prev_pair_norm//scale
+    shapes = {**alphafold_shapes(EVO), **IGNORED, **recycling, **(add or {})}
     arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items() if k != drop}
     np.savez(path, **arrays)
     return arrays
@@ -253,14 +259,18 @@ def test_alphafold_parameter_file_starts_a_run(tmp_path, capsys):
     fixed = R.init_settings(tmp_path / "params_model_1.npz")
     from test_evoformer_params import CFG as EVO
 
-    assert fixed["msa_features"] == "alphafold"
+    assert fixed["msa_features"] == "alphafold" and fixed["recycle_first_pass"] is True
     for name in ("c_m", "c_z", "c_e", "num_blocks", "num_extra_blocks", "msa_heads", "msa_head_dim", "pair_heads",
                  "pair_head_dim", "extra_msa_heads", "extra_msa_head_dim", "opm_channels", "tri_mul_channels"):
         assert fixed[name] == getattr(EVO, name), name
     assert R.init_settings(tmp_path) is None
     # loaded (per block): the weights of assigning each AlphaFold tensor by its name, bit for bit
-    direct = Evoformer(EVO, rngs=nnx.Rngs(3))
+    direct = Evoformer(dataclasses.replace(EVO, recycle_first_pass=True), rngs=nnx.Rngs(3))
     _set_directly(direct, arrays)
+    for name, value in arrays.items():  # the recycling embedder's tensors, by their names
+        scope, p = name.split("//")
+        if scope.split("/")[-1].startswith("prev_"):
+            getattr(getattr(direct, scope.split("/")[-1]), p)[...] = value
     run = load_run(tmp_path / "params_model_1.npz", num_extra_seq=4, log=lambda *_: None)
     assert run.model_config.msa_features == "alphafold" and run.model_config.num_blocks == 2
     mine = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(direct, nnx.Param)))
@@ -285,7 +295,7 @@ def test_alphafold_parameter_file_starts_a_run(tmp_path, capsys):
     from sciscale_jax.pure import partition
     frozen = partition(nnx.to_pure_dict(nnx.state(trained, nnx.Param)), is_lora)[1]["evoformer"]
     kept = R.evoformer_params.alphafold_arrays(jax.tree.map(lambda x: np.asarray(x, np.float32), frozen))
-    assert len(kept) == len(arrays) - 3   # all but the three tensors msa-evoformer does not build
+    assert len(kept) == len(arrays) - 2   # all but the two tensors msa-evoformer does not build
     for key, value in kept.items():
         np.testing.assert_array_equal(value, arrays[key], err_msg=key)
     # exported back into AlphaFold's file: the adapters folded into their weights, every other tensor kept
@@ -397,3 +407,40 @@ def test_alphafold_features_with_the_extra_stack_train_on_a_dap_mesh_as_on_one_d
     assert max(np.abs(a - b).max() for a, b in zip(out[""], init)) > 100 * 1e-5 * scale   # the steps moved them
     for a, b in zip(out["data=2,dap=2"], out[""], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_recycling_first_pass_adds_alphafolds_terms_for_zero_previous_outputs():
+    """``recycle_first_pass``: AlphaFold's recycling embedder on its first pass (modules.py,
+    EmbeddingsAndEvoformer): prev_pos_linear of the distogram of the previous positions (all zero:
+    15 bins of squared distance between 3.25^2 and 20.75^2, upper edge 1e8), the layer norms of the
+    previous first MSA row and pair (zeros), added to m's first row and to z before the stacks."""
+    from test_evoformer import perturb
+    from test_evoformer_params import _inputs
+
+    cfg = dataclasses.replace(CFG_EVO, recycle_first_pass=True)
+    model = perturb(Evoformer(cfg, rngs=nnx.Rngs(0)), 1)
+    args, kwargs = _inputs()
+    got = model(*args, **kwargs)
+    lower = np.linspace(3.25, 20.75, 15) ** 2
+    upper = np.concatenate([lower[1:], [1e8]])
+    d2 = np.zeros((7, 7, 1))                                  # previous positions: all at the origin
+    dgram = ((d2 > lower) & (d2 < upper)).astype(np.float32)
+    ln = lambda x, norm: ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)  # noqa: E731
+                          * np.asarray(norm.scale[...]) + np.asarray(norm.offset[...]))
+    seq_mask = args[4]
+    pair_mask = seq_mask[:, :, None] * seq_mask[:, None, :]
+
+    def trunk(recycled: bool):
+        m, z = (np.array(x) for x in model.embedder(*args[:3]))
+        if recycled:
+            z = z + dgram @ np.asarray(model.prev_pos_linear.weights[...]) + np.asarray(model.prev_pos_linear.bias[...])
+            z = z + ln(np.zeros((7, 7, cfg.c_z)), model.prev_pair_norm)
+            m[:, 0] += ln(np.zeros((7, cfg.c_m)), model.prev_msa_first_row_norm)
+        e = model.extra_msa_activations(kwargs["extra_msa_feat"])
+        _, z = model.extra_msa_stack(e, z, kwargs["extra_msa_mask"], pair_mask)
+        return model.evoformer_stack(m, z, args[3], pair_mask)
+
+    m, z = trunk(True)
+    np.testing.assert_allclose(np.asarray(got["msa"]), np.asarray(m), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got["pair"]), np.asarray(z), rtol=2e-5, atol=2e-5)
+    assert np.abs(np.asarray(trunk(False)[1]) - np.asarray(got["pair"])).max() > 1e-3   # the terms matter

@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, parallel, remat
 from sciscale_jax.models.stack import Techniques, layer_keys, lora_trains, run_layers, stack_layers, store_frozen
-from sciscale_jax.models.evoformer_modules import (Linear, MsaColumnAttention, MsaColumnGlobalAttention,
+from sciscale_jax.models.evoformer_modules import (LayerNorm, Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
                                                    TriangleAttention, TriangleMultiplication)
 from sciscale_jax.models import evoformer_dap
@@ -66,6 +66,7 @@ class EvoformerConfig(Techniques):
     max_relative_feature: int = 32
     msa_classes: int = 23         # masked-MSA head
     distogram_bins: int = 64
+    recycle_first_pass: bool = False  # AlphaFold's recycling embedder on its first pass (previous outputs zero)
     chunk_size: int | None = None  # None: no chunking
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
@@ -107,6 +108,9 @@ class EvoformerConfig(Techniques):
                           "for the next, so block remat saves little; scan_layers=True (--scan-layers) compiles the "
                           "loops once (benchmarks/results/evoformer_memory_384_scan.md)", stacklevel=3)
 
+
+
+RECYCLE_BINS = 15  # AlphaFold's distogram of the previous pass's positions: 15 bins from 3.25 to 20.75 A
 
 
 def shared_dropout(x, rate: float, key, shared_axis: int):
@@ -254,6 +258,11 @@ class Evoformer(nnx.Module):
     def __init__(self, config: EvoformerConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
         self.embedder = InputEmbedder(cfg, rngs=rngs)
+        if cfg.recycle_first_pass:  # AlphaFold's recycling embedder (modules.py), its parameter names
+            kw = dict(rngs=rngs, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+            self.prev_pos_linear = Linear(RECYCLE_BINS, cfg.c_z, (None, ax.PAIR), **kw)
+            self.prev_msa_first_row_norm = LayerNorm(cfg.c_m, ax.EMBED, **kw)
+            self.prev_pair_norm = LayerNorm(cfg.c_z, ax.PAIR, **kw)
         if cfg.num_extra_blocks:
             self.extra_msa_activations = Linear(cfg.extra_msa_feat_dim, cfg.c_e, (None, ax.EMBED), rngs=rngs,
                                                 param_dtype=cfg.param_dtype, dtype=cfg.dtype)
@@ -264,6 +273,19 @@ class Evoformer(nnx.Module):
         if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
             store_frozen(self, cfg.dtype, lora_trains(cfg))
 
+    def embed(self, target_feat, msa_feat, residue_index):
+        """(m, z) of the input embedder; with ``recycle_first_pass`` plus what AlphaFold's recycling
+        embedder adds on its first pass, where the previous MSA row, pair and positions are zero: the
+        layer norms of zeros (their offsets) on m's first row and on z, and ``prev_pos_linear`` of
+        the distogram of zero positions (no bin holds a distance of 0: its bias) on z."""
+        m, z = self.embedder(target_feat, msa_feat, residue_index)
+        if self.config.recycle_first_pass:
+            cfg = self.config
+            z = z + (self.prev_pos_linear(jnp.zeros((RECYCLE_BINS,), cfg.dtype))
+                     + self.prev_pair_norm(jnp.zeros((cfg.c_z,), cfg.dtype))).astype(z.dtype)
+            m = m.at[:, 0].add(self.prev_msa_first_row_norm(jnp.zeros((cfg.c_m,), cfg.dtype)).astype(m.dtype))
+        return m, z
+
     def __call__(self, target_feat, msa_feat, residue_index, msa_mask, seq_mask, *, extra_msa_feat=None,
                  extra_msa_mask=None, key=None):
         """target_feat [B, R, 22], msa_feat [B, S, R, 49], residue_index [B, R], msa_mask [B, S, R],
@@ -273,7 +295,7 @@ class Evoformer(nnx.Module):
         if msa_feat.ndim != 4 or target_feat.ndim != 3:
             raise ValueError(f"msa_feat must be [B, S, R, f] and target_feat [B, R, f]; got "
                              f"{msa_feat.shape} and {target_feat.shape}")
-        m, z = self.embedder(target_feat, msa_feat, residue_index)
+        m, z = self.embed(target_feat, msa_feat, residue_index)
         pair_mask = seq_mask[:, :, None] * seq_mask[:, None, :]
         k_extra, k_main = (None, None) if key is None else tuple(jax.random.split(key))
         if cfg.num_extra_blocks:

@@ -15,6 +15,8 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
                                                               preprocess_msa, left_single, right_single,
                                                               pair_activiations: AlphaFold's spelling)
 ``E/extra_msa_activations//<p>``                             ``extra_msa_activations.<p>``
+``E/prev_pos_linear//<p>``, ``E/prev_msa_first_row_norm//<p>``,  the same names (``recycle_first_pass``: the
+``E/prev_pair_norm//<p>``                                     recycling embedder's first-pass terms)
 ``E/evoformer_iteration/<module path>//<p>`` [n, ...]        ``evoformer_stack.blocks[i].<module path>.<p>``
 ``E/extra_msa_stack/<module path>//<p>`` [n, ...]            ``extra_msa_stack.blocks[i].<module path>.<p>``
 ``alphafold/alphafold_iteration/masked_msa_head/logits//<p>``  ``masked_msa_head.logits.<p>``
@@ -23,7 +25,7 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
 
 LoRA adapters (``<weight>_lora``) are not AlphaFold's: loading leaves them as they are and
 export refuses a model that has them. Loading takes the names the model needs and ignores the rest of the file (templates,
-recycling embedders, the structure module, the other heads; the extra-MSA stack when the
+the recycling embedder without ``recycle_first_pass``, the structure module, the other heads; the extra-MSA stack when the
 config has no extra blocks). It refuses, naming the first offender in sorted order, a file
 that lacks a needed name, holds a tensor of another shape (e.g. 48 stacked blocks for a
 config with a different ``num_blocks``) or holds a name inside a loaded layer stack that
@@ -48,6 +50,7 @@ from sciscale_jax.models.stack import is_lora
 ROOT = "alphafold/alphafold_iteration"
 EVOFORMER = ROOT + "/evoformer"
 STACKS = {"evoformer_stack": EVOFORMER + "/evoformer_iteration", "extra_msa_stack": EVOFORMER + "/extra_msa_stack"}
+TOP_LEVEL = ("extra_msa_activations", "prev_pos_linear", "prev_msa_first_row_norm", "prev_pair_norm")
 
 
 def _af_name(path: tuple) -> tuple[str, int | None]:
@@ -57,8 +60,8 @@ def _af_name(path: tuple) -> tuple[str, int | None]:
         return f"{STACKS[names[0]]}/{'/'.join(names[3:-1])}//{names[-1]}", int(path[2])
     if names[0] == "embedder":
         scope = EVOFORMER + "/" + "/".join(names[1:-1])
-    elif names[0] == "extra_msa_activations":
-        scope = EVOFORMER + "/extra_msa_activations"
+    elif names[0] in TOP_LEVEL:
+        scope = EVOFORMER + "/" + names[0]
     else:                    # heads
         scope = ROOT + "/" + "/".join(names[:-1])
     return f"{scope}//{names[-1]}", None
@@ -222,13 +225,14 @@ def alphafold_settings(shapes: Mapping[str, tuple]) -> dict:
                tri_mul_channels=shape(f"{block}/triangle_multiplication_outgoing/left_projection//weights")[2],
                max_relative_feature=(shape(EVOFORMER + "/pair_activiations//weights")[0] - 1) // 2,
                msa_classes=shape(ROOT + "/masked_msa_head/logits//weights")[1],
-               distogram_bins=shape(ROOT + "/distogram_head/half_logits//weights")[1], num_extra_blocks=0)
+               distogram_bins=shape(ROOT + "/distogram_head/half_logits//weights")[1], num_extra_blocks=0,
+               recycle_first_pass=EVOFORMER + "/prev_pair_norm//offset" in shapes)
     extra = STACKS["extra_msa_stack"]
     if f"{extra}/msa_row_attention_with_pair_bias/attention//query_w" in shapes:
         eq = shapes[f"{extra}/msa_row_attention_with_pair_bias/attention//query_w"]
         out.update(num_extra_blocks=eq[0], c_e=eq[1], extra_msa_heads=eq[2], extra_msa_head_dim=eq[3],
                    extra_msa_feat_dim=shape(EVOFORMER + "/extra_msa_activations//weights")[0])
-    return {k: int(v) for k, v in out.items()}
+    return {k: v if isinstance(v, bool) else int(v) for k, v in out.items()}
 
 
 def _pure_af_name(path: tuple) -> tuple[str, int | None]:

@@ -177,7 +177,7 @@ def eval_fn(model, batch):
 def _pipeline_embed(model, batch):
     """The input embedder of ``MsaEvoformer.__call__``: (m [B, S, R, c_m], z [B, R, R, c_z])."""
     f = features(model.config, batch)
-    return model.evoformer.embedder(f["target_feat"], f["msa_feat"], batch["residue_index"])
+    return model.evoformer.embed(f["target_feat"], f["msa_feat"], batch["residue_index"])
 
 
 def _pipeline_block_args(batch):
