@@ -309,7 +309,8 @@ def test_alphafold_parameter_file_starts_a_run(tmp_path, capsys):
     folded = arrays[name] + lora * np.einsum("nir,nrhd->nihd", a, b)
     np.testing.assert_allclose(exported[name], folded, rtol=1e-5, atol=1e-6)
     assert np.abs(exported[name] - arrays[name]).max() > 0
-    for key in ("alphafold/alphafold_iteration/structure_module//foo", f"{R.evoformer_params.EVOFORMER}/left_single//weights"):
+    for key in ("alphafold/alphafold_iteration/structure_module//foo",
+                f"{R.evoformer_params.EVOFORMER}/left_single//weights"):
         np.testing.assert_array_equal(exported[key], arrays[key])
     # the file fixes the sizes: a flag that contradicts it is refused before anything is built
     capsys.readouterr()

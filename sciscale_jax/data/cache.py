@@ -174,9 +174,10 @@ def _locked(lock: pathlib.Path) -> bool:
 
 def entries(root=None) -> list[Entry]:
     """What the cache root (``cache_root()`` unless given) holds, by kind and path. A pack whose
-    recorded source files are gone, a partial folder whose writer is gone and a file of an earlier
-    version's format (a folder's, by ``register_format``) are marked ``unused``; a pack whose sources changed is not (that needs their
-    SHA-256: a later run on the changed files packs them anew beside it)."""
+    recorded source files are gone, a partial folder whose writer is gone and a file or pack of an
+    earlier version's format (a pack's, by ``register_format``) are marked ``unused``; a pack whose
+    sources changed is not (that needs their SHA-256: a later run on the changed files packs them
+    anew beside it)."""
     root = pathlib.Path(root) if root is not None else cache_root()
     out = []
     for pattern in OLD_FORMATS:

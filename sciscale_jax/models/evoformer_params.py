@@ -24,9 +24,9 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
 ==========================================================  ====================================================
 
 LoRA adapters (``<weight>_lora``) are not AlphaFold's: loading leaves them as they are and
-export refuses a model that has them. Loading takes the names the model needs and ignores the rest of the file (templates,
-the recycling embedder without ``recycle_first_pass``, the structure module, the other heads; the extra-MSA stack when the
-config has no extra blocks). It refuses, naming the first offender in sorted order, a file
+export refuses a model that has them. Loading takes the names the model needs and ignores the
+rest of the file (templates, the recycling embedder without ``recycle_first_pass``, the
+structure module, the other heads; the extra-MSA stack when the config has no extra blocks). It refuses, naming the first offender in sorted order, a file
 that lacks a needed name, holds a tensor of another shape (e.g. 48 stacked blocks for a
 config with a different ``num_blocks``) or holds a name inside a loaded layer stack that
 the model does not have (e.g. the fused triangle-multiplication weights of AlphaFold-Multimer

@@ -243,9 +243,11 @@ def build_data(train_cfg, model_cfg) -> Data:
     train = msa_data.MSABatches(train_al, seed=train_cfg.seed, **kw)
     evals = msa_data.MSABatches(held, seed=train_cfg.seed, **kw).eval_batches(max(1, 256 // train_cfg.batch_size))
     n = sum(float((b["mask_token"] * b["msa_mask"]).sum()) for b in evals)
-    profile = -sum(float((b["profile_logp"] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n
-    score = lambda field: sum(float((b[field] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n  # noqa: E731
-    baselines = {"profile_loss": profile, "profile_acc": score("profile_hit")}
+
+    def score(field):  # a baseline's mean over the positions replaced by the mask token
+        return sum(float((b[field] * b["mask_token"] * b["msa_mask"]).sum()) for b in evals) / n
+
+    baselines = {"profile_loss": -score("profile_logp"), "profile_acc": score("profile_hit")}
     if model_cfg.msa_features == "alphafold":
         baselines.update(cluster_loss=-score("cluster_logp"), cluster_acc=score("cluster_hit"))
     summary = ""
@@ -354,8 +356,8 @@ def embed(model_cfg, model, path, batch_size: int = 16) -> dict:
         raise ValueError(f"{path}: the query (row 0) has no residues, only gaps")
     msa = a[:model_cfg.num_seq, cols].astype(np.int32)[None]  # [1, S, L]
     s, r = msa.shape[1:]
-    batch = {"msa": msa, "residue_index": np.arange(r, dtype=np.int32)[None], "msa_mask": np.ones((1, s, r), np.float32),
-             "seq_mask": np.ones((1, r), np.float32)}
+    batch = {"msa": msa, "residue_index": np.arange(r, dtype=np.int32)[None],
+             "msa_mask": np.ones((1, s, r), np.float32), "seq_mask": np.ones((1, r), np.float32)}
     if model_cfg.msa_features == "alphafold":  # the other rows summarised per cluster; the next E are the extra rows
         rest = np.arange(s, a.shape[0])
         deletion = msa_data.deletion_matrix(a, inserted, np.arange(s), cols)
