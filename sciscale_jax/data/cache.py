@@ -199,8 +199,9 @@ def entries(root=None) -> list[Entry]:
                 if gone:
                     unused = f"its source file {gone[0]} is gone" + (f" (and {len(gone) - 1} more)" if len(gone) > 1
                                                                      else "")
-                if not gone and kind.name in FORMATS and _format(path) not in (None, FORMATS[kind.name]):
-                    unused = f"an earlier version's format ({_format(path)}; this version reads {FORMATS[kind.name]})"
+                found = _format(path) if not gone and kind.name in FORMATS else None
+                if found not in (None, FORMATS.get(kind.name)):
+                    unused = f"an earlier version's format ({found}; this version reads {FORMATS[kind.name]})"
                 busy = _locked(kind / f"{path.name}.lock")
             out.append(Entry(path, kind.name, _size(path), path.stat().st_mtime, sources, unused, busy))
     return out

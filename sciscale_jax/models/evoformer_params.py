@@ -42,7 +42,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from sciscale_jax.models.evoformer import Evoformer, EvoformerConfig
 from sciscale_jax.models.stack import is_lora
@@ -164,7 +164,7 @@ class NpzArrays:
         self.path = os.fspath(path)
         self.shapes, self._where = {}, {}
         try:
-            with zipfile.ZipFile(self.path) as z:
+            with zipfile.ZipFile(self.path) as z, open(self.path, "rb") as raw:
                 for info in z.infolist():
                     if not info.filename.endswith(".npy"):
                         continue
@@ -177,9 +177,8 @@ class NpzArrays:
                     name = info.filename[:-4]
                     self.shapes[name] = tuple(shape)
                     if info.compress_type == zipfile.ZIP_STORED and not fortran and not dtype.hasobject:
-                        with open(self.path, "rb") as raw:  # the member's data follows its local header
-                            raw.seek(info.header_offset + 26)
-                            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                        raw.seek(info.header_offset + 26)  # the member's data follows its local header
+                        name_len, extra_len = struct.unpack("<HH", raw.read(4))
                         self._where[name] = (info.header_offset + 30 + name_len + extra_len + header, dtype)
         except (OSError, zipfile.BadZipFile, ValueError, struct.error) as err:
             raise ValueError(f"{self.path}: not a readable .npz file ({err})") from None
@@ -195,14 +194,16 @@ class NpzArrays:
         return np.array(array if index is None else array[index], dtype=np.float32)
 
 
-def is_alphafold_params(path) -> bool:
-    """True for an ``.npz`` file holding AlphaFold 2's Evoformer (its MSA embedding weight)."""
+def alphafold_file(path) -> NpzArrays | None:
+    """The arrays of ``path`` when it is an ``.npz`` file holding AlphaFold 2's Evoformer (its MSA
+    embedding weight), else None."""
     if not (os.path.isfile(path) and str(path).endswith(".npz")):
-        return False
+        return None
     try:
-        return EVOFORMER + "/preprocess_msa//weights" in NpzArrays(path).shapes
+        arrays = NpzArrays(path)
     except ValueError:
-        return False
+        return None
+    return arrays if EVOFORMER + "/preprocess_msa//weights" in arrays.shapes else None
 
 
 def alphafold_settings(shapes: Mapping[str, tuple]) -> dict:
@@ -251,16 +252,8 @@ def alphafold_readers(path, wanted: Mapping) -> dict:
     is read, for a missing name, a shape that does not fit, or a name inside a loaded layer stack
     that the model does not have (another AlphaFold version)."""
     arrays = NpzArrays(path)
-    flat = {}
+    flat = traverse_util.flatten_dict(wanted)
     stacks = set()
-
-    def visit(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                visit(value, prefix + (key,))
-            else:
-                flat[prefix + (key,)] = value
-    visit(wanted, ())
     readers: dict = {}
     for p, leaf in sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0]))):
         name, index = _pure_af_name(p)
@@ -272,32 +265,21 @@ def alphafold_readers(path, wanted: Mapping) -> dict:
                              f"needs {tuple(leaf.shape)}" + ("" if index is None else f" per block ({index})"))
         if str(p[0]) in STACKS:
             stacks.add(STACKS[str(p[0])])
-        node = readers
-        for key in p[:-1]:
-            node = node.setdefault(key, {})
-        node[p[-1]] = (lambda n=name, i=index: arrays.read(n, i))
+        readers[p] = lambda n=name, i=index: arrays.read(n, i)
     needed = {_pure_af_name(p)[0] for p in flat}
     for name in sorted(arrays.shapes):
         if name.split("//")[0].startswith(tuple(s + "/" for s in stacks)) and name not in needed:
             raise ValueError(f"{path}: AlphaFold parameter {name!r} has no place in this model "
                              "(a different AlphaFold version or configuration?)")
-    return readers
+    return traverse_util.unflatten_dict(readers)
 
 
 def alphafold_arrays(params: Mapping) -> dict[str, np.ndarray]:
     """An ``Evoformer``'s parameters (a pure dict, per-block or scanned, no LoRA adapters) under
     AlphaFold's names and shapes (layer stacks stacked on axis 0), as ``export_alphafold_evoformer``."""
-    flat, blocks = {}, {}
-
-    def visit(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                visit(value, prefix + (key,))
-            else:
-                flat[prefix + (key,)] = np.asarray(value)
-    visit(params, ())
-    out = {}
-    for path, value in flat.items():
+    blocks, out = {}, {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value)
         if is_lora(path):
             raise ValueError(f"{'.'.join(map(str, path))}: fold the LoRA adapters in first (models.stack.merge_lora)")
         name, index = _pure_af_name(path)

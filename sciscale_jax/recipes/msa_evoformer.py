@@ -285,10 +285,10 @@ def abstract_batch(model_cfg, train_cfg) -> dict:
 def init_settings(path) -> dict | None:
     """The model fields an AlphaFold 2 parameter file (``params_model_*.npz``) fixes: every size of
     its Evoformer and AlphaFold's input features; None for another path."""
-    if not evoformer_params.is_alphafold_params(path):
+    arrays = evoformer_params.alphafold_file(path)
+    if arrays is None:
         return None
-    return {**evoformer_params.alphafold_settings(evoformer_params.NpzArrays(path).shapes),
-            "msa_features": "alphafold"}
+    return {**evoformer_params.alphafold_settings(arrays.shapes), "msa_features": "alphafold"}
 
 
 def export(model_cfg, params, out, *, base: str | None = None, adapters: bool = False,
