@@ -104,7 +104,8 @@ def _base_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("recipes", help="list the training recipes")
     t = sub.add_parser("train", help="train a recipe", add_help=False,
-                       description="Train a recipe; unset flags take the recipe's defaults. "
+                       description="Train a recipe; unset flags take the recipe's defaults (with --resume: the "
+                                   "run's own settings; with --init-from a run: that run's model settings). "
                                    "`sciscale train <recipe> --help` lists that recipe's flags.")
     t.add_argument("recipe", nargs="?", help="recipe name (see `sciscale recipes`)")
     t.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
@@ -179,7 +180,9 @@ def train_parser(recipe) -> argparse.ArgumentParser:
 
     p = _Parser(prog=f"sciscale train {recipe.name}", description=f"{recipe.name}: {recipe.description}")
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; flags left "
+                   "out keep the run's settings, flags given must match them (but steps, eval, save and log "
+                   "intervals, keep, mesh, zero, sharding, pipeline schedule)")
     p.add_argument("--force", action="store_true", help="reuse --out even if its saved config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -215,22 +218,45 @@ def start_distributed(args) -> None:
     multihost.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
 
 
-def model_settings(recipe, picked: dict, init_from: str) -> dict:
+def model_settings(recipe, picked: dict, init_from: str, base: dict | None = None) -> dict:
     """The model flags given (``picked``) over what an ``--init-from`` checkpoint of another library
-    fixes (``Recipe.init_settings``: ESM-2's depth and widths); a flag that contradicts it is refused."""
+    fixes (``Recipe.init_settings``: ESM-2's depth and widths) over ``base`` (the settings a flag left
+    out takes instead of the recipe's default: ``run_settings``); a flag that contradicts what the
+    checkpoint fixes is refused."""
     fixed = recipe.init_settings(init_from) if init_from and recipe.init_settings is not None else None
     if not fixed:
-        return picked
+        return {**(base or {}), **picked}
     fields = {f.name: f for f in dataclasses.fields(recipe.config_class)}
     for name, value in picked.items():
         if name in fixed and value != fixed[name]:
             raise UsageError(f"{_flag_text(fields[name], value)}: --init-from {init_from} fixes {name}={fixed[name]!r} "
                              "(leave the flag out)")
-    return {**fixed, **picked}
+    return {**(base or {}), **fixed, **picked}
 
 
-def build_configs(argv_or_args, recipe=None):
-    """(recipe, model config, TrainConfig) from ``sciscale train`` arguments over the recipe's defaults."""
+def run_settings(recipe, run_dir, kind: str, cls, leave=()) -> dict:
+    """The settings (``kind``: "model" or "train") a flag of class ``cls`` left out takes from the
+    ``sciscale train`` run of ``recipe`` in ``run_dir``: its saved values of the fields the command
+    line sets, those named in ``leave`` excepted; {} where ``run_dir`` holds no run of ``recipe``
+    (what reads it later says why in one line)."""
+    from sciscale_jax.train import rundir
+
+    saved = rundir.saved_config(run_dir) if run_dir else None
+    if not isinstance(saved, dict) or saved.get("recipe") != recipe.name or not isinstance(saved.get(kind), dict):
+        return {}
+    known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)} - set(leave)
+    return {k: v for k, v in saved[kind].items() if k in known}
+
+
+def build_configs(argv_or_args, recipe=None, note=None):
+    """(recipe, model config, TrainConfig) from ``sciscale train`` arguments over the recipe's
+    defaults. Where a flag is left out, a resumed run (``--resume``) keeps its saved setting (so
+    ``--resume --steps N`` alone extends a run; a flag given that differs is refused later, by
+    ``checkpoint.check_run_dir``), and a run started from another run of the recipe
+    (``--init-from RUN``) takes RUN's model settings but the technique switches (``Techniques``:
+    precision, remat, LoRA, ... are this run's choice). ``note`` (a print function) is told where
+    the settings came from."""
+    from sciscale_jax.models.stack import technique_fields
     from sciscale_jax.recipes import get_recipe
     from sciscale_jax.train import TrainConfig
 
@@ -239,12 +265,18 @@ def build_configs(argv_or_args, recipe=None):
     else:
         recipe = get_recipe(argv_or_args[0])
         args = train_parser(recipe).parse_args(argv_or_args[1:])
-    train_cfg = TrainConfig(**{**recipe.train_defaults, **_picked(args, "train")})
-    init_from = train_cfg.init_from
-    if not init_from and getattr(args, "resume", False) and getattr(args, "out", None):  # where the run started
-        from sciscale_jax.train import rundir
-        init_from = ((rundir.saved_config(args.out) or {}).get("train") or {}).get("init_from") or ""
-    model_cfg = recipe.make_config(**model_settings(recipe, _picked(args, "model"), str(init_from)))
+    out = getattr(args, "out", None) if getattr(args, "resume", False) else None
+    train_base = run_settings(recipe, out, "train", TrainConfig)
+    train_cfg = TrainConfig(**{**recipe.train_defaults, **train_base, **_picked(args, "train")})
+    init_from = str(train_cfg.init_from)
+    if train_base:
+        model_base, source = run_settings(recipe, out, "model", recipe.config_class), f"the run in {out} (resumed)"
+    else:
+        model_base = run_settings(recipe, init_from, "model", recipe.config_class, leave=technique_fields())
+        source = f"the model of --init-from {init_from} (techniques: flags and defaults)"
+    if note is not None and (train_base or model_base):
+        note(f"settings not given: those of {source}")
+    model_cfg = recipe.make_config(**model_settings(recipe, _picked(args, "model"), init_from, model_base))
     return recipe, model_cfg, train_cfg
 
 
@@ -254,7 +286,7 @@ def _train(recipe, args) -> int:
 
     from sciscale_jax.train import train
 
-    recipe, model_cfg, train_cfg = build_configs(args, recipe)
+    recipe, model_cfg, train_cfg = build_configs(args, recipe, note=print if jax.process_index() == 0 else None)
     if args.distributed and not args.out:
         raise UsageError("--distributed needs --out (a directory every process reaches)")
     out = args.out or f"runs/{recipe.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -555,6 +587,7 @@ def _plan(recipe, rest, show_help: bool) -> int:
     from sciscale_jax.memory import plan as planner
     from sciscale_jax.memory.estimate import host_counted_on_device
     from sciscale_jax.memory.measure import report_from_analysis
+    from sciscale_jax.models.stack import technique_fields
     from sciscale_jax.train import TrainConfig
     from sciscale_jax.train.abstract import abstract_run
     from sciscale_jax.train.plan import plan, plan_configs
@@ -572,7 +605,8 @@ def _plan(recipe, rest, show_help: bool) -> int:
     picked = {"train": _picked(args, "train"), "model": _picked(args, "model")}
     fixed = {k: picked[kind][k] for k, kind in planner.SWITCHES.items() if k in picked[kind]}
     train_cfg = TrainConfig(**{**recipe.train_defaults, **picked["train"]})
-    model_cfg = recipe.make_config(**model_settings(recipe, picked["model"], train_cfg.init_from))
+    base = run_settings(recipe, train_cfg.init_from, "model", recipe.config_class, leave=technique_fields())
+    model_cfg = recipe.make_config(**model_settings(recipe, picked["model"], train_cfg.init_from, base))
     hw = planner.Hardware(args.tflops * 1e12, args.link_gbs * 1e9, args.host_gbs * 1e9)
     plans = plan(recipe, model_cfg, train_cfg, devices=args.devices, budget=budget, fixed=fixed, top=args.top,
                  confirm=not args.no_confirm, hardware=hw, log=lambda line: print(line, file=sys.stderr))

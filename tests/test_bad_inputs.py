@@ -8,6 +8,7 @@ reached its run directory's lock or compilation.
 
 import dataclasses
 import errno
+import json
 import os
 import pathlib
 import shutil
@@ -214,6 +215,24 @@ def test_changed_settings_on_resume_are_refused_before_writing(tmp_path, capsys)
     _saved_run(out, TINY)
     _refused(capsys, ["--out", str(out), "--resume", *TINY, "--lr", "0.1"],
              r"holds a different run; differing settings: train.learning_rate", out)
+
+
+def test_resume_keeps_the_runs_settings_for_flags_left_out(tmp_path, capsys):
+    """``--resume --steps N`` alone extends a run: every flag left out keeps the saved setting
+    (model shapes, techniques, optimizer), a flag given that equals it is accepted, and the
+    schedule keeps its length; the recipe's defaults (4 layers, no remat) would be a different run."""
+    out = tmp_path / "run"
+    _saved_run(out, [*TINY, "--remat", "full", "--lr", "0.01", "--warmup-steps", "2"])
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["model"]["num_layers"], saved["model"]["remat"]) != (4, "none")  # not the defaults
+    capsys.readouterr()
+    assert cli.main(["train", "protein-mlm", "--out", str(out), "--resume", "--steps", "1", "--heads", "2",
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"settings not given: those of the run in {out} (resumed)" in printed
+    now = json.loads((out / "run_config.json").read_text())
+    assert now["model"] == saved["model"]
+    assert now["train"] == {**saved["train"], "steps": 1, "schedule_steps": 6}
 
 
 def test_debug_shows_the_traceback(tmp_path):

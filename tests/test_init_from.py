@@ -70,6 +70,35 @@ def test_a_run_starts_from_another_runs_parameters(source, tmp_path, mesh, zero)
         assert (saved["steps"], saved["init_from"], saved["init_step"]) == (2, str(source), 4)
 
 
+def test_a_run_from_another_run_takes_its_model_settings_but_not_its_techniques(source, tmp_path, capsys):
+    """``--init-from RUN`` with no model flags: RUN's depth, widths and lengths (no flag repeated),
+    this run's own technique switches (RUN's bf16 and remat are not taken), a model flag given wins;
+    the run then starts from RUN's parameters (its first loss is RUN's model's on that batch)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "run_config.json").write_text(json.dumps({"recipe": "protein-mlm", "train": {}, "model": {
+        **MODEL.to_dict(), "precision": "bf16", "remat": "full", "dropout": 0.1}}))
+    _, model_cfg, _ = cli.build_configs(["protein-mlm", "--init-from", str(fake), "--scan-layers", "--dropout", "0.2"])
+    assert model_cfg == RECIPE.make_config(**{**MODEL.to_dict(), "scan_layers": True, "dropout": 0.2})
+    assert (model_cfg.precision, model_cfg.remat) == ("fp32", "none")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run_config.json").write_text(json.dumps({"recipe": "smiles-lm", "train": {}, "model": {"num_layers": 9}}))
+    assert cli.build_configs(["protein-mlm", "--init-from", str(other)])[1] == RECIPE.make_config()  # refused later
+
+    out = tmp_path / "tuned"
+    capsys.readouterr()
+    assert cli.main(["train", "protein-mlm", "--out", str(out), "--init-from", str(source), "--seq-len", "32",
+                     "--batch-size", "8", "--steps", "1", "--log-every", "1", "--seed", "7", "--no-progress"]) == 0
+    assert f"settings not given: those of the model of --init-from {source}" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["model"] == MODEL.to_dict()
+    pretrained = load_run(source, log=lambda *_: None)
+    cfg = TrainConfig(steps=1, batch_size=8, seq_len=32, seed=7)
+    total, count = RECIPE.loss_fn(pretrained.model, jax.tree.map(np.asarray, RECIPE.build_data(cfg, MODEL).train.batch(0)),
+                                  None)
+    assert _first_loss(out) == pytest.approx(float(total) / float(count), rel=1e-5, abs=1e-6)
+
+
 def test_a_resumed_run_keeps_the_record_of_where_it_started(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"train": {"init_from": "/runs/a", "init_step": 600}}))
     kept = [rundir.keep_init(tmp_path, TrainConfig(init_from=f, init_step=s), resume=True)
@@ -91,8 +120,8 @@ def test_bad_init_from_is_refused_in_one_line_before_anything_is_written(source,
         ([str(source), "--init-step", "3"], r"--init-from: no checkpoint 3 under .*; there are: \[1, 2, 4\]"),
         ([str(source), "--embed-dim", "64"], r"--init-from: checkpoint .*/4 was saved by a different model .*"
                                              r"params/.*: saved \(\(\d+, 32\).*start from a run of the same model"
-                                             r" shapes \(it has embed_dim=32 \(this run: 64\): give those model "
-                                             r"flags\)$"),
+                                             r" shapes \(it has embed_dim=32 \(this run: 64\): leave those model "
+                                             r"flags out\)$"),
     ]
     for args, match in cases:
         out = tmp_path / "new"

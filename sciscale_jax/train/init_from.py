@@ -101,7 +101,7 @@ def read_init_params(recipe, model_config, init_from: str, init_step: int, targe
 
 def _same_shapes(theirs: dict, model_config) -> str:
     """What to do about a run of other shapes: the model settings (not technique switches) in
-    which it differs from ``model_config``, as flags to repeat."""
+    which it differs from ``model_config`` (on the command line: flags given that contradict it)."""
     techniques = {f.name for f in dataclasses.fields(Techniques)}
     ours = model_config.to_dict()
     differ = [f"{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in ours
@@ -109,7 +109,7 @@ def _same_shapes(theirs: dict, model_config) -> str:
     if not differ:
         return "start from a run of the same model shapes"
     shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-    return f"start from a run of the same model shapes (it has {shown}: give those model flags)"
+    return f"start from a run of the same model shapes (it has {shown}: leave those model flags out)"
 
 
 def _their_config(recipe, saved: dict, run_dir):
