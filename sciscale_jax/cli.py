@@ -475,7 +475,8 @@ def _export(args) -> int:
     from flax import nnx
 
     from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
-    from sciscale_jax.train.init_from import check_frozen_from, foreign_base
+    from sciscale_jax.train import rundir
+    from sciscale_jax.train.init_from import FROZEN, check_frozen_from, foreign_base
     from sciscale_jax.train.load import load_trained, read_run_config
 
     if checkpoint_recipe(args.run_dir) is not None:
@@ -491,9 +492,13 @@ def _export(args) -> int:
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     run = load_trained(recipe, args.run_dir, step=args.step, log=log, base=args.base)
     params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
-    base = foreign_base(recipe, args.base or run.train_config.init_from)
-    if args.adapters and base is not None and getattr(run.model_config, "lora_rank", 0):
-        check_frozen_from(recipe, run.model_config, params, base, log=log)  # the adapters are all that differs
+    source = args.base or run.train_config.init_from
+    base = foreign_base(recipe, source)
+    # The adapters are all that differs from ``base`` when the run's frozen weights were just read from
+    # it (an adapters-only run started from it: ``restore_run``); otherwise compare them with it.
+    read_from_base = source == base and isinstance((rundir.saved_config(args.run_dir) or {}).get(FROZEN), dict)
+    if args.adapters and base is not None and getattr(run.model_config, "lora_rank", 0) and not read_from_base:
+        check_frozen_from(recipe, run.model_config, params, base, log=log)
     names = recipe.export(run.model_config, jax.device_get(params), out, base=base, adapters=args.adapters,
                           dtype=args.dtype)
     size = sum((out / n).stat().st_size for n in names)

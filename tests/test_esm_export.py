@@ -83,10 +83,16 @@ def test_an_unchanged_model_exports_as_the_tensors_hugging_face_wrote(tmp_path, 
     assert (tmp_path / "hf" / "vocab.txt").read_text().split() == list(esm.vocabulary(FIXTURE))
 
 
-def test_a_lora_run_exports_merged_and_its_adapters_follow_peft(lora_run, tmp_path, capsys):
+def test_a_lora_run_exports_merged_and_its_adapters_follow_peft(lora_run, tmp_path, capsys, monkeypatch):
+    from sciscale_jax.train import init_from
+
     run = load_run(lora_run, **QUIET)
     mine = _logits(run.model)
     assert cli.main(["export", str(lora_run), "--out", str(tmp_path / "merged")]) == 0
+
+    def second_read(*_, **__):
+        raise AssertionError("the base read again: loading the run just read its frozen weights from it")
+    monkeypatch.setattr(init_from, "check_frozen_from", second_read)  # (a run on a fine-tuned base: compared)
     assert cli.main(["export", str(lora_run), "--out", str(tmp_path / "peft"), "--adapters"]) == 0
     assert f"wrote {tmp_path / 'peft'} on {FIXTURE}" in capsys.readouterr().out
     # the merged folder, read back, computes the run's logits; the base alone does not
