@@ -11,7 +11,8 @@ ending-node attention); no dropout without a key. ``EvoformerStack`` runs N bloc
 configured remat policy (on a mesh with a ``dap`` axis, sharded by Dynamic Axial Parallelism:
 ``evoformer_dap``); ``Evoformer`` adds the input embedder (Alg 3-5: target and MSA
 features, outer sum, relative positions clipped at 32), the optional extra-MSA stack and two
-heads (masked-MSA logits, symmetric distogram logits). Parameter names mirror AlphaFold's,
+heads (masked-MSA logits, symmetric distogram logits), and with ``num_recycle`` AlphaFold's
+recycling (gradient-free passes feeding the recycling embedder). Parameter names mirror AlphaFold's,
 so its parameter files load with ``evoformer_params.load_alphafold_evoformer``.
 
 Sizes default to the AlphaFold monomer model; all are configurable. Shapes carry a leading
@@ -67,6 +68,10 @@ class EvoformerConfig(Techniques):
     msa_classes: int = 23         # masked-MSA head
     distogram_bins: int = 64
     recycle_first_pass: bool = False  # AlphaFold's recycling embedder on its first pass (previous outputs zero)
+    num_recycle: int = dataclasses.field(default=0, metadata={  # AlphaFold's recycling (Evoformer.__call__)
+        "help": "AlphaFold's recycling: each training step first runs 0..N passes (drawn uniformly) without "
+                "gradient, each feeding its first MSA row and pair to the next pass's recycling embedder; "
+                "evaluation runs N (AlphaFold: 3); 0: none"})
     chunk_size: int | None = None  # None: no chunking
     chunk_remat: bool = True      # recompute each chunk in the backward pass (memory O(chunk))
     remat_modules: bool = False   # also checkpoint each sub-module update inside the block
@@ -81,6 +86,8 @@ class EvoformerConfig(Techniques):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(self.num_recycle, bool) or not isinstance(self.num_recycle, int) or self.num_recycle < 0:
+            raise ValueError(f"num_recycle={self.num_recycle!r} must be a non-negative integer (0: no recycling)")
         if not isinstance(self.num_extra_blocks, int) or self.num_extra_blocks < 0:
             raise ValueError(f"num_extra_blocks={self.num_extra_blocks!r} must be a non-negative integer")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
@@ -258,7 +265,7 @@ class Evoformer(nnx.Module):
     def __init__(self, config: EvoformerConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
         self.embedder = InputEmbedder(cfg, rngs=rngs)
-        if cfg.recycle_first_pass:  # AlphaFold's recycling embedder (modules.py), its parameter names
+        if cfg.recycle_first_pass or cfg.num_recycle:  # AlphaFold's recycling embedder (modules.py), its names
             kw = dict(rngs=rngs, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
             self.prev_pos_linear = Linear(RECYCLE_BINS, cfg.c_z, (None, ax.PAIR), **kw)
             self.prev_msa_first_row_norm = LayerNorm(cfg.c_m, ax.EMBED, **kw)
@@ -273,36 +280,89 @@ class Evoformer(nnx.Module):
         if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
             store_frozen(self, cfg.dtype, lora_trains(cfg))
 
-    def embed(self, target_feat, msa_feat, residue_index):
-        """(m, z) of the input embedder; with ``recycle_first_pass`` plus what AlphaFold's recycling
-        embedder adds on its first pass, where the previous MSA row, pair and positions are zero: the
-        layer norms of zeros (their offsets) on m's first row and on z, and ``prev_pos_linear`` of
-        the distogram of zero positions (no bin holds a distance of 0: its bias) on z."""
+    def embed(self, target_feat, msa_feat, residue_index, prev=None):
+        """(m, z) of the input embedder, plus what AlphaFold's recycling embedder adds where the
+        model has one (``recycle_first_pass`` or ``num_recycle``): the layer norms of the previous
+        pass's first MSA row and pair (``prev`` = (m1 [B, R, c_m], z [B, R, R, c_z]); None: the
+        first pass, where they are zero and their norms are the offsets) on m's first row and on
+        z, and ``prev_pos_linear`` of the distogram of the previous positions. Without a structure
+        module the positions stay zero on every pass (no bin holds a distance of 0): its bias."""
         m, z = self.embedder(target_feat, msa_feat, residue_index)
-        if self.config.recycle_first_pass:
-            cfg = self.config
-            z = z + (self.prev_pos_linear(jnp.zeros((RECYCLE_BINS,), cfg.dtype))
-                     + self.prev_pair_norm(jnp.zeros((cfg.c_z,), cfg.dtype))).astype(z.dtype)
-            m = m.at[:, 0].add(self.prev_msa_first_row_norm(jnp.zeros((cfg.c_m,), cfg.dtype)).astype(m.dtype))
+        cfg = self.config
+        if not (cfg.recycle_first_pass or cfg.num_recycle):
+            return m, z
+        if prev is None:  # one norm of a zero vector, broadcast: the same value as norms of zero arrays
+            prev_m1, prev_z = jnp.zeros((cfg.c_m,), cfg.dtype), jnp.zeros((cfg.c_z,), cfg.dtype)
+        else:
+            prev_m1, prev_z = prev
+        z = z + (self.prev_pos_linear(jnp.zeros((RECYCLE_BINS,), cfg.dtype))
+                 + self.prev_pair_norm(prev_z)).astype(z.dtype)
+        m = m.at[:, 0].add(self.prev_msa_first_row_norm(prev_m1).astype(m.dtype))
         return m, z
 
     def __call__(self, target_feat, msa_feat, residue_index, msa_mask, seq_mask, *, extra_msa_feat=None,
-                 extra_msa_mask=None, key=None):
+                 extra_msa_mask=None, key=None, num_iter=None):
         """target_feat [B, R, 22], msa_feat [B, S, R, 49], residue_index [B, R], msa_mask [B, S, R],
         seq_mask [B, R] -> dict of msa [B, S, R, c_m], pair [B, R, R, c_z], masked_msa_logits
-        [B, S, R, 23] and distogram_logits [B, R, R, 64] (float32)."""
+        [B, S, R, 23] and distogram_logits [B, R, R, 64] (float32).
+
+        With ``num_recycle`` N, AlphaFold's recycling: ``num_iter`` passes (an int or a traced
+        scalar; None: N in evaluation, without ``key``, and in training a count drawn uniformly from
+        0..N by ``key``, as AlphaFold draws it) run first without gradient (the parameters enter
+        them through ``stop_gradient``, in a ``while_loop``: their activations are never stored),
+        each feeding its first MSA row and pair to the next pass's recycling embedder; the last pass
+        is differentiated. Every pass sees the same features (AlphaFold samples each recycling
+        iteration's MSA afresh) and draws its own dropout."""
         cfg = self.config
         if msa_feat.ndim != 4 or target_feat.ndim != 3:
             raise ValueError(f"msa_feat must be [B, S, R, f] and target_feat [B, R, f]; got "
                              f"{msa_feat.shape} and {target_feat.shape}")
-        m, z = self.embed(target_feat, msa_feat, residue_index)
+        if num_iter is not None and not cfg.num_recycle:
+            raise ValueError(f"num_iter={num_iter!r} needs num_recycle > 0 (the recycling embedder)")
+        if cfg.num_extra_blocks and (extra_msa_feat is None or extra_msa_mask is None):
+            raise ValueError(f"num_extra_blocks={cfg.num_extra_blocks} needs extra_msa_feat and extra_msa_mask")
         pair_mask = seq_mask[:, :, None] * seq_mask[:, None, :]
-        k_extra, k_main = (None, None) if key is None else tuple(jax.random.split(key))
-        if cfg.num_extra_blocks:
-            if extra_msa_feat is None or extra_msa_mask is None:
-                raise ValueError(f"num_extra_blocks={cfg.num_extra_blocks} needs extra_msa_feat and extra_msa_mask")
-            e = self.extra_msa_activations(extra_msa_feat)
-            _, z = self.extra_msa_stack(e, z, extra_msa_mask, pair_mask, k_extra)
-        m, z = self.evoformer_stack(m, z, msa_mask, pair_mask, k_main)
+        inputs = (target_feat, msa_feat, residue_index, msa_mask, pair_mask, extra_msa_feat, extra_msa_mask)
+        prev = None
+        if cfg.num_recycle:
+            if num_iter is None:
+                num_iter = cfg.num_recycle if key is None else recycle_count(key, cfg.num_recycle)
+            if not (isinstance(num_iter, int) and num_iter == 0):
+                prev = self._recycled(inputs, num_iter, key)
+        m, z = self._pass(inputs, prev, key)
         return dict(msa=m, pair=z, masked_msa_logits=self.masked_msa_head(m),
                     distogram_logits=self.distogram_head(z))
+
+    def _pass(self, inputs, prev, key):
+        """One pass: embedder (with the previous pass's outputs ``prev``), extra-MSA stack, Evoformer stack."""
+        target_feat, msa_feat, residue_index, msa_mask, pair_mask, extra_msa_feat, extra_msa_mask = inputs
+        m, z = self.embed(target_feat, msa_feat, residue_index, prev)
+        k_extra, k_main = (None, None) if key is None else tuple(jax.random.split(key))
+        if self.config.num_extra_blocks:
+            e = self.extra_msa_activations(extra_msa_feat)
+            _, z = self.extra_msa_stack(e, z, extra_msa_mask, pair_mask, k_extra)
+        return self.evoformer_stack(m, z, msa_mask, pair_mask, k_main)
+
+    def _recycled(self, inputs, num_iter, key):
+        """(first MSA row, pair) after ``num_iter`` gradient-free passes from zeros (``__call__``)."""
+        cfg = self.config
+        graphdef, state = nnx.split(self)
+        frozen = jax.lax.stop_gradient(state)
+        b, r = inputs[0].shape[:2]
+        dt = jnp.result_type(cfg.dtype)
+        zeros = (jnp.zeros((b, r, cfg.c_m), dt), jnp.zeros((b, r, r, cfg.c_z), dt))
+
+        def one(i, prev):
+            k = None if key is None else jax.random.fold_in(jax.random.fold_in(key, RECYCLE_SALT), i)
+            m, z = nnx.merge(graphdef, frozen)._pass(inputs, prev, k)
+            return m[:, 0].astype(dt), z.astype(dt)
+        return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_iter, one, zeros))
+
+
+RECYCLE_SALT = 0x5EC7C1E  # folded into a step's key for its recycling count and its gradient-free passes' dropout
+
+
+def recycle_count(key, num_recycle: int):
+    """The number of gradient-free passes a training step runs: uniform on 0..``num_recycle``
+    (AlphaFold's ``num_iter`` draw), from ``key``; a traced int32 scalar."""
+    return jax.random.randint(jax.random.fold_in(key, RECYCLE_SALT), (), 0, num_recycle + 1)

@@ -15,8 +15,8 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
                                                               preprocess_msa, left_single, right_single,
                                                               pair_activiations: AlphaFold's spelling)
 ``E/extra_msa_activations//<p>``                             ``extra_msa_activations.<p>``
-``E/prev_pos_linear//<p>``, ``E/prev_msa_first_row_norm//<p>``,  the same names (``recycle_first_pass``: the
-``E/prev_pair_norm//<p>``                                     recycling embedder's first-pass terms)
+``E/prev_pos_linear//<p>``, ``E/prev_msa_first_row_norm//<p>``,  the same names (``recycle_first_pass`` or
+``E/prev_pair_norm//<p>``                                     ``num_recycle``: the recycling embedder)
 ``E/evoformer_iteration/<module path>//<p>`` [n, ...]        ``evoformer_stack.blocks[i].<module path>.<p>``
 ``E/extra_msa_stack/<module path>//<p>`` [n, ...]            ``extra_msa_stack.blocks[i].<module path>.<p>``
 ``alphafold/alphafold_iteration/masked_msa_head/logits//<p>``  ``masked_msa_head.logits.<p>``
@@ -25,7 +25,7 @@ AlphaFold name (E = ``alphafold/alphafold_iteration/evoformer``)  NNX path
 
 LoRA adapters (``<weight>_lora``) are not AlphaFold's: loading leaves them as they are and
 export refuses a model that has them. Loading takes the names the model needs and ignores the
-rest of the file (templates, the recycling embedder without ``recycle_first_pass``, the
+rest of the file (templates, the recycling embedder without ``recycle_first_pass`` or ``num_recycle``, the
 structure module, the other heads; the extra-MSA stack when the config has no extra blocks). It refuses, naming the first offender in sorted order, a file
 that lacks a needed name, holds a tensor of another shape (e.g. 48 stacked blocks for a
 config with a different ``num_blocks``) or holds a name inside a loaded layer stack that

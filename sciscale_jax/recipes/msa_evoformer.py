@@ -264,6 +264,9 @@ def check(model_cfg, train_cfg, data) -> None:
     if model_cfg.num_extra_blocks and "pipeline" in (train_cfg.mesh or ""):
         raise ValueError("a pipeline axis splits the main Evoformer stack; the extra-MSA stack "
                          f"(num_extra_blocks={model_cfg.num_extra_blocks}) has no stage: run it without a pipeline")
+    if model_cfg.num_recycle and "pipeline" in (train_cfg.mesh or ""):
+        raise ValueError(f"num_recycle={model_cfg.num_recycle}: recycling feeds the last stage's outputs back to the "
+                         "first stage's embedder, which a pipeline's stages do not: run it without a pipeline")
 
 
 def abstract_batch(model_cfg, train_cfg) -> dict:
