@@ -309,9 +309,9 @@ class Evoformer(nnx.Module):
         With ``num_recycle`` N, AlphaFold's recycling: ``num_iter`` passes (an int or a traced
         scalar; None: N in evaluation, without ``key``, and in training a count drawn uniformly from
         0..N by ``key``, as AlphaFold draws it) run first without gradient (the parameters enter
-        them through ``stop_gradient``, in a ``while_loop``: their activations are never stored),
-        each feeding its first MSA row and pair to the next pass's recycling embedder; the last pass
-        is differentiated. Every pass sees the same features (AlphaFold samples each recycling
+        them through ``stop_gradient``, in a ``fori_loop``, a ``while_loop`` for a drawn count:
+        their activations are never stored), each feeding its first MSA row and pair to the next
+        pass's recycling embedder; the last pass is differentiated. Every pass sees the same features (AlphaFold samples each recycling
         iteration's MSA afresh) and draws its own dropout."""
         cfg = self.config
         if msa_feat.ndim != 4 or target_feat.ndim != 3:
