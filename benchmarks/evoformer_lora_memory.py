@@ -59,13 +59,18 @@ def main(argv=None) -> int:
     lines += [f"| {name} | " + " | ".join(f"{r[k] / GiB:.2f} GiB" for k in
                                           ("params", "grads", "opt_state", "activations", "peak")) + " |"
               for name, r in rows.items()]
+    write("evoformer_lora_memory", (n_seq, n_res), rows, lines)
+    return 0
+
+
+def write(name: str, crop, rows: dict, lines: list) -> None:
+    """``rows`` as ``results/<name>.json`` (with the crop and techniques) and ``lines`` as ``<name>.md``."""
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / "evoformer_lora_memory"
-    stem.with_suffix(".json").write_text(json.dumps({"crop": [n_seq, n_res], "techniques": TECHNIQUES,
-                                                     "rows": rows}, indent=1))
+    stem = RESULTS / name
+    stem.with_suffix(".json").write_text(json.dumps({"crop": list(crop), "techniques": TECHNIQUES, "rows": rows},
+                                                    indent=1))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,19 +20,15 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 from sciscale_jax.memory.measure import report_from_analysis  # noqa: E402
 from sciscale_jax.recipes import get_recipe  # noqa: E402
 from sciscale_jax.train import TrainConfig  # noqa: E402
 from sciscale_jax.train.abstract import abstract_run  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).parent / "results"
-AF2 = dict(c_m=256, c_z=128, msa_heads=8, msa_head_dim=32, pair_heads=4, pair_head_dim=32, opm_channels=32,
-           tri_mul_channels=128, num_blocks=48)
-TECHNIQUES = dict(chunk_size=32, attention="chunked", remat="full", precision="bf16", scan_layers=True)
-GiB = 2 ** 30
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from evoformer_lora_memory import AF2, TECHNIQUES, GiB, write  # noqa: E402  (the same sizes and techniques)
 
 
 def main(argv=None) -> int:
@@ -56,12 +52,7 @@ def main(argv=None) -> int:
              "| num_recycle | arguments | temporaries | peak | peak / no recycling |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['arguments'] / GiB:.3f} GiB | {r['temporaries'] / GiB:.3f} GiB | {r['peak'] / GiB:.3f} GiB "
               f"| {r['peak'] / base:.3f} |" for n, r in rows.items()]
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / "evoformer_recycling_memory"
-    stem.with_suffix(".json").write_text(json.dumps({"crop": [n_seq, n_res], "techniques": TECHNIQUES,
-                                                     "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("evoformer_recycling_memory", (n_seq, n_res), rows, lines)
     return 0
 
 
