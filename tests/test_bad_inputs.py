@@ -235,6 +235,14 @@ def test_resume_keeps_the_runs_settings_for_flags_left_out(tmp_path, capsys):
     assert now["train"] == {**saved["train"], "steps": 1, "schedule_steps": 6}
 
 
+def test_another_recipes_run_is_named_as_such(tmp_path):
+    out = tmp_path / "run"
+    _saved_run(out, TINY)
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=r"holds a 'protein-mlm' run, not a 'msa-evoformer' one; choose another"):
+            check_run_dir(out, {"recipe": "msa-evoformer", "model": {}, "train": {}}, resume=resume)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="learning_rate=nan"):
         cli.main(["train", "protein-mlm", "--out", str(tmp_path / "o"), "--lr", "nan", "--debug"])

@@ -442,8 +442,8 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
     """Refuse to start in a directory that holds another run; write ``run_config.json`` otherwise.
 
     - a directory with checkpoints and no ``resume``: refused (starting over would overwrite them);
-    - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES`` and ``also``: refused
-      unless ``force``.
+    - ``resume`` with a saved config that differs outside ``RESUMABLE_CHANGES`` and ``also`` (or
+      is another recipe's run, said first): refused unless ``force``.
     ``defaults`` (same nesting as ``run_config``) gives the value a setting had before it
     existed: a saved config that lacks a field then matches a run that leaves it at its default.
     Nothing on disk changes before these checks pass; with ``write=False`` (every process of a
@@ -458,6 +458,10 @@ def check_run_dir(run_dir, run_config: dict, *, resume: bool, force: bool = Fals
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path} is not valid JSON ({err}); refusing to reuse {run_dir}") from err
+        if isinstance(saved, dict) and isinstance(saved.get("recipe"), str) \
+                and saved["recipe"] != run_config.get("recipe") and not force:
+            raise ValueError(f"output directory {run_dir} holds a {saved.get('recipe')!r} run, not a "
+                             f"{run_config.get('recipe')!r} one; choose another --out")
         diff = _config_diff(_effective_schedule(_fill(saved, defaults or {})), _effective_schedule(run_config),
                             also=also)
         if diff and not force:
