@@ -475,13 +475,13 @@ def _export(args) -> int:
     from flax import nnx
 
     from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
-    from sciscale_jax.train import rundir
     from sciscale_jax.train.init_from import FROZEN, check_frozen_from, foreign_base
     from sciscale_jax.train.load import load_trained, read_run_config
 
     if checkpoint_recipe(args.run_dir) is not None:
         raise UsageError(f"{args.run_dir} is a checkpoint of another library already, not a sciscale run to export")
-    recipe = get_recipe(read_run_config(args.run_dir)["recipe"])
+    saved = read_run_config(args.run_dir)
+    recipe = get_recipe(saved["recipe"])
     if recipe.export is None:
         having = ", ".join(r.name for r in RECIPES.values() if r.export is not None)
         raise ValueError(f"recipe {recipe.name!r} has no export layout ({having} have)")
@@ -496,7 +496,7 @@ def _export(args) -> int:
     base = foreign_base(recipe, source)
     # The adapters are all that differs from ``base`` when the run's frozen weights were just read from
     # it (an adapters-only run started from it: ``restore_run``); otherwise compare them with it.
-    read_from_base = source == base and isinstance((rundir.saved_config(args.run_dir) or {}).get(FROZEN), dict)
+    read_from_base = source == base and isinstance(saved.get(FROZEN), dict)
     if args.adapters and base is not None and getattr(run.model_config, "lora_rank", 0) and not read_from_base:
         check_frozen_from(recipe, run.model_config, params, base, log=log)
     names = recipe.export(run.model_config, jax.device_get(params), out, base=base, adapters=args.adapters,

@@ -311,8 +311,8 @@ class Evoformer(nnx.Module):
         0..N by ``key``, as AlphaFold draws it) run first without gradient (the parameters enter
         them through ``stop_gradient``, in a ``fori_loop``, a ``while_loop`` for a drawn count:
         their activations are never stored), each feeding its first MSA row and pair to the next
-        pass's recycling embedder; the last pass is differentiated. Every pass sees the same features (AlphaFold samples each recycling
-        iteration's MSA afresh) and draws its own dropout."""
+        pass's recycling embedder; the last pass is differentiated. Every pass sees the same
+        features (AlphaFold samples each recycling iteration's MSA afresh) and draws its own dropout."""
         cfg = self.config
         if msa_feat.ndim != 4 or target_feat.ndim != 3:
             raise ValueError(f"msa_feat must be [B, S, R, f] and target_feat [B, R, f]; got "
