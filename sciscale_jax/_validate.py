@@ -72,6 +72,7 @@ def train_config(cfg) -> None:
         integer(getattr(cfg, name), name, minimum=1)
     integer(cfg.warmup_steps, "warmup_steps", minimum=0)
     integer(cfg.zero, "zero", minimum=0)
+    integer(getattr(cfg, "prefetch", 0), "prefetch", minimum=0)
     integer(cfg.seed, "seed", minimum=0, maximum=SEED_LIMIT)
     schedule_steps = getattr(cfg, "schedule_steps", 0)
     integer(schedule_steps, "schedule_steps", minimum=0)

@@ -83,7 +83,8 @@ def _copy(reference, tmp_path):
 
 
 def _signal_at(step_to_signal, signum, *, fill_disk=None):
-    """The protein-mlm recipe, whose batch(step) sends ``signum`` to this process at that step."""
+    """The protein-mlm recipe, whose batch(step) sends ``signum`` to this process at that step (with
+    ``prefetch=0``: built when the step starts)."""
     def build_data(cfg, model_cfg=None):
         data = RECIPE.build_data(cfg, model_cfg)
         inner = data.train
@@ -184,7 +185,9 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(reference, tmp_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_run_saves_stops_and_resumes_bit_identical(reference, tmp_path, signum):
     out = tmp_path / "run"
-    cfg = dataclasses.replace(CFG, save_every=4)  # the signal's step (3) is no interval: the stop saves it
+    # the signal's step (3) is no interval: the stop saves it; batches built when their step starts
+    # (no --prefetch), so the signal sent by batch(2) arrives during step 2
+    cfg = dataclasses.replace(CFG, save_every=4, prefetch=0)
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN where the suite runs in a background job)
     with pytest.raises(RunInterrupted) as exc:
         _train(out, cfg=cfg, recipe=_signal_at(2, signum))
@@ -239,7 +242,7 @@ def test_full_disk_keeps_earlier_checkpoints_and_resumes_bit_identical(reference
 
         capfd.readouterr()
         with pytest.raises(CheckpointError) as exc:
-            _train(out, recipe=_signal_at(4, None, fill_disk=fill))
+            _train(out, cfg=dataclasses.replace(CFG, prefetch=0), recipe=_signal_at(4, None, fill_disk=fill))
         message = str(exc.value)
         assert "\n" not in message and "could not write checkpoint 6" in message
         assert "no space left on device" in message and "earlier checkpoints kept: [1, 2, 4]" in message

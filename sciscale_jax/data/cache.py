@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 
 from sciscale_jax.data import files
 
@@ -36,15 +37,20 @@ def cache_root() -> pathlib.Path:
 
 class Reader:
     """Bytes at any offset of one file, through a file kept open (one per process: a forked child
-    opens its own; the file closes itself when the reader is collected)."""
+    opens its own; the file closes itself when the reader is collected). Safe from several threads
+    (batches built ahead): ``pread`` keeps no file position, and the file is opened once."""
 
     def __init__(self, path):
-        self.path, self._file = pathlib.Path(path), None
+        self.path, self._file, self._opening = pathlib.Path(path), None, threading.Lock()
 
     def read(self, size: int, offset: int) -> bytes:
-        if self._file is None or self._file[0] != os.getpid():
-            self._file = (os.getpid(), open(self.path, "rb"))
-        return os.pread(self._file[1].fileno(), size, offset)
+        held = self._file  # read once: another thread may replace it after a fork
+        if held is None or held[0] != os.getpid():
+            with self._opening:
+                if self._file is None or self._file[0] != os.getpid():
+                    self._file = (os.getpid(), open(self.path, "rb"))
+                held = self._file
+        return os.pread(held[1].fileno(), size, offset)
 
 
 def _stale(partial: pathlib.Path) -> bool:

@@ -181,9 +181,21 @@ def global_batch(source, step: int, shardings: dict, shapes: dict) -> dict:
     ``shapes`` gives each field's global shape (rows first); :func:`local_batch` builds this
     process's part.
     """
+    build, place = batch_builder(source, shardings, shapes)
+    return place(build(step))
+
+
+def batch_builder(source, shardings: dict, shapes: dict):
+    """(build, place) of :func:`global_batch` apart: ``build(step)`` makes this process's part of
+    the batch (NumPy, no device touched: it may run in a background thread), ``place(part)``
+    assembles the global arrays from every process's part."""
     index = {k: local_index(shardings[k], shapes[k]) for k in shardings}
-    local = local_batch(source, step, index)
-    return {k: jax.make_array_from_process_local_data(shardings[k], local[k], tuple(shapes[k])) for k in shardings}
+
+    def place(local: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(shardings[k], local[k], tuple(shapes[k]))
+                for k in shardings}
+
+    return (lambda step: local_batch(source, step, index)), place
 
 
 def place_batch(batch: dict, shardings: dict) -> dict:

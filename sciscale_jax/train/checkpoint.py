@@ -32,7 +32,7 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes a step here first and renam
 # Fields a resumed run may change without being a different run (the mesh only changes placement).
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding",
                      "samples", "temperature", "top_k",  # sampling after training, not training
-                     "pipeline_schedule", "microbatches", "virtual_stages")
+                     "pipeline_schedule", "microbatches", "virtual_stages", "prefetch")
 
 
 def abstract_like(tree):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sciscale_jax import _validate, optim, parallel, precision, remat
 from sciscale_jax.memory import report_from_analysis, tree_bytes
+from sciscale_jax.data.prefetch import Prefetch
 from sciscale_jax.parallel import dap, multihost
 from sciscale_jax.parallel import offload as host_offload
 from sciscale_jax.train import pipeline as pipeline_run
@@ -91,6 +92,9 @@ class TrainConfig:
                 "checkpoint folder in Hugging Face's layout (the model's shape is read from it)"})
     init_step: int = dataclasses.field(default=0, metadata={
         "help": "the --init-from checkpoint to start from; 0: its newest readable one (saved as the one used)"})
+    prefetch: int = dataclasses.field(default=2, metadata={
+        "help": "training batches built ahead of the step, in as many background threads (the batches "
+                "are the same); 0: each built when its step starts"})
     save_frozen: bool = dataclasses.field(default=False, metadata={
         "help": "LoRA from --init-from: also write the frozen weights into every checkpoint (default: the "
                 "adapters and optimizer state alone; the frozen weights are read again from --init-from)"})
@@ -389,10 +393,11 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             state = sharded_init(build, tx, place.state)
         put_batch = lambda b: jax.device_put(b, place.batch)  # noqa: E731
         jit_kw.update(in_shardings=(place.state, place.batch), out_shardings=(place.state, None))
-    batch_at = lambda s: put_batch(data.train.batch(s))  # noqa: E731
+    build_batch = data.train.batch  # host arrays; put_batch places them (in a background thread: --prefetch)
     if jax.process_count() > 1:  # each process builds only the part of the global batch its devices hold
-        shapes = {k: v.shape for k, v in example.items()}
-        batch_at = lambda s: multihost.global_batch(data.train, s, place.batch, shapes)  # noqa: E731
+        build_batch, put_batch = multihost.batch_builder(data.train, place.batch,
+                                                         {k: v.shape for k, v in example.items()})
+    batch_at = (build_batch, put_batch)
     if offload:  # between steps these trees sit in pinned host memory, each keeping its sharding
         kind = {t: "pinned_host" if t in offload else "device" for t in ("params", "opt_state")}
         state = state._replace(params=host_offload.place(state.params, kind["params"], mesh),
@@ -441,8 +446,9 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
 def _train_locked(cfg, recipe, place, step, jit_kw, state, batch_at, graphdef, data, ckpt, out_dir,
                   progress, stop, offload, frozen_weights=False):
     """Compile, loop, evaluate: the part of :func:`train` that runs holding the run directory's lock."""
+    build_batch, put_batch = batch_at
     with jax.set_mesh(place.mesh) if place is not None else contextlib.nullcontext():
-        compiled = jax.jit(step, **jit_kw).lower(state, batch_at(0)).compile(
+        compiled = jax.jit(step, **jit_kw).lower(state, put_batch(build_batch(0))).compile(
             remat.compiler_options(frozen_weights=frozen_weights))
         eval_step = recipe_eval_step(recipe, graphdef)
         if "params" in offload:  # evaluate on a device copy of host-resident parameters
@@ -509,8 +515,16 @@ def _make_step(cfg: TrainConfig, graphdef, tx, loss_fn, fp8_paths, loss_scaling:
 
 def _loop(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics_log, progress, stop=None):
     """Steps from ``state.step`` to ``cfg.steps``: log, evaluate (on ``evals()``) and checkpoint on their
-    intervals."""
+    intervals. ``batch_at`` is (build, put): the host batch of a step (built ``cfg.prefetch`` steps
+    ahead in background threads) and its placement on the devices."""
     start = int(state.step)
+    build_batch, put_batch = batch_at
+    with Prefetch(build_batch, start, cfg.steps, cfg.prefetch) as batches:
+        return _steps(cfg, recipe, compiled, eval_fn, state, evals, lambda s: put_batch(batches(s)), ckpt,
+                      metrics_log, progress, stop, start)
+
+
+def _steps(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics_log, progress, stop, start):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=recipe.name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
