@@ -127,6 +127,34 @@ def test_training_draws_the_count_uniformly_from_the_step_key():
     assert np.abs(drawn - np.asarray(model(*args, **kwargs, key=key, num_iter=other)["pair"])).max() > 1e-3
 
 
+def test_the_planners_flop_count_takes_the_mean_of_the_drawn_passes():
+    """A drawn count (a ``while_loop``) is counted as its mean, N / 2 passes: the average of the
+    FLOPs of the fixed counts 0..N, each a ``fori_loop`` of known length (a ``scan``)."""
+    from sciscale_jax.memory.estimate import expected_trips, matmul_flops
+
+    args, kwargs = _inputs()
+    key = jax.random.key(0)
+    for n in (1, 3):
+        model = _model(dataclasses.replace(CFG, num_recycle=n))
+        flops = lambda **kw: matmul_flops(jax.make_jaxpr(  # noqa: E731
+            lambda: model(*args, **kwargs, key=key, **kw)["pair"])())
+        fixed = [flops(num_iter=i) for i in range(n + 1)]
+        assert fixed[1] > fixed[0] * 1.5  # a pass is most of the FLOPs
+        assert flops() == pytest.approx(sum(fixed) / len(fixed), rel=1e-12)
+    # the scope alone: a while_loop's body counted as often as it says
+    body = lambda i, c: c @ c  # noqa: E731
+    loop = lambda x, k: jax.lax.fori_loop(0, k, body, x)  # noqa: E731
+    one = matmul_flops(jax.make_jaxpr(loop)(jnp.ones((4, 4)), 3))
+    assert one == 2 * 4 * 4 * 4
+
+    def scoped(x, k):
+        with expected_trips(2.5):
+            return loop(x, k)
+    assert matmul_flops(jax.make_jaxpr(scoped)(jnp.ones((4, 4)), 3)) == 2.5 * one
+    with pytest.raises(ValueError, match="expected trips -1 must be a finite number >= 0"):
+        expected_trips(-1)
+
+
 def test_recycling_on_a_dap_mesh_equals_one_device():
     model = _model()
     graphdef, state = nnx.split(model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -231,10 +232,31 @@ def _aval_bytes(aval) -> int:
     return int(math.prod(aval.shape)) * itemsize(aval.dtype)
 
 
+TRIPS_SCOPE = "expected_trips="
+
+
+def expected_trips(mean: float):
+    """A ``jax.named_scope`` saying how many times, on average, a ``while_loop`` traced inside it
+    runs (its count drawn at run time, e.g. AlphaFold's recycling passes): :func:`matmul_flops`
+    counts its body that many times, instead of once."""
+    if not (isinstance(mean, (int, float)) and math.isfinite(mean) and mean >= 0):
+        raise ValueError(f"expected trips {mean!r} must be a finite number >= 0")
+    return jax.named_scope(f"{TRIPS_SCOPE}{float(mean)!r}")
+
+
+def _while_trips(eqn) -> float:
+    """Trips of a ``while`` equation: the innermost :func:`expected_trips` around it, else 1."""
+    for part in reversed(re.split(r"[/()]", str(eqn.source_info.name_stack))):
+        if part.startswith(TRIPS_SCOPE):
+            return float(part[len(TRIPS_SCOPE):])
+    return 1.0
+
+
 def matmul_flops(jaxpr) -> float:
     """FLOPs of the matrix products of a jaxpr: 2 x output elements x contracted size for each
     ``dot_general`` and convolution, through nested jaxprs (a ``scan`` body times its length,
-    the largest ``cond`` branch, a ``while`` body once)."""
+    the largest ``cond`` branch, a ``while`` body once, or as many times as the
+    :func:`expected_trips` scope it was traced in says)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -247,7 +269,7 @@ def matmul_flops(jaxpr) -> float:
             rhs = eqn.invars[1].aval.shape
             out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_feature]
-        times = eqn.params.get("length", 1) if name == "scan" else 1
+        times = eqn.params.get("length", 1) if name == "scan" else _while_trips(eqn) if name == "while" else 1
         for key, value in eqn.params.items():
             if key == "branches":
                 total += max((matmul_flops(b) for b in value), default=0.0)

@@ -21,6 +21,7 @@ batch axis: m [B, S, R, c_m], z [B, R, R, c_z], masks [B, S, R] and [B, R, R].
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import ClassVar
@@ -31,6 +32,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sciscale_jax import attention, parallel, remat
+from sciscale_jax.memory.estimate import expected_trips
 from sciscale_jax.models.stack import Techniques, layer_keys, lora_trains, run_layers, stack_layers, store_frozen
 from sciscale_jax.models.evoformer_modules import (LayerNorm, Linear, MsaColumnAttention, MsaColumnGlobalAttention,
                                                    MsaRowAttentionWithPairBias, OuterProductMean, Transition,
@@ -325,10 +327,13 @@ class Evoformer(nnx.Module):
         inputs = (target_feat, msa_feat, residue_index, msa_mask, pair_mask, extra_msa_feat, extra_msa_mask)
         prev = None
         if cfg.num_recycle:
+            drawn = num_iter is None and key is not None
             if num_iter is None:
                 num_iter = cfg.num_recycle if key is None else recycle_count(key, cfg.num_recycle)
             if not (isinstance(num_iter, int) and num_iter == 0):
-                prev = self._recycled(inputs, num_iter, key)
+                # a drawn count runs N / 2 passes on average: the planner's FLOP count reads it
+                with expected_trips(cfg.num_recycle / 2) if drawn else contextlib.nullcontext():
+                    prev = self._recycled(inputs, num_iter, key)
         m, z = self._pass(inputs, prev, key)
         return dict(msa=m, pair=z, masked_msa_logits=self.masked_msa_head(m),
                     distogram_logits=self.distogram_head(z))
