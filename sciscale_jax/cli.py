@@ -415,6 +415,7 @@ def _embed(args, rest=()) -> int:
     from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
     from sciscale_jax.train.init_from import foreign_base
     from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
+    from sciscale_jax.train.rundir import read_data_stats
 
     foreign = checkpoint_recipe(args.run_dir)  # a checkpoint of another library a recipe reads (ESM-2)
     recipe = foreign or get_recipe(read_run_config(args.run_dir)["recipe"])
@@ -447,7 +448,10 @@ def _embed(args, rest=()) -> int:
         raise UsageError(f"{what}: {args.run_dir} is not a sciscale run and has no numbered checkpoints or base")
     run = (load_checkpoint(recipe, args.run_dir, mesh=args.mesh, log=log) if foreign is not None else
            load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log, base=args.base))
-    extra = {"data_files": run.data_files} if recipe.embed_reads_data else {}
+    extra = {}
+    if recipe.embed_reads_data:  # the data's statistics as the run saved them, else the data files to read again
+        extra = {"data_files": run.data_files,
+                 "data_stats": read_data_stats(args.run_dir) if foreign is None else None}
     extra.update(vars(picked))
     if recipe.embed_reads_base:
         extra["base"] = str(args.run_dir) if foreign is not None else \

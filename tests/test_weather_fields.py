@@ -232,6 +232,9 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
         assert shown == pytest.approx(_rmse_plain(val[:-1, i], val[1:, i]), rel=1e-3)
     saved = json.loads((run / "run_config.json").read_text())
     assert list(saved["data_files"]) == [str(store.resolve())]
+    with np.load(run / "data_stats.npz") as stats:  # what forecasts need of the training data, saved with the run
+        assert sorted(stats.files) == ["interval_hours", "mean", "static_norm", "std"]
+        assert stats["static_norm"].shape == (1, 8, 16) and int(stats["interval_hours"]) == 6
 
     # forecasts of every state of a store: the loaded model on the inputs normalized by the
     # training states' mean and standard deviation (the mask by its own), back in physical units
@@ -274,11 +277,23 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
     assert "data_files" in capsys.readouterr().err
     assert cli.main(["eval", str(run)]) == 2
     assert "trained on other data: " + str(store.resolve()) + " changed" in capsys.readouterr().err
-    # forecasts are normalized by the training data's statistics: refused too, nothing written
+    # forecasts are normalized by the training data's statistics as the run saved them
+    # (data_stats.npz): the store is not read again, so its change does not matter
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "saved.npz"),
+                     "--batch-size", "4"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "saved.npz")["forecast"], got["forecast"])
+    # a run saved without them (an earlier version) reads the training data again: refused, nothing written
+    stats = (run / "data_stats.npz").read_bytes()
+    (run / "data_stats.npz").unlink()
     assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "stale.npz")]) == 2
     err = capsys.readouterr().err
     assert "training data changed since it trained" in err and str(store.resolve()) in err, err
     assert not (tmp_path / "stale.npz").exists()
+    (run / "data_stats.npz").write_bytes(b"PK\x03\x04 not a zip")  # damaged: one line naming it
+    assert cli.main(["embed", str(run), "--input", str(nc), "--out", str(tmp_path / "stale.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data_stats.npz is unreadable" in err and "\n" not in err and not (tmp_path / "stale.npz").exists()
+    (run / "data_stats.npz").write_bytes(stats)
     assert (run / "run_config.json").read_text() == before and not (run / "checkpoints" / "3").exists()
     shutil.rmtree(store)
     _write(ds, store)

@@ -396,6 +396,16 @@ class Normalizer:
         if np.any(self.std <= 0):
             raise ValueError(f"a variable of the training data is constant (std {self.std})")
 
+    @classmethod
+    def of(cls, mean, std) -> "Normalizer":
+        """The normalizer of these per-variable statistics (a run's saved ones)."""
+        norm = cls.__new__(cls)
+        norm.mean, norm.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        if norm.mean.ndim != 1 or norm.mean.shape != norm.std.shape or not np.all(norm.std > 0):
+            raise ValueError(f"normalization statistics need one mean and one positive std per variable; got "
+                             f"shapes {norm.mean.shape} and {norm.std.shape}")
+        return norm
+
     def __call__(self, fields: np.ndarray) -> np.ndarray:
         out = np.subtract(fields, self.mean[:, None, None], dtype=np.float32)  # one new array, float32
         out /= self.std[:, None, None]

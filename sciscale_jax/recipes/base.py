@@ -80,6 +80,9 @@ class Data:
                                                                # (``data.files.fingerprints``), recorded by the run
     summary: str = ""     # one line on what the data is (the user's files: how many records, the split), logged
     train_only: tuple = ()  # fields the training batches alone carry (weather-vit's rollout targets)
+    stats: dict = dataclasses.field(default_factory=dict)  # {name: array} the model needs from its training data
+                          # beyond its parameters (weather-vit: the normalization), written beside the checkpoints
+                          # (``data_stats.npz``) so ``sciscale embed`` need not read the data again
 
 
 def _identity(means: dict) -> dict:
@@ -105,7 +108,9 @@ class Recipe:
     embed: Callable | None = None          # (model_config, model, path, batch_size) -> {name: array}
     abstract_batch: Callable | None = None  # (model_config, train_config) -> {field: ShapeDtypeStruct}
     embed_dataset: Callable | None = None  # (model_config, embed's arrays) -> xarray.Dataset (--out .zarr/.nc)
-    embed_reads_data: bool = False         # embed re-reads the training data: it gets the recorded data_files
+    embed_reads_data: bool = False         # embed needs what the training data gives: it gets the recorded
+                                           # data_files and data_stats= (Data.stats as the run saved them; None
+                                           # for a run saved without: read the data again)
     embed_options: dict = dataclasses.field(default_factory=dict)  # {name: help}: sciscale embed --<name> switches
     embed_reads_base: bool = False         # embed gets base=: the other library's checkpoint the run started from
     data_files_are_bytes: bool = True      # Data.sources holds each file's SHA-256 (files.fingerprints), so a

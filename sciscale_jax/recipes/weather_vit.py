@@ -341,8 +341,13 @@ def build_data(train_cfg, model_cfg) -> Data:
     figures = baselines(prep, model_cfg.lead_steps)
     for k in model_cfg.leads[1:]:  # a multi-lead run: the loss baselines at each other trained lead
         figures.update({f"{name}_lead{k}": value for name, value in baselines(prep, k, channels=False).items()})
+    stats = {"mean": prep.normalizer.mean, "std": prep.normalizer.std,
+             "interval_hours": np.int64(prep.weather.interval_hours)}
+    if prep.static_norm is not None:
+        stats["static_norm"] = prep.static_norm
     return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
-                summary=summary, train_only=("y_rollout",))  # evaluation: one step at the lead
+                summary=summary, train_only=("y_rollout",),  # evaluation: one step at the lead
+                stats=stats)  # what forecasts need of the training data (sciscale embed)
 
 
 def _eval_batches(prep: Prepared, model_cfg, kw: dict):
@@ -429,28 +434,43 @@ def _forecaster(model, static_norm, batch_size: int):
     return run
 
 
-def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict | None = None) -> dict:
+def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict | None = None,
+             data_stats: dict | None = None) -> dict:
     """The trained model's forecasts at every lead it trained on from every state of the Zarr/NetCDF
     stores ``path`` (comma-separated; the run's channels and grid, any spacing in time), for
     ``sciscale embed``.
 
-    Normalized by the statistics of the run's training data (read again; with ``data_files``, the
-    digests the run recorded, a store whose values changed since is refused). Returns ``forecast``
-    [leads, T, V, lat, lon] in the stores' units, ``lead_hours`` [leads], ``time`` [T] (the states
-    forecast from), ``valid_time`` [leads, T], ``variables``, ``lat`` and ``lon``.
+    Normalized by the statistics of the run's training data: ``data_stats``, what the run saved of
+    them (``build_data``'s ``Data.stats``: per-variable mean and standard deviation, the interval,
+    the standardized static fields), else computed from the training data read again (a run saved
+    without them; with ``data_files``, the digests the run recorded, a store whose values changed
+    since is refused). Returns ``forecast`` [leads, T, V, lat, lon] in the stores' units,
+    ``lead_hours`` [leads], ``time`` [T] (the states forecast from), ``valid_time`` [leads, T],
+    ``variables``, ``lat`` and ``lon``.
     """
-    prep = prepare(model_cfg, log=lambda *_: None)
-    changed = files.changed(data_files or {}, getattr(prep.weather, "sources", {}))
-    if changed:
-        raise ValueError(f"the run's training data changed since it trained, so its normalization would too: "
-                         f"{'; '.join(changed)}")
+    if data_stats is None:
+        prep = prepare(model_cfg, log=lambda *_: None)
+        changed = files.changed(data_files or {}, getattr(prep.weather, "sources", {}))
+        if changed:
+            raise ValueError(f"the run's training data changed since it trained, so its normalization would too: "
+                             f"{'; '.join(changed)}")
+        data_stats = {"mean": prep.normalizer.mean, "std": prep.normalizer.std,
+                      "interval_hours": prep.weather.interval_hours, "static_norm": prep.static_norm}
+    normalize = wx.Normalizer.of(data_stats["mean"], data_stats["std"])
+    static_norm = data_stats.get("static_norm")
+    grid = (len(model_cfg.static_fields), model_cfg.lat, model_cfg.lon)
+    if normalize.mean.shape != (len(model_cfg.variables),) or (model_cfg.static_fields and (
+            static_norm is None or static_norm.shape != grid)):
+        raise ValueError(f"the run's saved data statistics do not fit its model: {len(normalize.mean)} variable(s) "
+                         f"for {len(model_cfg.variables)}, static fields "
+                         f"{None if static_norm is None else static_norm.shape} for {grid}")
     channels = model_cfg.channels if model_cfg.data else ",".join(model_cfg.variables)
     series = gridded.read_series(path, channels, interval_hours=None, what="--input")
     _check_grid(model_cfg, model_cfg.variables, series.lat, series.lon, f"--input {path}")
-    run = _forecaster(model, prep.static_norm, batch_size)
-    x = prep.normalizer(series.values)
-    mean, std = prep.normalizer.mean[:, None, None], prep.normalizer.std[:, None, None]
-    hours = [k * prep.weather.interval_hours for k in model_cfg.leads]
+    run = _forecaster(model, static_norm, batch_size)
+    x = normalize(series.values)
+    mean, std = normalize.mean[:, None, None], normalize.std[:, None, None]
+    hours = [k * int(data_stats["interval_hours"]) for k in model_cfg.leads]
     out = np.empty((len(hours), *x.shape), np.float32)
     for n, h in enumerate(hours):
         out[n] = run(x, h) * std + mean

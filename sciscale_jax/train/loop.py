@@ -427,6 +427,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
                       write=primary)
         if primary:
             lock.write_pid()
+            if data.stats:  # what embedding needs of the data, beside the checkpoints
+                rundir.write_data_stats(out_dir, data.stats)
         left_out = leaves_out(model_config) if isinstance(frozen, dict) else None
         ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log, leave_out=left_out)
         if primary:

@@ -59,6 +59,37 @@ def saved_config(run_dir) -> dict | None:
         return None
 
 
+STATS_FILE = "data_stats.npz"
+
+
+def write_data_stats(run_dir, stats: dict) -> None:
+    """``Data.stats`` into ``run_dir/data_stats.npz``: written whole under another name, then renamed
+    (a run killed while writing leaves the previous file, or none)."""
+    import numpy as np
+
+    run_dir = pathlib.Path(run_dir)
+    partial = run_dir / (STATS_FILE + ".partial")
+    with open(partial, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in stats.items()})
+    os.replace(partial, run_dir / STATS_FILE)
+
+
+def read_data_stats(run_dir) -> dict | None:
+    """The ``Data.stats`` a run saved (``write_data_stats``), or None where it saved none (a run of
+    a recipe without, or of an earlier version); ValueError in one line for an unreadable file."""
+    import numpy as np
+
+    path = pathlib.Path(run_dir) / STATS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as err:  # zipfile, numpy and OS errors: one line
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); remove it to have the training "
+                         "data read again") from None
+
+
 def check_data_unchanged(run_dir, *, resume: bool, force: bool, bytes_digests: bool = True) -> None:
     """When resuming without ``force``: ValueError in one line if a data file the saved run
     recorded (``data_files``: path -> SHA-256 of its bytes) is gone or its bytes differ now, naming
