@@ -415,7 +415,6 @@ def _embed(args, rest=()) -> int:
     from sciscale_jax.recipes import RECIPES, checkpoint_recipe, get_recipe
     from sciscale_jax.train.init_from import foreign_base
     from sciscale_jax.train.load import load_checkpoint, load_trained, read_run_config
-    from sciscale_jax.train.rundir import read_data_stats
 
     foreign = checkpoint_recipe(args.run_dir)  # a checkpoint of another library a recipe reads (ESM-2)
     recipe = foreign or get_recipe(read_run_config(args.run_dir)["recipe"])
@@ -451,7 +450,7 @@ def _embed(args, rest=()) -> int:
     extra = {}
     if recipe.embed_reads_data:  # the data's statistics as the run saved them, else the data files to read again
         extra = {"data_files": run.data_files,
-                 "data_stats": read_data_stats(args.run_dir) if foreign is None else None}
+                 "data_stats": run.data_stats() if foreign is None else None}
     extra.update(vars(picked))
     if recipe.embed_reads_base:
         extra["base"] = str(args.run_dir) if foreign is not None else \

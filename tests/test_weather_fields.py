@@ -247,7 +247,10 @@ def test_cli_trains_on_a_store_records_it_and_forecasts(tmp_path, capsys):
         "geopotential@500", "2m_temperature"]
     train = _lon_sorted(np.stack([z[:, 1], t2], axis=1)[:18]).astype(np.float64)
     mean, std = train.mean(axis=(0, 2, 3))[:, None, None], train.std(axis=(0, 2, 3))[:, None, None]
-    model = load_run(run, log=lambda *_: None).model
+    loaded = load_run(run, log=lambda *_: None)
+    model = loaded.model
+    np.testing.assert_allclose(loaded.data_stats()["mean"], mean[:, 0, 0], rtol=1e-6)  # saved: the training states'
+    np.testing.assert_allclose(loaded.data_stats()["std"], std[:, 0, 0], rtol=1e-5)
     x = ((_lon_sorted(np.stack([z[:6, 1], t2[:6]], axis=1)) - mean) / std).astype(np.float32)
     mask = _lon_sorted(lsm)[None].astype(np.float64)
     mask = ((mask - mask.mean()) / mask.std()).astype(np.float32)

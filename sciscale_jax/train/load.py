@@ -73,6 +73,11 @@ class TrainedRun:
         activations itself."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
+    def data_stats(self) -> dict | None:
+        """What the run saved of its training data beside its checkpoints (``Data.stats``, e.g.
+        weather-vit's normalization: ``data_stats.npz``), or None where it saved none."""
+        return rundir.read_data_stats(self.run_dir)
+
     def state(self) -> TrainState:
         """The model's variables as a ``TrainState`` without optimizer state (what a recipe's
         ``report`` takes)."""
