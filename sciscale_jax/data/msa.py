@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import threading
 import zlib
 
 import numpy as np
@@ -302,6 +303,13 @@ def deletion_matrix(tokens: np.ndarray, inserted: np.ndarray | None, rows, cols,
     return out.astype(np.float32)
 
 
+def _without(n: int, rows) -> np.ndarray:
+    """0..n-1 in order, ``rows`` left out (``np.setdiff1d(np.arange(n), rows)`` without its sort)."""
+    keep = np.ones(n, bool)
+    keep[rows] = False
+    return np.flatnonzero(keep)
+
+
 def _one_hot(x: np.ndarray, n: int) -> np.ndarray:
     return (x[..., None] == np.arange(n)).astype(np.float32)
 
@@ -319,9 +327,11 @@ def cluster_summaries(msa: np.ndarray, deletion: np.ndarray, extra: np.ndarray, 
     msa, extra = np.asarray(msa), np.asarray(extra)
     if len(extra):
         agree = np.empty((len(extra), s), np.int32)
-        counted = np.where(msa < GAP_ID, msa, -1)   # gaps and mask tokens match nothing
+        counted = np.where(msa < GAP_ID, msa, -1).astype(np.int8)   # gaps and mask tokens match nothing
+        tokens = extra.astype(np.int8)  # (tokens < 23: compared a byte at a time, the matches summed as bytes)
         for i in range(0, s, block):
-            agree[:, i:i + block] = (extra[None] == counted[i:i + block, None]).sum(axis=2, dtype=np.int32).T
+            same = tokens[None] == counted[i:i + block, None]
+            agree[:, i:i + block] = same.view(np.uint8).sum(axis=2, dtype=np.int32).T
         assign = np.argmax(agree, axis=1)
     else:
         assign = np.zeros(0, np.int64)
@@ -404,21 +414,36 @@ class MSABatches:
         self.family_p = np.sqrt(sizes) / np.sqrt(sizes).sum()   # large families more often, not overwhelmingly
         self.batch_size, self.num_seq, self.num_res, self.seed = batch_size, num_seq, num_res, seed
         self.mask_rate, self.min_coverage = mask_rate, min_coverage
+        self._query_rows, self._lock = {}, threading.Lock()  # _queries
 
     def example(self, rng: np.random.Generator) -> dict:
         return self._build(self._draw(rng))
+
+    def _queries(self, which: int, a: np.ndarray) -> np.ndarray:
+        """The rows of alignment ``which`` (``a``) a query is drawn from: those covering at least the
+        median share of its columns; computed once per alignment, not per example (the last 4,096
+        alignments' kept; safe from the threads that build batches ahead)."""
+        with self._lock:
+            found = self._query_rows.get(which)
+        if found is None:
+            coverage = (a != GAP_ID).mean(axis=1)
+            found = np.flatnonzero(coverage >= np.quantile(coverage, 0.5))
+            with self._lock:
+                self._query_rows[which] = found
+                if len(self._query_rows) > 4096:
+                    self._query_rows.pop(next(iter(self._query_rows)))
+        return found
 
     def _draw(self, rng: np.random.Generator) -> dict:
         """Every random decision of one example, in the order ``example`` draws them."""
         which = rng.choice(len(self.alignments), p=self.family_p)
         a = self.alignments[which]
-        coverage = (a != GAP_ID).mean(axis=1)
-        query = rng.choice(np.flatnonzero(coverage >= np.quantile(coverage, 0.5)))
+        query = rng.choice(self._queries(which, a))
         cols = np.flatnonzero(a[query] != GAP_ID)
         start = rng.integers(0, max(len(cols) - self.num_res, 0) + 1)
         before = cols[start - 1] if start else -1   # the query's column before the crop
         cols = cols[start:start + self.num_res]
-        others = np.setdiff1d(np.arange(a.shape[0]), [query])
+        others = _without(a.shape[0], [query])
         cov = (a[np.ix_(others, cols)] != GAP_ID).mean(axis=1)
         good = others[cov >= self.min_coverage]
         pool = good if len(good) >= min(self.num_seq - 1, len(others)) else others
@@ -431,7 +456,7 @@ class MSABatches:
         draw = {"alignment": which, "rows": np.concatenate([[query], picked]), "cols": cols, "selected": selected,
                 "kind": kind, "uniform": uniform, "u_profile": u_profile, "array": a}
         if self.features == "alphafold":  # every other row is an extra row; E of them, at random, are seen
-            rest = np.setdiff1d(np.arange(a.shape[0]), draw["rows"])
+            rest = _without(a.shape[0], draw["rows"])
             draw.update(before=before, rest=rest, extra=rng.permutation(len(rest))[:self.num_extra_seq])
         return draw
 
