@@ -273,6 +273,51 @@ def test_checkpoint_write_failure_removes_the_partial_folder(reference, tmp_path
     assert _steps(out) == ["2", "4"]
 
 
+def test_background_checkpoints_equal_the_synchronous_ones(reference, tmp_path):
+    """--async-checkpoint: the state is copied at the save and written while the next steps run
+    (and donate their input buffers): every checkpoint equals the synchronous run's."""
+    out = tmp_path / "run"
+    result = _train(out, cfg=dataclasses.replace(CFG, async_checkpoint=True))
+    assert _steps(out) == ["2", "4", "6"] and not any("tmp" in n for n in _steps(out))
+    for step in (2, 4, 6):
+        _equal(_load(out, step), _load(reference[0], step))
+    _equal(result["state"], reference[1])
+    # resumed from checkpoint 4 with background writes: the same final state
+    again = _copy(reference, tmp_path / "again")
+    shutil.rmtree(again / "checkpoints" / "6")
+    _equal(_train(again, cfg=dataclasses.replace(CFG, async_checkpoint=True), resume=True)["state"], reference[1])
+
+
+def test_a_failed_background_write_is_one_line_at_the_next_save(reference, tmp_path, monkeypatch):
+    """A background write that fails (ENOSPC inside Orbax's finalize, simulated) is reported by the
+    next save that writes, or by close: one line naming its step, the partial folder removed,
+    earlier checkpoints kept."""
+    from orbax.checkpoint._src.path import atomicity
+    out = _copy(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "6")
+    state = _load(out, 4)
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    at = lambda step: state._replace(step=jax.numpy.asarray(step, state.step.dtype))  # noqa: E731
+    for finish in ("save", "close"):
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+        ckpt = Checkpointer(out, save_every=1, async_write=True)
+        assert ckpt.save(at(5))  # returns once the state is copied; the write fails in the background
+        with pytest.raises(CheckpointError, match=r"could not write checkpoint 5 .*no space left on device.*\[2, 4\]"):
+            ckpt.save(at(6)) if finish == "save" else ckpt.close()
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
+        assert _steps(out) == ["2", "4"], finish
+        ckpt.close()  # nothing left to report
+    ckpt = Checkpointer(out, save_every=1, async_write=True)
+    assert not ckpt.save(at(4))  # not past the newest checkpoint: nothing written, nothing waited for
+    assert ckpt.save(at(7))
+    ckpt.close()
+    assert _steps(out) == ["2", "4", "7"]
+    _equal(_load(out, 7).params, state.params)
+
+
 def test_interrupt_inside_a_checkpoint_write_removes_the_partial_folder(reference, tmp_path, monkeypatch):
     """A second Ctrl-C while Orbax writes: KeyboardInterrupt goes on, the tmp folder does not stay."""
     from orbax.checkpoint._src.path import atomicity

@@ -32,7 +32,8 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes a step here first and renam
 # Fields a resumed run may change without being a different run (the mesh only changes placement).
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep", "mesh", "zero", "sharding",
                      "samples", "temperature", "top_k",  # sampling after training, not training
-                     "pipeline_schedule", "microbatches", "virtual_stages", "prefetch")
+                     "pipeline_schedule", "microbatches", "virtual_stages", "prefetch",
+                     "async_checkpoint")
 
 
 def abstract_like(tree):
@@ -162,14 +163,16 @@ class Checkpointer:
     takes them from its target, which must hold them as arrays.
     """
 
-    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100, log=print, leave_out=None):
+    def __init__(self, run_dir, *, keep: int = 3, save_every: int = 100, log=print, leave_out=None,
+                 async_write: bool = False):
         if keep < 1 or save_every < 1:
             raise ValueError(f"keep={keep} and save_every={save_every} must be >= 1")
         self.directory = pathlib.Path(run_dir).absolute() / "checkpoints"
         self.log = log
         self.leave_out = leave_out
+        self.async_write, self._writing = async_write, None  # the step being written in the background
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                                     enable_async_checkpointing=False, create=True)
+                                                     enable_async_checkpointing=async_write, create=True)
         with _quiet_orbax():
             self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
@@ -179,31 +182,59 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, state: TrainState, *, force: bool = False) -> bool:
-        """Save at ``state.step`` if the interval says so (or ``force``); returns whether it saved.
+    def save(self, state: TrainState, *, force: bool = False, step: int | None = None) -> bool:
+        """Save at ``state.step`` (``step`` where the caller counts it: the device is then waited for
+        only when the interval says to save) if the interval says so (or ``force``); returns whether
+        it saved.
 
         A failed write (disk full, permissions) removes its temporary folder, keeps the earlier
-        checkpoints and raises :class:`CheckpointError` with one line.
+        checkpoints and raises :class:`CheckpointError` with one line. With ``async_write`` the
+        state is copied to host memory here and written in the background while training goes
+        on (Orbax's asynchronous checkpointing); a failed write is raised by the next save that
+        writes, or by :meth:`finish` / :meth:`close`.
         """
-        step = int(jax.device_get(state.step))
+        step = int(jax.device_get(state.step)) if step is None else step
+        if not force and not self.manager.should_save(step):
+            return False
+        self.finish()  # one write at a time: the previous one's failure is raised here
         try:
             with _quiet_orbax():
                 saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(self._written(state._asdict()))),
                                           force=force)
-                self.manager.wait_until_finished()
+                if not self.async_write:
+                    self.manager.wait_until_finished()
         except BaseException as err:
-            _mute_teardown_noise()  # the failed write's callbacks keep firing into a closed event loop
-            removed = self.remove_partial()
-            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: partial write removed, re-raise
-                raise
-            reason = f"{type(err).__name__}: {err}".splitlines()[0] if not isinstance(err, OSError) else str(err)
-            if "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
-                reason = "no space left on device"
-            kept = self._steps_on_disk()
-            raise CheckpointError(f"could not write checkpoint {step} under {self.directory} ({reason}); "
-                                  f"removed the partial write{' ' + ', '.join(removed) if removed else ''}; "
-                                  f"earlier checkpoints kept: {kept or 'none'}") from None
+            self._failed(step, err)
+        if saved and self.async_write:
+            self._writing = step
         return saved
+
+    def finish(self) -> None:
+        """Wait for the checkpoint being written in the background (``async_write``), if any;
+        :class:`CheckpointError` in one line if its write failed."""
+        step, self._writing = self._writing, None
+        if step is None:
+            return
+        try:
+            with _quiet_orbax():
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
+        except BaseException as err:
+            self._failed(step, err)
+
+    def _failed(self, step: int, err: BaseException):
+        """Remove the partial write of ``step`` and raise ``err`` as one line (re-raise an interrupt)."""
+        _mute_teardown_noise()  # the failed write's callbacks keep firing into a closed event loop
+        removed = self.remove_partial()
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: partial write removed, re-raise
+            raise err
+        reason = f"{type(err).__name__}: {err}".splitlines()[0] if not isinstance(err, OSError) else str(err)
+        if "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+            reason = "no space left on device"
+        kept = self._steps_on_disk()
+        raise CheckpointError(f"could not write checkpoint {step} under {self.directory} ({reason}); "
+                              f"removed the partial write{' ' + ', '.join(removed) if removed else ''}; "
+                              f"earlier checkpoints kept: {kept or 'none'}") from None
 
     def remove_partial(self) -> list[str]:
         """Delete unfinished ``*.orbax-checkpoint-tmp*`` folders (only this run writes here); their names."""
@@ -288,8 +319,12 @@ class Checkpointer:
         return aside
 
     def close(self):
-        with _quiet_orbax():
-            self.manager.close()
+        """Finish a background write (its failure raised, as by :meth:`finish`), then close."""
+        try:
+            self.finish()
+        finally:
+            with _quiet_orbax():
+                self.manager.close()
 
 
 def _step_folders(directory: pathlib.Path) -> list[int]:

@@ -14,6 +14,7 @@ pretrain-then-fine-tune workflow.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -92,6 +93,10 @@ class TrainConfig:
                 "checkpoint folder in Hugging Face's layout (the model's shape is read from it)"})
     init_step: int = dataclasses.field(default=0, metadata={
         "help": "the --init-from checkpoint to start from; 0: its newest readable one (saved as the one used)"})
+    async_checkpoint: bool = dataclasses.field(default=False, metadata={
+        "help": "write checkpoints in the background while training goes on (Orbax's asynchronous "
+                "checkpointing: the state is copied to host memory at the save, then written); a failed "
+                "write is reported at the next save or at the end"})
     prefetch: int = dataclasses.field(default=2, metadata={
         "help": "training batches built ahead of the step, in as many background threads (the batches "
                 "are the same); 0: each built when its step starts"})
@@ -101,7 +106,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _validate.train_config(self)  # integers, finite numbers, known optimizer
-        for name in ("decay_embeddings", "save_frozen"):
+        for name in ("decay_embeddings", "save_frozen", "async_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "keep", "log_every"):
@@ -430,7 +435,8 @@ def train(recipe, model_config, train_config: TrainConfig, out_dir, *, resume: b
             if data.stats:  # what embedding needs of the data, beside the checkpoints
                 rundir.write_data_stats(out_dir, data.stats)
         left_out = leaves_out(model_config) if isinstance(frozen, dict) else None
-        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log, leave_out=left_out)
+        ckpt = Checkpointer(out_dir, keep=cfg.keep, save_every=cfg.save_every, log=log, leave_out=left_out,
+                            async_write=cfg.async_checkpoint)
         if primary:
             ckpt.remove_partial()  # a save killed mid-write leaves a tmp folder
         multihost.barrier("run directory checked")  # no process reads it after process 0 starts writing
@@ -530,11 +536,15 @@ def _steps(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=recipe.name, dynamic_ncols=True)
     train_loss, t0 = float("nan"), time.perf_counter()
+    queued = collections.deque()
     for step in bar:
         if stop is not None and stop.requested:  # a signal came: stop at this step boundary
             break
         state, metrics = compiled(state, batch_at(step))
         done = step + 1
+        queued.append(metrics)  # the host runs ahead of the device by at most two steps (and their batches)
+        if len(queued) > 2:
+            jax.block_until_ready(queued.popleft())
         if done % cfg.log_every == 0 or done == cfg.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             train_loss = m["loss"]
@@ -546,7 +556,7 @@ def _steps(cfg, recipe, compiled, eval_fn, state, evals, batch_at, ckpt, metrics
             if multihost.is_primary():
                 bar.write(f"step {done}: train loss {train_loss:.4f}  "
                           + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        ckpt.save(state)
+        ckpt.save(state, step=done)  # the step counted here: no wait for the device unless it saves
     bar.close()
     if ckpt.latest_step() != int(state.step):
         ckpt.save(state, force=True)
