@@ -6,7 +6,7 @@ the next steps can be built while the device runs this one, and nothing about th
 Building runs in threads: NumPy releases the GIL in the array work batch building consists of
 (the AlphaFold features' clustering, gathers, one-hot encodings), and the reads are ``pread``s
 and memory maps, safe from several threads. Batches stay in host memory until the loop places
-the one it needs, so the device never holds more than the step it runs.
+the one it needs: those built ahead take no device memory.
 """
 
 from __future__ import annotations
