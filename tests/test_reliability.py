@@ -255,21 +255,27 @@ def test_full_disk_keeps_earlier_checkpoints_and_resumes_bit_identical(reference
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_checkpoint_write_failure_removes_the_partial_folder(reference, tmp_path, monkeypatch):
-    """ENOSPC raised inside Orbax's write (simulated): one line, tmp removed, earlier steps kept."""
+def _disk_full(reference, tmp_path):
+    """(run with checkpoints 2 and 4, the state of 4, Orbax's finalize class, its real finalize and
+    one raising ENOSPC) for simulating a full disk inside Orbax's write."""
     from orbax.checkpoint._src.path import atomicity
     out = _copy(reference, tmp_path)
     shutil.rmtree(out / "checkpoints" / "6")
-    state = _load(out, 4)
-    real = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+    cls = atomicity.AtomicRenameTemporaryPath
+    return out, _load(out, 4), cls, cls.finalize, full
+
+
+def test_checkpoint_write_failure_removes_the_partial_folder(reference, tmp_path, monkeypatch):
+    """ENOSPC raised inside Orbax's write (simulated): one line, tmp removed, earlier steps kept."""
+    out, state, atomicity_cls, real, full = _disk_full(reference, tmp_path)
+    monkeypatch.setattr(atomicity_cls, "finalize", full)
     ckpt = Checkpointer(out, save_every=1)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint 5 .*no space left on device.*\[2, 4\]"):
         ckpt.save(state._replace(step=jax.numpy.asarray(5, state.step.dtype)), force=True)
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
+    monkeypatch.setattr(atomicity_cls, "finalize", real)
     assert _steps(out) == ["2", "4"]
 
 
@@ -292,22 +298,15 @@ def test_a_failed_background_write_is_one_line_at_the_next_save(reference, tmp_p
     """A background write that fails (ENOSPC inside Orbax's finalize, simulated) is reported by the
     next save that writes, or by close: one line naming its step, the partial folder removed,
     earlier checkpoints kept."""
-    from orbax.checkpoint._src.path import atomicity
-    out = _copy(reference, tmp_path)
-    shutil.rmtree(out / "checkpoints" / "6")
-    state = _load(out, 4)
-    real = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def full(self, *a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    out, state, atomicity_cls, real, full = _disk_full(reference, tmp_path)
     at = lambda step: state._replace(step=jax.numpy.asarray(step, state.step.dtype))  # noqa: E731
     for finish in ("save", "close"):
-        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+        monkeypatch.setattr(atomicity_cls, "finalize", full)
         ckpt = Checkpointer(out, save_every=1, async_write=True)
         assert ckpt.save(at(5))  # returns once the state is copied; the write fails in the background
         with pytest.raises(CheckpointError, match=r"could not write checkpoint 5 .*no space left on device.*\[2, 4\]"):
             ckpt.save(at(6)) if finish == "save" else ckpt.close()
-        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
+        monkeypatch.setattr(atomicity_cls, "finalize", real)
         assert _steps(out) == ["2", "4"], finish
         ckpt.close()  # nothing left to report
     ckpt = Checkpointer(out, save_every=1, async_write=True)
