@@ -449,8 +449,7 @@ def _embed(args, rest=()) -> int:
            load_trained(recipe, args.run_dir, step=args.step, mesh=args.mesh, log=log, base=args.base))
     extra = {}
     if recipe.embed_reads_data:  # the data's statistics as the run saved them, else the data files to read again
-        extra = {"data_files": run.data_files,
-                 "data_stats": run.data_stats() if foreign is None else None}
+        extra = {"data_files": run.data_files, "data_stats": run.data_stats()}
     extra.update(vars(picked))
     if recipe.embed_reads_base:
         extra["base"] = str(args.run_dir) if foreign is not None else \

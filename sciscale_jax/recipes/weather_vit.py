@@ -341,13 +341,20 @@ def build_data(train_cfg, model_cfg) -> Data:
     figures = baselines(prep, model_cfg.lead_steps)
     for k in model_cfg.leads[1:]:  # a multi-lead run: the loss baselines at each other trained lead
         figures.update({f"{name}_lead{k}": value for name, value in baselines(prep, k, channels=False).items()})
+    return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
+                summary=summary, train_only=("y_rollout",),  # evaluation: one step at the lead
+                stats=training_stats(prep))  # what forecasts need of the training data (sciscale embed)
+
+
+def training_stats(prep: Prepared) -> dict:
+    """What a forecast needs of the training data (``Data.stats``): the per-variable mean and
+    standard deviation, the interval in hours and, where there are any, the standardized static
+    fields."""
     stats = {"mean": prep.normalizer.mean, "std": prep.normalizer.std,
              "interval_hours": np.int64(prep.weather.interval_hours)}
     if prep.static_norm is not None:
         stats["static_norm"] = prep.static_norm
-    return Data(train=train, eval=evals, baselines=figures, sources=prep.weather.sources if user else {},
-                summary=summary, train_only=("y_rollout",),  # evaluation: one step at the lead
-                stats=stats)  # what forecasts need of the training data (sciscale embed)
+    return stats
 
 
 def _eval_batches(prep: Prepared, model_cfg, kw: dict):
@@ -454,8 +461,7 @@ def forecast(model_cfg, model, path, batch_size: int = 16, *, data_files: dict |
         if changed:
             raise ValueError(f"the run's training data changed since it trained, so its normalization would too: "
                              f"{'; '.join(changed)}")
-        data_stats = {"mean": prep.normalizer.mean, "std": prep.normalizer.std,
-                      "interval_hours": prep.weather.interval_hours, "static_norm": prep.static_norm}
+        data_stats = training_stats(prep)
     normalize = wx.Normalizer.of(data_stats["mean"], data_stats["std"])
     static_norm = data_stats.get("static_norm")
     grid = (len(model_cfg.static_fields), model_cfg.lat, model_cfg.lon)

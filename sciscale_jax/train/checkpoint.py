@@ -200,7 +200,7 @@ class Checkpointer:
         try:
             with _quiet_orbax():
                 saved = self.manager.save(step, args=ocp.args.StandardSave(_drop_empty(self._written(state._asdict()))),
-                                          force=force)
+                                          force=True)  # should_save was asked above
                 if not self.async_write:
                     self.manager.wait_until_finished()
         except BaseException as err:
