@@ -11,6 +11,9 @@ arXiv:2307.08691) partitions the work as done here:
   from the lse. The dQ kernel also emits the bias gradient block by block; it is then
   summed over the dimensions the user's bias was broadcast over.
 
+Packed rows: with segment ids (one int per query and per key) a query attends only to keys of its
+own segment; the ids are read per tile beside q and k, so no [Q, K] mask is formed.
+
 Causal blocks above the diagonal are skipped. Sequences are padded inside to the block
 sizes (padded keys masked), head_dim to a power of two. Rows whose every key is masked
 give zeros (their lse is stored as +inf so the backward sees zero probabilities).
@@ -53,6 +56,7 @@ class _Cfg:
     groups: int           # query heads per kv head
     bias_shape: tuple | None  # padded 4-D bias shape, size-1 dims kept
     mask_shape: tuple | None
+    segments: bool        # query and key segment ids follow the bias and mask
     bhsd: bool            # kernel layout [B,H,S,D] (TPU) instead of the user's [B,S,H,D]
     interpret: bool
     backend: str
@@ -101,17 +105,22 @@ def _params(cfg, dims, d):
 
 # ----------------------------------------------------------------------------- kernels
 
-def _logits(cfg, q_qd, k_kd, bias_ref, mask_ref, q0, k0, rq, rk, edge):
-    """Masked float32 logits of one [bq, bk] tile; q0/k0 global offsets, rq/rk in the refs.
+def _logits(cfg, q_qd, k_kd, bias_ref, masks, q0, k0, rq, rk, edge):
+    """Masked float32 logits of one [bq, bk] tile; q0/k0 global offsets, rq/rk in the refs;
+    ``masks``: (mask ref, query segment ref, key segment ref), each None where absent.
 
     ``edge`` (static): the tile may hold causal or padded positions, so build that mask."""
     bq, bk = q_qd.shape[0], k_kd.shape[0]
+    mask_ref, q_seg_ref, k_seg_ref = masks
     s_qk = lax.dot_general(q_qd, k_kd, _NT, preferred_element_type=jnp.float32) * cfg.scale
     if bias_ref is not None:
         s_qk = s_qk + _tile(bias_ref, rq, bq, rk, bk).astype(jnp.float32)
     valid = None
     if mask_ref is not None:
         valid = _tile(mask_ref, rq, bq, rk, bk) != 0
+    if q_seg_ref is not None:  # [bq, 1] == [1, bk]
+        same = _tile(q_seg_ref, rq, bq, rk, bk) == _tile(k_seg_ref, rq, bq, rk, bk)
+        valid = same if valid is None else valid & same
     if edge:
         col = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
         ok = col < cfg.kv_len
@@ -173,12 +182,14 @@ def _loop(lo, mid, hi, body, carry):
 
 
 def _split(refs, cfg, n_in):
-    """(base input refs, bias ref, mask ref, output refs); bias and mask follow the base."""
-    n_base = n_in - bool(cfg.bias_shape) - bool(cfg.mask_shape)
+    """(base input refs, bias ref, (mask ref, query and key segment refs), output refs); bias,
+    mask and segment ids follow the base."""
+    n_base = n_in - bool(cfg.bias_shape) - bool(cfg.mask_shape) - 2 * cfg.segments
     extra = list(refs[n_base:n_in])
     bias_ref = extra.pop(0) if cfg.bias_shape else None
     mask_ref = extra.pop(0) if cfg.mask_shape else None
-    return refs[:n_base], bias_ref, mask_ref, refs[n_in:]
+    q_seg_ref, k_seg_ref = (extra.pop(0), extra.pop(0)) if cfg.segments else (None, None)
+    return refs[:n_base], bias_ref, (mask_ref, q_seg_ref, k_seg_ref), refs[n_in:]
 
 
 def _fwd_kernel(*refs, cfg, nk, n_in):
@@ -285,9 +296,12 @@ def _dq_kernel(*refs, cfg, nk, n_in):
 # ----------------------------------------------------------------------------- calls
 
 def _extras(cfg, bias, mask, rows, cols, idx):
-    """Bias and mask operands (where given) with their block specs."""
-    pairs = [(x, _pair_spec(shape, rows, cols, idx))
-             for x, shape in ((bias, cfg.bias_shape), (mask, cfg.mask_shape)) if shape]
+    """Bias, mask and segment-id operands (where given) with their block specs; ``mask`` is
+    (mask, query segment ids [B,1,Q,1], key segment ids [B,1,1,K])."""
+    mask, q_seg, k_seg = mask
+    pairs = [(x, _pair_spec(x.shape if shape is True else shape, rows, cols, idx))
+             for x, shape in ((bias, cfg.bias_shape), (mask, cfg.mask_shape),
+                              (q_seg, cfg.segments), (k_seg, cfg.segments)) if shape]
     return [x for x, _ in pairs], [spec for _, spec in pairs]
 
 
@@ -372,7 +386,8 @@ def _flash_fwd(q, k, v, bias, mask, cfg):
     # symbolic_zeros: each array comes wrapped with .perturbed, so a bias nobody
     # differentiates (ALiBi, say) costs no gradient buffer; the marker () asks for dbias.
     want_dbias = () if bias is not None and bias.perturbed else None
-    q, k, v, bias, mask = (None if x is None else x.value for x in (q, k, v, bias, mask))
+    q, k, v, bias = (None if x is None else x.value for x in (q, k, v, bias))
+    mask = tuple(None if x is None else x.value for x in mask)  # (mask, query ids, key ids)
     o, lse = _forward(cfg, q, k, v, bias, mask)
     return o, (q, k, v, bias, mask, o, lse, want_dbias)
 
@@ -382,7 +397,7 @@ def _flash_bwd(cfg, res, do):
     if isinstance(do, jax.custom_derivatives.SymbolicZero):
         do = jnp.zeros(o.shape, o.dtype)
     dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias is not None)
-    return dq, dk, dv, dbias, None
+    return dq, dk, dv, dbias, (None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -446,13 +461,14 @@ def _next_pow2(n):
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
+def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, segment_ids=None,
                     block_q=None, block_k=None, interpret=None, backend=None):
     """softmax(q k^T * scale + bias) v with the Pallas flash kernels.
 
     q [B,Q,H,D]; k, v [B,K,Hkv,D] with Hkv dividing H; bias (additive, differentiable) and
     mask (bool, True = attend) broadcastable to [B,H,Q,K]; ``causal`` aligns the last
-    query with the last key. Block sizes must be powers of two (>= 16 compiled, >= 8
+    query with the last key; ``segment_ids`` (query ids [B,Q], key ids [B,K], integers): a
+    query attends only to keys with its id (packed rows). Block sizes must be powers of two (>= 16 compiled, >= 8
     interpreted); by default forward 128x64 and backward 64x64 (halved for head_dim > 128),
     clipped to the lengths.
     ``interpret=None`` interprets on CPU and compiles on GPU (Triton) or TPU (Mosaic);
@@ -499,12 +515,20 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None,
 
     bias4 = None if bias is None else pair(bias, 0)
     mask4 = None if mask is None else pair(mask.astype(jnp.int8), 0)
+    segs = (None, None)
+    if segment_ids is not None:  # padded queries and keys match nothing
+        q_ids, k_ids = segment_ids
+        if tuple(q_ids.shape) != (batch, q_len) or tuple(k_ids.shape) != (batch, kv_len):
+            raise ValueError(f"segment ids of shapes {tuple(q_ids.shape)}, {tuple(k_ids.shape)} must be "
+                             f"[batch, q_len] = {(batch, q_len)} and [batch, kv_len] = {(batch, kv_len)}")
+        segs = (jnp.pad(jnp.asarray(q_ids, jnp.int32), ((0, 0), (0, qp - q_len)), constant_values=-1)[:, None, :, None],
+                jnp.pad(jnp.asarray(k_ids, jnp.int32), ((0, 0), (0, kp - kv_len)), constant_values=-2)[:, None, None, :])
     cfg = _Cfg(scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, block_q=bq,
                block_k=bk, bwd_blocks=bwd_blocks, groups=heads // kv_heads,
                bias_shape=None if bias4 is None else tuple(bias4.shape),
-               mask_shape=None if mask4 is None else tuple(mask4.shape),
+               mask_shape=None if mask4 is None else tuple(mask4.shape), segments=segment_ids is not None,
                bhsd=bhsd, interpret=interpret, backend=backend)
-    out = _flash(seq(q, qp), seq(k, kp), seq(v, kp), bias4, mask4, cfg)
+    out = _flash(seq(q, qp), seq(k, kp), seq(v, kp), bias4, (mask4, *segs), cfg)
     out = out.transpose(0, 2, 1, 3) if bhsd else out
     return out[:, :q_len, :, :head_dim]
 

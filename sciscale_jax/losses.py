@@ -19,14 +19,15 @@ def token_cross_entropy(logits_bsv, targets_bs, weights_bs):
 
 
 def mlm_loss(model, batch, key):
-    """Masked-LM loss over the positions ``batch['weights']`` marks."""
-    logits = model(batch["inputs"], mask_bs=batch["mask"], dropout_key=key)
+    """Masked-LM loss over the positions ``batch['weights']`` marks (packed rows where the batch
+    carries ``segments``)."""
+    logits = model(batch["inputs"], mask_bs=batch["mask"], segments_bs=batch.get("segments"), dropout_key=key)
     return token_cross_entropy(logits, batch["targets"], batch["weights"])
 
 
 def causal_lm_loss(model, batch, key):
     """Next-token loss: position t predicts token t+1 wherever both are real."""
     tokens, real = batch["inputs"], batch["mask"]
-    logits = model(tokens, mask_bs=real, dropout_key=key)
+    logits = model(tokens, mask_bs=real, segments_bs=batch.get("segments"), dropout_key=key)
     weights = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
     return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)

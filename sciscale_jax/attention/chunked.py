@@ -10,7 +10,8 @@ quadratic is stored for autodiff. Memory is linear in sequence length on any bac
 
 Supports any lengths (padded to whole blocks inside, padded keys masked), grouped-query
 attention (kv heads repeated outside the custom VJP, whose transpose sums the groups),
-boolean masks, causal attention aligned at the end as in ``xla.py`` (tiles that causality
+boolean masks, segment ids of packed rows (compared tile by tile: a query attends only to keys of
+its own segment, and no [Q, K] mask is formed), causal attention aligned at the end as in ``xla.py`` (tiles that causality
 hides entirely are skipped with ``lax.cond``, forward and backward), and an additive bias
 broadcastable to [batch, heads, q_len, kv_len] whose gradient comes back in the bias's own
 shape (summed over its broadcast dimensions). A row with no key to attend gives zeros.
@@ -40,8 +41,9 @@ class _Spec(NamedTuple):
 
 
 def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None,
-                      q_chunk: int = DEFAULT_Q_CHUNK, kv_chunk: int = DEFAULT_KV_CHUNK):
-    """Memory-efficient exact attention. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K]."""
+                      segment_ids=None, q_chunk: int = DEFAULT_Q_CHUNK, kv_chunk: int = DEFAULT_KV_CHUNK):
+    """Memory-efficient exact attention. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K];
+    ``segment_ids``: (query ids [B,Q], key ids [B,K]), a query attends only to keys with its id."""
     for label, size in (("q_chunk", q_chunk), ("kv_chunk", kv_chunk)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{label} must be a positive int, got {size!r}")
@@ -60,8 +62,13 @@ def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=Fa
     # Bias and mask become 4-D; a dimension of size 1 stays broadcast, a full one is padded.
     bias_4d = None if bias is None else _pad_qk(_as_4d(jnp.asarray(bias)), q_pad, kv_pad, 0)
     mask_4d = None if mask is None else _pad_qk(_as_4d(jnp.asarray(mask, bool)), q_pad, kv_pad, False)
+    q_seg = kv_seg = None
+    if segment_ids is not None:  # [B,1,Q,1] and [B,1,1,K]; padded positions match nothing
+        q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+        q_seg = jnp.pad(q_ids, ((0, 0), (0, q_pad)), constant_values=-1)[:, None, :, None]
+        kv_seg = jnp.pad(kv_ids, ((0, 0), (0, kv_pad)), constant_values=-2)[:, None, None, :]
     spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale)
-    out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d)
+    out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
     return out_bqhd[:, :q_len]
 
 
@@ -83,7 +90,7 @@ def _slice_qk(x, qi, ki, spec):
     return x
 
 
-def _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki):
+def _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki, q_seg=None, kv_seg=None):
     """Scaled logits of tile (qi, ki) in float32, [B,H,qb,kb], with -inf where a key is not attended."""
     s_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32) * spec.scale
     if bias is not None:
@@ -94,6 +101,8 @@ def _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki):
     if spec.causal:  # query i sees key j <= i + (kv_len - q_len)
         valid_qk = valid_qk & (k_pos[None, :] <= q_pos[:, None] + (spec.kv_len - spec.q_len))
     valid = valid_qk if mask is None else valid_qk & _slice_qk(mask, qi, ki, spec)
+    if q_seg is not None:
+        valid = valid & (_slice_qk(q_seg, qi, ki, spec) == _slice_qk(kv_seg, qi, ki, spec))
     return jnp.where(valid, s_bhqk, -jnp.inf)
 
 
@@ -105,7 +114,7 @@ def _unless_hidden(spec, qi, ki, update, carry):
     return lax.cond(ki * spec.kv_block <= last_visible_key, update, lambda c: c, carry)
 
 
-def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
+def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg=None, kv_seg=None):
     batch, q_padded, num_heads, head_dim = q_bqhd.shape
     num_q, num_kv = q_padded // spec.q_block, k_bkhd.shape[1] // spec.kv_block
 
@@ -119,7 +128,7 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
             max_bhq, norm_bhq, acc_bhqd = carry
             k_blk = lax.dynamic_slice_in_dim(k_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
             v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
-            s_bhqk = _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki)
+            s_bhqk = _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki, q_seg, kv_seg)
             new_max = jnp.maximum(max_bhq, s_bhqk.max(axis=-1))
             safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # all -inf so far: no NaN
             p_bhqk = jnp.exp(s_bhqk - safe_max[..., None])
@@ -131,7 +140,8 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
 
         stats_shape = (batch, num_heads, spec.q_block)
         init = _varying_as((jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                            jnp.zeros(stats_shape + (head_dim,), jnp.float32)), q_bqhd, k_bkhd, v_bkhd, bias, mask)
+                            jnp.zeros(stats_shape + (head_dim,), jnp.float32)), q_bqhd, k_bkhd, v_bkhd, bias, mask,
+                           q_seg, kv_seg)
         (max_bhq, norm_bhq, acc_bhqd), _ = lax.scan(kv_step, init, jnp.arange(num_kv))
         attended = norm_bhq > 0
         out_bhqd = acc_bhqd / jnp.where(attended, norm_bhq, 1.0)[..., None]
@@ -145,17 +155,17 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
-    return _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask)[0]
+def _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg):
+    return _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg)[0]
 
 
-def _attention_fwd(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask):
-    out_bqhd, lse_bhq = _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask)
-    return out_bqhd, (q_bqhd, k_bkhd, v_bkhd, bias, mask, out_bqhd, lse_bhq)
+def _attention_fwd(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg):
+    out_bqhd, lse_bhq = _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg)
+    return out_bqhd, (q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg, out_bqhd, lse_bhq)
 
 
 def _attention_bwd(spec, residuals, dout_bqhd):
-    q_bqhd, k_bkhd, v_bkhd, bias, mask, out_bqhd, lse_bhq = residuals
+    q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg, out_bqhd, lse_bhq = residuals
     num_q, num_kv = q_bqhd.shape[1] // spec.q_block, k_bkhd.shape[1] // spec.kv_block
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax-backward row term.
     delta_bhq = jnp.einsum("bqhd,bqhd->bhq", dout_bqhd.astype(jnp.float32), out_bqhd.astype(jnp.float32))
@@ -174,7 +184,7 @@ def _attention_bwd(spec, residuals, dout_bqhd):
             do_blk = lax.dynamic_slice_in_dim(dout_bqhd, start, spec.q_block, axis=1)
             lse_blk = lax.dynamic_slice_in_dim(lse_bhq, start, spec.q_block, axis=2)
             delta_blk = lax.dynamic_slice_in_dim(delta_bhq, start, spec.q_block, axis=2)
-            s_bhqk = _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki)
+            s_bhqk = _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki, q_seg, kv_seg)
             p_bhqk = jnp.exp(s_bhqk - lse_blk[..., None])  # masked or empty rows: exactly 0
             dv_bkhd = dv_bkhd + jnp.einsum("bhqk,bqhd->bkhd", p_bhqk.astype(do_blk.dtype), do_blk,
                                            preferred_element_type=jnp.float32)
@@ -203,7 +213,7 @@ def _attention_bwd(spec, residuals, dout_bqhd):
     dv_bkhd = dv_nbkhd.transpose(1, 0, 2, 3, 4).reshape(v_bkhd.shape)
     dbias = None if bias is None else _sum_to_vma(dbias, bias).astype(bias.dtype)
     return (dq_bqhd.astype(q_bqhd.dtype), dk_bkhd.astype(k_bkhd.dtype), dv_bkhd.astype(v_bkhd.dtype),
-            dbias, None)
+            dbias, None, None, None)
 
 
 def _vma(x) -> frozenset:

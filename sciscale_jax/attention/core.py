@@ -1,10 +1,13 @@
 """The attention front door: one signature, implementations chosen by name.
 
-``dot_product_attention(q, k, v, *, bias, mask, causal, scale, impl)`` validates shapes and
-dtypes before anything compiles, then dispatches to a registered implementation. Layout:
-q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] with kv_heads
+``dot_product_attention(q, k, v, *, bias, mask, segment_ids, causal, scale, impl)`` validates
+shapes and dtypes before anything compiles, then dispatches to a registered implementation.
+Layout: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] with kv_heads
 dividing heads; a float ``bias`` and a boolean ``mask`` (True = attend) broadcastable to
-[batch, heads, q_len, kv_len].
+[batch, heads, q_len, kv_len]; integer ``segment_ids`` [batch, seq] (or a pair: queries' [batch,
+q_len], keys' [batch, kv_len]) for packed rows, where a query attends only to keys of its own
+segment. "chunked" and "flash" compare the ids tile by tile (no [Q, K] mask is formed); any other
+implementation gets them as the equivalent boolean mask.
 
 Implementations: "xla" (reference), "chunked" (Rabe & Staats 2021, O(N) memory), "cudnn"
 (``jax.nn.dot_product_attention`` on cuDNN), "flash" (Pallas kernel in
@@ -44,8 +47,9 @@ MODULE_IMPLS = ("linformer", "performer")  # approximate attention: NNX modules,
 
 
 class Impl(NamedTuple):
-    fn: Callable             # fn(q, k, v, *, bias, mask, causal, scale)
+    fn: Callable             # fn(q, k, v, *, bias, mask, causal, scale[, segment_ids])
     check: Callable | None   # check(q, k, v, bias, mask): raise ValueError if unsupported
+    segments: bool = False   # fn takes segment_ids=(q_ids [B, Q], kv_ids [B, K]) itself
 
 
 def _as_impl(entry) -> Impl:
@@ -55,7 +59,7 @@ def _as_impl(entry) -> Impl:
 # Implementations in other modules are listed by path and imported on first use.
 IMPLS = Registry("attention implementation", {
     "xla": Impl(xla_attention, None),
-    "chunked": Impl(chunked_attention, None),
+    "chunked": Impl(chunked_attention, None, segments=True),
     "cudnn": Impl(cudnn_attention, check_cudnn),
     "flash": "sciscale_jax.attention.flash:IMPL",
     "sm90": "sciscale_jax.attention.sm90:IMPL",
@@ -65,9 +69,10 @@ IMPLS = Registry("attention implementation", {
 }, convert=_as_impl)
 
 
-def register(name: str, fn: Callable, check: Callable | None = None) -> None:
-    """Register an attention implementation; ``check`` raises ValueError for inputs it cannot take."""
-    IMPLS.register(name, Impl(fn, check))
+def register(name: str, fn: Callable, check: Callable | None = None, segments: bool = False) -> None:
+    """Register an attention implementation; ``check`` raises ValueError for inputs it cannot take;
+    ``segments``: ``fn`` takes ``segment_ids`` itself (else it gets them as a mask)."""
+    IMPLS.register(name, Impl(fn, check, segments))
 
 
 def available() -> tuple[str, ...]:
@@ -123,6 +128,36 @@ def check_dtypes(q, k, v, bias=None, mask=None) -> None:
         raise ValueError(f"mask must be boolean (True = attend); got {jnp.dtype(mask.dtype).name}")
 
 
+def check_segments(q, k, segment_ids):
+    """``segment_ids`` as a pair (query ids [batch, q_len], key ids [batch, kv_len]) of int32, or
+    None; a ValueError naming the shapes or dtype when they do not fit q and k."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(f"segment_ids must be one [batch, seq] array or a pair (query ids, key ids); "
+                             f"got a sequence of {len(segment_ids)}")
+        q_ids, kv_ids = segment_ids
+    else:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"one segment_ids array needs q_len == kv_len (got {q.shape[1]} and {k.shape[1]}); "
+                             f"give a pair (query ids, key ids)")
+        q_ids = kv_ids = segment_ids
+    for label, ids, seq in (("query", q_ids, q.shape[1]), ("key", kv_ids, k.shape[1])):
+        if not hasattr(ids, "shape") or tuple(ids.shape) != (q.shape[0], seq):
+            raise ValueError(f"{label} segment ids of shape {tuple(getattr(ids, 'shape', ()))} must be "
+                             f"[batch, {label}_len] = {(q.shape[0], seq)}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"segment ids must be integers; got {jnp.dtype(ids.dtype).name}")
+    return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+
+
+def segment_mask(segment_ids):
+    """The boolean mask [batch, 1, q_len, kv_len] (True = attend) of a (query ids, key ids) pair."""
+    q_ids, kv_ids = segment_ids
+    return q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+
+
 def _accelerator() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
 
@@ -165,17 +200,27 @@ def _auto_takes(name, q, k, v, bias, mask, causal) -> bool:
     return True
 
 
-def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool = False) -> str:
-    """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged)."""
+def _takes_segments(name: str) -> bool:
+    try:
+        return IMPLS[name].segments
+    except ImportError:
+        return False
+
+
+def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool = False,
+                 segments: bool = False) -> str:
+    """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged).
+    With ``segments`` (packed rows), "auto" takes only an implementation that compares segment ids
+    itself, never one that would need the [Q, K] mask they stand for."""
     if impl != "auto":
         return impl
     if _cuda():  # measured on this kind of GPU: the fastest implementation that takes the inputs
-        ranked = measured.ranking(_device_kind(), q.shape[-1], max(q.shape[1], k.shape[1]), causal,
-                                  "pair" if bias is not None else "mask" if mask is not None else "none")
+        kind = "pair" if bias is not None else "mask" if mask is not None or segments else "none"
+        ranked = measured.ranking(_device_kind(), q.shape[-1], max(q.shape[1], k.shape[1]), causal, kind)
         for name in ranked or ():
-            if _auto_takes(name, q, k, v, bias, mask, causal):
+            if (not segments or _takes_segments(name)) and _auto_takes(name, q, k, v, bias, mask, causal):
                 return name
-    if _cuda() and bias is None and mask is None:
+    if _cuda() and bias is None and mask is None and not segments:
         try:
             check_cudnn(q, k, v, causal=causal)
             return "cudnn"
@@ -193,15 +238,23 @@ def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool
     return "xla"
 
 
-def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, impl="auto"):
-    """Scaled dot-product attention softmax(q k^T * scale + bias) v, masked and optionally causal."""
+def dot_product_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=False, scale=None,
+                          impl="auto"):
+    """Scaled dot-product attention softmax(q k^T * scale + bias) v, masked and optionally causal;
+    with ``segment_ids``, query i attends key j only where their segment ids are equal."""
     if impl in MODULE_IMPLS:
         raise ValueError(f"impl={impl!r} is an attention module with parameters; build "
                          f"sciscale_jax.attention.{impl.capitalize()}Attention and call it instead")
     validate_impl(impl)
     check_shapes(q, k, v, bias, mask)
     check_dtypes(q, k, v, bias, mask)
-    entry = IMPLS[resolve_impl(q, k, v, bias, mask, impl, causal=causal)]
+    segments = check_segments(q, k, segment_ids)
+    entry = IMPLS[resolve_impl(q, k, v, bias, mask, impl, causal=causal, segments=segments is not None)]
+    extra = {}
+    if segments is not None and entry.segments:
+        extra["segment_ids"] = segments
+    elif segments is not None:  # the implementation takes masks only: the segments' [B, 1, Q, K] mask
+        mask = segment_mask(segments) if mask is None else mask & segment_mask(segments)
     if entry.check is not None:
         entry.check(q, k, v, bias, mask)
-    return entry.fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)
+    return entry.fn(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale, **extra)

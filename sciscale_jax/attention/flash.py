@@ -11,11 +11,13 @@ from sciscale_jax.attention.core import Impl
 from sciscale_jax.kernels.flash_attention import check_flash, flash_attention, flash_supported
 
 
-def flash(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None):
-    """Front-door signature over the kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask to [B,H,Q,K]."""
-    return flash_attention(q_bqhd, k_bkhd, v_bkhd, bias=bias, mask=mask, causal=causal, scale=scale)
+def flash(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None, segment_ids=None):
+    """Front-door signature over the kernel. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask to [B,H,Q,K];
+    segment_ids (query ids [B,Q], key ids [B,K]) compared per tile."""
+    return flash_attention(q_bqhd, k_bkhd, v_bkhd, bias=bias, mask=mask, causal=causal, scale=scale,
+                           segment_ids=segment_ids)
 
 
-IMPL = Impl(flash, check_flash)
+IMPL = Impl(flash, check_flash, segments=True)
 
 __all__ = ["IMPL", "check_flash", "flash", "flash_attention", "flash_supported"]

@@ -7,6 +7,15 @@ so a metric can score the positions whose residue the model cannot see apart fro
 it can copy. Batches are a pure function of (seed, step), so a resumed run sees exactly
 the batches an uninterrupted run would have seen.
 
+Packed rows (``pack=True``, training batches only): whole sequences follow one another in a row,
+each drawn uniformly (with replacement, as unpacked rows draw theirs), until fewer than
+``PACK_MIN_PIECE`` positions are left; a sequence longer than the room left is cropped to a random
+window of that room (as an unpacked row crops to ``seq_len``). ``batch["segments"]`` numbers the
+pieces of each row 1, 2, ... (0: padding), and the model keeps them apart (each attends only to
+itself, with its own positions). Each row draws from its own stream ``(seed, step, row)``, so any
+slice of rows is built alone. On proteins of median length 276 (pyhmmer's), an unpacked 1,024-token
+row is 31% residues and a packed one over 98%.
+
 Two baselines without context: the unigram (residue frequencies of the training split)
 and the context-free table P(target | input token at the same position), counted on
 training batches. On mask-replaced positions the table is the unigram of masked targets;
@@ -21,6 +30,9 @@ import math
 import numpy as np
 
 from sciscale_jax.data.rows import check_rows
+
+PACK_MIN_PIECE = 16   # packed rows: positions left below which the rest of the row is padding
+_PACK_STREAM = 0x9ACC  # packed rows' random streams: (seed, step, _PACK_STREAM, row)
 
 # Values of ``batch["corruption"]``: what happened to each position.
 NOT_CHOSEN, MASKED, RANDOM, KEPT = 0, 1, 2, 3
@@ -76,7 +88,7 @@ class MLMBatches:
     """Seeded MLM batches over encoded sequences (each already wrapped as cls ... eos)."""
 
     def __init__(self, encoded, tokenizer, *, batch_size: int, seq_len: int, seed: int = 0,
-                 mask_prob: float = 0.15):
+                 mask_prob: float = 0.15, pack: bool = False):
         if batch_size <= 0 or seq_len <= 2:
             raise ValueError(f"batch_size={batch_size} must be > 0 and seq_len={seq_len} > 2")
         if not 0 < mask_prob <= 1:
@@ -87,6 +99,7 @@ class MLMBatches:
         self.encoded = encoded if isinstance(encoded, collections.abc.Sequence) else list(encoded)
         self.tok = tokenizer
         self.batch_size, self.seq_len, self.seed, self.mask_prob = batch_size, seq_len, seed, mask_prob
+        self.pack = bool(pack)
         self._specials = np.array([tokenizer.pad_id, tokenizer.mask_id, tokenizer.cls_id, tokenizer.eos_id])
 
     def _make(self, ids_list, rng):
@@ -98,7 +111,10 @@ class MLMBatches:
         return {"inputs": inputs, "targets": targets, "weights": weights, "corruption": corruption, "mask": real}
 
     def batch(self, step: int) -> dict:
-        """The training batch of ``step``: sequences drawn with replacement, then cropped and masked."""
+        """The training batch of ``step``: sequences drawn with replacement, then cropped (or packed)
+        and masked."""
+        if self.pack:
+            return self._packed(step, 0, self.batch_size)
         rng = np.random.default_rng([self.seed, step])
         picks = rng.integers(0, len(self.encoded), self.batch_size)
         return self._make([self.encoded[i] for i in picks], rng)
@@ -112,9 +128,43 @@ class MLMBatches:
         contribute how many of their positions take a random residue.
         """
         check_rows(start, stop, self.batch_size)
+        if self.pack:
+            return self._packed(step, start, stop)
         rng = np.random.default_rng([self.seed, step])
         picks = rng.integers(0, len(self.encoded), self.batch_size)
         return self._make_rows([self.encoded[i] for i in picks], rng, start, stop)
+
+    def _packed_row(self, rng):
+        """One packed row: (tokens [seq_len], segment ids [seq_len], 0 for padding)."""
+        seq_len = self.seq_len
+        tokens = np.full(seq_len, self.tok.pad_id, np.int32)
+        segments = np.zeros(seq_len, np.int32)
+        pos, piece = 0, 0
+        while seq_len - pos >= min(PACK_MIN_PIECE, seq_len):
+            ids = self.encoded[int(rng.integers(0, len(self.encoded)))]
+            room = seq_len - pos
+            start = int(rng.integers(0, len(ids) - room + 1)) if len(ids) > room else 0
+            window = ids[start:start + room]
+            piece += 1
+            tokens[pos:pos + len(window)] = window
+            segments[pos:pos + len(window)] = piece
+            pos += len(window)
+        return tokens, segments
+
+    def _packed(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` of packed batch ``step``, each from its own stream."""
+        rows = []
+        for row in range(start, stop):
+            rng = np.random.default_rng([self.seed, step, _PACK_STREAM, row])
+            tokens, segments = self._packed_row(rng)
+            real = segments > 0
+            maskable = real & ~np.isin(tokens, self._specials)
+            inputs, targets, weights, corruption = mask_tokens(
+                tokens[None], maskable[None], rng, mask_id=self.tok.mask_id, residue_ids=self.tok.residue_ids,
+                mask_prob=self.mask_prob)
+            rows.append({"inputs": inputs, "targets": targets, "weights": weights, "corruption": corruption,
+                         "mask": real[None], "segments": segments[None]})
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     def _make_rows(self, ids_list, rng, start: int, stop: int) -> dict:
         """Rows ``start:stop`` of ``_make(ids_list, rng)`` with the same draws from ``rng``."""

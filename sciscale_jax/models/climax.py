@@ -184,7 +184,7 @@ class ClimaX(nnx.Module):
         x_ble = dropout(x_ble, cfg.dropout, k_in)
         positions_bl = jnp.zeros((b, x_ble.shape[1]), jnp.int32)
         keys = layer_keys(k_layers, cfg.num_layers, cfg.dropout > 0.0)
-        x_ble = run_layers(self.layers, x_ble, positions_bl, None, policy=cfg.remat, keys=keys)
+        x_ble = run_layers(self.layers, x_ble, positions_bl, None, None, policy=cfg.remat, keys=keys)
         hidden_ble = jax.nn.gelu(self.head_hidden(self.final_norm(x_ble)))
         out_dtype = jnp.promote_types(cfg.dtype, jnp.float32)  # float32 unless computing in float64
         out_blq = self.head(hidden_ble).astype(out_dtype).reshape(b, -1, v, p * p)

@@ -8,6 +8,11 @@ bias, and token dropout (mask tokens' embeddings zeroed, the rest scaled by
 ``(1 - 0.15 * 0.8) / (1 - share of mask tokens)``), so ESM-2 checkpoints run here
 (``sciscale_jax.models.esm``).
 
+Packed rows: ``segments_bs`` (int [batch, seq], one id per contiguous run of tokens, padding its
+own run) makes each sequence of a row attend only to itself, start its rotary positions at 0 and
+take ESM-2's token-dropout share over its own tokens, so a packed row computes what each of its
+sequences would alone.
+
 Every technique is picked by a string in ``TransformerConfig`` (the switches it inherits
 from ``sciscale_jax.models.stack.Techniques``): the attention implementation (through
 ``sciscale_jax.attention``), the remat policy (``sciscale_jax.remat``), precision and QAT
@@ -143,7 +148,7 @@ class Attention(nnx.Module):
         return (rotary(self.query(x_bse), positions_bs, self.cfg.rope_base),
                 rotary(self.key(x_bse), positions_bs, self.cfg.rope_base))
 
-    def __call__(self, x_bse, positions_bs, mask_b11k):
+    def __call__(self, x_bse, positions_bs, mask_b11k, segments_bs=None):
         cfg = self.cfg
         q_bshd, k_bshd = self._query_key(x_bse, positions_bs)
         v_bshd = self.value(x_bse)
@@ -152,10 +157,14 @@ class Attention(nnx.Module):
             k_bshd, v_bshd = kv_quant(k_bshd, v_bshd)
         q_bshd, k_bshd, v_bshd = (checkpoint_name(t, remat.QKV) for t in (q_bshd, k_bshd, v_bshd))
         if self.approx is not None:
+            if segments_bs is not None:
+                raise ValueError(f"attention={cfg.attention!r} mixes every position of a row, so packed rows "
+                                 f"(segments) cannot keep their sequences apart; use exact attention")
             ctx_bshd = self.approx(q_bshd, k_bshd, v_bshd, mask=mask_b11k, causal=cfg.causal)
         else:
             ctx_bshd = attention.dot_product_attention(q_bshd, k_bshd, v_bshd, mask=mask_b11k,
-                                                       causal=cfg.causal, impl=cfg.attention)
+                                                       segment_ids=segments_bs, causal=cfg.causal,
+                                                       impl=cfg.attention)
         ctx_bshd = checkpoint_name(ctx_bshd, remat.ATTN_CONTEXT)
         return self.out(ctx_bshd)
 
@@ -229,11 +238,11 @@ class Block(nnx.Module):
         sequence over the tensor axis (Megatron sequence parallelism); without a mesh, a no-op."""
         return parallel.with_logical_constraint(x_bse, (ax.BATCH, ax.SEQ, ax.EMBED), self.sharding)
 
-    def __call__(self, x_bse, positions_bs, mask_b11k, key=None):
+    def __call__(self, x_bse, positions_bs, mask_b11k, segments_bs=None, key=None):
         k_attn, k_mlp = (None, None) if key is None else tuple(jax.random.split(key))
         x_bse = checkpoint_name(self._residual(x_bse), remat.LAYER_INPUT)
         h_bse = checkpoint_name(self.attn_norm(x_bse), remat.ATTN_NORM)
-        a_bse = checkpoint_name(self.attn(h_bse, positions_bs, mask_b11k), remat.ATTN_OUT)
+        a_bse = checkpoint_name(self.attn(h_bse, positions_bs, mask_b11k, segments_bs), remat.ATTN_OUT)
         x_bse = self._residual(x_bse + dropout(a_bse, self.rate, k_attn))
         h_bse = checkpoint_name(self.mlp_norm(x_bse), remat.MLP_NORM)
         m_bse = checkpoint_name(self.mlp(h_bse), remat.MLP_OUT)
@@ -257,9 +266,11 @@ class Transformer(nnx.Module):
         if cfg.lora_rank:  # everything but the adapters is frozen: kept in the compute dtype
             store_frozen(self, cfg.dtype, lora_trains(cfg))
 
-    def __call__(self, tokens_bs, *, mask_bs=None, dropout_key=None):
-        """``mask_bs``: True for real tokens (padding keys are never attended)."""
-        return self.logits(self.hidden(tokens_bs, mask_bs=mask_bs, dropout_key=dropout_key))
+    def __call__(self, tokens_bs, *, mask_bs=None, segments_bs=None, dropout_key=None):
+        """``mask_bs``: True for real tokens (padding keys are never attended); ``segments_bs``: the
+        sequence each token belongs to in a packed row (see the module docstring)."""
+        return self.logits(self.hidden(tokens_bs, mask_bs=mask_bs, segments_bs=segments_bs,
+                                       dropout_key=dropout_key))
 
     def logits(self, h_bse):
         """The output head on normalised hidden states [batch, seq, embed] -> float32 logits [batch, seq, vocab]."""
@@ -269,21 +280,25 @@ class Transformer(nnx.Module):
             logits_bsv = self.lm_head(h_bse)
         return checkpoint_name(logits_bsv.astype(jnp.float32), remat.LOGITS)
 
-    def embed_tokens(self, tokens_bs, mask_bs=None):
+    def embed_tokens(self, tokens_bs, mask_bs=None, segments_bs=None):
         """Token embeddings [batch, seq, embed] in the compute dtype, after ESM-2's token dropout if set
-        (``mask_bs``: True for real tokens, the length each sequence's mask-token share is taken over)."""
+        (``mask_bs``: True for real tokens, the length each sequence's mask-token share is taken over;
+        with ``segments_bs``, each packed sequence's own share)."""
         cfg = self.config
         x_bse = jnp.take(self.embed[...], tokens_bs, axis=0)
         if cfg.token_dropout_id >= 0:
             masked_bs = tokens_bs == cfg.token_dropout_id
             real_bs = jnp.ones(tokens_bs.shape, bool) if mask_bs is None else mask_bs.astype(bool)
-            share_b = jnp.sum(masked_bs & real_bs, axis=-1) / jnp.maximum(jnp.sum(real_bs, axis=-1), 1)
-            left_b = 1.0 - share_b.astype(jnp.float32)  # 0 only when every token is masked (all zero then)
-            scale_b = (1.0 - ESM_MASK_RATIO) / jnp.where(left_b > 0, left_b, 1.0)
-            x_bse = jnp.where(masked_bs[..., None], 0.0, x_bse.astype(jnp.float32) * scale_b[:, None, None])
+            if segments_bs is None:
+                share_bs = (jnp.sum(masked_bs & real_bs, axis=-1) / jnp.maximum(jnp.sum(real_bs, axis=-1), 1))[:, None]
+            else:
+                share_bs = _per_run_share(masked_bs & real_bs, real_bs, segments_bs)
+            left_bs = 1.0 - share_bs.astype(jnp.float32)  # 0 only when every token is masked (all zero then)
+            scale_bs = (1.0 - ESM_MASK_RATIO) / jnp.where(left_bs > 0, left_bs, 1.0)
+            x_bse = jnp.where(masked_bs[..., None], 0.0, x_bse.astype(jnp.float32) * scale_bs[..., None])
         return x_bse.astype(cfg.dtype)
 
-    def hidden(self, tokens_bs, *, mask_bs=None, dropout_key=None):
+    def hidden(self, tokens_bs, *, mask_bs=None, segments_bs=None, dropout_key=None):
         """The final layer's normalised hidden states [batch, seq, embed], the input of the LM head:
         per-token (per-residue) embeddings, as protein language models are used downstream."""
         cfg = self.config
@@ -292,12 +307,45 @@ class Transformer(nnx.Module):
         batch, seq = tokens_bs.shape
         if seq > cfg.max_len:
             raise ValueError(f"sequence length {seq} exceeds max_len={cfg.max_len}")
-        positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        mask_b11k = None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
-        x_bse = self.embed_tokens(tokens_bs, mask_bs)
+        if segments_bs is not None and tuple(segments_bs.shape) != (batch, seq):
+            raise ValueError(f"segments of shape {tuple(segments_bs.shape)} must match tokens {(batch, seq)}")
+        positions_bs, mask_b11k = block_inputs(batch, seq, mask_bs, segments_bs)
+        x_bse = self.embed_tokens(tokens_bs, mask_bs, segments_bs)
         keys = layer_keys(dropout_key, cfg.num_layers, cfg.dropout > 0.0)
-        x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, policy=cfg.remat, keys=keys)
+        x_bse = run_layers(self.layers, x_bse, positions_bs, mask_b11k, segments_bs, policy=cfg.remat, keys=keys)
         return self.final_norm(x_bse)
+
+
+def segment_starts(segments_bs):
+    """True where a token begins a new run of equal segment ids (and at every row's start)."""
+    first = jnp.ones(segments_bs.shape[:1] + (1,), bool)
+    return jnp.concatenate([first, segments_bs[:, 1:] != segments_bs[:, :-1]], axis=1)
+
+
+def segment_positions(segments_bs):
+    """Each token's position within its run of equal segment ids [batch, seq] (0 at a run's start)."""
+    index_s = jnp.arange(segments_bs.shape[1])
+    start_bs = jax.lax.cummax(jnp.where(segment_starts(segments_bs), index_s, 0), axis=1)
+    return index_s - start_bs
+
+
+def _per_run_share(hit_bs, real_bs, segments_bs):
+    """Per token, the share of ``hit`` among the real tokens of its run of equal segment ids."""
+    batch, seq = segments_bs.shape
+    run_bs = jnp.cumsum(segment_starts(segments_bs), axis=1) - 1 + (jnp.arange(batch) * seq)[:, None]
+    hits = jax.ops.segment_sum(hit_bs.astype(jnp.float32).ravel(), run_bs.ravel(), num_segments=batch * seq)
+    reals = jax.ops.segment_sum(real_bs.astype(jnp.float32).ravel(), run_bs.ravel(), num_segments=batch * seq)
+    return (hits / jnp.maximum(reals, 1.0))[run_bs]
+
+
+def block_inputs(batch: int, seq: int, mask_bs=None, segments_bs=None):
+    """(rotary positions [batch, seq], key mask [batch, 1, 1, seq] or None) for the blocks: positions
+    count from each packed sequence's start when ``segments_bs`` is given."""
+    if segments_bs is None:
+        positions_bs = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    else:
+        positions_bs = segment_positions(segments_bs)
+    return positions_bs, None if mask_bs is None else mask_bs[:, None, None, :].astype(bool)
 
 
 def attention_maps(model: Transformer, tokens_bs, *, mask_bs=None, each=None):

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sciscale_jax import attention
 from sciscale_jax.data import ProteinTokenizer, files, packed, pyhmmer_protein_file
 from sciscale_jax.data.protein import read_fasta
 from sciscale_jax.data.mlm import (CORRUPTIONS, MLMBatches, context_free_log_probs, residue_log_probs, table_accuracy,
@@ -60,6 +61,10 @@ class ProteinMLMConfig(TransformerConfig):
         "group": "data", "help": "share of distinct sequences held out (by hash)"})
     val_sequences: int = dataclasses.field(default=10_000, metadata={
         "group": "data", "help": "held-out proteins scored at most (evenly spaced through the held-out split)"})
+    pack: bool = dataclasses.field(default=False, metadata={
+        "group": "data", "help": "pack training rows: whole proteins follow one another in a row, each "
+        "attending only to itself with its own positions, instead of one cropped protein and padding "
+        "(validation stays one protein per row)"})
 
     def __post_init__(self):
         if not isinstance(self.data, str):
@@ -68,6 +73,11 @@ class ProteinMLMConfig(TransformerConfig):
             raise ValueError(f"val_fraction={self.val_fraction!r} must lie in (0, 1)")
         if not isinstance(self.val_sequences, int) or isinstance(self.val_sequences, bool) or self.val_sequences < 1:
             raise ValueError(f"val_sequences={self.val_sequences!r} must be a positive integer")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack={self.pack!r} must be a bool")
+        if self.pack and self.attention in attention.MODULE_IMPLS:
+            raise ValueError(f"pack=True keeps each packed protein to itself, which attention={self.attention!r} "
+                             f"(it mixes every position of a row) cannot; use exact attention or no --pack")
         super().__post_init__()
 
 
@@ -161,7 +171,7 @@ def build_data(train_cfg, model_cfg=None) -> Data:
     if held_out > cap:  # evenly spaced through the held-out split, the same every run
         val_ids = packed.Proteins(pack, val_ids.index[np.linspace(0, held_out - 1, cap).round().astype(np.int64)])
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
-    train = MLMBatches(train_ids, tok, **kw)
+    train = MLMBatches(train_ids, tok, pack=getattr(model_cfg, "pack", False), **kw)
     rows = train_cfg.batch_size * max(1, EVAL_MIN_TOKENS // (train_cfg.batch_size * train_cfg.seq_len))
     evals = MLMBatches(val_ids, tok, **kw).eval_batches(min_masked=EVAL_MIN_MASKED, rows=rows)
     summary = ""
@@ -169,7 +179,7 @@ def build_data(train_cfg, model_cfg=None) -> Data:
         summary = (f"data: {len(pack)} proteins from {len(sources)} file(s) of --data: {len(train_ids)} for "
                    f"training, {held_out} held out" + (f" ({cap} of them scored)" if held_out > cap else "")
                    + f"; packed in {pack.folder}")
-    return Data(train=train, eval=evals, vocab_size=tok.vocab_size,
+    return Data(train=train, eval=evals, vocab_size=tok.vocab_size, train_only=("segments",) if train.pack else (),
                 baselines=baselines(train, evals, pack.token_counts(val_fraction), tok), sources=sources,
                 summary=summary)
 

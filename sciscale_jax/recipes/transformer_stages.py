@@ -8,18 +8,21 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sciscale_jax.losses import token_cross_entropy
+from sciscale_jax.models.transformer import block_inputs
 from sciscale_jax.parallel import PipelineStages
 
 
 def embed(model, batch):
     """Token embedding [B, S, E] in the compute dtype (after ESM-2's token dropout if set)."""
-    return model.embed_tokens(batch["inputs"], batch["mask"])
+    return model.embed_tokens(batch["inputs"], batch["mask"], batch.get("segments"))
 
 
 def block_args(batch):
-    """(positions [B, S], key mask [B, 1, 1, S]) for ``Block(x, positions, mask, key)``."""
+    """(positions [B, S], key mask [B, 1, 1, S], segments [B, S] or None) for
+    ``Block(x, positions, mask, segments, key)``."""
     batch_size, seq = batch["inputs"].shape
-    return jnp.broadcast_to(jnp.arange(seq), (batch_size, seq)), batch["mask"][:, None, None, :].astype(bool)
+    segments = batch.get("segments")
+    return (*block_inputs(batch_size, seq, batch["mask"], segments), segments)
 
 
 def _logits(model, h):

@@ -20,6 +20,7 @@ import numpy as np
 TOKEN_FIELDS = ("inputs", "targets", "tokens")  # integer ids into the vocabulary, where present
 WEIGHT_FIELDS = ("weights",)                    # per-token loss weights, where present
 MASK_FIELDS = ("mask",)                         # real-token marks, where present
+SEGMENT_FIELDS = ("segments",)                  # packed rows: which sequence each token belongs to
 MESH_ATTENTION = {"ring": "sequence", "ulysses": "sequence"}  # attention that splits over a mesh axis
 
 
@@ -62,6 +63,17 @@ def validate_batch(batch, vocab_size: int | None, *, required=(), where: str = "
         m = np.asarray(arrays[key])
         if m.dtype != bool and not (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all()):
             raise ValueError(f"{where}[{key!r}] must be boolean (or 0/1 integers), got dtype {m.dtype}")
+    for key in SEGMENT_FIELDS:
+        if key not in arrays:
+            continue
+        ids = np.asarray(arrays[key])
+        if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2:
+            raise ValueError(f"{where}[{key!r}] must be integer segment ids [batch, seq], got {ids.dtype} "
+                             f"of shape {ids.shape}")
+        if "mask" in arrays and ids.shape == np.shape(arrays["mask"]) and ids.size:
+            padding = ~np.asarray(arrays["mask"]).astype(bool)
+            if (ids[padding] != 0).any() or (ids[~padding] == 0).any():
+                raise ValueError(f"{where}[{key!r}] must be 0 exactly on padding (where 'mask' is False)")
 
 
 def check_data(data, vocab_size: int | None, example=None) -> None:

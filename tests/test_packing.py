@@ -1,0 +1,252 @@
+"""Packed rows: segment ids in attention, the Transformer and protein-mlm's training batches.
+
+The property throughout: a packed row computes what each of its sequences computes alone. The
+attention reference runs every segment by itself in float64 (no segment ids); the model reference
+runs every protein by itself, padded, through the same model.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sciscale_jax import attention
+from sciscale_jax.attention import core
+from sciscale_jax.data import ProteinTokenizer, load_proteins
+from sciscale_jax.data.mlm import MASKED, PACK_MIN_PIECE, MLMBatches
+from sciscale_jax.kernels.flash_attention import flash_attention
+from sciscale_jax.models import Transformer, TransformerConfig
+from sciscale_jax.models.transformer import segment_positions
+
+# Row 0: three segments, then padding (segment 0); row 1: two segments, no padding.
+SEGMENTS = np.array([[1] * 13 + [2] * 17 + [3] * 7 + [0] * 3,
+                     [5] * 25 + [9] * 15], np.int32)
+
+
+def _ref_alone(q, k, v, segments, causal):
+    """Each segment's attention computed by itself, in float64: [B, S, H, D]."""
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+        heads, kv_heads = q.shape[2], k.shape[2]
+        k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+        out = jnp.zeros(q.shape, jnp.float64)
+        for b in range(q.shape[0]):
+            for sid in np.unique(segments[b]):
+                idx = np.nonzero(segments[b] == sid)[0]
+                s = jnp.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) * q.shape[-1] ** -0.5
+                if causal:
+                    s = jnp.where(np.tril(np.ones((len(idx), len(idx)), bool)), s, -jnp.inf)
+                p = jax.nn.softmax(s, axis=-1)
+                out = out.at[b, idx].set(jnp.einsum("hqk,khd->qhd", p, v[b, idx]))
+        return out
+
+
+def _impl(name):
+    if name == "chunked":  # tiles smaller than the segments, so segments straddle tiles
+        return lambda q, k, v, seg, causal: attention.chunked_attention(
+            q, k, v, segment_ids=(seg, seg), causal=causal, q_chunk=16, kv_chunk=8)
+    if name == "flash":
+        return lambda q, k, v, seg, causal: flash_attention(
+            q, k, v, segment_ids=(seg, seg), causal=causal, block_q=16, block_k=8)
+    return lambda q, k, v, seg, causal: attention.dot_product_attention(
+        q, k, v, segment_ids=seg, causal=causal, impl=name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "flash", "auto"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_segments_attend_only_to_themselves(impl, causal):
+    rng = np.random.default_rng(0)
+    b, s, heads, kv_heads, d = 2, 40, 4, 2, 16
+    q = rng.normal(size=(b, s, heads, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
+    cot = rng.normal(size=(b, s, heads, d)).astype(np.float32)
+    fn = _impl(impl)
+    seg = jnp.asarray(SEGMENTS)
+
+    def loss(fn_out):
+        return lambda q, k, v: jnp.sum(fn_out(q, k, v) * cot)
+
+    out = fn(q, k, v, seg, causal)
+    grads = jax.grad(loss(lambda q, k, v: fn(q, k, v, seg, causal)), argnums=(0, 1, 2))(q, k, v)
+    ref = _ref_alone(q, k, v, SEGMENTS, causal)
+    with jax.enable_x64(True):
+        ref_grads = jax.grad(loss(lambda q, k, v: _ref_alone(q, k, v, SEGMENTS, causal)), argnums=(0, 1, 2))(
+            *(np.float64(x) for x in (q, k, v)))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+    # the ids matter: without them, the second segment sees the rest of its row
+    plain = attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal, impl="xla")
+    assert np.max(np.abs(np.asarray(plain[0, 13:30]) - np.asarray(ref[0, 13:30]))) > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "flash"])
+def test_query_and_key_ids_of_different_lengths(impl):
+    """The pair form: queries and keys carry their own ids (a query attends keys with its id)."""
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(1, 12, 2, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(1, 20, 2, 8)).astype(np.float32) for _ in range(2))
+    q_ids = np.array([[1] * 5 + [2] * 7], np.int32)
+    kv_ids = np.array([[2] * 9 + [1] * 11], np.int32)
+    mask = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+    with jax.enable_x64(True):
+        ref = attention.xla_attention(*(jnp.float64(x) for x in (q, k, v)), mask=jnp.asarray(mask))
+    kw = dict(q_chunk=8, kv_chunk=8) if impl == "chunked" else dict(block_q=8, block_k=8) if impl == "flash" else {}
+    fn = {"xla": lambda *a, **k: attention.dot_product_attention(*a, impl="xla", **k),
+          "chunked": attention.chunked_attention, "flash": flash_attention}[impl]
+    out = fn(q, k, v, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)), **kw)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_auto_takes_only_implementations_that_compare_ids(monkeypatch):
+    """Packed rows on a GPU: "auto" skips a measured-faster implementation that would need the
+    [Q, K] mask the ids stand for (cuDNN, sm90) and takes one that reads the ids per tile."""
+    monkeypatch.setattr(core, "_cuda", lambda: True)
+    monkeypatch.setattr(core, "_device_kind", lambda: "NVIDIA H200")
+    monkeypatch.setattr(core.measured, "ranking", lambda *a, **k: ["cudnn", "sm90", "flash", "xla"])
+    monkeypatch.setattr(core, "_auto_takes", lambda *a, **k: True)
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 64), jnp.bfloat16)
+    assert core.resolve_impl(q, q, q, segments=True) == "flash"
+    assert core.resolve_impl(q, q, q, segments=False) == "cudnn"
+
+
+def test_on_cpu_auto_never_forms_the_mask_of_a_long_packed_row():
+    q = jax.ShapeDtypeStruct((1, 4096, 2, 16), jnp.float32)
+    assert core.resolve_impl(q, q, q, segments=True) == "chunked"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 39), np.int32), r"query segment ids of shape \(2, 39\) must be \[batch, query_len\]"),
+    (np.zeros((2, 40), np.float32), "segment ids must be integers"),
+    ((np.zeros((2, 40), np.int32),) * 3, "one \\[batch, seq\\] array or a pair"),
+])
+def test_malformed_segment_ids_are_one_line(bad, message):
+    q = jnp.zeros((2, 40, 2, 8))
+    with pytest.raises(ValueError, match=message):
+        attention.dot_product_attention(q, q, q, segment_ids=bad)
+
+
+def test_positions_restart_at_each_segment():
+    got = np.asarray(segment_positions(jnp.asarray(SEGMENTS)))
+    np.testing.assert_array_equal(got[0], np.r_[np.arange(13), np.arange(17), np.arange(7), np.arange(3)])
+    np.testing.assert_array_equal(got[1], np.r_[np.arange(25), np.arange(15)])
+
+
+ESM_LIKE = TransformerConfig(vocab_size=33, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=128,
+                             norm="layer", bias=True, mlp="gelu_exact", head="esm", token_dropout_id=32)
+
+
+def _packed_and_alone(cfg, pieces, seq):
+    """(logits of the packed row [S, V], logits of each piece alone, padded to ``seq``, as a list)."""
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = np.zeros(seq, np.int32)
+    segments = np.zeros(seq, np.int32)
+    pos = 0
+    for i, piece in enumerate(pieces):
+        tokens[pos:pos + len(piece)] = piece
+        segments[pos:pos + len(piece)] = i + 1
+        pos += len(piece)
+    packed = model(jnp.asarray(tokens[None]), mask_bs=jnp.asarray(segments[None] > 0),
+                   segments_bs=jnp.asarray(segments[None]))[0]
+    alone = []
+    for piece in pieces:
+        row = np.zeros((1, seq), np.int32)
+        row[0, :len(piece)] = piece
+        mask = np.arange(seq)[None] < len(piece)
+        alone.append(model(jnp.asarray(row), mask_bs=jnp.asarray(mask))[0, :len(piece)])
+    return packed, alone
+
+
+@pytest.mark.parametrize("cfg", [
+    ESM_LIKE,
+    dataclasses.replace(ESM_LIKE, attention="chunked", scan_layers=True, remat="full"),
+    TransformerConfig(vocab_size=33, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=64, causal=True),
+], ids=["esm2-xla", "esm2-chunked-scan-remat", "causal-lm"])
+def test_a_packed_row_computes_what_each_sequence_computes_alone(cfg):
+    """Rotary positions restart, ESM-2's token-dropout share is each protein's own (the pieces
+    hold different shares of mask tokens), and no token attends across a boundary."""
+    rng = np.random.default_rng(2)
+    pieces = [rng.integers(4, 24, n) for n in (17, 9, 26)]
+    pieces[0][[3, 5, 8]] = 32   # three mask tokens in the first protein, one in the third
+    pieces[2][4] = 32
+    packed, alone = _packed_and_alone(cfg, pieces, 60)
+    starts = np.cumsum([0] + [len(p) for p in pieces])
+    for i, want in enumerate(alone):
+        np.testing.assert_allclose(packed[starts[i]:starts[i + 1]], want, atol=2e-5, rtol=1e-5)
+
+
+def test_packing_refuses_approximate_attention():
+    from sciscale_jax.recipes.protein_mlm import ProteinMLMConfig
+    with pytest.raises(ValueError, match="pack=True keeps each packed protein to itself"):
+        ProteinMLMConfig(vocab_size=33, attention="linformer", pack=True)
+
+
+def _batches(pack, seq_len=256, batch_size=8, seed=0, max_len=None):
+    tok = ProteinTokenizer(unknown="x")
+    encoded = [tok.encode(s, add_special=True) for s in load_proteins()[:400] if max_len is None or len(s) <= max_len]
+    return encoded, MLMBatches(encoded, tok, batch_size=batch_size, seq_len=seq_len, seed=seed, pack=pack)
+
+
+def test_packed_rows_are_whole_proteins_or_windows_of_one():
+    encoded, batches = _batches(True, seq_len=1024, batch_size=4)
+    proteins = {p.tobytes() for p in encoded}
+    texts = [p.tobytes() for p in encoded]
+    pieces = whole = 0
+    for step in range(3):
+        batch = batches.batch(step)
+        for targets, segments in zip(batch["targets"], batch["segments"]):
+            ids = segments[segments > 0]
+            assert np.all(np.diff(ids) >= 0) and ids[0] == 1 and np.all(np.diff(np.unique(ids)) == 1)
+            assert np.all(segments[len(ids):] == 0)         # padding only at the end ...
+            assert len(segments) - len(ids) < PACK_MIN_PIECE  # ... and less than a piece
+            for sid in np.unique(ids):
+                piece = targets[segments == sid].astype(np.int32).tobytes()
+                pieces += 1
+                whole += piece in proteins
+                assert any(piece in t for t in texts)          # a contiguous window of one protein
+    assert whole / pieces > 0.5                                # most pieces are whole proteins
+
+
+def test_packed_rows_hold_more_residues_and_the_usual_masking():
+    _, padded = _batches(False)
+    _, packed = _batches(True)
+    real = [np.mean([b.batch(s)["mask"].mean() for s in range(5)]) for b in (padded, packed)]
+    assert real[1] > 0.97 and real[1] > real[0] + 0.1
+    batch = packed.batch(0)
+    maskable = batch["mask"] & (batch["targets"] > 3)
+    share = (batch["corruption"] == MASKED).sum() / maskable.sum()
+    assert 0.09 < share < 0.15                                 # 15% chosen, 80% of those masked
+    assert not np.any(batch["weights"][~batch["mask"]])        # padding is never a target
+
+
+def test_packed_batches_are_a_function_of_seed_and_step_and_slice_by_rows():
+    _, a = _batches(True, seed=3)
+    _, b = _batches(True, seed=3)
+    full = a.batch(7)
+    for key, value in b.batch(7).items():
+        np.testing.assert_array_equal(full[key], value)
+    part = a.batch_rows(7, 3, 6)
+    for key, value in part.items():
+        np.testing.assert_array_equal(full[key][3:6], value)
+    assert not np.array_equal(a.batch(8)["inputs"], full["inputs"])
+
+
+def test_pipeline_stages_give_the_loss_of_a_packed_batch():
+    """The pipeline's stage functions (embed, block arguments, head) on a packed batch equal mlm_loss."""
+    from sciscale_jax.losses import mlm_loss
+    from sciscale_jax.models.stack import run_layers
+    from sciscale_jax.recipes.transformer_stages import block_args, embed, mlm_count, mlm_head
+
+    _, batches = _batches(True, seq_len=128, batch_size=2, max_len=100)
+    batch = {k: jnp.asarray(v) for k, v in batches.batch(0).items()}
+    cfg = dataclasses.replace(ESM_LIKE, vocab_size=33, token_dropout_id=ProteinTokenizer().mask_id)
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    total, count = mlm_loss(model, batch, None)
+    h = run_layers(model.layers, embed(model, batch), *block_args(batch))
+    np.testing.assert_allclose(mlm_head(model, h, batch), total, rtol=1e-6)
+    assert float(mlm_count(batch)) == float(count)
+    unpacked = mlm_loss(model, {k: v for k, v in batch.items() if k != "segments"}, None)[0]
+    assert abs(float(unpacked) - float(total)) > 1e-3            # the segments changed the loss
