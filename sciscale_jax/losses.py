@@ -25,9 +25,19 @@ def mlm_loss(model, batch, key):
     return token_cross_entropy(logits, batch["targets"], batch["weights"])
 
 
+def causal_weights(batch):
+    """Next-token weights [B, S-1]: 1 where tokens t and t+1 are both real (and, in packed rows with
+    ``segments``, of one sequence: no token is predicted across a boundary)."""
+    real = batch["mask"]
+    pairs = real[:, 1:] & real[:, :-1]
+    segments = batch.get("segments")
+    if segments is not None:
+        pairs = pairs & (segments[:, 1:] == segments[:, :-1])
+    return pairs.astype(jnp.float32)
+
+
 def causal_lm_loss(model, batch, key):
-    """Next-token loss: position t predicts token t+1 wherever both are real."""
-    tokens, real = batch["inputs"], batch["mask"]
-    logits = model(tokens, mask_bs=real, segments_bs=batch.get("segments"), dropout_key=key)
-    weights = (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
-    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)
+    """Next-token loss: position t predicts token t+1 wherever both are real (``causal_weights``)."""
+    tokens = batch["inputs"]
+    logits = model(tokens, mask_bs=batch["mask"], segments_bs=batch.get("segments"), dropout_key=key)
+    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], causal_weights(batch))

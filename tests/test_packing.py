@@ -269,3 +269,42 @@ def test_protein_mlm_trains_packed_rows_on_a_sequence_mesh_as_on_one_device(tmp_
     np.testing.assert_allclose(runs["mesh"]["train_loss"], runs["one"]["train_loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(runs["one"]["state"].params), jax.tree.leaves(runs["mesh"]["state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def _molecules(n=50, seed=4, bos=1, eos=2):
+    rng = np.random.default_rng(seed)
+    return [np.r_[bos, rng.integers(3, 20, int(rng.integers(3, 15))), eos].astype(np.int32) for _ in range(n)]
+
+
+def test_smiles_packed_rows_number_their_molecules():
+    from sciscale_jax.data.smiles import CausalLMBatches
+    from sciscale_jax.losses import causal_weights
+
+    encoded = _molecules()
+    texts = [m.tobytes() for m in encoded]
+    batches = CausalLMBatches(encoded, 0, batch_size=4, seq_len=40, seed=1, pack=True, segments=True)
+    batch = batches.batch(2)
+    plain = CausalLMBatches(encoded, 0, batch_size=4, seq_len=40, seed=1, pack=True).batch(2)
+    np.testing.assert_array_equal(plain["inputs"], batch["inputs"])   # the same rows, ids added
+    assert "segments" not in plain
+    for tokens, segments in zip(batch["inputs"], batch["segments"]):
+        assert segments[0] == 1 and np.all(np.diff(segments) >= 0) and np.all(segments > 0)  # packed: no padding
+        for sid in np.unique(segments):
+            piece = tokens[segments == sid]
+            assert piece[0] == 1                                               # starts at its bos
+            assert any(t.startswith(piece.tobytes()) for t in texts)          # one molecule (the last cut)
+    part = batches.batch_rows(2, 1, 3)
+    for key in batch:
+        np.testing.assert_array_equal(part[key], batch[key][1:3])
+    # no next-token target across a boundary: each molecule piece of n tokens gives n - 1 targets
+    weights = np.asarray(causal_weights({k: jnp.asarray(v) for k, v in batch.items()}))
+    per_row = [sum(int((segs == sid).sum()) - 1 for sid in np.unique(segs)) for segs in batch["segments"]]
+    np.testing.assert_array_equal(weights.sum(axis=1), per_row)
+
+
+def test_isolate_molecules_needs_packed_rows_and_exact_attention():
+    from sciscale_jax.recipes.smiles_lm import SmilesLMConfig
+    with pytest.raises(ValueError, match="without pack each row holds one molecule"):
+        SmilesLMConfig(vocab_size=104, isolate_molecules=True, pack=False)
+    with pytest.raises(ValueError, match="attention='performer'"):
+        SmilesLMConfig(vocab_size=104, isolate_molecules=True, attention="performer")

@@ -295,10 +295,13 @@ class CausalLMBatches:
     ``pack=True`` fills each training row with whole molecules drawn one after another
     (bos ... eos bos ... eos ...), the last one cut at the row's end, as GPT-style
     pretraining packs documents: no row is padding, so a step trains on about
-    seq_len / mean length more molecules. Evaluation batches are never packed.
+    seq_len / mean length more molecules. With ``segments=True`` packed batches also carry
+    ``segments`` (each token's molecule in its row, 1, 2, ...; 0 for padding), so the model can keep
+    the molecules apart. Evaluation batches are never packed.
     """
 
-    def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0, pack: bool = False):
+    def __init__(self, encoded, pad_id: int, *, batch_size: int, seq_len: int, seed: int = 0, pack: bool = False,
+                 segments: bool = False):
         if batch_size <= 0 or seq_len < 2:
             raise ValueError(f"batch_size={batch_size} must be > 0 and seq_len={seq_len} >= 2")
         if not len(encoded):
@@ -308,10 +311,19 @@ class CausalLMBatches:
         self.pad_id = pad_id
         self._lengths = encoded.lengths() if hasattr(encoded, "lengths") else None  # without reading them
         self.batch_size, self.seq_len, self.seed, self.pack = batch_size, seq_len, seed, pack
+        self.segments = bool(segments) and pack
 
     def _make(self, ids_list):
         tokens, real = pad_rows(ids_list, self.seq_len, self.pad_id)
         return {"inputs": tokens, "mask": real}
+
+    def _make_packed(self, rows):
+        """A batch of packed rows, each a list of molecules (the last one cut at the row's end)."""
+        batch = self._make([np.concatenate(row) for row in rows])
+        if self.segments:
+            batch["segments"] = np.stack([np.repeat(np.arange(1, len(row) + 1, dtype=np.int32),
+                                                    [len(ids) for ids in row])[:self.seq_len] for row in rows])
+        return batch
 
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
@@ -325,8 +337,8 @@ class CausalLMBatches:
                 ids = self.encoded[int(rng.integers(0, len(self.encoded)))]
                 row.append(ids)
                 filled += len(ids)
-            rows.append(np.concatenate(row))
-        return self._make(rows)
+            rows.append(row)
+        return self._make_packed(rows)
 
     def batch_rows(self, step: int, start: int, stop: int) -> dict:
         """Rows ``start:stop`` of ``batch(step)``, bit for bit, padding (or packing) only those rows.
@@ -347,8 +359,8 @@ class CausalLMBatches:
                 picks.append(int(rng.integers(0, len(self.encoded))))
                 filled += len(self.encoded[picks[-1]]) if self._lengths is None else int(self._lengths[picks[-1]])
             if row >= start:
-                rows.append(np.concatenate([self.encoded[i] for i in picks]))
-        return self._make(rows)
+                rows.append([self.encoded[i] for i in picks])
+        return self._make_packed(rows)
 
     def eval_batches(self) -> list[dict]:
         """Every molecule once, in order; the last batch is filled with empty (all-pad) rows."""

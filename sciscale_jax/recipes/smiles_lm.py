@@ -67,6 +67,10 @@ class SmilesLMConfig(TransformerConfig):
         "choices": sm.SMILES_FORMS, "help": "train on 'aromatic' (c1ccccc1) or 'kekule' (C1=CC=CC=C1) canonical SMILES"})
     pack: bool = dataclasses.field(default=True, metadata={
         "help": "fill training rows with whole molecules one after another (no padding)"})
+    isolate_molecules: bool = dataclasses.field(default=False, metadata={
+        "help": "packed rows: each molecule attends only to itself, its positions from 0, and no token is "
+        "predicted across a boundary, as when a molecule is sampled from bos alone (default: a molecule "
+        "also sees those before it in its row)"})
     samples: int = dataclasses.field(default=1000, metadata={
         "group": "generation", "help": "SMILES sampled after training and scored by RDKit (0: none)"})
     temperature: float = dataclasses.field(default=0.7, metadata={
@@ -83,6 +87,14 @@ class SmilesLMConfig(TransformerConfig):
             raise ValueError(f"smiles_form={self.smiles_form!r} must be one of {sm.SMILES_FORMS}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"pack={self.pack!r} must be a bool")
+        if not isinstance(self.isolate_molecules, bool):
+            raise ValueError(f"isolate_molecules={self.isolate_molecules!r} must be a bool")
+        if self.isolate_molecules and not self.pack:
+            raise ValueError("isolate_molecules keeps packed molecules apart; without pack each row holds one "
+                             "molecule already: drop --isolate-molecules or keep --pack")
+        if self.isolate_molecules and self.attention in ("linformer", "performer"):
+            raise ValueError(f"isolate_molecules keeps each packed molecule to itself, which attention="
+                             f"{self.attention!r} (it mixes every position of a row) cannot; use exact attention")
         if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
             raise ValueError(f"samples={self.samples!r} must be a non-negative integer")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -199,7 +211,8 @@ def build_data(train_cfg, model_cfg) -> Data:
                           corpus=model_cfg.corpus, eval_molecules=model_cfg.eval_molecules)
     tok = corpus.tokenizer
     kw = dict(batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
-    train = sm.CausalLMBatches(corpus.train, tok.pad_id, pack=model_cfg.pack, **kw)
+    train = sm.CausalLMBatches(corpus.train, tok.pad_id, pack=model_cfg.pack,
+                               segments=getattr(model_cfg, "isolate_molecules", False), **kw)
     train.corpus = corpus  # for evaluate_generation after training
     evals = sm.CausalLMBatches(corpus.val, tok.pad_id, **kw).eval_batches()
     shipped = model_cfg.corpus in ("rdkit", "moses")
@@ -214,7 +227,7 @@ def build_data(train_cfg, model_cfg) -> Data:
         if corpus.baseline_molecules < len(corpus.train):
             summary += f"; baselines fitted on the first {corpus.baseline_molecules} training molecules"
     return Data(train=train, eval=evals, vocab_size=tok.vocab_size, baselines=dict(corpus.baselines),
-                sources=sources, summary=summary)
+                sources=sources, summary=summary, train_only=("segments",) if train.segments else ())
 
 
 def summarize(means: dict) -> dict:

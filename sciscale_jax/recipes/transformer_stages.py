@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sciscale_jax.losses import token_cross_entropy
+from sciscale_jax.losses import causal_weights, token_cross_entropy
 from sciscale_jax.models.transformer import block_inputs
 from sciscale_jax.parallel import PipelineStages
 
@@ -29,11 +29,6 @@ def _logits(model, h):
     return model.logits(model.final_norm(h))
 
 
-def _causal_weights(batch):
-    real = batch["mask"]
-    return (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
-
-
 def mlm_head(model, h, batch):
     return token_cross_entropy(_logits(model, h), batch["targets"], batch["weights"])[0]
 
@@ -43,11 +38,11 @@ def mlm_count(batch):
 
 
 def causal_head(model, h, batch):
-    return token_cross_entropy(_logits(model, h)[:, :-1], batch["inputs"][:, 1:], _causal_weights(batch))[0]
+    return token_cross_entropy(_logits(model, h)[:, :-1], batch["inputs"][:, 1:], causal_weights(batch))[0]
 
 
 def causal_count(batch):
-    return jnp.sum(_causal_weights(batch))
+    return jnp.sum(causal_weights(batch))
 
 
 MLM = PipelineStages(embed_fn=embed, block_args_fn=block_args, head_fn=mlm_head, count_fn=mlm_count)
