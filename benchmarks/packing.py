@@ -86,10 +86,12 @@ def main(argv=None) -> int:
                     print(seq_len, impl, "packed" if pack else "padded",
                           f"{runs[pack][-1]['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
             best = {pack: min(done, key=lambda r: r["seconds_per_step"]) for pack, done in runs.items()}
-            rows.append({"seq_len": seq_len, "attention": impl,
-                         **{("packed" if pack else "padded"): {**best[pack], "tokens_per_step": tokens[pack],
-                                                               "tokens_per_second": tokens[pack] / best[pack]["seconds_per_step"]}
-                            for pack in (False, True)}})
+            row = {"seq_len": seq_len, "attention": impl}
+            for pack in (False, True):
+                row["packed" if pack else "padded"] = {
+                    **best[pack], "tokens_per_step": tokens[pack],
+                    "tokens_per_second": tokens[pack] / best[pack]["seconds_per_step"]}
+            rows.append(row)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.lower().replace(" ", "_")
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
              "peak MiB padded -> packed | real tokens / s packed / padded |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["padded"], r["packed"]
-        lines.append(f"| {r['seq_len']} | {r['attention']} | {a['tokens_per_step']:.0f} -> {b['tokens_per_step']:.0f} | "
+        lines.append(f"| {r['seq_len']} | {r['attention']} | "
+                     f"{a['tokens_per_step']:.0f} -> {b['tokens_per_step']:.0f} | "
                      f"{a['seconds_per_step'] * 1e3:.0f} -> {b['seconds_per_step'] * 1e3:.0f} | "
                      f"{a['peak_mib']:.1f} -> {b['peak_mib']:.1f} | "
                      f"{b['tokens_per_second'] / a['tokens_per_second']:.2f}x |")

@@ -521,8 +521,9 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, 
         if tuple(q_ids.shape) != (batch, q_len) or tuple(k_ids.shape) != (batch, kv_len):
             raise ValueError(f"segment ids of shapes {tuple(q_ids.shape)}, {tuple(k_ids.shape)} must be "
                              f"[batch, q_len] = {(batch, q_len)} and [batch, kv_len] = {(batch, kv_len)}")
-        segs = (jnp.pad(jnp.asarray(q_ids, jnp.int32), ((0, 0), (0, qp - q_len)), constant_values=-1)[:, None, :, None],
-                jnp.pad(jnp.asarray(k_ids, jnp.int32), ((0, 0), (0, kp - kv_len)), constant_values=-2)[:, None, None, :])
+        q_ids = jnp.pad(jnp.asarray(q_ids, jnp.int32), ((0, 0), (0, qp - q_len)), constant_values=-1)
+        k_ids = jnp.pad(jnp.asarray(k_ids, jnp.int32), ((0, 0), (0, kp - kv_len)), constant_values=-2)
+        segs = (q_ids[:, None, :, None], k_ids[:, None, None, :])
     cfg = _Cfg(scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, block_q=bq,
                block_k=bk, bwd_blocks=bwd_blocks, groups=heads // kv_heads,
                bias_shape=None if bias4 is None else tuple(bias4.shape),

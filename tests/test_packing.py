@@ -258,7 +258,8 @@ def test_protein_mlm_trains_packed_rows_on_a_sequence_mesh_as_on_one_device(tmp_
     from sciscale_jax import cli
     from sciscale_jax.train import train
 
-    tiny = ["--pack", "--steps", "3", "--prefetch", "0", "--layers", "2", "--heads", "2", "--embed-dim", "16", "--mlp-dim", "32",
+    tiny = ["--pack", "--steps", "3", "--prefetch", "0", "--layers", "2", "--heads", "2", "--embed-dim", "16",
+            "--mlp-dim", "32",
             "--seq-len", "64", "--batch-size", "4", "--eval-every", "1000", "--no-progress"]
     runs = {}
     for name, extra in (("one", []), ("mesh", ["--attention", "ulysses", "--mesh", "data=2,sequence=2"])):

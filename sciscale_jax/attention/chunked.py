@@ -10,9 +10,10 @@ quadratic is stored for autodiff. Memory is linear in sequence length on any bac
 
 Supports any lengths (padded to whole blocks inside, padded keys masked), grouped-query
 attention (kv heads repeated outside the custom VJP, whose transpose sums the groups),
-boolean masks, segment ids of packed rows (compared tile by tile: a query attends only to keys of
-its own segment, and no [Q, K] mask is formed), causal attention aligned at the end as in ``xla.py`` (tiles that causality
-hides entirely are skipped with ``lax.cond``, forward and backward), and an additive bias
+boolean masks, segment ids of packed rows (compared tile by tile: a query attends only to keys
+of its own segment, and no [Q, K] mask is formed), causal attention aligned at the end as in
+``xla.py`` (tiles that causality hides entirely are skipped with ``lax.cond``, forward and
+backward), and an additive bias
 broadcastable to [batch, heads, q_len, kv_len] whose gradient comes back in the bias's own
 shape (summed over its broadcast dimensions). A row with no key to attend gives zeros.
 """
