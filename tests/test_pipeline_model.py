@@ -23,9 +23,9 @@ def embed_fn(model, b):
     return jnp.take(model.embed[...], b["inputs"], axis=0).astype(model.config.dtype)
 
 
-def block_args_fn(b):
+def block_args_fn(b):  # Block(x, positions, mask, segments, key): rows not packed
     batch, seq = b["inputs"].shape
-    return jnp.broadcast_to(jnp.arange(seq), (batch, seq)), b["mask"][:, None, None, :].astype(bool)
+    return jnp.broadcast_to(jnp.arange(seq), (batch, seq)), b["mask"][:, None, None, :].astype(bool), None
 
 
 def head_fn(model, h, b):
