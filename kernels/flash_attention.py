@@ -468,9 +468,9 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, 
     q [B,Q,H,D]; k, v [B,K,Hkv,D] with Hkv dividing H; bias (additive, differentiable) and
     mask (bool, True = attend) broadcastable to [B,H,Q,K]; ``causal`` aligns the last
     query with the last key; ``segment_ids`` (query ids [B,Q], key ids [B,K], integers): a
-    query attends only to keys with its id (packed rows). Block sizes must be powers of two (>= 16 compiled, >= 8
-    interpreted); by default forward 128x64 and backward 64x64 (halved for head_dim > 128),
-    clipped to the lengths.
+    query attends only to keys with its id (packed rows). Block sizes must be powers of two
+    (>= 16 compiled, >= 8 interpreted); by default forward 128x64 and backward 64x64 (halved
+    for head_dim > 128), clipped to the lengths.
     ``interpret=None`` interprets on CPU and compiles on GPU (Triton) or TPU (Mosaic);
     ``backend`` ("gpu" or "tpu") overrides ``jax.default_backend()``, e.g. to lower for
     another platform with ``jit(...).trace(...).lower(lowering_platforms=...)``.
