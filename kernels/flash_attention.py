@@ -12,7 +12,9 @@ arXiv:2307.08691) partitions the work as done here:
   summed over the dimensions the user's bias was broadcast over.
 
 Packed rows: with segment ids (one int per query and per key) a query attends only to keys of its
-own segment; the ids are read per tile beside q and k, so no [Q, K] mask is formed.
+own segment; the ids are read per tile beside q and k, so no [Q, K] mask is formed, and a tile
+whose query ids and key ids span disjoint ranges (for packed rows: every tile joining two
+different pieces) is skipped, in all three kernels.
 
 Causal blocks above the diagonal are skipped. Sequences are padded inside to the block
 sizes (padded keys masked), head_dim to a power of two. Rows whose every key is masked
@@ -133,6 +135,28 @@ def _logits(cfg, q_qd, k_kd, bias_ref, masks, q0, k0, rq, rk, edge):
     return s_qk
 
 
+def _ids_range(ref, r0, rows, c0, cols):
+    """(min, max) of the segment ids in a tile of an id block ([rows, 1] queries or [1, cols] keys)."""
+    ids = _tile(ref, r0, rows, c0, cols)
+    return jnp.min(ids), jnp.max(ids)
+
+
+def _unless_apart(cfg, body, q_range, k_range, skip=None):
+    """``body(edge, idx, carry)`` run only where the tile's query and key ids can meet: ``q_range(idx)``
+    and ``k_range(idx)`` give the (min, max) ids of its queries and keys; disjoint ranges hold no
+    equal pair, so the tile is skipped (``skip(idx, carry)``, identity by default). Without segment
+    ids, ``body`` itself."""
+    if not cfg.segments:
+        return body
+
+    def run(edge, idx, carry):
+        (q_lo, q_hi), (k_lo, k_hi) = q_range(idx), k_range(idx)
+        meet = (q_lo <= k_hi) & (k_lo <= q_hi)
+        return lax.cond(meet, functools.partial(body, edge, idx),
+                        (lambda c: c) if skip is None else functools.partial(skip, idx), carry)
+    return run
+
+
 def _div(a, b):
     """a // b for a traced non-negative int a (program ids are int32) and a static int b.
 
@@ -211,6 +235,10 @@ def _fwd_kernel(*refs, cfg, nk, n_in):
         pv_qd = lax.dot_general(p_qk.astype(v_kd.dtype), v_kd, _NN, preferred_element_type=jnp.float32)
         return alpha * acc_qd + pv_qd, m_new, l_q1
 
+    if cfg.segments:
+        _, q_seg_ref, k_seg_ref = mask_ref
+        q_ids = _ids_range(q_seg_ref, 0, bq, 0, bk)  # this program's queries: one range for every tile
+        body = _unless_apart(cfg, body, lambda j: q_ids, lambda j: _ids_range(k_seg_ref, 0, bq, j * bk, bk))
     # Row statistics are [bq, 1] columns (2-D keeps Mosaic happy; Triton takes either).
     init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
             jnp.zeros((bq, 1), jnp.float32))
@@ -241,6 +269,10 @@ def _dkdv_kernel(*refs, cfg, nq, n_in):
                                         preferred_element_type=jnp.float32)
         return dk_kd, dv_kd
 
+    if cfg.segments:
+        _, q_seg_ref, k_seg_ref = mask_ref
+        k_ids = _ids_range(k_seg_ref, 0, bq, 0, bk)  # this program's keys
+        body = _unless_apart(cfg, body, lambda i: _ids_range(q_seg_ref, i * bq, bq, 0, bk), lambda i: k_ids)
     lo, free = _q_ranges(cfg, j, nq)
     zeros = jnp.zeros(k_kd.shape, jnp.float32)
     carry = (zeros, zeros)
@@ -279,8 +311,17 @@ def _dq_kernel(*refs, cfg, nk, n_in):
                 db_q1 = db_q1 + jnp.sum(ds_qk, axis=1, keepdims=True)
         return dq_qd, db_q1
 
-    free, hi = _k_ranges(cfg, i, nk)
     rows = 1 if db_ref is None else db_ref.shape[0]
+    if cfg.segments:
+        _, q_seg_ref, k_seg_ref = mask_ref
+        q_ids = _ids_range(q_seg_ref, 0, bq, 0, bk)
+
+        def skip(j, carry):  # a skipped tile's bias gradient is zero
+            if full_k:
+                db_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((rows, bk), db_ref.dtype)
+            return carry
+        body = _unless_apart(cfg, body, lambda j: q_ids, lambda j: _ids_range(k_seg_ref, 0, bq, j * bk, bk), skip)
+    free, hi = _k_ranges(cfg, i, nk)
     init = (jnp.zeros(q_qd.shape, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
     dq_qd, db_q1 = _loop(0, free, hi, body, init)
     dq_ref[...] = (dq_qd * cfg.scale).astype(dq_ref.dtype)
@@ -364,8 +405,10 @@ def _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if want_dbias:  # rows: bq, or 1 partial sum per query block; cols: all keys, or 1
         rows, cols = (bq if cfg.bias_shape[2] > 1 else 1), (sk if cfg.bias_shape[3] > 1 else 1)
-        out_specs.append(pl.BlockSpec((None, None, rows, cols), lambda b_, h_, i: (b_, h_, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, h, nq * rows, cols), jnp.float32))
+        # [B, H, query block, rows, cols]: each program's block is a whole trailing [rows, cols]
+        # (Mosaic takes a row of 1 only as a whole dim)
+        out_specs.append(pl.BlockSpec((None, None, None, rows, cols), lambda b_, h_, i: (b_, h_, i, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nq, rows, cols), jnp.float32))
     outs = _call(cfg, _dq_kernel, "flash_dq", (b, h, nq),
                  [_seq_spec(cfg, bq, d, qi), kv_all, kv_all, _seq_spec(cfg, bq, d, qi),
                   _stat_spec(bq, qi), _stat_spec(bq, qi)] + extra_specs,
@@ -373,7 +416,7 @@ def _backward(cfg, q, k, v, bias, mask, o, lse, do, want_dbias):
     dbias = None
     if want_dbias:  # sum over the dims the bias was broadcast over (and the query blocks)
         axes = tuple(a for a in range(4) if cfg.bias_shape[a] == 1)
-        dbias = outs[1].sum(axis=axes, keepdims=True).astype(bias.dtype)
+        dbias = outs[1].reshape(b, h, nq * rows, cols).sum(axis=axes, keepdims=True).astype(bias.dtype)
     return outs[0], dk, dv, dbias
 
 
@@ -485,15 +528,21 @@ def flash_attention(q, k, v, *, bias=None, mask=None, causal=False, scale=None, 
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     min_block = 8 if interpret else 16
-    # Defaults (forward, backward) per head_dim; explicit block sizes apply to both passes.
-    defaults = ((128, 64), (64, 64)) if head_dim <= 128 else ((64, 32), (32, 32))
+    # Defaults (forward, backward) per head_dim; explicit block sizes apply to both passes. Mosaic
+    # (compiled TPU) tiles a block's last dim by 128 lanes: key blocks of 128 there, so the key-wise
+    # blocks of a bias, mask or key ids fit it.
+    tpu = backend == "tpu" and not interpret
+    defaults = (((128, 128),) * 2 if tpu else ((128, 64), (64, 64)) if head_dim <= 128
+                else ((64, 32), (32, 32)))
     passes = []
     for default in defaults:
         pair = []
         for name, blk, dflt, n in (("block_q", block_q, default[0], q_len), ("block_k", block_k, default[1], kv_len)):
             blk = dflt if blk is None else blk
-            if blk < min_block or blk & (blk - 1):
-                raise ValueError(f"{name}={blk} must be a power of two >= {min_block}")
+            least = 128 if tpu and name == "block_k" else min_block
+            if blk < least or blk & (blk - 1):
+                raise ValueError(f"{name}={blk} must be a power of two >= {least}"
+                                 + (" on TPU (Mosaic's 128 lanes)" if least == 128 else ""))
             pair.append(min(blk, max(min_block, _next_pow2(n))))
         passes.append(tuple(pair))
     (bq, bk), bwd_blocks = passes

@@ -232,6 +232,40 @@ def test_lowers_to_triton_for_gpu():
         assert text.count("xla.gpu.triton") == 3  # forward, dK/dV, dQ
 
 
+@pytest.mark.parametrize("extra", ["none", "key_mask", "full_mask", "full_bias", "key_bias", "row_bias",
+                                   "segments", "segments_and_bias"])
+def test_lowers_to_mosaic_for_tpu(extra):
+    """Cross-platform lowering runs the Pallas->Mosaic lowering of all three kernels on CPU for an
+    abstract TPU: every bias, mask and segment-id block fits Mosaic's tiling (key blocks of 128 lanes,
+    the bias gradient's per-query-block rows a whole trailing dim), at lengths that need padding."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+    target = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                          abstract_device=AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu"))
+    b, sq, sk, h = 2, 200, 300, 4
+    q = jax.ShapeDtypeStruct((b, sq, h, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((b, sk, 2, 64), jnp.bfloat16)
+    shapes = {"key_mask": ("mask", (b, 1, 1, sk)), "full_mask": ("mask", (b, h, sq, sk)),
+              "full_bias": ("bias", (b, h, sq, sk)), "key_bias": ("bias", (1, 1, 1, sk)),
+              "row_bias": ("bias", (b, h, sq, 1)), "segments_and_bias": ("bias", (b, 1, sq, sk))}
+    name, shape = shapes.get(extra, (None, None))
+    operand = None if name is None else jax.ShapeDtypeStruct(shape, bool if name == "mask" else jnp.float32)
+    q_ids, k_ids = jax.ShapeDtypeStruct((b, sq), jnp.int32), jax.ShapeDtypeStruct((b, sk), jnp.int32)
+
+    def loss(q, k, v, bias, mask, q_ids, k_ids):
+        segs = (q_ids, k_ids) if extra.startswith("segments") else None
+        out = flash_attention(q, k, v, bias=bias, mask=mask, segment_ids=segs, causal=True, interpret=False,
+                              backend="tpu")
+        return out.astype(jnp.float32).sum()
+    args = (q, k, k, operand if name == "bias" else None, operand if name == "mask" else None, q_ids, k_ids)
+    argnums = (0, 1, 2, 3) if name == "bias" else (0, 1, 2)
+    with jax.sharding.use_abstract_mesh(target):
+        text = jax.jit(jax.grad(loss, argnums=argnums)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, dK/dV, dQ
+    with pytest.raises(ValueError, match="block_k=64 must be a power of two >= 128 on TPU"):
+        flash_attention(jnp.zeros((1, 256, 2, 64)), jnp.zeros((1, 256, 2, 64)), jnp.zeros((1, 256, 2, 64)),
+                        block_k=64, interpret=False, backend="tpu")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

@@ -101,6 +101,98 @@ def test_query_and_key_ids_of_different_lengths(impl):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
 
 
+def _brute_meets(q_ids, kv_ids, qb, kb):
+    """Tile (i, j) holds an attended pair in some row: checked pair by pair."""
+    b, q_len = q_ids.shape
+    out = np.zeros((q_len // qb, kv_ids.shape[1] // kb), bool)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            qs, ks = q_ids[:, i * qb:(i + 1) * qb], kv_ids[:, j * kb:(j + 1) * kb]
+            out[i, j] = any(np.intersect1d(qs[r], ks[r]).size for r in range(b))
+    return out
+
+
+def test_skipped_tiles_never_hold_an_attended_pair_and_are_all_of_them_for_rising_runs():
+    from sciscale_jax.attention.chunked import tiles_meeting
+    from sciscale_jax.models.transformer import segment_runs
+    rng = np.random.default_rng(3)
+    skipped = 0
+    for _ in range(20):
+        rows = []
+        for _ in range(3):  # pieces of 1..29 tokens, cut at 64, padding (id 0) after them
+            row = np.repeat(np.arange(1, 13), rng.integers(1, 30, size=12))[:rng.integers(40, 65)]
+            rows.append(np.pad(row, (0, 64 - len(row))))
+        ids = np.stack(rows)
+        runs = np.asarray(segment_runs(jnp.asarray(ids)))  # rising even with the padding's 0 at the end
+        assert (np.diff(runs, axis=1) >= 0).all()
+        meets = np.asarray(tiles_meeting(jnp.asarray(runs), jnp.asarray(runs), 8, 16))
+        np.testing.assert_array_equal(meets, _brute_meets(runs, runs, 8, 16))
+        skipped += (~meets).sum()
+        # any ids (repeats far apart, unordered): a skipped tile never holds an equal pair
+        wild = rng.integers(0, 5, size=(3, 16)).repeat(4, axis=1)
+        meets = np.asarray(tiles_meeting(jnp.asarray(wild), jnp.asarray(wild[:, ::-1]), 16, 8))
+        assert not (_brute_meets(wild, wild[:, ::-1], 16, 8) & ~meets).any()
+    assert skipped > 0
+
+
+@pytest.mark.parametrize("impl", ["chunked", "flash"])
+@pytest.mark.parametrize("bias_rows", [3, 1], ids=["bias_per_row", "bias_shared"])
+def test_tile_skipping_is_exact_for_any_ids_with_a_bias_gradient_and_a_mask(impl, bias_rows):
+    """Row 0 rising runs (most tiles skipped), row 1 one id in two places far apart (they attend each
+    other) and unordered ids, row 2 one id (nothing skipped); a full bias with its gradient and a key
+    mask, against the float64 reference with the ids as a mask."""
+    rng = np.random.default_rng(4)
+    b, s, heads, d = 3, 48, 2, 8
+    ids = np.stack([np.repeat([1, 2, 3, 4], [9, 20, 11, 8]),
+                    np.repeat([7, 2, 7, 0, 5], [10, 10, 10, 4, 14]),
+                    np.full(s, 4)]).astype(np.int32)
+    q, k, v, cot = (rng.normal(size=(b, s, heads, d)).astype(np.float32) for _ in range(4))
+    bias = rng.normal(size=(bias_rows, heads, s, s)).astype(np.float32)
+    mask = jnp.asarray(rng.random((b, 1, 1, s)) > 0.15)
+    seg = (jnp.asarray(ids), jnp.asarray(ids))
+    if impl == "chunked":
+        fn = lambda q, k, v, bias: attention.chunked_attention(  # noqa: E731
+            q, k, v, bias=bias, mask=mask, segment_ids=seg, q_chunk=16, kv_chunk=8)
+    else:
+        fn = lambda q, k, v, bias: flash_attention(  # noqa: E731
+            q, k, v, bias=bias, mask=mask, segment_ids=seg, block_q=16, block_k=8)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)  # noqa: E731
+    out = fn(q, k, v, bias)
+    grads = jax.grad(loss(fn), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    with jax.enable_x64(True):
+        full = jnp.asarray(mask) & core.segment_mask(seg)
+
+        def ref(q, k, v, bias):
+            return attention.xla_attention(q, k, v, bias=bias, mask=full)
+        args = [jnp.float64(x) for x in (q, k, v, bias)]
+        want, want_grads = ref(*args), jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    for got, exp in zip(grads, want_grads):
+        np.testing.assert_allclose(got, exp, atol=5e-5, rtol=1e-4)
+    assert np.abs(np.asarray(grads[3])).max() > 1e-2  # the bias gradient is not trivially zero
+
+
+def test_segment_ids_lower_to_triton_for_gpu():
+    """The skipping kernels (a ``lax.cond`` per tile on the ids' ranges) pass the Pallas->Triton
+    lowering, forward and both backward kernels, with a full bias whose skipped tiles write zeros."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+    target = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                          abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                                         platform="gpu"))
+    q = jax.ShapeDtypeStruct((2, 200, 4, 64), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((2, 4, 200, 200), jnp.float32)
+    ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+
+    def loss(q, k, v, bias, ids):
+        out = flash_attention(q, k, v, bias=bias, segment_ids=(ids, ids), causal=True, interpret=False,
+                              backend="gpu")
+        return out.astype(jnp.float32).sum()
+    with jax.sharding.use_abstract_mesh(target):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, q, q, bias, ids).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
+
+
 def test_auto_takes_only_implementations_that_compare_ids(monkeypatch):
     """Packed rows on a GPU: "auto" skips a measured-faster implementation that would need the
     [Q, K] mask the ids stand for (cuDNN, sm90) and takes one that reads the ids per tile."""

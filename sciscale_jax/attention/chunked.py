@@ -12,10 +12,16 @@ Supports any lengths (padded to whole blocks inside, padded keys masked), groupe
 attention (kv heads repeated outside the custom VJP, whose transpose sums the groups),
 boolean masks, segment ids of packed rows (compared tile by tile: a query attends only to keys
 of its own segment, and no [Q, K] mask is formed), causal attention aligned at the end as in
-``xla.py`` (tiles that causality hides entirely are skipped with ``lax.cond``, forward and
-backward), and an additive bias
-broadcastable to [batch, heads, q_len, kv_len] whose gradient comes back in the bias's own
-shape (summed over its broadcast dimensions). A row with no key to attend gives zeros.
+``xla.py``, and an additive bias broadcastable to [batch, heads, q_len, kv_len] whose gradient
+comes back in the bias's own shape (summed over its broadcast dimensions). A row with no key to
+attend gives zeros.
+
+Tiles nothing can attend are skipped with ``lax.cond``, forward and backward: those causality
+hides entirely, and, with segment ids, those whose query ids and key ids span disjoint ranges
+(no id can be equal in them; exact for any ids, and for packed rows, whose ids rise along the row,
+every tile joining two different pieces). With segment ids the rows of a batch are walked one at
+a time (``lax.map``), so each row skips its own tiles: packed rows then cost attention FLOPs in
+proportion to the sum of their pieces' squared lengths, not the row's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class _Spec(NamedTuple):
     kv_block: int
     causal: bool
     scale: float
+    segments: bool = False  # query and key segment ids given: skip tiles whose ids cannot meet
 
 
 def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None,
@@ -68,9 +75,30 @@ def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=Fa
         q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
         q_seg = jnp.pad(q_ids, ((0, 0), (0, q_pad)), constant_values=-1)[:, None, :, None]
         kv_seg = jnp.pad(kv_ids, ((0, 0), (0, kv_pad)), constant_values=-2)[:, None, None, :]
-    spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale)
-    out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
+    spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale, q_seg is not None)
+    if q_seg is None or batch == 1:
+        out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
+    else:
+        out_bqhd = _by_row(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
     return out_bqhd[:, :q_len]
+
+
+def _by_row(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg):
+    """``_attention`` one batch row at a time, so each row skips the tiles its own segments leave
+    empty; a bias or mask broadcast over the batch is shared by every row (its gradient summed)."""
+    per_row = {"q": q_bqhd, "k": k_bkhd, "v": v_bkhd, "q_seg": q_seg, "kv_seg": kv_seg}
+    shared = {}
+    for name, x in (("bias", bias), ("mask", mask)):
+        if x is not None:
+            (per_row if x.shape[0] != 1 else shared)[name] = x
+    rows = {name: x[:, None] for name, x in per_row.items()}  # each row keeps a batch dim of 1
+
+    def one_row(row):
+        row = {**shared, **row}
+        return _attention(spec, row["q"], row["k"], row["v"], row.get("bias"), row.get("mask"),
+                          row["q_seg"], row["kv_seg"])
+
+    return lax.map(one_row, rows)[:, 0]
 
 
 def _as_4d(x):
@@ -107,23 +135,50 @@ def _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki, q_seg=None, kv_seg=None
     return jnp.where(valid, s_bhqk, -jnp.inf)
 
 
-def _unless_hidden(spec, qi, ki, update, carry):
-    """update(carry) for tile (qi, ki), skipped when causality hides every key of the tile."""
-    if not spec.causal:
+def tiles_meeting(q_ids, kv_ids, q_block: int, kv_block: int):
+    """[num_q_blocks, num_kv_blocks] bool: False where, in every row, the query ids of a q block and
+    the key ids of a kv block span disjoint ranges, so no query of the tile can attend a key of it.
+    q_ids [B, Q] and kv_ids [B, K] with Q, K whole multiples of the block sizes."""
+    def ranges(ids, block):
+        tiles = ids.reshape(ids.shape[0], -1, block)
+        return tiles.min(axis=-1), tiles.max(axis=-1)  # [B, n]
+    q_lo, q_hi = ranges(q_ids, q_block)
+    k_lo, k_hi = ranges(kv_ids, kv_block)
+    meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    return meet.any(axis=0)
+
+
+def _tile_map(spec, q_seg, kv_seg):
+    """The tiles that may hold an attended pair (``tiles_meeting``), or None without segment ids."""
+    if not spec.segments:
+        return None
+    return tiles_meeting(q_seg[:, 0, :, 0], kv_seg[:, 0, 0, :], spec.q_block, spec.kv_block)
+
+
+def _unless_hidden(spec, qi, ki, update, carry, meets=None):
+    """update(carry) for tile (qi, ki), skipped when causality hides every key of the tile or
+    (``meets``, from ``_tile_map``) its query and key segments cannot meet."""
+    visible = None
+    if spec.causal:
+        last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
+        visible = ki * spec.kv_block <= last_visible_key
+    if meets is not None:
+        visible = meets[qi, ki] if visible is None else visible & meets[qi, ki]
+    if visible is None:
         return update(carry)
-    last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
-    return lax.cond(ki * spec.kv_block <= last_visible_key, update, lambda c: c, carry)
+    return lax.cond(visible, update, lambda c: c, carry)
 
 
 def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg=None, kv_seg=None):
     batch, q_padded, num_heads, head_dim = q_bqhd.shape
     num_q, num_kv = q_padded // spec.q_block, k_bkhd.shape[1] // spec.kv_block
+    meets = _tile_map(spec, q_seg, kv_seg)
 
     def one_query_block(qi):
         q_blk = lax.dynamic_slice_in_dim(q_bqhd, qi * spec.q_block, spec.q_block, axis=1)
 
         def kv_step(carry, ki):
-            return _unless_hidden(spec, qi, ki, functools.partial(kv_update, ki=ki), carry), None
+            return _unless_hidden(spec, qi, ki, functools.partial(kv_update, ki=ki), carry, meets), None
 
         def kv_update(carry, ki):
             max_bhq, norm_bhq, acc_bhqd = carry
@@ -170,13 +225,14 @@ def _attention_bwd(spec, residuals, dout_bqhd):
     num_q, num_kv = q_bqhd.shape[1] // spec.q_block, k_bkhd.shape[1] // spec.kv_block
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax-backward row term.
     delta_bhq = jnp.einsum("bqhd,bqhd->bhq", dout_bqhd.astype(jnp.float32), out_bqhd.astype(jnp.float32))
+    meets = _tile_map(spec, q_seg, kv_seg)
 
     def one_kv_block(carry, ki):
         k_blk = lax.dynamic_slice_in_dim(k_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
         v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
 
         def q_step(inner, qi):
-            return _unless_hidden(spec, qi, ki, functools.partial(q_update, qi=qi), inner), None
+            return _unless_hidden(spec, qi, ki, functools.partial(q_update, qi=qi), inner, meets), None
 
         def q_update(inner, qi):
             dk_bkhd, dv_bkhd, dq_bqhd, dbias = inner

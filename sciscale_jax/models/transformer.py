@@ -162,8 +162,9 @@ class Attention(nnx.Module):
                                  f"(segments) cannot keep their sequences apart; use exact attention")
             ctx_bshd = self.approx(q_bshd, k_bshd, v_bshd, mask=mask_b11k, causal=cfg.causal)
         else:
+            runs_bs = None if segments_bs is None else segment_runs(segments_bs)
             ctx_bshd = attention.dot_product_attention(q_bshd, k_bshd, v_bshd, mask=mask_b11k,
-                                                       segment_ids=segments_bs, causal=cfg.causal,
+                                                       segment_ids=runs_bs, causal=cfg.causal,
                                                        impl=cfg.attention)
         ctx_bshd = checkpoint_name(ctx_bshd, remat.ATTN_CONTEXT)
         return self.out(ctx_bshd)
@@ -320,6 +321,13 @@ def segment_starts(segments_bs):
     """True where a token begins a new run of equal segment ids (and at every row's start)."""
     first = jnp.ones(segments_bs.shape[:1] + (1,), bool)
     return jnp.concatenate([first, segments_bs[:, 1:] != segments_bs[:, :-1]], axis=1)
+
+
+def segment_runs(segments_bs):
+    """Each token's run of equal segment ids numbered along its row (1, 2, ...) [batch, seq]: the ids
+    attention compares. They rise along the row whatever the ids were (padding at the end included),
+    so the tiles of two different runs span disjoint ranges and are skipped (``chunked``, ``flash``)."""
+    return jnp.cumsum(segment_starts(segments_bs), axis=1, dtype=jnp.int32)
 
 
 def segment_positions(segments_bs):
