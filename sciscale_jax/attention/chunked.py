@@ -17,11 +17,12 @@ comes back in the bias's own shape (summed over its broadcast dimensions). A row
 attend gives zeros.
 
 Tiles nothing can attend are skipped with ``lax.cond``, forward and backward: those causality
-hides entirely, and, with segment ids, those whose query ids and key ids span disjoint ranges
-(no id can be equal in them; exact for any ids, and for packed rows, whose ids rise along the row,
-every tile joining two different pieces). With segment ids the rows of a batch are walked one at
-a time (``lax.map``), so each row skips its own tiles: packed rows then cost attention FLOPs in
-proportion to the sum of their pieces' squared lengths, not the row's.
+hides entirely, and, with segment ids, those whose query ids and key ids span disjoint ranges in
+every row of the batch (no id can be equal in them; exact for any ids, and for packed rows, whose
+ids rise along the row, every tile joining two different pieces in all rows). With segment ids
+the default tiles are 128 x 128, so more of them fall between pieces
+(``benchmarks/packed_attention.py``: on CPU, walking rows one at a time to skip each row's own
+tiles cost more in per-tile overhead than it saved).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from jax import lax
 
 DEFAULT_Q_CHUNK = 256
 DEFAULT_KV_CHUNK = 512
+SEGMENT_Q_CHUNK = 128   # the defaults with segment ids (packed rows)
+SEGMENT_KV_CHUNK = 128
 
 
 class _Spec(NamedTuple):
@@ -49,9 +52,13 @@ class _Spec(NamedTuple):
 
 
 def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None,
-                      segment_ids=None, q_chunk: int = DEFAULT_Q_CHUNK, kv_chunk: int = DEFAULT_KV_CHUNK):
+                      segment_ids=None, q_chunk: int | None = None, kv_chunk: int | None = None):
     """Memory-efficient exact attention. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K];
-    ``segment_ids``: (query ids [B,Q], key ids [B,K]), a query attends only to keys with its id."""
+    ``segment_ids``: (query ids [B,Q], key ids [B,K]), a query attends only to keys with its id.
+    Tiles: ``q_chunk`` x ``kv_chunk``, by default 256 x 512, or 128 x 128 with segment ids."""
+    packed = segment_ids is not None
+    q_chunk = (SEGMENT_Q_CHUNK if packed else DEFAULT_Q_CHUNK) if q_chunk is None else q_chunk
+    kv_chunk = (SEGMENT_KV_CHUNK if packed else DEFAULT_KV_CHUNK) if kv_chunk is None else kv_chunk
     for label, size in (("q_chunk", q_chunk), ("kv_chunk", kv_chunk)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{label} must be a positive int, got {size!r}")
@@ -76,29 +83,8 @@ def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=Fa
         q_seg = jnp.pad(q_ids, ((0, 0), (0, q_pad)), constant_values=-1)[:, None, :, None]
         kv_seg = jnp.pad(kv_ids, ((0, 0), (0, kv_pad)), constant_values=-2)[:, None, None, :]
     spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale, q_seg is not None)
-    if q_seg is None or batch == 1:
-        out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
-    else:
-        out_bqhd = _by_row(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
+    out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
     return out_bqhd[:, :q_len]
-
-
-def _by_row(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg, kv_seg):
-    """``_attention`` one batch row at a time, so each row skips the tiles its own segments leave
-    empty; a bias or mask broadcast over the batch is shared by every row (its gradient summed)."""
-    per_row = {"q": q_bqhd, "k": k_bkhd, "v": v_bkhd, "q_seg": q_seg, "kv_seg": kv_seg}
-    shared = {}
-    for name, x in (("bias", bias), ("mask", mask)):
-        if x is not None:
-            (per_row if x.shape[0] != 1 else shared)[name] = x
-    rows = {name: x[:, None] for name, x in per_row.items()}  # each row keeps a batch dim of 1
-
-    def one_row(row):
-        row = {**shared, **row}
-        return _attention(spec, row["q"], row["k"], row["v"], row.get("bias"), row.get("mask"),
-                          row["q_seg"], row["kv_seg"])
-
-    return lax.map(one_row, rows)[:, 0]
 
 
 def _as_4d(x):
@@ -155,18 +141,37 @@ def _tile_map(spec, q_seg, kv_seg):
     return tiles_meeting(q_seg[:, 0, :, 0], kv_seg[:, 0, 0, :], spec.q_block, spec.kv_block)
 
 
-def _unless_hidden(spec, qi, ki, update, carry, meets=None):
-    """update(carry) for tile (qi, ki), skipped when causality hides every key of the tile or
-    (``meets``, from ``_tile_map``) its query and key segments cannot meet."""
+def _visible(spec, qi, ki, meets):
+    """Whether tile (qi, ki) may hold an attended pair: False when causality hides every key of it
+    or (``meets``, from ``_tile_map``) its query and key segments cannot meet; None: always."""
     visible = None
     if spec.causal:
         last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
         visible = ki * spec.kv_block <= last_visible_key
     if meets is not None:
         visible = meets[qi, ki] if visible is None else visible & meets[qi, ki]
+    return visible
+
+
+def _unless_hidden(spec, qi, ki, update, carry, meets=None):
+    """update(carry) for tile (qi, ki), skipped (carry unchanged) where it is not ``_visible``."""
+    visible = _visible(spec, qi, ki, meets)
     if visible is None:
         return update(carry)
     return lax.cond(visible, update, lambda c: c, carry)
+
+
+def _tile_or_zeros(spec, qi, ki, tile_fn, meets, *operands):
+    """``tile_fn()`` for tile (qi, ki), or zeros of its shapes where it is not ``_visible``; the
+    zeros vary over the manual mesh axes ``operands`` vary over."""
+    visible = _visible(spec, qi, ki, meets)
+    if visible is None:
+        return tile_fn()
+
+    def zeros():
+        shapes = jax.eval_shape(tile_fn)
+        return _varying_as(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), *operands)
+    return lax.cond(visible, tile_fn, zeros)
 
 
 def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg=None, kv_seg=None):
@@ -232,10 +237,19 @@ def _attention_bwd(spec, residuals, dout_bqhd):
         v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
 
         def q_step(inner, qi):
-            return _unless_hidden(spec, qi, ki, functools.partial(q_update, qi=qi), inner, meets), None
-
-        def q_update(inner, qi):
             dk_bkhd, dv_bkhd, dq_bqhd, dbias = inner
+            # the tile's terms (zeros where it is skipped) are summed outside the cond, so the
+            # cond never carries the whole dq or bias gradient
+            dk_add, dv_add, dq_blk, ds_bhqk = _tile_or_zeros(
+                spec, qi, ki, functools.partial(tile_grads, qi=qi), meets, *residuals, dout_bqhd)
+            start = qi * spec.q_block
+            dq_bqhd = lax.dynamic_update_slice_in_dim(
+                dq_bqhd, lax.dynamic_slice_in_dim(dq_bqhd, start, spec.q_block, axis=1) + dq_blk, start, axis=1)
+            if dbias is not None:
+                dbias = _accumulate_bias_grad(spec, dbias, ds_bhqk, qi, ki)
+            return (dk_bkhd + dk_add, dv_bkhd + dv_add, dq_bqhd, dbias), None
+
+        def tile_grads(qi):
             start = qi * spec.q_block
             q_blk = lax.dynamic_slice_in_dim(q_bqhd, start, spec.q_block, axis=1)
             do_blk = lax.dynamic_slice_in_dim(dout_bqhd, start, spec.q_block, axis=1)
@@ -243,19 +257,15 @@ def _attention_bwd(spec, residuals, dout_bqhd):
             delta_blk = lax.dynamic_slice_in_dim(delta_bhq, start, spec.q_block, axis=2)
             s_bhqk = _tile_logits(spec, q_blk, k_blk, bias, mask, qi, ki, q_seg, kv_seg)
             p_bhqk = jnp.exp(s_bhqk - lse_blk[..., None])  # masked or empty rows: exactly 0
-            dv_bkhd = dv_bkhd + jnp.einsum("bhqk,bqhd->bkhd", p_bhqk.astype(do_blk.dtype), do_blk,
-                                           preferred_element_type=jnp.float32)
+            dv_add = jnp.einsum("bhqk,bqhd->bkhd", p_bhqk.astype(do_blk.dtype), do_blk,
+                                preferred_element_type=jnp.float32)
             dp_bhqk = jnp.einsum("bqhd,bkhd->bhqk", do_blk, v_blk, preferred_element_type=jnp.float32)
             ds_bhqk = p_bhqk * (dp_bhqk - delta_blk[..., None])  # d loss / d logits (= d bias)
             dq_blk = jnp.einsum("bhqk,bkhd->bqhd", ds_bhqk.astype(k_blk.dtype), k_blk,
                                 preferred_element_type=jnp.float32) * spec.scale
-            dq_bqhd = lax.dynamic_update_slice_in_dim(
-                dq_bqhd, lax.dynamic_slice_in_dim(dq_bqhd, start, spec.q_block, axis=1) + dq_blk, start, axis=1)
-            dk_bkhd = dk_bkhd + jnp.einsum("bhqk,bqhd->bkhd", ds_bhqk.astype(q_blk.dtype), q_blk,
-                                           preferred_element_type=jnp.float32) * spec.scale
-            if dbias is not None:
-                dbias = _accumulate_bias_grad(spec, dbias, ds_bhqk, qi, ki)
-            return dk_bkhd, dv_bkhd, dq_bqhd, dbias
+            dk_add = jnp.einsum("bhqk,bqhd->bkhd", ds_bhqk.astype(q_blk.dtype), q_blk,
+                                preferred_element_type=jnp.float32) * spec.scale
+            return dk_add, dv_add, dq_blk, ds_bhqk if bias is not None else None
 
         dq_bqhd, dbias = carry
         zeros_kv = _varying_as(jnp.zeros(k_blk.shape, jnp.float32), *residuals, dout_bqhd)
