@@ -278,8 +278,12 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
 
 
 @pytest.mark.slow
-def test_resume_after_killing_one_process_continues_exactly(tmp_path):
-    args = ["--steps", "40", "--schedule-steps", "40", "--save-every", "4"]
+@pytest.mark.parametrize("writes", [[], ["--async-checkpoint"]], ids=["blocking", "async"])
+def test_resume_after_killing_one_process_continues_exactly(tmp_path, writes):
+    """One of 2 processes killed while training (with --async-checkpoint, possibly while a
+    checkpoint is being written in the background by both): the resume starts from the newest
+    complete checkpoint and ends where an uninterrupted run ends."""
+    args = ["--steps", "40", "--schedule-steps", "40", "--save-every", "4", *writes]
     full = _single(tmp_path / "full", *args)
     run = tmp_path / "killed"
     procs = _launch(_sciscale(run, *args))

@@ -16,13 +16,13 @@ of its own segment, and no [Q, K] mask is formed), causal attention aligned at t
 comes back in the bias's own shape (summed over its broadcast dimensions). A row with no key to
 attend gives zeros.
 
-Tiles nothing can attend are skipped with ``lax.cond``, forward and backward: those causality
-hides entirely, and, with segment ids, those whose query ids and key ids span disjoint ranges in
-every row of the batch (no id can be equal in them; exact for any ids, and for packed rows, whose
-ids rise along the row, every tile joining two different pieces in all rows). With segment ids
-the default tiles are 128 x 128, so more of them fall between pieces
-(``benchmarks/packed_attention.py``: on CPU, walking rows one at a time to skip each row's own
-tiles cost more in per-tile overhead than it saved).
+Tiles nothing can attend are skipped, forward and backward: those causality hides entirely
+(``lax.cond``) and, with segment ids, every tile outside the span of kv blocks a query block's
+segments reach in some row of the batch (the loop over blocks runs from the first tile whose query
+and key ids span overlapping ranges to the last; exact for any ids, and for packed rows, whose ids
+rise along the row, exactly the tiles where some row holds one piece on both sides). A loop with
+data-dependent bounds rather than a ``lax.cond`` per tile: on CPU the conds cost about what they
+saved (``benchmarks/packed_attention.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 DEFAULT_Q_CHUNK = 256
@@ -141,49 +142,53 @@ def _tile_map(spec, q_seg, kv_seg):
     return tiles_meeting(q_seg[:, 0, :, 0], kv_seg[:, 0, 0, :], spec.q_block, spec.kv_block)
 
 
-def _visible(spec, qi, ki, meets):
-    """Whether tile (qi, ki) may hold an attended pair: False when causality hides every key of it
-    or (``meets``, from ``_tile_map``) its query and key segments cannot meet; None: always."""
-    visible = None
-    if spec.causal:
-        last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
-        visible = ki * spec.kv_block <= last_visible_key
-    if meets is not None:
-        visible = meets[qi, ki] if visible is None else visible & meets[qi, ki]
-    return visible
-
-
-def _unless_hidden(spec, qi, ki, update, carry, meets=None):
-    """update(carry) for tile (qi, ki), skipped (carry unchanged) where it is not ``_visible``."""
-    visible = _visible(spec, qi, ki, meets)
-    if visible is None:
+def _unless_hidden(spec, qi, ki, update, carry):
+    """update(carry) for tile (qi, ki), skipped when causality hides every key of the tile."""
+    if not spec.causal:
         return update(carry)
-    return lax.cond(visible, update, lambda c: c, carry)
+    last_visible_key = qi * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
+    return lax.cond(ki * spec.kv_block <= last_visible_key, update, lambda c: c, carry)
 
 
-def _tile_or_zeros(spec, qi, ki, tile_fn, meets, *operands):
-    """``tile_fn()`` for tile (qi, ki), or zeros of its shapes where it is not ``_visible``; the
-    zeros vary over the manual mesh axes ``operands`` vary over."""
-    visible = _visible(spec, qi, ki, meets)
-    if visible is None:
-        return tile_fn()
+def _spans(spec, meets):
+    """Per query block, the kv blocks [first, stop) from the first to the last tile that may hold an
+    attended pair (``meets`` [num_q, num_kv], from ``_tile_map``, and not hidden by causality):
+    (first, stop), each [num_q]. For ids that rise along the row the tiles between are exactly
+    those; for others some may hold no pair (computed, every pair masked). No tile: first == stop."""
+    num_q, num_kv = meets.shape
+    if spec.causal:
+        q_last = np.arange(num_q)[:, None] * spec.q_block + spec.q_block - 1 + (spec.kv_len - spec.q_len)
+        meets = meets & (np.arange(num_kv)[None, :] * spec.kv_block <= q_last)
+    return _first_stop(meets)
 
-    def zeros():
-        shapes = jax.eval_shape(tile_fn)
-        return _varying_as(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), *operands)
-    return lax.cond(visible, tile_fn, zeros)
+
+def _first_stop(tiles):
+    """(first, stop) per row of a bool matrix: from its first True to one past its last True."""
+    index = jnp.arange(tiles.shape[1])
+    first = jnp.min(jnp.where(tiles, index, tiles.shape[1]), axis=1)
+    stop = jnp.max(jnp.where(tiles, index + 1, 0), axis=1)
+    return first, jnp.maximum(stop, first)
+
+
+def _reach(spans, num_kv):
+    """Per kv block, the query blocks [first, stop) whose forward span covers it: the backward
+    visits the forward's tiles (and, where those are not contiguous, empty ones between)."""
+    index = jnp.arange(num_kv)
+    inside = (spans[0][:, None] <= index[None, :]) & (index[None, :] < spans[1][:, None])
+    return _first_stop(inside.T)
 
 
 def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg=None, kv_seg=None):
     batch, q_padded, num_heads, head_dim = q_bqhd.shape
     num_q, num_kv = q_padded // spec.q_block, k_bkhd.shape[1] // spec.kv_block
     meets = _tile_map(spec, q_seg, kv_seg)
+    spans = None if meets is None else _spans(spec, meets)
 
     def one_query_block(qi):
         q_blk = lax.dynamic_slice_in_dim(q_bqhd, qi * spec.q_block, spec.q_block, axis=1)
 
         def kv_step(carry, ki):
-            return _unless_hidden(spec, qi, ki, functools.partial(kv_update, ki=ki), carry, meets), None
+            return _unless_hidden(spec, qi, ki, functools.partial(kv_update, ki=ki), carry), None
 
         def kv_update(carry, ki):
             max_bhq, norm_bhq, acc_bhqd = carry
@@ -203,7 +208,11 @@ def _forward(spec, q_bqhd, k_bkhd, v_bkhd, bias, mask, q_seg=None, kv_seg=None):
         init = _varying_as((jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                             jnp.zeros(stats_shape + (head_dim,), jnp.float32)), q_bqhd, k_bkhd, v_bkhd, bias, mask,
                            q_seg, kv_seg)
-        (max_bhq, norm_bhq, acc_bhqd), _ = lax.scan(kv_step, init, jnp.arange(num_kv))
+        if spans is None:
+            (max_bhq, norm_bhq, acc_bhqd), _ = lax.scan(kv_step, init, jnp.arange(num_kv))
+        else:  # only the kv blocks the query block's segments reach
+            max_bhq, norm_bhq, acc_bhqd = lax.fori_loop(spans[0][qi], spans[1][qi],
+                                                        lambda ki, c: kv_update(c, ki), init)
         attended = norm_bhq > 0
         out_bhqd = acc_bhqd / jnp.where(attended, norm_bhq, 1.0)[..., None]
         lse_bhq = jnp.where(attended, max_bhq + jnp.log(jnp.where(attended, norm_bhq, 1.0)), jnp.inf)
@@ -231,23 +240,24 @@ def _attention_bwd(spec, residuals, dout_bqhd):
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax-backward row term.
     delta_bhq = jnp.einsum("bqhd,bqhd->bhq", dout_bqhd.astype(jnp.float32), out_bqhd.astype(jnp.float32))
     meets = _tile_map(spec, q_seg, kv_seg)
+    spans = None if meets is None else _reach(_spans(spec, meets), num_kv)  # per kv block
 
     def one_kv_block(carry, ki):
         k_blk = lax.dynamic_slice_in_dim(k_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
         v_blk = lax.dynamic_slice_in_dim(v_bkhd, ki * spec.kv_block, spec.kv_block, axis=1)
 
         def q_step(inner, qi):
+            return _unless_hidden(spec, qi, ki, functools.partial(q_update, qi=qi), inner), None
+
+        def q_update(inner, qi):
             dk_bkhd, dv_bkhd, dq_bqhd, dbias = inner
-            # the tile's terms (zeros where it is skipped) are summed outside the cond, so the
-            # cond never carries the whole dq or bias gradient
-            dk_add, dv_add, dq_blk, ds_bhqk = _tile_or_zeros(
-                spec, qi, ki, functools.partial(tile_grads, qi=qi), meets, *residuals, dout_bqhd)
+            dk_add, dv_add, dq_blk, ds_bhqk = tile_grads(qi)
             start = qi * spec.q_block
             dq_bqhd = lax.dynamic_update_slice_in_dim(
                 dq_bqhd, lax.dynamic_slice_in_dim(dq_bqhd, start, spec.q_block, axis=1) + dq_blk, start, axis=1)
             if dbias is not None:
                 dbias = _accumulate_bias_grad(spec, dbias, ds_bhqk, qi, ki)
-            return (dk_bkhd + dk_add, dv_bkhd + dv_add, dq_bqhd, dbias), None
+            return dk_bkhd + dk_add, dv_bkhd + dv_add, dq_bqhd, dbias
 
         def tile_grads(qi):
             start = qi * spec.q_block
@@ -269,8 +279,12 @@ def _attention_bwd(spec, residuals, dout_bqhd):
 
         dq_bqhd, dbias = carry
         zeros_kv = _varying_as(jnp.zeros(k_blk.shape, jnp.float32), *residuals, dout_bqhd)
-        (dk_bkhd, dv_bkhd, dq_bqhd, dbias), _ = lax.scan(
-            q_step, (zeros_kv, zeros_kv, dq_bqhd, dbias), jnp.arange(num_q))
+        inner = (zeros_kv, zeros_kv, dq_bqhd, dbias)
+        if spans is None:
+            (dk_bkhd, dv_bkhd, dq_bqhd, dbias), _ = lax.scan(q_step, inner, jnp.arange(num_q))
+        else:  # only the query blocks whose segments reach this kv block
+            dk_bkhd, dv_bkhd, dq_bqhd, dbias = lax.fori_loop(spans[0][ki], spans[1][ki],
+                                                             lambda qi, c: q_update(c, qi), inner)
         return (dq_bqhd, dbias), (dk_bkhd, dv_bkhd)
 
     init = _varying_as((jnp.zeros(q_bqhd.shape, jnp.float32),
