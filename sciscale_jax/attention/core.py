@@ -23,9 +23,10 @@ mask (cuDNN needs them at full [B, H, Q, K] size, which would undo the O(N) memo
 nothing was measured, the rules: cuDNN when it takes the inputs and there is no bias or mask (on
 an H200 it ran 1.5-3.6x faster than the flash kernel); otherwise, on GPU or TPU, flash where the
 kernel supports the case; else chunked once either sequence reaches ``AUTO_CHUNKED_MIN_LEN``
-(or, on CPU, whenever there are segment ids: ``benchmarks/packed_attention.py``), else xla. "linformer" and "performer" are approximate attention
-modules with parameters (``LinformerAttention``, ``PerformerAttention``): model configs may
-name them, the parameter-free front door cannot run them.
+(or, on CPU, whenever there are segment ids: ``benchmarks/packed_attention.py``), else xla.
+"linformer" and "performer" are approximate attention modules with parameters
+(``LinformerAttention``, ``PerformerAttention``): model configs may name them, the
+parameter-free front door cannot run them.
 """
 
 from __future__ import annotations
