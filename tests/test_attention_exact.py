@@ -297,8 +297,8 @@ def test_xla_bfloat16_keeps_dtypes_and_tracks_reference():
 
 def _quadratic_residuals(fn, b, q_len, kv_len, heads, kv_heads=None, policy=None):
     """(dtype, shape, note) of each residual autodiff keeps that holds b*heads*q_len*kv_len elements."""
-    q = jnp.ones((b, q_len, heads, 8))
-    k = jnp.ones((b, kv_len, kv_heads or heads, 8))
+    q = jnp.ones((b, q_len, heads, 8), jnp.float32)  # float32 also under global x64
+    k = jnp.ones((b, kv_len, kv_heads or heads, 8), jnp.float32)
     f = lambda q, k, v: fn(q, k, v).sum()  # noqa: E731
     if policy is not None:
         from sciscale_jax import remat
@@ -321,7 +321,7 @@ def test_xla_backward_keeps_one_probability_tensor():
     no masked copies, no boolean [B,H,Q,K] mask, whatever mask, bias and causal flag are given."""
     b, q_len, kv_len, heads = 2, 12, 12, 4
     mask = jnp.asarray(np.random.default_rng(11).random((b, 1, 1, kv_len)) > 0.2)
-    bias = jnp.ones((1, heads, q_len, kv_len))
+    bias = jnp.ones((1, heads, q_len, kv_len), jnp.float32)
     fn = lambda q, k, v: attention.xla_attention(q, k, v, bias=bias, mask=mask, causal=True)  # noqa: E731
     kept = _quadratic_residuals(fn, b, q_len, kv_len, heads, kv_heads=2)
     assert [(d, s) for d, s, _ in kept] == [("f32", (b, heads, q_len, kv_len))], kept

@@ -262,7 +262,7 @@ def test_lowers_to_mosaic_for_tpu(extra):
         text = jax.jit(jax.grad(loss, argnums=argnums)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == 3  # forward, dK/dV, dQ
     with pytest.raises(ValueError, match="block_k=64 must be a power of two >= 128 on TPU"):
-        flash_attention(jnp.zeros((1, 256, 2, 64)), jnp.zeros((1, 256, 2, 64)), jnp.zeros((1, 256, 2, 64)),
+        flash_attention(*(jnp.zeros((1, 256, 2, 64), jnp.float32) for _ in range(3)),
                         block_k=64, interpret=False, backend="tpu")
 
 
