@@ -159,7 +159,8 @@ def main(argv=None) -> int:
          "attention_alone": alone, "training": {"steps": args.steps, "rounds": args.rounds, "runs": steps}},
         indent=1) + "\n")
     lines = [f"Attention on packed protein rows (`python benchmarks/packed_attention.py`), device {device}: forward + "
-             f"backward, {args.tokens} tokens per call, {HEADS} heads x {HEAD_DIM}, float32, fastest of {args.reps} interleaved calls; "
+             f"backward, {args.tokens} tokens per call, {HEADS} heads x {HEAD_DIM}, float32, fastest of "
+             f"{args.reps} interleaved calls; "
              "ms. Skipped: tiles whose ids cannot meet in any row of the batch (in brackets, the share a row "
              "alone would skip):", "",
              "| seq_len | rows | proteins / row | tiles | xla (ids as mask) | every tile | tiles skipped | "
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     if steps:
         lines += ["", f"protein-mlm `--pack --attention chunked` training steps (batch 8, recipe defaults, "
                       f"{args.steps} steps, fastest of {args.rounds} interleaved runs):", "",
-                  "| seq_len | ms / step, every tile of 256 x 512 (before) | ms / step, 128 x 128, skipped | speed-up |", "|---|---:|---:|---:|"]
+                  "| seq_len | ms / step, every tile of 256 x 512 (before) | ms / step, 128 x 128, skipped | "
+                  "speed-up |", "|---|---:|---:|---:|"]
         for r in steps:
             lines.append(f"| {r['seq_len']} | {r['no skip']:.0f} | {r['skip']:.0f} | {r['no skip'] / r['skip']:.2f}x |")
     (out / f"packed_attention_{tag}.md").write_text("\n".join(lines) + "\n")
