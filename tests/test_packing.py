@@ -113,7 +113,7 @@ def _brute_meets(q_ids, kv_ids, qb, kb):
 
 
 def test_skipped_tiles_never_hold_an_attended_pair_and_are_all_of_them_for_rising_runs():
-    from sciscale_jax.attention.chunked import tiles_meeting
+    from sciscale_jax.attention.chunked import _Spec, _spans, tiles_meeting
     from sciscale_jax.models.transformer import segment_runs
     rng = np.random.default_rng(3)
     skipped = 0
@@ -127,6 +127,11 @@ def test_skipped_tiles_never_hold_an_attended_pair_and_are_all_of_them_for_risin
         assert (np.diff(runs, axis=1) >= 0).all()
         meets = np.asarray(tiles_meeting(jnp.asarray(runs), jnp.asarray(runs), 8, 16))
         np.testing.assert_array_equal(meets, _brute_meets(runs, runs, 8, 16))
+        # chunked loops over each query block's span of kv blocks: for rising ids, exactly its tiles
+        spec = _Spec(q_len=64, kv_len=64, q_block=8, kv_block=16, causal=False, scale=1.0)
+        first, stop = (np.asarray(x)[:, None] for x in _spans(spec, jnp.asarray(meets)))
+        index = np.arange(meets.shape[1])
+        np.testing.assert_array_equal((first <= index) & (index < stop), meets)
         skipped += (~meets).sum()
         # any ids (repeats far apart, unordered): a skipped tile never holds an equal pair
         wild = rng.integers(0, 5, size=(3, 16)).repeat(4, axis=1)

@@ -49,7 +49,6 @@ class _Spec(NamedTuple):
     kv_block: int
     causal: bool
     scale: float
-    segments: bool = False  # query and key segment ids given: skip tiles whose ids cannot meet
 
 
 def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=False, scale=None,
@@ -83,7 +82,7 @@ def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=Fa
         q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
         q_seg = jnp.pad(q_ids, ((0, 0), (0, q_pad)), constant_values=-1)[:, None, :, None]
         kv_seg = jnp.pad(kv_ids, ((0, 0), (0, kv_pad)), constant_values=-2)[:, None, None, :]
-    spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale, q_seg is not None)
+    spec = _Spec(q_len, kv_len, q_block, kv_block, bool(causal), scale)
     out_bqhd = _attention(spec, q_bqhd, k_bkhd, v_bkhd, bias_4d, mask_4d, q_seg, kv_seg)
     return out_bqhd[:, :q_len]
 
@@ -137,7 +136,7 @@ def tiles_meeting(q_ids, kv_ids, q_block: int, kv_block: int):
 
 def _tile_map(spec, q_seg, kv_seg):
     """The tiles that may hold an attended pair (``tiles_meeting``), or None without segment ids."""
-    if not spec.segments:
+    if q_seg is None:
         return None
     return tiles_meeting(q_seg[:, 0, :, 0], kv_seg[:, 0, 0, :], spec.q_block, spec.kv_block)
 

@@ -340,7 +340,7 @@ def segment_positions(segments_bs):
 def _per_run_share(hit_bs, real_bs, segments_bs):
     """Per token, the share of ``hit`` among the real tokens of its run of equal segment ids."""
     batch, seq = segments_bs.shape
-    run_bs = jnp.cumsum(segment_starts(segments_bs), axis=1) - 1 + (jnp.arange(batch) * seq)[:, None]
+    run_bs = segment_runs(segments_bs) - 1 + (jnp.arange(batch) * seq)[:, None]
     hits = jax.ops.segment_sum(hit_bs.astype(jnp.float32).ravel(), run_bs.ravel(), num_segments=batch * seq)
     reals = jax.ops.segment_sum(real_bs.astype(jnp.float32).ravel(), run_bs.ravel(), num_segments=batch * seq)
     return (hits / jnp.maximum(reals, 1.0))[run_bs]
