@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 20). Step limits add up to 600 s (about 440 s on an
-# H200 from the 2026-11-30 run's step times and the additions since); call it with
-# timeout_s=600 and carry [".gpu_wheels"], keeping the rest of the 15-minute budget for a rerun of
-# what failed:
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
+# The one script a GPU session runs (issue 20). Step limits add up to 765 s, more than one device
+# call's 600 s, so a session runs it in two calls, the checks that decide something first (each
+# call installs again; carry [".gpu_wheels"]):
+#   ONLY=gpu_tests,sm90_tests,evoformer_tests,mfu_1b,attention_sm90_variants,packed_attention \
+#     OUT=$OUT bash benchmarks/gpu_check.sh      # limits 475 s: timeout_s=500
+#   ONLY=attention_gpu_bench,attention_evoformer_shapes,evoformer_block,mfu_350m \
+#     OUT=$OUT bash benchmarks/gpu_check.sh      # limits 325 s: timeout_s=340
+# (about 70% of the limits on an H200 from earlier runs' step times).
 # Installs the project (and, where the gitignored folder .gpu_wheels/ was carried, tokamax and
 # the pure-Python packages it needs, into /tmp/tokamax_site, used by the attention steps only;
 # benchmarks/gpu_wheels.sh builds that folder on a machine that reaches PyPI),
@@ -18,8 +21,8 @@
 # them only once they pass (SM90_FUSED_GPU_TESTED, SM90_PERSISTENT_GPU_TESTED).
 # Everything lands under $OUT (default benchmarks/results): gpu_check.log, attention_gpu.json,
 # attention_gpu_variants.json, attention_evoformer_gpu.json, mfu_gpu_350m.json, mfu_gpu_1b.json,
-# evoformer_gpu.json (7 files; the device tool returns at most 8): the benchmarks' markdown tables
-# are in gpu_check.log, and their .md files are removed at the end unless OUT is benchmarks/results
+# evoformer_gpu.json, packed_attention_<device>.json (8 files; the device tool returns at most 8):
+# the benchmarks' markdown tables are in gpu_check.log, and their .md files are removed at the end unless OUT is benchmarks/results
 # (each script's table() rebuilds them from the JSON). Earlier steps
 # dropped to fit (remat, offload, fp8, remat paths) have their H200 results in
 # benchmarks/results/*h200*.
@@ -81,7 +84,7 @@ step gpu_tests 50 "${PYTEST[@]}" tests -m gpu --continue-on-collection-errors --
 # each test shape's candidates first).
 # 18 tests, 48 s in 4 workers on the H200 (2026-11-30); 30 with the fused backward's and the
 # persistent forward's (1 skipped).
-SCISCALE_SM90_TUNING=off step sm90_tests 90 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
+SCISCALE_SM90_TUNING=off step sm90_tests 110 "${PYTEST[@]}" tests/test_flash_sm90.py -m gpu
 # Benchmarked unless the tests hung (timeout's 124): a wrong answer still has a speed worth knowing.
 sm90_ok=$([ "$last_rc" -ne 124 ] && echo 1 || echo 0)
 # The Evoformer against its float64 transcription of AlphaFold 2 on the GPU's compiled path (float32
@@ -110,10 +113,11 @@ PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
 # bias (the fused backward does not fit shared memory beside a bias ring there), 16k then 4k:
 # sm90_fused (one backward kernel, 5 tile products instead of 7) and sm90_persistent (one CTA per
 # SM looping over query tiles). About 60 s expected; the budget cuts the 4k points first.
+# cuDNN beside them, for the aim of 1.0x cuDNN.
 if [ "$sm90_ok" = 1 ]; then
-  SCISCALE_SM90_TUNING=off step attention_sm90_variants 70 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
-    --tag _variants --impls sm90,sm90_fused,sm90_persistent --seqs 16384,4096 --head-dims 128 --biases none \
-    --causal 0,1 --budget-s 55
+  SCISCALE_SM90_TUNING=off step attention_sm90_variants 95 "$PY" benchmarks/attention_gpu.py --out "$OUT" \
+    --tag _variants --impls sm90,sm90_fused,sm90_persistent,cudnn --seqs 16384,4096 --head-dims 128 \
+    --biases none --causal 0,1 --budget-s 80
 fi
 
 # Each of the Evoformer's attention calls at crop 256 (MSA row: 128 rows of 256 residues, 8 heads
@@ -135,6 +139,16 @@ evo_attn=auto
 SCISCALE_SM90_TUNING=off step evoformer_block 75 "$PY" benchmarks/evoformer_gpu.py --out "$OUT" \
   --attentions "$evo_attn"
 
+# Packed protein rows (protein-mlm --pack's segment ids, proteins from the carried pyhmmer wheel),
+# ESM-2 650M's 20 heads of 64, bf16, 32,768 tokens per call, forward + backward: chunked computing
+# every tile and skipping those whose proteins cannot meet, our Triton flash with and without its
+# skip, and cuDNN, sm90 and auto with the ids (as a mask where they take no ids); results written
+# after each length.
+PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
+  step packed_attention 120 "$PY" benchmarks/packed_attention.py --out "$OUT" --seq-lens 2048 4096 1024 \
+  --tokens 32768 --dtype bfloat16 --heads 20 --head-dim 64 --tiles 128x128 256x512 --reps 3 \
+  --impls flash,cudnn,sm90,auto --train-seq-lens
+
 # Opt-in (named in ONLY): the Evoformer block on sm90 with the tuner on (each attention shape
 # class's candidates timed first, the picks written beside the results); 86 s on the H200.
 if [ "$sm90_ok" = 1 ] && [[ ",${ONLY:-}," == *",evoformer_block_tuned,"* ]]; then
@@ -150,7 +164,8 @@ if [[ ",${ONLY:-}," == *",prefetch,"* ]]; then
 fi
 
 if [ "$OUT" != benchmarks/results ]; then  # (the device tool's 8 files) their tables are in the log
-  rm -f "$OUT/attention_gpu.md" "$OUT/attention_gpu_variants.md" "$OUT/attention_evoformer_gpu.md"
+  rm -f "$OUT/attention_gpu.md" "$OUT/attention_gpu_variants.md" "$OUT/attention_evoformer_gpu.md" \
+    "$OUT"/packed_attention_*.md
 fi
 echo "== gpu_check done, status=$status" | tee -a "$LOG"
 exit "$status"

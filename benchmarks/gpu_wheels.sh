@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds .gpu_wheels/ (gitignored): tokamax and the pure-Python packages it imports that the GPU
-# machine lacks, for its Python 3.12 on x86-64 Linux. Run it on a machine that reaches PyPI, then
+# machine lacks, for its Python 3.12 on x86-64 Linux, and pyhmmer, whose wheel holds the proteins
+# benchmarks/packed_attention.py packs (only its data files are read; 4 MB). Run it on a machine that reaches PyPI, then
 # carry the folder with the device tool (carry [".gpu_wheels"]); benchmarks/gpu_check.sh installs
 # the wheels with --target into /tmp/tokamax_site, used by its attention steps only.
 #   bash benchmarks/gpu_wheels.sh [PYTHON]   # PYTHON: any python with pip (default python3)
@@ -20,4 +21,7 @@ mkdir -p "$DEST"
   tokamax==0.0.17 einshape==1.0 immutabledict==4.3.1 jaxtyping==0.3.11 wadler_lindig==0.1.8 \
   tqdm==4.70.1 qwix==0.1.8 pydantic==2.14.4 pydantic_core==2.50.5 typing_inspection==0.4.5 \
   annotated_types==0.8.0
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  --dest "$DEST" pyhmmer==0.12.3
 ls -1 "$DEST"

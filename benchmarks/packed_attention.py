@@ -11,6 +11,10 @@ row as the Transformer hands them to attention (``segment_runs``).
    every tile (``_tile_map`` patched to None) and skipping those whose ids cannot meet in any row
    (the library's code). The share of tiles skipped is counted with ``tiles_meeting``, for the
    batch and, for comparison, for each row alone.
+   ``--impls`` adds front-door implementations with the ids (``flash`` compares them tile by tile
+   and skips too, also timed computing every tile; the others get them as a mask; ``auto`` is
+   recorded with what it resolved to). ``--dtype``, ``--heads`` and ``--head-dim`` set the inputs
+   (a GPU run: bfloat16 at ESM-2 650M's 20 heads of 64; ``benchmarks/gpu_check.sh``).
 2. ``--steps`` training steps of protein-mlm ``--pack --attention chunked`` (recipe defaults, batch
    8) at ``--train-seq-lens``: the loop's own step time (``metrics.jsonl``, compile excluded), the
    fastest of ``--rounds`` interleaved runs, as the library runs it (128 x 128 tiles, skipped) and
@@ -42,6 +46,19 @@ from sciscale_jax.train import TrainConfig, train
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 HEADS, HEAD_DIM = 4, 32
+
+
+@contextlib.contextmanager
+def flash_every_tile():
+    """The Pallas flash kernel computing every tile (its per-tile skip on the ids' ranges patched out;
+    the ids still mask inside each tile)."""
+    from sciscale_jax.kernels import flash_attention as kernel
+    saved = kernel._unless_apart
+    kernel._unless_apart = lambda cfg, body, *args, **kwargs: body
+    try:
+        yield
+    finally:
+        kernel._unless_apart = saved
 
 
 @contextlib.contextmanager
@@ -82,16 +99,16 @@ def _times(fns, args, reps):
     return {name: t * 1e3 for name, t in best.items()}
 
 
-def attention_alone(seq_len, tokens, tiles, reps):
+def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", heads=HEADS, head_dim=HEAD_DIM):
     rows = max(1, tokens // seq_len)
     ids, pieces = packed_ids(seq_len, rows)
     rng = np.random.default_rng(0)
-    q, k, v, cot = (jnp.asarray(rng.normal(size=(rows, seq_len, HEADS, HEAD_DIM)), jnp.float32) for _ in range(4))
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(rows, seq_len, heads, head_dim)), dtype) for _ in range(4))
     seg = jnp.asarray(ids)
 
     def fwd_bwd(attend):
         def loss(q, k, v):
-            return jnp.sum(attend(q, k, v) * cot)
+            return jnp.sum(attend(q, k, v).astype(jnp.float32) * cot.astype(jnp.float32))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     def with_chunks(qc, kc):
@@ -107,6 +124,21 @@ def attention_alone(seq_len, tokens, tiles, reps):
         out["skipped"][f"{qb}x{kb}"] = float(1 - np.asarray(chunked.tiles_meeting(seg, seg, qb, kb)).mean())
         meets = [np.asarray(chunked.tiles_meeting(seg[r:r + 1], seg[r:r + 1], qb, kb)) for r in range(rows)]
         out["skipped"][f"{qb}x{kb} one row"] = float(np.mean([1 - m.mean() for m in meets]))
+    for name in impls:
+        def front(q, k, v, name=name):
+            return attention.dot_product_attention(q, k, v, segment_ids=seg, impl=name)
+        label = name
+        if name == "auto":
+            label = f"auto ({attention.resolve_impl(q, k, v, impl='auto', segments=True)})"
+        try:
+            attention.dot_product_attention(q[:1, :128], k[:1, :128], v[:1, :128], segment_ids=seg[:1, :128],
+                                            impl=name)  # refused in one line where it cannot run here
+        except (ValueError, ImportError) as err:
+            out.setdefault("refused", {})[name] = str(err)
+            continue
+        fns[label] = (fwd_bwd(front), contextlib.nullcontext())
+        if name == "flash":
+            fns["flash every tile"] = (fwd_bwd(front), flash_every_tile())
     out["ms"] = _times(fns, (q, k, v), reps)
     return out
 
@@ -139,6 +171,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--tiles", type=str, nargs="+", default=["256x512", "128x128"])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--impls", type=str, default="", help="front-door implementations too, e.g. flash,cudnn,auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--heads", type=int, default=HEADS)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--train-seq-lens", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
@@ -146,20 +182,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = jax.devices()[0].device_kind
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
-    alone = []
-    for seq_len in args.seq_lens:
-        alone.append(attention_alone(seq_len, args.tokens, tiles, args.reps))
-        print(json.dumps(alone[-1]), flush=True)
-    steps = [training(s, args.steps, args.rounds) for s in args.train_seq_lens]
+    impls = [name for name in args.impls.split(",") if name]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.lower().replace(" ", "_")
-    (out / f"packed_attention_{tag}.json").write_text(json.dumps(
-        {"device": device, "heads": HEADS, "head_dim": HEAD_DIM, "tokens_per_call": args.tokens, "reps": args.reps,
-         "attention_alone": alone, "training": {"steps": args.steps, "rounds": args.rounds, "runs": steps}},
-        indent=1) + "\n")
+    alone, steps = [], []
+
+    def save():  # after every measurement, so a run cut short keeps what finished
+        (out / f"packed_attention_{tag}.json").write_text(json.dumps(
+            {"device": device, "jax": jax.__version__, "dtype": args.dtype, "heads": args.heads,
+             "head_dim": args.head_dim, "tokens_per_call": args.tokens, "reps": args.reps,
+             "attention_alone": alone, "training": {"steps": args.steps, "rounds": args.rounds, "runs": steps}},
+            indent=1) + "\n")
+
+    for seq_len in args.seq_lens:
+        alone.append(attention_alone(seq_len, args.tokens, tiles, args.reps, impls, args.dtype, args.heads,
+                                     args.head_dim))
+        print(json.dumps(alone[-1]), flush=True)
+        save()
+    for seq_len in args.train_seq_lens:
+        steps.append(training(seq_len, args.steps, args.rounds))
+        save()
     lines = [f"Attention on packed protein rows (`python benchmarks/packed_attention.py`), device {device}: forward + "
-             f"backward, {args.tokens} tokens per call, {HEADS} heads x {HEAD_DIM}, float32, fastest of "
+             f"backward, {args.tokens} tokens per call, {args.heads} heads x {args.head_dim}, {args.dtype}, fastest of "
              f"{args.reps} interleaved calls; "
              "ms. Skipped: tiles whose ids cannot meet in any row of the batch (in brackets, the share a row "
              "alone would skip):", "",
@@ -169,8 +214,20 @@ def main(argv=None) -> int:
         for tile in dict.fromkeys(name.split()[0] for name in r["ms"] if name[0].isdigit()):
             every, skip = r["ms"][f"{tile} every tile"], r["ms"][f"{tile} skipped"]
             lines.append(f"| {r['seq_len']} | {r['rows']} | {r['pieces_per_row']:.1f} | {tile} | "
-                         f"{r['ms']['xla (ids as mask)']:.0f} | {every:.0f} | {skip:.0f} | {r['skipped'][tile]:.0%} "
+                         f"{r['ms']['xla (ids as mask)']:.1f} | {every:.1f} | {skip:.1f} | {r['skipped'][tile]:.0%} "
                          f"({r['skipped'][tile + ' one row']:.0%}) | {every / skip:.2f}x |")
+    others = [name for name in dict.fromkeys(n for r in alone for n in r["ms"])
+              if not name[0].isdigit() and not name.startswith("xla")]
+    if others:
+        lines += ["", "Front-door implementations with the same ids (ms; in brackets, time over the fastest "
+                      "`chunked`):", "", "| seq_len | " + " | ".join(others) + " |",
+                  "|---|" + "---:|" * len(others)]
+        for r in alone:
+            best = min(t for n, t in r["ms"].items() if n[0].isdigit())
+            cells = [f"{r['ms'][n]:.1f} ({r['ms'][n] / best:.2f}x)" if n in r["ms"] else "-" for n in others]
+            lines.append(f"| {r['seq_len']} | " + " | ".join(cells) + " |")
+        refused = {n: e for r in alone for n, e in r.get("refused", {}).items()}
+        lines += [f"\n{n} refused: {e}" for n, e in refused.items()]
     if steps:
         lines += ["", f"protein-mlm `--pack --attention chunked` training steps (batch 8, recipe defaults, "
                       f"{args.steps} steps, fastest of {args.rounds} interleaved runs):", "",
