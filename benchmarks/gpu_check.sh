@@ -145,7 +145,7 @@ SCISCALE_SM90_TUNING=off step evoformer_block 75 "$PY" benchmarks/evoformer_gpu.
 # skip, and cuDNN, sm90 and auto with the ids (as a mask where they take no ids); results written
 # after each length.
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
-  step packed_attention 120 "$PY" benchmarks/packed_attention.py --out "$OUT" --seq-lens 2048 4096 1024 \
+  step packed_attention 120 "$PY" benchmarks/packed_attention.py --out "$OUT" --seq-lens 4096 1024 2048 \
   --tokens 32768 --dtype bfloat16 --heads 20 --head-dim 64 --tiles 128x128 256x512 --reps 3 \
   --impls flash,cudnn,sm90,auto --train-seq-lens
 

@@ -106,16 +106,17 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
     q, k, v, cot = (jnp.asarray(rng.normal(size=(rows, seq_len, heads, head_dim)), dtype) for _ in range(4))
     seg = jnp.asarray(ids)
 
-    def fwd_bwd(attend):
-        def loss(q, k, v):
-            return jnp.sum(attend(q, k, v).astype(jnp.float32) * cot.astype(jnp.float32))
+    def fwd_bwd(attend):  # the cotangent and ids are arguments: as closure constants XLA would fold them
+        def loss(q, k, v, cot, seg):
+            return jnp.sum(attend(q, k, v, seg).astype(jnp.float32) * cot.astype(jnp.float32))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     def with_chunks(qc, kc):
-        return lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids=(seg, seg), q_chunk=qc, kv_chunk=kc)
+        return lambda q, k, v, seg: attention.chunked_attention(q, k, v, segment_ids=(seg, seg), q_chunk=qc,
+                                                                kv_chunk=kc)
 
     out = {"seq_len": seq_len, "rows": rows, "pieces_per_row": pieces, "skipped": {}}
-    xla = lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids=seg, impl="xla")  # noqa: E731
+    xla = lambda q, k, v, seg: attention.dot_product_attention(q, k, v, segment_ids=seg, impl="xla")  # noqa: E731
     fns = {"xla (ids as mask)": (fwd_bwd(xla), contextlib.nullcontext())}
     for qc, kc in tiles:
         qb, kb = min(qc, seq_len), min(kc, seq_len)
@@ -125,7 +126,7 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
         meets = [np.asarray(chunked.tiles_meeting(seg[r:r + 1], seg[r:r + 1], qb, kb)) for r in range(rows)]
         out["skipped"][f"{qb}x{kb} one row"] = float(np.mean([1 - m.mean() for m in meets]))
     for name in impls:
-        def front(q, k, v, name=name):
+        def front(q, k, v, seg, name=name):
             return attention.dot_product_attention(q, k, v, segment_ids=seg, impl=name)
         label = name
         if name == "auto":
@@ -139,7 +140,7 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
         fns[label] = (fwd_bwd(front), contextlib.nullcontext())
         if name == "flash":
             fns["flash every tile"] = (fwd_bwd(front), flash_every_tile())
-    out["ms"] = _times(fns, (q, k, v), reps)
+    out["ms"] = _times(fns, (q, k, v, cot, seg), reps)
     return out
 
 
