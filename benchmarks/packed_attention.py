@@ -14,7 +14,8 @@ row as the Transformer hands them to attention (``segment_runs``).
    ``--impls`` adds front-door implementations with the ids (``flash`` compares them tile by tile
    and skips too, also timed computing every tile; the others get them as a mask; ``auto`` is
    recorded with what it resolved to). ``--dtype``, ``--heads`` and ``--head-dim`` set the inputs
-   (a GPU run: bfloat16 at ESM-2 650M's 20 heads of 64; ``benchmarks/gpu_check.sh``).
+   (a GPU run: bfloat16 at ESM-2 650M's 20 heads of 64; ``benchmarks/gpu_check.sh``). Each one's
+   q/k/v gradients are compared with xla's on float32 copies of the inputs (``grad_err``).
 2. ``--steps`` training steps of protein-mlm ``--pack --attention chunked`` (recipe defaults, batch
    8) at ``--train-seq-lens``: the loop's own step time (``metrics.jsonl``, compile excluded), the
    fastest of ``--rounds`` interleaved runs, as the library runs it (128 x 128 tiles, skipped) and
@@ -88,7 +89,7 @@ def _times(fns, args, reps):
     """Fastest of ``reps`` calls of each jitted ``fns[name]`` (compiled first, under its patch),
     the calls interleaved across the functions so a slower spell of the host hits them all."""
     for fn, patch in fns.values():
-        with patch:
+        with patch():
             jax.block_until_ready(fn(*args))
     best = {name: float("inf") for name in fns}
     for _ in range(reps):
@@ -117,11 +118,11 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
 
     out = {"seq_len": seq_len, "rows": rows, "pieces_per_row": pieces, "skipped": {}}
     xla = lambda q, k, v, seg: attention.dot_product_attention(q, k, v, segment_ids=seg, impl="xla")  # noqa: E731
-    fns = {"xla (ids as mask)": (fwd_bwd(xla), contextlib.nullcontext())}
+    fns = {"xla (ids as mask)": (fwd_bwd(xla), contextlib.nullcontext)}
     for qc, kc in tiles:
         qb, kb = min(qc, seq_len), min(kc, seq_len)
-        fns[f"{qb}x{kb} every tile"] = (fwd_bwd(with_chunks(qc, kc)), every_tile())
-        fns[f"{qb}x{kb} skipped"] = (fwd_bwd(with_chunks(qc, kc)), contextlib.nullcontext())
+        fns[f"{qb}x{kb} every tile"] = (fwd_bwd(with_chunks(qc, kc)), every_tile)
+        fns[f"{qb}x{kb} skipped"] = (fwd_bwd(with_chunks(qc, kc)), contextlib.nullcontext)
         out["skipped"][f"{qb}x{kb}"] = float(1 - np.asarray(chunked.tiles_meeting(seg, seg, qb, kb)).mean())
         meets = [np.asarray(chunked.tiles_meeting(seg[r:r + 1], seg[r:r + 1], qb, kb)) for r in range(rows)]
         out["skipped"][f"{qb}x{kb} one row"] = float(np.mean([1 - m.mean() for m in meets]))
@@ -137,10 +138,19 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
         except (ValueError, ImportError) as err:
             out.setdefault("refused", {})[name] = str(err)
             continue
-        fns[label] = (fwd_bwd(front), contextlib.nullcontext())
+        fns[label] = (fwd_bwd(front), contextlib.nullcontext)
         if name == "flash":
-            fns["flash every tile"] = (fwd_bwd(front), flash_every_tile())
+            fns["flash every tile"] = (fwd_bwd(front), flash_every_tile)
     out["ms"] = _times(fns, (q, k, v, cot, seg), reps)
+    # Each one's gradients against xla's with the mask on float32 copies of the same inputs: the
+    # largest error over dq, dk, dv, relative to the largest reference gradient.
+    want = fwd_bwd(xla)(*(x.astype(jnp.float32) for x in (q, k, v, cot)), seg)[1]
+    out["grad_err"] = {}
+    for name, (fn, patch) in fns.items():
+        with patch():
+            got = fn(q, k, v, cot, seg)[1]
+        out["grad_err"][name] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+                                    for g, w in zip(got, want))
     return out
 
 
@@ -221,11 +231,14 @@ def main(argv=None) -> int:
               if not name[0].isdigit() and not name.startswith("xla")]
     if others:
         lines += ["", "Front-door implementations with the same ids (ms; in brackets, time over the fastest "
-                      "`chunked`):", "", "| seq_len | " + " | ".join(others) + " |",
+                      "`chunked`; err: the largest gradient error against xla's in float32, relative to the "
+                      "largest gradient):", "", "| seq_len | " + " | ".join(others) + " |",
                   "|---|" + "---:|" * len(others)]
         for r in alone:
             best = min(t for n, t in r["ms"].items() if n[0].isdigit())
             cells = [f"{r['ms'][n]:.1f} ({r['ms'][n] / best:.2f}x)" if n in r["ms"] else "-" for n in others]
+            if "grad_err" in r:
+                cells = [c + (f", err {r['grad_err'][n]:.0e}" if n in r["grad_err"] else "") for c, n in zip(cells, others)]
             lines.append(f"| {r['seq_len']} | " + " | ".join(cells) + " |")
         refused = {n: e for r in alone for n, e in r.get("refused", {}).items()}
         lines += [f"\n{n} refused: {e}" for n, e in refused.items()]

@@ -46,9 +46,12 @@ from sciscale_jax.kernels.flash_attention_sm90 import (
 # Configurations the tuner measures (``kernels/sm90_tuning.py``), keyed by whether there is a bias:
 # (stages, fused) at 64 x 64 tiles; the first is the default where tuning is off or not on an sm90
 # GPU, the tuner's pick on an H200 at head_dim 128, seq 4096 (3 stages of the bias ring do not fit
-# at head_dim 128). The fused backward joins them once a GPU run of tests/test_flash_sm90.py -m gpu
-# has passed it (``SM90_FUSED_GPU_TESTED``): until then it is taken only when asked for.
-SM90_FUSED_GPU_TESTED = False
+# at head_dim 128). The fused backward joins them where it fits, since its GPU tests passed on an
+# H200 (``SM90_FUSED_GPU_TESTED``; tests/test_flash_sm90.py -m gpu, 2026-12-04). It was slower than
+# the two-kernel backward at head_dim 128 without a bias there (0.74-0.89x cuDNN against 0.88-1.09x,
+# benchmarks/results/attention_gpu_h200_variants_2026-12-04.md), so it stays out of the defaults and
+# the tuner keeps it only where it measures faster.
+SM90_FUSED_GPU_TESTED = True
 BWD_CANDIDATES = {False: ((3, False), (2, False)), True: ((2, False), (3, False))}
 FUSED_CANDIDATES = ((2, True),)  # with or without a bias
 _SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on an H100/H200

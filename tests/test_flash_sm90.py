@@ -171,10 +171,12 @@ def test_persistent_forward_in_gpu_interpret_mode_matches_float32_reference(caus
 
 
 def test_persistent_joins_the_forward_candidates_once_gpu_tested(monkeypatch):
-    """Until a GPU run passes it, the tuner never tries the persistent grid; then it tries it at the
-    first two configurations, and the configuration it would time runs the persistent kernel."""
+    """Without a passing GPU run the tuner never tries the persistent grid; with one it tries it at
+    the first two configurations, and the configuration it would time runs the persistent kernel."""
+    monkeypatch.setattr(kernel, "SM90_PERSISTENT_GPU_TESTED", False)
     assert all(len(c) == 2 for c in kernel.fwd_candidates(False) + kernel.fwd_candidates(True))
     monkeypatch.setattr(kernel, "SM90_PERSISTENT_GPU_TESTED", True)
+    assert kernel.fwd_candidates(False)[4:] == ((128, 2, True), (128, 3, True))
     seen = {}
 
     def spy_tuned(pass_name, q, k, bias, causal, candidates, make_run, **kwargs):
@@ -387,6 +389,7 @@ def test_fused_backward_refuses_what_does_not_fit_and_stays_off_until_gpu_tested
     with pytest.raises(ValueError, match="does not fit shared memory"):
         backward.flash_attention_sm90_bwd(q, q, q, q, lse, q, bias=bias, fused=True, interpret=True)
     # The tuner's candidates: the fused kernel only once a GPU run has passed it, and only where it fits.
+    monkeypatch.setattr(backward, "SM90_FUSED_GPU_TESTED", False)
     assert all(not fused for _, fused in backward.bwd_candidates(False) + backward.bwd_candidates(True))
     monkeypatch.setattr(backward, "SM90_FUSED_GPU_TESTED", True)
     assert (2, True) in backward.bwd_candidates(False) and (2, True) in backward.bwd_candidates(True)

@@ -37,7 +37,11 @@ from jax import lax
 
 DEFAULT_Q_CHUNK = 256
 DEFAULT_KV_CHUNK = 512
-SEGMENT_Q_CHUNK = 128   # the defaults with segment ids (packed rows)
+# The defaults with segment ids (packed rows) on CPU, where smaller tiles skip more and cost little
+# per tile; on a GPU each tile costs a loop trip, and 256 x 512 measured faster there too (H200,
+# bf16, 20 heads of 64: 23 against 40 ms at 4,096 positions, 20 against 31 at 2,048;
+# benchmarks/results/packed_attention_nvidia_h200.md).
+SEGMENT_Q_CHUNK = 128
 SEGMENT_KV_CHUNK = 128
 
 
@@ -55,10 +59,10 @@ def chunked_attention(q_bqhd, k_bkhd, v_bkhd, *, bias=None, mask=None, causal=Fa
                       segment_ids=None, q_chunk: int | None = None, kv_chunk: int | None = None):
     """Memory-efficient exact attention. q [B,Q,H,D], k/v [B,K,Hkv,D]; bias/mask broadcast to [B,H,Q,K];
     ``segment_ids``: (query ids [B,Q], key ids [B,K]), a query attends only to keys with its id.
-    Tiles: ``q_chunk`` x ``kv_chunk``, by default 256 x 512, or 128 x 128 with segment ids."""
-    packed = segment_ids is not None
-    q_chunk = (SEGMENT_Q_CHUNK if packed else DEFAULT_Q_CHUNK) if q_chunk is None else q_chunk
-    kv_chunk = (SEGMENT_KV_CHUNK if packed else DEFAULT_KV_CHUNK) if kv_chunk is None else kv_chunk
+    Tiles: ``q_chunk`` x ``kv_chunk``, by default 256 x 512, or 128 x 128 with segment ids on CPU."""
+    small_tiles = segment_ids is not None and jax.default_backend() == "cpu"
+    q_chunk = (SEGMENT_Q_CHUNK if small_tiles else DEFAULT_Q_CHUNK) if q_chunk is None else q_chunk
+    kv_chunk = (SEGMENT_KV_CHUNK if small_tiles else DEFAULT_KV_CHUNK) if kv_chunk is None else kv_chunk
     for label, size in (("q_chunk", q_chunk), ("kv_chunk", kv_chunk)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{label} must be a positive int, got {size!r}")
