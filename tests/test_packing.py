@@ -247,6 +247,32 @@ def test_auto_takes_only_implementations_that_compare_ids(monkeypatch):
     assert core.resolve_impl(q, q, q, segments=False) == "cudnn"
 
 
+def test_auto_without_an_id_reading_kernel_on_a_gpu(monkeypatch):
+    """Where flash cannot run (a jax without Pallas's Triton backend): short packed rows take the
+    fastest measured kernel that accepts their mask (never cuDNN, which would take it at full
+    [B, H, Q, K] size) instead of xla, which forms the same mask; from AUTO_CHUNKED_MIN_LEN
+    positions chunked, which forms none."""
+    monkeypatch.setattr(core, "_cuda", lambda: True)
+    monkeypatch.setattr(core, "_device_kind", lambda: "NVIDIA H200")
+    monkeypatch.setattr(core.measured, "ranking", lambda *a, **k: ["cudnn", "sm90", "flash", "xla"])
+    seen = []
+
+    def takes(name, q, k, v, bias, mask, causal):
+        seen.append((name, None if mask is None else (tuple(mask.shape), jnp.dtype(mask.dtype))))
+        return name in ("cudnn", "sm90", "xla") and not (name == "cudnn" and mask is not None)
+    monkeypatch.setattr(core, "_auto_takes", takes)
+    monkeypatch.setattr(core, "_accelerator", lambda: True)
+    import sciscale_jax.kernels.flash_attention as flash_kernel
+    monkeypatch.setattr(flash_kernel, "flash_supported", lambda *a, **k: False)
+    short = jax.ShapeDtypeStruct((2, 1024, 8, 64), jnp.bfloat16)
+    assert core.resolve_impl(short, short, short, segments=True) == "sm90"
+    assert ("sm90", ((2, 1, 1024, 1024), jnp.dtype(bool))) in seen  # asked with the mask it will get
+    long = jax.ShapeDtypeStruct((2, core.AUTO_CHUNKED_MIN_LEN, 8, 64), jnp.bfloat16)
+    assert core.resolve_impl(long, long, long, segments=True) == "chunked"
+    monkeypatch.setattr(core.measured, "ranking", lambda *a, **k: None)  # an unmeasured GPU kind: xla
+    assert core.resolve_impl(short, short, short, segments=True) == "xla"
+
+
 @pytest.mark.parametrize("seq", [128, 4096])
 def test_on_cpu_auto_never_forms_the_mask_of_a_packed_row(seq):
     q = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)

@@ -19,7 +19,9 @@ kind was measured (``measured.py``: forward+backward TFLOP/s from ``benchmarks/a
 and ``benchmarks/attention_evoformer_gpu.py``, per head_dim, sequence length, causal, and whether
 there is a bias, a mask alone or neither), "auto" picks the fastest
 implementation at the nearest measured point that takes the inputs, never cuDNN with a bias or
-mask (cuDNN needs them at full [B, H, Q, K] size, which would undo the O(N) memory). Where
+mask (cuDNN needs them at full [B, H, Q, K] size, which would undo the O(N) memory); with segment
+ids, one that reads them, else for rows under ``AUTO_CHUNKED_MIN_LEN`` one that takes their mask
+(``resolve_impl``). Where
 nothing was measured, the rules: cuDNN when it takes the inputs and there is no bias or mask (on
 an H200 it ran 1.5-3.6x faster than the flash kernel); otherwise, on GPU or TPU, flash where the
 kernel supports the case; else chunked once either sequence reaches ``AUTO_CHUNKED_MIN_LEN``
@@ -211,8 +213,9 @@ def _takes_segments(name: str) -> bool:
 def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool = False,
                  segments: bool = False) -> str:
     """The implementation ``impl`` stands for on these inputs ("auto" resolved; others unchanged).
-    With ``segments`` (packed rows), "auto" takes only an implementation that compares segment ids
-    itself, never one that would need the [Q, K] mask they stand for."""
+    With ``segments`` (packed rows), "auto" takes an implementation that compares segment ids
+    itself; one that needs the [Q, K] mask they stand for only on a GPU where none of those runs and
+    the rows are shorter than ``AUTO_CHUNKED_MIN_LEN`` (where xla would form the mask anyway)."""
     if impl != "auto":
         return impl
     if _cuda():  # measured on this kind of GPU: the fastest implementation that takes the inputs
@@ -221,6 +224,15 @@ def resolve_impl(q, k, v, bias=None, mask=None, impl: str = "auto", causal: bool
         for name in ranked or ():
             if (not segments or _takes_segments(name)) and _auto_takes(name, q, k, v, bias, mask, causal):
                 return name
+        if segments and max(q.shape[1], k.shape[1]) < AUTO_CHUNKED_MIN_LEN:
+            # Short packed rows and no kernel here that reads the ids (flash needs Pallas's Triton
+            # backend): the [B, 1, Q, K] mask is formed either way (xla would take it), so the
+            # fastest measured kernel that takes a mask instead (H200, 1,024 positions: sm90 3.1 ms,
+            # xla 9.3; benchmarks/results/packed_attention_nvidia_h200.md).
+            ids_mask = jax.ShapeDtypeStruct((q.shape[0], 1, q.shape[1], k.shape[1]), jnp.bool_)
+            for name in ranked or ():
+                if name != "xla" and _auto_takes(name, q, k, v, bias, ids_mask, causal):
+                    return name
     if _cuda() and bias is None and mask is None and not segments:
         try:
             check_cudnn(q, k, v, causal=causal)
