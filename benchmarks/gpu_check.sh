@@ -144,12 +144,13 @@ SCISCALE_SM90_TUNING=off step evoformer_block 75 "$PY" benchmarks/evoformer_gpu.
 
 # Packed protein rows (protein-mlm --pack's segment ids, proteins from the carried pyhmmer wheel),
 # ESM-2 650M's 20 heads of 64, bf16, 32,768 tokens per call, forward + backward: chunked computing
-# every tile and skipping those whose proteins cannot meet, our Triton flash with and without its
-# skip, and cuDNN, sm90 and auto with the ids (as a mask where they take no ids); results written
-# after each length; 81 s on the H200 (2026-12-04).
+# every tile and skipping those whose proteins cannot meet (256 x 512, its GPU tiles), our Triton
+# flash with and without its skip, and cuDNN, sm90 and auto with the ids (as a mask where they take
+# no ids), each one's gradients against float32 xla's; results written after each length; 81 s on
+# the H200 (2026-12-04, with 128 x 128 tiles too and without the gradient check).
 PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
   step packed_attention 120 "$PY" benchmarks/packed_attention.py --out "$OUT" --seq-lens 4096 1024 2048 \
-  --tokens 32768 --dtype bfloat16 --heads 20 --head-dim 64 --tiles 128x128 256x512 --reps 3 \
+  --tokens 32768 --dtype bfloat16 --heads 20 --head-dim 64 --tiles 256x512 --reps 3 \
   --impls flash,cudnn,sm90,auto --train-seq-lens
 
 # Opt-in (named in ONLY): the Evoformer block on sm90 with the tuner on (each attention shape

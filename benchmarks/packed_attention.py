@@ -18,8 +18,8 @@ row as the Transformer hands them to attention (``segment_runs``).
    q/k/v gradients are compared with xla's on float32 copies of the inputs (``grad_err``).
 2. ``--steps`` training steps of protein-mlm ``--pack --attention chunked`` (recipe defaults, batch
    8) at ``--train-seq-lens``: the loop's own step time (``metrics.jsonl``, compile excluded), the
-   fastest of ``--rounds`` interleaved runs, as the library runs it (128 x 128 tiles, skipped) and
-   as it ran before tile skipping (every tile of 256 x 512, patched).
+   fastest of ``--rounds`` interleaved runs, as the library runs it (on CPU 128 x 128 tiles, skipped)
+   and as it ran before tile skipping (every tile of 256 x 512, patched).
 
 Times are ratios to a baseline measured in the same process on the same device.
 
@@ -237,8 +237,8 @@ def main(argv=None) -> int:
         for r in alone:
             best = min(t for n, t in r["ms"].items() if n[0].isdigit())
             cells = [f"{r['ms'][n]:.1f} ({r['ms'][n] / best:.2f}x)" if n in r["ms"] else "-" for n in others]
-            if "grad_err" in r:
-                cells = [c + (f", err {r['grad_err'][n]:.0e}" if n in r["grad_err"] else "") for c, n in zip(cells, others)]
+            errs = r.get("grad_err", {})
+            cells = [c + (f", err {errs[n]:.0e}" if n in errs else "") for c, n in zip(cells, others)]
             lines.append(f"| {r['seq_len']} | " + " | ".join(cells) + " |")
         refused = {n: e for r in alone for n, e in r.get("refused", {}).items()}
         lines += [f"\n{n} refused: {e}" for n, e in refused.items()]
