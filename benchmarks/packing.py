@@ -12,8 +12,14 @@ residues. With ``--pack`` whole proteins follow one another, each attending only
    the compiled step's peak memory (XLA's memory analysis of the real step) and the real tokens per
    step of the batches those steps drew. Residues per second are their ratio; speed-ups are ratios
    to the padded run in the same process on the same device.
+3. With ``--quality-steps N``: what packing does to held-out loss at equal compute. Padded and
+   packed runs of N steps each (the same model, batch, learning-rate schedule and steps, so the
+   same FLOPs but for the padding) at ``--quality-seq-len``, for each of ``--quality-seeds``; the
+   validation split is one protein per row for both (the recipe's own evaluation: loss at
+   mask-replaced positions), beside the recipe's unigram and context-free baselines.
 
     python benchmarks/packing.py          # results/packing_<device>.{json,md}
+    python benchmarks/packing.py --quality-steps 600 --steps 0 --shares   # results/packing_quality_<device>.*
 """
 
 from __future__ import annotations
@@ -54,17 +60,43 @@ def _run(recipe, model_cfg, train_cfg, folder):
             "peak_mib": summary["memory"].peak_bytes / 2**20}
 
 
+def quality(recipe, seq_len, steps, seeds):
+    """Held-out loss of padded and packed runs of ``steps`` steps at ``seq_len``, per seed."""
+    runs = []
+    for seed in seeds:
+        for pack in (False, True):
+            cfg = TrainConfig(**{**recipe.train_defaults, "steps": steps, "batch_size": 8, "seq_len": seq_len,
+                                 "seed": seed, "log_every": steps, "eval_every": steps, "save_every": 10 * steps})
+            model_cfg = recipe.make_config(pack=pack, attention="chunked", max_len=max(1024, seq_len))
+            data = recipe.build_data(cfg, model_cfg)
+            drawn = range(0, steps, max(1, steps // 50))
+            tokens = float(np.mean([data.train.batch(s)["mask"].sum() for s in drawn]))
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = train(recipe, model_cfg, cfg, pathlib.Path(tmp) / "r", progress=False, log=lambda *_: None)
+            runs.append({"seed": seed, "packed": pack, "real_tokens_per_step": tokens,
+                         "val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
+                         "baselines": {k: summary["baselines"][f"{k}_loss"] for k in ("unigram", "context_free")}})
+            print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--attention", nargs="+", default=["xla", "chunked"])
-    parser.add_argument("--shares", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--shares", type=int, nargs="*", default=[128, 256, 512, 1024])
+    parser.add_argument("--quality-steps", type=int, default=0)
+    parser.add_argument("--quality-seq-len", type=int, default=512)
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     device = jax.devices()[0].device_kind
     recipe = get_recipe("protein-mlm")
+    if args.quality_steps:
+        return _write_quality(args, device, quality(recipe, args.quality_seq_len, args.quality_steps,
+                                                    args.quality_seeds))
     shares = _shares(recipe, args.shares)
     for seq_len, row in shares.items():
         print(f"seq_len {seq_len}: real tokens {row['padded']:.1%} padded, {row['packed']:.1%} packed", flush=True)
@@ -114,6 +146,30 @@ def main(argv=None) -> int:
                      f"{a['peak_mib']:.1f} -> {b['peak_mib']:.1f} | "
                      f"{b['tokens_per_second'] / a['tokens_per_second']:.2f}x |")
     (out / f"packing_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _write_quality(args, device, runs) -> int:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device.lower().replace(" ", "_")
+    (out / f"packing_quality_{tag}.json").write_text(json.dumps(
+        {"device": device, "steps": args.quality_steps, "seq_len": args.quality_seq_len, "batch_size": 8,
+         "runs": runs}, indent=1) + "\n")
+    lines = [f"protein-mlm padded and packed at equal compute (`python benchmarks/packing.py --quality-steps "
+             f"{args.quality_steps}`), device {device}: {args.quality_steps} steps of batch 8 at seq_len "
+             f"{args.quality_seq_len}, recipe default model and schedule, `chunked` attention; held-out loss "
+             "(nats, mask-replaced positions, one protein per row):", "",
+             "| seed | padded: real tokens / step | padded: held-out loss | packed: real tokens / step | "
+             "packed: held-out loss | packed - padded |", "|---|---:|---:|---:|---:|---:|"]
+    for seed in args.quality_seeds:
+        a, b = (next(r for r in runs if r["seed"] == seed and r["packed"] == p) for p in (False, True))
+        lines.append(f"| {seed} | {a['real_tokens_per_step']:.0f} | {a['val_loss']:.4f} | "
+                     f"{b['real_tokens_per_step']:.0f} | {b['val_loss']:.4f} | {b['val_loss'] - a['val_loss']:+.4f} |")
+    base = runs[0]["baselines"]
+    lines += ["", "Baselines on the same positions: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "."]
+    (out / f"packing_quality_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
