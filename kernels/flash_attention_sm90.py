@@ -493,7 +493,7 @@ def _check_blocks(block_q, block_kv, stages):
 FWD_CANDIDATES = {False: ((128, 2), (128, 3), (64, 2), (64, 4)), True: ((64, 2), (64, 3), (64, 4), (128, 2))}
 # The persistent grid joins them at the first two configurations, since its GPU tests passed on an
 # H200 (tests/test_flash_sm90.py -m gpu, 2026-12-04); the tuner keeps it where it measures faster
-# (there: the causal forward at 16k, 1.02x cuDNN against 0.86x; slower at 4k without causal).
+# (there: the causal forward at 16k, 1.02x cuDNN against 0.86x; elsewhere within the run's spread).
 SM90_PERSISTENT_GPU_TESTED = True
 
 
