@@ -19,7 +19,7 @@ residues. With ``--pack`` whole proteins follow one another, each attending only
    mask-replaced positions), beside the recipe's unigram and context-free baselines.
 
     python benchmarks/packing.py          # results/packing_<device>.{json,md}
-    python benchmarks/packing.py --quality-steps 600 --steps 0 --shares   # results/packing_quality_<device>.*
+    python benchmarks/packing.py --quality-steps 600   # results/packing_quality_<device>.{json,md}
 """
 
 from __future__ import annotations
