@@ -123,9 +123,8 @@ fi
 # Opt-in (named in ONLY): each of the Evoformer's attention calls at crop 256 (MSA row: 128 rows
 # of 256 residues, 8 heads of 32, the pair bias [1, 8, 256, 256] shared by the rows; MSA column:
 # 256 columns of 128; triangle: 256 rows of 256, 4 heads; each with its key mask) through the front
-# door: sm90 against our Triton
-# flash, tokamax and XLA's plain attention (what AlphaFold runs); 70 s without the sweep. Its
-# result files feed auto's table at head_dim 32 (add them with --table-from).
+# door: sm90 against our Triton flash, tokamax and XLA's plain attention (what AlphaFold runs); 70 s
+# without the sweep. Its result files feed auto's table at head_dim 32 (add them with --table-from).
 evo_impls=flash,tokamax,xla
 [ "$sm90_ok" = 1 ] && evo_impls=$evo_impls,sm90,sm90_fused
 if asked attention_evoformer_shapes; then
@@ -154,7 +153,8 @@ PYTHONPATH="$TOKAMAX_SITE${PYTHONPATH:+:$PYTHONPATH}" SCISCALE_SM90_TUNING=off \
   --impls flash,cudnn,sm90,auto --train-seq-lens
 
 # Opt-in (named in ONLY): the Evoformer block on sm90 with the tuner on (each attention shape
-# class's candidates timed first, the picks written beside the results); 86 s on the H200.
+# class's candidates timed first, the picks written beside the results); 86 s on the H200 before the
+# fused backward and the persistent forward joined the candidates (more now).
 if [ "$sm90_ok" = 1 ] && asked evoformer_block_tuned; then
   SCISCALE_SM90_TUNING="$OUT/sm90_tuning.json" step evoformer_block_tuned 100 \
     "$PY" benchmarks/evoformer_gpu.py --out "$OUT/tuned" --attentions sm90
