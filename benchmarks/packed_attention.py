@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -43,7 +44,10 @@ from sciscale_jax import attention
 from sciscale_jax.attention import chunked
 from sciscale_jax.models.transformer import segment_runs
 from sciscale_jax.recipes import get_recipe
-from sciscale_jax.train import TrainConfig, train
+from sciscale_jax.train import TrainConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from packing import _run as step_time  # noqa: E402  (the loop's step time from metrics.jsonl, and peak)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 HEADS, HEAD_DIM = 4, 32
@@ -154,13 +158,6 @@ def attention_alone(seq_len, tokens, tiles, reps, impls=(), dtype="float32", hea
     return out
 
 
-def _train_step_time(recipe, model_cfg, train_cfg, folder):
-    train(recipe, model_cfg, train_cfg, folder, progress=False, log=lambda *_: None)
-    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    logged = [m for m in lines if "time" in m]
-    return (logged[-1]["time"] - logged[0]["time"]) / (logged[-1]["step"] - logged[0]["step"])
-
-
 def training(seq_len, steps, rounds):
     recipe = get_recipe("protein-mlm")
     base = TrainConfig(**{**recipe.train_defaults, "steps": steps, "log_every": 5, "batch_size": 8,
@@ -171,7 +168,7 @@ def training(seq_len, steps, rounds):
         for variant in (("skip", "no skip") if round_ % 2 == 0 else ("no skip", "skip")):
             patch = every_tile(before=True) if variant == "no skip" else contextlib.nullcontext()
             with patch, tempfile.TemporaryDirectory() as tmp:
-                runs[variant].append(_train_step_time(recipe, model_cfg, base, pathlib.Path(tmp) / "r"))
+                runs[variant].append(step_time(recipe, model_cfg, base, pathlib.Path(tmp) / "r")["seconds_per_step"])
             print(f"train {seq_len} {variant}: {runs[variant][-1] * 1e3:.0f} ms/step", flush=True)
     return {"seq_len": seq_len, **{v: min(t) * 1e3 for v, t in runs.items()}}
 
